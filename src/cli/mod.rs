@@ -1,0 +1,32 @@
+//! Command-line interface: one file per subcommand, each with its `Args` and `run`.
+
+use clap::{Parser, Subcommand};
+
+pub mod eval;
+pub mod logprobs;
+pub mod prompt;
+
+#[derive(Parser, Debug)]
+#[command(name = "fcgpu", version, about = "Train language models to call functions reliably")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Per-token log-probabilities and entropies of sequences under a model.
+    Logprobs(logprobs::Args),
+    /// Print the exact prompt text for a BFCL entry.
+    Prompt(prompt::Args),
+    /// Score model answers (or a model) per BFCL category.
+    Eval(eval::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Logprobs(a) => logprobs::run(a),
+        Command::Prompt(a) => prompt::run(a),
+        Command::Eval(a) => eval::run(a),
+    }
+}

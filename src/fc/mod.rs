@@ -1,0 +1,1 @@
+//! Function calling: prompts, answer parsing, BFCL AST checker, rewards.

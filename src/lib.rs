@@ -1,0 +1,14 @@
+//! fcgpu: train language models to call functions reliably.
+//!
+//! Layout (see README "Architecture"): `tensor` + `autograd` + `ops` are the runtime,
+//! `model` the transformer, `fc` function calling (prompts, parsing, BFCL checker, rewards),
+//! `rl` GRPO pieces, `train` the loops, `data` datasets, `cli` the commands.
+
+pub mod autograd;
+pub mod cli;
+pub mod fc;
+pub mod model;
+pub mod ops;
+pub mod tensor;
+
+pub use tensor::{DType, Device, Tensor};

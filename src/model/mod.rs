@@ -1,0 +1,1 @@
+//! Transformer models from Hugging Face checkpoints.

@@ -1,0 +1,323 @@
+//! Tensor: a shape, a dtype and contiguous row-major storage on a device, plus the autograd
+//! link (`grad_fn`) that records how it was made.
+//!
+//! Tensors are immutable values: ops make new tensors, `reshape` shares storage. The few
+//! places that update in place (optimizer steps) go through `Tensor::replace_data` on a leaf.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Result};
+use half::{bf16, f16};
+
+use crate::autograd::{self, GradFn};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// Name as in Hugging Face `config.json` (`torch_dtype` / `dtype`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+
+    pub fn from_hf_name(s: &str) -> Option<DType> {
+        match s {
+            "float32" | "float" | "fp32" | "f32" => Some(DType::F32),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float16" | "half" | "fp16" | "f16" => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+/// Where a tensor lives. `Cpu` computes in f32; the GPU devices plug in beside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+}
+
+/// Host storage. CPU ops compute in f32; bf16/f16 exist for loading and saving checkpoints.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl CpuStorage {
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F16(_) => DType::F16,
+        }
+    }
+
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            CpuStorage::F32(v) => v.clone(),
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> CpuStorage {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        let f = self.to_f32_vec();
+        match dtype {
+            DType::F32 => CpuStorage::F32(f),
+            DType::BF16 => CpuStorage::BF16(f.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F16 => CpuStorage::F16(f.iter().map(|&x| f16::from_f32(x)).collect()),
+        }
+    }
+
+    /// Little-endian bytes, as safetensors stores them.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+}
+
+impl Storage {
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+        }
+    }
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+pub(crate) struct Inner {
+    pub(crate) id: usize,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) grad_fn: Option<Arc<dyn GradFn>>,
+    pub(crate) requires_grad: bool,
+}
+
+#[derive(Clone)]
+pub struct Tensor(pub(crate) Arc<Inner>);
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor(id={}, shape={:?}, dtype={:?}", self.id(), self.shape(), self.dtype())?;
+        if let Some(g) = &self.0.grad_fn {
+            write!(f, ", grad_fn={}", g.name())?;
+        }
+        write!(f, ")")
+    }
+}
+
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    fn make(storage: Arc<Storage>, shape: Vec<usize>, grad_fn: Option<Arc<dyn GradFn>>, requires_grad: bool) -> Tensor {
+        Tensor(Arc::new(Inner { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), storage, shape, grad_fn, requires_grad }))
+    }
+
+    pub fn from_storage(storage: CpuStorage, shape: &[usize]) -> Result<Tensor> {
+        ensure!(storage.len() == numel(shape), "data has {} elements but shape {:?} needs {}", storage.len(), shape, numel(shape));
+        Ok(Self::make(Arc::new(Storage::Cpu(storage)), shape.to_vec(), None, false))
+    }
+
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        Self::from_storage(CpuStorage::F32(data), shape)
+    }
+
+    pub fn zeros(shape: &[usize]) -> Tensor {
+        Self::from_vec(vec![0.0; numel(shape)], shape).unwrap()
+    }
+
+    pub fn scalar(x: f32) -> Tensor {
+        Self::from_vec(vec![x], &[]).unwrap()
+    }
+
+    /// A result of an op: records `grad_fn` when autograd is on and an input tracks gradients.
+    pub(crate) fn from_op(data: Vec<f32>, shape: &[usize], grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
+        debug_assert_eq!(data.len(), numel(shape));
+        let grad_fn = grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
+        let tracks = grad_fn.is_some();
+        Self::make(Arc::new(Storage::Cpu(CpuStorage::F32(data))), shape.to_vec(), grad_fn, tracks)
+    }
+
+    pub fn id(&self) -> usize {
+        self.0.id
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+
+    pub fn dims(&self) -> usize {
+        self.0.shape.len()
+    }
+
+    pub fn dim(&self, i: usize) -> usize {
+        self.0.shape[i]
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.0.shape)
+    }
+
+    pub fn device(&self) -> Device {
+        self.0.storage.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &*self.0.storage {
+            Storage::Cpu(s) => s.dtype(),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.0.storage
+    }
+
+    pub fn grad_fn(&self) -> Option<&Arc<dyn GradFn>> {
+        self.0.grad_fn.as_ref()
+    }
+
+    /// True for a leaf parameter or anything computed from one while autograd was on.
+    pub fn tracks_grad(&self) -> bool {
+        self.0.requires_grad
+    }
+
+    /// A leaf that collects gradients (a trainable parameter).
+    pub fn requires_grad(self) -> Tensor {
+        Self::make(self.0.storage.clone(), self.0.shape.clone(), None, true)
+    }
+
+    /// Same data, cut from the graph.
+    pub fn detach(&self) -> Tensor {
+        Self::make(self.0.storage.clone(), self.0.shape.clone(), None, false)
+    }
+
+    /// f32 data on the CPU. Errors for other dtypes: CPU ops compute in f32 only.
+    pub fn f32s(&self) -> Result<&[f32]> {
+        match &*self.0.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(s) => bail!("expected an f32 tensor, got {:?}", s.dtype()),
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<f32> {
+        match &*self.0.storage {
+            Storage::Cpu(s) => s.to_f32_vec(),
+        }
+    }
+
+    pub fn to_scalar(&self) -> Result<f32> {
+        ensure!(self.numel() == 1, "to_scalar on a tensor of shape {:?}", self.shape());
+        Ok(self.to_vec()[0])
+    }
+
+    pub fn cpu_storage(&self) -> &CpuStorage {
+        match &*self.0.storage {
+            Storage::Cpu(s) => s,
+        }
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        let s = self.cpu_storage().to_dtype(dtype);
+        Self::make(Arc::new(Storage::Cpu(s)), self.0.shape.clone(), None, self.0.requires_grad && self.0.grad_fn.is_none())
+    }
+
+    /// Same data under a new shape (one dimension may be `usize::MAX` to infer it).
+    /// Shares storage; gradients flow through.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let shape = infer_shape(shape, self.numel())?;
+        let grad_fn: Option<Arc<dyn GradFn>> = if self.tracks_grad() && autograd::is_enabled() {
+            Some(Arc::new(ReshapeBack { input: self.clone() }))
+        } else {
+            None
+        };
+        let tracks = grad_fn.is_some();
+        Ok(Self::make(self.0.storage.clone(), shape, grad_fn, tracks))
+    }
+
+    /// New values for a leaf, keeping its identity as a parameter (optimizer updates).
+    pub fn replace_data(&mut self, data: Vec<f32>) -> Result<()> {
+        ensure!(data.len() == self.numel(), "replace_data: {} values for shape {:?}", data.len(), self.shape());
+        let requires_grad = self.0.requires_grad;
+        *self = Self::make(Arc::new(Storage::Cpu(CpuStorage::F32(data))), self.0.shape.clone(), None, requires_grad);
+        Ok(())
+    }
+}
+
+fn infer_shape(shape: &[usize], n: usize) -> Result<Vec<usize>> {
+    let unknown = shape.iter().filter(|&&d| d == usize::MAX).count();
+    ensure!(unknown <= 1, "reshape: at most one inferred dimension");
+    let known: usize = shape.iter().filter(|&&d| d != usize::MAX).product();
+    let mut out = shape.to_vec();
+    if unknown == 1 {
+        ensure!(known > 0 && n % known == 0, "reshape: cannot infer a dimension of {:?} for {} elements", shape, n);
+        for d in out.iter_mut() {
+            if *d == usize::MAX {
+                *d = n / known;
+            }
+        }
+    }
+    ensure!(numel(&out) == n, "reshape: shape {:?} does not hold {} elements", out, n);
+    Ok(out)
+}
+
+struct ReshapeBack {
+    input: Tensor,
+}
+
+impl GradFn for ReshapeBack {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.input.clone()]
+    }
+    fn backward(&self, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.reshape(self.input.shape())?)])
+    }
+}
