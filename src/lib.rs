@@ -7,8 +7,10 @@
 pub mod autograd;
 pub mod cli;
 pub mod fc;
+pub mod jsonl;
 pub mod model;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use tensor::{DType, Device, Tensor};
