@@ -105,6 +105,7 @@ def main():
         "samples_per_prompt": args.samples,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "loadavg_1m_after": os.getloadavg()[0],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "config": cfg,
         "threads": args.threads,

@@ -103,6 +103,8 @@ def main():
         "warmup": args.warmup,
         "iter_s": times,
         "median_iter_s": sorted(times)[len(times) // 2],
+        "best_tokens_per_s": B * T / min(times),
+        "loadavg_1m_after": os.getloadavg()[0],
         "loss": loss,
         "n_params": n_params,
         "attn": args.attn,
