@@ -30,7 +30,7 @@ fn replay(cases: &Path, data: &Path) -> Outcome {
         out.total += 1;
         if v.valid == want_valid && v.error_type == want_type {
             out.agree += 1;
-        } else if out.mismatches.len() < 40 {
+        } else if out.mismatches.len() < 40 || std::env::var_os("FCGPU_BFCL_ALL_MISMATCHES").is_some() {
             out.mismatches.push(format!(
                 "{id} [{}] {:?}: fcgpu {} {:?} vs BFCL {} {:?}",
                 c["format"], result, v.valid, v.error_type, want_valid, want_type

@@ -15,19 +15,40 @@ fn gold_run(dir: &Path) -> (usize, usize, Vec<String>) {
     let samples = load_bfcl_dir(dir).unwrap();
     let mut failing = Vec::new();
     let mut checked = 0;
+    let mut dump = String::new();
     for s in samples.iter().filter(|s| !s.ground_truth.is_empty()) {
         checked += 1;
-        let v = check_answer(s, &render_calls(s), AnswerFormat::Python);
+        let text = render_calls(s);
+        dump.push_str(&format!("{}\n", serde_json::json!({"id": s.id, "category": s.category, "format": "python", "result": text})));
+        let v = check_answer(s, &text, AnswerFormat::Python);
         if !v.valid {
             failing.push(format!("{} ({})", s.id, v.error_type));
         }
     }
+    // FCGPU_GOLD_DUMP: write the rendered gold answers, to be judged by BFCL itself
+    // (`tools/bfcl_compare.py --replay`).
+    if let Ok(p) = std::env::var("FCGPU_GOLD_DUMP") {
+        std::fs::write(p, dump).unwrap();
+    }
     (checked - failing.len(), checked, failing)
 }
 
+/// Gold answers BFCL itself also rejects as fcgpu renders them (checked with
+/// `FCGPU_GOLD_DUMP=… cargo test --test fc_gold` then `tools/bfcl_compare.py --replay`):
+/// answers with an ambiguous empty list or a missing required value, and Java/JavaScript
+/// values BFCL's tree-sitter parsers cannot read back (HashMap bodies are dropped, String
+/// array elements keep their quotes, unquoted text with spaces or dots does not parse).
+const BFCL_REJECTS_TOO: [&str; 17] = [
+    "parallel_multiple_26", "live_simple_112-68-0", "simple_java_1", "simple_java_33", "simple_java_35",
+    "simple_java_36", "simple_java_65", "simple_java_67", "simple_java_68", "simple_java_78", "simple_java_83",
+    "simple_java_85", "simple_java_86", "simple_java_89", "simple_java_90", "simple_java_91", "simple_javascript_43",
+];
+const BFCL_REJECTS_JS: [&str; 1] = ["simple_javascript_46"];
+
 fn assert_only_quirks(failing: &[String]) {
     for f in failing {
-        assert!(QUIRKS.iter().any(|q| f.starts_with(&format!("{q} "))), "gold answer fails: {f}");
+        let known = QUIRKS.iter().chain(&BFCL_REJECTS_TOO).chain(&BFCL_REJECTS_JS);
+        assert!(known.clone().any(|q| f.starts_with(&format!("{q} "))), "gold answer fails: {f}");
     }
 }
 
@@ -36,7 +57,7 @@ fn gold_answers_pass_on_the_committed_subset() {
     let (passed, checked, failing) = gold_run(&fc_common::subset_dir());
     assert!(checked > 80);
     assert_only_quirks(&failing);
-    assert!(passed + 5 >= checked);
+    assert!(passed > checked * 9 / 10, "{passed}/{checked}");
 }
 
 #[test]

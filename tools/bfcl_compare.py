@@ -185,6 +185,32 @@ def java_mutate(v, rng):
     return rng.choice(forms)
 
 
+TOKENS = ["(", ")", "[", "]", "{", "}", ",", "=", ":", ".", "'", '"', "\\", "\n", " ", "-", "+", "*", "**", "/",
+          "%", "a", "x", "1", "0", "1.5", "e", "j", "_", "0x1", "True", "None", "not ", "lambda: ", " for x in y",
+          " if 1 else 2", "'''", "b'", "r'", "f'", "#", "@", "~", "<", "!", "&", "|", "^", "`", ";", "\u00e9",
+          "<think>", "</think>", "<answer>", "</answer>", "new int[]{", "new ArrayList<>(", "Arrays.asList(",
+          'new HashMap<String, Object>() {{ put("k", 1); }}', "=>", "...", "**k", ":=", "null", "true",
+          "false", "1L", "2.5f", "1n", "`t${x}`", "() => 1", "function(){}", "x.y", "a[0]", "f()", "g(h=1)"]
+
+
+def char_mutations(s, rng, k):
+    """Random token-level edits of an answer: insertions, deletions, duplications, swaps."""
+    for _ in range(k):
+        t = list(s)
+        for _ in range(rng.randrange(1, 4)):
+            pos = rng.randrange(len(t) + 1)
+            op = rng.randrange(4)
+            if op == 0:
+                t[pos:pos] = list(rng.choice(TOKENS))
+            elif op == 1 and pos < len(t):
+                del t[pos:pos + rng.randrange(1, 6)]
+            elif op == 2 and pos < len(t):
+                t[pos:pos] = t[pos:pos + rng.randrange(1, 12)]
+            elif pos < len(t):
+                t[pos] = rng.choice(TOKENS)
+        yield "".join(t)
+
+
 def call_variants(entry, answer, cat, rng):
     """Yield (format, text) answers derived from the gold answer."""
     lang = "python"
@@ -238,6 +264,8 @@ def call_variants(entry, answer, cat, rng):
             calls = list(reversed(calls))
         yield "python", render(calls)
     g = render(base)
+    for m in char_mutations(g, rng, 12):
+        yield "python", m
     wrappers = [
         lambda s: s,
         lambda s: s[1:-1],
@@ -302,6 +330,11 @@ def relevance_variants(entry, cat, rng):
         yield "python", "[" + py_call(f["name"], args) + "]"
         yield "json", "<tool_call>\n" + json.dumps({"name": f["name"], "arguments": {p: 1 for p in props[:1]}}) + "\n</tool_call>"
     yield "json", "no tools needed"
+    f = funcs[0]
+    props = list(f["parameters"]["properties"])
+    g = "[" + py_call(f["name"], [(p, "1") for p in props[:2]]) + "]"
+    for m in char_mutations(g, rng, 6):
+        yield "python", m
     yield "python", "<think>t</think>[" + funcs[0]["name"] + "()]"
 
 
@@ -365,7 +398,22 @@ def main():
     ap.add_argument("--per-entry", type=int, default=40)
     ap.add_argument("--prompts-out")
     ap.add_argument("--ids-per-category", type=int, default=3)
+    ap.add_argument("--replay", help="JSONL of {id, category, format, result}: add BFCL's verdicts (to --out)")
     a = ap.parse_args()
+    if a.replay:
+        entries, answers = {}, {}
+        for cat in CATEGORIES:
+            qf = Path(a.bfcl_dir) / f"BFCL_v4_{cat}.json"
+            if qf.exists():
+                entries.update({e["id"]: e for e in load(qf)})
+            af = Path(a.bfcl_dir) / "possible_answer" / f"BFCL_v4_{cat}.json"
+            if af.exists():
+                answers.update({x["id"]: x for x in load(af)})
+        with open(a.out, "w") as f:
+            for c in load(a.replay):
+                c["valid"], c["error_type"] = bfcl_verdict(entries[c["id"]], answers.get(c["id"]), c["category"], c["format"], c["result"])
+                f.write(json.dumps(c) + "\n")
+        return
     if a.out:
         n = 0
         with open(a.out, "w") as f:

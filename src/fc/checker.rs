@@ -414,21 +414,26 @@ fn dict_checker(value: &Value, alts: &Value) -> CR<Verdict> {
 fn dict_alternative(value: &Value, alt: &Value) -> CR<Option<Verdict>> {
     let Value::Dict(out) = value else { return exc("object has no attribute 'items'") };
     let Value::Dict(alt_d) = alt else { return exc("alternative is not a dict") };
+    // BFCL runs both loops; a failure in the second overwrites the first one's error type.
+    let mut failure = None;
     for (k, v) in out {
         if !py_contains(alt, k)? {
-            return Ok(Some(Verdict::bad("value_error:dict_key", format!("Unexpected dict key parameter: {}.", k.repr()))));
+            failure = Some(Verdict::bad("value_error:dict_key", format!("Unexpected dict key parameter: {}.", k.repr())));
+            break;
         }
         let allowed: Vec<Value> = py_index_items(dict_get(alt_d, k).unwrap_or(&Value::None))?.iter().map(std_value).collect();
         if !py_in(&std_value(v), &allowed) {
-            return Ok(Some(Verdict::bad("value_error:dict_value", format!("Invalid value for parameter {}.", k.repr()))));
+            failure = Some(Verdict::bad("value_error:dict_value", format!("Invalid value for parameter {}.", k.repr())));
+            break;
         }
     }
     for (k, v) in alt_d {
         if !py_contains(value, k)? && !py_contains(v, &Value::Str(String::new()))? {
-            return Ok(Some(Verdict::bad("value_error:dict_key", format!("Missing dict key parameter: {}.", k.repr()))));
+            failure = Some(Verdict::bad("value_error:dict_key", format!("Missing dict key parameter: {}.", k.repr())));
+            break;
         }
     }
-    Ok(None)
+    Ok(failure)
 }
 
 fn list_dict_checker(value: &Value, alts: &Value) -> CR<Verdict> {

@@ -188,39 +188,106 @@ fn qwen_fc_header(msgs: &[Message], functions: &[Json], out: &mut String) {
     out.push_str("\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n");
 }
 
-/// The first allowed value of each ground-truth parameter (`""` first means: leave it out).
-fn chosen_args(params: &serde_json::Map<String, Json>) -> Vec<(String, Json)> {
-    params
-        .iter()
-        .filter_map(|(k, alts)| {
-            let first = alts.as_array().and_then(|a| a.first())?;
-            (*first != Json::String(String::new())).then(|| (k.clone(), first.clone()))
-        })
-        .collect()
+/// The value to write for one ground-truth parameter: its first allowed value, or the first
+/// non-empty one for a required parameter; None when the parameter is best left out.
+fn chosen_value(alts: &Json, required: bool) -> Option<Json> {
+    let a = alts.as_array()?;
+    let empty = Json::String(String::new());
+    let first = if required { a.iter().find(|v| **v != empty)? } else { a.first()? };
+    (*first != empty).then(|| concrete(first))
 }
 
-/// The reference call list in Python syntax (`[f(a=1, b='x')]`); Java/JavaScript values are
-/// source text already and are written as is.
+/// Dicts in ground truths map each key to its allowed values; pick one per key.
+fn concrete(v: &Json) -> Json {
+    match v {
+        Json::Object(o) => Json::Object(
+            o.iter().filter_map(|(k, alts)| match alts {
+                Json::Array(_) => chosen_value(alts, false).map(|x| (k.clone(), x)),
+                other => Some((k.clone(), other.clone())),
+            })
+            .collect(),
+        ),
+        Json::Array(a) => Json::Array(a.iter().map(|x| if x.is_object() { concrete(x) } else { x.clone() }).collect()),
+        other => other.clone(),
+    }
+}
+
+fn java_scalar(v: &Json, ty: &str) -> String {
+    match (ty, v) {
+        (_, Json::String(s)) if matches!(ty, "String") => format!("\"{s}\""),
+        (_, Json::String(s)) => s.clone(),
+        ("long", Json::Number(n)) => format!("{n}L"),
+        ("float", Json::Number(n)) => format!("{}f", Value::from_json(&Json::Number(n.clone())).repr()),
+        (_, Json::Number(n)) => Value::from_json(&Json::Number(n.clone())).repr(),
+        (_, other) => other.to_string(),
+    }
+}
+
+/// Java source for a ground-truth value of a parameter type (BFCL's converters parse these).
+fn java_value(v: &Json, ty: &str, item: &str) -> String {
+    match (ty, v) {
+        ("ArrayList", Json::Array(a)) => {
+            let parts: Vec<String> = a.iter().map(|x| java_scalar(x, if item == "any" && x.is_string() { "String" } else { item })).collect();
+            format!("new ArrayList<>(Arrays.asList({}))", parts.join(", "))
+        }
+        ("Array", Json::Array(a)) => {
+            let jt = match item { "integer" => "int", "String" => "String", "long" => "long", "double" => "double", other => other };
+            let parts: Vec<String> = a.iter().map(|x| java_scalar(x, item)).collect();
+            format!("new {jt}[]{{{}}}", parts.join(", "))
+        }
+        ("HashMap", Json::Object(o)) => {
+            let puts: Vec<String> = o.iter().map(|(k, x)| format!("put(\"{k}\", {}); ", java_scalar(x, if x.is_string() { "String" } else { "" }))).collect();
+            format!("new HashMap<String, Object>() {{{{ {}}}}}", puts.concat())
+        }
+        _ => java_scalar(v, ty),
+    }
+}
+
+fn js_value(v: &Json, ty: &str) -> String {
+    match (ty, v) {
+        ("String", Json::String(s)) => format!("\"{s}\""),
+        (_, Json::String(s)) => s.clone(),
+        ("Bigint", Json::Number(n)) => format!("{n}n"),
+        (_, Json::Array(a)) => {
+            let parts: Vec<String> = a.iter().map(|x| js_value(x, if x.is_string() { "String" } else { "" })).collect();
+            format!("[{}]", parts.join(", "))
+        }
+        (_, Json::Object(o)) => {
+            let parts: Vec<String> = o.iter().map(|(k, x)| format!("{k}: {}", js_value(x, if x.is_string() { "String" } else { "" }))).collect();
+            format!("{{{}}}", parts.join(", "))
+        }
+        (_, Json::Number(n)) => Value::from_json(&Json::Number(n.clone())).repr(),
+        (_, other) => other.to_string(),
+    }
+}
+
+fn render_arg(lang: Lang, v: &Json, schema: Option<&Json>) -> String {
+    let ty = schema.and_then(|s| s["type"].as_str()).unwrap_or("");
+    let item = schema.and_then(|s| s["items"]["type"].as_str()).unwrap_or("");
+    match lang {
+        Lang::Python => Value::from_json(v).repr(),
+        Lang::Java => java_value(v, ty, item),
+        Lang::JavaScript => js_value(v, ty),
+    }
+}
+
+/// The reference call list (`[f(a=1, b='x')]`), written in the category's language.
 pub fn render_calls(sample: &Sample) -> String {
     let lang = Lang::of_category(&sample.category);
-    let calls: Vec<String> = sample
-        .ground_truth
-        .iter()
-        .filter_map(Json::as_object)
-        .filter_map(|o| o.iter().next())
-        .map(|(name, params)| {
-            let args = params.as_object().map(chosen_args).unwrap_or_default();
-            let args: Vec<String> = args
-                .iter()
-                .map(|(k, v)| match (lang, v) {
-                    (Lang::Python, v) => format!("{k}={}", Value::from_json(v).repr()),
-                    (_, Json::String(s)) => format!("{k}={s}"),
-                    (_, v) => format!("{k}={v}"),
-                })
-                .collect();
-            format!("{name}({})", args.join(", "))
-        })
-        .collect();
+    let mut calls = Vec::new();
+    for (name, params) in sample.ground_truth.iter().filter_map(Json::as_object).filter_map(|o| o.iter().next()) {
+        let doc = sample.functions.iter().find(|f| f["name"] == name.as_str());
+        let required: Vec<&str> =
+            doc.and_then(|d| d["parameters"]["required"].as_array()).into_iter().flatten().filter_map(Json::as_str).collect();
+        let mut args = Vec::new();
+        for (k, alts) in params.as_object().into_iter().flatten() {
+            if let Some(v) = chosen_value(alts, required.contains(&k.as_str())) {
+                let schema = doc.map(|d| &d["parameters"]["properties"][k]);
+                args.push(format!("{k}={}", render_arg(lang, &v, schema)));
+            }
+        }
+        calls.push(format!("{name}({})", args.join(", ")));
+    }
     format!("[{}]", calls.join(", "))
 }
 

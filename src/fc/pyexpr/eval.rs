@@ -151,6 +151,7 @@ fn binary(l: Value, op: BinOp, r: Value) -> Result<Value, PyErr> {
             repeat(s, seq_count(n).unwrap_or(0))
         }
         (BinOp::Mul, n, s) if seq_count(n).is_some() => repeat(s, seq_count(n).unwrap_or(0)),
+        (BinOp::Mod, Value::Str(f), args) => percent_format(f, args).map(Value::Str),
         _ => err("unsupported operand types"),
     }
 }
@@ -294,4 +295,71 @@ fn py_fmod_div(x: f64, y: f64) -> (f64, f64) {
         0.0_f64.copysign(x / y)
     };
     (fd, m)
+}
+
+/// Python's `str(x)`.
+fn py_str(v: &Value) -> String {
+    match v {
+        Value::Str(s) => s.clone(),
+        other => other.repr(),
+    }
+}
+
+/// `'fmt' % args` for the common conversions (%s %r %d %i %f %.Nf %x %%); others are errors.
+fn percent_format(f: &str, args: &Value) -> Result<String, PyErr> {
+    let items: Vec<Value> = match args {
+        Value::Tuple(v) => v.clone(),
+        other => vec![other.clone()],
+    };
+    let mut it = items.into_iter();
+    let mut out = String::new();
+    let mut chars = f.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let mut prec: Option<usize> = None;
+        if chars.peek() == Some(&'.') {
+            chars.next();
+            let mut d = String::new();
+            while let Some(x) = chars.peek().filter(|x| x.is_ascii_digit()) {
+                d.push(*x);
+                chars.next();
+            }
+            prec = Some(d.parse().unwrap_or(0));
+        }
+        let conv = chars.next().ok_or_else(|| PyErr("incomplete format".into()))?;
+        if conv == '%' {
+            out.push('%');
+            continue;
+        }
+        let arg = it.next().ok_or_else(|| PyErr("not enough arguments for format string".into()))?;
+        let num = |v: &Value| match v {
+            Value::Bool(b) => Ok(*b as i128 as f64),
+            Value::Int(i) => Ok(*i as f64),
+            Value::Float(x) => Ok(*x),
+            _ => err("a real number is required"),
+        };
+        match conv {
+            's' => out.push_str(&py_str(&arg)),
+            'r' => out.push_str(&arg.repr()),
+            'd' | 'i' => match arg {
+                Value::Bool(b) => out.push_str(&(b as i128).to_string()),
+                Value::Int(i) => out.push_str(&i.to_string()),
+                Value::Float(x) if x.is_finite() => out.push_str(&(x.trunc() as i128).to_string()),
+                _ => return err("%d format: a real number is required"),
+            },
+            'f' => out.push_str(&format!("{:.*}", prec.unwrap_or(6), num(&arg)?)),
+            'x' => match arg {
+                Value::Int(i) if i >= 0 => out.push_str(&format!("{i:x}")),
+                _ => return err("%x format: an integer is required"),
+            },
+            _ => return err("unsupported format character"),
+        }
+    }
+    if it.next().is_some() {
+        return err("not all arguments converted during string formatting");
+    }
+    Ok(out)
 }
