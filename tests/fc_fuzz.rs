@@ -11,17 +11,94 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const ALPHABET: &[&str] = &[
-    "(", ")", "[", "]", "{", "}", ",", "=", ":", ".", "'", "\"", "\\", "\n", " ", "-", "+", "*", "**", "/", "//", "%",
-    "a", "x", "f", "1", "0", "9", "e", "j", "_", "0x", "1e5", "True", "None", "lambda", "for", "in", "if", "else",
-    "not", "'''", "b'", "r'", "f'", "u'", "#", "@", "~", "<", ">", "!", "&", "|", "^", "`", ";", "é", "😀", "\t",
-    "<think>", "</think>", "<answer>", "</answer>", "<tool_call>\n", "\n</tool_call>", "{\"name\": \"f\", \"arguments\": {}}",
-    "new int[]{", "new ArrayList<>(", "Arrays.asList(", "HashMap", "=>", "...", "*args", "**k", ":=", "yield", "await",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    "=",
+    ":",
+    ".",
+    "'",
+    "\"",
+    "\\",
+    "\n",
+    " ",
+    "-",
+    "+",
+    "*",
+    "**",
+    "/",
+    "//",
+    "%",
+    "a",
+    "x",
+    "f",
+    "1",
+    "0",
+    "9",
+    "e",
+    "j",
+    "_",
+    "0x",
+    "1e5",
+    "True",
+    "None",
+    "lambda",
+    "for",
+    "in",
+    "if",
+    "else",
+    "not",
+    "'''",
+    "b'",
+    "r'",
+    "f'",
+    "u'",
+    "#",
+    "@",
+    "~",
+    "<",
+    ">",
+    "!",
+    "&",
+    "|",
+    "^",
+    "`",
+    ";",
+    "é",
+    "😀",
+    "\t",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<tool_call>\n",
+    "\n</tool_call>",
+    "{\"name\": \"f\", \"arguments\": {}}",
+    "new int[]{",
+    "new ArrayList<>(",
+    "Arrays.asList(",
+    "HashMap",
+    "=>",
+    "...",
+    "*args",
+    "**k",
+    ":=",
+    "yield",
+    "await",
 ];
 
 fn mutate(rng: &mut ChaCha8Rng, seed: &str) -> String {
     let mut s: Vec<char> = seed.chars().collect();
     for _ in 0..rng.random_range(1..6) {
-        let pos = if s.is_empty() { 0 } else { rng.random_range(0..=s.len()) };
+        let pos = if s.is_empty() {
+            0
+        } else {
+            rng.random_range(0..=s.len())
+        };
         match rng.random_range(0..5) {
             0 => {
                 let tok = ALPHABET[rng.random_range(0..ALPHABET.len())];
@@ -51,19 +128,28 @@ fn mutate(rng: &mut ChaCha8Rng, seed: &str) -> String {
 }
 
 fn random_string(rng: &mut ChaCha8Rng) -> String {
-    (0..rng.random_range(0..30)).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())]).collect()
+    (0..rng.random_range(0..30))
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())])
+        .collect()
 }
 
 #[test]
 fn decoder_and_checker_never_panic() {
-    let n: usize = std::env::var("FCGPU_FUZZ_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let n: usize = std::env::var("FCGPU_FUZZ_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let samples = load_bfcl_dir(&fc_common::subset_dir()).unwrap();
     let seeds: Vec<String> = samples.iter().map(render_calls).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let (mut ok, mut total) = (0usize, 0usize);
     for i in 0..n {
         let pick = rng.random_range(0..seeds.len());
-        let input = if i % 4 == 0 { random_string(&mut rng) } else { mutate(&mut rng, &seeds[pick]) };
+        let input = if i % 4 == 0 {
+            random_string(&mut rng)
+        } else {
+            mutate(&mut rng, &seeds[pick])
+        };
         total += 1;
         ok += decode(strip_reasoning(&input), Lang::Python, AnswerFormat::Python).is_ok() as usize;
         let _ = decode(&input, Lang::Python, AnswerFormat::Json);
@@ -86,6 +172,9 @@ fn decoder_and_checker_never_panic() {
 fn deep_nesting_is_an_error() {
     for open in ["[", "(", "{", "f(a=", "-", "not ", "1+"] {
         let s = format!("[f(a={}1)]", open.repeat(100_000));
-        assert!(decode(&s, Lang::Python, AnswerFormat::Python).is_err(), "{open}");
+        assert!(
+            decode(&s, Lang::Python, AnswerFormat::Python).is_err(),
+            "{open}"
+        );
     }
 }

@@ -7,8 +7,13 @@ use fcgpu::fc::prompt::render_calls;
 use fcgpu::fc::{check_answer, AnswerFormat};
 use std::path::Path;
 
-const QUIRKS: [&str; 5] =
-    ["parallel_178", "live_simple_106-63-0", "live_multiple_964-207-0", "live_multiple_507-149-4", "live_multiple_862-181-3"];
+const QUIRKS: [&str; 5] = [
+    "parallel_178",
+    "live_simple_106-63-0",
+    "live_multiple_964-207-0",
+    "live_multiple_507-149-4",
+    "live_multiple_862-181-3",
+];
 
 /// Returns (passed, checked, failing ids).
 fn gold_run(dir: &Path) -> (usize, usize, Vec<String>) {
@@ -39,16 +44,36 @@ fn gold_run(dir: &Path) -> (usize, usize, Vec<String>) {
 /// values BFCL's tree-sitter parsers cannot read back (HashMap bodies are dropped, String
 /// array elements keep their quotes, unquoted text with spaces or dots does not parse).
 const BFCL_REJECTS_TOO: [&str; 17] = [
-    "parallel_multiple_26", "live_simple_112-68-0", "simple_java_1", "simple_java_33", "simple_java_35",
-    "simple_java_36", "simple_java_65", "simple_java_67", "simple_java_68", "simple_java_78", "simple_java_83",
-    "simple_java_85", "simple_java_86", "simple_java_89", "simple_java_90", "simple_java_91", "simple_javascript_43",
+    "parallel_multiple_26",
+    "live_simple_112-68-0",
+    "simple_java_1",
+    "simple_java_33",
+    "simple_java_35",
+    "simple_java_36",
+    "simple_java_65",
+    "simple_java_67",
+    "simple_java_68",
+    "simple_java_78",
+    "simple_java_83",
+    "simple_java_85",
+    "simple_java_86",
+    "simple_java_89",
+    "simple_java_90",
+    "simple_java_91",
+    "simple_javascript_43",
 ];
 const BFCL_REJECTS_JS: [&str; 1] = ["simple_javascript_46"];
 
 fn assert_only_quirks(failing: &[String]) {
     for f in failing {
-        let known = QUIRKS.iter().chain(&BFCL_REJECTS_TOO).chain(&BFCL_REJECTS_JS);
-        assert!(known.clone().any(|q| f.starts_with(&format!("{q} "))), "gold answer fails: {f}");
+        let known = QUIRKS
+            .iter()
+            .chain(&BFCL_REJECTS_TOO)
+            .chain(&BFCL_REJECTS_JS);
+        assert!(
+            known.clone().any(|q| f.starts_with(&format!("{q} "))),
+            "gold answer fails: {f}"
+        );
     }
 }
 

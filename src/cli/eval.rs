@@ -44,15 +44,18 @@ pub fn resolve_bfcl_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
 
 /// Reads result lines into id → text; a malformed line is an error naming file and line.
 pub fn read_results(path: &Path, into: &mut HashMap<String, String>) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
         let id = v.get("id").and_then(|x| x.as_str());
-        let Some(id) = id else { bail!("{}:{}: missing string field \"id\"", path.display(), i + 1) };
+        let Some(id) = id else {
+            bail!("{}:{}: missing string field \"id\"", path.display(), i + 1)
+        };
         // BFCL result files hold a string; anything else is kept as its JSON text.
         let result = match v.get("result") {
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -67,7 +70,10 @@ pub fn read_results(path: &Path, into: &mut HashMap<String, String>) -> Result<(
 fn load_results(path: &Path) -> Result<HashMap<String, String>> {
     let mut out = HashMap::new();
     if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
         files.sort();
         for f in files {
             read_results(&f, &mut out)?;
@@ -102,7 +108,9 @@ pub fn run(a: Args) -> Result<()> {
     let report = score(&samples, &results, fmt);
     print!("{}", report.table());
     if let Some(p) = a.verdicts {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?);
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
+        );
         for v in &report.verdicts {
             serde_json::to_writer(&mut f, v)?;
             f.write_all(b"\n")?;

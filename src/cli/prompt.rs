@@ -25,7 +25,10 @@ pub fn run(a: Args) -> Result<()> {
     let bfcl_dir = crate::cli::eval::resolve_bfcl_dir(a.bfcl_dir.clone())?;
     let cat = a.category.unwrap_or_else(|| category_of_id(&a.id));
     let samples = load_bfcl_category(&bfcl_dir, &cat)?;
-    let s = samples.iter().find(|s| s.id == a.id).with_context(|| format!("no entry {} in category {cat}", a.id))?;
+    let s = samples
+        .iter()
+        .find(|s| s.id == a.id)
+        .with_context(|| format!("no entry {} in category {cat}", a.id))?;
     // Exactly the prompt bytes, no extra newline.
     std::io::stdout().write_all(render_prompt(s, a.style).as_bytes())?;
     Ok(())

@@ -34,7 +34,8 @@ pub fn category_of_id(id: &str) -> String {
 }
 
 fn read_lines(path: &Path) -> Result<Vec<(usize, Json)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -47,16 +48,36 @@ fn read_lines(path: &Path) -> Result<Vec<(usize, Json)>> {
 }
 
 fn parse_question(path: &Path, line: usize, v: &Json, cat: &str) -> Result<Sample> {
-    let id = v.get("id").and_then(Json::as_str).ok_or_else(|| data_err(path, line, "missing string field \"id\""))?;
-    let turns = v.get("question").and_then(Json::as_array).ok_or_else(|| data_err(path, line, "missing array field \"question\""))?;
-    let first = turns.first().and_then(Json::as_array).ok_or_else(|| data_err(path, line, "\"question\" has no turn"))?;
+    let id = v
+        .get("id")
+        .and_then(Json::as_str)
+        .ok_or_else(|| data_err(path, line, "missing string field \"id\""))?;
+    let turns = v
+        .get("question")
+        .and_then(Json::as_array)
+        .ok_or_else(|| data_err(path, line, "missing array field \"question\""))?;
+    let first = turns
+        .first()
+        .and_then(Json::as_array)
+        .ok_or_else(|| data_err(path, line, "\"question\" has no turn"))?;
     let messages = first
         .iter()
         .map(|m| serde_json::from_value::<Message>(m.clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| data_err(path, line, format!("bad message: {e}")))?;
-    let functions = v.get("function").and_then(Json::as_array).cloned().ok_or_else(|| data_err(path, line, "missing array field \"function\""))?;
-    Ok(Sample { id: id.to_string(), category: cat.to_string(), messages, functions, ground_truth: vec![], reasoning: None })
+    let functions = v
+        .get("function")
+        .and_then(Json::as_array)
+        .cloned()
+        .ok_or_else(|| data_err(path, line, "missing array field \"function\""))?;
+    Ok(Sample {
+        id: id.to_string(),
+        category: cat.to_string(),
+        messages,
+        functions,
+        ground_truth: vec![],
+        reasoning: None,
+    })
 }
 
 /// Loads one category; answers are attached when the answer file exists.
@@ -66,18 +87,26 @@ pub fn load_bfcl_category(dir: &Path, cat: &str) -> Result<Vec<Sample>> {
     for (line, v) in read_lines(&qpath)? {
         samples.push(parse_question(&qpath, line, &v, cat)?);
     }
-    let apath = dir.join("possible_answer").join(format!("BFCL_v4_{cat}.json"));
+    let apath = dir
+        .join("possible_answer")
+        .join(format!("BFCL_v4_{cat}.json"));
     if apath.exists() {
         let mut answers: HashMap<String, Vec<Json>> = HashMap::new();
         for (line, v) in read_lines(&apath)? {
-            let id = v.get("id").and_then(Json::as_str).ok_or_else(|| data_err(&apath, line, "missing string field \"id\""))?;
-            let gt = v.get("ground_truth").and_then(Json::as_array).ok_or_else(|| data_err(&apath, line, "missing array field \"ground_truth\""))?;
+            let id = v
+                .get("id")
+                .and_then(Json::as_str)
+                .ok_or_else(|| data_err(&apath, line, "missing string field \"id\""))?;
+            let gt = v
+                .get("ground_truth")
+                .and_then(Json::as_array)
+                .ok_or_else(|| data_err(&apath, line, "missing array field \"ground_truth\""))?;
             answers.insert(id.to_string(), gt.clone());
         }
         for s in &mut samples {
-            s.ground_truth = answers
-                .remove(&s.id)
-                .ok_or_else(|| anyhow::anyhow!("{}: no possible answer for id {}", apath.display(), s.id))?;
+            s.ground_truth = answers.remove(&s.id).ok_or_else(|| {
+                anyhow::anyhow!("{}: no possible answer for id {}", apath.display(), s.id)
+            })?;
         }
     }
     Ok(samples)

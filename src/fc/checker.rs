@@ -17,11 +17,19 @@ pub struct Verdict {
 
 impl Verdict {
     pub fn ok() -> Verdict {
-        Verdict { valid: true, error_type: String::new(), error: String::new() }
+        Verdict {
+            valid: true,
+            error_type: String::new(),
+            error: String::new(),
+        }
     }
 
     pub fn bad(error_type: &str, error: impl Into<String>) -> Verdict {
-        Verdict { valid: false, error_type: error_type.to_string(), error: error.into() }
+        Verdict {
+            valid: false,
+            error_type: error_type.to_string(),
+            error: error.into(),
+        }
     }
 }
 
@@ -38,13 +46,22 @@ fn exc<T>(m: impl Into<String>) -> CR<T> {
 pub const EXCEPTION: &str = "checker:exception";
 
 /// `ast_checker`: dispatch on the category name.
-pub fn ast_check(functions: &[Json], calls: &[Call], answers: &[Value], lang: Lang, category: &str) -> Verdict {
+pub fn ast_check(
+    functions: &[Json],
+    calls: &[Call],
+    answers: &[Value],
+    lang: Lang,
+    category: &str,
+) -> Verdict {
     let r = if category.contains("parallel") {
         parallel_no_order(functions, calls, answers, lang)
     } else if category.contains("multiple") {
         multiple(functions, calls, answers, lang)
     } else if calls.len() != 1 {
-        Ok(Verdict::bad("simple_function_checker:wrong_count", "Wrong number of functions."))
+        Ok(Verdict::bad(
+            "simple_function_checker:wrong_count",
+            "Wrong number of functions.",
+        ))
     } else {
         match (functions.first(), answers.first()) {
             (Some(f), Some(a)) => simple(f, &calls[0], a, lang),
@@ -74,17 +91,30 @@ fn answer_name(a: &Value) -> CR<&str> {
 
 fn multiple(functions: &[Json], calls: &[Call], answers: &[Value], lang: Lang) -> CR<Verdict> {
     if calls.len() != answers.len() {
-        return Ok(Verdict::bad("multiple_function_checker:wrong_count", "Wrong number of functions."));
+        return Ok(Verdict::bad(
+            "multiple_function_checker:wrong_count",
+            "Wrong number of functions.",
+        ));
     }
-    let Some(first) = answers.first() else { return exc("list index out of range") };
+    let Some(first) = answers.first() else {
+        return exc("list index out of range");
+    };
     let desc = find_description(functions, answer_name(first)?)?;
     simple(desc, &calls[0], first, lang)
 }
 
 /// Greedy: each expected call takes the first unmatched output that passes.
-fn parallel_no_order(functions: &[Json], calls: &[Call], answers: &[Value], lang: Lang) -> CR<Verdict> {
+fn parallel_no_order(
+    functions: &[Json],
+    calls: &[Call],
+    answers: &[Value],
+    lang: Lang,
+) -> CR<Verdict> {
     if calls.len() != answers.len() {
-        return Ok(Verdict::bad("parallel_function_checker_no_order:wrong_count", "Wrong number of functions."));
+        return Ok(Verdict::bad(
+            "parallel_function_checker_no_order:wrong_count",
+            "Wrong number of functions.",
+        ));
     }
     let mut matched = vec![false; calls.len()];
     let mut last_valid = true;
@@ -156,8 +186,12 @@ fn json_str<'a>(j: &'a Json, path: &[&str]) -> CR<&'a Json> {
 
 /// `simple_function_checker`.
 pub fn simple(desc: &Json, call: &Call, answer: &Value, lang: Lang) -> CR<Verdict> {
-    let Value::Dict(ans) = answer else { return exc("answer is not a dict") };
-    let Some((_, Value::Dict(pa))) = ans.first() else { return exc("answer params are not a dict") };
+    let Value::Dict(ans) = answer else {
+        return exc("answer is not a dict");
+    };
+    let Some((_, Value::Dict(pa))) = ans.first() else {
+        return exc("answer params are not a dict");
+    };
     let func_name = json_str(desc, &["name"])?.as_str().unwrap_or_default();
     let props = json_str(desc, &["parameters", "properties"])?;
     let required = json_str(desc, &["parameters", "required"])?;
@@ -171,16 +205,30 @@ pub fn simple(desc: &Json, call: &Call, answer: &Value, lang: Lang) -> CR<Verdic
     for r in required.as_array().into_iter().flatten() {
         let r = r.as_str().unwrap_or_default();
         if call.arg(r).is_none() {
-            return Ok(Verdict::bad("simple_function_checker:missing_required", format!("Missing required parameter: '{r}'.")));
+            return Ok(Verdict::bad(
+                "simple_function_checker:missing_required",
+                format!("Missing required parameter: '{r}'."),
+            ));
         }
     }
     for (param, value) in &call.args {
         let detail = param.as_deref().and_then(|p| props.get(p));
-        let alts = param.as_deref().and_then(|p| dict_get(pa, &Value::Str(p.to_string())));
+        let alts = param
+            .as_deref()
+            .and_then(|p| dict_get(pa, &Value::Str(p.to_string())));
         let (Some(detail), Some(alts)) = (detail, alts) else {
-            return Ok(Verdict::bad("simple_function_checker:unexpected_param", format!("Unexpected parameter: {param:?}.")));
+            return Ok(Verdict::bad(
+                "simple_function_checker:unexpected_param",
+                format!("Unexpected parameter: {param:?}."),
+            ));
         };
-        if let Some(v) = check_param(param.as_deref().unwrap_or_default(), value, detail, alts, lang)? {
+        if let Some(v) = check_param(
+            param.as_deref().unwrap_or_default(),
+            value,
+            detail,
+            alts,
+            lang,
+        )? {
             return Ok(v);
         }
     }
@@ -197,19 +245,38 @@ pub fn simple(desc: &Json, call: &Call, answer: &Value, lang: Lang) -> CR<Verdic
 }
 
 /// Checks one parameter; `Some(verdict)` on failure.
-fn check_param(param: &str, value: &Value, detail: &Json, alts: &Value, lang: Lang) -> CR<Option<Verdict>> {
-    let desc = json_str(detail, &["type"])?.as_str().unwrap_or_default().to_string();
+fn check_param(
+    param: &str,
+    value: &Value,
+    detail: &Json,
+    alts: &Value,
+    lang: Lang,
+) -> CR<Option<Verdict>> {
+    let desc = json_str(detail, &["type"])?
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let expected = type_of_name(lang, &desc)?;
     let mut nested = None;
     let mut value = value.clone();
     match lang {
         Lang::Java | Lang::JavaScript => {
             let Value::Str(s) = &value else {
-                let (et, l) = if lang == Lang::Java { ("type_error:java", "String") } else { ("type_error:js", "String") };
-                return Ok(Some(Verdict::bad(et, format!("Incorrect type for parameter '{param}'. Expected type {l}."))));
+                let (et, l) = if lang == Lang::Java {
+                    ("type_error:java", "String")
+                } else {
+                    ("type_error:js", "String")
+                };
+                return Ok(Some(Verdict::bad(
+                    et,
+                    format!("Incorrect type for parameter '{param}'. Expected type {l}."),
+                )));
             };
             let nested_name = if matches!(desc.as_str(), "Array" | "ArrayList" | "array") {
-                let n = json_str(detail, &["items", "type"])?.as_str().unwrap_or_default().to_string();
+                let n = json_str(detail, &["items", "type"])?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 nested = Some(type_of_name(lang, &n)?);
                 Some(n)
             } else {
@@ -223,7 +290,10 @@ fn check_param(param: &str, value: &Value, detail: &Json, alts: &Value, lang: La
         }
         Lang::Python => {
             if desc == "array" || desc == "tuple" {
-                let n = json_str(detail, &["items", "type"])?.as_str().unwrap_or_default().to_string();
+                let n = json_str(detail, &["items", "type"])?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 nested = Some(type_of_name(lang, &n)?);
             }
         }
@@ -242,7 +312,10 @@ fn check_param(param: &str, value: &Value, detail: &Json, alts: &Value, lang: La
     }
     let tc = type_check(param, &value, alts, &desc, expected, nested)?;
     if !tc.valid {
-        return Ok(Some(Verdict::bad(tc.error_type, format!("Incorrect type for parameter '{param}'."))));
+        return Ok(Some(Verdict::bad(
+            tc.error_type,
+            format!("Incorrect type for parameter '{param}'."),
+        )));
     }
     if !tc.is_variable {
         let r = match (expected, nested) {
@@ -257,7 +330,10 @@ fn check_param(param: &str, value: &Value, detail: &Json, alts: &Value, lang: La
         }
     }
     if !py_contains(alts, &value)? {
-        return Ok(Some(Verdict::bad("value_error:others", format!("Invalid value for parameter '{param}': {}.", value.repr()))));
+        return Ok(Some(Verdict::bad(
+            "value_error:others",
+            format!("Invalid value for parameter '{param}': {}.", value.repr()),
+        )));
     }
     Ok(None)
 }
@@ -269,7 +345,12 @@ pub fn py_iter(v: &Value) -> CR<Vec<Value>> {
         Value::Str(s) => s.chars().map(|c| Value::Str(c.to_string())).collect(),
         Value::Dict(d) => d.iter().map(|(k, _)| k.clone()).collect(),
         Value::Bytes(b) => b.iter().map(|&c| Value::Int(c as i128)).collect(),
-        other => return exc(format!("'{}' object is not iterable", other.py_type().name())),
+        other => {
+            return exc(format!(
+                "'{}' object is not iterable",
+                other.py_type().name()
+            ))
+        }
     })
 }
 
@@ -277,10 +358,17 @@ pub fn py_iter(v: &Value) -> CR<Vec<Value>> {
 fn py_index_items(v: &Value) -> CR<Vec<Value>> {
     match v {
         Value::Dict(d) => (0..d.len())
-            .map(|i| dict_get(d, &Value::Int(i as i128)).cloned().ok_or_else(|| Exc(format!("KeyError: {i}"))))
+            .map(|i| {
+                dict_get(d, &Value::Int(i as i128))
+                    .cloned()
+                    .ok_or_else(|| Exc(format!("KeyError: {i}")))
+            })
             .collect(),
         Value::List(_) | Value::Tuple(_) | Value::Str(_) | Value::Bytes(_) => py_iter(v),
-        other => exc(format!("object of type '{}' has no len()", other.py_type().name())),
+        other => exc(format!(
+            "object of type '{}' has no len()",
+            other.py_type().name()
+        )),
     }
 }
 
@@ -290,7 +378,12 @@ fn py_len(v: &Value) -> CR<usize> {
         Value::Str(s) => s.chars().count(),
         Value::Dict(d) => d.len(),
         Value::Bytes(b) => b.len(),
-        other => return exc(format!("object of type '{}' has no len()", other.py_type().name())),
+        other => {
+            return exc(format!(
+                "object of type '{}' has no len()",
+                other.py_type().name()
+            ))
+        }
     })
 }
 
@@ -308,7 +401,10 @@ pub fn py_contains(container: &Value, x: &Value) -> CR<bool> {
             }
             Ok(dict_get(d, x).is_some())
         }
-        other => exc(format!("argument of type '{}' is not iterable", other.py_type().name())),
+        other => exc(format!(
+            "argument of type '{}' is not iterable",
+            other.py_type().name()
+        )),
     }
 }
 
@@ -328,8 +424,19 @@ struct TypeResult {
 }
 
 /// `type_checker`: exact types; a value of the answers' own type counts as a "variable".
-fn type_check(param: &str, value: &Value, alts: &Value, desc: &str, expected: PyType, nested: Option<PyType>) -> CR<TypeResult> {
-    let mut res = TypeResult { valid: true, is_variable: false, error_type: "type_error:simple" };
+fn type_check(
+    param: &str,
+    value: &Value,
+    alts: &Value,
+    desc: &str,
+    expected: PyType,
+    nested: Option<PyType>,
+) -> CR<TypeResult> {
+    let mut res = TypeResult {
+        valid: true,
+        is_variable: false,
+        error_type: "type_error:simple",
+    };
     let pat = possible_answer_type(alts)?;
     let is_variable = pat.is_some_and(|t| t != expected);
     if value.py_type() == expected {
@@ -348,7 +455,11 @@ fn type_check(param: &str, value: &Value, alts: &Value, desc: &str, expected: Py
                 }
             }
             if flag {
-                return Ok(TypeResult { valid: true, is_variable, error_type: "" });
+                return Ok(TypeResult {
+                    valid: true,
+                    is_variable,
+                    error_type: "",
+                });
             }
         }
         res.valid = false;
@@ -365,7 +476,10 @@ fn type_check(param: &str, value: &Value, alts: &Value, desc: &str, expected: Py
 
 /// `standardize_string`: drop ` ,./-_*^`, lowercase, `'` → `"`.
 pub fn standardize(s: &str) -> String {
-    let kept: String = s.chars().filter(|c| !matches!(c, ' ' | ',' | '.' | '/' | '-' | '_' | '*' | '^')).collect();
+    let kept: String = s
+        .chars()
+        .filter(|c| !matches!(c, ' ' | ',' | '.' | '/' | '-' | '_' | '*' | '^'))
+        .collect();
     kept.to_lowercase().replace('\'', "\"")
 }
 
@@ -377,10 +491,21 @@ fn std_value(v: &Value) -> Value {
 }
 
 fn string_checker(value: &Value, alts: &Value) -> CR<Verdict> {
-    let Value::Str(s) = value else { return exc("expected str") };
+    let Value::Str(s) = value else {
+        return exc("expected str");
+    };
     let out = standardize(s);
-    let ok = py_index_items(alts)?.iter().any(|a| matches!(a, Value::Str(x) if standardize(x) == out));
-    Ok(if ok { Verdict::ok() } else { Verdict::bad("value_error:string", format!("Invalid value: {}.", value.repr())) })
+    let ok = py_index_items(alts)?
+        .iter()
+        .any(|a| matches!(a, Value::Str(x) if standardize(x) == out));
+    Ok(if ok {
+        Verdict::ok()
+    } else {
+        Verdict::bad(
+            "value_error:string",
+            format!("Invalid value: {}.", value.repr()),
+        )
+    })
 }
 
 fn list_checker(value: &Value, alts: &Value) -> CR<Verdict> {
@@ -391,7 +516,10 @@ fn list_checker(value: &Value, alts: &Value) -> CR<Verdict> {
             return Ok(Verdict::ok());
         }
     }
-    Ok(Verdict::bad("value_error:list/tuple", format!("Invalid value: {}.", value.repr())))
+    Ok(Verdict::bad(
+        "value_error:list/tuple",
+        format!("Invalid value: {}.", value.repr()),
+    ))
 }
 
 fn dict_checker(value: &Value, alts: &Value) -> CR<Verdict> {
@@ -412,24 +540,40 @@ fn dict_checker(value: &Value, alts: &Value) -> CR<Verdict> {
 
 /// One alternative of `dict_checker`; `Some(failure)` when it does not match.
 fn dict_alternative(value: &Value, alt: &Value) -> CR<Option<Verdict>> {
-    let Value::Dict(out) = value else { return exc("object has no attribute 'items'") };
-    let Value::Dict(alt_d) = alt else { return exc("alternative is not a dict") };
+    let Value::Dict(out) = value else {
+        return exc("object has no attribute 'items'");
+    };
+    let Value::Dict(alt_d) = alt else {
+        return exc("alternative is not a dict");
+    };
     // BFCL runs both loops; a failure in the second overwrites the first one's error type.
     let mut failure = None;
     for (k, v) in out {
         if !py_contains(alt, k)? {
-            failure = Some(Verdict::bad("value_error:dict_key", format!("Unexpected dict key parameter: {}.", k.repr())));
+            failure = Some(Verdict::bad(
+                "value_error:dict_key",
+                format!("Unexpected dict key parameter: {}.", k.repr()),
+            ));
             break;
         }
-        let allowed: Vec<Value> = py_index_items(dict_get(alt_d, k).unwrap_or(&Value::None))?.iter().map(std_value).collect();
+        let allowed: Vec<Value> = py_index_items(dict_get(alt_d, k).unwrap_or(&Value::None))?
+            .iter()
+            .map(std_value)
+            .collect();
         if !py_in(&std_value(v), &allowed) {
-            failure = Some(Verdict::bad("value_error:dict_value", format!("Invalid value for parameter {}.", k.repr())));
+            failure = Some(Verdict::bad(
+                "value_error:dict_value",
+                format!("Invalid value for parameter {}.", k.repr()),
+            ));
             break;
         }
     }
     for (k, v) in alt_d {
         if !py_contains(value, k)? && !py_contains(v, &Value::Str(String::new()))? {
-            failure = Some(Verdict::bad("value_error:dict_key", format!("Missing dict key parameter: {}.", k.repr())));
+            failure = Some(Verdict::bad(
+                "value_error:dict_key",
+                format!("Missing dict key parameter: {}.", k.repr()),
+            ));
             break;
         }
     }
@@ -441,7 +585,10 @@ fn list_dict_checker(value: &Value, alts: &Value) -> CR<Verdict> {
     let items = py_iter(value)?;
     for alt in py_index_items(alts)? {
         if items.len() != py_len(&alt)? {
-            result = Verdict::bad("value_error:list_dict_count", "Wrong number of dictionaries in the list.");
+            result = Verdict::bad(
+                "value_error:list_dict_count",
+                "Wrong number of dictionaries in the list.",
+            );
             continue;
         }
         let alt_items = py_index_items(&alt)?;

@@ -15,7 +15,10 @@ pub struct Call {
 
 impl Call {
     pub fn arg(&self, name: &str) -> Option<&Value> {
-        self.args.iter().find(|(k, _)| k.as_deref() == Some(name)).map(|(_, v)| v)
+        self.args
+            .iter()
+            .find(|(k, _)| k.as_deref() == Some(name))
+            .map(|(_, v)| v)
     }
 
     /// Python-like text of the call, for reports.
@@ -151,7 +154,9 @@ fn decode_python_list(src: &str) -> Result<Vec<Call>, DecodeError> {
 
 /// `resolve_ast_call`: dotted name, keyword arguments only (positional ones are dropped).
 fn resolve_call(e: &Expr) -> Result<Call, DecodeError> {
-    let Kind::Call { func, keywords, .. } = &*e.kind else { return fail("not a call") };
+    let Kind::Call { func, keywords, .. } = &*e.kind else {
+        return fail("not a call");
+    };
     let mut parts = Vec::new();
     let mut f = func;
     while let Kind::Attr(v, attr) = &*f.kind {
@@ -170,7 +175,10 @@ fn resolve_call(e: &Expr) -> Result<Call, DecodeError> {
             None => args.push((k.arg.clone(), v)),
         }
     }
-    Ok(Call { name: parts.join("."), args })
+    Ok(Call {
+        name: parts.join("."),
+        args,
+    })
 }
 
 fn const_value(c: &Const) -> Value {
@@ -192,7 +200,9 @@ fn const_value(c: &Const) -> Value {
 /// is a constant (so `+3` and `~3` give -3, `not True` gives -1).
 fn resolve_unary(op: UnOp, operand: &Expr) -> Result<Value, DecodeError> {
     let _ = op;
-    let Kind::Const(c) = &*operand.kind else { return fail("operand has no attribute 'value'") };
+    let Kind::Const(c) = &*operand.kind else {
+        return fail("operand has no attribute 'value'");
+    };
     match const_value(c) {
         Value::Bool(b) => Ok(Value::Int(-(b as i128))),
         Value::Int(i) => Ok(Value::Int(-i)),
@@ -208,12 +218,18 @@ fn resolve_value(e: &Expr) -> Result<Value, DecodeError> {
     match &*e.kind {
         Kind::Const(c) => Ok(const_value(c)),
         Kind::Unary(op, v) => resolve_unary(*op, v),
-        Kind::List(v) => Ok(Value::List(v.iter().map(resolve_value).collect::<Result<_, _>>()?)),
-        Kind::Tuple(v) => Ok(Value::Tuple(v.iter().map(resolve_value).collect::<Result<_, _>>()?)),
+        Kind::List(v) => Ok(Value::List(
+            v.iter().map(resolve_value).collect::<Result<_, _>>()?,
+        )),
+        Kind::Tuple(v) => Ok(Value::Tuple(
+            v.iter().map(resolve_value).collect::<Result<_, _>>()?,
+        )),
         Kind::Dict(items) => {
             let mut d = Vec::new();
             for (k, v) in items {
-                let Some(k) = k else { return fail("Unsupported AST type: NoneType") };
+                let Some(k) = k else {
+                    return fail("Unsupported AST type: NoneType");
+                };
                 let k = resolve_value(k)?;
                 let v = resolve_value(v)?;
                 if !k.is_hashable() {
@@ -230,7 +246,11 @@ fn resolve_value(e: &Expr) -> Result<Value, DecodeError> {
                 Ok(Value::Str(unparse(e)))
             } else {
                 let c = resolve_call(e)?;
-                let params = c.args.into_iter().map(|(k, v)| (k.map(Value::Str).unwrap_or(Value::None), v)).collect();
+                let params = c
+                    .args
+                    .into_iter()
+                    .map(|(k, v)| (k.map(Value::Str).unwrap_or(Value::None), v))
+                    .collect();
                 Ok(Value::Dict(vec![(Value::Str(c.name), Value::Dict(params))]))
             }
         }
@@ -243,11 +263,17 @@ fn resolve_value(e: &Expr) -> Result<Value, DecodeError> {
 pub fn decode_json_tool_calls(text: &str) -> Result<Vec<Call>, DecodeError> {
     let mut calls = Vec::new();
     for block in tool_call_blocks(text) {
-        let Ok(j) = serde_json::from_str::<serde_json::Value>(block) else { continue };
-        let serde_json::Value::Object(o) = j else { return fail("Model did not return a list of function calls") };
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(block) else {
+            continue;
+        };
+        let serde_json::Value::Object(o) = j else {
+            return fail("Model did not return a list of function calls");
+        };
         let name = match o.get("name") {
             Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Array(_)) | Some(serde_json::Value::Object(_)) => return fail("unhashable type"),
+            Some(serde_json::Value::Array(_)) | Some(serde_json::Value::Object(_)) => {
+                return fail("unhashable type")
+            }
             // A non-string name can never equal a function name.
             Some(other) => format!("\u{0}{}", other),
             None => return fail("KeyError: 'name'"),
@@ -255,7 +281,10 @@ pub fn decode_json_tool_calls(text: &str) -> Result<Vec<Call>, DecodeError> {
         let Some(serde_json::Value::Object(args)) = o.get("arguments") else {
             return fail("arguments is not a dict");
         };
-        let args = args.iter().map(|(k, v)| (Some(k.clone()), Value::from_json(v))).collect();
+        let args = args
+            .iter()
+            .map(|(k, v)| (Some(k.clone()), Value::from_json(v)))
+            .collect();
         calls.push(Call { name, args });
     }
     Ok(calls)
@@ -303,13 +332,19 @@ mod tests {
         assert!(py("```\nf(a=1)\n```").is_ok());
         assert!(py("Sure: f(a=1)").is_err());
         assert_eq!(py("math.factorial(n=5, 3)").map(|_| ()).is_err(), true);
-        assert_eq!(py("math.factorial(3, n=5)").unwrap()[0].name, "math.factorial");
+        assert_eq!(
+            py("math.factorial(3, n=5)").unwrap()[0].name,
+            "math.factorial"
+        );
     }
 
     #[test]
     fn think_and_answer_tags() {
         assert_eq!(strip_reasoning("<think>a</think>\n\n[f()]"), "\n\n[f()]");
-        assert_eq!(strip_reasoning("<think>a</think><answer>[f()]</answer>"), "[f()]");
+        assert_eq!(
+            strip_reasoning("<think>a</think><answer>[f()]</answer>"),
+            "[f()]"
+        );
     }
 
     #[test]

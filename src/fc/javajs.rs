@@ -10,9 +10,16 @@ const MAX_TREE_DEPTH: u32 = 900;
 
 fn parse_tree(src: &str, java: bool) -> Result<Tree, DecodeError> {
     let mut p = Parser::new();
-    let lang = if java { tree_sitter_java::language() } else { tree_sitter_javascript::language() };
-    p.set_language(&lang).map_err(|e| DecodeError::Failed(e.to_string()))?;
-    let tree = p.parse(src, None).ok_or_else(|| DecodeError::Failed("parse failed".into()))?;
+    let lang = if java {
+        tree_sitter_java::language()
+    } else {
+        tree_sitter_javascript::language()
+    };
+    p.set_language(&lang)
+        .map_err(|e| DecodeError::Failed(e.to_string()))?;
+    let tree = p
+        .parse(src, None)
+        .ok_or_else(|| DecodeError::Failed("parse failed".into()))?;
     // BFCL rejects the tree when its s-expression mentions ERROR (MISSING nodes pass).
     if tree.root_node().to_sexp().contains("ERROR") {
         return Err(DecodeError::Failed("Error parsing the source code.".into()));
@@ -46,7 +53,9 @@ impl JavaSrc {
     fn traverse(&self, n: Node, nested: bool, depth: u32) -> Result<String, DecodeError> {
         // Python would hit its recursion limit; so do we, without overflowing the stack.
         if depth > MAX_TREE_DEPTH {
-            return Err(DecodeError::Failed("maximum recursion depth exceeded".into()));
+            return Err(DecodeError::Failed(
+                "maximum recursion depth exceeded".into(),
+            ));
         }
         let d = depth + 1;
         Ok(match n.kind() {
@@ -57,7 +66,9 @@ impl JavaSrc {
                     self.strip_quotes(n)
                 }
             }
-            "identifier" | "class_literal" | "type_identifier" | "method_invocation" => self.text(n),
+            "identifier" | "class_literal" | "type_identifier" | "method_invocation" => {
+                self.text(n)
+            }
             "array_creation_expression" => {
                 let t = self.field(n, "type", d)?;
                 let v = self.field(n, "value", d)?;
@@ -89,7 +100,9 @@ impl JavaSrc {
             }
             _ if n.child_count() > 0 => {
                 let mut cur = n.walk();
-                n.children(&mut cur).map(|c| self.traverse(c, true, d)).collect::<Result<_, _>>()?
+                n.children(&mut cur)
+                    .map(|c| self.traverse(c, true, d))
+                    .collect::<Result<_, _>>()?
             }
             _ => self.text(n),
         })
@@ -99,7 +112,9 @@ impl JavaSrc {
     fn field(&self, n: Node, name: &str, d: u32) -> Result<String, DecodeError> {
         match n.child_by_field_name(name) {
             Some(c) => self.traverse(c, true, d),
-            None => Err(DecodeError::Failed("'NoneType' object has no attribute 'type'".into())),
+            None => Err(DecodeError::Failed(
+                "'NoneType' object has no attribute 'type'".into(),
+            )),
         }
     }
 
@@ -109,7 +124,9 @@ impl JavaSrc {
         for child in args.children(&mut cur) {
             let (name, value) = match child.kind() {
                 "assignment_expression" => {
-                    let (Some(l), Some(r)) = (child.child(0), child.child(2)) else { continue };
+                    let (Some(l), Some(r)) = (child.child(0), child.child(2)) else {
+                        continue;
+                    };
                     (Some(self.text(l)), self.traverse(r, false, 0)?)
                 }
                 "identifier" | "class_literal" | "set" => (None, self.traverse(child, false, 0)?),
@@ -122,10 +139,15 @@ impl JavaSrc {
 
     fn find_call(&self, n: Node, depth: u32) -> Option<Result<Call, DecodeError>> {
         if depth > MAX_TREE_DEPTH {
-            return Some(Err(DecodeError::Failed("maximum recursion depth exceeded".into())));
+            return Some(Err(DecodeError::Failed(
+                "maximum recursion depth exceeded".into(),
+            )));
         }
         if n.kind() == "method_invocation" {
-            let method = n.child_by_field_name("name").map(|c| self.text(c)).unwrap_or_default();
+            let method = n
+                .child_by_field_name("name")
+                .map(|c| self.text(c))
+                .unwrap_or_default();
             let name = match n.child_by_field_name("object") {
                 Some(o) => format!("{}.{}", self.text(o), method),
                 None => method,
@@ -135,14 +157,22 @@ impl JavaSrc {
         }
         let mut cur = n.walk();
         let children: Vec<Node> = n.children(&mut cur).collect();
-        children.into_iter().find_map(|c| self.find_call(c, depth + 1))
+        children
+            .into_iter()
+            .find_map(|c| self.find_call(c, depth + 1))
     }
 }
 
 /// Two arguments under one name are an error in BFCL's parsers.
-fn push_unique(out: &mut Vec<(Option<String>, Value)>, name: Option<String>, v: String) -> Result<(), DecodeError> {
+fn push_unique(
+    out: &mut Vec<(Option<String>, Value)>,
+    name: Option<String>,
+    v: String,
+) -> Result<(), DecodeError> {
     if out.iter().any(|(k, _)| *k == name) {
-        return Err(DecodeError::Failed("Multiple arguments with the same name are not supported.".into()));
+        return Err(DecodeError::Failed(
+            "Multiple arguments with the same name are not supported.".into(),
+        ));
     }
     out.push((name, Value::Str(v)));
     Ok(())
@@ -151,7 +181,9 @@ fn push_unique(out: &mut Vec<(Option<String>, Value)>, name: Option<String>, v: 
 /// `parse_java_function_call`: the first method invocation found, or `{}` (wrong format).
 pub fn parse_java(src: &str) -> Result<Vec<Call>, DecodeError> {
     let tree = parse_tree(src, true)?;
-    let js = JavaSrc { chars: src.chars().collect() };
+    let js = JavaSrc {
+        chars: src.chars().collect(),
+    };
     match js.find_call(tree.root_node(), 0) {
         Some(r) => Ok(vec![r?]),
         None => Err(DecodeError::WrongFormat),
@@ -159,7 +191,9 @@ pub fn parse_java(src: &str) -> Result<Vec<Call>, DecodeError> {
 }
 
 fn node_text(n: Node, src: &str) -> String {
-    src.get(n.start_byte()..n.end_byte()).unwrap_or("").to_string()
+    src.get(n.start_byte()..n.end_byte())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// `parse_javascript_function_call`: the first top-level call statement, or None (wrong format).
@@ -186,8 +220,14 @@ pub fn parse_js(src: &str) -> Result<Vec<Call>, DecodeError> {
                 for child in an.children(&mut c3) {
                     let (k, v) = match child.kind() {
                         "assignment_expression" => {
-                            let k = child.child(0).map(|n| node_text(n, src)).unwrap_or_default();
-                            let v = child.child(2).map(|n| node_text(n, src)).unwrap_or_default();
+                            let k = child
+                                .child(0)
+                                .map(|n| node_text(n, src))
+                                .unwrap_or_default();
+                            let v = child
+                                .child(2)
+                                .map(|n| node_text(n, src))
+                                .unwrap_or_default();
                             (Some(k), strip_js_quotes(v))
                         }
                         "identifier" | "true" => (None, node_text(child, src)),

@@ -44,7 +44,10 @@ fn trim_end_tokens(mut s: &str) -> &str {
 /// one `</think>`, and the reasoning between them is not blank.
 pub fn think_ok(completion: &str) -> bool {
     let c = completion.trim_start();
-    if !c.starts_with("<think>") || c.matches("<think>").count() != 1 || c.matches("</think>").count() != 1 {
+    if !c.starts_with("<think>")
+        || c.matches("<think>").count() != 1
+        || c.matches("</think>").count() != 1
+    {
         return false;
     }
     let end = c.find("</think>").unwrap_or(0);
@@ -52,21 +55,40 @@ pub fn think_ok(completion: &str) -> bool {
 }
 
 /// Reward of one completion for one sample.
-pub fn reward(sample: &Sample, completion: &str, kind: RewardKind, fmt: AnswerFormat) -> RewardDetails {
+pub fn reward(
+    sample: &Sample,
+    completion: &str,
+    kind: RewardKind,
+    fmt: AnswerFormat,
+) -> RewardDetails {
     let completion = trim_end_tokens(completion);
     let answer = strip_reasoning(completion);
     let lang = Lang::of_category(&sample.category);
-    let decoded = decode(answer, if sample.expects_no_call() || sample.expects_any_call() { Lang::Python } else { lang }, fmt);
+    let decoded = decode(
+        answer,
+        if sample.expects_no_call() || sample.expects_any_call() {
+            Lang::Python
+        } else {
+            lang
+        },
+        fmt,
+    );
     let verdict = check_answer(sample, answer, fmt);
     let decodes = decoded.is_ok();
     let format_ok = think_ok(completion) && (sample.expects_no_call() || decodes);
     let expected = sample.ground_truth.len();
     let matched = match &decoded {
-        Ok(calls) if !sample.expects_no_call() && !sample.expects_any_call() => count_matched(sample, calls, lang),
+        Ok(calls) if !sample.expects_no_call() && !sample.expects_any_call() => {
+            count_matched(sample, calls, lang)
+        }
         _ => 0,
     };
     let answer_score = if sample.expects_no_call() || sample.expects_any_call() || expected == 0 {
-        if verdict.valid { 1.0 } else { 0.0 }
+        if verdict.valid {
+            1.0
+        } else {
+            0.0
+        }
     } else {
         matched as f64 / expected as f64
     };
@@ -74,7 +96,14 @@ pub fn reward(sample: &Sample, completion: &str, kind: RewardKind, fmt: AnswerFo
         RewardKind::Binary => (format_ok && verdict.valid) as u8 as f64,
         RewardKind::Partial => 0.1 * format_ok as u8 as f64 + 0.9 * answer_score,
     };
-    RewardDetails { reward, format_ok, valid: verdict.valid, error_type: verdict.error_type, calls_matched: matched, calls_expected: expected }
+    RewardDetails {
+        reward,
+        format_ok,
+        valid: verdict.valid,
+        error_type: verdict.error_type,
+        calls_matched: matched,
+        calls_expected: expected,
+    }
 }
 
 /// Greedy matching like BFCL's parallel checker, but counting instead of failing.
@@ -83,8 +112,12 @@ fn count_matched(sample: &Sample, calls: &[Call], lang: Lang) -> usize {
     let mut n = 0;
     for gt in &sample.ground_truth {
         let ans = Value::from_json(gt);
-        let Some(name) = gt.as_object().and_then(|o| o.keys().next()) else { continue };
-        let Some(desc) = sample.functions.iter().find(|f| f["name"] == name.as_str()) else { continue };
+        let Some(name) = gt.as_object().and_then(|o| o.keys().next()) else {
+            continue;
+        };
+        let Some(desc) = sample.functions.iter().find(|f| f["name"] == name.as_str()) else {
+            continue;
+        };
         for (j, c) in calls.iter().enumerate() {
             if !used[j] && simple(desc, c, &ans, lang).is_ok_and(|v| v.valid) {
                 used[j] = true;

@@ -26,12 +26,18 @@ pub fn eval_expr(e: &Expr) -> Result<Value, PyErr> {
             Const::Str { s, .. } => Value::Str(s.clone()),
             Const::Bytes(b) => Value::Bytes(b.clone()),
         }),
-        Kind::List(v) => Ok(Value::List(v.iter().map(eval_expr).collect::<Result<_, _>>()?)),
-        Kind::Tuple(v) => Ok(Value::Tuple(v.iter().map(eval_expr).collect::<Result<_, _>>()?)),
+        Kind::List(v) => Ok(Value::List(
+            v.iter().map(eval_expr).collect::<Result<_, _>>()?,
+        )),
+        Kind::Tuple(v) => Ok(Value::Tuple(
+            v.iter().map(eval_expr).collect::<Result<_, _>>()?,
+        )),
         Kind::Dict(items) => {
             let mut d = Vec::new();
             for (k, v) in items {
-                let Some(k) = k else { return err("dict unpacking is not supported") };
+                let Some(k) = k else {
+                    return err("dict unpacking is not supported");
+                };
                 let k = eval_expr(k)?;
                 if !k.is_hashable() {
                     return err("unhashable type");
@@ -69,9 +75,15 @@ fn unary(op: UnOp, v: Value) -> Result<Value, PyErr> {
     let i = match v {
         Value::Bool(b) => b as i128,
         Value::Int(i) => i,
-        Value::Float(f) if op != UnOp::Invert => return Ok(Value::Float(if op == UnOp::Neg { -f } else { f })),
+        Value::Float(f) if op != UnOp::Invert => {
+            return Ok(Value::Float(if op == UnOp::Neg { -f } else { f }))
+        }
         Value::Complex(a, b) if op != UnOp::Invert => {
-            return Ok(if op == UnOp::Neg { Value::Complex(-a, -b) } else { Value::Complex(a, b) })
+            return Ok(if op == UnOp::Neg {
+                Value::Complex(-a, -b)
+            } else {
+                Value::Complex(a, b)
+            })
         }
         _ => return err("bad operand type for unary operator"),
     };
@@ -144,9 +156,13 @@ fn binary(l: Value, op: BinOp, r: Value) -> Result<Value, PyErr> {
     }
     match (op, &l, &r) {
         (BinOp::Add, Value::Str(a), Value::Str(b)) => Ok(Value::Str(format!("{a}{b}"))),
-        (BinOp::Add, Value::Bytes(a), Value::Bytes(b)) => Ok(Value::Bytes([a.as_slice(), b].concat())),
+        (BinOp::Add, Value::Bytes(a), Value::Bytes(b)) => {
+            Ok(Value::Bytes([a.as_slice(), b].concat()))
+        }
         (BinOp::Add, Value::List(a), Value::List(b)) => Ok(Value::List([a.as_slice(), b].concat())),
-        (BinOp::Add, Value::Tuple(a), Value::Tuple(b)) => Ok(Value::Tuple([a.as_slice(), b].concat())),
+        (BinOp::Add, Value::Tuple(a), Value::Tuple(b)) => {
+            Ok(Value::Tuple([a.as_slice(), b].concat()))
+        }
         (BinOp::Mul, s, n) if seq_count(n).is_some() && seq_count(s).is_none() => {
             repeat(s, seq_count(n).unwrap_or(0))
         }
@@ -329,12 +345,16 @@ fn percent_format(f: &str, args: &Value) -> Result<String, PyErr> {
             }
             prec = Some(d.parse().unwrap_or(0));
         }
-        let conv = chars.next().ok_or_else(|| PyErr("incomplete format".into()))?;
+        let conv = chars
+            .next()
+            .ok_or_else(|| PyErr("incomplete format".into()))?;
         if conv == '%' {
             out.push('%');
             continue;
         }
-        let arg = it.next().ok_or_else(|| PyErr("not enough arguments for format string".into()))?;
+        let arg = it
+            .next()
+            .ok_or_else(|| PyErr("not enough arguments for format string".into()))?;
         let num = |v: &Value| match v {
             Value::Bool(b) => Ok(*b as i128 as f64),
             Value::Int(i) => Ok(*i as f64),

@@ -6,8 +6,9 @@ use super::*;
 
 const KEYWORDS: [&str; 35] = [
     "False", "None", "True", "and", "as", "assert", "async", "await", "break", "class", "continue",
-    "def", "del", "elif", "else", "except", "finally", "for", "from", "global", "if", "import", "in",
-    "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while", "with", "yield",
+    "def", "del", "elif", "else", "except", "finally", "for", "from", "global", "if", "import",
+    "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while",
+    "with", "yield",
 ];
 
 /// Recursion budget: each level of brackets costs about 17 frames.
@@ -27,7 +28,11 @@ type R = Result<Expr, PyErr>;
 
 impl Parser {
     pub fn new(toks: Vec<Tok>) -> Parser {
-        Parser { toks, pos: 0, rec: 0 }
+        Parser {
+            toks,
+            pos: 0,
+            rec: 0,
+        }
     }
 
     fn peek(&self) -> &Tok {
@@ -121,8 +126,16 @@ impl Parser {
     }
 
     fn at_expr_end(&self) -> bool {
-        matches!(self.peek(), Tok::End | Tok::Newline | Tok::Op(")") | Tok::Op("]") | Tok::Op("}") | Tok::Op("=") | Tok::Op(":"))
-            || self.is_kw("for")
+        matches!(
+            self.peek(),
+            Tok::End
+                | Tok::Newline
+                | Tok::Op(")")
+                | Tok::Op("]")
+                | Tok::Op("}")
+                | Tok::Op("=")
+                | Tok::Op(":")
+        ) || self.is_kw("for")
             || self.is_kw("in")
     }
 
@@ -136,8 +149,12 @@ impl Parser {
 
     /// `expression` with an optional `:=` (allowed in displays, call arguments and parentheses).
     fn named_expression(&mut self) -> R {
-        if matches!(self.peek(), Tok::Name(n) if !KEYWORDS.contains(&n.as_str())) && matches!(self.peek_at(1), Tok::Op(":=")) {
-            let Tok::Name(n) = self.bump() else { unreachable!() };
+        if matches!(self.peek(), Tok::Name(n) if !KEYWORDS.contains(&n.as_str()))
+            && matches!(self.peek_at(1), Tok::Op(":="))
+        {
+            let Tok::Name(n) = self.bump() else {
+                unreachable!()
+            };
             self.bump();
             let target = self.mk(Kind::Name(n))?;
             let value = self.expression()?;
@@ -232,13 +249,21 @@ impl Parser {
     }
 
     fn bool_chain(&mut self, kw: &str, is_or: bool) -> R {
-        let first = if is_or { self.conjunction()? } else { self.inversion()? };
+        let first = if is_or {
+            self.conjunction()?
+        } else {
+            self.inversion()?
+        };
         if !self.is_kw(kw) {
             return Ok(first);
         }
         let mut v = vec![first];
         while self.eat_kw(kw) {
-            v.push(if is_or { self.conjunction()? } else { self.inversion()? });
+            v.push(if is_or {
+                self.conjunction()?
+            } else {
+                self.inversion()?
+            });
         }
         self.mk(Kind::BoolOp(is_or, v))
     }
@@ -295,13 +320,27 @@ impl Parser {
             &[("&", BinOp::BitAnd)],
             &[("<<", BinOp::LShift), (">>", BinOp::RShift)],
             &[("+", BinOp::Add), ("-", BinOp::Sub)],
-            &[("*", BinOp::Mul), ("/", BinOp::Div), ("//", BinOp::FloorDiv), ("%", BinOp::Mod), ("@", BinOp::MatMul)],
+            &[
+                ("*", BinOp::Mul),
+                ("/", BinOp::Div),
+                ("//", BinOp::FloorDiv),
+                ("%", BinOp::Mod),
+                ("@", BinOp::MatMul),
+            ],
         ];
-        let next = |p: &mut Parser| if level + 1 < LEVELS.len() { p.binary(level + 1) } else { p.factor() };
+        let next = |p: &mut Parser| {
+            if level + 1 < LEVELS.len() {
+                p.binary(level + 1)
+            } else {
+                p.factor()
+            }
+        };
         let mut left = next(self)?;
         loop {
             let Tok::Op(o) = self.peek() else { break };
-            let Some(&(_, op)) = LEVELS[level].iter().find(|(s, _)| s == o) else { break };
+            let Some(&(_, op)) = LEVELS[level].iter().find(|(s, _)| s == o) else {
+                break;
+            };
             self.bump();
             let right = next(self)?;
             left = self.mk(Kind::Bin(left, op, right))?;
@@ -348,7 +387,9 @@ impl Parser {
         loop {
             if self.eat_op(".") {
                 match self.bump() {
-                    Tok::Name(n) if !KEYWORDS.contains(&n.as_str()) => e = self.mk(Kind::Attr(e, n))?,
+                    Tok::Name(n) if !KEYWORDS.contains(&n.as_str()) => {
+                        e = self.mk(Kind::Attr(e, n))?
+                    }
                     _ => return err("invalid syntax"),
                 }
             } else if self.eat_op("(") {
@@ -370,7 +411,10 @@ impl Parser {
         while !self.is_op(")") {
             if self.eat_op("**") {
                 let v = self.expression()?;
-                keywords.push(Keyword { arg: None, value: v });
+                keywords.push(Keyword {
+                    arg: None,
+                    value: v,
+                });
                 seen_kwunpack = true;
             } else if self.eat_op("*") {
                 if seen_kwunpack {
@@ -378,14 +422,20 @@ impl Parser {
                 }
                 let v = self.expression()?;
                 args.push(self.mk(Kind::Starred(v))?);
-            } else if matches!(self.peek(), Tok::Name(_)) && matches!(self.peek_at(1), Tok::Op("=")) {
-                let Tok::Name(n) = self.bump() else { unreachable!() };
+            } else if matches!(self.peek(), Tok::Name(_)) && matches!(self.peek_at(1), Tok::Op("="))
+            {
+                let Tok::Name(n) = self.bump() else {
+                    unreachable!()
+                };
                 if KEYWORDS.contains(&n.as_str()) {
                     return err("invalid syntax");
                 }
                 self.bump();
                 let v = self.expression()?;
-                keywords.push(Keyword { arg: Some(n), value: v });
+                keywords.push(Keyword {
+                    arg: Some(n),
+                    value: v,
+                });
             } else {
                 let e = self.named_expression()?;
                 if self.is_kw("for") || self.is_kw("async") {
@@ -410,11 +460,19 @@ impl Parser {
             }
         }
         self.expect_op(")")?;
-        self.mk(Kind::Call { func, args, keywords })
+        self.mk(Kind::Call {
+            func,
+            args,
+            keywords,
+        })
     }
 
     fn slice_item(&mut self) -> R {
-        let lower = if self.is_op(":") { None } else { Some(self.named_or_starred_slice()?) };
+        let lower = if self.is_op(":") {
+            None
+        } else {
+            Some(self.named_or_starred_slice()?)
+        };
         if !self.is_op(":") {
             return lower.ok_or_else(|| PyErr("invalid syntax".into()));
         }
@@ -424,7 +482,11 @@ impl Parser {
             }
         }
         self.bump();
-        let upper = if self.is_op(":") || self.is_op(",") || self.is_op("]") { None } else { Some(self.expression()?) };
+        let upper = if self.is_op(":") || self.is_op(",") || self.is_op("]") {
+            None
+        } else {
+            Some(self.expression()?)
+        };
         let mut step = None;
         if self.eat_op(":") && !(self.is_op(",") || self.is_op("]")) {
             step = Some(self.expression()?);
@@ -477,7 +539,12 @@ impl Parser {
             while self.eat_kw("if") {
                 ifs.push(self.disjunction()?);
             }
-            gens.push(Comprehension { target, iter, ifs, is_async });
+            gens.push(Comprehension {
+                target,
+                iter,
+                ifs,
+                is_async,
+            });
         }
         Ok(gens)
     }
@@ -532,7 +599,10 @@ impl Parser {
         while matches!(self.peek(), Tok::Str { .. }) {
             parts.push(self.bump());
         }
-        let n_bytes = parts.iter().filter(|p| matches!(p, Tok::Str { bytes: Some(_), .. })).count();
+        let n_bytes = parts
+            .iter()
+            .filter(|p| matches!(p, Tok::Str { bytes: Some(_), .. }))
+            .count();
         if n_bytes > 0 && n_bytes < parts.len() {
             return err("cannot mix bytes and nonbytes literals");
         }
@@ -545,9 +615,20 @@ impl Parser {
             }
             return self.mk(Kind::Const(Const::Bytes(all)));
         }
-        if parts.iter().any(|p| matches!(p, Tok::Str { fstr: true, .. })) {
-            let src: Vec<String> =
-                parts.iter().map(|p| if let Tok::Str { src, .. } = p { src.clone() } else { String::new() }).collect();
+        if parts
+            .iter()
+            .any(|p| matches!(p, Tok::Str { fstr: true, .. }))
+        {
+            let src: Vec<String> = parts
+                .iter()
+                .map(|p| {
+                    if let Tok::Str { src, .. } = p {
+                        src.clone()
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect();
             return self.mk(Kind::FString(src.join(" ")));
         }
         let u = matches!(parts[0], Tok::Str { u: true, .. });
@@ -566,7 +647,15 @@ impl Parser {
         }
         if self.eat_kw("yield") {
             let from = self.eat_kw("from");
-            let v = if self.is_op(")") { None } else { Some(if from { self.expression()? } else { self.star_expressions()? }) };
+            let v = if self.is_op(")") {
+                None
+            } else {
+                Some(if from {
+                    self.expression()?
+                } else {
+                    self.star_expressions()?
+                })
+            };
             if from && v.is_none() {
                 return err("invalid syntax");
             }
@@ -688,4 +777,3 @@ fn is_target(e: &Expr) -> bool {
         _ => false,
     }
 }
-
