@@ -264,7 +264,7 @@ def call_variants(entry, answer, cat, rng):
             calls = list(reversed(calls))
         yield "python", render(calls)
     g = render(base)
-    for m in char_mutations(g, rng, 12):
+    for m in char_mutations(g, rng, 12 if lang == "python" else 40):
         yield "python", m
     wrappers = [
         lambda s: s,
@@ -338,9 +338,11 @@ def relevance_variants(entry, cat, rng):
     yield "python", "<think>t</think>[" + funcs[0]["name"] + "()]"
 
 
-def cases(bfcl_dir, seed, per_entry_limit):
+def cases(bfcl_dir, seed, per_entry_limit, only=None):
     rng = random.Random(seed)
     for cat in CATEGORIES:
+        if only and cat not in only:
+            continue
         qf = Path(bfcl_dir) / f"BFCL_v4_{cat}.json"
         if not qf.exists():
             continue
@@ -396,6 +398,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-entry", type=int, default=40)
+    ap.add_argument("--categories", help="comma-separated subset of categories")
     ap.add_argument("--prompts-out")
     ap.add_argument("--ids-per-category", type=int, default=3)
     ap.add_argument("--replay", help="JSONL of {id, category, format, result}: add BFCL's verdicts (to --out)")
@@ -417,7 +420,7 @@ def main():
     if a.out:
         n = 0
         with open(a.out, "w") as f:
-            for c in cases(a.bfcl_dir, a.seed, a.per_entry):
+            for c in cases(a.bfcl_dir, a.seed, a.per_entry, a.categories.split(",") if a.categories else None):
                 f.write(json.dumps(c) + "\n")
                 n += 1
         print(f"wrote {n} cases to {a.out}")
