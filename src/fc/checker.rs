@@ -310,7 +310,7 @@ fn check_param(
             _ => {}
         }
     }
-    let tc = type_check(param, &value, alts, &desc, expected, nested)?;
+    let tc = type_check(&value, alts, expected, nested)?;
     if !tc.valid {
         return Ok(Some(Verdict::bad(
             tc.error_type,
@@ -425,10 +425,8 @@ struct TypeResult {
 
 /// `type_checker`: exact types; a value of the answers' own type counts as a "variable".
 fn type_check(
-    param: &str,
     value: &Value,
     alts: &Value,
-    desc: &str,
     expected: PyType,
     nested: Option<PyType>,
 ) -> CR<TypeResult> {
@@ -448,7 +446,7 @@ fn type_check(
             let mut flag = true;
             if item.py_type() == PyType::List {
                 for vi in py_iter(value)? {
-                    if !type_check(param, &vi, &item, desc, inner, None)?.valid {
+                    if !type_check(&vi, &item, inner, None)?.valid {
                         flag = false;
                         break;
                     }

@@ -336,8 +336,7 @@ impl Parser {
             }
         };
         let mut left = next(self)?;
-        loop {
-            let Tok::Op(o) = self.peek() else { break };
+        while let Tok::Op(o) = self.peek() {
             let Some(&(_, op)) = LEVELS[level].iter().find(|(s, _)| s == o) else {
                 break;
             };
