@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
-use crate::data::synth::{self, Sample};
+use crate::data::{synth, Sample};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
@@ -113,8 +113,8 @@ pub fn prepare(tok: &Tokenizer, samples: &[Sample], max_len: usize) -> Result<(V
     let mut out = Vec::with_capacity(samples.len());
     let mut dropped = 0;
     for s in samples {
-        let prompt = tok.encode(&synth::render_prompt(&s.messages, &s.tools), false)?;
-        let completion = tok.encode(&format!("{}{}", synth::render_completion(s), tiny::IM_END), false)?;
+        let prompt = tok.encode(&synth::render_prompt(&s.messages, &s.functions), false)?;
+        let completion = tok.encode(&format!("{}{}", crate::fc::prompt::render_target(s), tiny::IM_END), false)?;
         let prompt_len = prompt.len();
         let mut ids = prompt;
         ids.extend(completion);
@@ -361,11 +361,11 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
         synth::write_jsonl(&train_p, &tr)?;
     }
     let (train, eval) = match &cfg.data {
-        None => (crate::jsonl::read(&train_p)?, crate::jsonl::read(&eval_p)?),
+        None => (crate::data::load_jsonl(&train_p)?, crate::data::load_jsonl(&eval_p)?),
         Some(d) => {
-            let mut all: Vec<Sample> = crate::jsonl::read(d)?;
+            let mut all: Vec<Sample> = crate::data::load_jsonl(d)?;
             match &cfg.eval_data {
-                Some(e) => (all, crate::jsonl::read(e)?),
+                Some(e) => (all, crate::data::load_jsonl(e)?),
                 None => {
                     let n_eval = ((all.len() as f32 * cfg.eval_fraction) as usize).min(all.len().saturating_sub(1));
                     let eval = all.split_off(all.len() - n_eval);
@@ -379,8 +379,8 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
         None => {
             let dir = run.join("base-model");
             if !dir.join("model.safetensors").exists() {
-                let task: Vec<Sample> = crate::jsonl::read(&train_p)?;
-                let texts: Vec<String> = task.iter().map(|s| format!("{}{}{}", synth::render_prompt(&s.messages, &s.tools), synth::render_completion(s), tiny::IM_END)).collect();
+                let task: Vec<Sample> = crate::data::load_jsonl(&train_p)?;
+                let texts: Vec<String> = task.iter().map(|s| format!("{}{}{}", synth::render_prompt(&s.messages, &s.functions), crate::fc::prompt::render_target(s), tiny::IM_END)).collect();
                 let tok = tiny::train_tokenizer(&texts, cfg.vocab_size)?;
                 let m = tiny::build(&dir, &tok, TinySize::by_name(&cfg.preset)?, cfg.seed)?;
                 eprintln!("built the {} model ({} parameters, vocab {}) in {}", cfg.preset, m.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(), tok.vocab_size(), dir.display());
