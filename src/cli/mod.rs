@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod eval;
+pub mod generate;
 pub mod logprobs;
 pub mod prompt;
 
@@ -17,6 +18,8 @@ pub struct Cli {
 pub enum Command {
     /// Per-token log-probabilities and entropies of sequences under a model.
     Logprobs(logprobs::Args),
+    /// Sample completions of prompts (KV-cache decoding, G samples per prompt).
+    Generate(generate::Args),
     /// Print the exact prompt text for a BFCL entry.
     Prompt(prompt::Args),
     /// Score model answers (or a model) per BFCL category.
@@ -26,6 +29,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Logprobs(a) => logprobs::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
     }
