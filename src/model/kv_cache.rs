@@ -2,8 +2,9 @@
 //!
 //! A [`KvBlock`] holds the keys and values of a run of consecutive positions for every layer,
 //! laid out `[layer][kv_head][capacity][head_dim]` so that one head's keys are a contiguous
-//! `len × head_dim` matrix (one strided gemm per head in decode attention). Blocks grow in steps
-//! of [`GROW`] positions (or to an exact size reserved up front), never one realloc per token.
+//! `len × head_dim` matrix (one strided gemm per head in decode attention). Blocks grow by
+//! multiples of [`GROW`] positions, at least doubling (or to an exact size reserved up front),
+//! never one realloc per token.
 //!
 //! A [`SeqCache`] is one sequence's cache: an optional shared, frozen prefix (the prompt, whose
 //! prefill the G samples of that prompt share through an `Arc`) followed by its own block.
@@ -56,11 +57,12 @@ impl KvBlock {
         self.regrow(need);
     }
 
-    /// Room for `extra` more positions, growing in `GROW`-position steps.
+    /// Room for `extra` more positions: grows to a multiple of `GROW` positions, at least
+    /// doubling, so a sequence of n tokens copies O(n) positions in all.
     fn ensure(&mut self, extra: usize) {
         let need = self.len + extra;
         if need > self.cap {
-            self.regrow(need.div_ceil(GROW) * GROW);
+            self.regrow((need.div_ceil(GROW) * GROW).max(2 * self.cap));
         }
     }
 

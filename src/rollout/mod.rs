@@ -226,7 +226,8 @@ pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize,
                 live.push(Live {
                     prompt: p,
                     sample: j,
-                    cache: SeqCache::after(prefix.clone(), cfg.max_new_tokens),
+                    // Own positions grow in blocks as the sample runs (most stop long before the limit).
+                    cache: SeqCache::after(prefix.clone(), cfg.max_new_tokens.min(crate::model::kv_cache::GROW)),
                     rng: sample_rng(cfg.seed, first_index + p, j),
                     last: 0,
                     row: base + k,
