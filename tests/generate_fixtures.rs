@@ -91,3 +91,58 @@ fn chat_prompt_matches_transformers_apply_chat_template() {
         assert_eq!(tok.encode(&rendered, false).unwrap(), want, "{}", dir.display());
     }
 }
+
+#[test]
+fn generate_command_on_a_fixture_checkpoint() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2-tiny");
+    let r = load_all(&dir.join("reference.safetensors")).unwrap();
+    let refj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    let lines = [
+        serde_json::json!({"prompt_ids": ids(&r["gen.prompt.2"])}),
+        serde_json::json!({"messages": refj["chat_template"]["messages"]}),
+        serde_json::json!({"prompt": refj["texts"][0]}),
+    ];
+    std::fs::write(&input, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let run = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+            .args(["generate", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--device", "cpu"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let tok = Tokenizer::load(&dir).unwrap();
+    // Greedy through the command = transformers' greedy for the prompt_ids line.
+    let g = run(&["--temperature", "0", "--max-new-tokens", "12", "--ignore-eos"]);
+    assert_eq!(g.len(), 3);
+    assert_eq!(g[0]["new_ids"], serde_json::json!(ids(&r["gen.greedy.2"])));
+    for l in &g {
+        let new: Vec<u32> = l["new_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(l["text"].as_str().unwrap(), tok.decode(&new, true).unwrap());
+    }
+    // The chat line is the rendered template: greedy from it equals greedy from its ids.
+    let m = Model::load(&dir).unwrap();
+    let chat_ids: Vec<u32> = refj["chat_template"]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let cfg = SamplingConfig { max_new_tokens: 12, temperature: 0.0, ignore_eos: true, ..Default::default() };
+    let lib = generate(&m, &[chat_ids], &cfg, None).unwrap();
+    assert_eq!(g[1]["new_ids"], serde_json::json!(lib[0].new_ids));
+    // Sampling with EOS on (<|im_end|> = 380 and 378 from generation_config.json): a sample
+    // that stops ends with one of them; a stop string cuts the text.
+    let s = run(&["--n", "4", "--temperature", "1.0", "--max-new-tokens", "40", "--seed", "3", "--stop", "e"]);
+    assert_eq!(s.len(), 12);
+    for l in &s {
+        let new = l["new_ids"].as_array().unwrap();
+        match l["finish_reason"].as_str().unwrap() {
+            "length" => assert_eq!(new.len(), 40),
+            "stop" => {
+                let last = new.last().unwrap().as_u64().unwrap();
+                assert!([378, 380].contains(&last) || !l["text"].as_str().unwrap().contains('e'), "{l}");
+            }
+            other => panic!("finish_reason {other}"),
+        }
+    }
+    assert!(s.iter().any(|l| l["finish_reason"] == "stop"), "a stop string of one letter never hit in 12 samples");
+}
