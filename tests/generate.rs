@@ -459,3 +459,44 @@ fn generate_command_writes_one_line_per_sample() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("entry 2"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn long_prompts_cross_attention_query_blocks() {
+    // Prefill attention works in blocks of 64 query rows: 150 prompt tokens take three, then
+    // decode continues after them (and after a shared prefix of that length).
+    for kind in FAMILIES {
+        let m = model(kind, 10);
+        let v = m.config.vocab_size;
+        let seq: Vec<u32> = (0..156u32).map(|i| (i * 37 + 11) % 61).collect();
+        let full = full_logits(&m, &seq);
+        let mut c = SeqCache::new(m.kv_shape(), 4);
+        let pre = m.forward_cached_all(&mut [Step { cache: &mut c, tokens: &seq[..150] }]).unwrap();
+        let d = max_diff(&pre, &full[..150 * v]);
+        assert!(d < 1e-4, "{kind}: long prefill differs by {d}");
+        let mut s = SeqCache::after(c.into_prefix(), 1);
+        for p in 150..156 {
+            let l = m.forward_cached(&mut [Step { cache: &mut s, tokens: &seq[p..p + 1] }]).unwrap();
+            let d = max_diff(&l, &full[p * v..(p + 1) * v]);
+            assert!(d < 1e-4, "{kind}: decode at {p} after a long prefix differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn multi_token_steps_after_cached_tokens() {
+    // Chunked prefill: several new tokens after a non-empty cache, beside a one-token decode.
+    for kind in FAMILIES {
+        let m = model(kind, 12);
+        let v = m.config.vocab_size;
+        let a: Vec<u32> = (0..90u32).map(|i| (i * 17 + 2) % 61).collect();
+        let b: Vec<u32> = (0..6u32).map(|i| (i * 5 + 9) % 61).collect();
+        let (fa, fb) = (full_logits(&m, &a), full_logits(&m, &b));
+        let (mut ca, mut cb) = (SeqCache::new(m.kv_shape(), 8), SeqCache::new(m.kv_shape(), 8));
+        m.forward_cached(&mut [Step { cache: &mut ca, tokens: &a[..5] }, Step { cache: &mut cb, tokens: &b[..5] }]).unwrap();
+        let out = m.forward_cached_all(&mut [Step { cache: &mut ca, tokens: &a[5..90] }, Step { cache: &mut cb, tokens: &b[5..6] }]).unwrap();
+        let d = max_diff(&out[..85 * v], &fa[5 * v..90 * v]);
+        assert!(d < 1e-4, "{kind}: chunk after cached tokens differs by {d}");
+        let d = max_diff(&out[85 * v..], &fb[5 * v..6 * v]);
+        assert!(d < 1e-4, "{kind}: decode beside a chunk differs by {d}");
+    }
+}
