@@ -6,6 +6,7 @@
 
 pub mod autograd;
 pub mod cli;
+pub mod data;
 pub mod fc;
 pub mod jsonl;
 pub mod model;

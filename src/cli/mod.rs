@@ -7,6 +7,7 @@ pub mod init;
 pub mod generate;
 pub mod logprobs;
 pub mod prompt;
+pub mod sft;
 
 #[derive(Parser, Debug)]
 #[command(name = "fcgpu", version, about = "Train language models to call functions reliably")]
@@ -27,6 +28,8 @@ pub enum Command {
     Prompt(prompt::Args),
     /// Score model answers (or a model) per BFCL category.
     Eval(eval::Args),
+    /// Supervised fine-tuning with SRML (default: the tiny model on the embedded task).
+    Sft(sft::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Sft(a) => sft::run(a),
     }
 }
