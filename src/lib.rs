@@ -5,6 +5,7 @@
 //! `rl` GRPO pieces, `train` the loops, `data` datasets, `cli` the commands.
 
 pub mod autograd;
+pub mod backend;
 pub mod cli;
 pub mod fc;
 pub mod model;
