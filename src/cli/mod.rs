@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod eval;
+pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
 
@@ -21,6 +22,8 @@ pub enum Command {
     Prompt(prompt::Args),
     /// Score model answers (or a model) per BFCL category.
     Eval(eval::Args),
+    /// GPU kernels: `kernels check` compiles each with NVRTC and reports registers/spills.
+    Kernels(kernels::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -28,5 +31,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logprobs(a) => logprobs::run(a),
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Kernels(a) => kernels::run(a),
     }
 }
