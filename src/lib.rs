@@ -8,8 +8,10 @@ pub mod autograd;
 pub mod backend;
 pub mod cli;
 pub mod fc;
+pub mod jsonl;
 pub mod model;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use tensor::{DType, Device, Tensor};

@@ -1,8 +1,87 @@
-//! Placeholder until the function-calling core lands.
+//! `fcgpu logprobs`: per-token log-probabilities and entropies of sequences under a model.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::model::{tokenizer::Tokenizer, Batch, Model};
+use crate::{autograd, jsonl};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON lines, each {"input_ids": [..]} or {"text": ".."}.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// cpu, or auto (the best device present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
 
-pub fn run(_a: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    input_ids: Option<Vec<u32>>,
+    text: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Out<'a> {
+    logprobs: &'a [f32],
+    entropy: &'a [f32],
+}
+
+fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
+    let lines: Vec<Line> = jsonl::read(path)?;
+    let mut tok: Option<Tokenizer> = None;
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines.into_iter().enumerate() {
+        let ids = match (l.input_ids, l.text) {
+            (Some(ids), None) => ids,
+            (None, Some(text)) => {
+                if tok.is_none() {
+                    let dir = model.dir.as_deref().unwrap_or(Path::new("."));
+                    tok = Some(Tokenizer::load(dir).with_context(|| format!("{}: entry {} has text", path.display(), i + 1))?);
+                }
+                tok.as_ref().unwrap().encode(&text, true)?
+            }
+            _ => bail!("{}: entry {}: give exactly one of `input_ids` and `text`", path.display(), i + 1),
+        };
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.config.vocab_size) {
+            bail!("{}: entry {}: token id {bad} is outside the vocabulary of {}", path.display(), i + 1, model.config.vocab_size);
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.device.as_str() {
+        "cpu" | "auto" => {}
+        other => bail!("--device {other}: this build runs logprobs on the cpu only (cpu, auto)"),
+    }
+    let model = Model::load(&a.model)?;
+    let seqs = sequences(&a.input, &model)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for chunk in seqs.chunks(a.batch_size.max(1)) {
+        let batch = Batch::from_sequences(chunk);
+        let lp = autograd::no_grad(|| model.token_logprobs(&batch, 1.0))?;
+        let v = lp.f32s()?;
+        let n = batch.ids.len();
+        for &(s, l) in &batch.seqs {
+            let m = l.saturating_sub(1);
+            serde_json::to_writer(&mut out, &Out { logprobs: &v[s..s + m], entropy: &v[n + s..n + s + m] })?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
 }

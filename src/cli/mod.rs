@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod eval;
+pub mod init;
 pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
@@ -18,6 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Per-token log-probabilities and entropies of sequences under a model.
     Logprobs(logprobs::Args),
+    /// Write a randomly initialised model from a config.json.
+    Init(init::Args),
     /// Print the exact prompt text for a BFCL entry.
     Prompt(prompt::Args),
     /// Score model answers (or a model) per BFCL category.
@@ -29,6 +32,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Logprobs(a) => logprobs::run(a),
+        Command::Init(a) => init::run(a),
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),

@@ -1,1 +1,278 @@
-//! Transformer models from Hugging Face checkpoints.
+//! Transformer models from Hugging Face checkpoints: Qwen2/2.5, Qwen3 and Llama 3.
+
+pub mod config;
+pub mod save;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+pub use config::{Arch, ModelConfig};
+
+use crate::ops::{self, RopeTable};
+use crate::tensor::Tensor;
+
+/// A linear layer in Hugging Face layout (`weight` `[out, in]`, optional `bias` `[out]`).
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Clone)]
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+    pub post_norm: Tensor,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// Packed sequences: token ids of all sequences back to back, each token's position, and each
+/// sequence's (start, len) in the packed order.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub seqs: Vec<(usize, usize)>,
+}
+
+impl Batch {
+    pub fn from_sequences<S: AsRef<[u32]>>(seqs: &[S]) -> Batch {
+        let mut b = Batch::default();
+        for s in seqs {
+            let s = s.as_ref();
+            b.seqs.push((b.ids.len(), s.len()));
+            b.ids.extend_from_slice(s);
+            b.positions.extend(0..s.len() as u32);
+        }
+        b
+    }
+
+    /// The next token of each position (0 where a sequence ends; such rows carry no loss).
+    pub fn next_tokens(&self) -> Vec<u32> {
+        let mut t = vec![0u32; self.ids.len()];
+        for &(s, l) in &self.seqs {
+            for i in 0..l.saturating_sub(1) {
+                t[s + i] = self.ids[s + i + 1];
+            }
+        }
+        t
+    }
+
+    /// 1 for rows that predict a token of their own sequence, else 0.
+    pub fn target_mask(&self) -> Vec<f32> {
+        let mut m = vec![0.0f32; self.ids.len()];
+        for &(s, l) in &self.seqs {
+            m[s..s + l.saturating_sub(1)].fill(1.0);
+        }
+        m
+    }
+}
+
+#[derive(Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// `None` when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    pub rope: RopeTable,
+    /// Where it was loaded from (tokenizer and generation config live there).
+    pub dir: Option<PathBuf>,
+}
+
+impl Model {
+    /// Every parameter with its checkpoint name, in a fixed order.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        self.visit(&mut |n, t| v.push((n.to_string(), t.clone())));
+        v
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&str, &Tensor)) {
+        let mut m = self.clone();
+        m.visit_mut(&mut |n, t| f(n, t));
+    }
+
+    /// Calls `f` on every parameter with its checkpoint name (optimizer updates, loading).
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor)) {
+        f("model.embed_tokens.weight", &mut self.embed);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            f(&format!("{p}.input_layernorm.weight"), &mut l.input_norm);
+            f(&format!("{p}.post_attention_layernorm.weight"), &mut l.post_norm);
+            for (name, lin) in [
+                ("self_attn.q_proj", &mut l.q_proj),
+                ("self_attn.k_proj", &mut l.k_proj),
+                ("self_attn.v_proj", &mut l.v_proj),
+                ("self_attn.o_proj", &mut l.o_proj),
+                ("mlp.gate_proj", &mut l.gate_proj),
+                ("mlp.up_proj", &mut l.up_proj),
+                ("mlp.down_proj", &mut l.down_proj),
+            ] {
+                f(&format!("{p}.{name}.weight"), &mut lin.weight);
+                if let Some(b) = lin.bias.as_mut() {
+                    f(&format!("{p}.{name}.bias"), b);
+                }
+            }
+            if let Some(t) = l.q_norm.as_mut() {
+                f(&format!("{p}.self_attn.q_norm.weight"), t);
+            }
+            if let Some(t) = l.k_norm.as_mut() {
+                f(&format!("{p}.self_attn.k_norm.weight"), t);
+            }
+        }
+        f("model.norm.weight", &mut self.norm);
+        if let Some(h) = self.lm_head.as_mut() {
+            f("lm_head.weight", h);
+        }
+    }
+
+    /// Marks every parameter as trainable.
+    pub fn requires_grad(&mut self) {
+        self.visit_mut(&mut |_, t| *t = t.detach().requires_grad());
+    }
+
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Builds the model with parameters from `get(name, shape)`.
+    pub fn build(config: ModelConfig, get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Model> {
+        let c = &config;
+        let (h, qd, kvd) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        type Get<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
+        fn linear(get: &mut Get, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+            Ok(Linear {
+                weight: get(&format!("{name}.weight"), &[out, inp])?,
+                bias: if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None },
+            })
+        }
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let q_proj = linear(get, &format!("{p}.self_attn.q_proj"), qd, h, c.qkv_bias)?;
+            let k_proj = linear(get, &format!("{p}.self_attn.k_proj"), kvd, h, c.qkv_bias)?;
+            let v_proj = linear(get, &format!("{p}.self_attn.v_proj"), kvd, h, c.qkv_bias)?;
+            let o_proj = linear(get, &format!("{p}.self_attn.o_proj"), h, qd, c.o_bias)?;
+            let gate_proj = linear(get, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, c.mlp_bias)?;
+            let up_proj = linear(get, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?;
+            let down_proj = linear(get, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?;
+            let (q_norm, k_norm) = if c.qk_norm {
+                (Some(get(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?), Some(get(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?))
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, gate_proj, up_proj, down_proj,
+            });
+        }
+        let embed = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let norm = get("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[c.vocab_size, h])?) };
+        let rope = RopeTable::new(c.head_dim, c.rope_theta, c.llama3_scaling.as_ref());
+        Ok(Model { config, embed, layers, norm, lm_head, rope, dir: None })
+    }
+
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let files = weights::WeightFiles::open(dir)?;
+        let mut model = Model::build(config, &mut |name, shape| files.load(name, shape))
+            .with_context(|| format!("loading the model in {}", dir.display()))?;
+        model.dir = Some(dir.to_path_buf());
+        if let Ok(gc) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            let v: serde_json::Value = serde_json::from_str(&gc).with_context(|| format!("{}: not valid JSON", dir.join("generation_config.json").display()))?;
+            let eos = match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                _ => vec![],
+            };
+            if !eos.is_empty() {
+                model.config.eos_token_ids = eos;
+            }
+        }
+        Ok(model)
+    }
+
+    /// Random parameters: normal(0, 0.02) matrices, unit norms, zero biases (a fresh model).
+    pub fn init_random(config: ModelConfig, seed: u64) -> Result<Model> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        Model::build(config, &mut |name, shape| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                // Box–Muller; avoids a distributions dependency for one use.
+                (0..n).map(|_| {
+                    let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                    0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                }).collect()
+            };
+            Tensor::from_vec(data, shape)
+        })
+    }
+
+    /// Final-norm hidden states `[tokens, hidden]` of a packed batch.
+    pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
+        let c = &self.config;
+        let n = batch.ids.len();
+        let mut x = ops::embedding(&self.embed, &batch.ids)?;
+        for l in &self.layers {
+            let h = ops::rms_norm(&x, &l.input_norm, c.rms_norm_eps)?;
+            let mut q = l.q_proj.forward(&h)?.reshape(&[n, c.num_heads, c.head_dim])?;
+            let mut k = l.k_proj.forward(&h)?.reshape(&[n, c.num_kv_heads, c.head_dim])?;
+            let v = l.v_proj.forward(&h)?.reshape(&[n, c.num_kv_heads, c.head_dim])?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                q = ops::rms_norm(&q, qn, c.rms_norm_eps)?;
+                k = ops::rms_norm(&k, kn, c.rms_norm_eps)?;
+            }
+            let q = ops::rope(&q, &batch.positions, &self.rope)?;
+            let k = ops::rope(&k, &batch.positions, &self.rope)?;
+            let a = ops::attention(&q, &k, &v, &batch.seqs)?.reshape(&[n, c.num_heads * c.head_dim])?;
+            x = ops::add(&x, &l.o_proj.forward(&a)?)?;
+            let h = ops::rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
+            let m = ops::swiglu(&l.gate_proj.forward(&h)?, &l.up_proj.forward(&h)?)?;
+            x = ops::add(&x, &l.down_proj.forward(&m)?)?;
+        }
+        ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// `[2, tokens]`: log p(next token) and next-token entropy at every position of the batch
+    /// (rows where a sequence ends hold values for a dummy target; see `Batch::target_mask`).
+    pub fn token_logprobs(&self, batch: &Batch, temperature: f32) -> Result<Tensor> {
+        let h = self.hidden_states(batch)?;
+        ops::linear_logprob_entropy(&h, self.lm_head_weight(), &batch.next_tokens(), temperature)
+    }
+
+    /// Mean next-token NLL over every predicted token of the batch (the fixtures' loss).
+    pub fn nll_loss(&self, batch: &Batch) -> Result<Tensor> {
+        let lp = self.token_logprobs(batch, 1.0)?;
+        let mask = batch.target_mask();
+        let count = mask.iter().sum::<f32>().max(1.0);
+        let mut w: Vec<f32> = mask.iter().map(|m| -m / count).collect();
+        w.extend(std::iter::repeat_n(0.0, mask.len()));
+        ops::weighted_sum(&lp, &w)
+    }
+}

@@ -1,0 +1,49 @@
+//! The model's `tokenizer.json`, through the tokenizers crate.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn load(dir: &Path) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        anyhow::ensure!(path.exists(), "{}: missing tokenizer.json (needed to tokenize text)", dir.display());
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        Ok(Tokenizer { inner })
+    }
+
+    pub fn from_inner(inner: tokenizers::Tokenizer) -> Tokenizer {
+        Tokenizer { inner }
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Ids of `text`; `special` adds what the tokenizer's post-processor adds (BOS for Llama 3),
+    /// as transformers' `tokenizer(text)` does.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, special).map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    }
+}

@@ -1,0 +1,127 @@
+//! `linear` (x·Wᵀ + b, the layout of Hugging Face weights) and batched `matmul`.
+
+pub mod cpu;
+
+use anyhow::{ensure, Result};
+
+use self::cpu::{gemm, Mat};
+use super::grad_fn;
+use crate::autograd::GradFn;
+use crate::tensor::Tensor;
+
+/// `y = x·Wᵀ + b` for x `[.., in]`, W `[out, in]`, b `[out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    ensure!(w.dims() == 2, "linear: weight must be 2-D, got {:?}", w.shape());
+    let (out_f, in_f) = (w.dim(0), w.dim(1));
+    ensure!(x.dims() >= 1 && *x.shape().last().unwrap() == in_f, "linear: input {:?} vs weight {:?}", x.shape(), w.shape());
+    if let Some(b) = b {
+        ensure!(b.shape() == [out_f], "linear: bias {:?} for {} outputs", b.shape(), out_f);
+    }
+    let rows = x.numel() / in_f;
+    let mut y = vec![0.0f32; rows * out_f];
+    if let Some(b) = b {
+        let bv = b.f32s()?;
+        for r in y.chunks_exact_mut(out_f) {
+            r.copy_from_slice(bv);
+        }
+    }
+    gemm(Mat::new(x.f32s()?, rows, in_f), Mat::new(w.f32s()?, out_f, in_f).t(), &mut y, b.is_some());
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = out_f;
+    let back = LinearBack { x: x.clone(), w: w.clone(), b: b.cloned() };
+    Ok(Tensor::from_op(y, &shape, grad_fn(back)))
+}
+
+struct LinearBack {
+    x: Tensor,
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl GradFn for LinearBack {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        let mut v = vec![self.x.clone(), self.w.clone()];
+        v.extend(self.b.clone());
+        v
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (out_f, in_f) = (self.w.dim(0), self.w.dim(1));
+        let rows = self.x.numel() / in_f;
+        let gv = g.f32s()?;
+        let dx = self.x.tracks_grad().then(|| -> Result<Tensor> {
+            let mut dx = vec![0.0; rows * in_f];
+            gemm(Mat::new(gv, rows, out_f), Mat::new(self.w.f32s()?, out_f, in_f), &mut dx, false);
+            Tensor::from_vec(dx, self.x.shape())
+        }).transpose()?;
+        let dw = self.w.tracks_grad().then(|| -> Result<Tensor> {
+            let mut dw = vec![0.0; out_f * in_f];
+            gemm(Mat::new(gv, rows, out_f).t(), Mat::new(self.x.f32s()?, rows, in_f), &mut dw, false);
+            Tensor::from_vec(dw, self.w.shape())
+        }).transpose()?;
+        let mut out = vec![dx, dw];
+        if let Some(b) = &self.b {
+            let db = b.tracks_grad().then(|| {
+                let mut db = vec![0.0; out_f];
+                for r in gv.chunks_exact(out_f) {
+                    for (d, x) in db.iter_mut().zip(r) {
+                        *d += x;
+                    }
+                }
+                Tensor::from_vec(db, &[out_f])
+            }).transpose()?;
+            out.push(db);
+        }
+        Ok(out)
+    }
+}
+
+/// Batched `a·b` for a `[.., m, k]` and b `[.., k, n]` with equal leading dimensions.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    ensure!(a.dims() >= 2 && a.dims() == b.dims(), "matmul: shapes {:?} and {:?}", a.shape(), b.shape());
+    let d = a.dims();
+    ensure!(a.shape()[..d - 2] == b.shape()[..d - 2], "matmul: batch dimensions differ: {:?} vs {:?}", a.shape(), b.shape());
+    let (m, k, n) = (a.dim(d - 2), a.dim(d - 1), b.dim(d - 1));
+    ensure!(b.dim(d - 2) == k, "matmul: inner dimensions differ: {:?} vs {:?}", a.shape(), b.shape());
+    let y = bmm(a.f32s()?, false, b.f32s()?, false, m, k, n);
+    let mut shape = a.shape().to_vec();
+    shape[d - 1] = n;
+    Ok(Tensor::from_op(y, &shape, grad_fn(MatmulBack { a: a.clone(), b: b.clone() })))
+}
+
+/// Batched product of `[batch, m, k]` (or its transpose) by `[batch, k, n]` (or transpose).
+fn bmm(a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let batch = if m * k == 0 { 0 } else { a.len() / (m * k) };
+    let mut y = vec![0.0; batch * m * n];
+    for (i, yc) in y.chunks_exact_mut(m * n).enumerate() {
+        let am = if ta { Mat::new(&a[i * m * k..(i + 1) * m * k], k, m).t() } else { Mat::new(&a[i * m * k..(i + 1) * m * k], m, k) };
+        let bm = if tb { Mat::new(&b[i * k * n..(i + 1) * k * n], n, k).t() } else { Mat::new(&b[i * k * n..(i + 1) * k * n], k, n) };
+        gemm(am, bm, yc, false);
+    }
+    y
+}
+
+struct MatmulBack {
+    a: Tensor,
+    b: Tensor,
+}
+
+impl GradFn for MatmulBack {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.a.clone(), self.b.clone()]
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let d = self.a.dims();
+        let (m, k, n) = (self.a.dim(d - 2), self.a.dim(d - 1), self.b.dim(d - 1));
+        let gv = g.f32s()?;
+        // da = g·bᵀ  ([m,n]·[n,k]),  db = aᵀ·g  ([k,m]·[m,n])
+        let da = Tensor::from_vec(bmm(gv, false, self.b.f32s()?, true, m, n, k), self.a.shape())?;
+        let db = Tensor::from_vec(bmm(self.a.f32s()?, true, gv, false, k, m, n), self.b.shape())?;
+        Ok(vec![Some(da), Some(db)])
+    }
+}

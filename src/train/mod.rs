@@ -1,0 +1,3 @@
+//! Training: optimizer and schedules (the SFT and GRPO loops build on these).
+
+pub mod optim;

@@ -1,0 +1,166 @@
+//! Model assembly on random weights: save/load round trip, packing, gradients, clear errors.
+
+use std::path::Path;
+
+use fcgpu::autograd::no_grad;
+use fcgpu::model::{Batch, Model, ModelConfig};
+use fcgpu::tensor::DType;
+use serde_json::json;
+
+fn config(kind: &str) -> ModelConfig {
+    let mut c = json!({
+        "model_type": kind, "vocab_size": 61, "hidden_size": 24, "intermediate_size": 40,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": kind == "qwen2",
+        "torch_dtype": "float32"
+    });
+    if kind == "qwen3" {
+        c["head_dim"] = json!(8);
+    }
+    if kind == "llama" {
+        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
+    }
+    ModelConfig::from_json(c, Path::new("config.json")).unwrap()
+}
+
+/// A random model whose norms and biases are off their init values too.
+fn model(kind: &str, seed: u64) -> Model {
+    let mut m = Model::init_random(config(kind), seed).unwrap();
+    let mut k = 0;
+    m.visit_mut(&mut |_, t| {
+        k += 1;
+        let noise = fcgpu::ops::gradcheck::rand_vec(t.numel(), seed * 100 + k);
+        let v: Vec<f32> = t.to_vec().iter().zip(noise).map(|(a, b)| a + 0.1 * b).collect();
+        t.replace_data(v).unwrap();
+    });
+    m
+}
+
+#[test]
+fn save_load_round_trip_is_exact() {
+    for kind in ["qwen2", "qwen3", "llama"] {
+        let m = model(kind, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ckpt");
+        m.save(&out, None).unwrap();
+        let back = Model::load(&out).unwrap();
+        let (a, b) = (m.named_params(), back.named_params());
+        assert_eq!(a.len(), b.len(), "{kind}: parameter count");
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert_eq!(ta.to_vec(), tb.to_vec(), "{kind}: {na} changed in the round trip");
+        }
+        // bf16: what is saved is exactly what loads back.
+        m.save(&out, Some(DType::BF16)).unwrap();
+        let back = Model::load(&out).unwrap();
+        assert_eq!(back.config.dtype, DType::BF16);
+        for ((n, ta), (_, tb)) in m.named_params().iter().zip(&back.named_params()) {
+            let expect: Vec<f32> = ta.to_vec().iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+            assert_eq!(expect, tb.to_vec(), "{kind}: {n} in bf16");
+        }
+    }
+}
+
+#[test]
+fn packed_batch_equals_separate_sequences() {
+    let m = model("qwen3", 2);
+    let seqs: Vec<Vec<u32>> = vec![vec![3, 9, 14, 2, 7], vec![5], vec![1, 60, 33]];
+    let packed = no_grad(|| m.token_logprobs(&Batch::from_sequences(&seqs), 1.0)).unwrap().to_vec();
+    let n = 9;
+    let mut off = 0;
+    for s in &seqs {
+        let one = no_grad(|| m.token_logprobs(&Batch::from_sequences(&[s.clone()]), 1.0)).unwrap().to_vec();
+        let l = s.len();
+        for t in 0..l - 1 {
+            assert!((packed[off + t] - one[t]).abs() < 1e-5, "logprob differs");
+            assert!((packed[n + off + t] - one[l + t]).abs() < 1e-5, "entropy differs");
+        }
+        off += l;
+    }
+}
+
+#[test]
+fn model_gradient_matches_finite_differences() {
+    for kind in ["qwen2", "qwen3", "llama"] {
+        let mut m = model(kind, 3);
+        m.requires_grad();
+        let batch = Batch::from_sequences(&[vec![4u32, 8, 15, 16, 23, 42], vec![7, 1, 2]]);
+        let loss = m.nll_loss(&batch).unwrap();
+        let grads = loss.backward().unwrap();
+        let params = m.named_params();
+        for (name, p) in params.iter().filter(|(n, _)| n.contains("layers.0") || n.contains("embed") || n.contains("model.norm")) {
+            let g = grads.get(p).unwrap_or_else(|| panic!("{kind}: no gradient for {name}")).to_vec();
+            let idx = (name.len() * 7) % p.numel();
+            let eps = 1e-2f32;
+            let eval = |delta: f32| -> f64 {
+                let mut m2 = m.clone();
+                m2.visit_mut(&mut |n, t| {
+                    if n == name {
+                        let mut v = t.to_vec();
+                        v[idx] += delta;
+                        t.replace_data(v).unwrap();
+                    }
+                });
+                no_grad(|| m2.nll_loss(&batch)).unwrap().to_scalar().unwrap() as f64
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            assert!((g[idx] as f64 - numeric).abs() < 2e-3 + 2e-2 * numeric.abs(), "{kind}: {name}[{idx}] analytic {} vs numeric {numeric}", g[idx]);
+        }
+    }
+}
+
+#[test]
+fn loading_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Model::load(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("config.json"), "{err}");
+
+    let m = model("qwen2", 4);
+    let out = dir.path().join("m");
+    m.save(&out, None).unwrap();
+    let cfg_path = out.join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+
+    std::fs::write(&cfg_path, cfg.replace("\"qwen2\"", "\"gpt2\"")).unwrap();
+    let err = format!("{:#}", Model::load(&out).err().unwrap());
+    assert!(err.contains("unsupported architecture") && err.contains("gpt2"), "{err}");
+
+    std::fs::write(&cfg_path, cfg.replace("\"intermediate_size\": 40", "\"intermediate_size\": 41")).unwrap();
+    let err = format!("{:#}", Model::load(&out).err().unwrap());
+    assert!(err.contains("mlp.gate_proj.weight") && err.contains("shape"), "{err}");
+
+    std::fs::write(&cfg_path, cfg.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")).unwrap();
+    let err = format!("{:#}", Model::load(&out).err().unwrap());
+    assert!(err.contains("model.layers.2."), "{err}");
+
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    std::fs::write(out.join("model.safetensors"), b"not a safetensors file").unwrap();
+    let err = format!("{:#}", Model::load(&out).err().unwrap());
+    assert!(err.contains("model.safetensors") && err.contains("safetensors"), "{err}");
+}
+
+#[test]
+fn adamw_matches_reference_and_clipping_scales() {
+    use fcgpu::train::optim::{clip_factor, AdamW, AdamWConfig};
+    let cfg = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let mut p = fcgpu::Tensor::from_vec(vec![1.0, -2.0], &[2]).unwrap().requires_grad();
+    let mut opt = AdamW::default();
+    let grads = [[0.5f32, -1.0], [0.1, 0.3]];
+    let (mut m, mut v, mut x) = ([0.0f64; 2], [0.0f64; 2], [1.0f64, -2.0]);
+    for (t, g) in grads.iter().enumerate() {
+        opt.begin_step();
+        opt.update(&cfg, cfg.lr, "p", &mut p, g).unwrap();
+        for i in 0..2 {
+            m[i] = 0.9 * m[i] + 0.1 * g[i] as f64;
+            v[i] = 0.99 * v[i] + 0.01 * (g[i] as f64).powi(2);
+            let (mh, vh) = (m[i] / (1.0 - 0.9f64.powi(t as i32 + 1)), v[i] / (1.0 - 0.99f64.powi(t as i32 + 1)));
+            x[i] -= 0.1 * (mh / (vh.sqrt() + 1e-8) + 0.1 * x[i]);
+        }
+    }
+    for (a, b) in p.to_vec().iter().zip(x) {
+        assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+    }
+    assert!(p.tracks_grad(), "an updated parameter stays trainable");
+    assert_eq!(clip_factor(0.5, 1.0), 1.0);
+    assert!((clip_factor(4.0, 1.0) - 0.25).abs() < 1e-6);
+}

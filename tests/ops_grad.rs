@@ -1,0 +1,183 @@
+//! Every CPU op: forward against a naive f64 reference, backward against finite differences.
+
+use fcgpu::ops::{self, gradcheck::{check, rand_tensor, rand_vec}, RopeTable};
+use fcgpu::Tensor;
+
+const EPS: f32 = 1e-2;
+const TOL: f32 = 2e-2;
+
+#[test]
+fn linear_grad() {
+    let x = rand_tensor(&[3, 5], 1);
+    let w = rand_tensor(&[4, 5], 2);
+    let b = rand_tensor(&[4], 3);
+    check(|t| ops::linear(&t[0], &t[1], Some(&t[2])), &[x, w, b], EPS, TOL, 64).unwrap();
+}
+
+#[test]
+fn linear_forward_matches_naive() {
+    let x = rand_tensor(&[7, 9], 4);
+    let w = rand_tensor(&[5, 9], 5);
+    let y = ops::linear(&x, &w, None).unwrap().to_vec();
+    let (xv, wv) = (x.to_vec(), w.to_vec());
+    for r in 0..7 {
+        for o in 0..5 {
+            let e: f32 = (0..9).map(|i| xv[r * 9 + i] * wv[o * 9 + i]).sum();
+            assert!((y[r * 5 + o] - e).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn matmul_grad() {
+    let a = rand_tensor(&[2, 3, 4], 6);
+    let b = rand_tensor(&[2, 4, 5], 7);
+    check(|t| ops::matmul(&t[0], &t[1]), &[a, b], EPS, TOL, 64).unwrap();
+}
+
+#[test]
+fn elementwise_grads() {
+    let a = rand_tensor(&[2, 6], 8);
+    let b = rand_tensor(&[2, 6], 9);
+    check(|t| ops::add(&t[0], &t[1]), &[a.clone(), b.clone()], EPS, TOL, 64).unwrap();
+    check(|t| ops::mul(&t[0], &t[1]), &[a.clone(), b.clone()], EPS, TOL, 64).unwrap();
+    check(|t| ops::scale(&t[0], -1.7), &[a.clone()], EPS, TOL, 64).unwrap();
+    check(|t| ops::narrow(&t[0], 1, 2, 3), &[a.clone()], EPS, TOL, 64).unwrap();
+    check(|t| ops::sum(&ops::mul(&t[0], &t[1])?), &[a, b], EPS, TOL, 64).unwrap();
+}
+
+#[test]
+fn embedding_grad_accumulates_repeated_ids() {
+    let table = rand_tensor(&[5, 3], 10);
+    let ids = [1u32, 4, 1, 0];
+    check(|t| ops::embedding(&t[0], &ids), &[table.clone()], EPS, TOL, 64).unwrap();
+    assert!(ops::embedding(&table, &[5]).is_err(), "id outside the vocabulary must be an error");
+}
+
+#[test]
+fn rms_norm_grad() {
+    let x = rand_tensor(&[4, 8], 11);
+    let w = rand_tensor(&[8], 12);
+    check(|t| ops::rms_norm(&t[0], &t[1], 1e-6), &[x, w], EPS, TOL, 64).unwrap();
+}
+
+#[test]
+fn swiglu_grad() {
+    let g = rand_tensor(&[3, 7], 13);
+    let u = rand_tensor(&[3, 7], 14);
+    check(|t| ops::swiglu(&t[0], &t[1]), &[g, u], EPS, TOL, 64).unwrap();
+}
+
+#[test]
+fn rope_grad_and_norm_preserved() {
+    let table = RopeTable::new(8, 10000.0, None);
+    let x = rand_tensor(&[3, 2, 8], 15);
+    let pos = [0u32, 5, 17];
+    check(|t| ops::rope(&t[0], &pos, &table), &[x.clone()], EPS, TOL, 64).unwrap();
+    let y = ops::rope(&x, &pos, &table).unwrap().to_vec();
+    let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+    assert!((n(&y) - n(&x.to_vec())).abs() < 1e-4, "rotation must keep the norm");
+    assert_eq!(&y[..16], &x.to_vec()[..16], "position 0 is the identity");
+}
+
+/// Naive causal GQA attention in f64 for one packed batch.
+fn naive_attention(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, d: usize, seqs: &[(usize, usize)]) -> Vec<f64> {
+    let mut out = vec![0.0; q.len()];
+    let scale = 1.0 / (d as f64).sqrt();
+    for &(s, l) in seqs {
+        for h in 0..hq {
+            let kh = h / (hq / hkv);
+            for i in 0..l {
+                let qi = &q[(s + i) * hq * d + h * d..][..d];
+                let sc: Vec<f64> = (0..=i)
+                    .map(|j| (0..d).map(|c| qi[c] as f64 * k[(s + j) * hkv * d + kh * d + c] as f64).sum::<f64>() * scale)
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for c in 0..d {
+                    out[(s + i) * hq * d + h * d + c] =
+                        (0..=i).map(|j| (sc[j] - m).exp() / z * v[(s + j) * hkv * d + kh * d + c] as f64).sum();
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_forward_matches_naive_across_blocks() {
+    // 70 and 1 tokens: crosses the 64-row query block and covers a length-1 sequence.
+    let (hq, hkv, d) = (4, 2, 8);
+    let seqs = [(0, 70), (70, 1), (71, 5)];
+    let n = 76;
+    let q = rand_tensor(&[n, hq, d], 16);
+    let k = rand_tensor(&[n, hkv, d], 17);
+    let v = rand_tensor(&[n, hkv, d], 18);
+    let y = ops::attention(&q, &k, &v, &seqs).unwrap().to_vec();
+    let e = naive_attention(&q.to_vec(), &k.to_vec(), &v.to_vec(), hq, hkv, d, &seqs);
+    let err = y.iter().zip(&e).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-5, "max error {err}");
+}
+
+#[test]
+fn attention_grad() {
+    let seqs = [(0, 5), (5, 1), (6, 3)];
+    let q = rand_tensor(&[9, 4, 4], 19);
+    let k = rand_tensor(&[9, 2, 4], 20);
+    let v = rand_tensor(&[9, 2, 4], 21);
+    check(|t| ops::attention(&t[0], &t[1], &t[2], &seqs), &[q, k, v], EPS, TOL, 200).unwrap();
+}
+
+#[test]
+fn attention_grad_long_sequence() {
+    let seqs = [(0, 67)];
+    let q = rand_tensor(&[67, 2, 4], 22);
+    let k = rand_tensor(&[67, 1, 4], 23);
+    let v = rand_tensor(&[67, 1, 4], 24);
+    check(|t| ops::attention(&t[0], &t[1], &t[2], &seqs), &[q, k, v], EPS, TOL, 60).unwrap();
+}
+
+#[test]
+fn logprob_entropy_matches_full_softmax() {
+    // 70 rows: more than one chunk of 64; vocabulary not a round number.
+    let (n, hid, v, t) = (70, 6, 37, 0.7f32);
+    let h = rand_tensor(&[n, hid], 25);
+    let w = rand_tensor(&[v, hid], 26);
+    let targets: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
+    let out = ops::linear_logprob_entropy(&h, &w, &targets, t).unwrap().to_vec();
+    let (hv, wv) = (h.to_vec(), w.to_vec());
+    for r in 0..n {
+        let z: Vec<f64> = (0..v).map(|o| (0..hid).map(|i| hv[r * hid + i] as f64 * wv[o * hid + i] as f64).sum::<f64>() / t as f64).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lz = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        let ent: f64 = -z.iter().map(|x| (x - lz).exp() * (x - lz)).sum::<f64>();
+        assert!((out[r] as f64 - (z[targets[r] as usize] - lz)).abs() < 1e-5);
+        assert!((out[n + r] as f64 - ent).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn logprob_entropy_grad() {
+    let h = rand_tensor(&[5, 4], 27);
+    let w = rand_tensor(&[11, 4], 28);
+    let targets = [3u32, 0, 10, 3, 7];
+    check(|t| ops::linear_logprob_entropy(&t[0], &t[1], &targets, 0.8), &[h, w], EPS, TOL, 64).unwrap();
+}
+
+#[test]
+fn autograd_accumulates_shared_inputs_and_detach_stops() {
+    let a = rand_tensor(&[4], 29);
+    let y = ops::sum(&ops::mul(&a, &a).unwrap()).unwrap();
+    let g = y.backward().unwrap();
+    let expect: Vec<f32> = a.to_vec().iter().map(|x| 2.0 * x).collect();
+    for (x, e) in g.get(&a).unwrap().to_vec().iter().zip(&expect) {
+        assert!((x - e).abs() < 1e-6);
+    }
+    let y2 = ops::sum(&ops::mul(&a, &a.detach()).unwrap()).unwrap();
+    let g2 = y2.backward().unwrap();
+    for (x, e) in g2.get(&a).unwrap().to_vec().iter().zip(&a.to_vec()) {
+        assert!((x - e).abs() < 1e-6);
+    }
+    let _ = rand_vec(1, 0);
+    assert!(Tensor::from_vec(vec![1.0; 3], &[2, 2]).is_err());
+}
