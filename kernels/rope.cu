@@ -1,10 +1,11 @@
 // Rotary position embedding, Hugging Face rotate-half convention, cos/sin given per token:
-//   x: [tokens, heads, D], cos/sin: [tokens, D] (f32; HF's duplicated halves), h = D/2, i < h:
-//   y[i]   = x[i]·cos[i]     − x[i+h]·sin[i]
-//   y[i+h] = x[i+h]·cos[i+h] + x[i]·sin[i+h]
-// Backward (transpose of that rotation):
-//   dx[i]   = dy[i]·cos[i]     + dy[i+h]·sin[i+h]
-//   dx[i+h] = dy[i+h]·cos[i+h] − dy[i]·sin[i]
+//   x: [tokens, heads, D], cos/sin: [tokens, D/2] (f32, one angle per rotated pair, any
+//   attention scaling folded in), h = D/2, i < h:
+//   y[i]   = x[i]·cos[i] − x[i+h]·sin[i]
+//   y[i+h] = x[i+h]·cos[i] + x[i]·sin[i]
+// Backward (the transpose: rotation by −angle):
+//   dx[i]   = dy[i]·cos[i] + dy[i+h]·sin[i]
+//   dx[i+h] = dy[i+h]·cos[i] − dy[i]·sin[i]
 // In place is allowed (y == x). Launch: grid-stride over tokens·heads·h pairs, block 256.
 // Roofline: reads and writes x (2·D·sizeof(T) per head-row) plus cos/sin (cached across heads);
 // 6 FLOPs per pair. Memory bound.
@@ -21,11 +22,9 @@ __device__ __forceinline__ void rope_impl(const T* x, const float* __restrict__ 
         const long long tok = th / heads;
         const long long base = th * D;
         const float a = to_f32(x[base + i]), b = to_f32(x[base + i + h]);
-        const float c0 = cs[tok * D + i], c1 = cs[tok * D + i + h];
-        const float s0 = sn[tok * D + i], s1 = sn[tok * D + i + h];
-        float ya, yb;
-        if (!backward) { ya = a * c0 - b * s0; yb = b * c1 + a * s1; }
-        else { ya = a * c0 + b * s1; yb = b * c1 - a * s0; }
+        const float c = cs[tok * h + i];
+        const float s = backward ? -sn[tok * h + i] : sn[tok * h + i];
+        const float ya = a * c - b * s, yb = b * c + a * s;
         y[base + i] = from_f32<T>(ya);
         y[base + i + h] = from_f32<T>(yb);
     }

@@ -11,6 +11,7 @@ pub mod fc;
 pub mod jsonl;
 pub mod model;
 pub mod ops;
+pub mod rl;
 pub mod tensor;
 pub mod train;
 

@@ -10,6 +10,35 @@
 #include <thread>
 #include <vector>
 
+// Fiber context switch. On x86-64 a hand-written switch of the callee-saved registers (no
+// signal-mask syscalls, ~100x faster than swapcontext); elsewhere ucontext.
+#if defined(__x86_64__)
+#define FCEMU_ASM_SWITCH 1
+extern "C" void fcemu_switch(void** save_sp, void* new_sp);
+asm(R"(
+    .text
+    .globl fcemu_switch
+    .type fcemu_switch,@function
+fcemu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fcemu_switch, .-fcemu_switch
+)");
+#endif
+
 namespace fcemu {
 
 thread_local ThreadCtx* cur = nullptr;
@@ -27,8 +56,13 @@ struct Warp {
 };
 
 struct Worker {
+#ifdef FCEMU_ASM_SWITCH
+    void* sched_sp = nullptr;
+    std::vector<void*> sp;
+#else
     ucontext_t sched;
     std::vector<ucontext_t> ctx;
+#endif
     std::vector<ThreadCtx> th;
     std::vector<char> done;
     std::vector<Warp> warps;
@@ -50,7 +84,13 @@ struct Worker {
 
 thread_local Worker* W = nullptr;
 
-void yield() { swapcontext(&W->ctx[W->current], &W->sched); }
+void yield() {
+#ifdef FCEMU_ASM_SWITCH
+    fcemu_switch(&W->sp[W->current], W->sched_sp);
+#else
+    swapcontext(&W->ctx[W->current], &W->sched);
+#endif
+}
 
 void release_if_complete(Warp& w) {
     if (w.arrived > 0 && w.arrived >= w.live) {
@@ -73,8 +113,17 @@ void fiber_entry(int i) {
         w->bar_arrived = 0;
         w->bar_gen++;
     }
-    // returning switches to uc_link (the scheduler)
+#ifdef FCEMU_ASM_SWITCH
+    void* dead;
+    fcemu_switch(&dead, w->sched_sp);   // never resumed
+    __builtin_unreachable();
+#endif
+    // ucontext: returning switches to uc_link (the scheduler)
 }
+
+#ifdef FCEMU_ASM_SWITCH
+void fiber_start() { fiber_entry(W->current); }
+#endif
 
 void run_block(Worker& w, unsigned bx, unsigned by, unsigned bz) {
     unsigned n = w.blk.block.x * w.blk.block.y * w.blk.block.z;
@@ -91,12 +140,22 @@ void run_block(Worker& w, unsigned bx, unsigned by, unsigned bz) {
     w.bar_arrived = 0;
     for (unsigned i = 0; i < n; i++) {
         w.done[i] = 0;
+#ifdef FCEMU_ASM_SWITCH
+        // Initial frame: six callee-saved registers (0), the return address fiber_start, and a
+        // zero "return address" for fiber_start so that it is entered with rsp = 8 mod 16.
+        unsigned long long* top = (unsigned long long*)(w.stacks + (size_t)(i + 1) * kStack);
+        top[-1] = 0;
+        top[-2] = (unsigned long long)&fiber_start;
+        for (int r = 3; r <= 8; r++) top[-r] = 0;
+        w.sp[i] = (void*)(top - 8);
+#else
         ucontext_t& c = w.ctx[i];
         getcontext(&c);
         c.uc_stack.ss_sp = w.stacks + (size_t)i * kStack;
         c.uc_stack.ss_size = kStack;
         c.uc_link = &w.sched;
         makecontext(&c, (void (*)())fiber_entry, 1, (int)i);
+#endif
     }
     while (w.live > 0) {
         unsigned long long before = w.progress;
@@ -104,7 +163,11 @@ void run_block(Worker& w, unsigned bx, unsigned by, unsigned bz) {
             if (w.done[i]) continue;
             w.current = (int)i;
             cur = &w.th[i];
+#ifdef FCEMU_ASM_SWITCH
+            fcemu_switch(&w.sched_sp, w.sp[i]);
+#else
             swapcontext(&w.sched, &w.ctx[i]);
+#endif
         }
         if (w.live > 0 && w.progress == before) {
             std::string msg = std::string("deadlock in kernel ") + w.name +
@@ -179,7 +242,11 @@ extern "C" int fcemu_launch(const fcemu_kernel* k, unsigned gx, unsigned gy, uns
         w.name = k->name;
         w.blk.grid = dim3{gx, gy, gz};
         w.blk.block = dim3{bx, by, bz};
+#ifdef FCEMU_ASM_SWITCH
+        w.sp.resize(n);
+#else
         w.ctx.resize(n);
+#endif
         w.th.resize(n);
         w.done.resize(n);
         w.warps.resize((n + 31) / 32);

@@ -15,6 +15,7 @@ use crate::tensor::DType;
 
 pub mod cuda;
 pub mod emu;
+pub mod misc;
 pub mod nvrtc;
 pub mod sources;
 
@@ -91,6 +92,10 @@ impl KernelArgs {
     /// A null pointer (an optional input the kernel skips).
     pub fn null(&mut self) -> &mut Self {
         self.ptr(0)
+    }
+    /// An optional buffer: its pointer, or null.
+    pub fn opt(&mut self, b: Option<&GpuBuffer>) -> &mut Self {
+        self.ptr(b.map_or(0, |b| b.ptr))
     }
     pub fn i32(&mut self, v: i32) -> &mut Self {
         self.slots.push(v as u32 as u64);
