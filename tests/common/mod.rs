@@ -1,6 +1,8 @@
 //! Helpers shared by the GPU tests (emu and cuda).
 #![allow(dead_code)]
 
+pub mod suite;
+
 use fcgpu::backend::{GpuBuffer, GpuDevice};
 use fcgpu::DType;
 use rand::{Rng, SeedableRng};
@@ -41,4 +43,19 @@ pub fn assert_close<W: Copy + Into<f64>>(got: &[f32], want: &[W], tol: f64, what
             assert!((g - w).abs() <= tol * (w.abs() + scale) + 1e-7, "{what}[{i}]: got {g}, want {w} (tol {tol})");
         }
     }
+}
+
+/// `#[test]` functions that run `common::suite::<name>` on the device `$dev` (an `Option`).
+#[macro_export]
+macro_rules! suite_tests {
+    ($dev:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if let Some(d) = $dev {
+                    common::suite::$name(&d);
+                }
+            }
+        )*
+    };
 }
