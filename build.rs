@@ -61,10 +61,14 @@ fn parse_kernels(path: &Path, src: &str) -> Vec<Kernel> {
             let close = r.find(')').unwrap_or_else(|| panic!("{}: unterminated __launch_bounds__", path.display()));
             s = r[close + 1..].trim_start();
         }
-        let s = s
+        let mut s = s
             .strip_prefix("void")
             .unwrap_or_else(|| panic!("{}: a __global__ function must return void", path.display()))
             .trim_start();
+        if let Some(r) = s.strip_prefix("__launch_bounds__") {
+            let close = r.find(')').unwrap_or_else(|| panic!("{}: unterminated __launch_bounds__", path.display()));
+            s = r[close + 1..].trim_start();
+        }
         let open = s.find('(').unwrap();
         let name = s[..open].trim().to_string();
         let close = s[open..].find(')').unwrap() + open;

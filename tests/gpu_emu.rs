@@ -38,4 +38,6 @@ suite_tests!(dev();
     token_advantages_and_row_means_match_cpu,
     policy_loss_matches_cpu,
     gemm_row_major,
+    flash_attention_fwd_bwd,
+    decode_attention,
 );

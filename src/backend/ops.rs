@@ -3,6 +3,8 @@
 //! `crate::` paths only. (The RL kernels' wrappers are in `crate::rl::{advantage, policy_loss}`,
 //! AdamW / casts / grad-norm in `crate::backend::misc`.)
 
+#[path = "../ops/attention/gpu.rs"]
+pub mod attention;
 #[path = "../ops/embedding/gpu.rs"]
 pub mod embedding;
 #[path = "../ops/logprob/gpu.rs"]

@@ -493,3 +493,79 @@ pub fn gemm_row_major(d: &GpuDevice) {
         }
     }
 }
+
+// ---------------------------------------------------------------- attention
+
+/// Flash attention forward and backward against the CPU op (on the same bf16-rounded inputs):
+/// lengths 1, not multiples of the 64-row tiles, several packed sequences, GQA, head dims 64 and 128.
+pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
+    use fcgpu::backend::ops::attention::{cu_seqlens, flash_attn_bwd, flash_attn_fwd, FlashDims};
+    use fcgpu::ops::attention::{cpu, Dims};
+    let bf = DType::BF16;
+    for &(q_heads, kv_heads, hd, ref seqs) in &[
+        (4usize, 2usize, 64usize, vec![(0usize, 1usize), (1, 70), (71, 130)]),
+        (2, 1, 128, vec![(0, 33), (33, 1)]),
+    ] {
+        let tokens: usize = seqs.iter().map(|s| s.1).sum();
+        let (cu, max_len) = cu_seqlens(seqs).unwrap();
+        let q = quant(&randn(tokens * q_heads * hd, 40, 1.0), bf);
+        let k = quant(&randn(tokens * kv_heads * hd, 41, 1.0), bf);
+        let v = quant(&randn(tokens * kv_heads * hd, 42, 1.0), bf);
+        let dout = quant(&randn(tokens * q_heads * hd, 43, 1.0), bf);
+        let dims = Dims { q_heads, kv_heads, head_dim: hd };
+        let (want_o, want_lse) = cpu::forward(&q, &k, &v, dims, seqs);
+        let fd = FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd };
+        let (qb, kb, vb) = (up(d, &q, bf), up(d, &k, bf), up(d, &v, bf));
+        let cub = d.upload_i32(&cu).unwrap();
+        let ob = d.zeros(q.len() * 2).unwrap();
+        let lseb = d.zeros(tokens * q_heads * 4).unwrap();
+        flash_attn_fwd(d, &fd, &qb, &kb, &vb, &cub, &ob, &lseb).unwrap();
+        let what = format!("hd={hd} heads={q_heads}/{kv_heads}");
+        assert_close(&down(&ob, bf), &want_o, 2e-2, &format!("flash fwd out {what}"));
+        assert_close(&lseb.download_f32().unwrap(), &want_lse, 1e-3, &format!("flash fwd lse {what}"));
+        // backward from the kernel's own (bf16) output, as training does
+        let o_used = down(&ob, bf);
+        let lse_used = lseb.download_f32().unwrap();
+        let saved = cpu::Saved { out: &o_used, lse: &lse_used };
+        let (wdq, wdk, wdv) = cpu::backward(&q, &k, &v, saved, &dout, dims, seqs);
+        let (dqb, dkb, dvb) = (d.zeros(q.len() * 2).unwrap(), d.zeros(k.len() * 2).unwrap(), d.zeros(v.len() * 2).unwrap());
+        flash_attn_bwd(d, &fd, &qb, &kb, &vb, &cub, &ob, &lseb, &up(d, &dout, bf), &dqb, &dkb, &dvb).unwrap();
+        assert_close(&down(&dvb, bf), &wdv, 3e-2, &format!("flash dv {what}"));
+        assert_close(&down(&dkb, bf), &wdk, 3e-2, &format!("flash dk {what}"));
+        assert_close(&down(&dqb, bf), &wdq, 3e-2, &format!("flash dq {what}"));
+    }
+}
+
+/// Decode attention against a straightforward f64 reference: GQA, a length-1 cache, a cache
+/// shorter than its capacity, head dims 64 and 128.
+pub fn decode_attention(d: &GpuDevice) {
+    use fcgpu::backend::ops::attention::decode_attn;
+    let bf = DType::BF16;
+    for &(batch, q_heads, kv_heads, hd, max_len) in &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)] {
+        let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
+        let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
+        let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
+        let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
+        let ob = d.zeros(q.len() * 2).unwrap();
+        decode_attn(d, &up(d, &q, bf), &up(d, &kc, bf), &up(d, &vc, bf), &d.upload_i32(&lens).unwrap(), &ob, batch, q_heads, kv_heads, hd, max_len).unwrap();
+        let mut want = vec![0f64; q.len()];
+        let scale = 1.0 / (hd as f64).sqrt();
+        for b in 0..batch {
+            for h in 0..q_heads {
+                let kvh = h / (q_heads / kv_heads);
+                let qr = &q[(b * q_heads + h) * hd..][..hd];
+                let row = |c: &[f32], j: usize| -> Vec<f64> { c[((b * max_len + j) * kv_heads + kvh) * hd..][..hd].iter().map(|&x| x as f64).collect() };
+                let s: Vec<f64> = (0..lens[b] as usize).map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale).collect();
+                let m = s.iter().copied().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    let p = (sj - m).exp() / z;
+                    for (x, vv) in want[(b * q_heads + h) * hd..][..hd].iter_mut().zip(row(&vc, j)) {
+                        *x += p * vv;
+                    }
+                }
+            }
+        }
+        assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd}"));
+    }
+}
