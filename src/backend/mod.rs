@@ -20,6 +20,7 @@ pub mod nvrtc;
 pub mod sources;
 
 pub mod ops;
+pub mod roofline;
 
 /// Which driver runs a [`GpuDevice`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

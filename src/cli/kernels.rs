@@ -27,11 +27,17 @@ pub enum KernelsCommand {
         #[arg(long)]
         file: Option<String>,
     },
+    /// Print the roofline table (bytes, FLOPs, time at H100 peak) at Qwen2.5-7B shapes (Markdown).
+    Roofline,
 }
 
 pub fn run(a: Args) -> Result<()> {
     match a.command {
         KernelsCommand::Check { arch, json, file } => check(&arch, json, file.as_deref()),
+        KernelsCommand::Roofline => {
+            print!("{}", crate::backend::roofline::markdown(&crate::backend::roofline::Shapes::qwen25_7b()));
+            Ok(())
+        }
     }
 }
 
