@@ -7,6 +7,7 @@
 pub mod autograd;
 pub mod backend;
 pub mod cli;
+pub mod data;
 pub mod fc;
 pub mod jsonl;
 pub mod model;

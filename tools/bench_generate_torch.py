@@ -13,7 +13,9 @@ length, KV cache on.  One small warmup call precedes the timed call.
 decode_tokens_per_s = rows * new_tokens / elapsed of the whole generate call (prefill included;
 prefill_s is measured separately with one forward pass over the prompts, and
 decode_only_tokens_per_s = rows * (new_tokens - 1) / (elapsed - prefill_s)).
-Peak RSS is the process's max resident set size (ru_maxrss).  Prints one JSON line.
+Peak RSS is the process's max resident set size (ru_maxrss).  tokens_per_cpu_s uses the
+process CPU time of the timed call (x threads ~ the uncontended rate on a shared machine).
+Prints one JSON line.
 """
 import argparse
 import json
@@ -89,9 +91,9 @@ def main():
         prefill_s = time.perf_counter() - t0
 
         torch.manual_seed(args.seed + 2)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(input_ids=prompts, attention_mask=mask, generation_config=gen_cfg(args.new_tokens))
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     new = out[:, args.prompt_len:]
     assert new.shape == (rows, args.new_tokens), new.shape
 
@@ -99,12 +101,15 @@ def main():
         "decode_tokens_per_s": rows * args.new_tokens / elapsed,
         "decode_only_tokens_per_s": rows * (args.new_tokens - 1) / max(elapsed - prefill_s, 1e-9),
         "elapsed_s": elapsed,
+        "cpu_s": cpu_s,
+        "tokens_per_cpu_s": rows * args.new_tokens / cpu_s,
         "prefill_s": prefill_s,
         "rows": rows,
         "prompts": args.prompts,
         "samples_per_prompt": args.samples,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "loadavg_1m_after": os.getloadavg()[0],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "config": cfg,
         "threads": args.threads,

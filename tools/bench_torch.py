@@ -9,7 +9,9 @@ The model is built from a config with random init (no downloads). Every iteratio
 forward pass on a (batch, seq) block of random token ids, computes loss = mean token NLL of
 the next-token predictions (positions 0..seq-2 predict 1..seq-1) and runs loss.backward();
 the timing covers forward + loss + backward (gradients are reset, no optimizer step).
-tokens_per_s = batch * seq * iters / elapsed.  Prints one JSON line.
+tokens_per_s = batch * seq * iters / elapsed (wall clock); best_tokens_per_s uses the fastest
+iteration; tokens_per_cpu_s uses the process CPU time (useful when the machine is shared:
+tokens_per_cpu_s * threads approximates the uncontended rate).  Prints one JSON line.
 
 --config-json accepts a JSON object with any of: hidden, layers, heads, kv_heads,
 intermediate, vocab, seq, batch, rope_theta, tie (keys override the command-line values).
@@ -90,10 +92,12 @@ def main():
         step()
     times = []
     loss = None
+    c0 = time.process_time()
     for _ in range(args.iters):
         t0 = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - t0)
+    cpu_s = time.process_time() - c0
     total = sum(times)
     out = {
         "tokens_per_s": B * T * args.iters / total,
@@ -103,6 +107,12 @@ def main():
         "warmup": args.warmup,
         "iter_s": times,
         "median_iter_s": sorted(times)[len(times) // 2],
+        "best_tokens_per_s": B * T / min(times),
+        "loadavg_1m_after": os.getloadavg()[0],
+        # CPU seconds of this process over the timed iterations (all threads): on a shared,
+        # overloaded machine tokens_per_cpu_s * threads estimates the uncontended rate.
+        "cpu_s": cpu_s,
+        "tokens_per_cpu_s": B * T * args.iters / cpu_s,
         "loss": loss,
         "n_params": n_params,
         "attn": args.attn,

@@ -7,6 +7,7 @@ pub mod init;
 pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
+pub mod sft;
 
 #[derive(Parser, Debug)]
 #[command(name = "fcgpu", version, about = "Train language models to call functions reliably")]
@@ -27,6 +28,8 @@ pub enum Command {
     Eval(eval::Args),
     /// GPU kernels: `kernels check` compiles each with NVRTC and reports registers/spills.
     Kernels(kernels::Args),
+    /// Supervised fine-tuning with SRML (default: the tiny model on the embedded task).
+    Sft(sft::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),
+        Command::Sft(a) => sft::run(a),
     }
 }

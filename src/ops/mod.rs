@@ -12,7 +12,7 @@ pub mod rope;
 pub mod swiglu;
 
 pub use attention::attention;
-pub use elementwise::{add, mul, narrow, scale, sum, weighted_sum};
+pub use elementwise::{add, mul, narrow, scalar_with_grad, scale, sum, weighted_sum};
 pub use embedding::embedding;
 pub use logprob::linear_logprob_entropy;
 pub use matmul::{linear, matmul};

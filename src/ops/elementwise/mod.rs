@@ -145,3 +145,24 @@ impl GradFn for NarrowBack {
         Ok(vec![Some(Tensor::from_vec(d, shape)?)])
     }
 }
+
+/// A scalar loss computed outside the graph from `x`, whose gradient `dx` (∂value/∂x) the
+/// caller already has (fused loss kernels such as the GRPO policy loss compute both at once).
+pub fn scalar_with_grad(x: &Tensor, value: f32, dx: Vec<f32>) -> Result<Tensor> {
+    ensure!(dx.len() == x.numel(), "scalar_with_grad: {} gradients for {} elements", dx.len(), x.numel());
+    Ok(Tensor::from_op(vec![value], &[], grad_fn(KnownGradBack(x.clone(), dx))))
+}
+
+struct KnownGradBack(Tensor, Vec<f32>);
+impl GradFn for KnownGradBack {
+    fn name(&self) -> &'static str {
+        "scalar_with_grad"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.0.clone()]
+    }
+    fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = g.to_scalar()?;
+        Ok(vec![Some(Tensor::from_vec(self.1.iter().map(|d| d * g).collect(), self.0.shape())?)])
+    }
+}

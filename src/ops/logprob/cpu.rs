@@ -18,15 +18,21 @@ pub struct RowStats {
 /// Two passes over a row already in cache (max, then sums), as SPEC §7's formulas.
 pub fn row_stats(z: &[f32], y: usize, inv_t: f32) -> RowStats {
     let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
-    let (mut s, mut t) = (0.0f64, 0.0f64);
-    for &x in z {
-        let zt = x * inv_t;
-        let e = ((zt - m) as f64).exp();
-        s += e;
-        t += e * zt as f64;
+    // f32 exponentials (each exact to an ulp), summed in f64 lanes so 150k-term rows stay exact.
+    let (mut s, mut t) = ([0.0f64; 4], [0.0f64; 4]);
+    for c in z.chunks(4) {
+        for (i, &x) in c.iter().enumerate() {
+            let zt = x * inv_t;
+            let e = (zt - m).exp();
+            s[i] += e as f64;
+            t[i] += (e * (zt - m)) as f64;
+        }
     }
+    let (s, t): (f64, f64) = (s.iter().sum(), t.iter().sum());
     let log_z = m as f64 + s.ln();
-    RowStats { logp: (z[y] as f64 * inv_t as f64 - log_z) as f32, entropy: (log_z - t / s) as f32, log_z: log_z as f32 }
+    // H = log Z − E[z] with E[z] taken relative to m for precision.
+    let entropy = s.ln() - t / s;
+    RowStats { logp: (z[y] as f64 * inv_t as f64 - log_z) as f32, entropy: entropy as f32, log_z: log_z as f32 }
 }
 
 fn chunk_logits(h: &[f32], w: &[f32], hidden: usize, vocab: usize, rows: usize, buf: &mut Vec<f32>) {

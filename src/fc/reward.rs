@@ -1,0 +1,130 @@
+//! Rewards (SPEC §2): binary format-and-answer reward, or `partial`
+//! `0.1·format + 0.9·(fraction of expected calls matched)`.
+
+use crate::data::Sample;
+use crate::fc::checker::simple;
+use crate::fc::decode::{decode, strip_reasoning, AnswerFormat, Call, Lang};
+use crate::fc::score::check_answer;
+use crate::fc::value::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RewardKind {
+    #[default]
+    Binary,
+    Partial,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RewardDetails {
+    pub reward: f64,
+    /// Exactly one non-empty `<think>…</think>` first, and an answer that decodes
+    /// (for samples expecting no call, any answer text).
+    pub format_ok: bool,
+    /// BFCL's verdict on the answer.
+    pub valid: bool,
+    pub error_type: String,
+    pub calls_matched: usize,
+    pub calls_expected: usize,
+}
+
+/// End-of-turn tokens a sampler may leave at the end of a completion.
+const END_TOKENS: [&str; 3] = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"];
+
+fn trim_end_tokens(mut s: &str) -> &str {
+    loop {
+        let t = s.trim_end();
+        match END_TOKENS.iter().find_map(|e| t.strip_suffix(e)) {
+            Some(rest) => s = rest,
+            None => return s,
+        }
+    }
+}
+
+/// The think-block rule: the completion opens with `<think>`, has exactly one `<think>` and
+/// one `</think>`, and the reasoning between them is not blank.
+pub fn think_ok(completion: &str) -> bool {
+    let c = completion.trim_start();
+    if !c.starts_with("<think>")
+        || c.matches("<think>").count() != 1
+        || c.matches("</think>").count() != 1
+    {
+        return false;
+    }
+    let end = c.find("</think>").unwrap_or(0);
+    end > 7 && !c[7..end].trim().is_empty()
+}
+
+/// Reward of one completion for one sample.
+pub fn reward(
+    sample: &Sample,
+    completion: &str,
+    kind: RewardKind,
+    fmt: AnswerFormat,
+) -> RewardDetails {
+    let completion = trim_end_tokens(completion);
+    let answer = strip_reasoning(completion);
+    let lang = Lang::of_category(&sample.category);
+    let decoded = decode(
+        answer,
+        if sample.expects_no_call() || sample.expects_any_call() {
+            Lang::Python
+        } else {
+            lang
+        },
+        fmt,
+    );
+    let verdict = check_answer(sample, answer, fmt);
+    let decodes = decoded.is_ok();
+    let format_ok = think_ok(completion) && (sample.expects_no_call() || decodes);
+    let expected = sample.ground_truth.len();
+    let matched = match &decoded {
+        Ok(calls) if !sample.expects_no_call() && !sample.expects_any_call() => {
+            count_matched(sample, calls, lang)
+        }
+        _ => 0,
+    };
+    let answer_score = if sample.expects_no_call() || sample.expects_any_call() || expected == 0 {
+        if verdict.valid {
+            1.0
+        } else {
+            0.0
+        }
+    } else {
+        matched as f64 / expected as f64
+    };
+    let reward = match kind {
+        RewardKind::Binary => (format_ok && verdict.valid) as u8 as f64,
+        RewardKind::Partial => 0.1 * format_ok as u8 as f64 + 0.9 * answer_score,
+    };
+    RewardDetails {
+        reward,
+        format_ok,
+        valid: verdict.valid,
+        error_type: verdict.error_type,
+        calls_matched: matched,
+        calls_expected: expected,
+    }
+}
+
+/// Greedy matching like BFCL's parallel checker, but counting instead of failing.
+fn count_matched(sample: &Sample, calls: &[Call], lang: Lang) -> usize {
+    let mut used = vec![false; calls.len()];
+    let mut n = 0;
+    for gt in &sample.ground_truth {
+        let ans = Value::from_json(gt);
+        let Some(name) = gt.as_object().and_then(|o| o.keys().next()) else {
+            continue;
+        };
+        let Some(desc) = sample.functions.iter().find(|f| f["name"] == name.as_str()) else {
+            continue;
+        };
+        for (j, c) in calls.iter().enumerate() {
+            if !used[j] && simple(desc, c, &ans, lang).is_ok_and(|v| v.valid) {
+                used[j] = true;
+                n += 1;
+                break;
+            }
+        }
+    }
+    n
+}

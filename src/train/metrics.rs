@@ -1,0 +1,55 @@
+//! `metrics.jsonl`: one line per optimizer step.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SftMetrics {
+    pub step: u64,
+    pub loss: f32,
+    pub l_think: f32,
+    pub l_result: f32,
+    pub alpha: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens: usize,
+    pub tokens_per_s: f32,
+    pub seconds: f32,
+}
+
+pub struct MetricsWriter {
+    path: PathBuf,
+}
+
+impl MetricsWriter {
+    /// Opens `path` for appending, first dropping lines past `keep_through` (a resumed run
+    /// rewrites the steps after its checkpoint).
+    pub fn open(path: &Path, keep_through: u64) -> Result<MetricsWriter> {
+        if path.exists() {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= keep_through))
+                .collect();
+            let mut out = kept.join("\n");
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(MetricsWriter { path: path.to_path_buf() })
+    }
+
+    pub fn write(&mut self, m: &SftMetrics) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(m)?)?;
+        Ok(())
+    }
+}
+
+pub fn read(path: &Path) -> Result<Vec<SftMetrics>> {
+    crate::jsonl::read(path)
+}
