@@ -11,3 +11,14 @@ fi
 
 # Rust tests (dev profile is optimised: see Cargo.toml), then the CLI end-to-end checks.
 cargo test --all-targets -- --test-threads 2
+
+# GPU kernels: NVRTC compiles every kernels/*.cu to CUBIN for sm_80 and sm_90 (no GPU needed);
+# fails on a compile error or any register spill. NVRTC comes from pip, in a git-ignored venv.
+if [ ! -x .venv-nvrtc/bin/python ]; then
+  python3 -m venv .venv-nvrtc
+fi
+if ! compgen -G ".venv-nvrtc/lib/python3*/site-packages/nvidia/cu*/lib/libnvrtc.so*" >/dev/null; then
+  .venv-nvrtc/bin/pip install --quiet nvidia-cuda-nvrtc
+fi
+NVRTC_LIB="$(dirname "$(ls .venv-nvrtc/lib/python3*/site-packages/nvidia/cu*/lib/libnvrtc.so* | head -n 1)")"
+LD_LIBRARY_PATH="$PWD/$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo run --quiet -- kernels check --arch sm_80,sm_90

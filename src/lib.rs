@@ -5,12 +5,14 @@
 //! `rl` GRPO pieces, `train` the loops, `data` datasets, `cli` the commands.
 
 pub mod autograd;
+pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod fc;
 pub mod jsonl;
 pub mod model;
 pub mod ops;
+pub mod rl;
 pub mod rollout;
 pub mod tensor;
 pub mod train;

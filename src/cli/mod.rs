@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 pub mod eval;
 pub mod init;
 pub mod generate;
+pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
 pub mod sft;
@@ -28,6 +29,8 @@ pub enum Command {
     Prompt(prompt::Args),
     /// Score model answers (or a model) per BFCL category.
     Eval(eval::Args),
+    /// GPU kernels: `kernels check` compiles each with NVRTC and reports registers/spills.
+    Kernels(kernels::Args),
     /// Supervised fine-tuning with SRML (default: the tiny model on the embedded task).
     Sft(sft::Args),
 }
@@ -39,6 +42,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Kernels(a) => kernels::run(a),
         Command::Sft(a) => sft::run(a),
     }
 }

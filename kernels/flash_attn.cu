@@ -1,0 +1,333 @@
+// Flash attention (FlashAttention-2), causal, GQA, packed variable-length sequences, bf16 inputs,
+// fp32 accumulation on tensor cores (mma.sync m16n8k16 bf16 through ptx.cuh), head dim 64 or 128.
+//
+// Layout: q [tokens, q_heads, D], k/v [tokens, kv_heads, D] (bf16), sequences given by cu_seqlens
+// (n_seq + 1 offsets into the token axis). Query head h reads kv head h / (q_heads / kv_heads).
+// Scale 1/sqrt(D) (passed in). Saves lse [tokens, q_heads] (natural log) for the backward.
+//
+// fa_fwd_d{64,128}: grid = (ceil(max_len / 64), q_heads, n_seq), block = 128 (4 warps × 16 query
+//   rows), dynamic smem = 3 · 64 · (D + 8) · 2 bytes (27 KiB for D=64, 51 KiB for D=128: opt-in).
+//   Per block: Q tile in smem → registers (ldmatrix.x4), loop over 64-key tiles up to the diagonal:
+//   S = Q·Kᵀ (mma, K via ldmatrix), causal mask, online softmax in exp2 domain, O += P·V (P re-used
+//   from the S accumulators as A fragments, V via ldmatrix.trans).
+//   Roofline per (sequence of L, head): FLOPs ≈ 2·L²·D (causal half of 4·L²·D); bytes ≈ 2·L·D·2 (Q,
+//   O) + K,V re-read once per query tile: 2·L·D·2·(L/64)/2 — compute bound for L >~ 256.
+// fa_bwd_dot: delta[t, h] = Σ_d O·dO (f32); one warp per (token, head), block 256.
+// fa_bwd_d{64,128}: grid = (ceil(max_len / 64), kv_heads, n_seq), block = 128 (4 warps × 16 keys).
+//   Each block owns one 64-key tile of one kv head: recomputes Sᵀ = K·Qᵀ for every query tile at or
+//   after the diagonal and every q head of the group, P from lse, dV += Pᵀ·dO, dPᵀ = V·dOᵀ,
+//   dSᵀ = Pᵀ ⊙ (dPᵀ − delta), dK += dSᵀ·Q, and dQ += dS·K through shared memory and f32 atomics
+//   (dq must be zeroed; cast it to bf16 afterwards). Query tile 64 rows (D=64) / 16 rows (D=128, to stay within 255 registers).
+//   dynamic smem = (2·64 + 2·BM)·(D + 8)·2 + 64·(BM + 8)·2 + 2·BM·4 bytes.
+//   Roofline: ≈ 2.5× the forward FLOPs (5 GEMM-shaped products instead of 2).
+#include "ptx.cuh"
+
+struct __align__(16) u32x4 { u32 x, y, z, w; };
+
+// rows × D bf16 tile from global (row stride `stride` elements) into smem (row stride D + 8);
+// rows >= valid are zero-filled. 16-byte chunks, all threads of the block.
+template <int D>
+__device__ __forceinline__ void load_tile(u16* dst, const bf16* src, long long stride, int valid, int rows) {
+    const int per_row = D / 8, chunks = rows * per_row;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const int r = c / per_row, cc = c % per_row;
+        u32x4 v; v.x = 0; v.y = 0; v.z = 0; v.w = 0;
+        if (r < valid) v = *(const u32x4*)(src + r * stride + cc * 8);
+        *(u32x4*)(dst + r * (D + 8) + cc * 8) = v;
+    }
+}
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+template <int D>
+__device__ __forceinline__ void fa_fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                            const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
+                                            const int* __restrict__ cu_seqlens, int q_heads, int kv_heads, float scale) {
+    constexpr int BM = 64, BN = 64, LD = D + 8;
+    FC_DYN_SMEM(u16, smem);
+    u16* sQ = smem;
+    u16* sK = sQ + BM * LD;
+    u16* sV = sK + BN * LD;
+    const int seq = blockIdx.z, h = blockIdx.y;
+    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
+    const int m0 = blockIdx.x * BM;
+    if (m0 >= len) return;  // uniform across the block
+    const int kvh = h / (q_heads / kv_heads);
+    const long long qs = (long long)q_heads * D, ks = (long long)kv_heads * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int mi = lane >> 3, r8 = lane & 7;
+
+    load_tile<D>(sQ, q + (start + m0) * qs + h * D, qs, min(BM, len - m0), BM);
+    __syncthreads();
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) ldmatrix_x4(qf[kk], &sQ[(warp * 16 + r8 + 8 * (mi & 1)) * LD + kk * 16 + 8 * (mi >> 1)]);
+
+    float of[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) { of[i][0] = 0.0f; of[i][1] = 0.0f; of[i][2] = 0.0f; of[i][3] = 0.0f; }
+    float mrow[2] = {-FC_INF, -FC_INF}, lrow[2] = {0.0f, 0.0f};
+    const float sl2 = scale * LOG2E;
+    const int row0 = m0 + warp * 16 + g;  // query positions (within the sequence) of this thread's rows
+    const int n_end = min(len, m0 + BM);
+
+    for (int n0 = 0; n0 < n_end; n0 += BN) {
+        __syncthreads();
+        load_tile<D>(sK, k + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
+        load_tile<D>(sV, v + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
+        __syncthreads();
+        float s[BN / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; nt++) { s[nt][0] = 0.0f; s[nt][1] = 0.0f; s[nt][2] = 0.0f; s[nt][3] = 0.0f; }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; nt++) {
+                u32 b[2];
+                ldmatrix_x2(b, &sK[(nt * 8 + r8) * LD + kk * 16 + 8 * (mi & 1)]);
+                mma_bf16_16816(s[nt], qf[kk], b, s[nt]);
+            }
+        }
+        float mx[2] = {mrow[0], mrow[1]};
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = n0 + nt * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
+                float x = s[nt][e] * sl2;
+                if (col > row || col >= len) x = -FC_INF;
+                s[nt][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_MASK, mx[i], 2));
+            const float corr = mx[i] == -FC_INF ? 1.0f : exp2f(mrow[i] - mx[i]);
+            mrow[i] = mx[i];
+            lrow[i] *= corr;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) { of[dt][2 * i] *= corr; of[dt][2 * i + 1] *= corr; }
+        }
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float x = s[nt][e];
+                const float p = x == -FC_INF ? 0.0f : exp2f(x - mrow[e >> 1]);
+                s[nt][e] = p;
+                lrow[e >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            u32 a[4];
+            a[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                u32 b[2];
+                ldmatrix_x2_trans(b, &sV[(kk * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
+                mma_bf16_16816(of[dt], a, b, of[dt]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float l = lrow[i];
+        l += __shfl_xor_sync(FULL_MASK, l, 1);
+        l += __shfl_xor_sync(FULL_MASK, l, 2);
+        const int row = row0 + 8 * i;
+        if (row < len) {
+            const float inv = 1.0f / l;
+            bf16* orow = o + (start + row) * qs + h * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                orow[dt * 8 + 2 * t] = f32_to_bf16(of[dt][2 * i] * inv);
+                orow[dt * 8 + 2 * t + 1] = f32_to_bf16(of[dt][2 * i + 1] * inv);
+            }
+            if (t == 0) lse[(long long)(start + row) * q_heads + h] = (mrow[i] + __log2f(l)) * LN2;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) fa_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
+    fa_fwd_impl<64>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                                                              const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
+    fa_fwd_impl<128>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+}
+
+extern "C" __global__ void fa_bwd_dot(const bf16* o, const bf16* dout, float* delta, long long rows, int D) {
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (w >= rows) return;  // whole warps exit together
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += bf16_to_f32(o[w * D + d]) * bf16_to_f32(dout[w * D + d]);
+    s = warp_sum(s);
+    if (lane == 0) delta[w] = s;
+}
+
+template <int D, int BM>
+__device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                            const bf16* __restrict__ dout, const float* __restrict__ lse,
+                                            const float* __restrict__ delta, float* __restrict__ dq, bf16* __restrict__ dk,
+                                            bf16* __restrict__ dv, const int* __restrict__ cu_seqlens, int q_heads,
+                                            int kv_heads, float scale) {
+    constexpr int BN = 64, LD = D + 8, LDS = BM + 8;
+    FC_DYN_SMEM(u16, smem);
+    u16* sK = smem;
+    u16* sV = sK + BN * LD;
+    u16* sQ = sV + BN * LD;
+    u16* sO = sQ + BM * LD;        // dO tile
+    u16* sS = sO + BM * LD;        // dSᵀ [BN keys][BM queries]
+    float* sL = (float*)(sS + BN * LDS);
+    float* sD = sL + BM;
+    const int seq = blockIdx.z, kvh = blockIdx.y;
+    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
+    const int n0 = blockIdx.x * BN;
+    if (n0 >= len) return;
+    const int group = q_heads / kv_heads;
+    const long long qs = (long long)q_heads * D, ks = (long long)kv_heads * D;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int mi = lane >> 3, r8 = lane & 7;
+    const float sl2 = scale * LOG2E;
+
+    load_tile<D>(sK, k + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
+    load_tile<D>(sV, v + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
+
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) { dka[i][e] = 0.0f; dva[i][e] = 0.0f; }
+    const int key0 = n0 + warp * 16 + g;  // this thread's key rows: key0, key0 + 8
+
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int m0 = (n0 / BM) * BM; m0 < len; m0 += BM) {
+            __syncthreads();
+            const int valid = min(BM, len - m0);
+            load_tile<D>(sQ, q + (start + m0) * qs + h * D, qs, valid, BM);
+            load_tile<D>(sO, dout + (start + m0) * qs + h * D, qs, valid, BM);
+            for (int i = threadIdx.x; i < BM; i += blockDim.x) {
+                sL[i] = i < valid ? lse[(long long)(start + m0 + i) * q_heads + h] * LOG2E : 0.0f;
+                sD[i] = i < valid ? delta[(long long)(start + m0 + i) * q_heads + h] : 0.0f;
+            }
+            __syncthreads();
+            float st[BM / 8][4], dp[BM / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) { st[nt][e] = 0.0f; dp[nt][e] = 0.0f; }
+            // Sᵀ = K_w · Qᵀ and dPᵀ = V_w · dOᵀ
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                u32 ak[4], av[4];
+                ldmatrix_x4(ak, &sK[(warp * 16 + r8 + 8 * (mi & 1)) * LD + kk * 16 + 8 * (mi >> 1)]);
+                ldmatrix_x4(av, &sV[(warp * 16 + r8 + 8 * (mi & 1)) * LD + kk * 16 + 8 * (mi >> 1)]);
+#pragma unroll
+                for (int nt = 0; nt < BM / 8; nt++) {
+                    u32 bq[2], bo[2];
+                    ldmatrix_x2(bq, &sQ[(nt * 8 + r8) * LD + kk * 16 + 8 * (mi & 1)]);
+                    ldmatrix_x2(bo, &sO[(nt * 8 + r8) * LD + kk * 16 + 8 * (mi & 1)]);
+                    mma_bf16_16816(st[nt], ak, bq, st[nt]);
+                    mma_bf16_16816(dp[nt], av, bo, dp[nt]);
+                }
+            }
+            // Pᵀ (causal: query >= key) and dSᵀ = Pᵀ ⊙ (dPᵀ − delta)
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qi = nt * 8 + 2 * t + (e & 1), key = key0 + (e >> 1) * 8, qpos = m0 + qi;
+                    const bool ok = qpos >= key && qpos < len && key < len;
+                    const float p = ok ? exp2f(st[nt][e] * sl2 - sL[qi]) : 0.0f;
+                    st[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - sD[qi]);
+                }
+            }
+            // dV += Pᵀ · dO, dK += dSᵀ · Q (k = queries)
+#pragma unroll
+            for (int kq = 0; kq < BM / 16; kq++) {
+                u32 ap[4], as[4];
+                ap[0] = pack_bf16x2(st[2 * kq][0], st[2 * kq][1]);
+                ap[1] = pack_bf16x2(st[2 * kq][2], st[2 * kq][3]);
+                ap[2] = pack_bf16x2(st[2 * kq + 1][0], st[2 * kq + 1][1]);
+                ap[3] = pack_bf16x2(st[2 * kq + 1][2], st[2 * kq + 1][3]);
+                as[0] = pack_bf16x2(dp[2 * kq][0], dp[2 * kq][1]);
+                as[1] = pack_bf16x2(dp[2 * kq][2], dp[2 * kq][3]);
+                as[2] = pack_bf16x2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
+                as[3] = pack_bf16x2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt++) {
+                    u32 bo[2], bq[2];
+                    ldmatrix_x2_trans(bo, &sO[(kq * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
+                    ldmatrix_x2_trans(bq, &sQ[(kq * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
+                    mma_bf16_16816(dva[dt], ap, bo, dva[dt]);
+                    mma_bf16_16816(dka[dt], as, bq, dka[dt]);
+                }
+            }
+            // dSᵀ to shared memory, then dQ += scale · dS · K over the whole key tile
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int kl = warp * 16 + g + (e >> 1) * 8, qi = nt * 8 + 2 * t + (e & 1);
+                    sS[kl * LDS + qi] = f32_to_bf16(dp[nt][e]).bits;
+                }
+            }
+            __syncthreads();
+            constexpr int RG = BM / 16;            // query row groups
+            for (int task = warp; task < RG * (D / 8); task += 4) {
+                const int rg = task % RG, dt = task / RG;
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; kk++) {
+                    u32 a[4], b[2];
+                    ldmatrix_x4_trans(a, &sS[(kk * 16 + r8 + 8 * (mi >> 1)) * LDS + rg * 16 + 8 * (mi & 1)]);
+                    ldmatrix_x2_trans(b, &sK[(kk * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
+                    mma_bf16_16816(acc, a, b, acc);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qpos = m0 + rg * 16 + g + (e >> 1) * 8;
+                    if (qpos < len) atomicAdd(&dq[(long long)(start + qpos) * qs + h * D + dt * 8 + 2 * t + (e & 1)], acc[e] * scale);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int key = key0 + 8 * i;
+        if (key < len) {
+            bf16* dkr = dk + (start + key) * ks + kvh * D;
+            bf16* dvr = dv + (start + key) * ks + kvh * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                dkr[dt * 8 + 2 * t] = f32_to_bf16(dka[dt][2 * i] * scale);
+                dkr[dt * 8 + 2 * t + 1] = f32_to_bf16(dka[dt][2 * i + 1] * scale);
+                dvr[dt * 8 + 2 * t] = f32_to_bf16(dva[dt][2 * i]);
+                dvr[dt * 8 + 2 * t + 1] = f32_to_bf16(dva[dt][2 * i + 1]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                             const float* lse, const float* delta, float* dq, bf16* dk,
+                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                             float scale) {
+    fa_bwd_impl<64, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                              const float* lse, const float* delta, float* dq, bf16* dk,
+                                                              bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                              float scale) {
+    fa_bwd_impl<128, 16>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+}

@@ -1,0 +1,331 @@
+//! The cuda device: cudarc 0.19 (dynamic loading) over the driver API, NVRTC and cuBLAS.
+//!
+//! * libcuda / libnvrtc / libcublas are probed with `is_culib_present()` before any other call
+//!   (cudarc panics when a library is missing), so no driver means a clear error.
+//! * Kernel files are compiled by NVRTC to CUBIN for the GPU's `sm_XY` on first use (PTX from an
+//!   NVRTC newer than the driver would not load), cached on disk under a key of source hash +
+//!   arch + NVRTC version, and kept loaded (module and function caches).
+//! * Launches take the same `void**` argument list as the emu device (`cuLaunchKernel`).
+//! * Memory is stream-ordered (`cuMemAllocAsync` / `cuMemFreeAsync` on the device's stream);
+//!   GEMMs go to cuBLAS (`cublasGemmStridedBatchedEx`, bf16/f32 in, f32 compute), row-major
+//!   through the column-major (B, A) trick.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::sys as cublas;
+use cudarc::driver::sys as cu;
+
+use super::{nvrtc, sources, Driver, Gemm, GpuKind, Kernel, LaunchCfg};
+use crate::tensor::DType;
+
+fn cu_check(r: cu::CUresult, what: &str) -> Result<()> {
+    if r == cu::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut s: *const std::ffi::c_char = std::ptr::null();
+    let msg = unsafe {
+        if cu::cuGetErrorString(r, &mut s) == cu::CUresult::CUDA_SUCCESS && !s.is_null() {
+            CStr::from_ptr(s).to_string_lossy().into_owned()
+        } else {
+            format!("{r:?}")
+        }
+    };
+    Err(anyhow!("{what}: {msg}"))
+}
+
+fn cublas_check(r: cublas::cublasStatus_t, what: &str) -> Result<()> {
+    if r == cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(anyhow!("{what}: {r:?}"))
+    }
+}
+
+/// Ok when a CUDA GPU can be used here: libcuda, libnvrtc and libcublas load, the driver
+/// initialises and reports at least one device. Never panics.
+pub fn available() -> Result<()> {
+    if !unsafe { cu::is_culib_present() } {
+        bail!("CUDA driver library (libcuda.so) not found: no NVIDIA driver on this machine (use --device cpu or emu)");
+    }
+    nvrtc::available()?;
+    if !unsafe { cublas::is_culib_present() } {
+        bail!("cuBLAS (libcublas.so) not found: install the CUDA runtime libraries (e.g. `pip install nvidia-cublas`) and put them on LD_LIBRARY_PATH");
+    }
+    unsafe {
+        cu_check(cu::cuInit(0), "cuInit")?;
+        let mut n = 0;
+        cu_check(cu::cuDeviceGetCount(&mut n), "cuDeviceGetCount")?;
+        if n == 0 {
+            bail!("the CUDA driver reports no GPU");
+        }
+    }
+    Ok(())
+}
+
+/// Directory of compiled CUBINs: `$FCGPU_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fcgpu/kernels`,
+/// else `~/.cache/fcgpu/kernels`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FCGPU_KERNEL_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("fcgpu").join("kernels")
+}
+
+/// File name of a cached CUBIN: source hash + arch + NVRTC version.
+pub fn cache_key(file: &str, arch: &str, nvrtc_version: (i32, i32)) -> String {
+    format!("{}-{:016x}-{arch}-nvrtc{}.{}.cubin", file.trim_end_matches(".cu"), sources::source_hash(file), nvrtc_version.0, nvrtc_version.1)
+}
+
+/// CUBIN of `file` for `arch`, from the disk cache or compiled (and cached).
+pub fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
+    let ver = nvrtc::version()?;
+    let dir = cache_dir();
+    let path = dir.join(cache_key(file, arch, ver));
+    if let Ok(b) = std::fs::read(&path) {
+        if !b.is_empty() {
+            return Ok(b);
+        }
+    }
+    let c = nvrtc::compile(file, arch, false)?;
+    if !c.ok {
+        bail!("NVRTC failed to compile {file} for {arch}:\n{}", c.log);
+    }
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let tmp = dir.join(format!(".{}.{}", std::process::id(), cache_key(file, arch, ver)));
+        if std::fs::write(&tmp, &c.cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(c.cubin)
+}
+
+struct Handles {
+    ctx: cu::CUcontext,
+    stream: cu::CUstream,
+    blas: cublas::cublasHandle_t,
+}
+
+pub struct CudaDriver {
+    ordinal: usize,
+    dev: cu::CUdevice,
+    h: Handles,
+    arch: String,
+    name: String,
+    modules: Mutex<HashMap<&'static str, usize>>,
+    functions: Mutex<HashMap<&'static str, (usize, u32)>>,
+}
+
+// The raw handles are used only with the context bound, and cuBLAS / the stream are guarded by
+// the driver's own thread safety (one stream, calls serialised by the caller's order).
+unsafe impl Send for CudaDriver {}
+unsafe impl Sync for CudaDriver {}
+
+impl CudaDriver {
+    pub fn new(ordinal: usize) -> Result<CudaDriver> {
+        available()?;
+        unsafe {
+            let mut n = 0;
+            cu_check(cu::cuDeviceGetCount(&mut n), "cuDeviceGetCount")?;
+            if ordinal >= n as usize {
+                bail!("CUDA device {ordinal} requested but only {n} present");
+            }
+            let mut dev: cu::CUdevice = 0;
+            cu_check(cu::cuDeviceGet(&mut dev, ordinal as i32), "cuDeviceGet")?;
+            let (mut major, mut minor) = (0, 0);
+            cu_check(
+                cu::cuDeviceGetAttribute(&mut major, cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+                "compute capability",
+            )?;
+            cu_check(
+                cu::cuDeviceGetAttribute(&mut minor, cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+                "compute capability",
+            )?;
+            if major < 8 {
+                bail!("GPU compute capability {major}.{minor}: fcgpu's kernels need sm_80 or newer (bf16 mma.sync)");
+            }
+            let mut buf = [0 as std::ffi::c_char; 256];
+            cu_check(cu::cuDeviceGetName(buf.as_mut_ptr(), 256, dev), "cuDeviceGetName")?;
+            let gpu = CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned();
+            let mut ctx: cu::CUcontext = std::ptr::null_mut();
+            cu_check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
+            cu_check(cu::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")?;
+            let mut stream: cu::CUstream = std::ptr::null_mut();
+            cu_check(cu::cuStreamCreate(&mut stream, 1 /* CU_STREAM_NON_BLOCKING */), "cuStreamCreate")?;
+            let mut blas: cublas::cublasHandle_t = std::ptr::null_mut();
+            cublas_check(cublas::cublasCreate_v2(&mut blas), "cublasCreate")?;
+            cublas_check(cublas::cublasSetStream_v2(blas, stream as cublas::cudaStream_t), "cublasSetStream")?;
+            let arch = format!("sm_{major}{minor}");
+            Ok(CudaDriver {
+                ordinal,
+                dev,
+                h: Handles { ctx, stream, blas },
+                name: format!("{gpu} ({arch}, cuda:{ordinal})"),
+                arch,
+                modules: Mutex::new(HashMap::new()),
+                functions: Mutex::new(HashMap::new()),
+            })
+        }
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    fn bind(&self) -> Result<()> {
+        cu_check(unsafe { cu::cuCtxSetCurrent(self.h.ctx) }, "cuCtxSetCurrent")
+    }
+
+    /// (function, dynamic shared memory limit set so far) of kernel `k`, loading its module.
+    fn function(&self, k: Kernel) -> Result<(cu::CUfunction, u32)> {
+        if let Some(&(f, s)) = self.functions.lock().unwrap().get(k.name) {
+            return Ok((f as cu::CUfunction, s));
+        }
+        let module = {
+            let mut mods = self.modules.lock().unwrap();
+            match mods.get(k.file) {
+                Some(&m) => m as cu::CUmodule,
+                None => {
+                    let image = cubin(k.file, &self.arch).with_context(|| format!("loading {}", k.file))?;
+                    let mut m: cu::CUmodule = std::ptr::null_mut();
+                    cu_check(unsafe { cu::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+                    mods.insert(k.file, m as usize);
+                    m
+                }
+            }
+        };
+        let name = CString::new(k.name)?;
+        let mut f: cu::CUfunction = std::ptr::null_mut();
+        cu_check(unsafe { cu::cuModuleGetFunction(&mut f, module, name.as_ptr()) }, &format!("kernel {} in {}", k.name, k.file))?;
+        self.functions.lock().unwrap().insert(k.name, (f as usize, 48 * 1024));
+        Ok((f, 48 * 1024))
+    }
+}
+
+fn dtype_code(d: DType) -> Result<cublas::cudaDataType> {
+    Ok(match d {
+        DType::F32 => cublas::cudaDataType::CUDA_R_32F,
+        DType::BF16 => cublas::cudaDataType::CUDA_R_16BF,
+        DType::F16 => cublas::cudaDataType::CUDA_R_16F,
+    })
+}
+
+impl Driver for CudaDriver {
+    fn kind(&self) -> GpuKind {
+        GpuKind::Cuda
+    }
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn alloc(&self, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        let mut p: cu::CUdeviceptr = 0;
+        cu_check(unsafe { cu::cuMemAllocAsync(&mut p, bytes, self.h.stream) }, &format!("cuMemAllocAsync({bytes} bytes)"))?;
+        Ok(p)
+    }
+    unsafe fn free(&self, ptr: u64, _bytes: usize) {
+        if self.bind().is_ok() {
+            let _ = cu::cuMemFreeAsync(ptr, self.h.stream);
+        }
+    }
+    unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()> {
+        self.bind()?;
+        cu_check(cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), self.h.stream), "cuMemcpyHtoD")?;
+        // `src` may be freed when we return: wait for the copy.
+        cu_check(cu::cuStreamSynchronize(self.h.stream), "cuStreamSynchronize")
+    }
+    unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.bind()?;
+        cu_check(cu::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len(), self.h.stream), "cuMemcpyDtoH")?;
+        cu_check(cu::cuStreamSynchronize(self.h.stream), "cuStreamSynchronize")
+    }
+    unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        cu_check(cu::cuMemcpyDtoDAsync_v2(dst, src, bytes, self.h.stream), "cuMemcpyDtoD")
+    }
+    unsafe fn memset_zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        cu_check(cu::cuMemsetD8Async(dst, 0, bytes, self.h.stream), "cuMemsetD8")
+    }
+    unsafe fn launch(&self, k: Kernel, cfg: LaunchCfg, params: &mut [*mut c_void]) -> Result<()> {
+        self.bind()?;
+        let (f, limit) = self.function(k)?;
+        if cfg.shared_bytes > limit {
+            cu_check(
+                cu::cuFuncSetAttribute(f, cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_bytes as i32),
+                &format!("{}: {} bytes of dynamic shared memory", k.name, cfg.shared_bytes),
+            )?;
+            self.functions.lock().unwrap().insert(k.name, (f as usize, cfg.shared_bytes));
+        }
+        let (gx, gy, gz) = cfg.grid;
+        let (bx, by, bz) = cfg.block;
+        cu_check(
+            cu::cuLaunchKernel(f, gx, gy, gz, bx, by, bz, cfg.shared_bytes, self.h.stream, params.as_mut_ptr(), std::ptr::null_mut()),
+            &format!("launch {}", k.name),
+        )
+    }
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        self.bind()?;
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: hand cuBLAS (B, A) with
+        // m and n swapped; a row-major matrix with row stride ld is its transpose, column-major.
+        let op = |t: bool| if t { cublas::cublasOperation_t::CUBLAS_OP_T } else { cublas::cublasOperation_t::CUBLAS_OP_N };
+        let ty = dtype_code(g.dtype)?;
+        let (alpha, beta) = (g.alpha, g.beta);
+        cublas_check(
+            cublas::cublasGemmStridedBatchedEx(
+                self.h.blas,
+                op(g.trans_b),
+                op(g.trans_a),
+                g.n as i32,
+                g.m as i32,
+                g.k as i32,
+                &alpha as *const f32 as *const c_void,
+                g.b as *const c_void,
+                ty,
+                g.ldb as i32,
+                g.stride_b as i64,
+                g.a as *const c_void,
+                ty,
+                g.lda as i32,
+                g.stride_a as i64,
+                &beta as *const f32 as *const c_void,
+                g.c as *mut c_void,
+                ty,
+                g.ldc as i32,
+                g.stride_c as i64,
+                g.batch as i32,
+                cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            ),
+            "cublasGemmStridedBatchedEx",
+        )
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        cu_check(unsafe { cu::cuStreamSynchronize(self.h.stream) }, "cuStreamSynchronize")
+    }
+}
+
+impl Drop for CudaDriver {
+    fn drop(&mut self) {
+        unsafe {
+            if self.bind().is_ok() {
+                let _ = cu::cuStreamSynchronize(self.h.stream);
+                for (_, &m) in self.modules.lock().unwrap().iter() {
+                    let _ = cu::cuModuleUnload(m as cu::CUmodule);
+                }
+                let _ = cublas::cublasDestroy_v2(self.h.blas);
+                let _ = cu::cuStreamDestroy_v2(self.h.stream);
+                let _ = cu::cuDevicePrimaryCtxRelease_v2(self.dev);
+            }
+        }
+        let _ = self.ordinal;
+    }
+}

@@ -1,0 +1,85 @@
+//! Launch wrappers for the kernels that are not a model op: fused AdamW, dtype casts, and the
+//! deterministic sum of squares (gradient norm).
+
+use anyhow::{bail, ensure, Result};
+
+use super::{GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
+use crate::tensor::DType;
+
+/// AdamW hyper-parameters of one step (`step` counts from 1).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u32,
+    /// Multiplies the gradient (global-norm clipping).
+    pub grad_scale: f32,
+}
+
+/// One fused AdamW step on f32 `params`/`m`/`v` with `grad` (f32 or bf16), optionally writing a
+/// bf16 copy of the new weights into `copy`.
+pub fn adamw_step(dev: &GpuDevice, h: &AdamW, params: &GpuBuffer, m: &GpuBuffer, v: &GpuBuffer, grad: &GpuBuffer,
+                  grad_dtype: DType, copy: Option<&GpuBuffer>, n: usize) -> Result<()> {
+    ensure!(params.bytes() >= n * 4 && m.bytes() >= n * 4 && v.bytes() >= n * 4, "adamw: state buffers too small");
+    ensure!(grad.bytes() >= n * grad_dtype.size(), "adamw: grad too small");
+    ensure!(h.step >= 1, "adamw: step counts from 1");
+    if n == 0 {
+        return Ok(());
+    }
+    let name = match grad_dtype {
+        DType::F32 => "adamw_f32",
+        DType::BF16 => "adamw_bf16grad",
+        DType::F16 => bail!("adamw: f16 gradients are not supported"),
+    };
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+    let mut a = KernelArgs::new();
+    a.buf(params).buf(m).buf(v).buf(grad).opt(copy).i64(n as i64).f32(h.lr).f32(h.beta1).f32(h.beta2).f32(h.eps)
+        .f32(h.weight_decay).f32(bc1 as f32).f32(bc2 as f32).f32(h.grad_scale);
+    dev.launch(Kernel::new("adamw.cu", name), LaunchCfg::elementwise(n), &mut a)
+}
+
+/// `out = cast(input)` over `n` elements (f32, bf16, f16 in any pair; same dtype is a copy).
+pub fn cast(dev: &GpuDevice, input: &GpuBuffer, from: DType, out: &GpuBuffer, to: DType, n: usize) -> Result<()> {
+    ensure!(input.bytes() >= n * from.size() && out.bytes() >= n * to.size(), "cast: buffers too small");
+    if n == 0 {
+        return Ok(());
+    }
+    let name = match (from, to) {
+        (DType::F32, DType::BF16) => "cast_f32_bf16",
+        (DType::BF16, DType::F32) => "cast_bf16_f32",
+        (DType::F32, DType::F16) => "cast_f32_f16",
+        (DType::F16, DType::F32) => "cast_f16_f32",
+        (DType::BF16, DType::F16) => "cast_bf16_f16",
+        (DType::F16, DType::BF16) => "cast_f16_bf16",
+        _ => {
+            return unsafe { dev.driver().dtod(input.ptr(), out.ptr(), n * from.size()) };
+        }
+    };
+    let mut a = KernelArgs::new();
+    a.buf(input).buf(out).i64(n as i64);
+    dev.launch(Kernel::new("cast.cu", name), LaunchCfg::elementwise(n), &mut a)
+}
+
+/// `out[0] (f32) = Σ x²` (or `+=` with `accumulate`), in a fixed order: deterministic.
+pub fn sum_squares(dev: &GpuDevice, x: &GpuBuffer, dtype: DType, n: usize, out: &GpuBuffer, accumulate: bool) -> Result<()> {
+    ensure!(x.bytes() >= n * dtype.size() && out.bytes() >= 4, "sum_squares: buffers too small");
+    let blocks = n.div_ceil(256).clamp(1, 1024);
+    let partial = dev.zeros(blocks * 4)?;
+    let name = match dtype {
+        DType::F32 => "sumsq_partial_f32",
+        DType::BF16 => "sumsq_partial_bf16",
+        DType::F16 => bail!("sum_squares: f16 not supported"),
+    };
+    if n > 0 {
+        let mut a = KernelArgs::new();
+        a.buf(x).i64(n as i64).buf(&partial);
+        dev.launch(Kernel::new("cast.cu", name), LaunchCfg::linear(blocks as u32, 256), &mut a)?;
+    }
+    let mut a = KernelArgs::new();
+    a.buf(&partial).i32(blocks as i32).buf(out).i32(accumulate as i32);
+    dev.launch(Kernel::new("cast.cu", "sum_f32"), LaunchCfg::linear(1, 1024), &mut a)
+}

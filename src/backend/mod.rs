@@ -1,0 +1,431 @@
+//! GPU devices: `cuda` (a real GPU through cudarc: NVRTC -> CUBIN, cuBLAS, stream-ordered memory)
+//! and `emu` (the same kernels compiled as C++ by build.rs and run on the CPU with the CUDA
+//! execution model emulated). Both sit behind one [`Driver`] trait, so every launch site
+//! (`src/ops/*/gpu.rs`) is the same code for both: it builds a [`KernelArgs`] (the `void**`
+//! argument list `cuLaunchKernel` takes) and calls [`GpuDevice::launch`].
+
+use std::ffi::c_void;
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Result};
+use half::bf16;
+
+use crate::tensor::DType;
+
+pub mod cuda;
+pub mod emu;
+pub mod misc;
+pub mod nvrtc;
+pub mod sources;
+
+pub mod ops;
+pub mod roofline;
+
+/// Which driver runs a [`GpuDevice`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GpuKind {
+    Cuda,
+    Emu,
+}
+
+/// A kernel: an `extern "C" __global__` function `name` in `kernels/<file>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Kernel {
+    pub file: &'static str,
+    pub name: &'static str,
+}
+
+impl Kernel {
+    pub const fn new(file: &'static str, name: &'static str) -> Kernel {
+        Kernel { file, name }
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchCfg {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+impl LaunchCfg {
+    /// 1-D launch: `grid` blocks of `block` threads.
+    pub fn linear(grid: u32, block: u32) -> LaunchCfg {
+        LaunchCfg { grid: (grid.max(1), 1, 1), block: (block, 1, 1), shared_bytes: 0 }
+    }
+    /// Grid-stride elementwise launch over `n` elements with 256-thread blocks.
+    pub fn elementwise(n: usize) -> LaunchCfg {
+        let blocks = n.div_ceil(256).clamp(1, 65535 * 4) as u32;
+        LaunchCfg::linear(blocks, 256)
+    }
+    pub fn with_shared(mut self, bytes: u32) -> LaunchCfg {
+        self.shared_bytes = bytes;
+        self
+    }
+}
+
+/// The argument list of one launch: one 8-byte slot per kernel parameter, in order, passed to
+/// the driver as `void**` (pointers to the slots), exactly as `cuLaunchKernel(kernelParams)`
+/// wants it. Device pointers are `u64` (CUdeviceptr on cuda, a host address on emu); scalars sit
+/// in the low bytes of their slot (little-endian), so a pointer to the slot is a pointer to them.
+#[derive(Default, Debug)]
+pub struct KernelArgs {
+    slots: Vec<u64>,
+}
+
+impl KernelArgs {
+    pub fn new() -> KernelArgs {
+        KernelArgs { slots: Vec::with_capacity(16) }
+    }
+    pub fn ptr(&mut self, p: u64) -> &mut Self {
+        self.slots.push(p);
+        self
+    }
+    pub fn buf(&mut self, b: &GpuBuffer) -> &mut Self {
+        self.ptr(b.ptr)
+    }
+    /// Device pointer `offset_bytes` into `b`.
+    pub fn buf_at(&mut self, b: &GpuBuffer, offset_bytes: usize) -> &mut Self {
+        self.ptr(b.ptr + offset_bytes as u64)
+    }
+    /// A null pointer (an optional input the kernel skips).
+    pub fn null(&mut self) -> &mut Self {
+        self.ptr(0)
+    }
+    /// An optional buffer: its pointer, or null.
+    pub fn opt(&mut self, b: Option<&GpuBuffer>) -> &mut Self {
+        self.ptr(b.map_or(0, |b| b.ptr))
+    }
+    pub fn i32(&mut self, v: i32) -> &mut Self {
+        self.slots.push(v as u32 as u64);
+        self
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.slots.push(v as u64);
+        self
+    }
+    pub fn i64(&mut self, v: i64) -> &mut Self {
+        self.slots.push(v as u64);
+        self
+    }
+    pub fn f32(&mut self, v: f32) -> &mut Self {
+        self.slots.push(v.to_bits() as u64);
+        self
+    }
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+    /// The `void**` list; valid while `self` is neither moved nor changed.
+    pub fn as_params(&mut self) -> Vec<*mut c_void> {
+        self.slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect()
+    }
+}
+
+/// Row-major GEMM, optionally strided-batched:
+/// `C[b] (m x n) = alpha * op(A[b]) (m x k) * op(B[b]) (k x n) + beta * C[b]`,
+/// `op(X) = X^T` when `trans_x`. `lda/ldb/ldc` are row strides in elements of the stored
+/// matrices, `stride_*` the element distance between batch entries. A, B, C share `dtype`;
+/// accumulation is f32 (bf16 in, f32 accumulate on cuda: cuBLAS `CUBLAS_COMPUTE_32F`).
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub dtype: DType,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub trans_a: bool,
+    pub b: u64,
+    pub ldb: usize,
+    pub trans_b: bool,
+    pub c: u64,
+    pub ldc: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// A plain, contiguous `C = A * op(B)` (no batch), lds from the shapes.
+    pub fn simple(dtype: DType, m: usize, n: usize, k: usize, a: u64, b: u64, trans_b: bool, c: u64) -> Gemm {
+        Gemm {
+            dtype,
+            m,
+            n,
+            k,
+            a,
+            lda: k,
+            trans_a: false,
+            b,
+            ldb: if trans_b { k } else { n },
+            trans_b,
+            c,
+            ldc: n,
+            alpha: 1.0,
+            beta: 0.0,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+}
+
+/// What a device does. Implemented by [`cuda::CudaDriver`] and [`emu::EmuDriver`].
+///
+/// # Safety
+/// Pointers are raw device addresses: callers (the safe wrappers on [`GpuDevice`] and the
+/// launch wrappers) guarantee that they point into live allocations of this device of the
+/// stated size.
+pub trait Driver: Send + Sync {
+    fn kind(&self) -> GpuKind;
+    /// Human-readable name: GPU model and arch, or "emu".
+    fn name(&self) -> String;
+    fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// # Safety
+    /// `ptr` came from `alloc` of this driver with the same `bytes`, and is not used again.
+    unsafe fn free(&self, ptr: u64, bytes: usize);
+    /// # Safety
+    /// `dst..dst+src.len()` lies in a live allocation.
+    unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()>;
+    /// # Safety
+    /// `src..src+dst.len()` lies in a live allocation.
+    unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+    /// # Safety
+    /// Both ranges lie in live allocations.
+    unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()>;
+    /// # Safety
+    /// The range lies in a live allocation.
+    unsafe fn memset_zero(&self, dst: u64, bytes: usize) -> Result<()>;
+    /// Launch `k` with the `void**` list `params` (one pointer per kernel parameter).
+    /// # Safety
+    /// `params` matches the kernel's signature and every pointer argument is valid for it.
+    unsafe fn launch(&self, k: Kernel, cfg: LaunchCfg, params: &mut [*mut c_void]) -> Result<()>;
+    /// # Safety
+    /// The matrices lie in live allocations of the sizes the spec implies.
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()>;
+    /// Wait for all queued work.
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// A GPU device (cuda or emu). Cheap to clone.
+#[derive(Clone)]
+pub struct GpuDevice(Arc<dyn Driver>);
+
+impl fmt::Debug for GpuDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GpuDevice({:?}: {})", self.kind(), self.0.name())
+    }
+}
+
+impl GpuDevice {
+    /// The emulated device (always available).
+    pub fn emu() -> GpuDevice {
+        GpuDevice(Arc::new(emu::EmuDriver::new()))
+    }
+
+    /// CUDA device `ordinal`. A clear error (never a panic) when there is no driver or GPU.
+    pub fn cuda(ordinal: usize) -> Result<GpuDevice> {
+        Ok(GpuDevice(Arc::new(cuda::CudaDriver::new(ordinal)?)))
+    }
+
+    /// Whether `cuda(0)` can work here: libcuda, libnvrtc and libcublas load and a GPU exists.
+    pub fn cuda_available() -> bool {
+        cuda::available().is_ok()
+    }
+
+    pub fn kind(&self) -> GpuKind {
+        self.0.kind()
+    }
+    pub fn name(&self) -> String {
+        self.0.name()
+    }
+    pub fn driver(&self) -> &dyn Driver {
+        &*self.0
+    }
+
+    /// The one launch path: NVTX range named after the kernel, then the driver launch.
+    pub fn launch(&self, k: Kernel, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()> {
+        let (bx, by, bz) = cfg.block;
+        ensure!(bx * by * bz > 0 && bx * by * bz <= 1024, "{}: block {:?} has no threads or more than 1024", k.name, cfg.block);
+        let (gx, gy, gz) = cfg.grid;
+        ensure!(gx > 0 && gy > 0 && gz > 0 && gy <= 65535 && gz <= 65535, "{}: bad grid {:?}", k.name, cfg.grid);
+        let _range = nvtx_range(k.name);
+        let mut params = args.as_params();
+        unsafe { self.0.launch(k, cfg, &mut params) }
+    }
+
+    pub fn gemm(&self, g: &Gemm) -> Result<()> {
+        ensure!(matches!(g.dtype, DType::F32 | DType::BF16), "gemm: dtype {:?} is not supported", g.dtype);
+        ensure!(g.batch >= 1, "gemm: batch 0");
+        let _range = nvtx_range("gemm");
+        unsafe { self.0.gemm(g) }
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.0.synchronize()
+    }
+
+    /// Uninitialised buffer of `bytes` bytes.
+    pub fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
+        let ptr = self.0.alloc(bytes.max(1))?;
+        Ok(GpuBuffer { ptr, bytes, dev: self.clone() })
+    }
+    pub fn zeros(&self, bytes: usize) -> Result<GpuBuffer> {
+        let b = self.alloc(bytes)?;
+        unsafe { self.0.memset_zero(b.ptr, bytes)? };
+        Ok(b)
+    }
+    pub fn upload_bytes(&self, data: &[u8]) -> Result<GpuBuffer> {
+        let b = self.alloc(data.len())?;
+        unsafe { self.0.htod(data, b.ptr)? };
+        Ok(b)
+    }
+    pub fn upload_f32(&self, data: &[f32]) -> Result<GpuBuffer> {
+        self.upload_bytes(bytemuck::cast_slice(data))
+    }
+    pub fn upload_i32(&self, data: &[i32]) -> Result<GpuBuffer> {
+        self.upload_bytes(bytemuck::cast_slice(data))
+    }
+    pub fn upload_bf16(&self, data: &[bf16]) -> Result<GpuBuffer> {
+        self.upload_bytes(bytemuck::cast_slice(data))
+    }
+    /// Upload f32 values stored as `dtype` (F32 or BF16).
+    pub fn upload_as(&self, data: &[f32], dtype: DType) -> Result<GpuBuffer> {
+        match dtype {
+            DType::F32 => self.upload_f32(data),
+            DType::BF16 => self.upload_bf16(&data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
+            DType::F16 => {
+                let v: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                self.upload_bytes(bytemuck::cast_slice(&v))
+            }
+        }
+    }
+}
+
+/// A device allocation. Freed on drop (stream-ordered on cuda).
+pub struct GpuBuffer {
+    ptr: u64,
+    bytes: usize,
+    dev: GpuDevice,
+}
+
+impl fmt::Debug for GpuBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GpuBuffer({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl GpuBuffer {
+    /// Device address (CUdeviceptr on cuda, host address on emu).
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn device(&self) -> &GpuDevice {
+        &self.dev
+    }
+    pub fn download_bytes(&self) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.bytes];
+        unsafe { self.dev.0.dtoh(self.ptr, &mut v)? };
+        Ok(v)
+    }
+    pub fn download_f32(&self) -> Result<Vec<f32>> {
+        ensure!(self.bytes % 4 == 0, "download_f32 of {} bytes", self.bytes);
+        let mut v = vec![0f32; self.bytes / 4];
+        unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
+        Ok(v)
+    }
+    pub fn download_i32(&self) -> Result<Vec<i32>> {
+        ensure!(self.bytes % 4 == 0, "download_i32 of {} bytes", self.bytes);
+        let mut v = vec![0i32; self.bytes / 4];
+        unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
+        Ok(v)
+    }
+    pub fn download_bf16(&self) -> Result<Vec<bf16>> {
+        ensure!(self.bytes % 2 == 0, "download_bf16 of {} bytes", self.bytes);
+        let mut v = vec![bf16::ZERO; self.bytes / 2];
+        unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
+        Ok(v)
+    }
+    /// Values stored as `dtype`, widened to f32.
+    pub fn download_as_f32(&self, dtype: DType) -> Result<Vec<f32>> {
+        Ok(match dtype {
+            DType::F32 => self.download_f32()?,
+            DType::BF16 => self.download_bf16()?.iter().map(|x| x.to_f32()).collect(),
+            DType::F16 => {
+                let b = self.download_bytes()?;
+                let v: &[half::f16] = bytemuck::cast_slice(&b);
+                v.iter().map(|x| x.to_f32()).collect()
+            }
+        })
+    }
+    /// Overwrite the buffer from host bytes (same length).
+    pub fn write_bytes(&self, data: &[u8]) -> Result<()> {
+        ensure!(data.len() == self.bytes, "write of {} bytes into a buffer of {}", data.len(), self.bytes);
+        unsafe { self.dev.0.htod(data, self.ptr) }
+    }
+    pub fn copy_from(&self, src: &GpuBuffer) -> Result<()> {
+        if src.bytes != self.bytes {
+            bail!("copy of {} bytes into a buffer of {}", src.bytes, self.bytes);
+        }
+        unsafe { self.dev.0.dtod(src.ptr, self.ptr, self.bytes) }
+    }
+    pub fn zero(&self) -> Result<()> {
+        unsafe { self.dev.0.memset_zero(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        unsafe { self.dev.0.free(self.ptr, self.bytes.max(1)) }
+    }
+}
+
+/// An NVTX range for the duration of the returned guard. Ranges are pushed only when a profiler
+/// is attached (Nsight Systems sets `NVTX_INJECTION64_PATH`; `FCGPU_NVTX=1` forces them on), so
+/// without one a launch pays a single cached boolean check and no allocation.
+pub fn nvtx_range(name: &str) -> NvtxRange {
+    if nvtx_enabled() {
+        nvtx::range_push!("{}", name);
+        NvtxRange(true)
+    } else {
+        NvtxRange(false)
+    }
+}
+
+pub fn nvtx_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var_os("NVTX_INJECTION64_PATH").is_some() || std::env::var("FCGPU_NVTX").is_ok_and(|v| v == "1")
+    })
+}
+
+pub struct NvtxRange(bool);
+
+impl Drop for NvtxRange {
+    fn drop(&mut self) {
+        if self.0 {
+            nvtx::range_pop!();
+        }
+    }
+}
+
+/// Element size of the storage types kernels take.
+pub fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => bail!("f16 kernels are not provided (only casts); use bf16 or f32"),
+    })
+}

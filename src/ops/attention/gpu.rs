@@ -1,0 +1,131 @@
+//! Attention on a GPU device: FlashAttention-2 forward/backward (`kernels/flash_attn.cu`, tensor
+//! cores through mma.sync) over packed variable-length sequences, and decode attention over a
+//! KV cache (`kernels/decode_attn.cu`).
+
+use anyhow::{bail, ensure, Result};
+
+use crate::backend::misc::cast;
+use crate::backend::{GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
+use crate::tensor::DType;
+
+/// Query / key rows per block of the kernels.
+const BM_FWD: usize = 64;
+const BN: usize = 64;
+
+fn bm_bwd(head_dim: usize) -> usize {
+    if head_dim == 128 { 16 } else { 64 }
+}
+
+/// Dynamic shared memory of `fa_fwd_d{D}`.
+pub fn fwd_smem(head_dim: usize) -> usize {
+    (BM_FWD + 2 * BN) * (head_dim + 8) * 2
+}
+
+/// Dynamic shared memory of `fa_bwd_d{D}`.
+pub fn bwd_smem(head_dim: usize) -> usize {
+    let bm = bm_bwd(head_dim);
+    (2 * BN + 2 * bm) * (head_dim + 8) * 2 + BN * (bm + 8) * 2 + 2 * bm * 4
+}
+
+/// `cu_seqlens` (n_seq + 1 offsets) of packed sequences given as (start, len); they must be
+/// contiguous and in order. Also returns the longest length.
+pub fn cu_seqlens(seqs: &[(usize, usize)]) -> Result<(Vec<i32>, usize)> {
+    let mut cu = Vec::with_capacity(seqs.len() + 1);
+    cu.push(seqs.first().map_or(0, |s| s.0) as i32);
+    for &(s, l) in seqs {
+        ensure!(s as i32 == *cu.last().unwrap(), "sequences must be packed back to back (cu_seqlens)");
+        cu.push((s + l) as i32);
+    }
+    Ok((cu, seqs.iter().map(|s| s.1).max().unwrap_or(0)))
+}
+
+/// Shapes of one flash-attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct FlashDims {
+    /// Total packed tokens (rows of q, k, v).
+    pub tokens: usize,
+    pub n_seq: usize,
+    pub max_len: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl FlashDims {
+    fn check(&self) -> Result<&'static str> {
+        ensure!(self.kv_heads > 0 && self.q_heads % self.kv_heads == 0, "q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads);
+        ensure!(self.q_heads <= 65535 && self.n_seq <= 65535, "too many heads or sequences for one launch");
+        Ok(match self.head_dim {
+            64 => "64",
+            128 => "128",
+            d => bail!("flash attention supports head_dim 64 and 128, not {d}"),
+        })
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+/// Causal GQA forward: `o` (bf16, like q) and `lse` (f32 `[tokens, q_heads]`).
+/// `cu_seqlens`: i32 device buffer of n_seq + 1 offsets.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_fwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
+                      o: &GpuBuffer, lse: &GpuBuffer) -> Result<()> {
+    let dim = d.check()?;
+    ensure!(q.bytes() >= d.tokens * d.q_heads * d.head_dim * 2 && o.bytes() >= q.bytes().min(d.tokens * d.q_heads * d.head_dim * 2), "flash_attn_fwd: q/o too small");
+    ensure!(k.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2 && v.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2, "flash_attn_fwd: k/v too small");
+    ensure!(lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4, "flash_attn_fwd: lse/cu_seqlens too small");
+    if d.n_seq == 0 || d.max_len == 0 {
+        return Ok(());
+    }
+    let name = if dim == "64" { "fa_fwd_d64" } else { "fa_fwd_d128" };
+    let cfg = LaunchCfg { grid: (d.max_len.div_ceil(BM_FWD) as u32, d.q_heads as u32, d.n_seq as u32), block: (128, 1, 1), shared_bytes: fwd_smem(d.head_dim) as u32 };
+    let mut a = KernelArgs::new();
+    a.buf(q).buf(k).buf(v).buf(o).buf(lse).buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(d.scale());
+    dev.launch(Kernel::new("flash_attn.cu", name), cfg, &mut a)
+}
+
+/// Backward: `dq`, `dk`, `dv` (bf16) from `dout`, the forward's `o` and `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_bwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
+                      o: &GpuBuffer, lse: &GpuBuffer, dout: &GpuBuffer, dq: &GpuBuffer, dk: &GpuBuffer, dv: &GpuBuffer) -> Result<()> {
+    let dim = d.check()?;
+    let nq = d.tokens * d.q_heads * d.head_dim;
+    ensure!(dout.bytes() >= nq * 2 && dq.bytes() >= nq * 2 && o.bytes() >= nq * 2, "flash_attn_bwd: buffers too small");
+    ensure!(dk.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2 && dv.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2, "flash_attn_bwd: dk/dv too small");
+    if d.n_seq == 0 || d.max_len == 0 {
+        return Ok(());
+    }
+    let rows = d.tokens * d.q_heads;
+    let delta = dev.alloc(rows * 4)?;
+    let mut a = KernelArgs::new();
+    a.buf(o).buf(dout).buf(&delta).i64(rows as i64).i32(d.head_dim as i32);
+    dev.launch(Kernel::new("flash_attn.cu", "fa_bwd_dot"), LaunchCfg::linear(rows.div_ceil(8) as u32, 256), &mut a)?;
+    let dq32 = dev.zeros(nq * 4)?;
+    let name = if dim == "64" { "fa_bwd_d64" } else { "fa_bwd_d128" };
+    let cfg = LaunchCfg { grid: (d.max_len.div_ceil(BN) as u32, d.kv_heads as u32, d.n_seq as u32), block: (128, 1, 1), shared_bytes: bwd_smem(d.head_dim) as u32 };
+    let mut a = KernelArgs::new();
+    a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(&dq32).buf(dk).buf(dv).buf(cu_seqlens)
+        .i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(d.scale());
+    dev.launch(Kernel::new("flash_attn.cu", name), cfg, &mut a)?;
+    cast(dev, &dq32, DType::F32, dq, DType::BF16, nq)
+}
+
+/// One query token per sequence against the KV cache `[batch, max_len, kv_heads, head_dim]`
+/// (bf16); `lens` (i32 `[batch]`) keys per sequence. Writes `o` `[batch, q_heads, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attn(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache: &GpuBuffer, lens: &GpuBuffer, o: &GpuBuffer,
+                   batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_len: usize) -> Result<()> {
+    ensure!(head_dim <= 256 && head_dim > 0, "decode attention supports head_dim up to 256");
+    ensure!(kv_heads > 0 && q_heads % kv_heads == 0, "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
+    ensure!(k_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2 && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2, "decode_attn: cache too small");
+    ensure!(q.bytes() >= batch * q_heads * head_dim * 2 && o.bytes() >= batch * q_heads * head_dim * 2 && lens.bytes() >= batch * 4, "decode_attn: buffers too small");
+    if batch == 0 {
+        return Ok(());
+    }
+    let mut a = KernelArgs::new();
+    a.buf(q).buf(k_cache).buf(v_cache).buf(lens).buf(o).i32(q_heads as i32).i32(kv_heads as i32).i32(head_dim as i32)
+        .i32(max_len as i32).f32(1.0 / (head_dim as f32).sqrt());
+    let cfg = LaunchCfg { grid: (q_heads as u32, batch as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
+    dev.launch(Kernel::new("decode_attn.cu", "decode_attn_bf16"), cfg, &mut a)
+}

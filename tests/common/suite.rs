@@ -1,0 +1,571 @@
+//! The kernel test suite, run on the emu device (tests/gpu_emu.rs) and on a real GPU
+//! (tests/gpu_cuda.rs): every kernel against the CPU op or a straightforward f64 reference.
+//! Tolerances: f32 kernels ~1e-5 relative; bf16 storage ~2e-2 relative (8-bit mantissa).
+#![allow(dead_code)]
+
+use fcgpu::backend::GpuDevice;
+use fcgpu::DType;
+
+use super::*;
+
+pub fn swiglu_fwd_bwd(d: &GpuDevice) {
+    use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
+    for &n in &[1usize, 255, 257, 1000] {
+        let g = randn(n, 1, 2.0);
+        let u = randn(n, 2, 1.0);
+        let dout = randn(n, 3, 1.0);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let want: Vec<f64> = (0..n).map(|i| g[i] as f64 * sig(g[i] as f64) * u[i] as f64).collect();
+        let want_dg: Vec<f64> = (0..n)
+            .map(|i| {
+                let (x, s) = (g[i] as f64, sig(g[i] as f64));
+                dout[i] as f64 * u[i] as f64 * s * (1.0 + x * (1.0 - s))
+            })
+            .collect();
+        let want_du: Vec<f64> = (0..n).map(|i| dout[i] as f64 * g[i] as f64 * sig(g[i] as f64)).collect();
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let (gb, ub, db) = (up(&d, &g, dt), up(&d, &u, dt), up(&d, &dout, dt));
+            let out = d.zeros(n * dt.size()).unwrap();
+            swiglu_fwd(&d, dt, &gb, &ub, &out, n).unwrap();
+            assert_close(&down(&out, dt), &want, tol, &format!("swiglu fwd {dt:?} n={n}"));
+            let (dg, du) = (d.zeros(n * dt.size()).unwrap(), d.zeros(n * dt.size()).unwrap());
+            swiglu_bwd(&d, dt, &gb, &ub, &db, &dg, &du, n).unwrap();
+            assert_close(&down(&dg, dt), &want_dg, tol, &format!("swiglu dgate {dt:?} n={n}"));
+            assert_close(&down(&du, dt), &want_du, tol, &format!("swiglu dup {dt:?} n={n}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the execution model itself
+
+pub fn shared_memory_is_per_block_and_barriers_hold(d: &GpuDevice) {
+    use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
+    for &(blocks, n) in &[(1usize, 1usize), (7, 96), (5, 1024), (9, 33)] {
+        let input: Vec<i32> = (0..(blocks * n) as i32).map(|x| x * 7 + 3).collect();
+        let ib = d.upload_i32(&input).unwrap();
+        let ob = d.zeros(input.len() * 4).unwrap();
+        let mut a = KernelArgs::new();
+        a.buf(&ib).buf(&ob);
+        d.launch(Kernel::new("selftest.cu", "selftest_block_reverse"), LaunchCfg::linear(blocks as u32, n as u32), &mut a).unwrap();
+        let out = ob.download_i32().unwrap();
+        for b in 0..blocks {
+            for t in 0..n {
+                assert_eq!(out[b * n + t], input[b * n + n - 1 - t], "block {b} thread {t} (n={n})");
+            }
+        }
+        // dynamic shared memory scan, many barriers
+        let x: Vec<f32> = (0..blocks * n).map(|i| (i % 13) as f32 - 6.0).collect();
+        let xb = d.upload_f32(&x).unwrap();
+        let yb = d.zeros(x.len() * 4).unwrap();
+        let mut a = KernelArgs::new();
+        a.buf(&xb).buf(&yb);
+        let cfg = LaunchCfg::linear(blocks as u32, n as u32).with_shared((n * 4) as u32);
+        d.launch(Kernel::new("selftest.cu", "selftest_scan"), cfg, &mut a).unwrap();
+        let y = yb.download_f32().unwrap();
+        for b in 0..blocks {
+            let mut s = 0.0;
+            for t in 0..n {
+                s += x[b * n + t];
+                assert_eq!(y[b * n + t], s, "scan block {b} thread {t}");
+            }
+        }
+    }
+}
+
+pub fn warp_shuffles_votes_and_atomics(d: &GpuDevice) {
+    use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
+    let v: Vec<i32> = (0..64).map(|i| i * i % 37).collect();
+    let ib = d.upload_i32(&v).unwrap();
+    let bufs: Vec<_> = (0..6).map(|_| d.zeros(64 * 4).unwrap()).collect();
+    let total = d.zeros(4).unwrap();
+    let mut a = KernelArgs::new();
+    a.buf(&ib);
+    for b in &bufs {
+        a.buf(b);
+    }
+    a.buf(&total);
+    d.launch(Kernel::new("selftest.cu", "selftest_warp"), LaunchCfg::linear(1, 64), &mut a).unwrap();
+    let (x, dn, bc, upv) = (bufs[0].download_i32().unwrap(), bufs[1].download_i32().unwrap(), bufs[2].download_i32().unwrap(), bufs[3].download_i32().unwrap());
+    let ballot = bufs[4].download_i32().unwrap();
+    let ws = bufs[5].download_f32().unwrap();
+    for t in 0..64 {
+        let (w, l) = (t / 32 * 32, t % 32);
+        assert_eq!(x[t], v[w + (l ^ 16)], "xor lane {t}");
+        assert_eq!(dn[t], if l + 3 < 32 { v[t + 3] } else { v[t] }, "down lane {t}");
+        assert_eq!(bc[t], v[w + 5], "bcast lane {t}");
+        assert_eq!(upv[t], if l >= 1 { v[t - 1] } else { v[t] }, "up lane {t}");
+        let want_ballot = (0..32).filter(|&i| v[w + i] & 1 == 1).fold(0u32, |m, i| m | 1 << i);
+        assert_eq!(ballot[t] as u32, want_ballot, "ballot lane {t}");
+        assert_eq!(ws[t], v[w..w + 32].iter().sum::<i32>() as f32, "warp_sum lane {t}");
+    }
+    assert_eq!(total.download_f32().unwrap()[0], v.iter().sum::<i32>() as f32);
+}
+
+pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(d: &GpuDevice) {
+    use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
+    let a: Vec<f32> = quant(&randn(256, 11, 1.0), DType::BF16);
+    let b: Vec<f32> = quant(&randn(128, 12, 1.0), DType::BF16); // B[k][n], 16 x 8
+    let bt: Vec<f32> = (0..128).map(|i| b[(i % 16) * 8 + i / 16]).collect(); // Bt[n][k]
+    let want: Vec<f64> = (0..128)
+        .map(|i| (0..16).map(|k| a[(i / 8) * 16 + k] as f64 * b[k * 8 + i % 8] as f64).sum())
+        .collect();
+    let (ab, bb, btb) = (up(&d, &a, DType::BF16), up(&d, &b, DType::BF16), up(&d, &bt, DType::BF16));
+    let d0 = d.zeros(512).unwrap();
+    let mut args = KernelArgs::new();
+    args.buf(&ab).buf(&btb).buf(&d0);
+    d.launch(Kernel::new("selftest.cu", "selftest_mma_direct"), LaunchCfg::linear(1, 32), &mut args).unwrap();
+    assert_close(&d0.download_f32().unwrap(), &want, 1e-5, "mma direct");
+    let (d1, d2) = (d.zeros(512).unwrap(), d.zeros(512).unwrap());
+    let mut args = KernelArgs::new();
+    args.buf(&ab).buf(&btb).buf(&bb).buf(&d1).buf(&d2);
+    d.launch(Kernel::new("selftest.cu", "selftest_mma_ldmatrix"), LaunchCfg::linear(1, 32), &mut args).unwrap();
+    assert_close(&d1.download_f32().unwrap(), &want, 1e-5, "mma via ldmatrix");
+    assert_close(&d2.download_f32().unwrap(), &want, 1e-5, "mma via ldmatrix.trans");
+}
+
+// ---------------------------------------------------------------- model ops vs the CPU ops
+
+const DTS: [(DType, f64); 2] = [(DType::F32, 2e-5), (DType::BF16, 2e-2)];
+
+pub fn swiglu_matches_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
+    use fcgpu::ops::swiglu::cpu;
+    for &n in &[1usize, 777] {
+        for (dt, tol) in DTS {
+            let (g, u, dy) = (quant(&randn(n, 4, 2.0), dt), quant(&randn(n, 5, 1.0), dt), quant(&randn(n, 6, 1.0), dt));
+            let (gb, ub, db) = (up(&d, &g, dt), up(&d, &u, dt), up(&d, &dy, dt));
+            let out = d.zeros(n * dt.size()).unwrap();
+            swiglu_fwd(&d, dt, &gb, &ub, &out, n).unwrap();
+            assert_close(&down(&out, dt), &cpu::forward(&g, &u), tol, "swiglu fwd");
+            let (dg, du) = (d.zeros(n * dt.size()).unwrap(), d.zeros(n * dt.size()).unwrap());
+            swiglu_bwd(&d, dt, &gb, &ub, &db, &dg, &du, n).unwrap();
+            let (wg, wu) = cpu::backward(&g, &u, &dy);
+            assert_close(&down(&dg, dt), &wg, tol, "swiglu dgate");
+            assert_close(&down(&du, dt), &wu, tol, "swiglu dup");
+        }
+    }
+}
+
+pub fn rms_norm_matches_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd};
+    use fcgpu::ops::rms_norm::cpu;
+    for &(rows, dim) in &[(1usize, 1usize), (3, 257), (5, 64)] {
+        for (dt, tol) in DTS {
+            let x = quant(&randn(rows * dim, 7, 1.5), dt);
+            let w = quant(&randn(dim, 8, 1.0).iter().map(|v| v + 1.0).collect::<Vec<_>>(), dt);
+            let dy = quant(&randn(rows * dim, 9, 1.0), dt);
+            let (xb, wb, dyb) = (up(&d, &x, dt), up(&d, &w, dt), up(&d, &dy, dt));
+            let y = d.zeros(rows * dim * dt.size()).unwrap();
+            let rstd = d.zeros(rows * 4).unwrap();
+            rms_norm_fwd(&d, dt, &xb, &wb, &y, &rstd, rows, dim, 1e-6).unwrap();
+            assert_close(&down(&y, dt), &cpu::forward(&x, &w, 1e-6), tol, &format!("rmsnorm fwd {dt:?} {rows}x{dim}"));
+            let dx = d.zeros(rows * dim * dt.size()).unwrap();
+            let dw = d.zeros(dim * 4).unwrap();
+            rms_norm_bwd(&d, dt, &xb, &wb, &dyb, &rstd, &dx, &dw, rows, dim, false).unwrap();
+            let (wdx, wdw) = cpu::backward(&x, &w, &dy, 1e-6);
+            assert_close(&down(&dx, dt), &wdx, tol * 2.0, &format!("rmsnorm dx {dt:?} {rows}x{dim}"));
+            assert_close(&dw.download_f32().unwrap(), &wdw, tol, &format!("rmsnorm dw {dt:?} {rows}x{dim}"));
+        }
+    }
+}
+
+pub fn rope_matches_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::rope::rope;
+    use fcgpu::ops::rope::{cpu, RopeTable};
+    let (tokens, heads, hd) = (5usize, 3usize, 16usize);
+    let table = RopeTable::new(hd, 10000.0, None);
+    let positions: Vec<u32> = vec![0, 1, 2, 7, 4096];
+    let (mut cs, mut sn) = (Vec::new(), Vec::new());
+    for &p in &positions {
+        let (c, s) = table.cos_sin(p);
+        cs.extend(c);
+        sn.extend(s);
+    }
+    let (cb, sb) = (d.upload_f32(&cs).unwrap(), d.upload_f32(&sn).unwrap());
+    for (dt, tol) in DTS {
+        let x = quant(&randn(tokens * heads * hd, 10, 1.0), dt);
+        let xb = up(&d, &x, dt);
+        for inverse in [false, true] {
+            let y = d.zeros(x.len() * dt.size()).unwrap();
+            rope(&d, dt, &xb, &cb, &sb, &y, tokens, heads, hd, inverse).unwrap();
+            let want = cpu::apply(&x, heads, hd, &positions, &table, inverse);
+            assert_close(&down(&y, dt), &want, tol, &format!("rope {dt:?} inverse={inverse}"));
+        }
+    }
+}
+
+pub fn embedding_matches_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::embedding::{embedding_bwd, embedding_fwd};
+    use fcgpu::ops::embedding::cpu;
+    let (vocab, dim) = (11usize, 37usize);
+    let ids: Vec<u32> = vec![3, 0, 10, 3, 3, 7];
+    let idb = d.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>()).unwrap();
+    for (dt, tol) in DTS {
+        let table = quant(&randn(vocab * dim, 13, 1.0), dt);
+        let tb = up(&d, &table, dt);
+        let out = d.zeros(ids.len() * dim * dt.size()).unwrap();
+        embedding_fwd(&d, dt, &idb, &tb, &out, ids.len(), vocab, dim).unwrap();
+        assert_eq!(down(&out, dt), cpu::forward(&table, dim, &ids), "embedding fwd is a copy");
+        let g = quant(&randn(ids.len() * dim, 14, 1.0), dt);
+        let dtab = d.zeros(vocab * dim * 4).unwrap();
+        embedding_bwd(&d, dt, &idb, &up(&d, &g, dt), &dtab, ids.len(), vocab, dim).unwrap();
+        assert_close(&dtab.download_f32().unwrap(), &cpu::backward(&g, dim, &ids, vocab), tol.min(1e-5), "embedding bwd");
+    }
+}
+
+pub fn logprob_entropy_rows_match_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
+    use fcgpu::ops::logprob::cpu;
+    // vocab not a multiple of the block, length-1 vocab, a single row
+    for &(rows, vocab, temp) in &[(3usize, 1000usize, 0.7f32), (1, 1, 1.0), (4, 257, 1.3)] {
+        for (dt, tol) in DTS {
+            let z = quant(&randn(rows * vocab, 15, 3.0), dt);
+            let targets: Vec<i32> = (0..rows).map(|r| ((r * 7919) % vocab) as i32).collect();
+            let (zb, tb) = (up(&d, &z, dt), d.upload_i32(&targets).unwrap());
+            let (lp, h, lz) = (d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap());
+            lpe_fwd(&d, dt, &zb, vocab, Some(&tb), rows, vocab, temp, Some(&lp), Some(&h), Some(&lz)).unwrap();
+            let stats: Vec<cpu::RowStats> = (0..rows).map(|r| cpu::row_stats(&z[r * vocab..(r + 1) * vocab], targets[r] as usize, 1.0 / temp)).collect();
+            let f32tol = if dt == DType::F32 { 1e-5 } else { 1e-4 }; // stats are f32 from exact inputs
+            assert_close(&lp.download_f32().unwrap(), &stats.iter().map(|s| s.logp).collect::<Vec<_>>(), f32tol, "logp");
+            assert_close(&h.download_f32().unwrap(), &stats.iter().map(|s| s.entropy).collect::<Vec<_>>(), f32tol, "entropy");
+            assert_close(&lz.download_f32().unwrap(), &stats.iter().map(|s| s.log_z).collect::<Vec<_>>(), f32tol, "logZ");
+            // backward: the CPU op's per-logit formula
+            let (gl, gh) = (randn(rows, 16, 1.0), randn(rows, 17, 1.0));
+            let dz = d.zeros(rows * vocab * dt.size()).unwrap();
+            lpe_bwd(&d, dt, &zb, vocab, Some(&tb), rows, vocab, temp, &lz, &h, Some(&d.upload_f32(&gl).unwrap()),
+                    Some(&d.upload_f32(&gh).unwrap()), &dz, vocab).unwrap();
+            let mut want = vec![0f64; rows * vocab];
+            for r in 0..rows {
+                let s = stats[r];
+                for k in 0..vocab {
+                    let logp = (z[r * vocab + k] / temp - s.log_z) as f64;
+                    let p = logp.exp();
+                    want[r * vocab + k] = (-gl[r] as f64 * p - gh[r] as f64 * p * (logp + s.entropy as f64)) / temp as f64;
+                }
+                want[r * vocab + targets[r] as usize] += gl[r] as f64 / temp as f64;
+            }
+            assert_close(&down(&dz, dt), &want, tol.max(1e-4), &format!("dlogits {dt:?} {rows}x{vocab}"));
+        }
+    }
+}
+
+pub fn logprob_ignored_targets_and_masked_vocab(d: &GpuDevice) {
+    use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
+    let vocab = 70;
+    let mut z = randn(2 * vocab, 18, 1.0);
+    for k in 0..vocab / 2 {
+        z[k] = f32::NEG_INFINITY; // masked half of row 0
+    }
+    let zb = d.upload_f32(&z).unwrap();
+    let tb = d.upload_i32(&[-1, 5]).unwrap();
+    let (lp, h, lz) = (d.zeros(8).unwrap(), d.zeros(8).unwrap(), d.zeros(8).unwrap());
+    lpe_fwd(&d, DType::F32, &zb, vocab, Some(&tb), 2, vocab, 1.0, Some(&lp), Some(&h), Some(&lz)).unwrap();
+    let lpv = lp.download_f32().unwrap();
+    assert_eq!(lpv[0], 0.0, "ignored target gives logp 0");
+    // row 0 entropy equals the entropy over the unmasked half alone
+    let live = &z[vocab / 2..vocab];
+    let m = live.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let s: f64 = live.iter().map(|&x| (x as f64 - m).exp()).sum();
+    let want_h = -live.iter().map(|&x| { let lp = x as f64 - m - s.ln(); lp.exp() * lp }).sum::<f64>();
+    assert!((h.download_f32().unwrap()[0] as f64 - want_h).abs() < 1e-5);
+    let dz = d.zeros(2 * vocab * 4).unwrap();
+    lpe_bwd(&d, DType::F32, &zb, vocab, Some(&tb), 2, vocab, 1.0, &lz, &h, Some(&d.upload_f32(&[1.0, 1.0]).unwrap()), None, &dz, vocab).unwrap();
+    let g = dz.download_f32().unwrap();
+    assert!(g[..vocab / 2].iter().all(|&x| x == 0.0), "masked logits get no gradient");
+    // ignored target: no logp gradient at all for row 0
+    assert!(g[..vocab].iter().all(|&x| x == 0.0));
+    assert!(g[vocab..].iter().sum::<f32>().abs() < 1e-5, "logp gradient sums to 0 over the vocabulary");
+}
+
+pub fn linear_logprob_entropy_matches_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::logprob::{linear_lpe_bwd, linear_lpe_fwd};
+    use fcgpu::ops::logprob::cpu;
+    let (rows, hidden, vocab, temp) = (7usize, 24usize, 301usize, 0.8f32);
+    for (dt, tol) in DTS {
+        let h = quant(&randn(rows * hidden, 19, 1.0), dt);
+        let w = quant(&randn(vocab * hidden, 20, 0.5), dt);
+        let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 37) % vocab as u32).collect();
+        let (hb, wb) = (up(&d, &h, dt), up(&d, &w, dt));
+        let tb = d.upload_i32(&targets.iter().map(|&t| t as i32).collect::<Vec<_>>()).unwrap();
+        let (lp, en, lz) = (d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap());
+        linear_lpe_fwd(&d, dt, &hb, &wb, &tb, rows, hidden, vocab, temp, 3, &lp, &en, &lz).unwrap();
+        let stats = cpu::forward(&h, &w, &targets, temp);
+        // bf16 logits are rounded before the row kernel: log-probs move by ~|z|·2^-8
+        let stol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
+        assert_close(&lp.download_f32().unwrap(), &stats.iter().map(|s| s.logp).collect::<Vec<_>>(), stol, "linear logp");
+        assert_close(&en.download_f32().unwrap(), &stats.iter().map(|s| s.entropy).collect::<Vec<_>>(), stol, "linear entropy");
+        let (gl, gh) = (randn(rows, 21, 1.0), randn(rows, 22, 1.0));
+        let dh = d.zeros(rows * hidden * dt.size()).unwrap();
+        let dw = d.zeros(vocab * hidden * dt.size()).unwrap();
+        linear_lpe_bwd(&d, dt, &hb, &wb, &tb, rows, hidden, vocab, temp, 3, &lz, &en, Some(&d.upload_f32(&gl).unwrap()),
+                       Some(&d.upload_f32(&gh).unwrap()), &dh, Some(&dw)).unwrap();
+        let (wdh, wdw) = cpu::backward(&h, &w, &targets, temp, &stats, &gl, &gh, true);
+        assert_close(&down(&dh, dt), &wdh, tol.max(1e-4) * 2.0, "linear dh");
+        assert_close(&down(&dw, dt), &wdw.unwrap(), tol.max(1e-4) * 2.0, "linear dw");
+    }
+}
+
+// ---------------------------------------------------------------- optimizer, casts, reductions
+
+pub fn adamw_matches_reference(d: &GpuDevice) {
+    use fcgpu::backend::misc::{adamw_step, AdamW};
+    let n = 1003;
+    let p0 = randn(n, 23, 1.0);
+    let (m0, v0) = (randn(n, 24, 0.1), randn(n, 25, 0.1).iter().map(|x| x * x).collect::<Vec<_>>());
+    let g = randn(n, 26, 1.0);
+    let h = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5 };
+    for gdt in [DType::F32, DType::BF16] {
+        let gq = quant(&g, gdt);
+        let (pb, mb, vb) = (d.upload_f32(&p0).unwrap(), d.upload_f32(&m0).unwrap(), d.upload_f32(&v0).unwrap());
+        let copy = d.zeros(n * 2).unwrap();
+        adamw_step(&d, &h, &pb, &mb, &vb, &up(&d, &gq, gdt), gdt, Some(&copy), n).unwrap();
+        let (bc1, bc2) = (1.0 - 0.9f64.powi(3), 1.0 - 0.95f64.powi(3));
+        let (mut wp, mut wm, mut wv) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
+        for i in 0..n {
+            let gi = gq[i] as f64 * 0.5;
+            let mut p = p0[i] as f64 * (1.0 - 1e-2 * 0.1);
+            wm[i] = 0.9 * m0[i] as f64 + 0.1 * gi;
+            wv[i] = 0.95 * v0[i] as f64 + 0.05 * gi * gi;
+            p -= 1e-2 * (wm[i] / bc1) / ((wv[i] / bc2).sqrt() + 1e-8);
+            wp[i] = p;
+        }
+        assert_close(&pb.download_f32().unwrap(), &wp, 1e-5, "adamw params");
+        assert_close(&mb.download_f32().unwrap(), &wm, 1e-5, "adamw m");
+        assert_close(&vb.download_f32().unwrap(), &wv, 1e-5, "adamw v");
+        let c: Vec<f32> = copy.download_bf16().unwrap().iter().map(|x| x.to_f32()).collect();
+        assert_eq!(c, quant(&pb.download_f32().unwrap(), DType::BF16), "bf16 copy is the rounded master weight");
+    }
+}
+
+pub fn casts_round_like_the_half_crate(d: &GpuDevice) {
+    use fcgpu::backend::misc::cast;
+    let mut x = randn(999, 27, 100.0);
+    x.extend([0.0, -0.0, 1e-8, -3e-6, 6.0e-5, 65504.0, 65520.0, 1e30, f32::INFINITY, f32::NEG_INFINITY, 3.3895e38]);
+    x.extend((0..64).map(|i| 1.0 + i as f32 * 2f32.powi(-9))); // ties of bf16
+    let n = x.len();
+    let xb = d.upload_f32(&x).unwrap();
+    for to in [DType::BF16, DType::F16] {
+        let y = d.zeros(n * 2).unwrap();
+        cast(&d, &xb, DType::F32, &y, to, n).unwrap();
+        let got = down(&y, to);
+        let want = quant(&x, to);
+        for i in 0..n {
+            assert!(got[i] == want[i] || (got[i].is_nan() && want[i].is_nan()), "{to:?} cast of {}: {} vs {}", x[i], got[i], want[i]);
+        }
+        let back = d.zeros(n * 4).unwrap();
+        cast(&d, &y, to, &back, DType::F32, n).unwrap();
+        assert_eq!(back.download_f32().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    }
+    let nan = d.upload_f32(&[f32::NAN]).unwrap();
+    let y = d.zeros(2).unwrap();
+    cast(&d, &nan, DType::F32, &y, DType::BF16, 1).unwrap();
+    assert!(down(&y, DType::BF16)[0].is_nan());
+}
+
+pub fn sum_of_squares_is_exactish_and_deterministic(d: &GpuDevice) {
+    use fcgpu::backend::misc::sum_squares;
+    for &n in &[1usize, 1000, 300_001] {
+        let x = randn(n, 28, 1.0);
+        let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        let xb = d.upload_f32(&x).unwrap();
+        let out = d.zeros(4).unwrap();
+        sum_squares(&d, &xb, DType::F32, n, &out, false).unwrap();
+        let a = out.download_f32().unwrap()[0];
+        assert!(((a as f64) - want).abs() <= 1e-5 * want, "{a} vs {want}");
+        sum_squares(&d, &xb, DType::F32, n, &out, true).unwrap();
+        assert_eq!(out.download_f32().unwrap()[0], a + a, "same order twice, accumulate");
+    }
+}
+
+// ---------------------------------------------------------------- RL: advantages, policy loss
+
+pub fn group_advantages_match_cpu(d: &GpuDevice) {
+    use fcgpu::rl::advantage::{self as adv, gpu, AdvScale, EntropyBonus};
+    // G = 1, G = 8 with one zero-variance group, G = 33 (a partial warp), G = 1024 (maximum)
+    for &(groups, g) in &[(3usize, 1usize), (4, 8), (2, 33), (1, 1024)] {
+        let n = groups * g;
+        let mut r: Vec<f32> = (0..n).map(|i| ((i * 2654435761usize) >> 7 & 1) as f32).collect();
+        if g == 8 {
+            r[8..16].fill(1.0);
+        }
+        let h: Vec<f32> = randn(n, 29, 1.0).iter().map(|x| x.abs()).collect();
+        for scale in [AdvScale::Group, AdvScale::Batch, AdvScale::None] {
+            for bonus in [EntropyBonus::default(), EntropyBonus { lambda: 0.0, alpha: 2.0 }] {
+                let want = adv::group_advantages(&r, g, scale, Some(&h), bonus).unwrap();
+                let (rb, hb) = (d.upload_f32(&r).unwrap(), d.upload_f32(&h).unwrap());
+                let (ab, rawb, zb) = (d.zeros(n * 4).unwrap(), d.zeros(n * 4).unwrap(), d.zeros(groups * 4).unwrap());
+                gpu::group_advantages(&d, &rb, groups, g, scale, Some(&hb), bonus, &ab, Some(&rawb), Some(&zb)).unwrap();
+                assert_close(&ab.download_f32().unwrap(), &want.adv, 1e-4, &format!("A' G={g} {scale:?}"));
+                assert_close(&rawb.download_f32().unwrap(), &want.raw, 1e-4, &format!("A G={g} {scale:?}"));
+                let zv: Vec<bool> = zb.download_i32().unwrap().iter().map(|&z| z != 0).collect();
+                assert_eq!(zv, want.zero_var);
+            }
+        }
+    }
+}
+
+pub fn token_advantages_and_row_means_match_cpu(d: &GpuDevice) {
+    use fcgpu::rl::advantage::{self as adv, gpu, EntropyBonus};
+    let (n_seq, t) = (3usize, 45usize);
+    let raw = vec![0.5f32, -1.5, 0.0];
+    let h: Vec<f32> = randn(n_seq * t, 30, 1.0).iter().map(|x| x.abs()).collect();
+    let mut mask: Vec<f32> = (0..n_seq * t).map(|k| (k % 5 != 0) as i32 as f32).collect();
+    mask[2 * t..].fill(0.0); // a fully masked row
+    let bonus = EntropyBonus::default();
+    let (rb, hb, mb) = (d.upload_f32(&raw).unwrap(), d.upload_f32(&h).unwrap(), d.upload_f32(&mask).unwrap());
+    let out = d.zeros(n_seq * t * 4).unwrap();
+    gpu::token_advantages(&d, &rb, &hb, Some(&mb), n_seq, t, bonus, &out).unwrap();
+    assert_close(&out.download_f32().unwrap(), &adv::token_advantages(&raw, &h, Some(&mask), t, bonus), 1e-6, "token A'");
+    let mean = d.zeros(n_seq * 4).unwrap();
+    gpu::masked_row_mean(&d, &hb, Some(&mb), n_seq, t, &mean).unwrap();
+    let m = mean.download_f32().unwrap();
+    assert_close(&m, &adv::masked_row_mean(&h, Some(&mask), t), 1e-5, "H_i");
+    assert_eq!(m[2], 0.0, "fully masked row");
+}
+
+pub fn policy_loss_matches_cpu(d: &GpuDevice) {
+    use fcgpu::rl::policy_loss::{gpu, policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
+    for &(n_seq, t) in &[(1usize, 1usize), (4, 37), (3, 300)] {
+        let n = n_seq * t;
+        let logp: Vec<f32> = randn(n, 31, 1.0).iter().map(|x| -x.abs()).collect();
+        let old: Vec<f32> = logp.iter().zip(randn(n, 32, 0.3)).map(|(l, e)| l + e).collect();
+        let refl: Vec<f32> = logp.iter().zip(randn(n, 33, 0.2)).map(|(l, e)| l + e).collect();
+        let mut mask: Vec<f32> = (0..n).map(|k| (k % 7 != 3) as i32 as f32).collect();
+        if n_seq > 2 {
+            mask[t..2 * t].fill(0.0); // a fully masked sequence
+        }
+        let seg: Vec<i32> = (0..n).map(|k| if k % t < t / 3 { 1 } else { 2 }).collect();
+        let adv_seq = randn(n_seq, 34, 1.0);
+        let adv_tok = randn(n, 35, 1.0);
+        let bufs = |v: &[f32]| d.upload_f32(v).unwrap();
+        let (lb, ob, rfb, mb) = (bufs(&logp), bufs(&old), bufs(&refl), bufs(&mask));
+        let sb = d.upload_i32(&seg).unwrap();
+        for per_tok in [false, true] {
+            let adv = if per_tok { &adv_tok } else { &adv_seq };
+            let ab = bufs(adv);
+            for agg in [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml { alpha: 0.5 }] {
+                for beta in [0.0f32, 0.04] {
+                    let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta, agg };
+                    let x = PolicyLossInput { logp: &logp, old_logp: &old, ref_logp: Some(&refl), adv, adv_per_token: per_tok, mask: &mask, seg: Some(&seg), n_seq, t };
+                    let (want, wgrad) = policy_loss(&x, &cfg, 0.7).unwrap();
+                    let xb = gpu::PolicyLossBuffers { logp: &lb, old_logp: &ob, ref_logp: Some(&rfb), adv: &ab, adv_per_token: per_tok, mask: &mb, seg: Some(&sb), n_seq, t };
+                    let counts = gpu::counts(&d, &xb).unwrap();
+                    let out = d.zeros(16).unwrap();
+                    gpu::policy_loss_fwd(&d, &xb, &counts, &cfg, &out).unwrap();
+                    let o = out.download_f32().unwrap();
+                    let what = format!("{n_seq}x{t} {agg:?} beta={beta} per_tok={per_tok}");
+                    assert_close(&o, &[want.loss, want.kl, want.clip_frac, want.tokens], 1e-4, &what);
+                    let dl = d.zeros(n * 4).unwrap();
+                    gpu::policy_loss_bwd(&d, &xb, &counts, &cfg, Some(&bufs(&[0.7])), &dl).unwrap();
+                    assert_close(&dl.download_f32().unwrap(), &wgrad, 1e-4, &format!("dlogp {what}"));
+                }
+            }
+        }
+    }
+}
+
+/// Row-major GEMM (cuBLAS through the (B, A) trick on cuda, the gemm crate on emu), every
+/// transpose combination, a strided batch, and beta = 1 accumulation.
+pub fn gemm_row_major(d: &GpuDevice) {
+    use fcgpu::backend::Gemm;
+    let (m, n, k, batch) = (37usize, 29usize, 70usize, 2usize);
+    for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = quant(&randn(batch * m * k, 1, 1.0), dt);
+            let b = quant(&randn(batch * n * k, 2, 1.0), dt);
+            let c0 = quant(&randn(batch * m * n, 3, 1.0), dt);
+            let (ab, bb, cb) = (up(d, &a, dt), up(d, &b, dt), up(d, &c0, dt));
+            let g = Gemm {
+                dtype: dt, m, n, k, a: ab.ptr(), lda: if ta { m } else { k }, trans_a: ta,
+                b: bb.ptr(), ldb: if tb { k } else { n }, trans_b: tb, c: cb.ptr(), ldc: n,
+                alpha: 0.5, beta: 1.0, batch, stride_a: m * k, stride_b: n * k, stride_c: m * n,
+            };
+            d.gemm(&g).unwrap();
+            let av = |bi: usize, i: usize, p: usize| a[bi * m * k + if ta { p * m + i } else { i * k + p }] as f64;
+            let bv = |bi: usize, p: usize, j: usize| b[bi * n * k + if tb { j * k + p } else { p * n + j }] as f64;
+            let want: Vec<f64> = (0..batch * m * n)
+                .map(|x| {
+                    let (bi, i, j) = (x / (m * n), x % (m * n) / n, x % n);
+                    0.5 * (0..k).map(|p| av(bi, i, p) * bv(bi, p, j)).sum::<f64>() + c0[x] as f64
+                })
+                .collect();
+            assert_close(&down(&cb, dt), &want, tol, &format!("gemm {dt:?} ta={ta} tb={tb}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Flash attention forward and backward against the CPU op (on the same bf16-rounded inputs):
+/// lengths 1, not multiples of the 64-row tiles, several packed sequences, GQA, head dims 64 and 128.
+pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
+    use fcgpu::backend::ops::attention::{cu_seqlens, flash_attn_bwd, flash_attn_fwd, FlashDims};
+    use fcgpu::ops::attention::{cpu, Dims};
+    let bf = DType::BF16;
+    for &(q_heads, kv_heads, hd, ref seqs) in &[
+        (4usize, 2usize, 64usize, vec![(0usize, 1usize), (1, 70), (71, 130)]),
+        (2, 1, 128, vec![(0, 33), (33, 1)]),
+    ] {
+        let tokens: usize = seqs.iter().map(|s| s.1).sum();
+        let (cu, max_len) = cu_seqlens(seqs).unwrap();
+        let q = quant(&randn(tokens * q_heads * hd, 40, 1.0), bf);
+        let k = quant(&randn(tokens * kv_heads * hd, 41, 1.0), bf);
+        let v = quant(&randn(tokens * kv_heads * hd, 42, 1.0), bf);
+        let dout = quant(&randn(tokens * q_heads * hd, 43, 1.0), bf);
+        let dims = Dims { q_heads, kv_heads, head_dim: hd };
+        let (want_o, want_lse) = cpu::forward(&q, &k, &v, dims, seqs);
+        let fd = FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd };
+        let (qb, kb, vb) = (up(d, &q, bf), up(d, &k, bf), up(d, &v, bf));
+        let cub = d.upload_i32(&cu).unwrap();
+        let ob = d.zeros(q.len() * 2).unwrap();
+        let lseb = d.zeros(tokens * q_heads * 4).unwrap();
+        flash_attn_fwd(d, &fd, &qb, &kb, &vb, &cub, &ob, &lseb).unwrap();
+        let what = format!("hd={hd} heads={q_heads}/{kv_heads}");
+        assert_close(&down(&ob, bf), &want_o, 2e-2, &format!("flash fwd out {what}"));
+        assert_close(&lseb.download_f32().unwrap(), &want_lse, 1e-3, &format!("flash fwd lse {what}"));
+        // backward from the kernel's own (bf16) output, as training does
+        let o_used = down(&ob, bf);
+        let lse_used = lseb.download_f32().unwrap();
+        let saved = cpu::Saved { out: &o_used, lse: &lse_used };
+        let (wdq, wdk, wdv) = cpu::backward(&q, &k, &v, saved, &dout, dims, seqs);
+        let (dqb, dkb, dvb) = (d.zeros(q.len() * 2).unwrap(), d.zeros(k.len() * 2).unwrap(), d.zeros(v.len() * 2).unwrap());
+        flash_attn_bwd(d, &fd, &qb, &kb, &vb, &cub, &ob, &lseb, &up(d, &dout, bf), &dqb, &dkb, &dvb).unwrap();
+        assert_close(&down(&dvb, bf), &wdv, 3e-2, &format!("flash dv {what}"));
+        assert_close(&down(&dkb, bf), &wdk, 3e-2, &format!("flash dk {what}"));
+        assert_close(&down(&dqb, bf), &wdq, 3e-2, &format!("flash dq {what}"));
+    }
+}
+
+/// Decode attention against a straightforward f64 reference: GQA, a length-1 cache, a cache
+/// shorter than its capacity, head dims 64 and 128.
+pub fn decode_attention(d: &GpuDevice) {
+    use fcgpu::backend::ops::attention::decode_attn;
+    let bf = DType::BF16;
+    for &(batch, q_heads, kv_heads, hd, max_len) in &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)] {
+        let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
+        let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
+        let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
+        let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
+        let ob = d.zeros(q.len() * 2).unwrap();
+        decode_attn(d, &up(d, &q, bf), &up(d, &kc, bf), &up(d, &vc, bf), &d.upload_i32(&lens).unwrap(), &ob, batch, q_heads, kv_heads, hd, max_len).unwrap();
+        let mut want = vec![0f64; q.len()];
+        let scale = 1.0 / (hd as f64).sqrt();
+        for b in 0..batch {
+            for h in 0..q_heads {
+                let kvh = h / (q_heads / kv_heads);
+                let qr = &q[(b * q_heads + h) * hd..][..hd];
+                let row = |c: &[f32], j: usize| -> Vec<f64> { c[((b * max_len + j) * kv_heads + kvh) * hd..][..hd].iter().map(|&x| x as f64).collect() };
+                let s: Vec<f64> = (0..lens[b] as usize).map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale).collect();
+                let m = s.iter().copied().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    let p = (sj - m).exp() / z;
+                    for (x, vv) in want[(b * q_heads + h) * hd..][..hd].iter_mut().zip(row(&vc, j)) {
+                        *x += p * vv;
+                    }
+                }
+            }
+        }
+        assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd}"));
+    }
+}

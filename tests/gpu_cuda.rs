@@ -1,0 +1,56 @@
+//! The kernels on a real GPU against the CPU references. Runs only with `FCGPU_TEST_CUDA=1` and a
+//! usable CUDA device; otherwise each test prints why it skipped. The no-driver path is tested
+//! unconditionally: asking for the cuda device without one is a clear error, never a panic.
+
+use fcgpu::backend::{GpuDevice, GpuKind};
+
+mod common;
+
+fn cuda() -> Option<GpuDevice> {
+    if std::env::var("FCGPU_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("skipped: set FCGPU_TEST_CUDA=1 to run the CUDA tests");
+        return None;
+    }
+    match GpuDevice::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no usable CUDA device: {e:#}");
+            None
+        }
+    }
+}
+
+#[test]
+fn no_driver_is_a_clear_error_not_a_panic() {
+    let r = std::panic::catch_unwind(|| GpuDevice::cuda(0).map(|d| d.kind()));
+    let r = r.expect("asking for the cuda device must not panic");
+    if GpuDevice::cuda_available() {
+        assert_eq!(r.unwrap(), GpuKind::Cuda);
+    } else {
+        let msg = format!("{:#}", r.unwrap_err());
+        assert!(msg.contains("CUDA") || msg.contains("NVRTC") || msg.contains("cuBLAS") || msg.contains("GPU"), "unclear error: {msg}");
+    }
+}
+
+suite_tests!(cuda();
+    swiglu_fwd_bwd,
+    shared_memory_is_per_block_and_barriers_hold,
+    warp_shuffles_votes_and_atomics,
+    mma_and_ldmatrix_follow_the_ptx_fragment_layouts,
+    swiglu_matches_cpu_op,
+    rms_norm_matches_cpu_op,
+    rope_matches_cpu_op,
+    embedding_matches_cpu_op,
+    logprob_entropy_rows_match_cpu_op,
+    logprob_ignored_targets_and_masked_vocab,
+    linear_logprob_entropy_matches_cpu_op,
+    adamw_matches_reference,
+    casts_round_like_the_half_crate,
+    sum_of_squares_is_exactish_and_deterministic,
+    group_advantages_match_cpu,
+    token_advantages_and_row_means_match_cpu,
+    policy_loss_matches_cpu,
+    gemm_row_major,
+    flash_attention_fwd_bwd,
+    decode_attention,
+);
