@@ -20,7 +20,7 @@ use crate::ops;
 use crate::tensor::Tensor;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::metrics::{MetricsWriter, SftMetrics};
-use crate::train::optim::{clip_factor, AdamW, AdamWConfig};
+use crate::train::optim::{apply_gradients, AdamW, AdamWConfig};
 use crate::train::schedule::Schedule;
 use crate::train::srml::{self, AlphaMode, LossConfig, LossKind};
 use crate::train::tiny::{self, TinySize};
@@ -263,27 +263,8 @@ impl Trainer {
             (self.epoch, self.cursor, self.batches) = (epoch0, cursor0, batches0);
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
         }
-        let clip = clip_factor(norm, self.cfg.max_grad_norm);
-        self.opt.begin_step();
-        let mut by_name: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
-        let (opt, adam) = (&mut self.opt, &self.adam);
-        let mut err = None;
-        self.model.visit_mut(&mut |name, t| {
-            if err.is_some() {
-                return;
-            }
-            if let Some(mut g) = by_name.remove(name) {
-                if clip != 1.0 {
-                    g.iter_mut().for_each(|x| *x *= clip);
-                }
-                if let Err(e) = opt.update(adam, lr, name, t, &g) {
-                    err = Some(e);
-                }
-            }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+        let by_name: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
+        apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, by_name, self.cfg.max_grad_norm)?;
         if self.cfg.loss == LossKind::Srml && self.cfg.alpha_mode == AlphaMode::Learnable {
             let a = srml::sigmoid(self.alpha_logit);
             let g = da_sum / gaf * a * (1.0 - a);
@@ -292,7 +273,6 @@ impl Trainer {
             self.opt.update(&no_decay, lr, ALPHA_PARAM, &mut t, &[g])?;
             self.alpha_logit = t.to_vec()[0];
         }
-        self.model.requires_grad();
         self.step = next;
         let secs = t0.elapsed().as_secs_f32();
         Ok(SftMetrics {
