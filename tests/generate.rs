@@ -500,3 +500,23 @@ fn multi_token_steps_after_cached_tokens() {
         assert!(d < 1e-4, "{kind}: decode beside a chunk differs by {d}");
     }
 }
+
+#[test]
+fn long_prompts_are_admitted_a_few_at_a_time() {
+    // 3 × 3000 prompt tokens exceed one step's prefill budget (8192): they join over two steps
+    // and sample exactly as each prompt does alone; a 9000-token prompt still runs (alone).
+    let m = model("qwen2", 13);
+    let ps: Vec<Vec<u32>> = (0..3u32).map(|k| (0..3000u32).map(|i| (i * (7 + k) + k) % 61).collect()).collect();
+    let cfg = SamplingConfig { n: 2, max_new_tokens: 4, temperature: 1.0, seed: 77, ignore_eos: true, ..Default::default() };
+    let all = generate(&m, &ps, &cfg, None).unwrap();
+    for (i, p) in ps.iter().enumerate() {
+        let alone = generate_indexed(&m, std::slice::from_ref(p), i, &cfg, None).unwrap();
+        for (a, b) in alone.iter().zip(&all[i * 2..i * 2 + 2]) {
+            assert_eq!(a.new_ids, b.new_ids, "prompt {i}");
+        }
+    }
+    let long: Vec<u32> = ps.concat();
+    let out = generate(&m, &[vec![1, 2, 3], long], &SamplingConfig { max_batch: 2, ..cfg.clone() }, None).unwrap();
+    assert_eq!(out.len(), 4);
+    assert!(out.iter().all(|c| c.new_ids.len() == 4));
+}

@@ -138,6 +138,9 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig, tok: 
     generate_indexed(model, prompts, 0, cfg, tok)
 }
 
+/// Most prompt tokens prefilled in one step (a longer prompt still goes alone).
+pub const MAX_PREFILL_TOKENS: usize = 8192;
+
 struct Live {
     prompt: usize,
     sample: usize,
@@ -193,13 +196,21 @@ pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize,
     let mut live: Vec<Live> = Vec::new();
     loop {
         // Admit whole prompt groups while they fit (always one when nothing is running).
+        // Prompt tokens per step are capped too, so a burst of long prompts does not make one
+        // huge prefill (its activations scale with the tokens of the step).
         let mut admitted: Vec<(usize, SeqCache)> = Vec::new();
+        let mut prefill_tokens = 0;
         while let Some(&p) = queue.front() {
-            let fits = live.len() + (admitted.len() + 1) * n <= max_batch;
-            if !fits && !(live.is_empty() && admitted.is_empty()) {
+            let fits = live.len() + (admitted.len() + 1) * n <= max_batch
+                && prefill_tokens + prompts[p].len() <= MAX_PREFILL_TOKENS;
+            if !fits && !admitted.is_empty() {
+                break;
+            }
+            if !fits && !live.is_empty() && live.len() + n > max_batch {
                 break;
             }
             queue.pop_front();
+            prefill_tokens += prompts[p].len();
             admitted.push((p, SeqCache::new(shape, prompts[p].len())));
         }
         if live.is_empty() && admitted.is_empty() {
