@@ -110,6 +110,8 @@ pub struct GrpoConfig {
     pub warmup_sft_steps: u64,
     pub task_train: usize,
     pub task_eval: usize,
+    /// Tiny model size when building the embedded default: tiny or micro.
+    pub preset: String,
 }
 
 impl Default for GrpoConfig {
@@ -149,6 +151,7 @@ impl Default for GrpoConfig {
             warmup_sft_steps: 150,
             task_train: 4000,
             task_eval: 200,
+            preset: "tiny".into(),
         }
     }
 }
@@ -508,6 +511,7 @@ pub fn materialize(cfg: &GrpoConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBu
         task_eval: cfg.task_eval,
         eval_samples: 0,
         save_every: 0,
+        preset: cfg.preset.clone(),
         ..Default::default()
     };
     let (train, eval, base) = crate::train::sft::materialize(&sft_cfg)?;
