@@ -21,6 +21,7 @@ pub struct AdamW {
 
 /// One fused AdamW step on f32 `params`/`m`/`v` with `grad` (f32 or bf16), optionally writing a
 /// bf16 copy of the new weights into `copy`.
+#[allow(clippy::too_many_arguments)]
 pub fn adamw_step(dev: &GpuDevice, h: &AdamW, params: &GpuBuffer, m: &GpuBuffer, v: &GpuBuffer, grad: &GpuBuffer,
                   grad_dtype: DType, copy: Option<&GpuBuffer>, n: usize) -> Result<()> {
     ensure!(params.bytes() >= n * 4 && m.bytes() >= n * 4 && v.bytes() >= n * 4, "adamw: state buffers too small");

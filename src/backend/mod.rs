@@ -155,6 +155,7 @@ pub struct Gemm {
 
 impl Gemm {
     /// A plain, contiguous `C = A * op(B)` (no batch), lds from the shapes.
+    #[allow(clippy::too_many_arguments)]
     pub fn simple(dtype: DType, m: usize, n: usize, k: usize, a: u64, b: u64, trans_b: bool, c: u64) -> Gemm {
         Gemm {
             dtype,
@@ -341,19 +342,19 @@ impl GpuBuffer {
         Ok(v)
     }
     pub fn download_f32(&self) -> Result<Vec<f32>> {
-        ensure!(self.bytes % 4 == 0, "download_f32 of {} bytes", self.bytes);
+        ensure!(self.bytes.is_multiple_of(4), "download_f32 of {} bytes", self.bytes);
         let mut v = vec![0f32; self.bytes / 4];
         unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)
     }
     pub fn download_i32(&self) -> Result<Vec<i32>> {
-        ensure!(self.bytes % 4 == 0, "download_i32 of {} bytes", self.bytes);
+        ensure!(self.bytes.is_multiple_of(4), "download_i32 of {} bytes", self.bytes);
         let mut v = vec![0i32; self.bytes / 4];
         unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)
     }
     pub fn download_bf16(&self) -> Result<Vec<bf16>> {
-        ensure!(self.bytes % 2 == 0, "download_bf16 of {} bytes", self.bytes);
+        ensure!(self.bytes.is_multiple_of(2), "download_bf16 of {} bytes", self.bytes);
         let mut v = vec![bf16::ZERO; self.bytes / 2];
         unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)

@@ -8,7 +8,8 @@ use fcgpu::DType;
 
 use super::*;
 
-pub fn swiglu_fwd_bwd(d: &GpuDevice) {
+pub fn swiglu_fwd_bwd(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
     for &n in &[1usize, 255, 257, 1000] {
         let g = randn(n, 1, 2.0);
@@ -38,7 +39,8 @@ pub fn swiglu_fwd_bwd(d: &GpuDevice) {
 
 // ---------------------------------------------------------------- the execution model itself
 
-pub fn shared_memory_is_per_block_and_barriers_hold(d: &GpuDevice) {
+pub fn shared_memory_is_per_block_and_barriers_hold(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
     for &(blocks, n) in &[(1usize, 1usize), (7, 96), (5, 1024), (9, 33)] {
         let input: Vec<i32> = (0..(blocks * n) as i32).map(|x| x * 7 + 3).collect();
@@ -72,7 +74,8 @@ pub fn shared_memory_is_per_block_and_barriers_hold(d: &GpuDevice) {
     }
 }
 
-pub fn warp_shuffles_votes_and_atomics(d: &GpuDevice) {
+pub fn warp_shuffles_votes_and_atomics(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
     let v: Vec<i32> = (0..64).map(|i| i * i % 37).collect();
     let ib = d.upload_i32(&v).unwrap();
@@ -101,7 +104,8 @@ pub fn warp_shuffles_votes_and_atomics(d: &GpuDevice) {
     assert_eq!(total.download_f32().unwrap()[0], v.iter().sum::<i32>() as f32);
 }
 
-pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(d: &GpuDevice) {
+pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
     let a: Vec<f32> = quant(&randn(256, 11, 1.0), DType::BF16);
     let b: Vec<f32> = quant(&randn(128, 12, 1.0), DType::BF16); // B[k][n], 16 x 8
@@ -127,7 +131,8 @@ pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(d: &GpuDevice) {
 
 const DTS: [(DType, f64); 2] = [(DType::F32, 2e-5), (DType::BF16, 2e-2)];
 
-pub fn swiglu_matches_cpu_op(d: &GpuDevice) {
+pub fn swiglu_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
     use fcgpu::ops::swiglu::cpu;
     for &n in &[1usize, 777] {
@@ -146,7 +151,8 @@ pub fn swiglu_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn rms_norm_matches_cpu_op(d: &GpuDevice) {
+pub fn rms_norm_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd};
     use fcgpu::ops::rms_norm::cpu;
     for &(rows, dim) in &[(1usize, 1usize), (3, 257), (5, 64)] {
@@ -169,7 +175,8 @@ pub fn rms_norm_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn rope_matches_cpu_op(d: &GpuDevice) {
+pub fn rope_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::rope::rope;
     use fcgpu::ops::rope::{cpu, RopeTable};
     let (tokens, heads, hd) = (5usize, 3usize, 16usize);
@@ -194,7 +201,8 @@ pub fn rope_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn embedding_matches_cpu_op(d: &GpuDevice) {
+pub fn embedding_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::embedding::{embedding_bwd, embedding_fwd};
     use fcgpu::ops::embedding::cpu;
     let (vocab, dim) = (11usize, 37usize);
@@ -213,7 +221,8 @@ pub fn embedding_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn logprob_entropy_rows_match_cpu_op(d: &GpuDevice) {
+pub fn logprob_entropy_rows_match_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
     use fcgpu::ops::logprob::cpu;
     // vocab not a multiple of the block, length-1 vocab, a single row
@@ -249,13 +258,12 @@ pub fn logprob_entropy_rows_match_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn logprob_ignored_targets_and_masked_vocab(d: &GpuDevice) {
+pub fn logprob_ignored_targets_and_masked_vocab(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
     let vocab = 70;
     let mut z = randn(2 * vocab, 18, 1.0);
-    for k in 0..vocab / 2 {
-        z[k] = f32::NEG_INFINITY; // masked half of row 0
-    }
+    z[..vocab / 2].fill(f32::NEG_INFINITY); // masked half of row 0
     let zb = d.upload_f32(&z).unwrap();
     let tb = d.upload_i32(&[-1, 5]).unwrap();
     let (lp, h, lz) = (d.zeros(8).unwrap(), d.zeros(8).unwrap(), d.zeros(8).unwrap());
@@ -277,7 +285,8 @@ pub fn logprob_ignored_targets_and_masked_vocab(d: &GpuDevice) {
     assert!(g[vocab..].iter().sum::<f32>().abs() < 1e-5, "logp gradient sums to 0 over the vocabulary");
 }
 
-pub fn linear_logprob_entropy_matches_cpu_op(d: &GpuDevice) {
+pub fn linear_logprob_entropy_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::logprob::{linear_lpe_bwd, linear_lpe_fwd};
     use fcgpu::ops::logprob::cpu;
     let (rows, hidden, vocab, temp) = (7usize, 24usize, 301usize, 0.8f32);
@@ -307,7 +316,8 @@ pub fn linear_logprob_entropy_matches_cpu_op(d: &GpuDevice) {
 
 // ---------------------------------------------------------------- optimizer, casts, reductions
 
-pub fn adamw_matches_reference(d: &GpuDevice) {
+pub fn adamw_matches_reference(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::misc::{adamw_step, AdamW};
     let n = 1003;
     let p0 = randn(n, 23, 1.0);
@@ -337,7 +347,8 @@ pub fn adamw_matches_reference(d: &GpuDevice) {
     }
 }
 
-pub fn casts_round_like_the_half_crate(d: &GpuDevice) {
+pub fn casts_round_like_the_half_crate(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::misc::cast;
     let mut x = randn(999, 27, 100.0);
     x.extend([0.0, -0.0, 1e-8, -3e-6, 6.0e-5, 65504.0, 65520.0, 1e30, f32::INFINITY, f32::NEG_INFINITY, 3.3895e38]);
@@ -362,7 +373,8 @@ pub fn casts_round_like_the_half_crate(d: &GpuDevice) {
     assert!(down(&y, DType::BF16)[0].is_nan());
 }
 
-pub fn sum_of_squares_is_exactish_and_deterministic(d: &GpuDevice) {
+pub fn sum_of_squares_is_exactish_and_deterministic(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::misc::sum_squares;
     for &n in &[1usize, 1000, 300_001] {
         let x = randn(n, 28, 1.0);
@@ -379,7 +391,8 @@ pub fn sum_of_squares_is_exactish_and_deterministic(d: &GpuDevice) {
 
 // ---------------------------------------------------------------- RL: advantages, policy loss
 
-pub fn group_advantages_match_cpu(d: &GpuDevice) {
+pub fn group_advantages_match_cpu(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::rl::advantage::{self as adv, gpu, AdvScale, EntropyBonus};
     // G = 1, G = 8 with one zero-variance group, G = 33 (a partial warp), G = 1024 (maximum)
     for &(groups, g) in &[(3usize, 1usize), (4, 8), (2, 33), (1, 1024)] {
@@ -404,7 +417,8 @@ pub fn group_advantages_match_cpu(d: &GpuDevice) {
     }
 }
 
-pub fn token_advantages_and_row_means_match_cpu(d: &GpuDevice) {
+pub fn token_advantages_and_row_means_match_cpu(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::rl::advantage::{self as adv, gpu, EntropyBonus};
     let (n_seq, t) = (3usize, 45usize);
     let raw = vec![0.5f32, -1.5, 0.0];
@@ -423,7 +437,8 @@ pub fn token_advantages_and_row_means_match_cpu(d: &GpuDevice) {
     assert_eq!(m[2], 0.0, "fully masked row");
 }
 
-pub fn policy_loss_matches_cpu(d: &GpuDevice) {
+pub fn policy_loss_matches_cpu(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::rl::policy_loss::{gpu, policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
     for &(n_seq, t) in &[(1usize, 1usize), (4, 37), (3, 300)] {
         let n = n_seq * t;

@@ -53,7 +53,7 @@ pub struct FlashDims {
 
 impl FlashDims {
     fn check(&self) -> Result<&'static str> {
-        ensure!(self.kv_heads > 0 && self.q_heads % self.kv_heads == 0, "q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads);
+        ensure!(self.kv_heads > 0 && self.q_heads.is_multiple_of(self.kv_heads), "q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads);
         ensure!(self.q_heads <= 65535 && self.n_seq <= 65535, "too many heads or sequences for one launch");
         Ok(match self.head_dim {
             64 => "64",
@@ -117,7 +117,7 @@ pub fn flash_attn_bwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuff
 pub fn decode_attn(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache: &GpuBuffer, lens: &GpuBuffer, o: &GpuBuffer,
                    batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_len: usize) -> Result<()> {
     ensure!(head_dim <= 256 && head_dim > 0, "decode attention supports head_dim up to 256");
-    ensure!(kv_heads > 0 && q_heads % kv_heads == 0, "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
+    ensure!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
     ensure!(k_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2 && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2, "decode_attn: cache too small");
     ensure!(q.bytes() >= batch * q_heads * head_dim * 2 && o.bytes() >= batch * q_heads * head_dim * 2 && lens.bytes() >= batch * 4, "decode_attn: buffers too small");
     if batch == 0 {
