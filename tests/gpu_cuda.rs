@@ -21,6 +21,17 @@ fn cuda() -> Option<GpuDevice> {
 }
 
 #[test]
+fn device_names() {
+    assert_eq!(GpuDevice::open("emu").unwrap().kind(), GpuKind::Emu);
+    assert!(GpuDevice::open("tpu").is_err());
+    assert!(GpuDevice::open("cuda:x").is_err());
+    if !GpuDevice::cuda_available() {
+        let e = format!("{:#}", GpuDevice::open("cuda:1").unwrap_err());
+        assert!(!e.is_empty());
+    }
+}
+
+#[test]
 fn no_driver_is_a_clear_error_not_a_panic() {
     let r = std::panic::catch_unwind(|| GpuDevice::cuda(0).map(|d| d.kind()));
     let r = r.expect("asking for the cuda device must not panic");

@@ -238,6 +238,19 @@ impl GpuDevice {
         Ok(GpuDevice(Arc::new(cuda::CudaDriver::new(ordinal)?)))
     }
 
+    /// Open a device by name: `emu`, `cuda` (= `cuda:0`) or `cuda:N`. For `cuda` without a
+    /// driver or GPU this is a clear error, not a panic.
+    pub fn open(name: &str) -> Result<GpuDevice> {
+        match name {
+            "emu" => Ok(GpuDevice::emu()),
+            "cuda" => GpuDevice::cuda(0),
+            _ => match name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => GpuDevice::cuda(n),
+                None => bail!("unknown GPU device `{name}` (expected emu, cuda or cuda:N)"),
+            },
+        }
+    }
+
     /// Whether `cuda(0)` can work here: libcuda, libnvrtc and libcublas load and a GPU exists.
     pub fn cuda_available() -> bool {
         cuda::available().is_ok()
