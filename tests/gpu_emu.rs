@@ -40,4 +40,6 @@ suite_tests!(dev();
     gemm_row_major,
     flash_attention_fwd_bwd,
     decode_attention,
+    elementwise_ops,
+    storage_round_trip,
 );

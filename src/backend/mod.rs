@@ -18,6 +18,7 @@ pub mod emu;
 pub mod misc;
 pub mod nvrtc;
 pub mod sources;
+pub mod storage;
 
 pub mod ops;
 pub mod roofline;

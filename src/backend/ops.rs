@@ -5,6 +5,8 @@
 
 #[path = "../ops/attention/gpu.rs"]
 pub mod attention;
+#[path = "../ops/elementwise/gpu.rs"]
+pub mod elementwise;
 #[path = "../ops/embedding/gpu.rs"]
 pub mod embedding;
 #[path = "../ops/logprob/gpu.rs"]

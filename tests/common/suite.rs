@@ -584,3 +584,48 @@ pub fn decode_attention(d: &GpuDevice) {
         assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd}"));
     }
 }
+
+// ---------------------------------------------------------------- elementwise, storage
+
+/// add, mul, scale, axpy, bias add and column sums against plain loops.
+pub fn elementwise_ops(d: &GpuDevice) {
+    use fcgpu::backend::ops::elementwise as ew;
+    let (rows, cols) = (7usize, 300usize);
+    let n = rows * cols;
+    for (dt, tol) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
+        let (a, b) = (quant(&randn(n, 50, 1.0), dt), quant(&randn(n, 51, 1.0), dt));
+        let (ab, bb) = (up(d, &a, dt), up(d, &b, dt));
+        let out = d.zeros(n * dt.size()).unwrap();
+        ew::add(d, dt, &ab, &bb, &out, n).unwrap();
+        assert_close(&down(&out, dt), &a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>(), tol, "add");
+        ew::mul(d, dt, &ab, &bb, &out, n).unwrap();
+        assert_close(&down(&out, dt), &a.iter().zip(&b).map(|(x, y)| x * y).collect::<Vec<_>>(), tol, "mul");
+        ew::scale(d, dt, &ab, -0.3, &out, n).unwrap();
+        assert_close(&down(&out, dt), &a.iter().map(|x| -0.3 * x).collect::<Vec<_>>(), tol, "scale");
+        let y = d.upload_f32(&b).unwrap();
+        ew::axpy(d, dt, &ab, 2.0, &y, n).unwrap();
+        assert_close(&y.download_f32().unwrap(), &a.iter().zip(&b).map(|(x, y)| y + 2.0 * x).collect::<Vec<_>>(), 1e-6, "axpy");
+        let bias = quant(&randn(cols, 52, 1.0), dt);
+        ew::bias_add(d, dt, &ab, &up(d, &bias, dt), &out, rows, cols).unwrap();
+        assert_close(&down(&out, dt), &(0..n).map(|i| a[i] + bias[i % cols]).collect::<Vec<_>>(), tol, "bias_add");
+        let cs = d.zeros(cols * 4).unwrap();
+        ew::col_sum(d, dt, &ab, &cs, rows, cols, false).unwrap();
+        ew::col_sum(d, dt, &ab, &cs, rows, cols, true).unwrap();
+        let want: Vec<f64> = (0..cols).map(|c| 2.0 * (0..rows).map(|r| a[r * cols + c] as f64).sum::<f64>()).collect();
+        assert_close(&cs.download_f32().unwrap(), &want, 1e-5, "col_sum");
+    }
+}
+
+/// Host <-> device storage round trips, and device-side dtype conversion.
+pub fn storage_round_trip(d: &GpuDevice) {
+    use fcgpu::backend::storage::GpuStorage;
+    use fcgpu::tensor::CpuStorage;
+    let v = randn(333, 53, 10.0);
+    for s in [CpuStorage::F32(v.clone()), CpuStorage::F32(v.clone()).to_dtype(DType::BF16), CpuStorage::F32(v.clone()).to_dtype(DType::F16)] {
+        let g = GpuStorage::from_cpu(d, &s).unwrap();
+        assert_eq!((g.dtype, g.len), (s.dtype(), s.len()));
+        assert_eq!(g.to_cpu().unwrap().as_bytes(), s.as_bytes());
+        let f = g.to_dtype(DType::F32).unwrap();
+        assert_eq!(f.to_f32_vec().unwrap(), s.to_f32_vec());
+    }
+}
