@@ -66,4 +66,5 @@ suite_tests!(cuda();
     decode_attention,
     elementwise_ops,
     storage_round_trip,
+    grad_clip_on_device,
 );

@@ -42,4 +42,5 @@ suite_tests!(dev();
     decode_attention,
     elementwise_ops,
     storage_round_trip,
+    grad_clip_on_device,
 );

@@ -347,6 +347,37 @@ pub fn adamw_matches_reference(dev: &GpuDevice) {
     }
 }
 
+/// Grad-norm clipping on the device: Σg² → clip factor → AdamW reading it, equal to passing the
+/// factor from the host.
+pub fn grad_clip_on_device(dev: &GpuDevice) {
+    use fcgpu::backend::misc::{adamw_step, adamw_step_scaled, grad_clip_scale, sum_squares, AdamW};
+    let d = dev.clone();
+    let n = 517;
+    let g = randn(n, 60, 3.0);
+    let gb = d.upload_f32(&g).unwrap();
+    let ss = d.zeros(4).unwrap();
+    sum_squares(&d, &gb, DType::F32, n, &ss, false).unwrap();
+    let norm_want = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    for max_norm in [1.0f32, 1e9, 0.0] {
+        let (scale, norm) = (d.zeros(4).unwrap(), d.zeros(4).unwrap());
+        grad_clip_scale(&d, &ss, max_norm, &scale, Some(&norm)).unwrap();
+        let nv = norm.download_f32().unwrap()[0] as f64;
+        assert!((nv - norm_want).abs() < 1e-5 * norm_want, "norm {nv} vs {norm_want}");
+        let want_scale = if max_norm > 0.0 { (max_norm as f64 / (norm_want + 1e-6)).min(1.0) } else { 1.0 };
+        let sv = scale.download_f32().unwrap()[0];
+        assert!((sv as f64 - want_scale).abs() < 1e-6 * want_scale.max(1e-3), "scale {sv} vs {want_scale}");
+        let h = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+        let p0 = randn(n, 61, 1.0);
+        let mk = || (d.upload_f32(&p0).unwrap(), d.zeros(n * 4).unwrap(), d.zeros(n * 4).unwrap());
+        let (pa, ma, va) = mk();
+        adamw_step_scaled(&d, &h, &pa, &ma, &va, &gb, DType::F32, None, Some(&scale), n).unwrap();
+        let (pb, mb, vb) = mk();
+        adamw_step(&d, &AdamW { grad_scale: sv, ..h }, &pb, &mb, &vb, &gb, DType::F32, None, n).unwrap();
+        assert_eq!(pa.download_f32().unwrap(), pb.download_f32().unwrap());
+        assert_eq!(ma.download_f32().unwrap(), mb.download_f32().unwrap());
+    }
+}
+
 pub fn casts_round_like_the_half_crate(dev: &GpuDevice) {
     let d = dev.clone();
     use fcgpu::backend::misc::cast;
