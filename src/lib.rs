@@ -13,6 +13,7 @@ pub mod jsonl;
 pub mod model;
 pub mod ops;
 pub mod rl;
+pub mod rollout;
 pub mod tensor;
 pub mod train;
 

@@ -169,9 +169,10 @@ fn eval_scores_results_and_writes_verdicts() {
     eval_cli::run(eval_cli::Args {
         bfcl_dir: Some(dir.clone()),
         category: "simple_python".into(),
-        results: res,
-        format: eval_cli::Format::Python,
+        results: Some(res),
+        format: Some(eval_cli::Format::Python),
         verdicts: Some(verdicts.clone()),
+        ..Default::default()
     })
     .unwrap();
     let v = fc_common::read_jsonl(&verdicts);
@@ -187,9 +188,10 @@ fn eval_scores_results_and_writes_verdicts() {
     let e = eval_cli::run(eval_cli::Args {
         bfcl_dir: Some(dir),
         category: "simple_python".into(),
-        results: bad,
-        format: eval_cli::Format::Python,
+        results: Some(bad),
+        format: Some(eval_cli::Format::Python),
         verdicts: None,
+        ..Default::default()
     })
     .unwrap_err();
     assert!(format!("{e:#}").contains("bad.jsonl:2"), "{e:#}");

@@ -2,6 +2,7 @@
 
 use crate::data::{load_bfcl_category, Sample, BFCL_CATEGORIES};
 use crate::fc::decode::AnswerFormat;
+use crate::fc::prompt::{render_prompt, PromptStyle};
 use crate::fc::score::score;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -25,13 +26,52 @@ pub struct Args {
     #[arg(long, default_value = "all")]
     pub category: String,
     /// JSON lines `{"id": .., "result": "<raw model text>"}`: a file, or (with `all`) a folder.
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    pub results: Option<PathBuf>,
+    /// Answer format; default `python`, or `json` with `--style qwen-fc`.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Generate the answers with this model (greedy, KV-cache rollout engine) instead of
+    /// reading `--results`.
     #[arg(long)]
-    pub results: PathBuf,
-    #[arg(long, value_enum, default_value = "python")]
-    pub format: Format,
+    pub model: Option<PathBuf>,
+    /// Prompt style for `--model`.
+    #[arg(long, value_enum, default_value = "bfcl")]
+    pub style: PromptStyle,
+    /// At most N entries per category (the first N).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// With `--model`: answer length limit in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// With `--model`: most sequences decoded at once.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// With `--model`: write the generated answers as result lines (re-scorable with `--results`).
+    #[arg(long)]
+    pub save_results: Option<PathBuf>,
     /// Write one line per entry: `{"id", "category", "valid", "error_type"}`.
     #[arg(long)]
     pub verdicts: Option<PathBuf>,
+}
+
+impl Default for Args {
+    /// Score all categories of `$FCGPU_BFCL_DIR` (set `results` or `model`).
+    fn default() -> Self {
+        Args {
+            bfcl_dir: None,
+            category: "all".into(),
+            results: None,
+            format: None,
+            verdicts: None,
+            model: None,
+            style: PromptStyle::Bfcl,
+            limit: None,
+            max_new_tokens: 512,
+            batch_size: 64,
+            save_results: None,
+        }
+    }
 }
 
 /// `--bfcl-dir`, or else `$FCGPU_BFCL_DIR`.
@@ -97,17 +137,73 @@ fn load_samples(dir: &Path, category: &str) -> Result<Vec<Sample>> {
     Ok(all)
 }
 
+/// The first `limit` samples of every category (order kept).
+fn limit_per_category(samples: Vec<Sample>, limit: usize) -> Vec<Sample> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    samples
+        .into_iter()
+        .filter(|s| {
+            let n = seen.entry(s.category.clone()).or_default();
+            *n += 1;
+            *n <= limit
+        })
+        .collect()
+}
+
+/// Greedy answers of the model in `dir` to every sample, as id → raw text.
+fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<HashMap<String, String>> {
+    use crate::model::{tokenizer::Tokenizer, Model};
+    use crate::rollout::{self, SamplingConfig};
+    let mut model = Model::load(dir)?;
+    let tok = Tokenizer::load(dir)?;
+    model.config.eos_token_ids = rollout::chat_eos_ids(&model, Some(&tok));
+    let prompts: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| tok.encode(&render_prompt(s, a.style), false).with_context(|| format!("entry {}", s.id)))
+        .collect::<Result<_>>()?;
+    let cfg = SamplingConfig {
+        n: 1,
+        max_new_tokens: a.max_new_tokens,
+        temperature: 0.0,
+        max_batch: a.batch_size.max(1),
+        progress: true,
+        ..Default::default()
+    };
+    let out = rollout::generate(&model, &prompts, &cfg, Some(&tok))?;
+    let mut results = HashMap::new();
+    for c in &out {
+        results.insert(samples[c.prompt_index].id.clone(), c.text(&tok)?);
+    }
+    if let Some(p) = &a.save_results {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?);
+        for s in samples {
+            serde_json::to_writer(&mut f, &serde_json::json!({"id": s.id, "result": results[&s.id]}))?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+    }
+    Ok(results)
+}
+
 pub fn run(a: Args) -> Result<()> {
     let bfcl_dir = crate::cli::eval::resolve_bfcl_dir(a.bfcl_dir.clone())?;
-    let samples = load_samples(&bfcl_dir, &a.category)?;
-    let results = load_results(&a.results)?;
-    let fmt = match a.format {
+    let mut samples = load_samples(&bfcl_dir, &a.category)?;
+    if let Some(n) = a.limit {
+        samples = limit_per_category(samples, n);
+    }
+    let results = match (&a.model, &a.results) {
+        (Some(dir), _) => generate_results(dir, &samples, &a)?,
+        (None, Some(r)) => load_results(r)?,
+        (None, None) => bail!("give --results or --model"),
+    };
+    let default_format = if a.style == PromptStyle::QwenFc { Format::Json } else { Format::Python };
+    let fmt = match a.format.unwrap_or(default_format) {
         Format::Python => AnswerFormat::Python,
         Format::Json => AnswerFormat::Json,
     };
     let report = score(&samples, &results, fmt);
     print!("{}", report.table());
-    if let Some(p) = a.verdicts {
+    if let Some(p) = &a.verdicts {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
         );

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 pub mod eval;
 pub mod init;
+pub mod generate;
 pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
@@ -22,6 +23,8 @@ pub enum Command {
     Logprobs(logprobs::Args),
     /// Write a randomly initialised model from a config.json.
     Init(init::Args),
+    /// Sample completions of prompts (KV-cache decoding, G samples per prompt).
+    Generate(generate::Args),
     /// Print the exact prompt text for a BFCL entry.
     Prompt(prompt::Args),
     /// Score model answers (or a model) per BFCL category.
@@ -36,6 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Logprobs(a) => logprobs::run(a),
         Command::Init(a) => init::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),

@@ -2,8 +2,8 @@
 //! parameters, natural-language requests from templates, BFCL-shaped ground truth and a short
 //! reasoning per sample. Deterministic from a seed; written as fcgpu JSONL.
 //!
-//! Also the compact ChatML prompt renderer used for training on it (`render_prompt`) and the
-//! completion target (`render_completion`, SPEC §1). BFCL-exact rendering lives in `fc`.
+//! Also the compact ChatML prompt renderer used for training on it (`render_prompt`); the
+//! completion target is `fc::prompt::render_target`, the same one real data trains with.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -13,8 +13,9 @@ use anyhow::{Context, Result};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+
+use crate::data::{Message, Sample};
 
 /// Kinds of parameter values, each with the pool its values are drawn from.
 #[derive(Clone, Copy)]
@@ -178,26 +179,7 @@ const OFF_TOPIC: &[&str] = &[
     "Why is the sky blue?", "Give me tips for a job interview.", "Who painted the Mona Lisa?",
 ];
 
-const NO_CALL_ANSWER: &str = "None of the available functions can help with this request.";
 
-/// One sample in fcgpu JSONL.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Sample {
-    pub id: String,
-    pub category: String,
-    pub messages: Vec<Message>,
-    pub tools: Vec<Value>,
-    /// BFCL ground truth: `[{"func": {"param": [allowed values...]}}]`; `""` = may be omitted.
-    pub ground_truth: Vec<Value>,
-    #[serde(default)]
-    pub reasoning: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
 
 /// Number of tools in the catalogue.
 pub fn catalogue_size() -> usize {
@@ -397,9 +379,9 @@ pub fn sample(id: String, category: Option<&str>, rng: &mut ChaCha8Rng) -> Sampl
         id,
         category: cat.to_string(),
         messages: vec![Message { role: "user".into(), content: request }],
-        tools: tools.iter().map(|&t| tool_doc(&TOOLS[t])).collect(),
+        functions: tools.iter().map(|&t| tool_doc(&TOOLS[t])).collect(),
         ground_truth: calls.into_iter().map(|d| d.gt).collect(),
-        reasoning,
+        reasoning: Some(reasoning),
     }
 }
 
@@ -437,7 +419,9 @@ pub fn write_jsonl(path: &Path, samples: &[Sample]) -> Result<()> {
     }
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
     for s in samples {
-        serde_json::to_writer(&mut f, s)?;
+        let line = json!({"id": s.id, "category": s.category, "messages": s.messages, "tools": s.functions,
+            "ground_truth": s.ground_truth, "reasoning": s.reasoning});
+        serde_json::to_writer(&mut f, &line)?;
         f.write_all(b"\n")?;
     }
     f.flush()?;
@@ -470,40 +454,6 @@ pub fn render_prompt(messages: &[Message], tools: &[Value]) -> String {
     out
 }
 
-/// The call list of a BFCL ground truth: first allowed value of each parameter, parameters
-/// whose first allowed value is `""` left out. Empty ground truth gives `None` (no call).
-pub fn answer_from_ground_truth(gt: &[Value]) -> Option<String> {
-    if gt.is_empty() {
-        return None;
-    }
-    let calls: Vec<String> = gt
-        .iter()
-        .filter_map(|c| c.as_object())
-        .flat_map(|o| o.iter())
-        .map(|(f, params)| {
-            let args: Vec<String> = params
-                .as_object()
-                .map(|p| {
-                    p.iter()
-                        .filter_map(|(k, allowed)| {
-                            let first = allowed.as_array().and_then(|a| a.first()).unwrap_or(allowed);
-                            (first != &json!("")).then(|| format!("{k}={}", py(first)))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            format!("{f}({})", args.join(", "))
-        })
-        .collect();
-    Some(format!("[{}]", calls.join(", ")))
-}
-
-/// The completion target (SPEC §1), without the end-of-turn token.
-pub fn render_completion(s: &Sample) -> String {
-    let answer = answer_from_ground_truth(&s.ground_truth).unwrap_or_else(|| NO_CALL_ANSWER.to_string());
-    format!("<think>{}</think>\n\n{answer}", s.reasoning)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,19 +468,19 @@ mod tests {
         let cats: HashSet<&str> = a.iter().map(|s| s.category.as_str()).collect();
         assert_eq!(cats.len(), 5, "{cats:?}");
         for s in &a {
-            let names: Vec<&str> = s.tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
+            let names: Vec<&str> = s.functions.iter().map(|t| t["name"].as_str().unwrap()).collect();
             for g in &s.ground_truth {
                 let (f, params) = g.as_object().unwrap().iter().next().unwrap();
                 assert!(names.contains(&f.as_str()), "{}: call {f} not offered", s.id);
-                let tool = s.tools.iter().find(|t| t["name"] == json!(f)).unwrap();
+                let tool = s.functions.iter().find(|t| t["name"] == json!(f)).unwrap();
                 for req in tool["parameters"]["required"].as_array().unwrap() {
                     assert!(params[req.as_str().unwrap()].as_array().unwrap()[0] != json!(""));
                 }
             }
             assert_eq!(s.category == "irrelevance", s.ground_truth.is_empty());
             match s.category.as_str() {
-                "simple" => assert_eq!((s.tools.len(), s.ground_truth.len()), (1, 1)),
-                "parallel" => assert!(s.tools.len() == 1 && s.ground_truth.len() >= 2),
+                "simple" => assert_eq!((s.functions.len(), s.ground_truth.len()), (1, 1)),
+                "parallel" => assert!(s.functions.len() == 1 && s.ground_truth.len() >= 2),
                 "parallel_multiple" => assert!(s.ground_truth.len() >= 2),
                 _ => {}
             }
@@ -538,12 +488,9 @@ mod tests {
     }
 
     #[test]
-    fn completion_and_python_syntax() {
-        let gt = vec![json!({"get_weather": {"city": ["Paris"], "unit": ["celsius"]}}), json!({"f": {"a": [""], "b": [[1, 2]], "c": [true], "d": ["it's"]}})];
-        assert_eq!(answer_from_ground_truth(&gt).unwrap(), "[get_weather(city='Paris', unit='celsius'), f(b=[1, 2], c=True, d='it\\'s')]");
-        let s = Sample { id: "x".into(), category: "simple".into(), messages: vec![], tools: vec![], ground_truth: gt[..1].to_vec(), reasoning: "R".into() };
-        assert_eq!(render_completion(&s), "<think>R</think>\n\n[get_weather(city='Paris', unit='celsius')]");
+    fn python_literals() {
         assert_eq!(py(&json!(2.5)), "2.5");
         assert_eq!(py(&json!(100.0)), "100.0");
+        assert_eq!(py(&json!("it's")), "'it\\'s'");
     }
 }

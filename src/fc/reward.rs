@@ -7,7 +7,8 @@ use crate::fc::decode::{decode, strip_reasoning, AnswerFormat, Call, Lang};
 use crate::fc::score::check_answer;
 use crate::fc::value::Value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RewardKind {
     #[default]
     Binary,

@@ -1,6 +1,8 @@
 //! Transformer models from Hugging Face checkpoints: Qwen2/2.5, Qwen3 and Llama 3.
 
 pub mod config;
+pub mod decode;
+pub mod kv_cache;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;

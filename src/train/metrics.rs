@@ -43,7 +43,7 @@ impl MetricsWriter {
         Ok(MetricsWriter { path: path.to_path_buf() })
     }
 
-    pub fn write(&mut self, m: &SftMetrics) -> Result<()> {
+    pub fn write<M: Serialize>(&mut self, m: &M) -> Result<()> {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
         writeln!(f, "{}", serde_json::to_string(m)?)?;
         Ok(())

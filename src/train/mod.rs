@@ -7,3 +7,5 @@ pub mod schedule;
 pub mod sft;
 pub mod srml;
 pub mod tiny;
+pub mod grpo;
+pub mod plot;

@@ -72,3 +72,39 @@ pub fn global_norm(grads: &Grads, params: &[&Tensor]) -> Result<f32> {
 pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
     if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
 }
+
+/// One optimizer step on every parameter of `model` that has a gradient in `grads` (by name):
+/// clips by global norm, then AdamW. Returns the pre-clip norm. A non-finite norm is an error
+/// and nothing is updated.
+pub fn apply_gradients(
+    model: &mut crate::model::Model,
+    opt: &mut AdamW,
+    cfg: &AdamWConfig,
+    lr: f32,
+    mut grads: std::collections::HashMap<String, Vec<f32>>,
+    max_norm: f32,
+) -> Result<f32> {
+    let norm = grads.values().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+    ensure!(norm.is_finite(), "gradient norm is {norm}; stopping before the update, weights unchanged");
+    let clip = clip_factor(norm, max_norm);
+    opt.begin_step();
+    let mut err = None;
+    model.visit_mut(&mut |name, t| {
+        if err.is_some() {
+            return;
+        }
+        if let Some(mut g) = grads.remove(name) {
+            if clip != 1.0 {
+                g.iter_mut().for_each(|x| *x *= clip);
+            }
+            if let Err(e) = opt.update(cfg, lr, name, t, &g) {
+                err = Some(e);
+            }
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    model.requires_grad();
+    Ok(norm)
+}

@@ -13,14 +13,14 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
-use crate::data::synth::{self, Sample};
+use crate::data::{synth, Sample};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
 use crate::tensor::Tensor;
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::metrics::{MetricsWriter, SftMetrics};
-use crate::train::optim::{clip_factor, AdamW, AdamWConfig};
+use crate::train::optim::{apply_gradients, AdamW, AdamWConfig};
 use crate::train::schedule::Schedule;
 use crate::train::srml::{self, AlphaMode, LossConfig, LossKind};
 use crate::train::tiny::{self, TinySize};
@@ -113,8 +113,8 @@ pub fn prepare(tok: &Tokenizer, samples: &[Sample], max_len: usize) -> Result<(V
     let mut out = Vec::with_capacity(samples.len());
     let mut dropped = 0;
     for s in samples {
-        let prompt = tok.encode(&synth::render_prompt(&s.messages, &s.tools), false)?;
-        let completion = tok.encode(&format!("{}{}", synth::render_completion(s), tiny::IM_END), false)?;
+        let prompt = tok.encode(&synth::render_prompt(&s.messages, &s.functions), false)?;
+        let completion = tok.encode(&format!("{}{}", crate::fc::prompt::render_target(s), tiny::IM_END), false)?;
         let prompt_len = prompt.len();
         let mut ids = prompt;
         ids.extend(completion);
@@ -263,27 +263,8 @@ impl Trainer {
             (self.epoch, self.cursor, self.batches) = (epoch0, cursor0, batches0);
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
         }
-        let clip = clip_factor(norm, self.cfg.max_grad_norm);
-        self.opt.begin_step();
-        let mut by_name: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
-        let (opt, adam) = (&mut self.opt, &self.adam);
-        let mut err = None;
-        self.model.visit_mut(&mut |name, t| {
-            if err.is_some() {
-                return;
-            }
-            if let Some(mut g) = by_name.remove(name) {
-                if clip != 1.0 {
-                    g.iter_mut().for_each(|x| *x *= clip);
-                }
-                if let Err(e) = opt.update(adam, lr, name, t, &g) {
-                    err = Some(e);
-                }
-            }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+        let by_name: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
+        apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, by_name, self.cfg.max_grad_norm)?;
         if self.cfg.loss == LossKind::Srml && self.cfg.alpha_mode == AlphaMode::Learnable {
             let a = srml::sigmoid(self.alpha_logit);
             let g = da_sum / gaf * a * (1.0 - a);
@@ -292,7 +273,6 @@ impl Trainer {
             self.opt.update(&no_decay, lr, ALPHA_PARAM, &mut t, &[g])?;
             self.alpha_logit = t.to_vec()[0];
         }
-        self.model.requires_grad();
         self.step = next;
         let secs = t0.elapsed().as_secs_f32();
         Ok(SftMetrics {
@@ -361,11 +341,11 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
         synth::write_jsonl(&train_p, &tr)?;
     }
     let (train, eval) = match &cfg.data {
-        None => (crate::jsonl::read(&train_p)?, crate::jsonl::read(&eval_p)?),
+        None => (crate::data::load_jsonl(&train_p)?, crate::data::load_jsonl(&eval_p)?),
         Some(d) => {
-            let mut all: Vec<Sample> = crate::jsonl::read(d)?;
+            let mut all: Vec<Sample> = crate::data::load_jsonl(d)?;
             match &cfg.eval_data {
-                Some(e) => (all, crate::jsonl::read(e)?),
+                Some(e) => (all, crate::data::load_jsonl(e)?),
                 None => {
                     let n_eval = ((all.len() as f32 * cfg.eval_fraction) as usize).min(all.len().saturating_sub(1));
                     let eval = all.split_off(all.len() - n_eval);
@@ -379,8 +359,8 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
         None => {
             let dir = run.join("base-model");
             if !dir.join("model.safetensors").exists() {
-                let task: Vec<Sample> = crate::jsonl::read(&train_p)?;
-                let texts: Vec<String> = task.iter().map(|s| format!("{}{}{}", synth::render_prompt(&s.messages, &s.tools), synth::render_completion(s), tiny::IM_END)).collect();
+                let task: Vec<Sample> = crate::data::load_jsonl(&train_p)?;
+                let texts: Vec<String> = task.iter().map(|s| format!("{}{}{}", synth::render_prompt(&s.messages, &s.functions), crate::fc::prompt::render_target(s), tiny::IM_END)).collect();
                 let tok = tiny::train_tokenizer(&texts, cfg.vocab_size)?;
                 let m = tiny::build(&dir, &tok, TinySize::by_name(&cfg.preset)?, cfg.seed)?;
                 eprintln!("built the {} model ({} parameters, vocab {}) in {}", cfg.preset, m.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(), tok.vocab_size(), dir.display());

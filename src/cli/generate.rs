@@ -1,0 +1,148 @@
+//! `fcgpu generate`: sample completions of prompts with a KV cache, G samples per prompt.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::jsonl;
+use crate::model::{tokenizer::Tokenizer, Model};
+use crate::rollout::{self, chat::ChatFormat, SamplingConfig};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSON lines, each {"prompt_ids": [..]}, {"prompt": ".."} or {"messages": [..], "tools": [..]}.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Samples per prompt (G).
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy (log-probs and entropies are then reported at T = 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep generating through EOS tokens (until --max-new-tokens or a --stop string).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Stop a sample when its text contains this string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// cpu, or auto (the best device present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Most sequences decoded at once (finished ones are replaced by waiting prompts).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    prompt_ids: Option<Vec<u32>>,
+    prompt: Option<String>,
+    messages: Option<Vec<Value>>,
+    tools: Option<Vec<Value>>,
+}
+
+#[derive(serde::Serialize)]
+struct Out<'a> {
+    index: usize,
+    sample: usize,
+    new_ids: &'a [u32],
+    text: Option<String>,
+    logprobs: &'a [f32],
+    entropy: &'a [f32],
+    finish_reason: rollout::FinishReason,
+}
+
+/// Token ids of every input line.
+pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Vec<Vec<u32>>> {
+    let lines: Vec<Line> = jsonl::read(path)?;
+    let need_tok = || tok.with_context(|| format!("{}: text prompts need the model's tokenizer.json", path.display()));
+    let mut format = None;
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, l) in lines.into_iter().enumerate() {
+        let at = || format!("{}: entry {}", path.display(), i + 1);
+        let ids = match (l.prompt_ids, l.prompt, l.messages) {
+            (Some(ids), None, None) if l.tools.is_none() => ids,
+            (None, Some(text), None) if l.tools.is_none() => need_tok()?.encode(&text, true).with_context(at)?,
+            (None, None, Some(messages)) => {
+                let f = format.get_or_insert_with(|| ChatFormat::for_model(model));
+                let text = f.render(&messages, l.tools.as_deref()).with_context(at)?;
+                need_tok()?.encode(&text, false).with_context(at)?
+            }
+            _ => bail!("{}: give exactly one of `prompt_ids`, `prompt` and `messages` (`tools` only with `messages`)", at()),
+        };
+        if ids.is_empty() {
+            bail!("{}: the prompt has no tokens", at());
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.config.vocab_size) {
+            bail!("{}: token id {bad} is outside the vocabulary of {}", at(), model.config.vocab_size);
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.device.as_str() {
+        "cpu" | "auto" => {}
+        other => bail!("--device {other}: this build generates on the cpu only (cpu, auto)"),
+    }
+    let mut model = Model::load(&a.model)?;
+    let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };
+    if !a.stop.is_empty() && tok.is_none() {
+        bail!("--stop needs the model's tokenizer.json in {}", a.model.display());
+    }
+    let prompts = prompts(&a.input, &model, tok.as_ref())?;
+    model.config.eos_token_ids = rollout::chat_eos_ids(&model, tok.as_ref());
+    let cfg = SamplingConfig {
+        n: a.n,
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+        stop_ids: vec![],
+        stop_strings: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        max_batch: a.batch_size.max(1),
+        progress: true,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    // Chunks of prompts so output streams; RNG streams follow global prompt numbers, so the
+    // chunking does not change what is sampled.
+    let chunk = (a.batch_size.max(1) * 4).div_ceil(a.n.max(1)).max(1);
+    for (c, ps) in prompts.chunks(chunk).enumerate() {
+        for comp in rollout::generate_indexed(&model, ps, c * chunk, &cfg, tok.as_ref())? {
+            let text = tok.as_ref().map(|t| comp.text(t)).transpose()?;
+            let o = Out {
+                index: comp.prompt_index,
+                sample: comp.sample_index,
+                new_ids: &comp.new_ids,
+                text,
+                logprobs: &comp.logprobs,
+                entropy: &comp.entropy,
+                finish_reason: comp.finish_reason,
+            };
+            serde_json::to_writer(&mut out, &o)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

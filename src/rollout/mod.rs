@@ -1,0 +1,309 @@
+//! Rollouts: batched generation with a KV cache, G samples per prompt.
+//!
+//! [`generate`] runs a continuous batch: up to `max_batch` sequences decode together, one token
+//! per step each, and a sequence that stops leaves the batch at once while the next prompt in
+//! line is admitted in the same step (its prefill rides along with the others' decode). A
+//! prompt is prefilled once; its G samples share that cache as a frozen prefix.
+//!
+//! Reproducibility: each (prompt index, sample index) draws from its own ChaCha8 stream of
+//! `seed`, so a sample's tokens do not depend on the batch size or on the other prompts.
+
+pub mod chat;
+pub mod sampler;
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Result};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::model::decode::Step;
+use crate::model::kv_cache::SeqCache;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::Model;
+pub use sampler::{Draw, SamplerParams};
+
+#[derive(Clone, Debug)]
+pub struct SamplingConfig {
+    /// Samples per prompt (G).
+    pub n: usize,
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    pub seed: u64,
+    /// Token ids that end a sample besides the model's EOS ids (kept even with `ignore_eos`).
+    pub stop_ids: Vec<u32>,
+    /// Strings that end a sample once its text contains one (needs a tokenizer).
+    pub stop_strings: Vec<String>,
+    /// Don't stop at the model's EOS ids (`config.eos_token_ids`).
+    pub ignore_eos: bool,
+    /// Most sequences decoded at once; 0 = all of them.
+    pub max_batch: usize,
+    /// Progress bar on stderr (only drawn when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            n: 1,
+            max_new_tokens: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop_ids: vec![],
+            stop_strings: vec![],
+            ignore_eos: false,
+            max_batch: 0,
+            progress: false,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn sampler(&self) -> SamplerParams {
+        SamplerParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An EOS / stop id or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub prompt_index: usize,
+    pub sample_index: usize,
+    /// Generated ids, including the EOS / stop id that ended the sample.
+    pub new_ids: Vec<u32>,
+    /// log softmax(z/T) of each generated token (T = 1 when greedy), before top-p/top-k.
+    pub logprobs: Vec<f32>,
+    /// Entropy of the full softmax(z/T) at each generated position.
+    pub entropy: Vec<f32>,
+    pub finish_reason: FinishReason,
+    /// The stop string that ended the sample, if one did.
+    pub stop_string: Option<String>,
+}
+
+impl Completion {
+    /// Decoded text (special tokens skipped), cut before the stop string that ended it.
+    pub fn text(&self, tok: &Tokenizer) -> Result<String> {
+        let mut t = tok.decode(&self.new_ids, true)?;
+        if let Some(s) = &self.stop_string {
+            if let Some(i) = t.find(s.as_str()) {
+                t.truncate(i);
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// The RNG of sample `sample` of prompt `prompt`: one ChaCha8 stream per pair.
+pub fn sample_rng(seed: u64, prompt: usize, sample: usize) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(((prompt as u64) << 32) | sample as u64);
+    r
+}
+
+/// EOS ids to stop at for chat use: the model's, plus `<|im_end|>` (ChatML) and `<|eot_id|>`
+/// (Llama 3) when the tokenizer has them.
+pub fn chat_eos_ids(model: &Model, tok: Option<&Tokenizer>) -> Vec<u32> {
+    let mut ids = model.config.eos_token_ids.clone();
+    if let Some(t) = tok {
+        for s in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"] {
+            if let Some(i) = t.token_id(s) {
+                if !ids.contains(&i) {
+                    ids.push(i);
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Generates `cfg.n` completions for every prompt; prompt i is numbered i.
+pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig, tok: Option<&Tokenizer>) -> Result<Vec<Completion>> {
+    generate_indexed(model, prompts, 0, cfg, tok)
+}
+
+/// Most prompt tokens prefilled in one step (a longer prompt still goes alone).
+pub const MAX_PREFILL_TOKENS: usize = 8192;
+
+struct Live {
+    prompt: usize,
+    sample: usize,
+    cache: SeqCache,
+    rng: ChaCha8Rng,
+    last: u32,
+    row: usize,
+    draw: Option<Draw>,
+    new_ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    entropy: Vec<f32>,
+}
+
+/// [`generate`] for prompts numbered from `first_index` (RNG streams follow the numbers, so a
+/// file split into chunks samples exactly as in one call). Completions come back ordered by
+/// (prompt, sample).
+pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize, cfg: &SamplingConfig, tok: Option<&Tokenizer>) -> Result<Vec<Completion>> {
+    ensure!(cfg.n >= 1, "n (samples per prompt) must be at least 1");
+    ensure!(cfg.temperature >= 0.0 && cfg.temperature.is_finite(), "temperature must be ≥ 0, got {}", cfg.temperature);
+    ensure!(cfg.top_p > 0.0 && cfg.top_p <= 1.0, "top_p must be in (0, 1], got {}", cfg.top_p);
+    if !cfg.stop_strings.is_empty() && tok.is_none() {
+        bail!("stop strings need a tokenizer");
+    }
+    let vocab = model.config.vocab_size;
+    for (i, p) in prompts.iter().enumerate() {
+        ensure!(!p.is_empty(), "prompt {} is empty", first_index + i);
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
+            bail!("prompt {}: token id {bad} is outside the vocabulary of {vocab}", first_index + i);
+        }
+    }
+    let n = cfg.n;
+    let mut out: Vec<Option<Completion>> = vec![None; prompts.len() * n];
+    if cfg.max_new_tokens == 0 {
+        for (i, _) in prompts.iter().enumerate() {
+            for j in 0..n {
+                out[i * n + j] = Some(Completion {
+                    prompt_index: first_index + i, sample_index: j, new_ids: vec![], logprobs: vec![], entropy: vec![],
+                    finish_reason: FinishReason::Length, stop_string: None,
+                });
+            }
+        }
+        return Ok(out.into_iter().map(Option::unwrap).collect());
+    }
+    let eos: Vec<u32> = if cfg.ignore_eos { vec![] } else { model.config.eos_token_ids.clone() };
+    let max_batch = if cfg.max_batch == 0 { usize::MAX } else { cfg.max_batch };
+    let params = cfg.sampler();
+    let shape = model.kv_shape();
+    // Stop strings: the text of the last few tokens is enough to see one complete.
+    let window = cfg.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 4;
+
+    let bar = progress_bar(cfg.progress, (prompts.len() * n) as u64);
+    let mut queue: VecDeque<usize> = (0..prompts.len()).collect();
+    let mut live: Vec<Live> = Vec::new();
+    loop {
+        // Admit whole prompt groups while they fit (always one when nothing is running).
+        // Prompt tokens per step are capped too, so a burst of long prompts does not make one
+        // huge prefill (its activations scale with the tokens of the step).
+        let mut admitted: Vec<(usize, SeqCache)> = Vec::new();
+        let mut prefill_tokens = 0;
+        while let Some(&p) = queue.front() {
+            let fits = live.len() + (admitted.len() + 1) * n <= max_batch
+                && prefill_tokens + prompts[p].len() <= MAX_PREFILL_TOKENS;
+            if !fits && !admitted.is_empty() {
+                break;
+            }
+            if !fits && !live.is_empty() && live.len() + n > max_batch {
+                break;
+            }
+            queue.pop_front();
+            prefill_tokens += prompts[p].len();
+            admitted.push((p, SeqCache::new(shape, prompts[p].len())));
+        }
+        if live.is_empty() && admitted.is_empty() {
+            break;
+        }
+        let lasts: Vec<[u32; 1]> = live.iter().map(|s| [s.last]).collect();
+        let logits = {
+            let mut steps: Vec<Step> = Vec::with_capacity(live.len() + admitted.len());
+            for (s, t) in live.iter_mut().zip(&lasts) {
+                steps.push(Step { cache: &mut s.cache, tokens: t });
+            }
+            for (p, c) in admitted.iter_mut() {
+                steps.push(Step { cache: c, tokens: &prompts[*p] });
+            }
+            model.forward_cached(&mut steps)?
+        };
+        for (i, s) in live.iter_mut().enumerate() {
+            s.row = i;
+        }
+        let base = live.len();
+        for (k, (p, c)) in admitted.into_iter().enumerate() {
+            let prefix: Arc<_> = c.into_prefix();
+            for j in 0..n {
+                live.push(Live {
+                    prompt: p,
+                    sample: j,
+                    // Own positions grow in blocks as the sample runs (most stop long before the limit).
+                    cache: SeqCache::after(prefix.clone(), cfg.max_new_tokens.min(crate::model::kv_cache::GROW)),
+                    rng: sample_rng(cfg.seed, first_index + p, j),
+                    last: 0,
+                    row: base + k,
+                    draw: None,
+                    new_ids: Vec::with_capacity(cfg.max_new_tokens),
+                    logprobs: Vec::with_capacity(cfg.max_new_tokens),
+                    entropy: Vec::with_capacity(cfg.max_new_tokens),
+                });
+            }
+        }
+        live.par_iter_mut().for_each(|s| {
+            s.draw = Some(sampler::sample(&logits[s.row * vocab..(s.row + 1) * vocab], &params, &mut s.rng));
+        });
+        let mut still = Vec::with_capacity(live.len());
+        for mut s in live.drain(..) {
+            let d = s.draw.take().unwrap();
+            s.new_ids.push(d.token);
+            s.logprobs.push(d.logprob);
+            s.entropy.push(d.entropy);
+            s.last = d.token;
+            let mut finish = None;
+            let mut stop_string = None;
+            if eos.contains(&d.token) || cfg.stop_ids.contains(&d.token) {
+                finish = Some(FinishReason::Stop);
+            } else if let (false, Some(t)) = (cfg.stop_strings.is_empty(), tok) {
+                let from = s.new_ids.len().saturating_sub(window);
+                let text = t.decode(&s.new_ids[from..], false)?;
+                if let Some(hit) = cfg.stop_strings.iter().find(|x| text.contains(x.as_str())) {
+                    finish = Some(FinishReason::Stop);
+                    stop_string = Some(hit.clone());
+                }
+            }
+            if finish.is_none() && s.new_ids.len() >= cfg.max_new_tokens {
+                finish = Some(FinishReason::Length);
+            }
+            match finish {
+                Some(reason) => {
+                    bar.inc(1);
+                    out[s.prompt * n + s.sample] = Some(Completion {
+                        prompt_index: first_index + s.prompt,
+                        sample_index: s.sample,
+                        new_ids: s.new_ids,
+                        logprobs: s.logprobs,
+                        entropy: s.entropy,
+                        finish_reason: reason,
+                        stop_string,
+                    });
+                }
+                None => still.push(s),
+            }
+        }
+        live = still;
+    }
+    bar.finish_and_clear();
+    Ok(out.into_iter().map(|c| c.expect("every sample finishes")).collect())
+}
+
+fn progress_bar(on: bool, total: u64) -> indicatif::ProgressBar {
+    if !on || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} generate [{elapsed_precise}] {bar:30} {pos}/{len} samples ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}

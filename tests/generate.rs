@@ -1,0 +1,522 @@
+//! Rollout engine: KV-cache decode against the full forward, the sampler's statistics, seeded
+//! reproducibility, stopping, chat rendering, and the `generate` command.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use fcgpu::autograd::no_grad;
+use fcgpu::model::decode::Step;
+use fcgpu::model::kv_cache::SeqCache;
+use fcgpu::model::tokenizer::Tokenizer;
+use fcgpu::model::{Batch, Model, ModelConfig};
+use fcgpu::rollout::chat::{tojson, ChatFormat};
+use fcgpu::rollout::sampler::{sample, SamplerParams};
+use fcgpu::rollout::{generate, generate_indexed, sample_rng, FinishReason, SamplingConfig};
+use serde_json::json;
+
+fn config(kind: &str) -> ModelConfig {
+    let mut c = json!({
+        "model_type": kind, "vocab_size": 61, "hidden_size": 24, "intermediate_size": 40,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": kind == "qwen2",
+        "torch_dtype": "float32"
+    });
+    if kind == "qwen3" {
+        c["head_dim"] = json!(8);
+    }
+    if kind == "llama" {
+        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
+    }
+    ModelConfig::from_json(c, Path::new("config.json")).unwrap()
+}
+
+/// A random model with every parameter (norms and biases too) off its init value, and weights
+/// large enough that the next-token distribution is far from uniform.
+fn model(kind: &str, seed: u64) -> Model {
+    let mut m = Model::init_random(config(kind), seed).unwrap();
+    let mut k = 0;
+    m.visit_mut(&mut |name, t| {
+        k += 1;
+        let noise = fcgpu::ops::gradcheck::rand_vec(t.numel(), seed * 100 + k);
+        let amp = if name.contains("embed") { 1.0 } else { 0.2 };
+        let v: Vec<f32> = t.to_vec().iter().zip(noise).map(|(a, b)| a + amp * b).collect();
+        t.replace_data(v).unwrap();
+    });
+    m
+}
+
+/// Logits `[tokens, vocab]` of the full (training) forward of one sequence.
+fn full_logits(m: &Model, seq: &[u32]) -> Vec<f32> {
+    no_grad(|| {
+        let h = m.hidden_states(&Batch::from_sequences(&[seq.to_vec()]))?;
+        fcgpu::ops::linear(&h, m.lm_head_weight(), None)
+    })
+    .unwrap()
+    .to_vec()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+const FAMILIES: [&str; 3] = ["qwen2", "qwen3", "llama"];
+
+#[test]
+fn incremental_decode_equals_full_forward() {
+    for kind in FAMILIES {
+        let m = model(kind, 3);
+        let v = m.config.vocab_size;
+        let seqs: Vec<Vec<u32>> = vec![
+            (0..14).map(|i| (i * 7 + 3) % 61).collect(),
+            (0..9).map(|i| (i * 13 + 5) % 61).collect(),
+            (0..17).map(|i| (i * 29 + 1) % 61).collect(),
+        ];
+        let full: Vec<Vec<f32>> = seqs.iter().map(|s| full_logits(&m, s)).collect();
+        let prompt_lens = [5usize, 1, 8];
+        // Capacity 1 forces the caches to grow (in blocks) on the way.
+        let mut caches: Vec<SeqCache> = seqs.iter().map(|_| SeqCache::new(m.kv_shape(), 1)).collect();
+        // Prefill of mixed lengths, all sequences in one call.
+        let all = {
+            let mut steps: Vec<Step> = caches.iter_mut().zip(&seqs).zip(prompt_lens).map(|((c, s), p)| Step { cache: c, tokens: &s[..p] }).collect();
+            m.forward_cached_all(&mut steps).unwrap()
+        };
+        let mut off = 0;
+        for (i, &p) in prompt_lens.iter().enumerate() {
+            let d = max_diff(&all[off * v..(off + p) * v], &full[i][..p * v]);
+            assert!(d < 1e-4, "{kind}: prefill of sequence {i}: logits differ by {d}");
+            off += p;
+        }
+        // Then one token at a time for every sequence still running (they finish at different steps).
+        let mut pos = prompt_lens;
+        let mut worst = 0.0f32;
+        loop {
+            let live: Vec<usize> = (0..seqs.len()).filter(|&i| pos[i] < seqs[i].len()).collect();
+            if live.is_empty() {
+                break;
+            }
+            let logits = {
+                let mut steps = Vec::new();
+                for (i, c) in caches.iter_mut().enumerate() {
+                    if live.contains(&i) {
+                        steps.push(Step { cache: c, tokens: &seqs[i][pos[i]..pos[i] + 1] });
+                    }
+                }
+                m.forward_cached(&mut steps).unwrap()
+            };
+            for (r, &i) in live.iter().enumerate() {
+                let d = max_diff(&logits[r * v..(r + 1) * v], &full[i][pos[i] * v..(pos[i] + 1) * v]);
+                worst = worst.max(d);
+                assert!(d < 1e-4, "{kind}: sequence {i} position {}: logits differ by {d}", pos[i]);
+                pos[i] += 1;
+            }
+        }
+        for (c, s) in caches.iter().zip(&seqs) {
+            assert_eq!(c.len(), s.len());
+        }
+        eprintln!("{kind}: incremental vs full forward, max |Δlogit| = {worst:.2e}");
+    }
+}
+
+#[test]
+fn shared_prefix_decode_equals_full_forward() {
+    for kind in FAMILIES {
+        let m = model(kind, 4);
+        let v = m.config.vocab_size;
+        let prompt: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
+        let mut c = SeqCache::new(m.kv_shape(), prompt.len());
+        m.forward_cached(&mut [Step { cache: &mut c, tokens: &prompt }]).unwrap();
+        let prefix = c.into_prefix();
+        // Three continuations of the same prompt decoding together over the shared prefix.
+        let conts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![60, 59, 58, 57], vec![7, 7, 7, 7]];
+        let mut caches: Vec<SeqCache> = conts.iter().map(|_| SeqCache::after(Arc::clone(&prefix), 2)).collect();
+        for t in 0..4 {
+            let logits = {
+                let mut steps: Vec<Step> = caches.iter_mut().zip(&conts).map(|(c, s)| Step { cache: c, tokens: &s[t..t + 1] }).collect();
+                m.forward_cached(&mut steps).unwrap()
+            };
+            for (r, s) in conts.iter().enumerate() {
+                let seq: Vec<u32> = prompt.iter().chain(&s[..=t]).copied().collect();
+                let full = full_logits(&m, &seq);
+                let last = seq.len() - 1;
+                let d = max_diff(&logits[r * v..(r + 1) * v], &full[last * v..(last + 1) * v]);
+                assert!(d < 1e-4, "{kind}: continuation {r} step {t}: logits differ by {d}");
+            }
+        }
+        // A cache with a prefix flattens into one block that decodes the same.
+        let flat = caches.pop().unwrap().into_prefix();
+        assert_eq!(flat.len(), prompt.len() + 4);
+        let mut c = SeqCache::after(flat, 1);
+        let l = m.forward_cached(&mut [Step { cache: &mut c, tokens: &[9] }]).unwrap();
+        let seq: Vec<u32> = prompt.iter().chain(&conts[2]).chain(&[9]).copied().collect();
+        let full = full_logits(&m, &seq);
+        let last = seq.len() - 1;
+        assert!(max_diff(&l, &full[last * v..(last + 1) * v]) < 1e-4, "{kind}: flattened prefix");
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![vec![3, 1, 4, 1, 5, 9, 2, 6], vec![27], vec![18, 28, 18, 28, 45]]
+}
+
+/// Log-probs and entropies of `new_ids` after `prompt` under the full forward at temperature t.
+fn reference_stats(m: &Model, prompt: &[u32], new_ids: &[u32], t: f32) -> (Vec<f32>, Vec<f32>) {
+    let seq: Vec<u32> = prompt.iter().chain(new_ids).copied().collect();
+    let lp = no_grad(|| m.token_logprobs(&Batch::from_sequences(&[seq.clone()]), t)).unwrap().to_vec();
+    let n = seq.len();
+    let r = prompt.len() - 1..prompt.len() - 1 + new_ids.len();
+    (lp[r.clone()].to_vec(), lp[n + r.start..n + r.end].to_vec())
+}
+
+#[test]
+fn sampled_logprobs_and_entropies_equal_the_full_forward() {
+    for kind in FAMILIES {
+        let m = model(kind, 5);
+        for (t, top_p, top_k) in [(0.7f32, 0.9f32, 0usize), (1.0, 1.0, 0), (1.3, 1.0, 7), (0.0, 1.0, 0)] {
+            let cfg = SamplingConfig { n: 3, max_new_tokens: 10, temperature: t, top_p, top_k, seed: 11, ignore_eos: true, ..Default::default() };
+            let ps = prompts();
+            let out = generate(&m, &ps, &cfg, None).unwrap();
+            assert_eq!(out.len(), ps.len() * 3);
+            let mut worst = 0.0f32;
+            for c in &out {
+                assert_eq!(c.new_ids.len(), 10);
+                assert_eq!(c.finish_reason, FinishReason::Length);
+                let (lp, ent) = reference_stats(&m, &ps[c.prompt_index], &c.new_ids, if t == 0.0 { 1.0 } else { t });
+                worst = worst.max(max_diff(&lp, &c.logprobs)).max(max_diff(&ent, &c.entropy));
+                if t == 0.0 {
+                    // Greedy: every token is the argmax of the full forward's logits.
+                    let seq: Vec<u32> = ps[c.prompt_index].iter().chain(&c.new_ids).copied().collect();
+                    let full = full_logits(&m, &seq);
+                    let v = m.config.vocab_size;
+                    for (j, &tok) in c.new_ids.iter().enumerate() {
+                        let row = &full[(ps[c.prompt_index].len() - 1 + j) * v..][..v];
+                        assert_eq!(tok as usize, fcgpu::rollout::sampler::argmax(row), "{kind}: greedy token {j}");
+                    }
+                }
+            }
+            assert!(worst < 1e-4, "{kind} T={t} top_p={top_p} top_k={top_k}: log-prob/entropy differ by {worst}");
+            eprintln!("{kind} T={t} top_p={top_p} top_k={top_k}: max |Δ| log-prob/entropy vs token_logprobs = {worst:.2e}");
+        }
+    }
+}
+
+#[test]
+fn seeded_sampling_does_not_depend_on_the_batch() {
+    let m = model("qwen3", 6);
+    let ps = prompts();
+    let base = SamplingConfig { n: 4, max_new_tokens: 12, temperature: 0.9, top_p: 0.95, seed: 1234, ignore_eos: true, ..Default::default() };
+    let all = generate(&m, &ps, &base, None).unwrap();
+    for max_batch in [1, 3, 5] {
+        let other = generate(&m, &ps, &SamplingConfig { max_batch, ..base.clone() }, None).unwrap();
+        for (a, b) in all.iter().zip(&other) {
+            assert_eq!((a.prompt_index, a.sample_index), (b.prompt_index, b.sample_index));
+            assert_eq!(a.new_ids, b.new_ids, "max_batch {max_batch}: prompt {} sample {}", a.prompt_index, a.sample_index);
+            assert!(max_diff(&a.logprobs, &b.logprobs) < 1e-5);
+        }
+    }
+    // The last prompt alone, numbered as in the full run, samples the same.
+    let alone = generate_indexed(&m, &ps[2..], 2, &base, None).unwrap();
+    assert_eq!(alone.len(), 4);
+    for (a, b) in alone.iter().zip(&all[8..]) {
+        assert_eq!(a.new_ids, b.new_ids);
+    }
+    // Samples of one prompt differ from each other, and another seed changes them.
+    assert!(all[0..4].iter().any(|c| c.new_ids != all[0].new_ids), "4 samples all identical");
+    let reseeded = generate(&m, &ps, &SamplingConfig { seed: 1235, ..base.clone() }, None).unwrap();
+    assert!(reseeded.iter().zip(&all).any(|(a, b)| a.new_ids != b.new_ids), "seed has no effect");
+}
+
+/// The truncated sampling distribution computed independently of the sampler: sort by
+/// probability, keep the top k, then the smallest prefix whose mass reaches top_p.
+fn expected_distribution(z: &[f32], t: f32, top_p: f32, top_k: usize) -> Vec<f64> {
+    let w: Vec<f64> = z.iter().map(|&x| (x as f64 / t as f64).exp()).collect();
+    let mut order: Vec<usize> = (0..z.len()).collect();
+    order.sort_by(|&a, &b| w[b].partial_cmp(&w[a]).unwrap());
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let mass: f64 = order.iter().map(|&i| w[i]).sum();
+    let mut keep = Vec::new();
+    let mut acc = 0.0;
+    for &i in &order {
+        keep.push(i);
+        acc += w[i] / mass;
+        if acc >= top_p as f64 - 1e-12 {
+            break;
+        }
+    }
+    let kept: f64 = keep.iter().map(|&i| w[i]).sum();
+    let mut p = vec![0.0; z.len()];
+    for &i in &keep {
+        p[i] = w[i] / kept;
+    }
+    p
+}
+
+/// Upper critical value of χ² with `df` degrees of freedom at p = 0.001 (Wilson–Hilferty).
+fn chi2_crit(df: usize) -> f64 {
+    let d = df as f64;
+    let z = 3.090; // standard normal upper 0.001 quantile
+    d * (1.0 - 2.0 / (9.0 * d) + z * (2.0 / (9.0 * d)).sqrt()).powi(3)
+}
+
+#[test]
+fn sampler_frequencies_match_the_distribution() {
+    let z: Vec<f32> = vec![2.0, 1.5, 1.4, 0.3, -0.2, 0.9, -1.0, 0.0, 1.1, -2.5, 0.5, 0.45, -0.7, 1.8, -3.0, 0.1];
+    let draws = 20_000usize;
+    for (t, top_p, top_k) in [(1.0f32, 1.0f32, 0usize), (0.7, 1.0, 5), (1.3, 0.8, 0), (0.8, 0.9, 8), (2.0, 0.5, 3)] {
+        let p = SamplerParams { temperature: t, top_p, top_k };
+        let expect = expected_distribution(&z, t, top_p, top_k);
+        let mut rng = sample_rng(42, 0, 0);
+        let mut counts = vec![0usize; z.len()];
+        for _ in 0..draws {
+            let d = sample(&z, &p, &mut rng);
+            counts[d.token as usize] += 1;
+            // Log-prob and entropy are of the untruncated softmax(z/T).
+            let lse = z.iter().map(|&x| (x as f64 / t as f64).exp()).sum::<f64>().ln();
+            assert!((d.logprob as f64 - (z[d.token as usize] as f64 / t as f64 - lse)).abs() < 1e-5);
+        }
+        let support: Vec<usize> = (0..z.len()).filter(|&i| expect[i] > 0.0).collect();
+        for i in 0..z.len() {
+            assert!(expect[i] > 0.0 || counts[i] == 0, "T={t} top_p={top_p} top_k={top_k}: token {i} outside the truncated support was drawn");
+        }
+        let chi2: f64 = support.iter().map(|&i| {
+            let e = expect[i] * draws as f64;
+            (counts[i] as f64 - e).powi(2) / e
+        }).sum();
+        let tv: f64 = 0.5 * (0..z.len()).map(|i| (counts[i] as f64 / draws as f64 - expect[i]).abs()).sum::<f64>();
+        let df = support.len().saturating_sub(1).max(1);
+        let crit = chi2_crit(df);
+        eprintln!("T={t} top_p={top_p} top_k={top_k}: support {} χ²={chi2:.2} (df {df}, p=0.001 critical {crit:.2}), TV={tv:.4}", support.len());
+        assert!(chi2 < crit, "T={t} top_p={top_p} top_k={top_k}: χ² {chi2} ≥ {crit}");
+        assert!(tv < 0.02, "total variation {tv}");
+    }
+    // Entropy of the full distribution, and greedy at T = 1.
+    let d = sample(&z, &SamplerParams { temperature: 0.0, top_p: 1.0, top_k: 0 }, &mut sample_rng(0, 0, 0));
+    assert_eq!(d.token, 0);
+    let w: Vec<f64> = z.iter().map(|&x| (x as f64).exp()).collect();
+    let s: f64 = w.iter().sum();
+    let h: f64 = -w.iter().map(|x| x / s * (x / s).ln()).sum::<f64>();
+    assert!((d.entropy as f64 - h).abs() < 1e-5, "entropy {} vs {h}", d.entropy);
+    assert!((d.logprob as f64 - (w[0] / s).ln()).abs() < 1e-5);
+}
+
+#[test]
+fn sequences_stop_independently() {
+    let mut m = model("llama", 7);
+    let ps = prompts();
+    let cfg = SamplingConfig { n: 2, max_new_tokens: 16, temperature: 1.0, seed: 5, ignore_eos: true, ..Default::default() };
+    let free = generate(&m, &ps, &cfg, None).unwrap();
+    // Make a token that sample (0, 0) draws at step 5 an EOS id.
+    let eos = free[0].new_ids[5];
+    m.config.eos_token_ids = vec![eos];
+    let stopped = generate(&m, &ps, &SamplingConfig { ignore_eos: false, ..cfg.clone() }, None).unwrap();
+    for (a, b) in free.iter().zip(&stopped) {
+        match a.new_ids.iter().position(|&t| t == eos) {
+            Some(k) => {
+                assert_eq!(b.new_ids, a.new_ids[..=k], "cut at the first EOS, which is kept");
+                assert_eq!(b.finish_reason, FinishReason::Stop);
+                assert_eq!(b.logprobs, a.logprobs[..=k]);
+            }
+            None => {
+                // Others run to the length limit, unaffected by the finished ones.
+                assert_eq!(b.new_ids, a.new_ids);
+                assert_eq!(b.finish_reason, FinishReason::Length);
+            }
+        }
+    }
+    assert!(stopped[0].new_ids.len() <= 6);
+    // stop_ids apply even with ignore_eos.
+    let by_id = generate(&m, &ps, &SamplingConfig { stop_ids: vec![eos], ..cfg.clone() }, None).unwrap();
+    assert_eq!(by_id[0].new_ids, stopped[0].new_ids);
+    // max_new_tokens = 0 and greedy.
+    let none = generate(&m, &ps, &SamplingConfig { max_new_tokens: 0, ..cfg.clone() }, None).unwrap();
+    assert!(none.iter().all(|c| c.new_ids.is_empty() && c.finish_reason == FinishReason::Length));
+}
+
+/// A word-level tokenizer over the 61 ids: token i is the word `t{i:02}`.
+fn word_tokenizer() -> Tokenizer {
+    use tokenizers::models::wordlevel::WordLevel;
+    let vocab: HashMap<String, u32> = (0..61u32).map(|i| (format!("t{i:02}"), i)).collect();
+    let wl = WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token("t00".into()).build().unwrap();
+    let mut t = tokenizers::Tokenizer::new(wl);
+    t.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::WhitespaceSplit));
+    Tokenizer::from_inner(t)
+}
+
+#[test]
+fn stop_strings_end_samples() {
+    let m = model("qwen2", 8);
+    let tok = word_tokenizer();
+    let ps = prompts();
+    let cfg = SamplingConfig { n: 3, max_new_tokens: 20, temperature: 1.0, seed: 9, ignore_eos: true, ..Default::default() };
+    let free = generate(&m, &ps, &cfg, Some(&tok)).unwrap();
+    let target = free[1].new_ids[7];
+    let stop = format!("t{target:02}");
+    let out = generate(&m, &ps, &SamplingConfig { stop_strings: vec![stop.clone()], ..cfg.clone() }, Some(&tok)).unwrap();
+    let mut cut = 0;
+    for (a, b) in free.iter().zip(&out) {
+        if let Some(k) = a.new_ids.iter().position(|&t| t == target) {
+            cut += 1;
+            assert_eq!(b.new_ids, a.new_ids[..=k]);
+            assert_eq!(b.finish_reason, FinishReason::Stop);
+            let text = b.text(&tok).unwrap();
+            assert!(!text.contains(&stop), "text keeps the stop string: {text}");
+            assert_eq!(text.trim_end(), tok.decode(&a.new_ids[..k], true).unwrap());
+        } else {
+            assert_eq!(b.new_ids, a.new_ids);
+        }
+    }
+    assert!(cut >= 1);
+}
+
+#[test]
+fn chat_templates_render_like_the_families() {
+    let messages = vec![json!({"role": "user", "content": "What is 2+2?"})];
+    let tools = vec![json!({"type": "function", "function": {"name": "add", "description": "Add ints.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "x": {"type": "number", "default": 1.0}}, "required": ["a"]}}})];
+    let qwen25 = ChatFormat::ChatMl { default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()) };
+    assert_eq!(
+        qwen25.render(&messages, None).unwrap(),
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let qwen3 = ChatFormat::ChatMl { default_system: None };
+    let with_sys = vec![json!({"role": "system", "content": "Be brief."}), messages[0].clone()];
+    assert_eq!(
+        qwen3.render(&with_sys, Some(&tools)).unwrap(),
+        concat!(
+            "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n",
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n",
+            r#"{"type": "function", "function": {"name": "add", "description": "Add ints.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "x": {"type": "number", "default": 1.0}}, "required": ["a"]}}}"#,
+            "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n",
+            "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n",
+            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+        )
+    );
+    let convo = vec![
+        messages[0].clone(),
+        json!({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}]}),
+        json!({"role": "tool", "content": "4"}),
+    ];
+    assert!(qwen3.render(&convo, None).unwrap().ends_with(
+        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    ));
+    let llama = ChatFormat::Llama3 { dated: false };
+    assert_eq!(
+        llama.render(&with_sys, None).unwrap(),
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    let llama31 = ChatFormat::Llama3 { dated: true }.render(&messages, Some(&tools)).unwrap();
+    assert!(llama31.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nGiven the following functions"));
+    assert!(llama31.contains("{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": \"add\","));
+    // Python json.dumps number and escape conventions.
+    assert_eq!(tojson(&json!({"a": [1, 2.5, 1e-5, 1e20, "é\n"]}), None), r#"{"a": [1, 2.5, 1e-05, 1e+20, "é\n"]}"#);
+    assert_eq!(tojson(&json!({"a": []}), Some(2)), "{\n  \"a\": []\n}");
+}
+
+#[test]
+fn generate_command_writes_one_line_per_sample() {
+    let m = model("qwen2", 9);
+    let dir = tempfile::tempdir().unwrap();
+    let mdir = dir.path().join("m");
+    m.save(&mdir, None).unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = prompts().iter().map(|p| json!({"prompt_ids": p}).to_string()).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+            .args(["generate", "--model", mdir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--max-new-tokens", "6"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "generate failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>()
+    };
+    let a = run(&["--n", "3", "--seed", "7", "--temperature", "0.8", "--top-k", "20", "--ignore-eos", "--batch-size", "2"]);
+    assert_eq!(a.len(), 9);
+    for (k, l) in a.iter().enumerate() {
+        assert_eq!(l["index"], k / 3);
+        assert_eq!(l["sample"], k % 3);
+        assert_eq!(l["new_ids"].as_array().unwrap().len(), 6);
+        assert_eq!(l["logprobs"].as_array().unwrap().len(), 6);
+        assert_eq!(l["entropy"].as_array().unwrap().len(), 6);
+        assert_eq!(l["finish_reason"], "length");
+        assert!(l["text"].is_null(), "no tokenizer, no text");
+    }
+    // Same seed, other batch size: same samples; library and command agree.
+    let b = run(&["--n", "3", "--seed", "7", "--temperature", "0.8", "--top-k", "20", "--ignore-eos", "--batch-size", "64"]);
+    assert_eq!(a.iter().map(|l| &l["new_ids"]).collect::<Vec<_>>(), b.iter().map(|l| &l["new_ids"]).collect::<Vec<_>>());
+    let lib = generate(&m, &prompts(), &SamplingConfig { n: 3, max_new_tokens: 6, temperature: 0.8, top_k: 20, seed: 7, ignore_eos: true, ..Default::default() }, None).unwrap();
+    for (l, c) in a.iter().zip(&lib) {
+        assert_eq!(l["new_ids"], json!(c.new_ids));
+    }
+    // Bad input is reported with its line.
+    std::fs::write(&input, "{\"prompt_ids\": [1]}\n{\"prompt_ids\": [1], \"prompt\": \"x\"}\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["generate", "--model", mdir.to_str().unwrap(), "--input", input.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("entry 2"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn long_prompts_cross_attention_query_blocks() {
+    // Prefill attention works in blocks of 64 query rows: 150 prompt tokens take three, then
+    // decode continues after them (and after a shared prefix of that length).
+    for kind in FAMILIES {
+        let m = model(kind, 10);
+        let v = m.config.vocab_size;
+        let seq: Vec<u32> = (0..156u32).map(|i| (i * 37 + 11) % 61).collect();
+        let full = full_logits(&m, &seq);
+        let mut c = SeqCache::new(m.kv_shape(), 4);
+        let pre = m.forward_cached_all(&mut [Step { cache: &mut c, tokens: &seq[..150] }]).unwrap();
+        let d = max_diff(&pre, &full[..150 * v]);
+        assert!(d < 1e-4, "{kind}: long prefill differs by {d}");
+        let mut s = SeqCache::after(c.into_prefix(), 1);
+        for p in 150..156 {
+            let l = m.forward_cached(&mut [Step { cache: &mut s, tokens: &seq[p..p + 1] }]).unwrap();
+            let d = max_diff(&l, &full[p * v..(p + 1) * v]);
+            assert!(d < 1e-4, "{kind}: decode at {p} after a long prefix differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn multi_token_steps_after_cached_tokens() {
+    // Chunked prefill: several new tokens after a non-empty cache, beside a one-token decode.
+    for kind in FAMILIES {
+        let m = model(kind, 12);
+        let v = m.config.vocab_size;
+        let a: Vec<u32> = (0..90u32).map(|i| (i * 17 + 2) % 61).collect();
+        let b: Vec<u32> = (0..6u32).map(|i| (i * 5 + 9) % 61).collect();
+        let (fa, fb) = (full_logits(&m, &a), full_logits(&m, &b));
+        let (mut ca, mut cb) = (SeqCache::new(m.kv_shape(), 8), SeqCache::new(m.kv_shape(), 8));
+        m.forward_cached(&mut [Step { cache: &mut ca, tokens: &a[..5] }, Step { cache: &mut cb, tokens: &b[..5] }]).unwrap();
+        let out = m.forward_cached_all(&mut [Step { cache: &mut ca, tokens: &a[5..90] }, Step { cache: &mut cb, tokens: &b[5..6] }]).unwrap();
+        let d = max_diff(&out[..85 * v], &fa[5 * v..90 * v]);
+        assert!(d < 1e-4, "{kind}: chunk after cached tokens differs by {d}");
+        let d = max_diff(&out[85 * v..], &fb[5 * v..6 * v]);
+        assert!(d < 1e-4, "{kind}: decode beside a chunk differs by {d}");
+    }
+}
+
+#[test]
+fn long_prompts_are_admitted_a_few_at_a_time() {
+    // 3 × 3000 prompt tokens exceed one step's prefill budget (8192): they join over two steps
+    // and sample exactly as each prompt does alone; a 9000-token prompt still runs (alone).
+    let m = model("qwen2", 13);
+    let ps: Vec<Vec<u32>> = (0..3u32).map(|k| (0..3000u32).map(|i| (i * (7 + k) + k) % 61).collect()).collect();
+    let cfg = SamplingConfig { n: 2, max_new_tokens: 4, temperature: 1.0, seed: 77, ignore_eos: true, ..Default::default() };
+    let all = generate(&m, &ps, &cfg, None).unwrap();
+    for (i, p) in ps.iter().enumerate() {
+        let alone = generate_indexed(&m, std::slice::from_ref(p), i, &cfg, None).unwrap();
+        for (a, b) in alone.iter().zip(&all[i * 2..i * 2 + 2]) {
+            assert_eq!(a.new_ids, b.new_ids, "prompt {i}");
+        }
+    }
+    let long: Vec<u32> = ps.concat();
+    let out = generate(&m, &[vec![1, 2, 3], long], &SamplingConfig { max_batch: 2, ..cfg.clone() }, None).unwrap();
+    assert_eq!(out.len(), 4);
+    assert!(out.iter().all(|c| c.new_ids.len() == 4));
+}
