@@ -74,14 +74,17 @@ impl LaunchCfg {
 #[derive(Default, Debug)]
 pub struct KernelArgs {
     slots: Vec<u64>,
+    /// Kind of each slot (p, i, u, l, f), checked against the kernel's signature at launch.
+    kinds: String,
 }
 
 impl KernelArgs {
     pub fn new() -> KernelArgs {
-        KernelArgs { slots: Vec::with_capacity(16) }
+        KernelArgs { slots: Vec::with_capacity(16), kinds: String::with_capacity(16) }
     }
     pub fn ptr(&mut self, p: u64) -> &mut Self {
         self.slots.push(p);
+        self.kinds.push('p');
         self
     }
     pub fn buf(&mut self, b: &GpuBuffer) -> &mut Self {
@@ -101,19 +104,27 @@ impl KernelArgs {
     }
     pub fn i32(&mut self, v: i32) -> &mut Self {
         self.slots.push(v as u32 as u64);
+        self.kinds.push('i');
         self
     }
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.slots.push(v as u64);
+        self.kinds.push('u');
         self
     }
     pub fn i64(&mut self, v: i64) -> &mut Self {
         self.slots.push(v as u64);
+        self.kinds.push('l');
         self
     }
     pub fn f32(&mut self, v: f32) -> &mut Self {
         self.slots.push(v.to_bits() as u64);
+        self.kinds.push('f');
         self
+    }
+    /// The kinds of the arguments so far (p pointer, i int, u unsigned, l long long, f float).
+    pub fn kinds(&self) -> &str {
+        &self.kinds
     }
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -273,6 +284,14 @@ impl GpuDevice {
         ensure!(bx * by * bz > 0 && bx * by * bz <= 1024, "{}: block {:?} has no threads or more than 1024", k.name, cfg.block);
         let (gx, gy, gz) = cfg.grid;
         ensure!(gx > 0 && gy > 0 && gz > 0 && gy <= 65535 && gz <= 65535, "{}: bad grid {:?}", k.name, cfg.grid);
+        let want = sources::signature(k.name).ok_or_else(|| anyhow::anyhow!("no kernel named {} (in {})", k.name, k.file))?;
+        ensure!(
+            want == args.kinds(),
+            "{}: launched with arguments ({}) but the kernel takes ({}) (p pointer, i int, u unsigned, l long long, f float)",
+            k.name,
+            args.kinds(),
+            want
+        );
         let _range = nvtx_range(k.name);
         let mut params = args.as_params();
         unsafe { self.0.launch(k, cfg, &mut params) }
