@@ -67,4 +67,5 @@ suite_tests!(dev();
     elementwise_ops,
     storage_round_trip,
     grad_clip_on_device,
+    linear_matches_cpu_op,
 );

@@ -11,6 +11,8 @@ pub mod elementwise;
 pub mod embedding;
 #[path = "../ops/logprob/gpu.rs"]
 pub mod logprob;
+#[path = "../ops/matmul/gpu.rs"]
+pub mod matmul;
 #[path = "../ops/rms_norm/gpu.rs"]
 pub mod rms_norm;
 #[path = "../ops/rope/gpu.rs"]

@@ -660,3 +660,33 @@ pub fn storage_round_trip(d: &GpuDevice) {
         assert_eq!(f.to_f32_vec().unwrap(), s.to_f32_vec());
     }
 }
+
+/// `linear` forward and backward (with bias) against the CPU op's autograd.
+pub fn linear_matches_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::matmul::{linear_bwd, linear_fwd, LinearDims};
+    use fcgpu::Tensor;
+    let dims = LinearDims { rows: 5, in_f: 33, out_f: 17 };
+    let x = randn(dims.rows * dims.in_f, 70, 1.0);
+    let w = randn(dims.out_f * dims.in_f, 71, 0.5);
+    let b = randn(dims.out_f, 72, 1.0);
+    let dy = randn(dims.rows * dims.out_f, 73, 1.0);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let (xq, wq, bq, dyq) = (quant(&x, dt), quant(&w, dt), quant(&b, dt), quant(&dy, dt));
+        // CPU op: y = linear(x, w, b); backward of Σ y ⊙ dy
+        let xt = Tensor::from_vec(xq.clone(), &[dims.rows, dims.in_f]).unwrap().requires_grad();
+        let wt = Tensor::from_vec(wq.clone(), &[dims.out_f, dims.in_f]).unwrap().requires_grad();
+        let bt = Tensor::from_vec(bq.clone(), &[dims.out_f]).unwrap().requires_grad();
+        let yt = fcgpu::ops::linear(&xt, &wt, Some(&bt)).unwrap();
+        let grads = yt.backward_with(Tensor::from_vec(dyq.clone(), &[dims.rows, dims.out_f]).unwrap()).unwrap();
+        let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
+        let (xb, wb, bb) = (up(d, &xq, dt), up(d, &wq, dt), up(d, &bq, dt));
+        let y = d.zeros(dims.rows * dims.out_f * dt.size()).unwrap();
+        linear_fwd(d, dt, dims, &xb, &wb, Some(&bb), &y).unwrap();
+        assert_close(&down(&y, dt), &yt.to_vec(), tol, &format!("linear y {dt:?}"));
+        let (dx, dw, db) = (d.zeros(xq.len() * dt.size()).unwrap(), d.zeros(wq.len() * dt.size()).unwrap(), d.zeros(dims.out_f * 4).unwrap());
+        linear_bwd(d, dt, dims, &xb, &wb, &up(d, &dyq, dt), Some(&dx), Some(&dw), Some(&db)).unwrap();
+        assert_close(&down(&dx, dt), &g(&xt), tol, &format!("linear dx {dt:?}"));
+        assert_close(&down(&dw, dt), &g(&wt), tol, &format!("linear dw {dt:?}"));
+        assert_close(&db.download_f32().unwrap(), &g(&bt), 1e-5, &format!("linear db {dt:?}"));
+    }
+}
