@@ -68,4 +68,5 @@ suite_tests!(dev();
     storage_round_trip,
     grad_clip_on_device,
     linear_matches_cpu_op,
+    sampling_matches_cpu_distribution,
 );

@@ -690,3 +690,42 @@ pub fn linear_matches_cpu_op(d: &GpuDevice) {
         assert_close(&db.download_f32().unwrap(), &g(&bt), 1e-5, &format!("linear db {dt:?}"));
     }
 }
+
+/// Device sampling against the CPU sampler's truncated distribution: on a grid of quantiles
+/// u = (i + ½)/R every token is drawn R·p ± 2 times and nothing outside the nucleus; greedy is
+/// the first argmax.
+pub fn sampling_matches_cpu_distribution(d: &GpuDevice) {
+    use fcgpu::backend::ops::logprob::sample_rows;
+    use fcgpu::rollout::sampler::{argmax, truncated_distribution, SamplerParams};
+    let vocab = 50;
+    let mut z = randn(vocab, 80, 2.0);
+    z[7] = 3.5;
+    z[31] = 3.5; // a tie for the maximum
+    let rows = 400;
+    let zz: Vec<f32> = (0..rows).flat_map(|_| z.iter().copied()).collect();
+    let zb = d.upload_f32(&zz).unwrap();
+    let u: Vec<f32> = (0..rows).map(|i| (i as f32 + 0.5) / rows as f32).collect();
+    let ub = d.upload_f32(&u).unwrap();
+    let tb = d.zeros(rows * 4).unwrap();
+    for (temperature, top_p) in [(0.8f32, 0.9f32), (1.0, 1.0), (0.5, 0.3)] {
+        sample_rows(d, DType::F32, &zb, vocab, rows, vocab, temperature, top_p, &ub, &tb).unwrap();
+        let got = tb.download_i32().unwrap();
+        let dist = truncated_distribution(&z, &SamplerParams { temperature, top_p, top_k: 0 });
+        let mut count = vec![0usize; vocab];
+        for &t in &got {
+            assert!(t >= 0 && (t as usize) < vocab);
+            count[t as usize] += 1;
+        }
+        for k in 0..vocab {
+            let p = dist.iter().find(|(i, _)| *i as usize == k).map_or(0.0, |x| x.1);
+            let want = p * rows as f64;
+            assert!((count[k] as f64 - want).abs() <= 2.0, "T={temperature} top_p={top_p} token {k}: {} draws, want {want:.1}", count[k]);
+            if p == 0.0 {
+                assert_eq!(count[k], 0, "token {k} outside the nucleus was drawn");
+            }
+        }
+    }
+    sample_rows(d, DType::F32, &zb, vocab, rows, vocab, 0.0, 1.0, &ub, &tb).unwrap();
+    assert!(tb.download_i32().unwrap().iter().all(|&t| t as usize == argmax(&z)), "greedy = first argmax");
+    assert_eq!(argmax(&z), 7);
+}
