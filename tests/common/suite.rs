@@ -583,36 +583,41 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
 }
 
 /// Decode attention against a straightforward f64 reference: GQA, a length-1 cache, a cache
-/// shorter than its capacity, head dims 64 and 128.
+/// shorter than its capacity, head dims 64 and 128, token-major and head-major cache layouts.
 pub fn decode_attention(d: &GpuDevice) {
-    use fcgpu::backend::ops::attention::decode_attn;
+    use fcgpu::backend::ops::attention::{decode_attn_strided, CacheLayout};
     let bf = DType::BF16;
     for &(batch, q_heads, kv_heads, hd, max_len) in &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)] {
-        let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
-        let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
-        let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
-        let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
-        let ob = d.zeros(q.len() * 2).unwrap();
-        decode_attn(d, &up(d, &q, bf), &up(d, &kc, bf), &up(d, &vc, bf), &d.upload_i32(&lens).unwrap(), &ob, batch, q_heads, kv_heads, hd, max_len).unwrap();
-        let mut want = vec![0f64; q.len()];
-        let scale = 1.0 / (hd as f64).sqrt();
-        for b in 0..batch {
-            for h in 0..q_heads {
-                let kvh = h / (q_heads / kv_heads);
-                let qr = &q[(b * q_heads + h) * hd..][..hd];
-                let row = |c: &[f32], j: usize| -> Vec<f64> { c[((b * max_len + j) * kv_heads + kvh) * hd..][..hd].iter().map(|&x| x as f64).collect() };
-                let s: Vec<f64> = (0..lens[b] as usize).map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale).collect();
-                let m = s.iter().copied().fold(f64::MIN, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for (j, sj) in s.iter().enumerate() {
-                    let p = (sj - m).exp() / z;
-                    for (x, vv) in want[(b * q_heads + h) * hd..][..hd].iter_mut().zip(row(&vc, j)) {
-                        *x += p * vv;
+        for head_major in [false, true] {
+            let layout = if head_major { CacheLayout::head_major(max_len, kv_heads, hd) } else { CacheLayout::token_major(max_len, kv_heads, hd) };
+            let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
+            let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
+            let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
+            let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
+            let ob = d.zeros(q.len() * 2).unwrap();
+            decode_attn_strided(d, &up(d, &q, bf), &up(d, &kc, bf), &up(d, &vc, bf), &d.upload_i32(&lens).unwrap(), &ob, batch, q_heads, kv_heads, hd, max_len, layout).unwrap();
+            let mut want = vec![0f64; q.len()];
+            let scale = 1.0 / (hd as f64).sqrt();
+            for b in 0..batch {
+                for h in 0..q_heads {
+                    let kvh = h / (q_heads / kv_heads);
+                    let qr = &q[(b * q_heads + h) * hd..][..hd];
+                    let row = |c: &[f32], j: usize| -> Vec<f64> {
+                        c[b * layout.batch_stride + j * layout.pos_stride + kvh * layout.head_stride..][..hd].iter().map(|&x| x as f64).collect()
+                    };
+                    let s: Vec<f64> = (0..lens[b] as usize).map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale).collect();
+                    let m = s.iter().copied().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for (j, sj) in s.iter().enumerate() {
+                        let p = (sj - m).exp() / z;
+                        for (x, vv) in want[(b * q_heads + h) * hd..][..hd].iter_mut().zip(row(&vc, j)) {
+                            *x += p * vv;
+                        }
                     }
                 }
             }
+            assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd} head_major={head_major}"));
         }
-        assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd}"));
     }
 }
 
