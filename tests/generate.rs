@@ -2,48 +2,22 @@
 //! reproducibility, stopping, chat rendering, and the `generate` command.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use fcgpu::autograd::no_grad;
 use fcgpu::model::decode::Step;
 use fcgpu::model::kv_cache::SeqCache;
 use fcgpu::model::tokenizer::Tokenizer;
-use fcgpu::model::{Batch, Model, ModelConfig};
+use fcgpu::model::{Batch, Model};
 use fcgpu::rollout::chat::{tojson, ChatFormat};
 use fcgpu::rollout::sampler::{sample, SamplerParams};
 use fcgpu::rollout::{generate, generate_indexed, sample_rng, FinishReason, SamplingConfig};
 use serde_json::json;
 
-fn config(kind: &str) -> ModelConfig {
-    let mut c = json!({
-        "model_type": kind, "vocab_size": 61, "hidden_size": 24, "intermediate_size": 40,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": kind == "qwen2",
-        "torch_dtype": "float32"
-    });
-    if kind == "qwen3" {
-        c["head_dim"] = json!(8);
-    }
-    if kind == "llama" {
-        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
-    }
-    ModelConfig::from_json(c, Path::new("config.json")).unwrap()
-}
+mod common;
 
-/// A random model with every parameter (norms and biases too) off its init value, and weights
-/// large enough that the next-token distribution is far from uniform.
 fn model(kind: &str, seed: u64) -> Model {
-    let mut m = Model::init_random(config(kind), seed).unwrap();
-    let mut k = 0;
-    m.visit_mut(&mut |name, t| {
-        k += 1;
-        let noise = fcgpu::ops::gradcheck::rand_vec(t.numel(), seed * 100 + k);
-        let amp = if name.contains("embed") { 1.0 } else { 0.2 };
-        let v: Vec<f32> = t.to_vec().iter().zip(noise).map(|(a, b)| a + amp * b).collect();
-        t.replace_data(v).unwrap();
-    });
-    m
+    common::model(kind, seed, 1.0, 0.2)
 }
 
 /// Logits `[tokens, vocab]` of the full (training) forward of one sequence.

@@ -1,39 +1,15 @@
 //! Model assembly on random weights: save/load round trip, packing, gradients, clear errors.
 
-use std::path::Path;
 
 use fcgpu::autograd::no_grad;
-use fcgpu::model::{Batch, Model, ModelConfig};
+use fcgpu::model::{Batch, Model};
 use fcgpu::tensor::DType;
-use serde_json::json;
 
-fn config(kind: &str) -> ModelConfig {
-    let mut c = json!({
-        "model_type": kind, "vocab_size": 61, "hidden_size": 24, "intermediate_size": 40,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": kind == "qwen2",
-        "torch_dtype": "float32"
-    });
-    if kind == "qwen3" {
-        c["head_dim"] = json!(8);
-    }
-    if kind == "llama" {
-        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
-    }
-    ModelConfig::from_json(c, Path::new("config.json")).unwrap()
-}
+mod common;
 
 /// A random model whose norms and biases are off their init values too.
 fn model(kind: &str, seed: u64) -> Model {
-    let mut m = Model::init_random(config(kind), seed).unwrap();
-    let mut k = 0;
-    m.visit_mut(&mut |_, t| {
-        k += 1;
-        let noise = fcgpu::ops::gradcheck::rand_vec(t.numel(), seed * 100 + k);
-        let v: Vec<f32> = t.to_vec().iter().zip(noise).map(|(a, b)| a + 0.1 * b).collect();
-        t.replace_data(v).unwrap();
-    });
-    m
+    common::model(kind, seed, 0.1, 0.1)
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
 pub mod sft;
+pub mod train;
 
 #[derive(Parser, Debug)]
 #[command(name = "fcgpu", version, about = "Train language models to call functions reliably")]
@@ -31,6 +32,8 @@ pub enum Command {
     Eval(eval::Args),
     /// GPU kernels: `kernels check` compiles each with NVRTC and reports registers/spills.
     Kernels(kernels::Args),
+    /// GRPO with entropy-enhanced advantages (default: the embedded task end to end).
+    Train(train::Args),
     /// Supervised fine-tuning with SRML (default: the tiny model on the embedded task).
     Sft(sft::Args),
 }
@@ -44,5 +47,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),
         Command::Sft(a) => sft::run(a),
+        Command::Train(a) => train::run(a),
     }
 }

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::kv_cache::{KvShape, SeqCache};
 use super::{Linear, Model};
+use crate::ops::attention::cpu::masked_softmax_rows;
 use crate::ops::matmul::cpu::{gemm, gemm_strided, Mat};
 use crate::ops::{rms_norm, rope, swiglu, SendPtr};
 
@@ -192,19 +193,7 @@ unsafe fn attend(
         gemm_strided(rows, pl, hd, sc.as_mut_ptr(), total, false, q, q_rs as isize, 1, pk.as_ptr(), 1, hd as isize, scale);
     }
     gemm_strided(rows, own.2, hd, sc.as_mut_ptr().add(p), total, false, q, q_rs as isize, 1, own.0.as_ptr(), 1, hd as isize, scale);
-    for r in 0..rows {
-        let row = &mut sc[r * total..(r + 1) * total];
-        let valid = visible(r).min(total);
-        let m = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0.0f32;
-        for x in row[..valid].iter_mut() {
-            *x = (*x - m).exp();
-            l += *x;
-        }
-        let inv = 1.0 / l;
-        row[..valid].iter_mut().for_each(|x| *x *= inv);
-        row[valid..].fill(0.0);
-    }
+    masked_softmax_rows(&mut sc, rows, total, visible);
     let mut acc = false;
     if let Some((_, pv, pl)) = pre {
         if pl > 0 {

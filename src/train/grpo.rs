@@ -21,7 +21,7 @@ use crate::fc::reward::{reward, RewardKind};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
-use crate::rl::advantage::{group_advantages, masked_row_mean, token_advantages, AdvScale, EntropyBonus};
+use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, EntropyBonus};
 use crate::rl::policy_loss::{policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
 use crate::rollout::{self, chat_eos_ids, Completion, SamplingConfig};
 use crate::train::checkpoint::{self, TrainerState};
@@ -110,6 +110,8 @@ pub struct GrpoConfig {
     pub warmup_sft_steps: u64,
     pub task_train: usize,
     pub task_eval: usize,
+    /// Tiny model size when building the embedded default: tiny or micro.
+    pub preset: String,
 }
 
 impl Default for GrpoConfig {
@@ -149,6 +151,7 @@ impl Default for GrpoConfig {
             warmup_sft_steps: 150,
             task_train: 4000,
             task_eval: 200,
+            preset: "tiny".into(),
         }
     }
 }
@@ -336,8 +339,8 @@ impl GrpoTrainer {
         let t_ref = t1.elapsed().as_secs_f32();
         let t2 = Instant::now();
         let (mut loss, mut kl, mut clip, mut norm) = (0.0, 0.0, 0.0, 0.0);
-        for _ in 0..self.cfg.ppo_epochs.max(1) {
-            let (l, k, c, grads) = ranged("update", || self.policy_gradient(&rollouts, &adv.raw, &adv.adv, ref_lp.as_deref()))?;
+        for epoch in 0..self.cfg.ppo_epochs.max(1) {
+            let (l, k, c, grads) = ranged("update", || self.policy_gradient(&rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0))?;
             ensure!(l.is_finite(), "step {next}: loss is {l}; stopping before the update, weights unchanged");
             norm = ranged("optimizer step", || apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm))
                 .with_context(|| format!("step {next}"))?;
@@ -394,13 +397,15 @@ impl GrpoTrainer {
         Ok(out)
     }
 
-    /// Loss, KL, clip fraction and the gradients of the policy loss, micro-batch by micro-batch.
-    /// The loss is one op over the whole batch (its weights need every sequence), so the
-    /// forward runs first for the log-probs, and the gradient flows per micro-batch after.
-    fn policy_gradient(&self, rollouts: &[Rollout], raw_adv: &[f32], adv: &[f32], ref_lp: Option<&[Vec<f32>]>) -> Result<(f32, f32, f32, HashMap<String, Vec<f32>>)> {
+    /// Loss, KL, clip fraction and the gradients of the policy loss. The loss is one op over
+    /// the whole batch (its weights need every sequence): it runs on the log-probs first, and
+    /// its gradient then flows back through the model micro-batch by micro-batch.
+    /// On the first epoch π_θ = π_old in value, so the sampler's log-probs stand in for a
+    /// forward pass (`fresh` = false); later epochs recompute them.
+    fn policy_gradient(&self, rollouts: &[Rollout], raw_adv: &[f32], adv: &[f32], ref_lp: Option<&[Vec<f32>]>, fresh: bool) -> Result<(f32, f32, f32, HashMap<String, Vec<f32>>)> {
         let n = rollouts.len();
         let t = rollouts.iter().map(|r| r.ids.len() - r.prompt_len).max().unwrap_or(0).max(1);
-        let cur = self.logps(&self.model, rollouts)?;
+        let cur = if fresh { self.logps(&self.model, rollouts)? } else { rollouts.iter().map(|r| r.old_logp.clone()).collect() };
         let mut x = vec![0.0f32; n * t];
         let (mut old, mut refm, mut mask, mut seg) = (vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0i32; n * t]);
         let mut h_tok = vec![0.0f32; n * t];
@@ -437,7 +442,6 @@ impl GrpoTrainer {
             mask: &mask, seg: Some(&seg), n_seq: n, t,
         };
         let (stats, dx) = policy_loss(&input, &cfg, 1.0)?;
-        let _ = masked_row_mean;
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
         let params = self.model.named_params();
         let mut acc: HashMap<String, Vec<f32>> = HashMap::new();
@@ -508,6 +512,7 @@ pub fn materialize(cfg: &GrpoConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBu
         task_eval: cfg.task_eval,
         eval_samples: 0,
         save_every: 0,
+        preset: cfg.preset.clone(),
         ..Default::default()
     };
     let (train, eval, base) = crate::train::sft::materialize(&sft_cfg)?;

@@ -15,11 +15,13 @@ pub struct Saved<'a> {
     pub lse: &'a [f32],
 }
 
-/// Softmax rows of `s` (`rows × cols`, row r sees keys `..=r + diag`), in place; returns lse.
-fn causal_softmax(s: &mut [f32], rows: usize, cols: usize, diag: usize, lse: &mut [f32]) {
+/// Softmax of the first `valid(r)` entries of each row of `s` (`rows × cols`), in place; the
+/// rest become 0. Returns each row's log-sum-exp (shared by training attention and decode).
+pub fn masked_softmax_rows(s: &mut [f32], rows: usize, cols: usize, valid: impl Fn(usize) -> usize) -> Vec<f32> {
+    let mut lse = vec![0.0f32; rows];
     for r in 0..rows {
         let row = &mut s[r * cols..(r + 1) * cols];
-        let valid = (r + diag + 1).min(cols);
+        let valid = valid(r).min(cols);
         let m = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut l = 0.0f32;
         for x in row[..valid].iter_mut() {
@@ -31,6 +33,7 @@ fn causal_softmax(s: &mut [f32], rows: usize, cols: usize, diag: usize, lse: &mu
         row[valid..].fill(0.0);
         lse[r] = m + l.ln();
     }
+    lse
 }
 
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: Dims, seqs: &[(usize, usize)]) -> (Vec<f32>, Vec<f32>) {
@@ -53,13 +56,12 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: Dims, seqs: &[(usize, usize)]
         let kvh = h / (d.q_heads / d.kv_heads);
         let cols = i0 + rows - s; // keys s..i0+rows
         let mut sc = vec![0.0f32; rows * cols];
-        let mut l = vec![0.0f32; rows];
         // SAFETY: every task writes the rows i0..i0+rows of head h only.
         unsafe {
             gemm_strided(rows, cols, d.head_dim, sc.as_mut_ptr(), cols, false,
                 q.as_ptr().add(i0 * qs + h * d.head_dim), qs as isize, 1,
                 k.as_ptr().add(s * ks + kvh * d.head_dim), 1, ks as isize, scale);
-            causal_softmax(&mut sc, rows, cols, i0 - s, &mut l);
+            let l = masked_softmax_rows(&mut sc, rows, cols, |r| r + i0 - s + 1);
             gemm_strided(rows, d.head_dim, cols, { outp }.0.add(i0 * qs + h * d.head_dim), qs, false,
                 sc.as_ptr(), cols as isize, 1,
                 v.as_ptr().add(s * ks + kvh * d.head_dim), ks as isize, 1, 1.0);

@@ -1,0 +1,123 @@
+//! GRPO: the policy-loss op against PyTorch, and the trainer's step, resume and NaN guard.
+
+use std::path::Path;
+
+use fcgpu::model::weights::load_all;
+use fcgpu::rl::policy_loss::{policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
+use fcgpu::train::grpo::{self, GrpoConfig, GrpoMetrics};
+
+#[test]
+fn policy_loss_matches_pytorch_autograd() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rl/policy_loss.safetensors");
+    let r = load_all(&path).unwrap();
+    let mut cases = 0;
+    while let Some(cfg) = r.get(&format!("case{cases}.cfg")) {
+        let k = |n: &str| r[&format!("case{cases}.{n}")].to_vec();
+        let c = cfg.to_vec();
+        let (logp, old, refl, adv, mask, grad) = (k("logp"), k("old"), k("ref"), k("adv"), k("mask"), k("grad"));
+        let seg: Vec<i32> = k("seg").iter().map(|&x| x as i32).collect();
+        let shape = r[&format!("case{cases}.logp")].shape().to_vec();
+        let agg = match c[0] as i32 {
+            0 => LossAgg::TokenMean,
+            1 => LossAgg::SeqMean,
+            _ => LossAgg::Srml { alpha: c[3] },
+        };
+        let pcfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: c[1], agg };
+        let input = PolicyLossInput {
+            logp: &logp, old_logp: &old, ref_logp: Some(&refl), adv: &adv, adv_per_token: c[2] == 1.0,
+            mask: &mask, seg: Some(&seg), n_seq: shape[0], t: shape[1],
+        };
+        let (stats, dx) = policy_loss(&input, &pcfg, 1.0).unwrap();
+        let expect = k("loss")[0];
+        assert!((stats.loss - expect).abs() < 1e-5 * (1.0 + expect.abs()), "case {cases}: loss {} vs {expect}", stats.loss);
+        for (i, (a, b)) in dx.iter().zip(&grad).enumerate() {
+            assert!((a - b).abs() < 1e-5, "case {cases}: d loss/d logp[{i}] {a} vs {b}");
+        }
+        cases += 1;
+    }
+    assert_eq!(cases, 12, "expected every fixture case");
+}
+
+fn micro(run_dir: &Path) -> GrpoConfig {
+    GrpoConfig {
+        run_dir: run_dir.to_path_buf(),
+        steps: 2,
+        prompts_per_step: 2,
+        group_size: 3,
+        max_new_tokens: 12,
+        warmup_sft_steps: 0,
+        task_train: 60,
+        task_eval: 8,
+        eval_samples: 4,
+        weight_decay: 0.1,
+        beta: 0.01,
+        save_every: 1,
+        micro_batch: 4,
+        preset: "micro".into(),
+        ..Default::default()
+    }
+}
+
+fn strip_timing(mut m: GrpoMetrics) -> GrpoMetrics {
+    (m.tokens_per_s, m.seconds_rollout, m.seconds_reference, m.seconds_update, m.seconds) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    m
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    grpo::run(micro(&straight), false).unwrap();
+    let split = dir.path().join("split");
+    // The same task and base model, so only the interruption differs.
+    std::fs::create_dir_all(&split).unwrap();
+    let copy = |sub: &str| {
+        let (from, to) = (straight.join(sub), split.join(sub));
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&from).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    copy("sft/task");
+    copy("sft/base-model");
+    // A run stopped after step 1 (its last step also scored the held-out set), then resumed.
+    grpo::run(GrpoConfig { steps: 1, ..micro(&split) }, false).unwrap();
+    grpo::run(micro(&split), true).unwrap();
+    let read = |p: &Path| -> Vec<GrpoMetrics> { fcgpu::jsonl::read(&p.join("metrics.jsonl")).unwrap().into_iter().map(strip_timing).collect() };
+    let mut resumed = read(&split);
+    resumed[1].eval_accuracy = None;
+    assert_eq!(read(&straight), resumed, "metrics after resume differ from an uninterrupted run");
+    let a = fcgpu::model::Model::load(&straight.join("checkpoint-2")).unwrap();
+    let b = fcgpu::model::Model::load(&split.join("checkpoint-2")).unwrap();
+    for ((n, x), (_, y)) in a.named_params().iter().zip(&b.named_params()) {
+        assert_eq!(x.to_vec(), y.to_vec(), "{n} differs after resume");
+    }
+    assert!(straight.join("curves.svg").exists());
+    let lines = read(&straight);
+    assert!(lines.first().unwrap().eval_accuracy.is_some() && lines.last().unwrap().eval_accuracy.is_some(), "eval before and after recorded");
+    assert!(lines.iter().filter(|m| m.step > 0).all(|m| m.completion_tokens > 0 && m.kl.is_finite()));
+}
+
+#[test]
+fn non_finite_loss_stops_without_touching_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = GrpoConfig { steps: 1, eval_samples: 0, ..micro(dir.path()) };
+    let mut t = grpo::GrpoTrainer::new(cfg, false).unwrap();
+    t.model.visit_mut(&mut |n, p| {
+        if n == "model.norm.weight" {
+            let mut v = p.to_vec();
+            v[0] = f32::NAN;
+            p.replace_data(v).unwrap();
+        }
+    });
+    let before: Vec<Vec<f32>> = t.model.named_params().iter().map(|(_, p)| p.to_vec()).collect();
+    let err = format!("{:#}", t.step().unwrap_err());
+    assert!(err.contains("NaN") || err.contains("nan") || err.contains("not finite") || err.contains("inf"), "{err}");
+    let after: Vec<Vec<f32>> = t.model.named_params().iter().map(|(_, p)| p.to_vec()).collect();
+    let same = before.iter().zip(&after).all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(same, "weights changed after a failed step");
+    assert_eq!(t.step, 0);
+}
