@@ -24,6 +24,9 @@ fn cuda() -> Option<GpuDevice> {
 fn device_names() {
     assert_eq!(GpuDevice::open("emu").unwrap().kind(), GpuKind::Emu);
     assert!(GpuDevice::open("tpu").is_err());
+    assert!(GpuDevice::shared_emu().same(&GpuDevice::shared_emu()));
+    assert!(!GpuDevice::shared_emu().same(&GpuDevice::emu()));
+    assert_eq!(GpuDevice::shared_cuda(0).is_ok(), GpuDevice::cuda_available());
     assert!(GpuDevice::open("cuda:x").is_err());
     if !GpuDevice::cuda_available() {
         let e = format!("{:#}", GpuDevice::open("cuda:1").unwrap_err());

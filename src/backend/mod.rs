@@ -263,6 +263,31 @@ impl GpuDevice {
         }
     }
 
+    /// The process-wide emu device (one per process, so a `Copy` device tag such as
+    /// `Device::Emu` can name it).
+    pub fn shared_emu() -> GpuDevice {
+        static EMU: std::sync::OnceLock<GpuDevice> = std::sync::OnceLock::new();
+        EMU.get_or_init(GpuDevice::emu).clone()
+    }
+
+    /// The process-wide handle of CUDA device `ordinal` (created on first use: one context,
+    /// stream, cuBLAS handle and module cache per GPU), for a `Copy` tag such as `Device::Cuda(n)`.
+    pub fn shared_cuda(ordinal: usize) -> Result<GpuDevice> {
+        static CUDA: std::sync::Mutex<Vec<(usize, GpuDevice)>> = std::sync::Mutex::new(Vec::new());
+        let mut v = CUDA.lock().unwrap();
+        if let Some((_, d)) = v.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(d.clone());
+        }
+        let d = GpuDevice::cuda(ordinal)?;
+        v.push((ordinal, d.clone()));
+        Ok(d)
+    }
+
+    /// Whether two handles are the same device (same driver instance).
+    pub fn same(&self, other: &GpuDevice) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Whether `cuda(0)` can work here: libcuda, libnvrtc and libcublas load and a GPU exists.
     pub fn cuda_available() -> bool {
         cuda::available().is_ok()
