@@ -9,8 +9,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# Rust tests (dev profile is optimised: see Cargo.toml), then the CLI end-to-end checks.
-cargo test --all-targets -- --test-threads 2
+# Rust tests (the dev profile is optimised: see Cargo.toml): unit, integration and CLI tests,
+# then each criterion benchmark once in test mode (so they keep compiling and running).
+cargo test --lib --bins --tests -- --test-threads 2
+cargo test --benches
 
 # GPU kernels: NVRTC compiles every kernels/*.cu to CUBIN for sm_80 and sm_90 (no GPU needed);
 # fails on a compile error or any register spill. NVRTC comes from pip, in a git-ignored venv.

@@ -14,10 +14,10 @@ use fcgpu::rollout::sampler::{sample, SamplerParams};
 use fcgpu::rollout::{generate, generate_indexed, sample_rng, FinishReason, SamplingConfig};
 use serde_json::json;
 
-mod common;
+mod model_common;
 
 fn model(kind: &str, seed: u64) -> Model {
-    common::model(kind, seed, 1.0, 0.2)
+    model_common::model(kind, seed, 1.0, 0.2)
 }
 
 /// Logits `[tokens, vocab]` of the full (training) forward of one sequence.

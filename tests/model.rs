@@ -5,11 +5,11 @@ use fcgpu::autograd::no_grad;
 use fcgpu::model::{Batch, Model};
 use fcgpu::tensor::DType;
 
-mod common;
+mod model_common;
 
 /// A random model whose norms and biases are off their init values too.
 fn model(kind: &str, seed: u64) -> Model {
-    common::model(kind, seed, 0.1, 0.1)
+    model_common::model(kind, seed, 0.1, 0.1)
 }
 
 #[test]

@@ -1,40 +1,61 @@
-//! Random test models shared by the integration tests.
+//! Helpers shared by the GPU tests (emu and cuda).
+#![allow(dead_code)]
 
-use std::path::Path;
+pub mod suite;
 
-use fcgpu::model::{Model, ModelConfig};
-use serde_json::json;
+use fcgpu::backend::{GpuBuffer, GpuDevice};
+use fcgpu::DType;
+use rand::{Rng, SeedableRng};
 
-/// A 2-layer GQA config of `kind` (qwen2 tied, qwen3 with explicit head_dim, llama with llama3
-/// rope scaling).
-pub fn config(kind: &str) -> ModelConfig {
-    let mut c = json!({
-        "model_type": kind, "vocab_size": 61, "hidden_size": 24, "intermediate_size": 40,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": kind == "qwen2",
-        "torch_dtype": "float32"
-    });
-    if kind == "qwen3" {
-        c["head_dim"] = json!(8);
-    }
-    if kind == "llama" {
-        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
-    }
-    ModelConfig::from_json(c, Path::new("config.json")).unwrap()
+/// Deterministic normal-ish values (sum of uniforms) times `scale`.
+pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| (0..4).map(|_| r.random::<f32>() - 0.5).sum::<f32>() * 1.7 * scale).collect()
 }
 
-/// A random model with every parameter (norms and biases too) moved off its init value by
-/// noise of amplitude `amp` (`embed_amp` for the embedding, which sets how peaked the
-/// next-token distribution is).
-pub fn model(kind: &str, seed: u64, embed_amp: f32, amp: f32) -> Model {
-    let mut m = Model::init_random(config(kind), seed).unwrap();
-    let mut k = 0;
-    m.visit_mut(&mut |name, t| {
-        k += 1;
-        let noise = fcgpu::ops::gradcheck::rand_vec(t.numel(), seed * 100 + k);
-        let a = if name.contains("embed") { embed_amp } else { amp };
-        let v: Vec<f32> = t.to_vec().iter().zip(noise).map(|(x, n)| x + a * n).collect();
-        t.replace_data(v).unwrap();
-    });
-    m
+/// Round through the storage dtype (what the kernel actually sees).
+pub fn quant(v: &[f32], dt: DType) -> Vec<f32> {
+    match dt {
+        DType::F32 => v.to_vec(),
+        DType::BF16 => v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+        DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+pub fn up(d: &GpuDevice, v: &[f32], dt: DType) -> GpuBuffer {
+    d.upload_as(v, dt).unwrap()
+}
+
+pub fn down(b: &GpuBuffer, dt: DType) -> Vec<f32> {
+    b.download_as_f32(dt).unwrap()
+}
+
+/// |got - want| <= tol * (|want| + scale) elementwise, scale = max|want| * 0.1 + 1e-6:
+/// relative for large entries, absolute (relative to the row's magnitude) near zero.
+pub fn assert_close<W: Copy + Into<f64>>(got: &[f32], want: &[W], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().map(|&w| w.into().abs()).fold(0.0, f64::max) * 0.1 + 1e-6;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let w: f64 = w.into();
+        let g = g as f64;
+        assert!(g.is_finite() == w.is_finite(), "{what}[{i}]: got {g}, want {w}");
+        if w.is_finite() {
+            assert!((g - w).abs() <= tol * (w.abs() + scale) + 1e-7, "{what}[{i}]: got {g}, want {w} (tol {tol})");
+        }
+    }
+}
+
+/// `#[test]` functions that run `common::suite::<name>` on the device `$dev` (an `Option`).
+#[macro_export]
+macro_rules! suite_tests {
+    ($dev:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if let Some(d) = $dev {
+                    common::suite::$name(&d);
+                }
+            }
+        )*
+    };
 }
