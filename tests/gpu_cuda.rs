@@ -4,7 +4,7 @@
 
 use fcgpu::backend::{GpuDevice, GpuKind};
 
-mod gpu_common;
+mod common;
 
 fn cuda() -> Option<GpuDevice> {
     if std::env::var("FCGPU_TEST_CUDA").as_deref() != Ok("1") {

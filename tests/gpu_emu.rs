@@ -1,9 +1,9 @@
-//! Every kernel on the emu device against the CPU ops, at awkward sizes (see tests/gpu_common/suite.rs
+//! Every kernel on the emu device against the CPU ops, at awkward sizes (see tests/common/suite.rs
 //! for the tests and their tolerances).
 
 use fcgpu::backend::{GpuDevice, GpuKind};
 
-mod gpu_common;
+mod common;
 
 fn dev() -> Option<GpuDevice> {
     Some(GpuDevice::emu())
