@@ -93,6 +93,24 @@ fn parse_kernels(path: &Path, src: &str) -> Vec<Kernel> {
     out
 }
 
+/// Kind of a kernel parameter as the launch code passes it: p pointer, i int, u unsigned,
+/// l long long, f float.
+fn param_kind(path: &Path, kernel: &str, ty: &str) -> char {
+    let t = ty.replace("const", " ");
+    let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+    if t.contains('*') {
+        'p'
+    } else {
+        match t.as_str() {
+            "int" => 'i',
+            "unsigned" | "unsigned int" | "u32" => 'u',
+            "long long" | "i64" => 'l',
+            "float" => 'f',
+            _ => panic!("{}: parameter type `{ty}` of {kernel} is not pointer, int, unsigned, long long or float", path.display()),
+        }
+    }
+}
+
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let kdir = root.join("kernels");
@@ -130,8 +148,9 @@ fn main() {
         let f = p.file_name().unwrap().to_str().unwrap();
         writeln!(rs, "    ({f:?}, include_str!({:?})),", p.display().to_string()).unwrap();
     }
-    rs.push_str("];\n/// (kernel function name, file name) of every `extern \"C\" __global__` function.\n");
-    rs.push_str("pub static KERNEL_FUNCTIONS: &[(&str, &str)] = &[\n");
+    rs.push_str("];\n/// (kernel function name, file name, parameter kinds) of every `extern \"C\" __global__`\n");
+    rs.push_str("/// function; kinds: p pointer, i int, u unsigned, l long long, f float.\n");
+    rs.push_str("pub static KERNEL_FUNCTIONS: &[(&str, &str, &str)] = &[\n");
 
     // Emu: one C++ translation unit per kernel file, plus the registry.
     let mut build = cc::Build::new();
@@ -161,7 +180,8 @@ fn main() {
             let args: Vec<String> =
                 k.param_types.iter().enumerate().map(|(i, t)| format!("*({t}*)a[{i}]")).collect();
             writeln!(cpp, "void fcemu_t_{}(void** a) {{ (void)a; {}({}); }}", k.name, k.name, args.join(", ")).unwrap();
-            writeln!(rs, "    ({:?}, {fname:?}),", k.name).unwrap();
+            let kinds: String = k.param_types.iter().map(|t| param_kind(p, &k.name, t)).collect();
+            writeln!(rs, "    ({:?}, {fname:?}, {kinds:?}),", k.name).unwrap();
         }
         cpp.push_str("}  // namespace\n\n");
         writeln!(cpp, "extern \"C\" const fcemu_kernel fcemu_kernels_{stem}[] = {{").unwrap();

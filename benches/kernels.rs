@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fcgpu::backend::misc::{adamw_step, cast, sum_squares, AdamW};
-use fcgpu::backend::ops::{attention, embedding, logprob, rms_norm, rope, swiglu};
+use fcgpu::backend::ops::{attention, elementwise, embedding, logprob, matmul, rms_norm, rope, swiglu};
 use fcgpu::backend::roofline::{H100_BW, H100_FLOPS};
 use fcgpu::backend::{GpuBuffer, GpuDevice, GpuKind};
 use fcgpu::rl::advantage::{gpu as adv, AdvScale, EntropyBonus};
@@ -131,6 +131,27 @@ fn kernels(cr: &mut Criterion) {
         let (gl, gh) = (f32buf(&c, rows, 1.0), f32buf(&c, rows, 0.5));
         let dz = bf(&c, rows * vocab, 3);
         bench(cr, &c, "lpe_bwd_bf16", 4.0 * rv, 8.0 * rv, || logprob::lpe_bwd(d, bf16, &z, vocab, Some(&tg), rows, vocab, 0.7, &lz, &en, Some(&gl), Some(&gh), &dz, vocab).unwrap());
+    }
+    {
+        let (rows, vocab) = (pick(&c, 64, 8), pick(&c, 152064, 1000));
+        let z = bf(&c, rows * vocab, 9);
+        let u = f32buf(&c, rows, 0.37);
+        let tok = d.zeros(rows * 4).unwrap();
+        let rv = (rows * vocab) as f64;
+        bench(cr, &c, "sample_rows_bf16 (top_p 0.9)", 43.0 * 2.0 * rv, 3.0 * 43.0 * rv, || logprob::sample_rows(d, bf16, &z, vocab, rows, vocab, 0.7, 0.9, &u, &tok).unwrap());
+        bench(cr, &c, "sample_rows_bf16 (top_p 1)", 3.0 * 2.0 * rv, 9.0 * rv, || logprob::sample_rows(d, bf16, &z, vocab, rows, vocab, 0.7, 1.0, &u, &tok).unwrap());
+    }
+    {
+        let n = t * h;
+        let (a, b, o) = (bf(&c, n, 1), bf(&c, n, 2), bf(&c, n, 3));
+        let acc = f32buf(&c, n, 0.0);
+        bench(cr, &c, "ew_add_bf16", 6.0 * n as f64, n as f64, || elementwise::add(d, bf16, &a, &b, &o, n).unwrap());
+        bench(cr, &c, "axpy_bf16_f32", 10.0 * n as f64, 2.0 * n as f64, || elementwise::axpy(d, bf16, &a, 1.0, &acc, n).unwrap());
+        let dims = matmul::LinearDims { rows: t, in_f: h, out_f: pick(&c, 18944, 128) };
+        let (w, y) = (bf(&c, dims.out_f * h, 4), bf(&c, t * dims.out_f, 5));
+        let flops = 2.0 * (t * h * dims.out_f) as f64;
+        let bytes = 2.0 * (t * h + dims.out_f * h + t * dims.out_f) as f64;
+        bench(cr, &c, "linear_fwd_bf16 (cuBLAS, MLP up)", bytes, flops, || matmul::linear_fwd(d, bf16, dims, &a, &w, None, &y).unwrap());
     }
     for hd in [64usize, 128] {
         let (n_seq, len, hq, hkv) = (pick(&c, 4, 2), pick(&c, 1024, 70), pick(&c, 28, 2), pick(&c, 4, 1));

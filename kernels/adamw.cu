@@ -1,6 +1,7 @@
 // Fused AdamW step on f32 master weights, decoupled weight decay, bias correction, optional bf16
 // copy of the updated weights (what the bf16 forward reads).
-//   g = grad·grad_scale (grad clipping folds in here)
+//   g = grad·grad_scale·(*scale_ptr if scale_ptr != null) (grad clipping folds in here; the device
+//   factor comes from grad_clip_scale, so clipping needs no host round trip)
 //   p ← p − lr·wd·p
 //   m ← β1·m + (1−β1)·g,  v ← β2·v + (1−β2)·g²
 //   p ← p − lr·(m/bc1)/(sqrt(v/bc2) + eps),  bc1 = 1−β1^step, bc2 = 1−β2^step (passed in)
@@ -12,7 +13,8 @@ template <class G>
 __device__ __forceinline__ void adamw_impl(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                                            const G* __restrict__ grad, bf16* __restrict__ copy, long long n, float lr,
                                            float beta1, float beta2, float eps, float wd, float bc1, float bc2,
-                                           float grad_scale) {
+                                           float grad_scale, const float* __restrict__ scale_ptr) {
+    if (scale_ptr) grad_scale *= *scale_ptr;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         float g = to_f32(grad[i]) * grad_scale;
         float w = p[i];
@@ -26,10 +28,21 @@ __device__ __forceinline__ void adamw_impl(float* __restrict__ p, float* __restr
 }
 
 extern "C" __global__ void adamw_f32(float* p, float* m, float* v, const float* grad, bf16* copy, long long n, float lr,
-                                     float beta1, float beta2, float eps, float wd, float bc1, float bc2, float grad_scale) {
-    adamw_impl(p, m, v, grad, copy, n, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale);
+                                     float beta1, float beta2, float eps, float wd, float bc1, float bc2, float grad_scale,
+                                     const float* scale_ptr) {
+    adamw_impl(p, m, v, grad, copy, n, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale, scale_ptr);
 }
 extern "C" __global__ void adamw_bf16grad(float* p, float* m, float* v, const bf16* grad, bf16* copy, long long n, float lr,
-                                          float beta1, float beta2, float eps, float wd, float bc1, float bc2, float grad_scale) {
-    adamw_impl(p, m, v, grad, copy, n, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale);
+                                          float beta1, float beta2, float eps, float wd, float bc1, float bc2, float grad_scale,
+                                     const float* scale_ptr) {
+    adamw_impl(p, m, v, grad, copy, n, lr, beta1, beta2, eps, wd, bc1, bc2, grad_scale, scale_ptr);
+}
+
+// Global-norm clipping factor from Σg² (sum_f32 output): scale = min(1, max_norm / (sqrt(Σg²) + 1e-6)),
+// also writing the norm. grid 1, block 1 (any block works; thread 0 writes).
+extern "C" __global__ void grad_clip_scale(const float* sumsq, float max_norm, float* scale, float* norm) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const float nrm = sqrtf(sumsq[0]);
+    if (norm) norm[0] = nrm;
+    scale[0] = max_norm > 0.0f ? fminf(1.0f, max_norm / (nrm + 1e-6f)) : 1.0f;
 }

@@ -74,6 +74,29 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return (u32)f32_to_bf16(lo).bits | ((u32)f32_to_bf16(hi).bits << 16);
 }
 
+// 16-byte vector for wide global loads/stores (8 bf16 or 4 f32).
+struct __align__(16) u32x4 { u32 x, y, z, w; };
+
+// Unpack 16 bytes into floats: 8 for bf16, 4 for f32 (the count is 16 / sizeof(T)).
+__device__ __forceinline__ void unpack16(const u32x4& v, float* out, const bf16*) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+    for (int i = 0; i < 4; i++) { out[2 * i] = __uint_as_float(w[i] << 16); out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
+}
+__device__ __forceinline__ void unpack16(const u32x4& v, float* out, const float*) {
+    out[0] = __uint_as_float(v.x); out[1] = __uint_as_float(v.y); out[2] = __uint_as_float(v.z); out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ u32x4 pack16(const float* in, const bf16*) {
+    u32x4 v;
+    v.x = pack_bf16x2(in[0], in[1]); v.y = pack_bf16x2(in[2], in[3]);
+    v.z = pack_bf16x2(in[4], in[5]); v.w = pack_bf16x2(in[6], in[7]);
+    return v;
+}
+__device__ __forceinline__ u32x4 pack16(const float* in, const float*) {
+    u32x4 v;
+    v.x = __float_as_uint(in[0]); v.y = __float_as_uint(in[1]); v.z = __float_as_uint(in[2]); v.w = __float_as_uint(in[3]);
+    return v;
+}
+
 // Warp-collective reductions (all 32 lanes must call).
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);

@@ -1,6 +1,9 @@
 // Decode attention: one new query token per sequence against its KV cache (generation).
-//   q [B, q_heads, D], k_cache/v_cache [B, max_len, kv_heads, D] (bf16), lens [B] (keys 0..len-1
-//   are attended; the new token's own k/v must already be in the cache), o [B, q_heads, D] (bf16).
+//   q [B, q_heads, D], k_cache/v_cache (bf16) addressed as b·batch_stride + pos·pos_stride +
+//   kv_head·head_stride + d (elements): [B, max_len, kv_heads, D] has pos_stride = kv_heads·D,
+//   head_stride = D; [B, kv_heads, max_len, D] (one head contiguous) has pos_stride = D,
+//   head_stride = max_len·D. lens [B]: keys 0..len-1 are attended (the new token's own k/v must
+//   already be in the cache). o [B, q_heads, D] (bf16).
 //   o = softmax(q·kᵀ·scale)·v, f32 accumulation; D <= 256.
 // Launch: grid = (q_heads, B), block = 128 (4 warps); each warp walks keys warp, warp+4, ... with
 // an online softmax (lanes split D), then the 4 partial states merge through shared memory.
@@ -10,7 +13,8 @@
 
 extern "C" __global__ void __launch_bounds__(128) decode_attn_bf16(const bf16* q, const bf16* k_cache, const bf16* v_cache,
                                                                    const int* lens, bf16* o, int q_heads, int kv_heads,
-                                                                   int D, int max_len, float scale) {
+                                                                   int D, int max_len, long long batch_stride,
+                                                                   long long pos_stride, long long head_stride, float scale) {
     __shared__ float sm_m[4], sm_l[4];
     __shared__ float sm_acc[4][256];
     const int h = blockIdx.x, b = blockIdx.y;
@@ -28,7 +32,7 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_bf16(const bf16* q
     }
     float m = -FC_INF, l = 0.0f;
     for (int j = warp; j < len; j += 4) {
-        const long long base = (((long long)b * max_len + j) * kv_heads + kvh) * D;
+        const long long base = b * batch_stride + j * pos_stride + kvh * head_stride;
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) {

@@ -22,8 +22,6 @@
 //   Roofline: ≈ 2.5× the forward FLOPs (5 GEMM-shaped products instead of 2).
 #include "ptx.cuh"
 
-struct __align__(16) u32x4 { u32 x, y, z, w; };
-
 // rows × D bf16 tile from global (row stride `stride` elements) into smem (row stride D + 8);
 // rows >= valid are zero-filled. 16-byte chunks, all threads of the block.
 template <int D>

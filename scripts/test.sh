@@ -23,4 +23,6 @@ if ! compgen -G ".venv-nvrtc/lib/python3*/site-packages/nvidia/cu*/lib/libnvrtc.
   .venv-nvrtc/bin/pip install --quiet nvidia-cuda-nvrtc
 fi
 NVRTC_LIB="$(dirname "$(ls .venv-nvrtc/lib/python3*/site-packages/nvidia/cu*/lib/libnvrtc.so* | head -n 1)")"
-LD_LIBRARY_PATH="$PWD/$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo run --quiet -- kernels check --arch sm_80,sm_90
+export LD_LIBRARY_PATH="$PWD/$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+cargo test --quiet --test gpu_kernels_check
+cargo run --quiet -- kernels check --arch sm_80,sm_90

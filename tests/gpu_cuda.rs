@@ -21,6 +21,20 @@ fn cuda() -> Option<GpuDevice> {
 }
 
 #[test]
+fn device_names() {
+    assert_eq!(GpuDevice::open("emu").unwrap().kind(), GpuKind::Emu);
+    assert!(GpuDevice::open("tpu").is_err());
+    assert!(GpuDevice::shared_emu().same(&GpuDevice::shared_emu()));
+    assert!(!GpuDevice::shared_emu().same(&GpuDevice::emu()));
+    assert_eq!(GpuDevice::shared_cuda(0).is_ok(), GpuDevice::cuda_available());
+    assert!(GpuDevice::open("cuda:x").is_err());
+    if !GpuDevice::cuda_available() {
+        let e = format!("{:#}", GpuDevice::open("cuda:1").unwrap_err());
+        assert!(!e.is_empty());
+    }
+}
+
+#[test]
 fn no_driver_is_a_clear_error_not_a_panic() {
     let r = std::panic::catch_unwind(|| GpuDevice::cuda(0).map(|d| d.kind()));
     let r = r.expect("asking for the cuda device must not panic");
@@ -53,4 +67,9 @@ suite_tests!(cuda();
     gemm_row_major,
     flash_attention_fwd_bwd,
     decode_attention,
+    elementwise_ops,
+    storage_round_trip,
+    grad_clip_on_device,
+    linear_matches_cpu_op,
+    sampling_matches_cpu_distribution,
 );

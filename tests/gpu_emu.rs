@@ -14,9 +14,33 @@ fn emu_is_emu() {
     let d = GpuDevice::emu();
     assert_eq!(d.kind(), GpuKind::Emu);
     let names = fcgpu::backend::emu::kernel_names();
-    for (name, file) in fcgpu::backend::sources::KERNEL_FUNCTIONS {
+    for (name, file, _) in fcgpu::backend::sources::KERNEL_FUNCTIONS {
         assert!(names.contains(name), "{name} of {file} is not in the emu registry");
     }
+}
+
+#[test]
+fn launch_checks_arguments_against_the_signature() {
+    use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
+    let d = GpuDevice::emu();
+    let x = d.zeros(64).unwrap();
+    let k = Kernel::new("swiglu.cu", "swiglu_fwd_f32");
+    assert_eq!(fcgpu::backend::sources::signature("swiglu_fwd_f32"), Some("pppl"));
+    // n as int instead of long long: refused before anything runs
+    let mut a = KernelArgs::new();
+    a.buf(&x).buf(&x).buf(&x).i32(16);
+    let e = format!("{:#}", d.launch(k, LaunchCfg::linear(1, 32), &mut a).unwrap_err());
+    assert!(e.contains("(pppi)") && e.contains("(pppl)"), "{e}");
+    // one argument missing
+    let mut a = KernelArgs::new();
+    a.buf(&x).buf(&x).i64(16);
+    assert!(d.launch(k, LaunchCfg::linear(1, 32), &mut a).is_err());
+    // unknown kernel
+    let mut a = KernelArgs::new();
+    assert!(d.launch(Kernel::new("swiglu.cu", "nope"), LaunchCfg::linear(1, 32), &mut a).is_err());
+    let mut a = KernelArgs::new();
+    a.buf(&x).buf(&x).buf(&x).i64(16);
+    d.launch(k, LaunchCfg::linear(1, 32), &mut a).unwrap();
 }
 
 suite_tests!(dev();
@@ -40,4 +64,9 @@ suite_tests!(dev();
     gemm_row_major,
     flash_attention_fwd_bwd,
     decode_attention,
+    elementwise_ops,
+    storage_round_trip,
+    grad_clip_on_device,
+    linear_matches_cpu_op,
+    sampling_matches_cpu_distribution,
 );

@@ -18,6 +18,7 @@ pub mod emu;
 pub mod misc;
 pub mod nvrtc;
 pub mod sources;
+pub mod storage;
 
 pub mod ops;
 pub mod roofline;
@@ -73,14 +74,17 @@ impl LaunchCfg {
 #[derive(Default, Debug)]
 pub struct KernelArgs {
     slots: Vec<u64>,
+    /// Kind of each slot (p, i, u, l, f), checked against the kernel's signature at launch.
+    kinds: String,
 }
 
 impl KernelArgs {
     pub fn new() -> KernelArgs {
-        KernelArgs { slots: Vec::with_capacity(16) }
+        KernelArgs { slots: Vec::with_capacity(16), kinds: String::with_capacity(16) }
     }
     pub fn ptr(&mut self, p: u64) -> &mut Self {
         self.slots.push(p);
+        self.kinds.push('p');
         self
     }
     pub fn buf(&mut self, b: &GpuBuffer) -> &mut Self {
@@ -100,19 +104,27 @@ impl KernelArgs {
     }
     pub fn i32(&mut self, v: i32) -> &mut Self {
         self.slots.push(v as u32 as u64);
+        self.kinds.push('i');
         self
     }
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.slots.push(v as u64);
+        self.kinds.push('u');
         self
     }
     pub fn i64(&mut self, v: i64) -> &mut Self {
         self.slots.push(v as u64);
+        self.kinds.push('l');
         self
     }
     pub fn f32(&mut self, v: f32) -> &mut Self {
         self.slots.push(v.to_bits() as u64);
+        self.kinds.push('f');
         self
+    }
+    /// The kinds of the arguments so far (p pointer, i int, u unsigned, l long long, f float).
+    pub fn kinds(&self) -> &str {
+        &self.kinds
     }
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -155,6 +167,7 @@ pub struct Gemm {
 
 impl Gemm {
     /// A plain, contiguous `C = A * op(B)` (no batch), lds from the shapes.
+    #[allow(clippy::too_many_arguments)]
     pub fn simple(dtype: DType, m: usize, n: usize, k: usize, a: u64, b: u64, trans_b: bool, c: u64) -> Gemm {
         Gemm {
             dtype,
@@ -237,6 +250,44 @@ impl GpuDevice {
         Ok(GpuDevice(Arc::new(cuda::CudaDriver::new(ordinal)?)))
     }
 
+    /// Open a device by name: `emu`, `cuda` (= `cuda:0`) or `cuda:N`. For `cuda` without a
+    /// driver or GPU this is a clear error, not a panic.
+    pub fn open(name: &str) -> Result<GpuDevice> {
+        match name {
+            "emu" => Ok(GpuDevice::emu()),
+            "cuda" => GpuDevice::cuda(0),
+            _ => match name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => GpuDevice::cuda(n),
+                None => bail!("unknown GPU device `{name}` (expected emu, cuda or cuda:N)"),
+            },
+        }
+    }
+
+    /// The process-wide emu device (one per process, so a `Copy` device tag such as
+    /// `Device::Emu` can name it).
+    pub fn shared_emu() -> GpuDevice {
+        static EMU: std::sync::OnceLock<GpuDevice> = std::sync::OnceLock::new();
+        EMU.get_or_init(GpuDevice::emu).clone()
+    }
+
+    /// The process-wide handle of CUDA device `ordinal` (created on first use: one context,
+    /// stream, cuBLAS handle and module cache per GPU), for a `Copy` tag such as `Device::Cuda(n)`.
+    pub fn shared_cuda(ordinal: usize) -> Result<GpuDevice> {
+        static CUDA: std::sync::Mutex<Vec<(usize, GpuDevice)>> = std::sync::Mutex::new(Vec::new());
+        let mut v = CUDA.lock().unwrap();
+        if let Some((_, d)) = v.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(d.clone());
+        }
+        let d = GpuDevice::cuda(ordinal)?;
+        v.push((ordinal, d.clone()));
+        Ok(d)
+    }
+
+    /// Whether two handles are the same device (same driver instance).
+    pub fn same(&self, other: &GpuDevice) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Whether `cuda(0)` can work here: libcuda, libnvrtc and libcublas load and a GPU exists.
     pub fn cuda_available() -> bool {
         cuda::available().is_ok()
@@ -258,6 +309,14 @@ impl GpuDevice {
         ensure!(bx * by * bz > 0 && bx * by * bz <= 1024, "{}: block {:?} has no threads or more than 1024", k.name, cfg.block);
         let (gx, gy, gz) = cfg.grid;
         ensure!(gx > 0 && gy > 0 && gz > 0 && gy <= 65535 && gz <= 65535, "{}: bad grid {:?}", k.name, cfg.grid);
+        let want = sources::signature(k.name).ok_or_else(|| anyhow::anyhow!("no kernel named {} (in {})", k.name, k.file))?;
+        ensure!(
+            want == args.kinds(),
+            "{}: launched with arguments ({}) but the kernel takes ({}) (p pointer, i int, u unsigned, l long long, f float)",
+            k.name,
+            args.kinds(),
+            want
+        );
         let _range = nvtx_range(k.name);
         let mut params = args.as_params();
         unsafe { self.0.launch(k, cfg, &mut params) }
@@ -341,19 +400,19 @@ impl GpuBuffer {
         Ok(v)
     }
     pub fn download_f32(&self) -> Result<Vec<f32>> {
-        ensure!(self.bytes % 4 == 0, "download_f32 of {} bytes", self.bytes);
+        ensure!(self.bytes.is_multiple_of(4), "download_f32 of {} bytes", self.bytes);
         let mut v = vec![0f32; self.bytes / 4];
         unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)
     }
     pub fn download_i32(&self) -> Result<Vec<i32>> {
-        ensure!(self.bytes % 4 == 0, "download_i32 of {} bytes", self.bytes);
+        ensure!(self.bytes.is_multiple_of(4), "download_i32 of {} bytes", self.bytes);
         let mut v = vec![0i32; self.bytes / 4];
         unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)
     }
     pub fn download_bf16(&self) -> Result<Vec<bf16>> {
-        ensure!(self.bytes % 2 == 0, "download_bf16 of {} bytes", self.bytes);
+        ensure!(self.bytes.is_multiple_of(2), "download_bf16 of {} bytes", self.bytes);
         let mut v = vec![bf16::ZERO; self.bytes / 2];
         unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)

@@ -5,10 +5,14 @@
 
 #[path = "../ops/attention/gpu.rs"]
 pub mod attention;
+#[path = "../ops/elementwise/gpu.rs"]
+pub mod elementwise;
 #[path = "../ops/embedding/gpu.rs"]
 pub mod embedding;
 #[path = "../ops/logprob/gpu.rs"]
 pub mod logprob;
+#[path = "../ops/matmul/gpu.rs"]
+pub mod matmul;
 #[path = "../ops/rms_norm/gpu.rs"]
 pub mod rms_norm;
 #[path = "../ops/rope/gpu.rs"]

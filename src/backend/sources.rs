@@ -24,3 +24,11 @@ pub fn source_hash(file: &str) -> u64 {
     }
     h
 }
+
+/// Parameter kinds of kernel `name` (see [`KERNEL_FUNCTIONS`]), looked up in a table built once.
+pub fn signature(name: &str) -> Option<&'static str> {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static T: OnceLock<HashMap<&'static str, &'static str>> = OnceLock::new();
+    T.get_or_init(|| KERNEL_FUNCTIONS.iter().map(|(n, _, k)| (*n, *k)).collect()).get(name).copied()
+}

@@ -59,7 +59,7 @@ fn mean_std(r: &[f32]) -> (f64, f64) {
 /// Advantages of `rewards` laid out as consecutive groups of `g`; `h_seq` is the mean CoT
 /// entropy of each sequence (None = 0).
 pub fn group_advantages(rewards: &[f32], g: usize, scale: AdvScale, h_seq: Option<&[f32]>, bonus: EntropyBonus) -> Result<Advantages> {
-    ensure!(g >= 1 && rewards.len() % g == 0, "{} rewards do not split into groups of {g}", rewards.len());
+    ensure!(g >= 1 && rewards.len().is_multiple_of(g), "{} rewards do not split into groups of {g}", rewards.len());
     if let Some(h) = h_seq {
         ensure!(h.len() == rewards.len(), "entropies {} vs rewards {}", h.len(), rewards.len());
     }

@@ -1,4 +1,4 @@
-//! Helpers shared by the GPU tests (emu and cuda).
+//! Helpers shared by the GPU tests (emu and cuda); `suite` is the kernel test suite both run.
 #![allow(dead_code)]
 
 pub mod suite;

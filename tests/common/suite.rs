@@ -8,7 +8,8 @@ use fcgpu::DType;
 
 use super::*;
 
-pub fn swiglu_fwd_bwd(d: &GpuDevice) {
+pub fn swiglu_fwd_bwd(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
     for &n in &[1usize, 255, 257, 1000] {
         let g = randn(n, 1, 2.0);
@@ -38,7 +39,8 @@ pub fn swiglu_fwd_bwd(d: &GpuDevice) {
 
 // ---------------------------------------------------------------- the execution model itself
 
-pub fn shared_memory_is_per_block_and_barriers_hold(d: &GpuDevice) {
+pub fn shared_memory_is_per_block_and_barriers_hold(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
     for &(blocks, n) in &[(1usize, 1usize), (7, 96), (5, 1024), (9, 33)] {
         let input: Vec<i32> = (0..(blocks * n) as i32).map(|x| x * 7 + 3).collect();
@@ -72,7 +74,8 @@ pub fn shared_memory_is_per_block_and_barriers_hold(d: &GpuDevice) {
     }
 }
 
-pub fn warp_shuffles_votes_and_atomics(d: &GpuDevice) {
+pub fn warp_shuffles_votes_and_atomics(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
     let v: Vec<i32> = (0..64).map(|i| i * i % 37).collect();
     let ib = d.upload_i32(&v).unwrap();
@@ -101,7 +104,8 @@ pub fn warp_shuffles_votes_and_atomics(d: &GpuDevice) {
     assert_eq!(total.download_f32().unwrap()[0], v.iter().sum::<i32>() as f32);
 }
 
-pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(d: &GpuDevice) {
+pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
     let a: Vec<f32> = quant(&randn(256, 11, 1.0), DType::BF16);
     let b: Vec<f32> = quant(&randn(128, 12, 1.0), DType::BF16); // B[k][n], 16 x 8
@@ -127,7 +131,8 @@ pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(d: &GpuDevice) {
 
 const DTS: [(DType, f64); 2] = [(DType::F32, 2e-5), (DType::BF16, 2e-2)];
 
-pub fn swiglu_matches_cpu_op(d: &GpuDevice) {
+pub fn swiglu_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
     use fcgpu::ops::swiglu::cpu;
     for &n in &[1usize, 777] {
@@ -146,7 +151,8 @@ pub fn swiglu_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn rms_norm_matches_cpu_op(d: &GpuDevice) {
+pub fn rms_norm_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd};
     use fcgpu::ops::rms_norm::cpu;
     for &(rows, dim) in &[(1usize, 1usize), (3, 257), (5, 64)] {
@@ -169,7 +175,8 @@ pub fn rms_norm_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn rope_matches_cpu_op(d: &GpuDevice) {
+pub fn rope_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::rope::rope;
     use fcgpu::ops::rope::{cpu, RopeTable};
     let (tokens, heads, hd) = (5usize, 3usize, 16usize);
@@ -194,7 +201,8 @@ pub fn rope_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn embedding_matches_cpu_op(d: &GpuDevice) {
+pub fn embedding_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::embedding::{embedding_bwd, embedding_fwd};
     use fcgpu::ops::embedding::cpu;
     let (vocab, dim) = (11usize, 37usize);
@@ -213,7 +221,8 @@ pub fn embedding_matches_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn logprob_entropy_rows_match_cpu_op(d: &GpuDevice) {
+pub fn logprob_entropy_rows_match_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
     use fcgpu::ops::logprob::cpu;
     // vocab not a multiple of the block, length-1 vocab, a single row
@@ -249,13 +258,12 @@ pub fn logprob_entropy_rows_match_cpu_op(d: &GpuDevice) {
     }
 }
 
-pub fn logprob_ignored_targets_and_masked_vocab(d: &GpuDevice) {
+pub fn logprob_ignored_targets_and_masked_vocab(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
     let vocab = 70;
     let mut z = randn(2 * vocab, 18, 1.0);
-    for k in 0..vocab / 2 {
-        z[k] = f32::NEG_INFINITY; // masked half of row 0
-    }
+    z[..vocab / 2].fill(f32::NEG_INFINITY); // masked half of row 0
     let zb = d.upload_f32(&z).unwrap();
     let tb = d.upload_i32(&[-1, 5]).unwrap();
     let (lp, h, lz) = (d.zeros(8).unwrap(), d.zeros(8).unwrap(), d.zeros(8).unwrap());
@@ -277,7 +285,8 @@ pub fn logprob_ignored_targets_and_masked_vocab(d: &GpuDevice) {
     assert!(g[vocab..].iter().sum::<f32>().abs() < 1e-5, "logp gradient sums to 0 over the vocabulary");
 }
 
-pub fn linear_logprob_entropy_matches_cpu_op(d: &GpuDevice) {
+pub fn linear_logprob_entropy_matches_cpu_op(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::ops::logprob::{linear_lpe_bwd, linear_lpe_fwd};
     use fcgpu::ops::logprob::cpu;
     let (rows, hidden, vocab, temp) = (7usize, 24usize, 301usize, 0.8f32);
@@ -307,7 +316,8 @@ pub fn linear_logprob_entropy_matches_cpu_op(d: &GpuDevice) {
 
 // ---------------------------------------------------------------- optimizer, casts, reductions
 
-pub fn adamw_matches_reference(d: &GpuDevice) {
+pub fn adamw_matches_reference(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::misc::{adamw_step, AdamW};
     let n = 1003;
     let p0 = randn(n, 23, 1.0);
@@ -337,7 +347,39 @@ pub fn adamw_matches_reference(d: &GpuDevice) {
     }
 }
 
-pub fn casts_round_like_the_half_crate(d: &GpuDevice) {
+/// Grad-norm clipping on the device: Σg² → clip factor → AdamW reading it, equal to passing the
+/// factor from the host.
+pub fn grad_clip_on_device(dev: &GpuDevice) {
+    use fcgpu::backend::misc::{adamw_step, adamw_step_scaled, grad_clip_scale, sum_squares, AdamW};
+    let d = dev.clone();
+    let n = 517;
+    let g = randn(n, 60, 3.0);
+    let gb = d.upload_f32(&g).unwrap();
+    let ss = d.zeros(4).unwrap();
+    sum_squares(&d, &gb, DType::F32, n, &ss, false).unwrap();
+    let norm_want = g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    for max_norm in [1.0f32, 1e9, 0.0] {
+        let (scale, norm) = (d.zeros(4).unwrap(), d.zeros(4).unwrap());
+        grad_clip_scale(&d, &ss, max_norm, &scale, Some(&norm)).unwrap();
+        let nv = norm.download_f32().unwrap()[0] as f64;
+        assert!((nv - norm_want).abs() < 1e-5 * norm_want, "norm {nv} vs {norm_want}");
+        let want_scale = if max_norm > 0.0 { (max_norm as f64 / (norm_want + 1e-6)).min(1.0) } else { 1.0 };
+        let sv = scale.download_f32().unwrap()[0];
+        assert!((sv as f64 - want_scale).abs() < 1e-6 * want_scale.max(1e-3), "scale {sv} vs {want_scale}");
+        let h = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+        let p0 = randn(n, 61, 1.0);
+        let mk = || (d.upload_f32(&p0).unwrap(), d.zeros(n * 4).unwrap(), d.zeros(n * 4).unwrap());
+        let (pa, ma, va) = mk();
+        adamw_step_scaled(&d, &h, &pa, &ma, &va, &gb, DType::F32, None, Some(&scale), n).unwrap();
+        let (pb, mb, vb) = mk();
+        adamw_step(&d, &AdamW { grad_scale: sv, ..h }, &pb, &mb, &vb, &gb, DType::F32, None, n).unwrap();
+        assert_eq!(pa.download_f32().unwrap(), pb.download_f32().unwrap());
+        assert_eq!(ma.download_f32().unwrap(), mb.download_f32().unwrap());
+    }
+}
+
+pub fn casts_round_like_the_half_crate(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::misc::cast;
     let mut x = randn(999, 27, 100.0);
     x.extend([0.0, -0.0, 1e-8, -3e-6, 6.0e-5, 65504.0, 65520.0, 1e30, f32::INFINITY, f32::NEG_INFINITY, 3.3895e38]);
@@ -362,7 +404,8 @@ pub fn casts_round_like_the_half_crate(d: &GpuDevice) {
     assert!(down(&y, DType::BF16)[0].is_nan());
 }
 
-pub fn sum_of_squares_is_exactish_and_deterministic(d: &GpuDevice) {
+pub fn sum_of_squares_is_exactish_and_deterministic(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::backend::misc::sum_squares;
     for &n in &[1usize, 1000, 300_001] {
         let x = randn(n, 28, 1.0);
@@ -379,7 +422,8 @@ pub fn sum_of_squares_is_exactish_and_deterministic(d: &GpuDevice) {
 
 // ---------------------------------------------------------------- RL: advantages, policy loss
 
-pub fn group_advantages_match_cpu(d: &GpuDevice) {
+pub fn group_advantages_match_cpu(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::rl::advantage::{self as adv, gpu, AdvScale, EntropyBonus};
     // G = 1, G = 8 with one zero-variance group, G = 33 (a partial warp), G = 1024 (maximum)
     for &(groups, g) in &[(3usize, 1usize), (4, 8), (2, 33), (1, 1024)] {
@@ -404,7 +448,8 @@ pub fn group_advantages_match_cpu(d: &GpuDevice) {
     }
 }
 
-pub fn token_advantages_and_row_means_match_cpu(d: &GpuDevice) {
+pub fn token_advantages_and_row_means_match_cpu(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::rl::advantage::{self as adv, gpu, EntropyBonus};
     let (n_seq, t) = (3usize, 45usize);
     let raw = vec![0.5f32, -1.5, 0.0];
@@ -423,7 +468,8 @@ pub fn token_advantages_and_row_means_match_cpu(d: &GpuDevice) {
     assert_eq!(m[2], 0.0, "fully masked row");
 }
 
-pub fn policy_loss_matches_cpu(d: &GpuDevice) {
+pub fn policy_loss_matches_cpu(dev: &GpuDevice) {
+    let d = dev.clone();
     use fcgpu::rl::policy_loss::{gpu, policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
     for &(n_seq, t) in &[(1usize, 1usize), (4, 37), (3, 300)] {
         let n = n_seq * t;
@@ -537,35 +583,154 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
 }
 
 /// Decode attention against a straightforward f64 reference: GQA, a length-1 cache, a cache
-/// shorter than its capacity, head dims 64 and 128.
+/// shorter than its capacity, head dims 64 and 128, token-major and head-major cache layouts.
 pub fn decode_attention(d: &GpuDevice) {
-    use fcgpu::backend::ops::attention::decode_attn;
+    use fcgpu::backend::ops::attention::{decode_attn_strided, CacheLayout};
     let bf = DType::BF16;
     for &(batch, q_heads, kv_heads, hd, max_len) in &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)] {
-        let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
-        let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
-        let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
-        let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
-        let ob = d.zeros(q.len() * 2).unwrap();
-        decode_attn(d, &up(d, &q, bf), &up(d, &kc, bf), &up(d, &vc, bf), &d.upload_i32(&lens).unwrap(), &ob, batch, q_heads, kv_heads, hd, max_len).unwrap();
-        let mut want = vec![0f64; q.len()];
-        let scale = 1.0 / (hd as f64).sqrt();
-        for b in 0..batch {
-            for h in 0..q_heads {
-                let kvh = h / (q_heads / kv_heads);
-                let qr = &q[(b * q_heads + h) * hd..][..hd];
-                let row = |c: &[f32], j: usize| -> Vec<f64> { c[((b * max_len + j) * kv_heads + kvh) * hd..][..hd].iter().map(|&x| x as f64).collect() };
-                let s: Vec<f64> = (0..lens[b] as usize).map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale).collect();
-                let m = s.iter().copied().fold(f64::MIN, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for (j, sj) in s.iter().enumerate() {
-                    let p = (sj - m).exp() / z;
-                    for (x, vv) in want[(b * q_heads + h) * hd..][..hd].iter_mut().zip(row(&vc, j)) {
-                        *x += p * vv;
+        for head_major in [false, true] {
+            let layout = if head_major { CacheLayout::head_major(max_len, kv_heads, hd) } else { CacheLayout::token_major(max_len, kv_heads, hd) };
+            let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
+            let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
+            let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
+            let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
+            let ob = d.zeros(q.len() * 2).unwrap();
+            decode_attn_strided(d, &up(d, &q, bf), &up(d, &kc, bf), &up(d, &vc, bf), &d.upload_i32(&lens).unwrap(), &ob, batch, q_heads, kv_heads, hd, max_len, layout).unwrap();
+            let mut want = vec![0f64; q.len()];
+            let scale = 1.0 / (hd as f64).sqrt();
+            for b in 0..batch {
+                for h in 0..q_heads {
+                    let kvh = h / (q_heads / kv_heads);
+                    let qr = &q[(b * q_heads + h) * hd..][..hd];
+                    let row = |c: &[f32], j: usize| -> Vec<f64> {
+                        c[b * layout.batch_stride + j * layout.pos_stride + kvh * layout.head_stride..][..hd].iter().map(|&x| x as f64).collect()
+                    };
+                    let s: Vec<f64> = (0..lens[b] as usize).map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale).collect();
+                    let m = s.iter().copied().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for (j, sj) in s.iter().enumerate() {
+                        let p = (sj - m).exp() / z;
+                        for (x, vv) in want[(b * q_heads + h) * hd..][..hd].iter_mut().zip(row(&vc, j)) {
+                            *x += p * vv;
+                        }
                     }
                 }
             }
+            assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd} head_major={head_major}"));
         }
-        assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd}"));
     }
+}
+
+// ---------------------------------------------------------------- elementwise, storage
+
+/// add, mul, scale, axpy, bias add and column sums against plain loops.
+pub fn elementwise_ops(d: &GpuDevice) {
+    use fcgpu::backend::ops::elementwise as ew;
+    let (rows, cols) = (7usize, 300usize);
+    let n = rows * cols;
+    for (dt, tol) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
+        let (a, b) = (quant(&randn(n, 50, 1.0), dt), quant(&randn(n, 51, 1.0), dt));
+        let (ab, bb) = (up(d, &a, dt), up(d, &b, dt));
+        let out = d.zeros(n * dt.size()).unwrap();
+        ew::add(d, dt, &ab, &bb, &out, n).unwrap();
+        assert_close(&down(&out, dt), &a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>(), tol, "add");
+        ew::mul(d, dt, &ab, &bb, &out, n).unwrap();
+        assert_close(&down(&out, dt), &a.iter().zip(&b).map(|(x, y)| x * y).collect::<Vec<_>>(), tol, "mul");
+        ew::scale(d, dt, &ab, -0.3, &out, n).unwrap();
+        assert_close(&down(&out, dt), &a.iter().map(|x| -0.3 * x).collect::<Vec<_>>(), tol, "scale");
+        let y = d.upload_f32(&b).unwrap();
+        ew::axpy(d, dt, &ab, 2.0, &y, n).unwrap();
+        assert_close(&y.download_f32().unwrap(), &a.iter().zip(&b).map(|(x, y)| y + 2.0 * x).collect::<Vec<_>>(), 1e-6, "axpy");
+        let bias = quant(&randn(cols, 52, 1.0), dt);
+        ew::bias_add(d, dt, &ab, &up(d, &bias, dt), &out, rows, cols).unwrap();
+        assert_close(&down(&out, dt), &(0..n).map(|i| a[i] + bias[i % cols]).collect::<Vec<_>>(), tol, "bias_add");
+        let cs = d.zeros(cols * 4).unwrap();
+        ew::col_sum(d, dt, &ab, &cs, rows, cols, false).unwrap();
+        ew::col_sum(d, dt, &ab, &cs, rows, cols, true).unwrap();
+        let want: Vec<f64> = (0..cols).map(|c| 2.0 * (0..rows).map(|r| a[r * cols + c] as f64).sum::<f64>()).collect();
+        assert_close(&cs.download_f32().unwrap(), &want, 1e-5, "col_sum");
+    }
+}
+
+/// Host <-> device storage round trips, and device-side dtype conversion.
+pub fn storage_round_trip(d: &GpuDevice) {
+    use fcgpu::backend::storage::GpuStorage;
+    use fcgpu::tensor::CpuStorage;
+    let v = randn(333, 53, 10.0);
+    for s in [CpuStorage::F32(v.clone()), CpuStorage::F32(v.clone()).to_dtype(DType::BF16), CpuStorage::F32(v.clone()).to_dtype(DType::F16)] {
+        let g = GpuStorage::from_cpu(d, &s).unwrap();
+        assert_eq!((g.dtype, g.len), (s.dtype(), s.len()));
+        assert_eq!(g.to_cpu().unwrap().as_bytes(), s.as_bytes());
+        let f = g.to_dtype(DType::F32).unwrap();
+        assert_eq!(f.to_f32_vec().unwrap(), s.to_f32_vec());
+    }
+}
+
+/// `linear` forward and backward (with bias) against the CPU op's autograd.
+pub fn linear_matches_cpu_op(d: &GpuDevice) {
+    use fcgpu::backend::ops::matmul::{linear_bwd, linear_fwd, LinearDims};
+    use fcgpu::Tensor;
+    let dims = LinearDims { rows: 5, in_f: 33, out_f: 17 };
+    let x = randn(dims.rows * dims.in_f, 70, 1.0);
+    let w = randn(dims.out_f * dims.in_f, 71, 0.5);
+    let b = randn(dims.out_f, 72, 1.0);
+    let dy = randn(dims.rows * dims.out_f, 73, 1.0);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let (xq, wq, bq, dyq) = (quant(&x, dt), quant(&w, dt), quant(&b, dt), quant(&dy, dt));
+        // CPU op: y = linear(x, w, b); backward of Σ y ⊙ dy
+        let xt = Tensor::from_vec(xq.clone(), &[dims.rows, dims.in_f]).unwrap().requires_grad();
+        let wt = Tensor::from_vec(wq.clone(), &[dims.out_f, dims.in_f]).unwrap().requires_grad();
+        let bt = Tensor::from_vec(bq.clone(), &[dims.out_f]).unwrap().requires_grad();
+        let yt = fcgpu::ops::linear(&xt, &wt, Some(&bt)).unwrap();
+        let grads = yt.backward_with(Tensor::from_vec(dyq.clone(), &[dims.rows, dims.out_f]).unwrap()).unwrap();
+        let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
+        let (xb, wb, bb) = (up(d, &xq, dt), up(d, &wq, dt), up(d, &bq, dt));
+        let y = d.zeros(dims.rows * dims.out_f * dt.size()).unwrap();
+        linear_fwd(d, dt, dims, &xb, &wb, Some(&bb), &y).unwrap();
+        assert_close(&down(&y, dt), &yt.to_vec(), tol, &format!("linear y {dt:?}"));
+        let (dx, dw, db) = (d.zeros(xq.len() * dt.size()).unwrap(), d.zeros(wq.len() * dt.size()).unwrap(), d.zeros(dims.out_f * 4).unwrap());
+        linear_bwd(d, dt, dims, &xb, &wb, &up(d, &dyq, dt), Some(&dx), Some(&dw), Some(&db)).unwrap();
+        assert_close(&down(&dx, dt), &g(&xt), tol, &format!("linear dx {dt:?}"));
+        assert_close(&down(&dw, dt), &g(&wt), tol, &format!("linear dw {dt:?}"));
+        assert_close(&db.download_f32().unwrap(), &g(&bt), 1e-5, &format!("linear db {dt:?}"));
+    }
+}
+
+/// Device sampling against the CPU sampler's truncated distribution: on a grid of quantiles
+/// u = (i + ½)/R every token is drawn R·p ± 2 times and nothing outside the nucleus; greedy is
+/// the first argmax.
+pub fn sampling_matches_cpu_distribution(d: &GpuDevice) {
+    use fcgpu::backend::ops::logprob::sample_rows;
+    use fcgpu::rollout::sampler::{argmax, truncated_distribution, SamplerParams};
+    let vocab = 50;
+    let mut z = randn(vocab, 80, 2.0);
+    z[7] = 3.5;
+    z[31] = 3.5; // a tie for the maximum
+    let rows = 400;
+    let zz: Vec<f32> = (0..rows).flat_map(|_| z.iter().copied()).collect();
+    let zb = d.upload_f32(&zz).unwrap();
+    let u: Vec<f32> = (0..rows).map(|i| (i as f32 + 0.5) / rows as f32).collect();
+    let ub = d.upload_f32(&u).unwrap();
+    let tb = d.zeros(rows * 4).unwrap();
+    for (temperature, top_p) in [(0.8f32, 0.9f32), (1.0, 1.0), (0.5, 0.3)] {
+        sample_rows(d, DType::F32, &zb, vocab, rows, vocab, temperature, top_p, &ub, &tb).unwrap();
+        let got = tb.download_i32().unwrap();
+        let dist = truncated_distribution(&z, &SamplerParams { temperature, top_p, top_k: 0 });
+        let mut count = vec![0usize; vocab];
+        for &t in &got {
+            assert!(t >= 0 && (t as usize) < vocab);
+            count[t as usize] += 1;
+        }
+        for k in 0..vocab {
+            let p = dist.iter().find(|(i, _)| *i as usize == k).map_or(0.0, |x| x.1);
+            let want = p * rows as f64;
+            assert!((count[k] as f64 - want).abs() <= 2.0, "T={temperature} top_p={top_p} token {k}: {} draws, want {want:.1}", count[k]);
+            if p == 0.0 {
+                assert_eq!(count[k], 0, "token {k} outside the nucleus was drawn");
+            }
+        }
+    }
+    sample_rows(d, DType::F32, &zb, vocab, rows, vocab, 0.0, 1.0, &ub, &tb).unwrap();
+    assert!(tb.download_i32().unwrap().iter().all(|&t| t as usize == argmax(&z)), "greedy = first argmax");
+    assert_eq!(argmax(&z), 7);
 }

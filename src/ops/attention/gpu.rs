@@ -53,7 +53,7 @@ pub struct FlashDims {
 
 impl FlashDims {
     fn check(&self) -> Result<&'static str> {
-        ensure!(self.kv_heads > 0 && self.q_heads % self.kv_heads == 0, "q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads);
+        ensure!(self.kv_heads > 0 && self.q_heads.is_multiple_of(self.kv_heads), "q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads);
         ensure!(self.q_heads <= 65535 && self.n_seq <= 65535, "too many heads or sequences for one launch");
         Ok(match self.head_dim {
             64 => "64",
@@ -111,13 +111,41 @@ pub fn flash_attn_bwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuff
     cast(dev, &dq32, DType::F32, dq, DType::BF16, nq)
 }
 
+/// Layout of a KV cache: element strides of a batch entry, a position and a kv head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheLayout {
+    pub batch_stride: usize,
+    pub pos_stride: usize,
+    pub head_stride: usize,
+}
+
+impl CacheLayout {
+    /// `[batch, max_len, kv_heads, head_dim]` (token-major, like the training layout).
+    pub fn token_major(max_len: usize, kv_heads: usize, head_dim: usize) -> CacheLayout {
+        CacheLayout { batch_stride: max_len * kv_heads * head_dim, pos_stride: kv_heads * head_dim, head_stride: head_dim }
+    }
+    /// `[batch, kv_heads, max_len, head_dim]` (one head's keys contiguous, like the CPU cache).
+    pub fn head_major(max_len: usize, kv_heads: usize, head_dim: usize) -> CacheLayout {
+        CacheLayout { batch_stride: max_len * kv_heads * head_dim, pos_stride: head_dim, head_stride: max_len * head_dim }
+    }
+}
+
 /// One query token per sequence against the KV cache `[batch, max_len, kv_heads, head_dim]`
 /// (bf16); `lens` (i32 `[batch]`) keys per sequence. Writes `o` `[batch, q_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attn(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache: &GpuBuffer, lens: &GpuBuffer, o: &GpuBuffer,
                    batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_len: usize) -> Result<()> {
+    decode_attn_strided(dev, q, k_cache, v_cache, lens, o, batch, q_heads, kv_heads, head_dim, max_len,
+                        CacheLayout::token_major(max_len, kv_heads, head_dim))
+}
+
+/// [`decode_attn`] with any cache layout (see [`CacheLayout`]).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attn_strided(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache: &GpuBuffer, lens: &GpuBuffer,
+                           o: &GpuBuffer, batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_len: usize,
+                           layout: CacheLayout) -> Result<()> {
     ensure!(head_dim <= 256 && head_dim > 0, "decode attention supports head_dim up to 256");
-    ensure!(kv_heads > 0 && q_heads % kv_heads == 0, "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
+    ensure!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
     ensure!(k_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2 && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2, "decode_attn: cache too small");
     ensure!(q.bytes() >= batch * q_heads * head_dim * 2 && o.bytes() >= batch * q_heads * head_dim * 2 && lens.bytes() >= batch * 4, "decode_attn: buffers too small");
     if batch == 0 {
@@ -125,7 +153,8 @@ pub fn decode_attn(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache:
     }
     let mut a = KernelArgs::new();
     a.buf(q).buf(k_cache).buf(v_cache).buf(lens).buf(o).i32(q_heads as i32).i32(kv_heads as i32).i32(head_dim as i32)
-        .i32(max_len as i32).f32(1.0 / (head_dim as f32).sqrt());
+        .i32(max_len as i32).i64(layout.batch_stride as i64).i64(layout.pos_stride as i64).i64(layout.head_stride as i64)
+        .f32(1.0 / (head_dim as f32).sqrt());
     let cfg = LaunchCfg { grid: (q_heads as u32, batch as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
     dev.launch(Kernel::new("decode_attn.cu", "decode_attn_bf16"), cfg, &mut a)
 }

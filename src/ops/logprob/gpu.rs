@@ -114,3 +114,27 @@ pub fn linear_lpe_bwd(dev: &GpuDevice, dtype: DType, h: &GpuBuffer, w: &GpuBuffe
     }
     Ok(())
 }
+
+/// Next token per row of `logits` on the device: greedy (`temperature <= 0`: first argmax), or
+/// temperature with optional nucleus `top_p` by inverse CDF with the uniform `u[row]` (f32 in
+/// [0, 1), drawn by the caller's RNG). Writes `tokens` (i32). `top_k` is not supported here.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_rows(dev: &GpuDevice, dtype: DType, logits: &GpuBuffer, ld: usize, rows: usize, vocab: usize, temperature: f32,
+                   top_p: f32, u: &GpuBuffer, tokens: &GpuBuffer) -> Result<()> {
+    ensure!(tokens.bytes() >= rows * 4 && u.bytes() >= rows * 4, "sample_rows: buffers too small");
+    ensure!(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1]");
+    if rows == 0 || vocab == 0 {
+        return Ok(());
+    }
+    let block = vocab.div_ceil(32).clamp(1, 8) as u32 * 32;
+    let sfx = dtype_suffix(dtype)?;
+    let mut a = KernelArgs::new();
+    if temperature <= 0.0 {
+        a.buf(logits).i64(ld as i64).i32(vocab as i32).buf(tokens);
+        let name = if sfx == "bf16" { "argmax_rows_bf16" } else { "argmax_rows_f32" };
+        return dev.launch(Kernel::new("sample.cu", name), LaunchCfg::linear(rows as u32, block), &mut a);
+    }
+    a.buf(logits).i64(ld as i64).i32(vocab as i32).f32(1.0 / temperature).f32(top_p).buf(u).buf(tokens);
+    let name = if sfx == "bf16" { "sample_rows_bf16" } else { "sample_rows_f32" };
+    dev.launch(Kernel::new("sample.cu", name), LaunchCfg::linear(rows as u32, block), &mut a)
+}

@@ -10,7 +10,7 @@ use crate::tensor::DType;
 #[allow(clippy::too_many_arguments)]
 pub fn rope(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, cos: &GpuBuffer, sin: &GpuBuffer, y: &GpuBuffer,
             tokens: usize, heads: usize, head_dim: usize, backward: bool) -> Result<()> {
-    ensure!(head_dim % 2 == 0, "rope: odd head_dim {head_dim}");
+    ensure!(head_dim.is_multiple_of(2), "rope: odd head_dim {head_dim}");
     let n = tokens * heads * head_dim;
     ensure!(x.bytes() >= n * dtype.size() && y.bytes() >= n * dtype.size(), "rope: buffers too small");
     ensure!(cos.bytes() >= tokens * head_dim / 2 * 4 && sin.bytes() >= tokens * head_dim / 2 * 4, "rope: cos/sin too small");
