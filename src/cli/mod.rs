@@ -8,6 +8,7 @@ pub mod generate;
 pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
+pub mod run_args;
 pub mod sft;
 pub mod train;
 

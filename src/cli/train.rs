@@ -1,32 +1,16 @@
 //! `fcgpu train`: GRPO with entropy-enhanced advantages. With no arguments it builds the
 //! embedded default (task, tokenizer, tiny model, SRML warm-up) and trains it.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 
+use super::run_args::{apply_args, RunArgs};
 use crate::fc::reward::RewardKind;
 use crate::train::grpo::{self, AggKind, GrpoConfig, Granularity, Scale, Style};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
-    /// TOML config (the fields of config.toml); flags override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Policy to start from (HF layout). Default: the embedded tiny model after SRML warm-up.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Training prompts (fcgpu or xLAM JSONL). Default: the embedded synthetic task.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Held-out prompts (same formats).
-    #[arg(long)]
-    pub eval_data: Option<PathBuf>,
-    /// Run directory (default runs/train).
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    #[arg(long)]
-    pub steps: Option<u64>,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Prompts per step.
     #[arg(long)]
     pub prompts_per_step: Option<usize>,
@@ -39,14 +23,6 @@ pub struct Args {
     pub top_p: Option<f32>,
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    #[arg(long)]
-    pub lr: Option<f32>,
-    #[arg(long)]
-    pub warmup_steps: Option<u64>,
-    #[arg(long)]
-    pub max_grad_norm: Option<f32>,
-    #[arg(long)]
-    pub seed: Option<u64>,
     #[arg(long, value_enum)]
     pub reward: Option<RewardKind>,
     /// Advantage scaling: group (GRPO), batch, none (Dr. GRPO).
@@ -79,35 +55,18 @@ pub struct Args {
     /// Prompt style: compact (embedded task), bfcl, reasoning, qwen-fc.
     #[arg(long, value_enum)]
     pub style: Option<Style>,
-    #[arg(long)]
-    pub save_every: Option<u64>,
-    /// Held-out prompts scored greedily before and after training (0: skip).
-    #[arg(long)]
-    pub eval_samples: Option<usize>,
     /// SFT warm-up steps for the embedded default.
     #[arg(long)]
     pub warmup_sft_steps: Option<u64>,
     /// Device: cpu, or auto (the best present).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Continue from the latest checkpoint in the run directory.
-    #[arg(long)]
-    pub resume: bool,
 }
 
 pub fn resolve(a: &Args) -> Result<GrpoConfig> {
-    let mut c = grpo::load_config(a.config.as_deref())?;
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
-    }
-    set!(run_dir, steps, prompts_per_step, group_size, temperature, top_p, max_new_tokens, lr, warmup_steps, max_grad_norm, seed, reward,
-        adv_scale, entropy_lambda, entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch,
-        style, save_every, eval_samples, warmup_sft_steps);
-    for (dst, src) in [(&mut c.model, &a.model), (&mut c.data, &a.data), (&mut c.eval_data, &a.eval_data)] {
-        if src.is_some() {
-            *dst = src.clone();
-        }
-    }
+    let mut c = grpo::load_config(a.run.config.as_deref())?;
+    apply_args!(c, a.run, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
+        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps);
     grpo::validate(&c)?;
     Ok(c)
 }
@@ -118,7 +77,7 @@ pub fn run(a: Args) -> Result<()> {
         other => anyhow::bail!("--device {other}: training runs on the cpu in this build (cpu, auto)"),
     }
     let cfg = resolve(&a)?;
-    let (before, after) = grpo::run(cfg.clone(), a.resume)?;
+    let (before, after) = grpo::run(cfg.clone(), a.run.resume)?;
     if let (Some(b), Some(x)) = (before, after) {
         println!("eval_accuracy_before {b:.4} eval_accuracy_after {x:.4}");
     }

@@ -1,0 +1,64 @@
+//! Options shared by the training commands (`sft`, `train`).
+
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct RunArgs {
+    /// TOML config (the fields of config.toml); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model directory (HF layout). Default: the embedded tiny model, built in the run directory.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data (fcgpu or xLAM JSONL). Default: the embedded synthetic task.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data (same formats).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Run directory (default runs/<command>).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N steps (0: only at the end).
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Held-out examples scored at the end (0: skip).
+    #[arg(long)]
+    pub eval_samples: Option<usize>,
+    /// Continue from the latest checkpoint in the run directory.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// Copies the given flags of `args` (a `RunArgs`) and then of `extra` (more `Option` fields of
+/// the command's own args with the same names) onto the config `cfg`.
+macro_rules! apply_args {
+    ($cfg:expr, $run:expr, $extra:expr; $($f:ident),*) => {{
+        let (c, r) = (&mut $cfg, &$run);
+        for (dst, src) in [(&mut c.model, &r.model), (&mut c.data, &r.data), (&mut c.eval_data, &r.eval_data)] {
+            if src.is_some() {
+                *dst = src.clone();
+            }
+        }
+        if let Some(v) = r.run_dir.clone() { c.run_dir = v; }
+        if let Some(v) = r.steps { c.steps = v; }
+        if let Some(v) = r.lr { c.lr = v; }
+        if let Some(v) = r.warmup_steps { c.warmup_steps = v; }
+        if let Some(v) = r.max_grad_norm { c.max_grad_norm = v; }
+        if let Some(v) = r.seed { c.seed = v; }
+        if let Some(v) = r.save_every { c.save_every = v; }
+        if let Some(v) = r.eval_samples { c.eval_samples = v; }
+        $( if let Some(v) = $extra.$f.clone() { c.$f = v; } )*
+    }};
+}
+pub(crate) use apply_args;
