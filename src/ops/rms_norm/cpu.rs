@@ -17,16 +17,21 @@ pub fn forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
+/// Rows per partial sum of dw: partials are added in a fixed order, so results do not depend
+/// on how rayon schedules the work (runs with the same seed give the same bits).
+const ROWS_PER_PARTIAL: usize = 32;
+
 /// (dx, dw): with x̂ = x·r, dx = r·(g⊙w − x̂·mean(g⊙w⊙x̂)), dw = Σ_rows g⊙x̂.
 pub fn backward(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let d = w.len();
+    let block = ROWS_PER_PARTIAL * d;
     let mut dx = vec![0.0; x.len()];
-    let dw = dx
-        .par_chunks_mut(d)
-        .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-        .fold(
-            || vec![0.0f32; d],
-            |mut dw, (dxr, (xr, gr))| {
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+        .map(|(dxb, (xb, gb))| {
+            let mut dw = vec![0.0f32; d];
+            for (dxr, (xr, gr)) in dxb.chunks_mut(d).zip(xb.chunks(d).zip(gb.chunks(d))) {
                 let r = inv_rms(xr, eps);
                 let mut dot = 0.0f64;
                 for i in 0..d {
@@ -38,14 +43,15 @@ pub fn backward(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32
                 for i in 0..d {
                     dxr[i] = r * (gr[i] * w[i] - xr[i] * r * mean);
                 }
-                dw
-            },
-        )
-        .reduce(|| vec![0.0f32; d], |mut a, b| {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += y;
             }
-            a
-        });
+            dw
+        })
+        .collect();
+    let mut dw = vec![0.0f32; d];
+    for p in partials {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
     (dx, dw)
 }
