@@ -89,19 +89,14 @@ pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Ve
         if ids.is_empty() {
             bail!("{}: the prompt has no tokens", at());
         }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.config.vocab_size) {
-            bail!("{}: token id {bad} is outside the vocabulary of {}", at(), model.config.vocab_size);
-        }
+        model.config.check_ids(&ids).with_context(at)?;
         out.push(ids);
     }
     Ok(out)
 }
 
 pub fn run(a: Args) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" | "auto" => {}
-        other => bail!("--device {other}: this build generates on the cpu only (cpu, auto)"),
-    }
+    super::require_cpu(&a.device, "generate")?;
     let mut model = Model::load(&a.model)?;
     let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };
     if !a.stop.is_empty() && tok.is_none() {

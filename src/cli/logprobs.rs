@@ -54,19 +54,14 @@ fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
             }
             _ => bail!("{}: entry {}: give exactly one of `input_ids` and `text`", path.display(), i + 1),
         };
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= model.config.vocab_size) {
-            bail!("{}: entry {}: token id {bad} is outside the vocabulary of {}", path.display(), i + 1, model.config.vocab_size);
-        }
+        model.config.check_ids(&ids).with_context(|| format!("{}: entry {}", path.display(), i + 1))?;
         out.push(ids);
     }
     Ok(out)
 }
 
 pub fn run(a: Args) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" | "auto" => {}
-        other => bail!("--device {other}: this build runs logprobs on the cpu only (cpu, auto)"),
-    }
+    super::require_cpu(&a.device, "logprobs")?;
     let model = Model::load(&a.model)?;
     let seqs = sequences(&a.input, &model)?;
     let stdout = std::io::stdout();

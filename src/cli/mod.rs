@@ -51,3 +51,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
     }
 }
+
+/// The devices the model commands accept today: `cpu`, and `auto` (which picks the CPU until the
+/// model runs on the GPU devices). Anything else is a clear error naming the command.
+pub(crate) fn require_cpu(device: &str, command: &str) -> anyhow::Result<()> {
+    match device {
+        "cpu" | "auto" => Ok(()),
+        other => anyhow::bail!("--device {other}: `{command}` runs on the cpu in this build (cpu, auto)"),
+    }
+}

@@ -72,10 +72,7 @@ pub fn resolve(a: &Args) -> Result<GrpoConfig> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" | "auto" => {}
-        other => anyhow::bail!("--device {other}: training runs on the cpu in this build (cpu, auto)"),
-    }
+    super::require_cpu(&a.device, "train")?;
     let cfg = resolve(&a)?;
     let (before, after) = grpo::run(cfg.clone(), a.run.resume)?;
     if let (Some(b), Some(x)) = (before, after) {

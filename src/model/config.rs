@@ -71,6 +71,14 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
+    /// An error naming the first id of `ids` that the vocabulary does not have.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            Some(bad) => bail!("token id {bad} is outside the vocabulary of {}", self.vocab_size),
+            None => Ok(()),
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let raw: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
