@@ -38,6 +38,9 @@ pub struct RunArgs {
     /// Continue from the latest checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
+    /// Print the resolved config (defaults, file, flags) as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Copies the given flags of `args` (a `RunArgs`) and then of `extra` (more `Option` fields of

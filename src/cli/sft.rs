@@ -44,6 +44,10 @@ pub fn resolve(a: &Args) -> Result<SftConfig> {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = resolve(&a)?;
+    if a.run.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
     let s = sft::run(cfg.clone(), a.run.resume)?;
     eprintln!("sft: {} steps in {:.1}s, loss {:.4} -> {:.4}; run directory {}", s.steps_run, s.seconds, s.first_loss, s.last_loss, cfg.run_dir.display());
     if let (Some(acc), Some(ex)) = (s.result_token_accuracy, s.result_exact) {

@@ -74,6 +74,10 @@ pub fn resolve(a: &Args) -> Result<GrpoConfig> {
 pub fn run(a: Args) -> Result<()> {
     super::require_cpu(&a.device, "train")?;
     let cfg = resolve(&a)?;
+    if a.run.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
     let (before, after) = grpo::run(cfg.clone(), a.run.resume)?;
     if let (Some(b), Some(x)) = (before, after) {
         println!("eval_accuracy_before {b:.4} eval_accuracy_after {x:.4}");

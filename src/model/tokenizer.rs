@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }

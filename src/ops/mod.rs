@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod fastmath;
 pub mod gradcheck;
 pub mod logprob;
 pub mod matmul;

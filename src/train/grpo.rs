@@ -25,6 +25,7 @@ use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, Entropy
 use crate::rl::policy_loss::{policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
 use crate::rollout::{self, chat_eos_ids, Completion, SamplingConfig};
 use crate::train::checkpoint::{self, TrainerState};
+use crate::train::heldout::{self, HeldOut};
 use crate::train::metrics::MetricsWriter;
 use crate::train::optim::{apply_gradients, AdamW, AdamWConfig};
 use crate::train::schedule::Schedule;
@@ -126,7 +127,7 @@ impl Default for GrpoConfig {
             group_size: 8,
             temperature: 0.8,
             top_p: 1.0,
-            max_new_tokens: 96,
+            max_new_tokens: 256,
             lr: 5e-4,
             warmup_steps: 2,
             min_lr_ratio: 0.1,
@@ -471,26 +472,12 @@ impl GrpoTrainer {
         Ok((stats.loss, stats.kl, stats.clip_frac, acc))
     }
 
-    /// Greedy held-out accuracy (binary reward) over the first `limit` eval samples, and per category.
-    pub fn evaluate(&self, limit: usize) -> Result<(f32, Vec<(String, f32, usize)>)> {
-        let samples: Vec<&Sample> = self.eval.iter().take(limit).collect();
-        if samples.is_empty() {
-            return Ok((0.0, vec![]));
-        }
-        let prompts: Vec<Vec<u32>> = samples.iter().map(|s| self.prompt_ids(s)).collect::<Result<_>>()?;
-        let outs = no_grad(|| rollout::generate(&self.model, &prompts, &self.sampling(1, 0.0, 0), Some(&self.tok)))?;
-        let mut by_cat: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-        let mut right = 0;
-        for c in &outs {
-            let s = samples[c.prompt_index];
-            let ok = reward(s, &c.text(&self.tok)?, RewardKind::Binary, self.answer_format()).reward == 1.0;
-            right += ok as usize;
-            let e = by_cat.entry(s.category.clone()).or_default();
-            e.0 += ok as usize;
-            e.1 += 1;
-        }
-        let cats = by_cat.into_iter().map(|(k, (r, n))| (k, r as f32 / n as f32, n)).collect();
-        Ok((right as f32 / outs.len() as f32, cats))
+    /// Greedy held-out accuracy over the first `limit` eval samples, overall and per category.
+    pub fn evaluate(&self, limit: usize) -> Result<HeldOut> {
+        let samples = &self.eval[..limit.min(self.eval.len())];
+        let mut h = heldout::evaluate(&self.model, &self.tok, samples, &|s| self.prompt_ids(s), self.answer_format(), self.cfg.max_new_tokens)?;
+        h.step = self.step;
+        Ok(h)
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
@@ -542,10 +529,11 @@ pub fn run(cfg: GrpoConfig, resume: bool) -> Result<(Option<f32>, Option<f32>)> 
     let mut metrics = MetricsWriter::open(&metrics_path, t.step)?;
     let mut before = None;
     if cfg.eval_samples > 0 && t.step == 0 {
-        let (acc, cats) = t.evaluate(cfg.eval_samples)?;
-        eprintln!("held-out accuracy before GRPO: {:.1}% ({})", 100.0 * acc, fmt_cats(&cats));
-        metrics.write(&GrpoMetrics { step: 0, eval_accuracy: Some(acc), ..Default::default() })?;
-        before = Some(acc);
+        let h = t.evaluate(cfg.eval_samples)?;
+        eprintln!("held-out accuracy before GRPO: {:.1}% ({})", 100.0 * h.accuracy, h.summary());
+        h.write(&run_dir, "before")?;
+        metrics.write(&GrpoMetrics { step: 0, eval_accuracy: Some(h.accuracy), ..Default::default() })?;
+        before = Some(h.accuracy);
     } else if let Ok(lines) = crate::jsonl::read::<GrpoMetrics>(&metrics_path) {
         before = lines.iter().find(|l| l.step == 0).and_then(|l| l.eval_accuracy);
     }
@@ -556,10 +544,11 @@ pub fn run(cfg: GrpoConfig, resume: bool) -> Result<(Option<f32>, Option<f32>)> 
     while t.step < cfg.steps {
         let mut m = t.step()?;
         if m.step == cfg.steps && cfg.eval_samples > 0 {
-            let (acc, cats) = t.evaluate(cfg.eval_samples)?;
-            pb.suspend(|| eprintln!("held-out accuracy after GRPO: {:.1}% ({})", 100.0 * acc, fmt_cats(&cats)));
-            m.eval_accuracy = Some(acc);
-            after = Some(acc);
+            let h = t.evaluate(cfg.eval_samples)?;
+            pb.suspend(|| eprintln!("held-out accuracy after GRPO: {:.1}% ({})", 100.0 * h.accuracy, h.summary()));
+            h.write(&run_dir, "after")?;
+            m.eval_accuracy = Some(h.accuracy);
+            after = Some(h.accuracy);
         }
         metrics.write(&m)?;
         pb.set_position(m.step);
@@ -582,10 +571,6 @@ pub fn run(cfg: GrpoConfig, resume: bool) -> Result<(Option<f32>, Option<f32>)> 
 fn ranged<T>(name: &str, f: impl FnOnce() -> T) -> T {
     let _r = crate::backend::nvtx_range(name);
     f()
-}
-
-fn fmt_cats(cats: &[(String, f32, usize)]) -> String {
-    cats.iter().map(|(c, a, n)| format!("{c} {:.0}% of {n}", 100.0 * a)).collect::<Vec<_>>().join(", ")
 }
 
 pub fn load_config(path: Option<&Path>) -> Result<GrpoConfig> {

@@ -8,4 +8,5 @@ pub mod sft;
 pub mod srml;
 pub mod tiny;
 pub mod grpo;
+pub mod heldout;
 pub mod plot;

@@ -14,11 +14,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
 use crate::data::{synth, Sample};
+use crate::fc::decode::AnswerFormat;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
 use crate::tensor::Tensor;
 use crate::train::checkpoint::{self, TrainerState};
+use crate::train::heldout;
 use crate::train::metrics::{MetricsWriter, SftMetrics};
 use crate::train::optim::{apply_gradients, AdamW, AdamWConfig};
 use crate::train::schedule::Schedule;
@@ -26,6 +28,8 @@ use crate::train::srml::{self, AlphaMode, LossConfig, LossKind};
 use crate::train::tiny::{self, TinySize};
 
 const ALPHA_PARAM: &str = "srml.alpha_logit";
+/// Answer length limit of the held-out generation (the embedded task's answers are shorter).
+const HELDOUT_MAX_NEW_TOKENS: usize = 256;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -154,6 +158,9 @@ pub struct Trainer {
     pub cursor: usize,
     pub train: Vec<Example>,
     pub eval: Vec<Example>,
+    /// The held-out samples themselves, for greedy generation.
+    pub eval_samples: Vec<Sample>,
+    pub tok: Tokenizer,
     batches: Vec<Vec<usize>>,
     think_end: u32,
     loss_cfg: LossConfig,
@@ -180,11 +187,11 @@ impl Trainer {
             Some((_, dir)) => {
                 let (model, opt, st) = checkpoint::load(&dir)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
-                Trainer { cfg: cfg.clone(), model, opt, adam, schedule, alpha_logit: st.alpha_logit, step: st.step, epoch: st.epoch, cursor: st.cursor, train, eval, batches: vec![], think_end, loss_cfg }
+                Trainer { cfg: cfg.clone(), model, opt, adam, schedule, alpha_logit: st.alpha_logit, step: st.step, epoch: st.epoch, cursor: st.cursor, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg }
             }
             None => {
                 let model = Model::load(&model_dir)?;
-                Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, batches: vec![], think_end, loss_cfg }
+                Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg }
             }
         };
         t.model.requires_grad();
@@ -293,6 +300,15 @@ impl Trainer {
         checkpoint::save(&self.cfg.run_dir, &self.model, &self.opt, &self.state())
     }
 
+    /// Greedy held-out accuracy over the first `limit` eval samples, scored by the BFCL checker.
+    pub fn heldout(&self, limit: usize) -> Result<heldout::HeldOut> {
+        let samples = &self.eval_samples[..limit.min(self.eval_samples.len())];
+        let prompt = |s: &Sample| self.tok.encode(&synth::render_prompt(&s.messages, &s.functions), false);
+        let mut h = heldout::evaluate(&self.model, &self.tok, samples, &prompt, AnswerFormat::Python, HELDOUT_MAX_NEW_TOKENS)?;
+        h.step = self.step;
+        Ok(h)
+    }
+
     /// Teacher-forced accuracy on the result segment of held-out examples: (token accuracy,
     /// fraction of examples whose whole result segment is predicted right, tokens scored).
     pub fn eval_result_accuracy(&self, limit: usize) -> Result<(f32, f32, usize)> {
@@ -379,6 +395,8 @@ pub struct RunSummary {
     pub steps_run: u64,
     pub result_token_accuracy: Option<f32>,
     pub result_exact: Option<f32>,
+    /// Greedy held-out accuracy (BFCL checker).
+    pub heldout_accuracy: Option<f32>,
     pub seconds: f32,
 }
 
@@ -408,14 +426,18 @@ pub fn run(cfg: SftConfig, resume: bool) -> Result<RunSummary> {
         }
     }
     pb.finish_and_clear();
-    let (mut acc, mut exact) = (None, None);
+    let (mut acc, mut exact, mut accuracy) = (None, None, None);
     if cfg.eval_samples > 0 && !t.eval.is_empty() {
         let (a, e, n) = t.eval_result_accuracy(cfg.eval_samples)?;
         eprintln!("held-out result segment (teacher-forced): token accuracy {:.4} over {n} tokens, exact {:.4}", a, e);
         std::fs::write(run.join("eval.json"), serde_json::to_string_pretty(&serde_json::json!({"step": t.step, "result_token_accuracy": a, "result_exact": e, "tokens": n}))? + "\n")?;
         (acc, exact) = (Some(a), Some(e));
+        let h = t.heldout(cfg.eval_samples)?;
+        eprintln!("held-out accuracy (greedy, BFCL checker): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
+        h.write(&run, "sft")?;
+        accuracy = Some(h.accuracy);
     }
-    Ok(RunSummary { first_loss: first, last_loss: last, steps_run: ran, result_token_accuracy: acc, result_exact: exact, seconds: start.elapsed().as_secs_f32() })
+    Ok(RunSummary { first_loss: first, last_loss: last, steps_run: ran, result_token_accuracy: acc, result_exact: exact, heldout_accuracy: accuracy, seconds: start.elapsed().as_secs_f32() })
 }
 
 /// `SftConfig` from an optional TOML file.

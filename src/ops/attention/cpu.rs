@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::Dims;
+use crate::ops::fastmath;
 use crate::ops::matmul::cpu::gemm_strided;
 use crate::ops::SendPtr;
 
@@ -22,12 +23,9 @@ pub fn masked_softmax_rows(s: &mut [f32], rows: usize, cols: usize, valid: impl 
     for r in 0..rows {
         let row = &mut s[r * cols..(r + 1) * cols];
         let valid = valid(r).min(cols);
-        let m = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0.0f32;
-        for x in row[..valid].iter_mut() {
-            *x = (*x - m).exp();
-            l += *x;
-        }
+        let m = fastmath::max(&row[..valid]);
+        fastmath::exp_shifted_inplace(&mut row[..valid], m);
+        let l = fastmath::vectorized(|| fastmath::sum(&row[..valid]));
         let inv = 1.0 / l;
         row[..valid].iter_mut().for_each(|x| *x *= inv);
         row[valid..].fill(0.0);
@@ -101,7 +99,7 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], saved: Saved, dout: &[f32], d: 
                     let lse = saved.lse[(i0 + r) * d.q_heads + h];
                     let valid = b0 + r + 1;
                     let row = &mut p[r * cols..(r + 1) * cols];
-                    row[..valid].iter_mut().for_each(|x| *x = (*x - lse).exp());
+                    fastmath::exp_shifted_inplace(&mut row[..valid], lse);
                     row[valid..].fill(0.0);
                 }
                 // dV += Pᵀ·dO

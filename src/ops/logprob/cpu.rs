@@ -1,11 +1,20 @@
-//! CPU kernel: logits of `CHUNK` rows at a time (one gemm), then per-row statistics.
+//! CPU kernel: logits of a chunk of rows at a time (one gemm), then per-row statistics.
 
 use rayon::prelude::*;
 
+use crate::ops::fastmath;
 use crate::ops::matmul::cpu::{gemm, Mat};
 
-/// Rows per logits chunk: bounds the transient `CHUNK × V` buffer (~40 MB at V = 152k).
+/// Fewest rows per logits chunk (~40 MB of logits at V = 152k): fewer would starve the gemm.
 pub const CHUNK: usize = 64;
+/// Logits per chunk when the vocabulary is small: 16 MB. Bigger chunks mean fewer passes
+/// over W and, in backward, fewer read-modify-writes of the whole `dW`.
+const CHUNK_LOGITS: usize = 1 << 22;
+
+/// Rows per chunk for a vocabulary of `vocab`.
+pub fn chunk_rows(vocab: usize) -> usize {
+    CHUNK.max(CHUNK_LOGITS / vocab.max(1))
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RowStats {
@@ -14,21 +23,35 @@ pub struct RowStats {
     pub log_z: f32,
 }
 
-/// One row of raw logits `z`: log p(y), entropy and log Z of softmax(z / T), accumulated in f64.
-/// Two passes over a row already in cache (max, then sums), as SPEC §7's formulas.
+/// One row of raw logits `z`: log p(y), entropy and log Z of softmax(z / T) (SPEC §7's
+/// formulas, two passes over a row already in cache: max, then sums). Exponentials in f32
+/// lanes, summed per block of 256 and the block sums in f64, so 150k-term rows stay exact.
 pub fn row_stats(z: &[f32], y: usize, inv_t: f32) -> RowStats {
-    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
-    // f32 exponentials (each exact to an ulp), summed in f64 lanes so 150k-term rows stay exact.
-    let (mut s, mut t) = ([0.0f64; 4], [0.0f64; 4]);
-    for c in z.chunks(4) {
-        for (i, &x) in c.iter().enumerate() {
-            let zt = x * inv_t;
-            let e = (zt - m).exp();
-            s[i] += e as f64;
-            t[i] += (e * (zt - m)) as f64;
+    let (m, s, t) = fastmath::vectorized(|| {
+        let m = fastmath::max(z) * inv_t;
+        let (mut s, mut t) = (0.0f64, 0.0f64);
+        for block in z.chunks(256) {
+            let (mut sb, mut tb) = ([0.0f32; 8], [0.0f32; 8]);
+            let mut lanes = block.chunks_exact(8);
+            for c in &mut lanes {
+                for i in 0..8 {
+                    let zt = c[i] * inv_t - m;
+                    let e = fastmath::exp(zt);
+                    sb[i] += e;
+                    tb[i] += e * zt;
+                }
+            }
+            for &x in lanes.remainder() {
+                let zt = x * inv_t - m;
+                let e = fastmath::exp(zt);
+                sb[0] += e;
+                tb[0] += e * zt;
+            }
+            s += fastmath::sum(&sb) as f64;
+            t += fastmath::sum(&tb) as f64;
         }
-    }
-    let (s, t): (f64, f64) = (s.iter().sum(), t.iter().sum());
+        (m, s, t)
+    });
     let log_z = m as f64 + s.ln();
     // H = log Z − E[z] with E[z] taken relative to m for precision.
     let entropy = s.ln() - t / s;
@@ -40,18 +63,22 @@ fn chunk_logits(h: &[f32], w: &[f32], hidden: usize, vocab: usize, rows: usize, 
     gemm(Mat::new(h, rows, hidden), Mat::new(w, vocab, hidden).t(), buf, false);
 }
 
-pub fn forward(h: &[f32], w: &[f32], targets: &[u32], temperature: f32) -> Vec<RowStats> {
+/// Row statistics; with `keep`, also the logits when they fit in one chunk (backward then
+/// reuses them instead of recomputing the LM-head product).
+pub fn forward(h: &[f32], w: &[f32], targets: &[u32], temperature: f32, keep: bool) -> (Vec<RowStats>, Option<Vec<f32>>) {
     let (vocab, hidden) = dims(h, w, targets.len());
     let inv_t = 1.0 / temperature;
     let mut out = Vec::with_capacity(targets.len());
     let mut buf = Vec::new();
-    for (c, tg) in targets.chunks(CHUNK).enumerate() {
+    let chunk = chunk_rows(vocab);
+    for (c, tg) in targets.chunks(chunk).enumerate() {
         let rows = tg.len();
-        chunk_logits(&h[c * CHUNK * hidden..][..rows * hidden], w, hidden, vocab, rows, &mut buf);
+        chunk_logits(&h[c * chunk * hidden..][..rows * hidden], w, hidden, vocab, rows, &mut buf);
         let stats: Vec<RowStats> = buf.par_chunks(vocab).zip(tg.par_iter()).map(|(z, &y)| row_stats(z, y as usize, inv_t)).collect();
         out.extend(stats);
     }
-    out
+    let kept = (keep && targets.len() <= chunk).then_some(buf);
+    (out, kept)
 }
 
 fn dims(h: &[f32], w: &[f32], n: usize) -> (usize, usize) {
@@ -65,24 +92,30 @@ fn dims(h: &[f32], w: &[f32], n: usize) -> (usize, usize) {
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     h: &[f32], w: &[f32], targets: &[u32], temperature: f32, stats: &[RowStats],
-    g_lp: &[f32], g_h: &[f32], want_dw: bool,
+    g_lp: &[f32], g_h: &[f32], want_dw: bool, logits: Option<Vec<f32>>,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let (vocab, hidden) = dims(h, w, targets.len());
     let inv_t = 1.0 / temperature;
     let mut dh = vec![0.0f32; h.len()];
     let mut dw = want_dw.then(|| vec![0.0f32; w.len()]);
-    let mut buf = Vec::new();
-    for (c, tg) in targets.chunks(CHUNK).enumerate() {
-        let (r0, rows) = (c * CHUNK, tg.len());
+    let chunk = chunk_rows(vocab);
+    let reuse = logits.as_ref().is_some_and(|l| targets.len() <= chunk && l.len() == targets.len() * vocab);
+    let mut buf = if reuse { logits.unwrap() } else { Vec::new() };
+    for (c, tg) in targets.chunks(chunk).enumerate() {
+        let (r0, rows) = (c * chunk, tg.len());
         let hc = &h[r0 * hidden..(r0 + rows) * hidden];
-        chunk_logits(hc, w, hidden, vocab, rows, &mut buf);
+        if !reuse {
+            chunk_logits(hc, w, hidden, vocab, rows, &mut buf);
+        }
         buf.par_chunks_mut(vocab).enumerate().for_each(|(r, z)| {
             let (st, gl, gh) = (stats[r0 + r], g_lp[r0 + r], g_h[r0 + r]);
-            for x in z.iter_mut() {
-                let logp = *x * inv_t - st.log_z;
-                let p = logp.exp();
-                *x = (-gl * p - gh * p * (logp + st.entropy)) * inv_t;
-            }
+            fastmath::vectorized(|| {
+                for x in z.iter_mut() {
+                    let logp = *x * inv_t - st.log_z;
+                    let p = fastmath::exp(logp);
+                    *x = (-gl * p - gh * p * (logp + st.entropy)) * inv_t;
+                }
+            });
             z[tg[r] as usize] += gl * inv_t;
         });
         gemm(Mat::new(&buf, rows, vocab), Mat::new(w, vocab, hidden), &mut dh[r0 * hidden..(r0 + rows) * hidden], false);
