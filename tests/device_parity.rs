@@ -180,7 +180,15 @@ pub fn kv_cache_decoding_agrees_with_cpu(dev: Device) {
         // A prefill, single tokens after it (decode attention), then several after a cache.
         let seq = &sequences(&dir)[2];
         let cuts = [5, 6, 7];
-        let (a, b) = (cached_logits(&cpu, seq, &cuts), cached_logits(&gpu, seq, &cuts));
+        let (mut a, mut b) = (cached_logits(&cpu, seq, &cuts), cached_logits(&gpu, seq, &cuts));
+        // One call mixing a decode token after a cache, a prefill, and a one-token prompt (as
+        // the rollout engine's continuous batch does).
+        for (m, out) in [(&cpu, &mut a), (&gpu, &mut b)] {
+            let (mut ca, mut cb, mut cc) = (SeqCache::new(m.kv_shape(), 5), SeqCache::new(m.kv_shape(), 1), SeqCache::new(m.kv_shape(), 1));
+            no_grad(|| m.forward_cached(&mut [Step { cache: &mut ca, tokens: &seq[..5] }])).unwrap();
+            let mut steps = [Step { cache: &mut ca, tokens: &seq[5..6] }, Step { cache: &mut cb, tokens: &seq[2..9] }, Step { cache: &mut cc, tokens: &seq[3..4] }];
+            out.extend(no_grad(|| m.forward_cached(&mut steps)).unwrap());
+        }
         let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let d = max_abs_diff(&a, &b);
         eprintln!("{} on {dev}: cached logits max |Δ| {d:.3} (|logit| up to {scale:.1})", name(&dir));

@@ -19,8 +19,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if let Some(b) = b {
         ensure!(b.shape() == [out_f], "linear: bias {:?} for {} outputs", b.shape(), out_f);
     }
-    let inputs: Vec<&Tensor> = [x, w].into_iter().chain(b).collect();
-    if let Some(dev) = on_gpu("linear", &inputs)? {
+    let dev = match b {
+        Some(b) => on_gpu("linear", &[x, w, b])?,
+        None => on_gpu("linear", &[x, w])?,
+    };
+    if let Some(dev) = dev {
         return on_gpu::linear(&dev, x, w, b);
     }
     let rows = x.numel() / in_f;

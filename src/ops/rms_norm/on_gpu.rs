@@ -13,7 +13,7 @@ use crate::tensor::{DType, Tensor};
 pub(super) fn rms_norm(dev: &GpuDevice, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let dt = kernel_dtype(x);
     let d = w.numel();
-    let rows = if d == 0 { 0 } else { x.numel() / d };
+    let rows = x.numel().checked_div(d).unwrap_or(0);
     let (xc, wc) = (cast(x, dt)?, cast(w, dt)?);
     let y = alloc(dev, dt, x.numel())?;
     let rstd = alloc(dev, DType::F32, rows)?;
