@@ -4,9 +4,12 @@
 //   axpy_T_f32: y += alpha·x (y f32: gradient accumulators)
 //   bias_add_T: out[r, c] = x[r, c] + bias[c]
 //   col_sum_T:  out[c] (f32) = Σ_r x[r, c] (+ out[c] when accumulate), rows walked in order.
+//   copy_2d_T:  y[r·ldy + c] = x[r·ldx + c] for r < rows, c < cols: a strided block copy (zero-pad
+//               or un-pad head dims for flash attention, narrow and its backward).
 // Launch: grid-stride, block 256 (col_sum: grid = ceil(cols/256), one thread per column).
 // Roofline: memory bound; add/mul 3n·sizeof(T) bytes, scale 2n·sizeof(T), axpy n·(sizeof(T)+8),
-// bias_add 2n·sizeof(T), col_sum n·sizeof(T) (+ 4·cols). One FLOP per element.
+// bias_add 2n·sizeof(T), col_sum n·sizeof(T) (+ 4·cols), copy_2d 2·rows·cols·sizeof(T). One FLOP per
+// element (copy_2d: none).
 #include "common.cuh"
 
 #define GRID_STRIDE(i, n) \
@@ -35,6 +38,14 @@ template <class T> __device__ __forceinline__ void col_sum_impl(const T* x, floa
     out[c] = accumulate ? out[c] + s : s;
 }
 
+template <class T> __device__ __forceinline__ void copy_2d_impl(const T* x, long long ldx, T* y, long long ldy, long long rows,
+                                                              long long cols) {
+    GRID_STRIDE(i, rows * cols) {
+        const long long r = i / cols, c = i % cols;
+        y[r * ldy + c] = x[r * ldx + c];
+    }
+}
+
 extern "C" __global__ void ew_add_bf16(const bf16* a, const bf16* b, bf16* out, long long n) { add_impl(a, b, out, n); }
 extern "C" __global__ void ew_add_f32(const float* a, const float* b, float* out, long long n) { add_impl(a, b, out, n); }
 extern "C" __global__ void ew_mul_bf16(const bf16* a, const bf16* b, bf16* out, long long n) { mul_impl(a, b, out, n); }
@@ -54,4 +65,10 @@ extern "C" __global__ void col_sum_bf16(const bf16* x, float* out, int rows, int
 }
 extern "C" __global__ void col_sum_f32(const float* x, float* out, int rows, int cols, int accumulate) {
     col_sum_impl(x, out, rows, cols, accumulate);
+}
+extern "C" __global__ void copy_2d_bf16(const bf16* x, long long ldx, bf16* y, long long ldy, long long rows, long long cols) {
+    copy_2d_impl(x, ldx, y, ldy, rows, cols);
+}
+extern "C" __global__ void copy_2d_f32(const float* x, long long ldx, float* y, long long ldy, long long rows, long long cols) {
+    copy_2d_impl(x, ldx, y, ldy, rows, cols);
 }

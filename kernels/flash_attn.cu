@@ -1,11 +1,13 @@
 // Flash attention (FlashAttention-2), causal, GQA, packed variable-length sequences, bf16 inputs,
-// fp32 accumulation on tensor cores (mma.sync m16n8k16 bf16 through ptx.cuh), head dim 64 or 128.
+// fp32 accumulation on tensor cores (mma.sync m16n8k16 bf16 through ptx.cuh), head dim 16, 32, 64 or
+// 128 (the small ones serve tiny test and default models; other head dims are zero-padded to the
+// next of these by the launcher, with the scale of the real head dim).
 //
 // Layout: q [tokens, q_heads, D], k/v [tokens, kv_heads, D] (bf16), sequences given by cu_seqlens
 // (n_seq + 1 offsets into the token axis). Query head h reads kv head h / (q_heads / kv_heads).
 // Scale 1/sqrt(D) (passed in). Saves lse [tokens, q_heads] (natural log) for the backward.
 //
-// fa_fwd_d{64,128}: grid = (ceil(max_len / 64), q_heads, n_seq), block = 128 (4 warps × 16 query
+// fa_fwd_d{16,32,64,128}: grid = (ceil(max_len / 64), q_heads, n_seq), block = 128 (4 warps × 16 query
 //   rows), dynamic smem = 3 · 64 · (D + 8) · 2 bytes (27 KiB for D=64, 51 KiB for D=128: opt-in).
 //   Per block: Q tile in smem → registers (ldmatrix.x4), loop over 64-key tiles up to the diagonal:
 //   S = Q·Kᵀ (mma, K via ldmatrix), causal mask, online softmax in exp2 domain, O += P·V (P re-used
@@ -13,11 +15,11 @@
 //   Roofline per (sequence of L, head): FLOPs ≈ 2·L²·D (causal half of 4·L²·D); bytes ≈ 2·L·D·2 (Q,
 //   O) + K,V re-read once per query tile: 2·L·D·2·(L/64)/2 — compute bound for L >~ 256.
 // fa_bwd_dot: delta[t, h] = Σ_d O·dO (f32); one warp per (token, head), block 256.
-// fa_bwd_d{64,128}: grid = (ceil(max_len / 64), kv_heads, n_seq), block = 128 (4 warps × 16 keys).
+// fa_bwd_d{16,32,64,128}: grid = (ceil(max_len / 64), kv_heads, n_seq), block = 128 (4 warps × 16 keys).
 //   Each block owns one 64-key tile of one kv head: recomputes Sᵀ = K·Qᵀ for every query tile at or
 //   after the diagonal and every q head of the group, P from lse, dV += Pᵀ·dO, dPᵀ = V·dOᵀ,
 //   dSᵀ = Pᵀ ⊙ (dPᵀ − delta), dK += dSᵀ·Q, and dQ += dS·K through shared memory and f32 atomics
-//   (dq must be zeroed; cast it to bf16 afterwards). Query tile 64 rows (D=64) / 16 rows (D=128, to stay within 255 registers).
+//   (dq must be zeroed; cast it to bf16 afterwards). Query tile 64 rows (D<=64) / 16 rows (D=128, to stay within 255 registers).
 //   dynamic smem = (2·64 + 2·BM)·(D + 8)·2 + 64·(BM + 8)·2 + 2·BM·4 bytes.
 //   Roofline: ≈ 2.5× the forward FLOPs (5 GEMM-shaped products instead of 2).
 #include "ptx.cuh"
@@ -153,6 +155,14 @@ __device__ __forceinline__ void fa_fwd_impl(const bf16* __restrict__ q, const bf
     }
 }
 
+extern "C" __global__ void __launch_bounds__(128) fa_fwd_d16(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
+    fa_fwd_impl<16>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_fwd_d32(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
+    fa_fwd_impl<32>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+}
 extern "C" __global__ void __launch_bounds__(128) fa_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
                                                              const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
     fa_fwd_impl<64>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
@@ -317,6 +327,18 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
     }
 }
 
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_d16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                             const float* lse, const float* delta, float* dq, bf16* dk,
+                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                             float scale) {
+    fa_bwd_impl<16, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                             const float* lse, const float* delta, float* dq, bf16* dk,
+                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                             float scale) {
+    fa_bwd_impl<32, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+}
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                              const float* lse, const float* delta, float* dq, bf16* dk,
                                                              bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,

@@ -71,6 +71,10 @@ impl Grads {
             }
             Some(prev) => {
                 ensure!(prev.shape() == g.shape(), "gradient shapes disagree: {:?} vs {:?}", prev.shape(), g.shape());
+                if prev.device().is_gpu() || g.device().is_gpu() {
+                    self.map.insert(id, crate::ops::device::accumulate(&prev, &g)?);
+                    return Ok(());
+                }
                 let mut v = prev.to_vec();
                 for (a, b) in v.iter_mut().zip(g.f32s()?) {
                     *a += b;
@@ -112,7 +116,7 @@ impl Tensor {
     /// Gradients of this scalar with respect to every tensor it depends on.
     pub fn backward(&self) -> Result<Grads> {
         ensure!(self.numel() == 1, "backward needs a scalar, got shape {:?}", self.shape());
-        self.backward_with(Tensor::from_vec(vec![1.0], self.shape())?)
+        self.backward_with(Tensor::from_vec_like(vec![1.0], self.shape(), self)?)
     }
 
     /// Backward from an explicit output gradient (shape of `self`).

@@ -7,10 +7,14 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Result};
+use std::borrow::Cow;
+
+use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
 
 use crate::autograd::{self, GradFn};
+use crate::backend::storage::GpuStorage;
+use crate::backend::GpuDevice;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DType {
@@ -46,10 +50,79 @@ impl DType {
     }
 }
 
-/// Where a tensor lives. `Cpu` computes in f32; the GPU devices plug in beside it.
+/// Where a tensor lives. `Cpu` computes in f32; `Cuda(n)` and `Emu` are the GPU devices (bf16
+/// activations and weights, f32 accumulation), each named by its process-wide handle
+/// ([`GpuDevice::shared_cuda`], [`GpuDevice::shared_emu`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
+    Cuda(u32),
+    Emu,
+}
+
+impl Device {
+    /// `cpu`, `cuda` (= `cuda:0`), `cuda:N`, `emu`, or `auto`: cuda when the CUDA driver, NVRTC,
+    /// cuBLAS and a GPU are all present (probed without touching cudarc's panicking loaders),
+    /// else cpu. Names only: [`Device::resolve`] also checks that the device opens.
+    pub fn parse(name: &str) -> Result<Device> {
+        Ok(match name {
+            "cpu" => Device::Cpu,
+            "emu" => Device::Emu,
+            "cuda" => Device::Cuda(0),
+            "auto" => Device::auto(),
+            _ => match name.strip_prefix("cuda:").and_then(|n| n.parse::<u32>().ok()) {
+                Some(n) => Device::Cuda(n),
+                None => bail!("unknown device `{name}` (expected cpu, cuda, cuda:N, emu or auto)"),
+            },
+        })
+    }
+
+    /// [`Device::parse`], then open a GPU device: `--device cuda` without a driver or GPU is a
+    /// clear error here, before any work starts.
+    pub fn resolve(name: &str) -> Result<Device> {
+        let d = Device::parse(name)?;
+        if d.is_gpu() {
+            d.gpu().with_context(|| format!("--device {name}"))?;
+        }
+        Ok(d)
+    }
+
+    /// cuda:0 when it can be used, else cpu.
+    pub fn auto() -> Device {
+        if GpuDevice::cuda_available() { Device::Cuda(0) } else { Device::Cpu }
+    }
+
+    pub fn is_cpu(self) -> bool {
+        self == Device::Cpu
+    }
+
+    pub fn is_gpu(self) -> bool {
+        !self.is_cpu()
+    }
+
+    /// The GPU behind this tag (opened on first use); an error for the cpu.
+    pub fn gpu(self) -> Result<GpuDevice> {
+        match self {
+            Device::Cpu => bail!("the cpu is not a GPU device"),
+            Device::Emu => Ok(GpuDevice::shared_emu()),
+            Device::Cuda(n) => GpuDevice::shared_cuda(n as usize),
+        }
+    }
+
+    /// Storage dtype of model weights and activations here: f32 on the cpu, bf16 on a GPU.
+    pub fn compute_dtype(self) -> DType {
+        if self.is_cpu() { DType::F32 } else { DType::BF16 }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Emu => write!(f, "emu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 /// Host storage. CPU ops compute in f32; bf16/f16 exist for loading and saving checkpoints.
@@ -114,12 +187,14 @@ impl CpuStorage {
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
+    Gpu(GpuStorage),
 }
 
 impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Gpu(s) => s.device().tag(),
         }
     }
 }
@@ -181,6 +256,36 @@ impl Tensor {
         Self::make(Arc::new(Storage::Cpu(CpuStorage::F32(data))), shape.to_vec(), grad_fn, tracks)
     }
 
+    /// A tensor holding device storage (a leaf).
+    pub fn from_gpu(storage: GpuStorage, shape: &[usize]) -> Result<Tensor> {
+        ensure!(storage.len == numel(shape), "device data has {} elements but shape {:?} needs {}", storage.len, shape, numel(shape));
+        Ok(Self::make(Arc::new(Storage::Gpu(storage)), shape.to_vec(), None, false))
+    }
+
+    /// [`Tensor::from_op`] for a result on a GPU device.
+    pub(crate) fn from_gpu_op(storage: GpuStorage, shape: &[usize], grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
+        debug_assert_eq!(storage.len, numel(shape));
+        let grad_fn = grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
+        let tracks = grad_fn.is_some();
+        Self::make(Arc::new(Storage::Gpu(storage)), shape.to_vec(), grad_fn, tracks)
+    }
+
+    /// The same data (shared storage) as the result of an op with `grad_fn`.
+    pub(crate) fn with_grad_fn(&self, grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
+        let grad_fn = grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
+        let tracks = grad_fn.is_some();
+        Self::make(self.0.storage.clone(), self.0.shape.clone(), grad_fn, tracks)
+    }
+
+    /// f32 `data` on the device of `like` (the same GPU handle), or on the cpu.
+    pub fn from_vec_like(data: Vec<f32>, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+        let t = Self::from_vec(data, shape)?;
+        match like.gpu_storage() {
+            None => Ok(t),
+            Some(g) => Self::from_gpu(GpuStorage::from_cpu(g.device(), t.cpu_storage()?)?, shape),
+        }
+    }
+
     pub fn id(&self) -> usize {
         self.0.id
     }
@@ -208,6 +313,15 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         match &*self.0.storage {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Gpu(s) => s.dtype,
+        }
+    }
+
+    /// The device storage, when the tensor is on a GPU device.
+    pub fn gpu_storage(&self) -> Option<&GpuStorage> {
+        match &*self.0.storage {
+            Storage::Gpu(s) => Some(s),
+            Storage::Cpu(_) => None,
         }
     }
 
@@ -239,32 +353,76 @@ impl Tensor {
         match &*self.0.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
             Storage::Cpu(s) => bail!("expected an f32 tensor, got {:?}", s.dtype()),
+            Storage::Gpu(_) => bail!("expected a tensor on the cpu, this one is on {} (download it with to_device or to_vec)", self.device()),
         }
     }
 
+    /// The values as f32 on the host: borrowed for a cpu f32 tensor, else converted or
+    /// downloaded.
+    pub fn host_f32(&self) -> Result<Cow<'_, [f32]>> {
+        Ok(match &*self.0.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Cow::Borrowed(v),
+            Storage::Cpu(s) => Cow::Owned(s.to_f32_vec()),
+            Storage::Gpu(s) => Cow::Owned(s.to_f32_vec().with_context(|| format!("downloading a tensor of shape {:?} from {}", self.shape(), self.device()))?),
+        })
+    }
+
+    /// The values as f32 on the host (downloaded from a GPU device).
+    ///
+    /// # Panics
+    /// When a download from the device fails (use [`Tensor::host_f32`] to get the error).
     pub fn to_vec(&self) -> Vec<f32> {
         match &*self.0.storage {
             Storage::Cpu(s) => s.to_f32_vec(),
+            Storage::Gpu(_) => self.host_f32().map(Cow::into_owned).unwrap_or_else(|e| panic!("{e:#}")),
         }
     }
 
     pub fn to_scalar(&self) -> Result<f32> {
         ensure!(self.numel() == 1, "to_scalar on a tensor of shape {:?}", self.shape());
-        Ok(self.to_vec()[0])
+        Ok(self.host_f32()?[0])
     }
 
-    pub fn cpu_storage(&self) -> &CpuStorage {
+    /// Host storage; an error for a tensor on a GPU device (see [`Tensor::to_device`]).
+    pub fn cpu_storage(&self) -> Result<&CpuStorage> {
         match &*self.0.storage {
-            Storage::Cpu(s) => s,
+            Storage::Cpu(s) => Ok(s),
+            Storage::Gpu(_) => bail!("expected a tensor on the cpu, this one is on {}", self.device()),
         }
     }
 
-    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+    /// A copy in `dtype` on the same device (cast kernels on a GPU). Cut from the graph; a
+    /// trainable leaf stays one.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
-            return self.clone();
+            return Ok(self.clone());
         }
-        let s = self.cpu_storage().to_dtype(dtype);
-        Self::make(Arc::new(Storage::Cpu(s)), self.0.shape.clone(), None, self.0.requires_grad && self.0.grad_fn.is_none())
+        let s = match &*self.0.storage {
+            Storage::Cpu(s) => Storage::Cpu(s.to_dtype(dtype)),
+            Storage::Gpu(s) => Storage::Gpu(s.to_dtype(dtype)?),
+        };
+        Ok(Self::make(Arc::new(s), self.0.shape.clone(), None, self.0.requires_grad && self.0.grad_fn.is_none()))
+    }
+
+    /// A copy on `device`, same dtype (uploads, downloads, or both between two GPUs). Cut from
+    /// the graph; a trainable leaf stays one.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let host;
+        let cpu = match &*self.0.storage {
+            Storage::Cpu(s) => s,
+            Storage::Gpu(s) => {
+                host = s.to_cpu().with_context(|| format!("downloading from {}", self.device()))?;
+                &host
+            }
+        };
+        let s = match device {
+            Device::Cpu => Storage::Cpu(cpu.clone()),
+            gpu => Storage::Gpu(GpuStorage::from_cpu(&gpu.gpu()?, cpu).with_context(|| format!("uploading to {gpu}"))?),
+        };
+        Ok(Self::make(Arc::new(s), self.0.shape.clone(), None, self.0.requires_grad && self.0.grad_fn.is_none()))
     }
 
     /// Same data under a new shape (one dimension may be `usize::MAX` to infer it).
@@ -280,11 +438,24 @@ impl Tensor {
         Ok(Self::make(self.0.storage.clone(), shape, grad_fn, tracks))
     }
 
-    /// New values for a leaf, keeping its identity as a parameter (optimizer updates).
+    /// New values for a leaf, keeping its identity as a parameter (optimizer updates). On a GPU
+    /// device they are uploaded in the tensor's dtype.
     pub fn replace_data(&mut self, data: Vec<f32>) -> Result<()> {
         ensure!(data.len() == self.numel(), "replace_data: {} values for shape {:?}", data.len(), self.shape());
         let requires_grad = self.0.requires_grad;
-        *self = Self::make(Arc::new(Storage::Cpu(CpuStorage::F32(data))), self.0.shape.clone(), None, requires_grad);
+        let storage = match &*self.0.storage {
+            Storage::Cpu(_) => Storage::Cpu(CpuStorage::F32(data)),
+            Storage::Gpu(g) => Storage::Gpu(GpuStorage::from_cpu(g.device(), &CpuStorage::F32(data).to_dtype(g.dtype))?),
+        };
+        *self = Self::make(Arc::new(storage), self.0.shape.clone(), None, requires_grad);
+        Ok(())
+    }
+
+    /// New device storage for a leaf (the fused optimizer writes the updated bf16 weights).
+    pub(crate) fn replace_gpu(&mut self, storage: GpuStorage) -> Result<()> {
+        ensure!(storage.len == self.numel(), "replace_gpu: {} values for shape {:?}", storage.len, self.shape());
+        let requires_grad = self.0.requires_grad;
+        *self = Self::make(Arc::new(Storage::Gpu(storage)), self.0.shape.clone(), None, requires_grad);
         Ok(())
     }
 }

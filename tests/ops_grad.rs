@@ -157,6 +157,37 @@ fn logprob_entropy_matches_full_softmax() {
 }
 
 #[test]
+fn logprob_chunked_equals_row_by_row() {
+    // A vocabulary large enough for several 64-row chunks (backward recomputes their logits),
+    // against one-row calls (one chunk each, backward reusing forward's logits).
+    let (n, hid, v) = (130, 4, 70_001);
+    let h = rand_tensor(&[n, hid], 41);
+    let w = rand_tensor(&[v, hid], 42);
+    let targets: Vec<u32> = (0..n).map(|i| (i * 7919 % v) as u32).collect();
+    let gw = fcgpu::ops::gradcheck::rand_vec(2 * n, 43);
+    let out = ops::linear_logprob_entropy(&h, &w, &targets, 0.9).unwrap();
+    let grads = ops::weighted_sum(&out, &gw).unwrap().backward().unwrap();
+    let (dh, dw) = (grads.get(&h).unwrap().to_vec(), grads.get(&w).unwrap().to_vec());
+    let (hv, outv) = (h.to_vec(), out.to_vec());
+    let mut dw_rows = vec![0.0f64; v * hid];
+    for r in 0..n {
+        let hr = Tensor::from_vec(hv[r * hid..(r + 1) * hid].to_vec(), &[1, hid]).unwrap().requires_grad();
+        let o = ops::linear_logprob_entropy(&hr, &w, &targets[r..r + 1], 0.9).unwrap();
+        let ov = o.to_vec();
+        assert!((ov[0] - outv[r]).abs() < 1e-5 && (ov[1] - outv[n + r]).abs() < 1e-5, "row {r} forward");
+        let g = ops::weighted_sum(&o, &[gw[r], gw[n + r]]).unwrap().backward().unwrap();
+        for (a, b) in g.get(&hr).unwrap().to_vec().iter().zip(&dh[r * hid..(r + 1) * hid]) {
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "row {r} dh: {a} vs {b}");
+        }
+        for (acc, x) in dw_rows.iter_mut().zip(g.get(&w).unwrap().to_vec()) {
+            *acc += x as f64;
+        }
+    }
+    let err = dw.iter().zip(&dw_rows).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-5, "dW max error {err}");
+}
+
+#[test]
 fn logprob_entropy_grad() {
     let h = rand_tensor(&[5, 4], 27);
     let w = rand_tensor(&[11, 4], 28);

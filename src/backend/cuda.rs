@@ -221,6 +221,9 @@ impl Driver for CudaDriver {
     fn kind(&self) -> GpuKind {
         GpuKind::Cuda
     }
+    fn ordinal(&self) -> usize {
+        self.ordinal
+    }
     fn name(&self) -> String {
         self.name.clone()
     }

@@ -200,6 +200,10 @@ impl Gemm {
 /// stated size.
 pub trait Driver: Send + Sync {
     fn kind(&self) -> GpuKind;
+    /// Device ordinal (cuda:N); 0 for emu.
+    fn ordinal(&self) -> usize {
+        0
+    }
     /// Human-readable name: GPU model and arch, or "emu".
     fn name(&self) -> String;
     fn alloc(&self, bytes: usize) -> Result<u64>;
@@ -295,6 +299,13 @@ impl GpuDevice {
 
     pub fn kind(&self) -> GpuKind {
         self.0.kind()
+    }
+    /// The `Copy` tag tensors carry for this device (`Device::Emu` or `Device::Cuda(n)`).
+    pub fn tag(&self) -> crate::tensor::Device {
+        match self.kind() {
+            GpuKind::Emu => crate::tensor::Device::Emu,
+            GpuKind::Cuda => crate::tensor::Device::Cuda(self.0.ordinal() as u32),
+        }
     }
     pub fn name(&self) -> String {
         self.0.name()

@@ -47,6 +47,12 @@ pub struct Args {
     /// With `--model`: most sequences decoded at once.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// With `--model`: cpu, cuda, cuda:N, emu, or auto (cuda when a GPU is usable, else cpu).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// With `--model` on a GPU device: bf16 (default) or f32 weights and activations.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// With `--model`: write the generated answers as result lines (re-scorable with `--results`).
     #[arg(long)]
     pub save_results: Option<PathBuf>,
@@ -70,6 +76,8 @@ impl Default for Args {
             max_new_tokens: 512,
             batch_size: 64,
             save_results: None,
+            device: "auto".into(),
+            dtype: None,
         }
     }
 }
@@ -152,9 +160,10 @@ fn limit_per_category(samples: Vec<Sample>, limit: usize) -> Vec<Sample> {
 
 /// Greedy answers of the model in `dir` to every sample, as id → raw text.
 fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<HashMap<String, String>> {
-    use crate::model::{tokenizer::Tokenizer, Model};
+    use crate::model::tokenizer::Tokenizer;
     use crate::rollout::{self, SamplingConfig};
-    let mut model = Model::load(dir)?;
+    let device = crate::cli::device(&a.device, "eval")?;
+    let mut model = crate::cli::load_model(dir, device, a.dtype.as_deref())?;
     let tok = Tokenizer::load(dir)?;
     model.config.eos_token_ids = rollout::chat_eos_ids(&model, Some(&tok));
     let prompts: Vec<Vec<u32>> = samples

@@ -40,9 +40,13 @@ pub struct Args {
     /// Stop a sample when its text contains this string (repeatable).
     #[arg(long = "stop")]
     pub stop: Vec<String>,
-    /// cpu, or auto (the best device present).
+    /// cpu, cuda, cuda:N, emu, or auto (cuda when a GPU is usable, else cpu). On a GPU the KV
+    /// cache lives there and the logits come back for the sampler.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Weight and activation dtype on a GPU device: bf16 (default) or f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Most sequences decoded at once (finished ones are replaced by waiting prompts).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -96,8 +100,8 @@ pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Ve
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::require_cpu(&a.device, "generate")?;
-    let mut model = Model::load(&a.model)?;
+    let device = super::device(&a.device, "generate")?;
+    let mut model = super::load_model(&a.model, device, a.dtype.as_deref())?;
     let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };
     if !a.stop.is_empty() && tok.is_none() {
         bail!("--stop needs the model's tokenizer.json in {}", a.model.display());

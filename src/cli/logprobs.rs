@@ -17,9 +17,13 @@ pub struct Args {
     /// JSON lines, each {"input_ids": [..]} or {"text": ".."}.
     #[arg(long)]
     pub input: PathBuf,
-    /// cpu, or auto (the best device present).
+    /// cpu, cuda, cuda:N, emu, or auto (cuda when a GPU is usable, else cpu).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Weight and activation dtype on a GPU device: bf16 (default) or f32 (closer to the cpu;
+    /// attention still runs in bf16). The cpu computes in f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -61,15 +65,15 @@ fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::require_cpu(&a.device, "logprobs")?;
-    let model = Model::load(&a.model)?;
+    let device = super::device(&a.device, "logprobs")?;
+    let model = super::load_model(&a.model, device, a.dtype.as_deref())?;
     let seqs = sequences(&a.input, &model)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     for chunk in seqs.chunks(a.batch_size.max(1)) {
         let batch = Batch::from_sequences(chunk);
         let lp = autograd::no_grad(|| model.token_logprobs(&batch, 1.0))?;
-        let v = lp.f32s()?;
+        let v = lp.host_f32()?;
         let n = batch.ids.len();
         for &(s, l) in &batch.seqs {
             let m = l.saturating_sub(1);

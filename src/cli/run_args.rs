@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// Print the resolved config (defaults, file, flags) as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// cpu, cuda, cuda:N, emu, or auto (cuda when a GPU is usable, else cpu). On a GPU: bf16
+    /// weights and activations, f32 master weights and AdamW state on the device.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Copies the given flags of `args` (a `RunArgs`) and then of `extra` (more `Option` fields of

@@ -58,27 +58,27 @@ pub struct Args {
     /// SFT warm-up steps for the embedded default.
     #[arg(long)]
     pub warmup_sft_steps: Option<u64>,
-    /// Device: cpu, or auto (the best present).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Tiny model size when building the embedded default: tiny or micro.
+    #[arg(long)]
+    pub preset: Option<String>,
 }
 
 pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
     apply_args!(c, a.run, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
-        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps);
+        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps, preset);
     grpo::validate(&c)?;
     Ok(c)
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::require_cpu(&a.device, "train")?;
     let cfg = resolve(&a)?;
     if a.run.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let (before, after) = grpo::run(cfg.clone(), a.run.resume)?;
+    let device = super::device(&a.run.device, "train")?;
+    let (before, after) = grpo::run_on(cfg.clone(), a.run.resume, device)?;
     if let (Some(b), Some(x)) = (before, after) {
         println!("eval_accuracy_before {b:.4} eval_accuracy_after {x:.4}");
     }

@@ -57,12 +57,15 @@ struct Task {
 impl Model {
     /// The cache layout this model needs.
     pub fn kv_shape(&self) -> KvShape {
-        KvShape { layers: self.config.num_layers, kv_heads: self.config.num_kv_heads, head_dim: self.config.head_dim }
+        KvShape { layers: self.config.num_layers, kv_heads: self.config.num_kv_heads, head_dim: self.config.head_dim, device: self.device() }
     }
 
     /// Runs the new tokens of every step after its cache, appends their keys and values to the
     /// cache, and returns the logits `[steps, vocab]` of each step's last token.
     pub fn forward_cached(&self, steps: &mut [Step]) -> Result<Vec<f32>> {
+        if self.device().is_gpu() {
+            return self.forward_cached_gpu(steps, true);
+        }
         let h = self.final_hidden_cached(steps, true)?;
         let c = &self.config;
         let e = steps.len();
@@ -74,6 +77,9 @@ impl Model {
     /// Like [`Model::forward_cached`], but the logits of every new token `[tokens, vocab]`
     /// (tests compare them with the full forward).
     pub fn forward_cached_all(&self, steps: &mut [Step]) -> Result<Vec<f32>> {
+        if self.device().is_gpu() {
+            return self.forward_cached_gpu(steps, false);
+        }
         let h = self.final_hidden_cached(steps, false)?;
         let c = &self.config;
         let n = h.len() / c.hidden_size;

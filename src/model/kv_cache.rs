@@ -1,15 +1,25 @@
-//! Key/value cache for incremental decoding, f32 on the CPU.
+//! Key/value cache for incremental decoding: f32 on the CPU, bf16 on a GPU device.
 //!
-//! A [`KvBlock`] holds the keys and values of a run of consecutive positions for every layer,
-//! laid out `[layer][kv_head][capacity][head_dim]` so that one head's keys are a contiguous
-//! `len × head_dim` matrix (one strided gemm per head in decode attention). Blocks grow by
+//! A [`KvBlock`] holds the keys and values of a run of consecutive positions for every layer.
+//! On the CPU they are laid out `[layer][kv_head][capacity][head_dim]` so that one head's keys
+//! are a contiguous `len × head_dim` matrix (one strided gemm per head in decode attention). On a
+//! GPU ([`GpuKv`]) they are `[layer][capacity][kv_head][head_dim]`: one step's new keys of a layer
+//! are one contiguous copy, and the decode-attention kernel reads them token-major. Blocks grow by
 //! multiples of [`GROW`] positions, at least doubling (or to an exact size reserved up front),
 //! never one realloc per token.
 //!
 //! A [`SeqCache`] is one sequence's cache: an optional shared, frozen prefix (the prompt, whose
-//! prefill the G samples of that prompt share through an `Arc`) followed by its own block.
+//! prefill the G samples of that prompt share through an `Arc`) followed by its own block. On a
+//! GPU the decoder copies the prefix into the sample's own block at its first step (the decode
+//! kernel reads one contiguous cache per sequence), so the prefix is shared for the prefill only.
 
 use std::sync::Arc;
+
+use anyhow::{ensure, Result};
+
+use crate::backend::GpuBuffer;
+use crate::ops::device::copy_bytes;
+use crate::tensor::{DType, Device};
 
 /// Positions added at a time when a block outgrows its capacity.
 pub const GROW: usize = 64;
@@ -19,21 +29,39 @@ pub struct KvShape {
     pub layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Where the keys and values live (the model's device).
+    pub device: Device,
 }
 
-#[derive(Clone, Debug)]
+impl KvShape {
+    /// Elements of one position of one layer (every kv head).
+    pub fn row(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Keys and values of a block on a GPU device: bf16 `[layer][capacity][kv_head][head_dim]`.
+#[derive(Debug)]
+pub struct GpuKv {
+    pub k: GpuBuffer,
+    pub v: GpuBuffer,
+}
+
+#[derive(Debug)]
 pub struct KvBlock {
     pub shape: KvShape,
     cap: usize,
     len: usize,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// The device buffers (GPU blocks; allocated by the decoder at the first write).
+    gpu: Option<GpuKv>,
 }
 
 impl KvBlock {
     pub fn new(shape: KvShape, capacity: usize) -> KvBlock {
-        let n = shape.layers * shape.kv_heads * capacity * shape.head_dim;
-        KvBlock { shape, cap: capacity, len: 0, k: vec![0.0; n], v: vec![0.0; n] }
+        let n = if shape.device.is_cpu() { shape.layers * shape.kv_heads * capacity * shape.head_dim } else { 0 };
+        KvBlock { shape, cap: capacity, len: 0, k: vec![0.0; n], v: vec![0.0; n], gpu: None }
     }
 
     pub fn len(&self) -> usize {
@@ -120,12 +148,66 @@ impl KvBlock {
 
     /// Bytes held (both tensors, whole capacity).
     pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 4
+        match &self.gpu {
+            Some(g) => g.k.bytes() + g.v.bytes(),
+            None => (self.k.len() + self.v.len()) * 4,
+        }
+    }
+
+    // ------------------------------------------------------------ GPU blocks (the decoder's use)
+
+    /// Bytes of one position of one layer, and of one layer at full capacity.
+    fn gpu_row_bytes(&self) -> usize {
+        self.shape.row() * DType::BF16.size()
+    }
+
+    /// Byte offset of position `pos` of `layer` in the device buffers.
+    pub fn gpu_offset(&self, layer: usize, pos: usize) -> usize {
+        (layer * self.cap + pos) * self.gpu_row_bytes()
+    }
+
+    /// The device buffers, allocated to the block's capacity on first use.
+    pub fn gpu_buffers(&mut self) -> Result<&GpuKv> {
+        ensure!(self.shape.device.is_gpu(), "a cpu KV block has no device buffers");
+        if self.gpu.is_none() {
+            let dev = self.shape.device.gpu()?;
+            let bytes = self.shape.layers * self.cap * self.gpu_row_bytes();
+            self.gpu = Some(GpuKv { k: dev.zeros(bytes)?, v: dev.zeros(bytes)? });
+        }
+        Ok(self.gpu.as_ref().unwrap())
+    }
+
+    /// Room for `extra` more positions on the device (the growth rule of [`KvBlock::ensure`]).
+    pub fn gpu_ensure(&mut self, extra: usize) -> Result<()> {
+        let need = self.len + extra;
+        if need <= self.cap {
+            return self.gpu_buffers().map(|_| ());
+        }
+        let old = self.gpu.take();
+        let old_cap = self.cap;
+        self.cap = (need.div_ceil(GROW) * GROW).max(2 * self.cap);
+        self.gpu_buffers()?;
+        if let Some(o) = old {
+            self.gpu_copy_from(&o, old_cap, self.len, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Copies positions `0..n` of every layer of `src` (buffers of a block of capacity `src_cap`)
+    /// to positions `at..at + n` here (room must exist).
+    fn gpu_copy_from(&self, src: &GpuKv, src_cap: usize, n: usize, at: usize) -> Result<()> {
+        let g = self.gpu.as_ref().expect("device buffers");
+        let rb = self.gpu_row_bytes();
+        for l in 0..self.shape.layers {
+            copy_bytes(&g.k, self.gpu_offset(l, at), &src.k, l * src_cap * rb, n * rb)?;
+            copy_bytes(&g.v, self.gpu_offset(l, at), &src.v, l * src_cap * rb, n * rb)?;
+        }
+        Ok(())
     }
 }
 
 /// One sequence's cache: a shared frozen prefix (the prompt) and its own positions after it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct SeqCache {
     pub prefix: Option<Arc<KvBlock>>,
     pub own: KvBlock,
@@ -156,9 +238,33 @@ impl SeqCache {
         self.len() == 0
     }
 
+    /// GPU: makes the own block hold the whole sequence (a shared prefix is copied in, on the
+    /// device) with room for `extra` more positions.
+    pub fn gpu_prepare(&mut self, extra: usize) -> Result<()> {
+        if let Some(p) = self.prefix.take() {
+            ensure!(self.own.is_empty(), "a GPU cache copies its prefix before its first own position");
+            let mut b = KvBlock::new(p.shape, p.len() + self.own.capacity().max(extra));
+            b.gpu_buffers()?;
+            if let Some(src) = &p.gpu {
+                b.gpu_copy_from(src, p.cap, p.len(), 0)?;
+            }
+            b.len = p.len();
+            self.own = b;
+        }
+        self.own.gpu_ensure(extra)
+    }
+
     /// Freezes this cache into a shareable prefix (its own block; a cache with a prefix of its
     /// own is first flattened into one block).
     pub fn into_prefix(self) -> Arc<KvBlock> {
+        if self.own.shape.device.is_gpu() {
+            // The GPU decoder flattens a prefix into the own block at the first step, so a GPU
+            // cache has either a prefix and nothing of its own yet, or no prefix.
+            return match self.prefix {
+                Some(p) if self.own.is_empty() => p,
+                _ => Arc::new(self.own),
+            };
+        }
         match self.prefix {
             None => Arc::new(self.own),
             Some(p) => {

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decode;
+mod decode_gpu;
 pub mod kv_cache;
 pub mod save;
 pub mod tokenizer;
@@ -14,7 +15,7 @@ use anyhow::{Context, Result};
 pub use config::{Arch, ModelConfig};
 
 use crate::ops::{self, RopeTable};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// A linear layer in Hugging Face layout (`weight` `[out, in]`, optional `bias` `[out]`).
 #[derive(Clone)]
@@ -143,6 +144,38 @@ impl Model {
         f("model.norm.weight", &mut self.norm);
         if let Some(h) = self.lm_head.as_mut() {
             f("lm_head.weight", h);
+        }
+    }
+
+    /// Where the parameters live.
+    pub fn device(&self) -> Device {
+        self.embed.device()
+    }
+
+    /// A copy with every parameter on `device` in its compute dtype: f32 on the cpu, bf16 on a
+    /// GPU (cast on the host, then uploaded: half the bytes). Trainable parameters stay trainable.
+    /// On a GPU the f32 master weights for training live in the optimizer (`AdamW::attach`).
+    pub fn to_device(&self, device: Device) -> Result<Model> {
+        self.to_device_as(device, device.compute_dtype())
+    }
+
+    /// [`Model::to_device`] with parameters stored as `dtype`. The GPU ops compute in their
+    /// inputs' dtype, so f32 weights on a GPU run every op in f32 except attention (the flash and
+    /// decode kernels take bf16 q/k/v): slower, closer to the cpu.
+    pub fn to_device_as(&self, device: Device, dtype: crate::tensor::DType) -> Result<Model> {
+        let mut m = self.clone();
+        let mut err = None;
+        m.visit_mut(&mut |name, t| {
+            if err.is_none() {
+                match t.to_dtype(dtype).and_then(|c| c.to_device(device)) {
+                    Ok(c) => *t = c,
+                    Err(e) => err = Some(e.context(format!("moving `{name}` to {device}"))),
+                }
+            }
+        });
+        match err {
+            Some(e) => Err(e),
+            None => Ok(m),
         }
     }
 

@@ -65,7 +65,7 @@ impl WeightFiles {
     pub fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (t, file) = self.load_any(name)?;
         ensure!(t.shape() == shape, "{}: tensor `{name}` has shape {:?}, expected {:?}", file.display(), t.shape(), shape);
-        Ok(t.to_dtype(DType::F32))
+        t.to_dtype(DType::F32)
     }
 
     /// The tensor `name` in its stored dtype.
@@ -95,8 +95,10 @@ fn st_dtype(d: DType) -> Dtype {
 
 /// Writes `tensors` to one safetensors file, converting to `dtype`.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
-    let converted: Vec<(String, Vec<usize>, CpuStorage)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.shape().to_vec(), t.cpu_storage().to_dtype(dtype))).collect();
+    let converted: Vec<(String, Vec<usize>, CpuStorage)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.shape().to_vec(), t.to_device(crate::tensor::Device::Cpu)?.cpu_storage()?.to_dtype(dtype))))
+        .collect::<Result<_>>()?;
     let views: Vec<(String, safetensors::tensor::TensorView)> = converted
         .iter()
         .map(|(n, s, c)| Ok((n.clone(), safetensors::tensor::TensorView::new(st_dtype(dtype), s.clone(), c.as_bytes())?)))

@@ -2,6 +2,7 @@
 //! `cpu.rs` the f32 CPU kernel on slices (the reference every other device is tested against).
 
 pub mod attention;
+pub(crate) mod device;
 pub mod elementwise;
 pub mod embedding;
 pub mod fastmath;

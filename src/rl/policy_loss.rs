@@ -9,6 +9,8 @@
 
 use anyhow::{ensure, Result};
 
+use crate::tensor::Device;
+
 /// `--loss-agg`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LossAgg {
@@ -97,14 +99,21 @@ fn weights(x: &PolicyLossInput, agg: LossAgg) -> Vec<f64> {
     w
 }
 
-/// Forward and `d loss / d logp` (times `dloss`), in f64.
-pub fn policy_loss(x: &PolicyLossInput, cfg: &PolicyLossCfg, dloss: f32) -> Result<(PolicyLossStats, Vec<f32>)> {
+fn check(x: &PolicyLossInput, cfg: &PolicyLossCfg) -> Result<()> {
     let n = x.n_seq * x.t;
     ensure!(x.logp.len() == n && x.old_logp.len() == n && x.mask.len() == n, "policy_loss: [n_seq, t] inputs");
     ensure!(x.adv.len() == if x.adv_per_token { n } else { x.n_seq }, "policy_loss: advantages");
+    ensure!(x.ref_logp.is_none_or(|r| r.len() == n), "policy_loss: reference log-probs");
     if matches!(cfg.agg, LossAgg::Srml { .. }) {
         ensure!(x.seg.is_some_and(|s| s.len() == n), "policy_loss: srml needs segments");
     }
+    Ok(())
+}
+
+/// Forward and `d loss / d logp` (times `dloss`), in f64.
+pub fn policy_loss(x: &PolicyLossInput, cfg: &PolicyLossCfg, dloss: f32) -> Result<(PolicyLossStats, Vec<f32>)> {
+    let n = x.n_seq * x.t;
+    check(x, cfg)?;
     let w = weights(x, cfg.agg);
     let (mut loss, mut kl, mut clip, mut tok) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     let mut grad = vec![0.0f32; n];
@@ -140,6 +149,31 @@ pub fn policy_loss(x: &PolicyLossInput, cfg: &PolicyLossCfg, dloss: f32) -> Resu
         tokens: tok as f32,
     };
     Ok((stats, grad))
+}
+
+/// [`policy_loss`] on `device`: the f64 reference on the cpu; on a GPU the fused kernels (counts,
+/// forward, backward) on the uploaded inputs, with the stats and the gradient downloaded.
+pub fn policy_loss_on(device: Device, x: &PolicyLossInput, cfg: &PolicyLossCfg, dloss: f32) -> Result<(PolicyLossStats, Vec<f32>)> {
+    if device.is_cpu() {
+        return policy_loss(x, cfg, dloss);
+    }
+    check(x, cfg)?;
+    let dev = device.gpu()?;
+    let (logp, old, adv, mask) = (dev.upload_f32(x.logp)?, dev.upload_f32(x.old_logp)?, dev.upload_f32(x.adv)?, dev.upload_f32(x.mask)?);
+    let refl = x.ref_logp.map(|r| dev.upload_f32(r)).transpose()?;
+    let seg = x.seg.map(|s| dev.upload_i32(s)).transpose()?;
+    let b = gpu::PolicyLossBuffers {
+        logp: &logp, old_logp: &old, ref_logp: refl.as_ref(), adv: &adv, adv_per_token: x.adv_per_token, mask: &mask,
+        seg: seg.as_ref(), n_seq: x.n_seq, t: x.t,
+    };
+    let counts = gpu::counts(&dev, &b)?;
+    let out = dev.zeros(16)?;
+    gpu::policy_loss_fwd(&dev, &b, &counts, cfg, &out)?;
+    let (dl, grad) = (dev.upload_f32(&[dloss])?, dev.zeros(x.n_seq * x.t * 4)?);
+    gpu::policy_loss_bwd(&dev, &b, &counts, cfg, Some(&dl), &grad)?;
+    let o = out.download_f32()?;
+    let stats = PolicyLossStats { loss: o[0], kl: o[1], clip_frac: o[2], tokens: o[3] };
+    Ok((stats, grad.download_f32()?))
 }
 
 /// GPU launch wrappers for `kernels/policy_loss.cu`.

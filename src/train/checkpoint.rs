@@ -33,6 +33,11 @@ pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 pub fn save(run_dir: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+    if opt.device.is_some() {
+        // On a GPU: the f32 master weights (not the bf16 working copy) and the device moments.
+        let (model, opt) = opt.host_state(model)?;
+        return save(run_dir, &model, &opt, state);
+    }
     let dir = dir_for(run_dir, state.step);
     let tmp = run_dir.join(format!(".checkpoint-{}.partial", state.step));
     if tmp.exists() {
@@ -76,5 +81,5 @@ pub fn load(dir: &Path) -> Result<(Model, AdamW, TrainerState)> {
             v.insert(n.to_string(), t.to_vec());
         }
     }
-    Ok((model, AdamW { step: state.adam_step, m, v }, state))
+    Ok((model, AdamW { step: state.adam_step, m, v, device: None }, state))
 }

@@ -2,7 +2,6 @@
 //! rewards, group advantages with the CoT-entropy bonus, the clipped policy loss with k3 KL,
 //! AdamW; checkpoints, exact resume, metrics and held-out accuracy before and after.
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,12 +21,13 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
 use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, EntropyBonus};
-use crate::rl::policy_loss::{policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
+use crate::rl::policy_loss::{policy_loss_on, LossAgg, PolicyLossCfg, PolicyLossInput};
 use crate::rollout::{self, chat_eos_ids, Completion, SamplingConfig};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::heldout::{self, HeldOut};
 use crate::train::metrics::MetricsWriter;
-use crate::train::optim::{apply_gradients, AdamW, AdamWConfig};
+use crate::tensor::Device;
+use crate::train::optim::{apply_step, AdamW, AdamWConfig, StepGrads};
 use crate::train::schedule::Schedule;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -212,15 +212,21 @@ pub struct GrpoTrainer {
 
 impl GrpoTrainer {
     pub fn new(cfg: GrpoConfig, resume: bool) -> Result<GrpoTrainer> {
+        Self::new_on(cfg, resume, Device::Cpu)
+    }
+
+    /// [`GrpoTrainer::new`] with the policy (and reference) on `device`: rollouts decode there,
+    /// the update runs there, the optimizer keeps f32 master weights there.
+    pub fn new_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<GrpoTrainer> {
         std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("cannot create {}", cfg.run_dir.display()))?;
         ensure!(cfg.group_size >= 1 && cfg.prompts_per_step >= 1, "group size and prompts per step must be at least 1");
-        let (train, eval, start) = materialize(&cfg)?;
+        let (train, eval, start) = materialize(&cfg, device)?;
         ensure!(!train.is_empty(), "no training prompts");
         let tok = Tokenizer::load(&start)?;
         let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
         let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
         // The reference policy is the starting point, also when resuming.
-        let reference = if cfg.beta != 0.0 { Some(Model::load(&start)?) } else { None };
+        let reference = if cfg.beta != 0.0 { Some(Model::load(&start)?.to_device(device)?) } else { None };
         let (model, opt, step, epoch, cursor) = match checkpoint::latest(&cfg.run_dir).filter(|_| resume) {
             Some((_, dir)) => {
                 let (model, opt, st) = checkpoint::load(&dir)?;
@@ -230,6 +236,10 @@ impl GrpoTrainer {
             None => (Model::load(&start)?, AdamW::default(), 0, 0, 0),
         };
         let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval };
+        if device.is_gpu() {
+            t.opt.attach(&t.model, device)?;
+            t.model = t.model.to_device(device)?;
+        }
         t.model.requires_grad();
         t.order = t.epoch_order(t.epoch);
         Ok(t)
@@ -343,7 +353,7 @@ impl GrpoTrainer {
         for epoch in 0..self.cfg.ppo_epochs.max(1) {
             let (l, k, c, grads) = ranged("update", || self.policy_gradient(&rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0))?;
             ensure!(l.is_finite(), "step {next}: loss is {l}; stopping before the update, weights unchanged");
-            norm = ranged("optimizer step", || apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm))
+            norm = ranged("optimizer step", || apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm))
                 .with_context(|| format!("step {next}"))?;
             (loss, kl, clip) = (l, k, c);
         }
@@ -390,7 +400,7 @@ impl GrpoTrainer {
         for chunk in rollouts.chunks(self.cfg.micro_batch.max(1)) {
             let batch = Batch::from_sequences(&chunk.iter().map(|r| r.ids.as_slice()).collect::<Vec<_>>());
             let lp = no_grad(|| model.token_logprobs(&batch, self.cfg.temperature.max(1e-6)))?;
-            let v = lp.f32s()?;
+            let v = lp.host_f32()?;
             for (r, &(s, _)) in chunk.iter().zip(&batch.seqs) {
                 out.push(v[s + r.prompt_len - 1..s + r.ids.len() - 1].to_vec());
             }
@@ -403,7 +413,7 @@ impl GrpoTrainer {
     /// its gradient then flows back through the model micro-batch by micro-batch.
     /// On the first epoch π_θ = π_old in value, so the sampler's log-probs stand in for a
     /// forward pass (`fresh` = false); later epochs recompute them.
-    fn policy_gradient(&self, rollouts: &[Rollout], raw_adv: &[f32], adv: &[f32], ref_lp: Option<&[Vec<f32>]>, fresh: bool) -> Result<(f32, f32, f32, HashMap<String, Vec<f32>>)> {
+    fn policy_gradient(&self, rollouts: &[Rollout], raw_adv: &[f32], adv: &[f32], ref_lp: Option<&[Vec<f32>]>, fresh: bool) -> Result<(f32, f32, f32, StepGrads)> {
         let n = rollouts.len();
         let t = rollouts.iter().map(|r| r.ids.len() - r.prompt_len).max().unwrap_or(0).max(1);
         let cur = if fresh { self.logps(&self.model, rollouts)? } else { rollouts.iter().map(|r| r.old_logp.clone()).collect() };
@@ -442,10 +452,10 @@ impl GrpoTrainer {
             logp: &x, old_logp: &old, ref_logp: ref_lp.map(|_| refm.as_slice()), adv: adv_slice, adv_per_token: per_token,
             mask: &mask, seg: Some(&seg), n_seq: n, t,
         };
-        let (stats, dx) = policy_loss(&input, &cfg, 1.0)?;
+        let (stats, dx) = policy_loss_on(self.model.device(), &input, &cfg, 1.0)?;
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
         let params = self.model.named_params();
-        let mut acc: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut acc = StepGrads::on(self.model.device());
         for (c, chunk) in rollouts.chunks(self.cfg.micro_batch.max(1)).enumerate() {
             let first = c * self.cfg.micro_batch.max(1);
             let batch = Batch::from_sequences(&chunk.iter().map(|r| r.ids.as_slice()).collect::<Vec<_>>());
@@ -460,14 +470,7 @@ impl GrpoTrainer {
             }
             // Σ w·logp has exactly the policy loss's gradient with respect to these log-probs.
             let grads = ops::weighted_sum(&lp, &w)?.backward()?;
-            for (name, p) in &params {
-                if let Some(gr) = grads.get(p) {
-                    let a = acc.entry(name.clone()).or_insert_with(|| vec![0.0; p.numel()]);
-                    for (x, y) in a.iter_mut().zip(gr.f32s()?) {
-                        *x += y;
-                    }
-                }
-            }
+            acc.add(&params, &grads)?;
         }
         Ok((stats.loss, stats.kl, stats.clip_frac, acc))
     }
@@ -487,7 +490,7 @@ impl GrpoTrainer {
 
 /// Training and eval prompts, and the starting policy. For the embedded default, this builds
 /// the task and tiny model and runs the SRML warm-up (`<run_dir>/sft`) unless it already ran.
-pub fn materialize(cfg: &GrpoConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
+pub fn materialize(cfg: &GrpoConfig, device: Device) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
     let sft_cfg = crate::train::sft::SftConfig {
         model: cfg.model.clone(),
         data: cfg.data.clone(),
@@ -512,7 +515,7 @@ pub fn materialize(cfg: &GrpoConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBu
                     return Ok((train, eval, base));
                 }
                 eprintln!("SRML warm-up: {} SFT steps on the embedded task (once; kept in {})", sft_cfg.steps, sft_cfg.run_dir.display());
-                crate::train::sft::run(sft_cfg.clone(), true)?;
+                crate::train::sft::run_on(sft_cfg.clone(), true, device)?;
             }
             done
         }
@@ -522,7 +525,12 @@ pub fn materialize(cfg: &GrpoConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBu
 
 /// The whole run: config.toml, metrics.jsonl, curves.svg, checkpoints, eval before and after.
 pub fn run(cfg: GrpoConfig, resume: bool) -> Result<(Option<f32>, Option<f32>)> {
-    let mut t = GrpoTrainer::new(cfg.clone(), resume)?;
+    run_on(cfg, resume, Device::Cpu)
+}
+
+/// [`run`] with the model on `device` (the SRML warm-up of the embedded default too).
+pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f32>, Option<f32>)> {
+    let mut t = GrpoTrainer::new_on(cfg.clone(), resume, device)?;
     let run_dir = cfg.run_dir.clone();
     std::fs::write(run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?).with_context(|| format!("cannot write {}/config.toml", run_dir.display()))?;
     let metrics_path = run_dir.join("metrics.jsonl");

@@ -18,11 +18,11 @@ use crate::fc::decode::AnswerFormat;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::heldout;
 use crate::train::metrics::{MetricsWriter, SftMetrics};
-use crate::train::optim::{apply_gradients, AdamW, AdamWConfig};
+use crate::train::optim::{apply_gradients, apply_step, AdamW, AdamWConfig, StepGrads};
 use crate::train::schedule::Schedule;
 use crate::train::srml::{self, AlphaMode, LossConfig, LossKind};
 use crate::train::tiny::{self, TinySize};
@@ -169,6 +169,12 @@ pub struct Trainer {
 impl Trainer {
     /// Sets up the run: model (built or loaded), data, and — with `resume` — the latest checkpoint.
     pub fn new(cfg: SftConfig, resume: bool) -> Result<Trainer> {
+        Self::new_on(cfg, resume, Device::Cpu)
+    }
+
+    /// [`Trainer::new`] with the model and optimizer on `device` (on a GPU: bf16 weights, f32
+    /// master weights and moments in the optimizer).
+    pub fn new_on(cfg: SftConfig, resume: bool, device: Device) -> Result<Trainer> {
         let run = cfg.run_dir.clone();
         std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
         let (train_s, eval_s, model_dir) = materialize(&cfg)?;
@@ -194,6 +200,10 @@ impl Trainer {
                 Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg }
             }
         };
+        if device.is_gpu() {
+            t.opt.attach(&t.model, device)?;
+            t.model = t.model.to_device(device)?;
+        }
         t.model.requires_grad();
         t.batches = t.epoch_order(t.epoch);
         Ok(t)
@@ -232,7 +242,10 @@ impl Trainer {
         let next = self.step + 1;
         let lr = self.schedule.lr_at(next);
         let params = self.model.named_params();
-        let mut acc: Vec<Vec<f32>> = params.iter().map(|(_, t)| vec![0.0; t.numel()]).collect();
+        let on_gpu = self.model.device().is_gpu();
+        // On a GPU the sums stay on the device (StepGrads); the cpu keeps its flat vectors.
+        let mut dev_acc = StepGrads::on(self.model.device());
+        let mut acc: Vec<Vec<f32>> = if on_gpu { vec![] } else { params.iter().map(|(_, t)| vec![0.0; t.numel()]).collect() };
         let ga = self.cfg.grad_accum.max(1);
         let (mut loss_sum, mut lt_sum, mut lr_sum, mut a_sum, mut da_sum, mut tokens) = (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32, 0usize);
         let (epoch0, cursor0, batches0) = (self.epoch, self.cursor, self.batches.clone());
@@ -251,6 +264,9 @@ impl Trainer {
                 bail!("step {next}: loss is {lv} (think {}, result {}); stopping before the update, weights unchanged", out.l_think, out.l_result);
             }
             let grads = ops::scale(&out.loss, 1.0 / ga as f32)?.backward()?;
+            if on_gpu {
+                dev_acc.add(&params, &grads)?;
+            }
             for ((_, p), a) in params.iter().zip(acc.iter_mut()) {
                 if let Some(g) = grads.get(p) {
                     for (x, y) in a.iter_mut().zip(g.f32s()?) {
@@ -265,13 +281,17 @@ impl Trainer {
             da_sum += out.dl_dalpha;
         }
         let gaf = ga as f32;
-        let norm = acc.iter().flat_map(|a| a.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+        let norm = if on_gpu { dev_acc.norm()? } else { acc.iter().flat_map(|a| a.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32 };
         if !norm.is_finite() {
             (self.epoch, self.cursor, self.batches) = (epoch0, cursor0, batches0);
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
         }
-        let by_name: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
-        apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, by_name, self.cfg.max_grad_norm)?;
+        if on_gpu {
+            apply_step(&mut self.model, &mut self.opt, &self.adam, lr, dev_acc, self.cfg.max_grad_norm)?;
+        } else {
+            let by_name: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
+            apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, by_name, self.cfg.max_grad_norm)?;
+        }
         if self.cfg.loss == LossKind::Srml && self.cfg.alpha_mode == AlphaMode::Learnable {
             let a = srml::sigmoid(self.alpha_logit);
             let g = da_sum / gaf * a * (1.0 - a);
@@ -323,7 +343,7 @@ impl Trainer {
                 let h = self.model.hidden_states(&batch)?;
                 let logits = ops::linear(&h, self.model.lm_head_weight(), None)?;
                 let v = logits.dim(1);
-                let lv = logits.f32s()?;
+                let lv = logits.host_f32()?;
                 let next = batch.next_tokens();
                 for s in &spans {
                     let mut all = true;
@@ -402,8 +422,13 @@ pub struct RunSummary {
 
 /// The whole run: config.toml, metrics.jsonl, checkpoints, final eval.
 pub fn run(cfg: SftConfig, resume: bool) -> Result<RunSummary> {
+    run_on(cfg, resume, Device::Cpu)
+}
+
+/// [`run`] with the model on `device`.
+pub fn run_on(cfg: SftConfig, resume: bool, device: Device) -> Result<RunSummary> {
     let start = Instant::now();
-    let mut t = Trainer::new(cfg.clone(), resume)?;
+    let mut t = Trainer::new_on(cfg.clone(), resume, device)?;
     let run = cfg.run_dir.clone();
     std::fs::write(run.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;

@@ -98,7 +98,7 @@ pub struct LossOut {
 pub fn loss(lp: &Tensor, spans: &[Spans], cfg: &LossConfig, alpha: f32) -> Result<LossOut> {
     ensure!(lp.dims() == 2 && lp.dim(0) == 2, "SRML needs [2, N] log-probs, got {:?}", lp.shape());
     let n = lp.dim(1);
-    let vals = lp.f32s()?;
+    let vals = lp.host_f32()?;
     let (wt, wr) = segment_weights(spans, n, cfg.pooled);
     let seg = |w: &[f32]| -> f32 { w.iter().zip(&vals[..n]).map(|(&w, &x)| -(w as f64) * x as f64).sum::<f64>() as f32 };
     let (l_think, l_result) = (seg(&wt), seg(&wr));

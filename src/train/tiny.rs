@@ -8,9 +8,6 @@ use serde_json::json;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
 use crate::model::tokenizer::Tokenizer;
@@ -22,22 +19,13 @@ pub const IM_END: &str = "<|im_end|>";
 pub const THINK: &str = "<think>";
 pub const THINK_END: &str = "</think>";
 
-/// Words, numbers and punctuation runs are pre-tokens; spaces are pre-tokens of their own.
-/// GPT-2's pattern glues a leading space to the word (`ĠChicago`), so a value copied from the
-/// request into a call (`city='Chicago'`) becomes different tokens, and a tiny model has to
-/// learn that mapping value by value. With spaces apart, copying is a plain lookup.
-const PRE_TOKENS: &str = r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+";
-
 /// Byte-level BPE with about `vocab_size` entries trained on `texts`, with the ChatML special
 /// tokens and `<think>`/`</think>` as single added tokens.
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
-    let split = Split::new(SplitPattern::Regex(PRE_TOKENS.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| anyhow!("bad pre-tokenizer pattern: {e}"))?;
-    let pre = Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]);
     let mut tk = TokenizerBuilder::new()
         .with_model(BPE::default())
         .with_normalizer(None::<NormalizerWrapper>)
-        .with_pre_tokenizer(Some(pre))
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
         .with_post_processor(Some(ByteLevel::new(false, true, true)))
         .with_decoder(Some(ByteLevel::new(false, true, true)))
         .build()
@@ -130,23 +118,3 @@ pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64) -> Re
 
 /// Plain ChatML (no tools logic: fcgpu renders tool prompts itself).
 const CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn values_tokenize_alike_in_requests_and_calls() {
-        let texts: Vec<String> = (0..50).map(|i| format!("Weather in New York on day {i}? [get_weather(city='New York', day={i})] {THINK}ok{THINK_END}")).collect();
-        let tok = train_tokenizer(&texts, 400).unwrap();
-        let ids = |s: &str| tok.encode(s, false).unwrap();
-        let (request, call) = (ids(" in New York 2024"), ids("city='New York', d=2024"));
-        let find = |hay: &[u32], needle: &[u32]| hay.windows(needle.len()).any(|w| w == needle);
-        let value = ids("New York");
-        assert!(find(&request, &value) && find(&call, &value), "{request:?} / {call:?} / {value:?}");
-        assert!(find(&call, &ids("2024")) && find(&request, &ids("2024")));
-        assert_eq!(ids(THINK).len(), 1);
-        let text = "a  b\n\tc='x y', z=[1, 2.5]";
-        assert_eq!(tok.decode(&ids(text), false).unwrap(), text, "byte-level round trip");
-    }
-}

@@ -298,7 +298,7 @@ pub fn linear_logprob_entropy_matches_cpu_op(dev: &GpuDevice) {
         let tb = d.upload_i32(&targets.iter().map(|&t| t as i32).collect::<Vec<_>>()).unwrap();
         let (lp, en, lz) = (d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap());
         linear_lpe_fwd(&d, dt, &hb, &wb, &tb, rows, hidden, vocab, temp, 3, &lp, &en, &lz).unwrap();
-        let stats = cpu::forward(&h, &w, &targets, temp);
+        let (stats, _) = cpu::forward(&h, &w, &targets, temp, false);
         // bf16 logits are rounded before the row kernel: log-probs move by ~|z|·2^-8
         let stol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
         assert_close(&lp.download_f32().unwrap(), &stats.iter().map(|s| s.logp).collect::<Vec<_>>(), stol, "linear logp");
@@ -308,7 +308,7 @@ pub fn linear_logprob_entropy_matches_cpu_op(dev: &GpuDevice) {
         let dw = d.zeros(vocab * hidden * dt.size()).unwrap();
         linear_lpe_bwd(&d, dt, &hb, &wb, &tb, rows, hidden, vocab, temp, 3, &lz, &en, Some(&d.upload_f32(&gl).unwrap()),
                        Some(&d.upload_f32(&gh).unwrap()), &dh, Some(&dw)).unwrap();
-        let (wdh, wdw) = cpu::backward(&h, &w, &targets, temp, &stats, &gl, &gh, true);
+        let (wdh, wdw) = cpu::backward(&h, &w, &targets, temp, &stats, &gl, &gh, true, None);
         assert_close(&down(&dh, dt), &wdh, tol.max(1e-4) * 2.0, "linear dh");
         assert_close(&down(&dw, dt), &wdw.unwrap(), tol.max(1e-4) * 2.0, "linear dw");
     }
@@ -551,6 +551,8 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
     for &(q_heads, kv_heads, hd, ref seqs) in &[
         (4usize, 2usize, 64usize, vec![(0usize, 1usize), (1, 70), (71, 130)]),
         (2, 1, 128, vec![(0, 33), (33, 1)]),
+        (4, 2, 16, vec![(0, 65), (65, 1), (66, 7)]),
+        (2, 2, 32, vec![(0, 3), (3, 129)]),
     ] {
         let tokens: usize = seqs.iter().map(|s| s.1).sum();
         let (cu, max_len) = cu_seqlens(seqs).unwrap();
@@ -649,6 +651,12 @@ pub fn elementwise_ops(d: &GpuDevice) {
         ew::col_sum(d, dt, &ab, &cs, rows, cols, true).unwrap();
         let want: Vec<f64> = (0..cols).map(|c| 2.0 * (0..rows).map(|r| a[r * cols + c] as f64).sum::<f64>()).collect();
         assert_close(&cs.download_f32().unwrap(), &want, 1e-5, "col_sum");
+        // copy_2d: columns 5..5+11 of rows of 300 into rows of 13 at column 2 (the rest stays 0)
+        let c2 = d.zeros(rows * 13 * dt.size()).unwrap();
+        ew::copy_2d(d, dt, &ab, 5, cols, &c2, 2, 13, rows, 11).unwrap();
+        let want: Vec<f32> = (0..rows * 13).map(|i| { let (r, c) = (i / 13, i % 13); if (2..13).contains(&c) { a[r * cols + 5 + c - 2] } else { 0.0 } }).collect();
+        assert_eq!(down(&c2, dt), want, "copy_2d {dt:?}");
+        assert!(ew::copy_2d(d, dt, &ab, 0, cols, &c2, 3, 13, rows, 11).is_err(), "copy_2d past the end is refused");
     }
 }
 

@@ -2,7 +2,7 @@
 //! cores through mma.sync) over packed variable-length sequences, and decode attention over a
 //! KV cache (`kernels/decode_attn.cu`).
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 
 use crate::backend::misc::cast;
 use crate::backend::{GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
@@ -52,18 +52,33 @@ pub struct FlashDims {
 }
 
 impl FlashDims {
-    fn check(&self) -> Result<&'static str> {
+    fn check(&self) -> Result<()> {
         ensure!(self.kv_heads > 0 && self.q_heads.is_multiple_of(self.kv_heads), "q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads);
         ensure!(self.q_heads <= 65535 && self.n_seq <= 65535, "too many heads or sequences for one launch");
-        Ok(match self.head_dim {
-            64 => "64",
-            128 => "128",
-            d => bail!("flash attention supports head_dim 64 and 128, not {d}"),
-        })
+        ensure!(FLASH_HEAD_DIMS.contains(&self.head_dim), "flash attention supports head_dim {:?}, not {} (zero-pad to one of them)", FLASH_HEAD_DIMS, self.head_dim);
+        Ok(())
+    }
+    /// (forward, backward) kernel names.
+    fn kernels(&self) -> (&'static str, &'static str) {
+        match self.head_dim {
+            16 => ("fa_fwd_d16", "fa_bwd_d16"),
+            32 => ("fa_fwd_d32", "fa_bwd_d32"),
+            64 => ("fa_fwd_d64", "fa_bwd_d64"),
+            _ => ("fa_fwd_d128", "fa_bwd_d128"),
+        }
     }
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
+}
+
+/// Head dims the flash kernels are compiled for.
+pub const FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
+/// The smallest flash head dim that holds `head_dim` (which is then zero-padded to it: zero
+/// columns change neither q·k nor the softmax, and give zero output columns), if any.
+pub fn padded_head_dim(head_dim: usize) -> Option<usize> {
+    FLASH_HEAD_DIMS.iter().copied().find(|&d| d >= head_dim)
 }
 
 /// Causal GQA forward: `o` (bf16, like q) and `lse` (f32 `[tokens, q_heads]`).
@@ -71,25 +86,40 @@ impl FlashDims {
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_fwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
                       o: &GpuBuffer, lse: &GpuBuffer) -> Result<()> {
-    let dim = d.check()?;
+    flash_attn_fwd_scaled(dev, d, q, k, v, cu_seqlens, o, lse, d.scale())
+}
+
+/// [`flash_attn_fwd`] with an explicit softmax scale (a zero-padded head dim keeps the scale of
+/// the real one).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_fwd_scaled(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
+                             o: &GpuBuffer, lse: &GpuBuffer, scale: f32) -> Result<()> {
+    d.check()?;
     ensure!(q.bytes() >= d.tokens * d.q_heads * d.head_dim * 2 && o.bytes() >= q.bytes().min(d.tokens * d.q_heads * d.head_dim * 2), "flash_attn_fwd: q/o too small");
     ensure!(k.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2 && v.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2, "flash_attn_fwd: k/v too small");
     ensure!(lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4, "flash_attn_fwd: lse/cu_seqlens too small");
     if d.n_seq == 0 || d.max_len == 0 {
         return Ok(());
     }
-    let name = if dim == "64" { "fa_fwd_d64" } else { "fa_fwd_d128" };
     let cfg = LaunchCfg { grid: (d.max_len.div_ceil(BM_FWD) as u32, d.q_heads as u32, d.n_seq as u32), block: (128, 1, 1), shared_bytes: fwd_smem(d.head_dim) as u32 };
     let mut a = KernelArgs::new();
-    a.buf(q).buf(k).buf(v).buf(o).buf(lse).buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(d.scale());
-    dev.launch(Kernel::new("flash_attn.cu", name), cfg, &mut a)
+    a.buf(q).buf(k).buf(v).buf(o).buf(lse).buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(scale);
+    dev.launch(Kernel::new("flash_attn.cu", d.kernels().0), cfg, &mut a)
 }
 
 /// Backward: `dq`, `dk`, `dv` (bf16) from `dout`, the forward's `o` and `lse`.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_bwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
                       o: &GpuBuffer, lse: &GpuBuffer, dout: &GpuBuffer, dq: &GpuBuffer, dk: &GpuBuffer, dv: &GpuBuffer) -> Result<()> {
-    let dim = d.check()?;
+    flash_attn_bwd_scaled(dev, d, q, k, v, cu_seqlens, o, lse, dout, dq, dk, dv, d.scale())
+}
+
+/// [`flash_attn_bwd`] with an explicit softmax scale (as the forward had).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_bwd_scaled(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
+                             o: &GpuBuffer, lse: &GpuBuffer, dout: &GpuBuffer, dq: &GpuBuffer, dk: &GpuBuffer, dv: &GpuBuffer,
+                             scale: f32) -> Result<()> {
+    d.check()?;
     let nq = d.tokens * d.q_heads * d.head_dim;
     ensure!(dout.bytes() >= nq * 2 && dq.bytes() >= nq * 2 && o.bytes() >= nq * 2, "flash_attn_bwd: buffers too small");
     ensure!(dk.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2 && dv.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2, "flash_attn_bwd: dk/dv too small");
@@ -102,12 +132,11 @@ pub fn flash_attn_bwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuff
     a.buf(o).buf(dout).buf(&delta).i64(rows as i64).i32(d.head_dim as i32);
     dev.launch(Kernel::new("flash_attn.cu", "fa_bwd_dot"), LaunchCfg::linear(rows.div_ceil(8) as u32, 256), &mut a)?;
     let dq32 = dev.zeros(nq * 4)?;
-    let name = if dim == "64" { "fa_bwd_d64" } else { "fa_bwd_d128" };
     let cfg = LaunchCfg { grid: (d.max_len.div_ceil(BN) as u32, d.kv_heads as u32, d.n_seq as u32), block: (128, 1, 1), shared_bytes: bwd_smem(d.head_dim) as u32 };
     let mut a = KernelArgs::new();
     a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(&dq32).buf(dk).buf(dv).buf(cu_seqlens)
-        .i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(d.scale());
-    dev.launch(Kernel::new("flash_attn.cu", name), cfg, &mut a)?;
+        .i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(scale);
+    dev.launch(Kernel::new("flash_attn.cu", d.kernels().1), cfg, &mut a)?;
     cast(dev, &dq32, DType::F32, dq, DType::BF16, nq)
 }
 
@@ -144,15 +173,29 @@ pub fn decode_attn(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache:
 pub fn decode_attn_strided(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache: &GpuBuffer, lens: &GpuBuffer,
                            o: &GpuBuffer, batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_len: usize,
                            layout: CacheLayout) -> Result<()> {
-    ensure!(head_dim <= 256 && head_dim > 0, "decode attention supports head_dim up to 256");
-    ensure!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
     ensure!(k_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2 && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2, "decode_attn: cache too small");
     ensure!(q.bytes() >= batch * q_heads * head_dim * 2 && o.bytes() >= batch * q_heads * head_dim * 2 && lens.bytes() >= batch * 4, "decode_attn: buffers too small");
+    // SAFETY: the sizes were checked above.
+    unsafe { decode_attn_at(dev, q.ptr(), k_cache.ptr(), v_cache.ptr(), lens.ptr(), o.ptr(), batch, q_heads, kv_heads, head_dim, max_len, layout) }
+}
+
+/// [`decode_attn_strided`] on raw device addresses (rows of larger buffers: the KV-cache decoder
+/// attends one sequence at a time inside its packed q/o activations and its own cache).
+///
+/// # Safety
+/// Every address lies in a live allocation of `dev` holding what the layout and sizes imply:
+/// `q`/`o` `batch × q_heads × head_dim` bf16, `lens` `batch` i32, the caches `batch` entries of
+/// `max_len` positions under `layout`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn decode_attn_at(dev: &GpuDevice, q: u64, k_cache: u64, v_cache: u64, lens: u64, o: u64, batch: usize, q_heads: usize,
+                             kv_heads: usize, head_dim: usize, max_len: usize, layout: CacheLayout) -> Result<()> {
+    ensure!(head_dim <= 256 && head_dim > 0, "decode attention supports head_dim up to 256");
+    ensure!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
     if batch == 0 {
         return Ok(());
     }
     let mut a = KernelArgs::new();
-    a.buf(q).buf(k_cache).buf(v_cache).buf(lens).buf(o).i32(q_heads as i32).i32(kv_heads as i32).i32(head_dim as i32)
+    a.ptr(q).ptr(k_cache).ptr(v_cache).ptr(lens).ptr(o).i32(q_heads as i32).i32(kv_heads as i32).i32(head_dim as i32)
         .i32(max_len as i32).i64(layout.batch_stride as i64).i64(layout.pos_stride as i64).i64(layout.head_stride as i64)
         .f32(1.0 / (head_dim as f32).sqrt());
     let cfg = LaunchCfg { grid: (q_heads as u32, batch as u32, 1), block: (128, 1, 1), shared_bytes: 0 };

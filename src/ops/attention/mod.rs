@@ -6,9 +6,11 @@
 //! recomputes probabilities from the saved log-sum-exp instead of keeping them.
 
 pub mod cpu;
+mod on_gpu;
 
 use anyhow::{ensure, Result};
 
+use super::device::on_gpu;
 use super::grad_fn;
 use crate::autograd::GradFn;
 use crate::tensor::Tensor;
@@ -30,6 +32,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)]) ->
     ensure!(dims.kv_heads > 0 && dims.q_heads % dims.kv_heads == 0, "attention: {} query heads not a multiple of {} kv heads", dims.q_heads, dims.kv_heads);
     for &(s, l) in seqs {
         ensure!(s + l <= n, "attention: sequence {}..{} beyond {} tokens", s, s + l, n);
+    }
+    if let Some(dev) = on_gpu("attention", &[q, k, v])? {
+        return on_gpu::attention(&dev, q, k, v, dims, seqs);
     }
     let (out, lse) = cpu::forward(q.f32s()?, k.f32s()?, v.f32s()?, dims, seqs);
     let back = AttentionBack { q: q.clone(), k: k.clone(), v: v.clone(), seqs: seqs.to_vec(), dims, out: out.clone(), lse };

@@ -87,3 +87,22 @@ pub fn col_sum(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, out: &GpuBuffer, ro
     k.buf(x).buf(out).i32(rows as i32).i32(cols as i32).i32(accumulate as i32);
     dev.launch(Kernel::new("elementwise.cu", name("colsum", dtype)?), LaunchCfg::linear(cols.div_ceil(256) as u32, 256), &mut k)
 }
+
+/// Strided block copy: `y[y_off + r·ldy + c] = x[x_off + r·ldx + c]` for `r < rows`, `c < cols`
+/// (offsets and strides in elements). Zero-pads or un-pads head dims around flash attention and
+/// does `narrow` and its backward.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_2d(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, x_off: usize, ldx: usize, y: &GpuBuffer, y_off: usize, ldy: usize,
+               rows: usize, cols: usize) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let es = dtype.size();
+    ensure!(cols <= ldx && cols <= ldy, "copy_2d: {cols} columns in rows of {ldx} / {ldy}");
+    need(&[x], (x_off + (rows - 1) * ldx + cols) * es, "copy_2d source")?;
+    need(&[y], (y_off + (rows - 1) * ldy + cols) * es, "copy_2d destination")?;
+    let name = if dtype_suffix(dtype)? == "bf16" { "copy_2d_bf16" } else { "copy_2d_f32" };
+    let mut k = KernelArgs::new();
+    k.buf_at(x, x_off * es).i64(ldx as i64).buf_at(y, y_off * es).i64(ldy as i64).i64(rows as i64).i64(cols as i64);
+    launch_n(dev, name, rows * cols, &mut k)
+}

@@ -1,9 +1,11 @@
 //! Token embedding lookup; backward scatter-adds into the table.
 
 pub mod cpu;
+mod on_gpu;
 
 use anyhow::{ensure, Result};
 
+use super::device::on_gpu;
 use super::grad_fn;
 use crate::autograd::GradFn;
 use crate::tensor::Tensor;
@@ -14,6 +16,9 @@ pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (vocab, dim) = (table.dim(0), table.dim(1));
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         anyhow::bail!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    if let Some(dev) = on_gpu("embedding", &[table])? {
+        return on_gpu::embedding(&dev, table, ids);
     }
     let y = cpu::forward(table.f32s()?, dim, ids);
     Ok(Tensor::from_op(y, &[ids.len(), dim], grad_fn(EmbeddingBack { table: table.clone(), ids: ids.to_vec() })))

@@ -4,9 +4,11 @@
 //! each chunk's logits from `h` and `W` (or, when they fit in one chunk, reuses forward's).
 
 pub mod cpu;
+mod on_gpu;
 
 use anyhow::{ensure, Result};
 
+use super::device::on_gpu;
 use super::grad_fn;
 use crate::autograd::GradFn;
 use crate::tensor::Tensor;
@@ -19,6 +21,9 @@ pub fn linear_logprob_entropy(h: &Tensor, w: &Tensor, targets: &[u32], temperatu
     let vocab = w.dim(0);
     if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
         anyhow::bail!("logprob: target id {t} outside the vocabulary of {vocab}");
+    }
+    if let Some(dev) = on_gpu("linear_logprob_entropy", &[h, w])? {
+        return on_gpu::linear_logprob_entropy(&dev, h, w, targets, temperature);
     }
     let keep = crate::autograd::is_enabled() && (h.tracks_grad() || w.tracks_grad());
     let (stats, logits) = cpu::forward(h.f32s()?, w.f32s()?, targets, temperature, keep);

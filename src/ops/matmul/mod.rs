@@ -1,10 +1,12 @@
 //! `linear` (x·Wᵀ + b, the layout of Hugging Face weights) and batched `matmul`.
 
 pub mod cpu;
+mod on_gpu;
 
 use anyhow::{ensure, Result};
 
 use self::cpu::{gemm, Mat};
+use super::device::on_gpu;
 use super::grad_fn;
 use crate::autograd::GradFn;
 use crate::tensor::Tensor;
@@ -16,6 +18,13 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     ensure!(x.dims() >= 1 && *x.shape().last().unwrap() == in_f, "linear: input {:?} vs weight {:?}", x.shape(), w.shape());
     if let Some(b) = b {
         ensure!(b.shape() == [out_f], "linear: bias {:?} for {} outputs", b.shape(), out_f);
+    }
+    let dev = match b {
+        Some(b) => on_gpu("linear", &[x, w, b])?,
+        None => on_gpu("linear", &[x, w])?,
+    };
+    if let Some(dev) = dev {
+        return on_gpu::linear(&dev, x, w, b);
     }
     let rows = x.numel() / in_f;
     let mut y = vec![0.0f32; rows * out_f];
@@ -85,6 +94,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     ensure!(a.shape()[..d - 2] == b.shape()[..d - 2], "matmul: batch dimensions differ: {:?} vs {:?}", a.shape(), b.shape());
     let (m, k, n) = (a.dim(d - 2), a.dim(d - 1), b.dim(d - 1));
     ensure!(b.dim(d - 2) == k, "matmul: inner dimensions differ: {:?} vs {:?}", a.shape(), b.shape());
+    if let Some(dev) = on_gpu("matmul", &[a, b])? {
+        return on_gpu::matmul(&dev, a, b);
+    }
     let y = bmm(a.f32s()?, false, b.f32s()?, false, m, k, n);
     let mut shape = a.shape().to_vec();
     shape[d - 1] = n;

@@ -17,6 +17,12 @@ fn k(stem: &str, dtype: DType) -> Result<Kernel> {
     Ok(Kernel::new("rmsnorm.cu", name))
 }
 
+/// Threads per row: enough warps to cover `d` once, at most 256 (idle threads of a small row
+/// would only wait at the block reductions; the emu device runs every one as a fiber).
+fn row_block(d: usize) -> u32 {
+    (d.div_ceil(32) * 32).clamp(32, 256) as u32
+}
+
 /// `y = x·rstd·w` over rows of `d`; writes `rstd` (f32, one per row) for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_fwd(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, w: &GpuBuffer, y: &GpuBuffer, rstd: &GpuBuffer,
@@ -27,7 +33,7 @@ pub fn rms_norm_fwd(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, w: &GpuBuffer,
     }
     let mut a = KernelArgs::new();
     a.buf(x).buf(w).buf(y).buf(rstd).i32(d as i32).f32(eps);
-    dev.launch(k("fwd", dtype)?, LaunchCfg::linear(rows as u32, 256), &mut a)
+    dev.launch(k("fwd", dtype)?, LaunchCfg::linear(rows as u32, row_block(d)), &mut a)
 }
 
 /// `dx` (dtype) and `dw` (f32; added to when `accumulate`) from `dy` and the saved `rstd`.
@@ -40,7 +46,7 @@ pub fn rms_norm_bwd(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, w: &GpuBuffer,
     }
     let mut a = KernelArgs::new();
     a.buf(x).buf(w).buf(dy).buf(rstd).buf(dx).i32(d as i32);
-    dev.launch(k("dx", dtype)?, LaunchCfg::linear(rows as u32, 256), &mut a)?;
+    dev.launch(k("dx", dtype)?, LaunchCfg::linear(rows as u32, row_block(d)), &mut a)?;
     let mut a = KernelArgs::new();
     a.buf(x).buf(dy).buf(rstd).buf(dw).i32(rows as i32).i32(d as i32).i32(accumulate as i32);
     dev.launch(k("dw", dtype)?, LaunchCfg::linear(d.div_ceil(256) as u32, 256), &mut a)

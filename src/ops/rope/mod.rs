@@ -2,9 +2,11 @@
 //! each head are the two coordinates of each rotated pair.
 
 pub mod cpu;
+pub(crate) mod on_gpu;
 
 use anyhow::{ensure, Result};
 
+use super::device::on_gpu;
 use super::grad_fn;
 use crate::autograd::GradFn;
 use crate::tensor::Tensor;
@@ -68,6 +70,9 @@ impl RopeTable {
 pub fn rope(x: &Tensor, positions: &[u32], table: &RopeTable) -> Result<Tensor> {
     ensure!(x.dims() == 3 && x.dim(0) == positions.len(), "rope: input {:?} for {} positions", x.shape(), positions.len());
     ensure!(x.dim(2) == 2 * table.inv_freq.len(), "rope: head_dim {} but table for {}", x.dim(2), 2 * table.inv_freq.len());
+    if let Some(dev) = on_gpu("rope", &[x])? {
+        return on_gpu::rope(&dev, x, positions, table);
+    }
     let y = cpu::apply(x.f32s()?, x.dim(1), x.dim(2), positions, table, false);
     Ok(Tensor::from_op(y, x.shape(), grad_fn(RopeBack { x: x.clone(), positions: positions.to_vec(), table: table.clone() })))
 }
