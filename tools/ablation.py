@@ -47,6 +47,7 @@ ROWS = [
 def run(cmd, log):
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
+    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
     with open(log, "w") as f:
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
@@ -116,15 +117,28 @@ def fmt(xs):
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
 
 
+def late_reward(a, run_name, seed):
+    """Mean rollout reward over the last 10% of GRPO steps (None for SFT runs)."""
+    p = os.path.join(a.out, f"{run_name}-s{seed}", "metrics.jsonl")
+    if not run_name.startswith("grpo") or not os.path.exists(p):
+        return None
+    steps = [json.loads(l) for l in open(p) if l.strip()]
+    steps = [m for m in steps if m["step"] > 0]
+    tail = steps[-max(1, len(steps) // 10):]
+    return sum(m["reward_mean"] for m in tail) / len(tail)
+
+
 def print_table(a):
     cols = CATEGORIES + ["all"]
     print(f"\nHeld-out accuracy (%), greedy, BFCL checker; mean ± std over seeds {a.seeds}\n")
-    print("| run | " + " | ".join(cols) + " | seeds |")
-    print("|---|" + "---:|" * len(cols) + "---:|")
+    print("| run | " + " | ".join(cols) + " | rollout reward, last 10% of steps | seeds |")
+    print("|---|" + "---:|" * (len(cols) + 2))
     for label, name, file in ROWS:
         per_seed = [s for s in (scores(a, name, seed, file) for seed in a.seeds) if s]
         cells = [fmt([s[c] for s in per_seed if c in s]) for c in cols]
-        print(f"| {label} | " + " | ".join(cells) + f" | {len(per_seed)} |")
+        rewards = [r for r in (late_reward(a, name, seed) for seed in a.seeds) if r is not None]
+        reward = f"{statistics.mean(rewards):.3f}" if rewards else "–"
+        print(f"| {label} | " + " | ".join(cells) + f" | {reward} | {len(per_seed)} |")
 
 
 if __name__ == "__main__":
