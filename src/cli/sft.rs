@@ -24,7 +24,7 @@ pub struct Args {
     /// Segment means over all tokens of the batch instead of per sequence.
     #[arg(long)]
     pub pooled: bool,
-    /// Tiny model size when building the default model: tiny or micro.
+    /// Tiny model size when building the default model: tiny, small (2x compute) or micro.
     #[arg(long)]
     pub preset: Option<String>,
     #[arg(long)]

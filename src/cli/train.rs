@@ -58,7 +58,7 @@ pub struct Args {
     /// SFT warm-up steps for the embedded default.
     #[arg(long)]
     pub warmup_sft_steps: Option<u64>,
-    /// Tiny model size when building the embedded default: tiny or micro.
+    /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
     #[arg(long)]
     pub preset: Option<String>,
 }

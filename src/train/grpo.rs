@@ -111,7 +111,7 @@ pub struct GrpoConfig {
     pub warmup_sft_steps: u64,
     pub task_train: usize,
     pub task_eval: usize,
-    /// Tiny model size when building the embedded default: tiny or micro.
+    /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
     pub preset: String,
 }
 

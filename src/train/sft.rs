@@ -63,7 +63,7 @@ pub struct SftConfig {
     pub max_len: usize,
     /// Examples per bucket: shuffled, then sorted by length within each window.
     pub bucket_window: usize,
-    /// Tiny model size when building the default model: tiny or micro.
+    /// Tiny model size when building the default model: tiny, small (2x compute) or micro.
     pub preset: String,
     pub task_train: usize,
     pub task_eval: usize,
