@@ -32,6 +32,9 @@ pub struct RunArgs {
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long)]
     pub save_every: Option<u64>,
+    /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
+    #[arg(long)]
+    pub preset: Option<String>,
     /// Held-out examples scored at the end (0: skip).
     #[arg(long)]
     pub eval_samples: Option<usize>,
@@ -65,6 +68,7 @@ macro_rules! apply_args {
         if let Some(v) = r.seed { c.seed = v; }
         if let Some(v) = r.save_every { c.save_every = v; }
         if let Some(v) = r.eval_samples { c.eval_samples = v; }
+        if let Some(v) = r.preset.clone() { c.preset = v; }
         $( if let Some(v) = $extra.$f.clone() { c.$f = v; } )*
     }};
 }

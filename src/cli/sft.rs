@@ -24,16 +24,13 @@ pub struct Args {
     /// Segment means over all tokens of the batch instead of per sequence.
     #[arg(long)]
     pub pooled: bool,
-    /// Tiny model size when building the default model: tiny, small (2x compute) or micro.
-    #[arg(long)]
-    pub preset: Option<String>,
     #[arg(long)]
     pub max_len: Option<usize>,
 }
 
 pub fn resolve(a: &Args) -> Result<SftConfig> {
     let mut c = sft::load_config(a.run.config.as_deref())?;
-    apply_args!(c, a.run, a; batch_size, grad_accum, loss, alpha_mode, alpha, preset, max_len);
+    apply_args!(c, a.run, a; batch_size, grad_accum, loss, alpha_mode, alpha, max_len);
     if a.pooled {
         c.pooled = true;
     }

@@ -58,15 +58,12 @@ pub struct Args {
     /// SFT warm-up steps for the embedded default.
     #[arg(long)]
     pub warmup_sft_steps: Option<u64>,
-    /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
-    #[arg(long)]
-    pub preset: Option<String>,
 }
 
 pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
     apply_args!(c, a.run, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
-        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps, preset);
+        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps);
     grpo::validate(&c)?;
     Ok(c)
 }
