@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
     #[arg(long)]
     pub preset: Option<String>,
+    /// Training samples of the embedded task (default 4000).
+    #[arg(long)]
+    pub task_train: Option<usize>,
     /// Held-out examples scored at the end (0: skip).
     #[arg(long)]
     pub eval_samples: Option<usize>,
@@ -69,6 +72,7 @@ macro_rules! apply_args {
         if let Some(v) = r.save_every { c.save_every = v; }
         if let Some(v) = r.eval_samples { c.eval_samples = v; }
         if let Some(v) = r.preset.clone() { c.preset = v; }
+        if let Some(v) = r.task_train { c.task_train = v; }
         $( if let Some(v) = $extra.$f.clone() { c.$f = v; } )*
     }};
 }

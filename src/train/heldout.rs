@@ -38,21 +38,38 @@ pub struct HeldOut {
     pub step: u64,
     pub accuracy: f32,
     pub n: usize,
+    /// Accuracy pooled over the samples that expect at least one call (every category but
+    /// irrelevance): what shows whether a model calls functions, not only when to refrain.
+    #[serde(default)]
+    pub calls_accuracy: f32,
+    #[serde(default)]
+    pub calls_n: usize,
     pub categories: Vec<CategoryScore>,
     #[serde(skip)]
     pub answers: Vec<Answer>,
 }
 
 impl HeldOut {
-    /// "simple 40% of 33, multiple 25% of 12, …"
+    /// "calls 31% of 170; simple 40% of 33, multiple 25% of 12, …"
     pub fn summary(&self) -> String {
-        self.categories.iter().map(|c| format!("{} {:.0}% of {}", c.category, 100.0 * c.accuracy, c.n)).collect::<Vec<_>>().join(", ")
+        let cats = self
+            .categories
+            .iter()
+            .map(|c| format!("{} {:.0}% of {}", c.category, 100.0 * c.accuracy, c.n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "calls {:.0}% of {}; {cats}",
+            100.0 * self.calls_accuracy,
+            self.calls_n
+        )
     }
 
     /// `<run_dir>/eval-<tag>.json` (scores) and `<run_dir>/eval-<tag>.jsonl` (every answer).
     pub fn write(&self, run_dir: &Path, tag: &str) -> Result<()> {
         let json = run_dir.join(format!("eval-{tag}.json"));
-        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n").with_context(|| format!("cannot write {}", json.display()))?;
+        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("cannot write {}", json.display()))?;
         let mut lines = String::new();
         for a in &self.answers {
             lines += &(serde_json::to_string(a)? + "\n");
@@ -64,13 +81,25 @@ impl HeldOut {
 
 /// Greedy answers of `model` to `samples` (prompt ids from `prompt_ids`), scored with the binary
 /// BFCL reward.
-pub fn evaluate(model: &Model, tok: &Tokenizer, samples: &[Sample], prompt_ids: &dyn Fn(&Sample) -> Result<Vec<u32>>,
-                format: AnswerFormat, max_new_tokens: usize) -> Result<HeldOut> {
+pub fn evaluate(
+    model: &Model,
+    tok: &Tokenizer,
+    samples: &[Sample],
+    prompt_ids: &dyn Fn(&Sample) -> Result<Vec<u32>>,
+    format: AnswerFormat,
+    max_new_tokens: usize,
+) -> Result<HeldOut> {
     if samples.is_empty() {
         return Ok(HeldOut::default());
     }
     let prompts: Vec<Vec<u32>> = samples.iter().map(prompt_ids).collect::<Result<_>>()?;
-    let sampling = SamplingConfig { n: 1, max_new_tokens, temperature: 0.0, stop_ids: chat_eos_ids(model, Some(tok)), ..Default::default() };
+    let sampling = SamplingConfig {
+        n: 1,
+        max_new_tokens,
+        temperature: 0.0,
+        stop_ids: chat_eos_ids(model, Some(tok)),
+        ..Default::default()
+    };
     let outs = no_grad(|| rollout::generate(model, &prompts, &sampling, Some(tok)))?;
     let mut by_cat: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut answers = Vec::with_capacity(outs.len());
@@ -81,9 +110,40 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, samples: &[Sample], prompt_ids: 
         let e = by_cat.entry(s.category.clone()).or_default();
         e.0 += valid as usize;
         e.1 += 1;
-        answers.push(Answer { id: s.id.clone(), category: s.category.clone(), valid, output: text });
+        answers.push(Answer {
+            id: s.id.clone(),
+            category: s.category.clone(),
+            valid,
+            output: text,
+        });
     }
     let right = answers.iter().filter(|a| a.valid).count();
-    let categories = by_cat.into_iter().map(|(category, (r, n))| CategoryScore { category, accuracy: r as f32 / n as f32, n }).collect();
-    Ok(HeldOut { step: 0, accuracy: right as f32 / answers.len() as f32, n: answers.len(), categories, answers })
+    let calls: Vec<bool> = outs
+        .iter()
+        .zip(&answers)
+        .filter(|(c, _)| !samples[c.prompt_index].expects_no_call())
+        .map(|(_, a)| a.valid)
+        .collect();
+    let calls_right = calls.iter().filter(|v| **v).count();
+    let categories = by_cat
+        .into_iter()
+        .map(|(category, (r, n))| CategoryScore {
+            category,
+            accuracy: r as f32 / n as f32,
+            n,
+        })
+        .collect();
+    Ok(HeldOut {
+        step: 0,
+        accuracy: right as f32 / answers.len() as f32,
+        n: answers.len(),
+        calls_accuracy: if calls.is_empty() {
+            0.0
+        } else {
+            calls_right as f32 / calls.len() as f32
+        },
+        calls_n: calls.len(),
+        categories,
+        answers,
+    })
 }

@@ -8,6 +8,9 @@ use serde_json::json;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
 use crate::model::tokenizer::Tokenizer;
@@ -19,18 +22,38 @@ pub const IM_END: &str = "<|im_end|>";
 pub const THINK: &str = "<think>";
 pub const THINK_END: &str = "</think>";
 
+/// Words, numbers and punctuation runs are pre-tokens, and so is every run of spaces. GPT-2's
+/// pattern glues a leading space to the word (`ĠValmora`), so a value copied from the request
+/// into a call (`city='Valmora'`) would become other tokens; with spaces apart a copied value
+/// is the same token sequence in both places, which is what lets a small model copy values
+/// it has never seen.
+const PRE_TOKENS: &str = r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+";
+
 /// Byte-level BPE with about `vocab_size` entries trained on `texts`, with the ChatML special
 /// tokens and `<think>`/`</think>` as single added tokens.
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    let split = Split::new(
+        SplitPattern::Regex(PRE_TOKENS.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| anyhow!("bad pre-tokenizer pattern: {e}"))?;
+    let pre = Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ]);
     let mut tk = TokenizerBuilder::new()
         .with_model(BPE::default())
         .with_normalizer(None::<NormalizerWrapper>)
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_pre_tokenizer(Some(pre))
         .with_post_processor(Some(ByteLevel::new(false, true, true)))
         .with_decoder(Some(ByteLevel::new(false, true, true)))
         .build()
         .map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
-    let specials: Vec<AddedToken> = [ENDOFTEXT, IM_START, IM_END].iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
+    let specials: Vec<AddedToken> = [ENDOFTEXT, IM_START, IM_END]
+        .iter()
+        .map(|t| AddedToken::from(t.to_string(), true))
+        .collect();
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
@@ -38,9 +61,13 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .special_tokens(specials)
         .build();
-    tk.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
+    tk.train(&mut trainer, texts.iter())
+        .map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
     let mut tk: tokenizers::Tokenizer = tk.into();
-    tk.add_tokens(&[AddedToken::from(THINK.to_string(), false), AddedToken::from(THINK_END.to_string(), false)]);
+    tk.add_tokens(&[
+        AddedToken::from(THINK.to_string(), false),
+        AddedToken::from(THINK_END.to_string(), false),
+    ]);
     Ok(Tokenizer::from_inner(tk))
 }
 
@@ -98,7 +125,11 @@ pub fn config_json(size: TinySize, vocab_size: usize, eos: u32, bos: u32) -> ser
 /// Writes a fresh tiny model with `tokenizer` to `dir` (config, weights, tokenizer.json,
 /// tokenizer_config.json, generation_config.json with eos = `<|im_end|>`).
 pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64) -> Result<Model> {
-    let id = |t: &str| tokenizer.token_id(t).with_context(|| format!("tokenizer lacks {t}"));
+    let id = |t: &str| {
+        tokenizer
+            .token_id(t)
+            .with_context(|| format!("tokenizer lacks {t}"))
+    };
     let (eos, bos) = (id(IM_END)?, id(ENDOFTEXT)?);
     let raw = config_json(size, tokenizer.vocab_size(), eos, bos);
     let config = ModelConfig::from_json(raw, &dir.join("config.json"))?;
@@ -106,10 +137,16 @@ pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64) -> Re
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     tokenizer.save(&dir.join("tokenizer.json"))?;
     let gen = json!({"bos_token_id": bos, "eos_token_id": [eos, bos], "do_sample": false});
-    std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&gen)? + "\n")?;
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen)? + "\n",
+    )?;
     let tc = json!({"model_max_length": 2048, "eos_token": IM_END, "pad_token": ENDOFTEXT, "bos_token": null,
         "tokenizer_class": "Qwen2Tokenizer", "chat_template": CHAT_TEMPLATE});
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)? + "\n")?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc)? + "\n",
+    )?;
     model.dir = Some(dir.to_path_buf());
     model.save(dir, None)?;
     model.config.eos_token_ids = vec![eos, bos];
