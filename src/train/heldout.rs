@@ -1,6 +1,8 @@
-//! Held-out accuracy: greedy answers to held-out prompts, scored by the BFCL checker, overall
-//! and per category. SFT and GRPO runs report it the same way, so their numbers compare
-//! (the ablation in `tools/ablation.py` reads the `eval-<tag>.json` files this writes).
+//! Held-out accuracy (`heldout_accuracy` in printed lines and metrics, `accuracy` in the
+//! `eval-<tag>.json` files): the fraction of greedy answers to held-out prompts that are well
+//! formed (think block, decodable answer) AND accepted by the BFCL checker, overall and per
+//! category. SFT and GRPO runs report it the same way, so their numbers compare (the ablation
+//! in `tools/ablation.py` reads the `eval-<tag>.json` files this writes). docs/metrics.md.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,6 +21,7 @@ use crate::rollout::{self, chat_eos_ids, SamplingConfig};
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CategoryScore {
     pub category: String,
+    /// Fraction of this category's answers that are `correct`.
     pub accuracy: f32,
     pub n: usize,
 }
@@ -28,7 +31,15 @@ pub struct CategoryScore {
 pub struct Answer {
     pub id: String,
     pub category: String,
-    pub valid: bool,
+    /// `format_ok` and `call_valid`: what `accuracy` counts.
+    #[serde(alias = "valid")]
+    pub correct: bool,
+    /// The BFCL checker accepts the answer (format ignored; `fcgpu eval`'s verdict).
+    #[serde(default)]
+    pub call_valid: bool,
+    /// One non-empty think block first, and an answer that decodes.
+    #[serde(default)]
+    pub format_ok: bool,
     pub output: String,
 }
 
@@ -36,6 +47,7 @@ pub struct Answer {
 pub struct HeldOut {
     /// Training step of the model that answered.
     pub step: u64,
+    /// Fraction of answers that are `correct` (format and BFCL verdict).
     pub accuracy: f32,
     pub n: usize,
     pub categories: Vec<CategoryScore>,
@@ -63,7 +75,7 @@ impl HeldOut {
 }
 
 /// Greedy answers of `model` to `samples` (prompt ids from `prompt_ids`), scored with the binary
-/// BFCL reward.
+/// reward: correct = well formed and accepted by the BFCL checker.
 pub fn evaluate(model: &Model, tok: &Tokenizer, samples: &[Sample], prompt_ids: &dyn Fn(&Sample) -> Result<Vec<u32>>,
                 format: AnswerFormat, max_new_tokens: usize) -> Result<HeldOut> {
     if samples.is_empty() {
@@ -77,13 +89,14 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, samples: &[Sample], prompt_ids: 
     for c in &outs {
         let s = &samples[c.prompt_index];
         let text = c.text(tok)?;
-        let valid = reward(s, &text, RewardKind::Binary, format).reward == 1.0;
+        let r = reward(s, &text, RewardKind::Binary, format);
+        let correct = r.reward == 1.0;
         let e = by_cat.entry(s.category.clone()).or_default();
-        e.0 += valid as usize;
+        e.0 += correct as usize;
         e.1 += 1;
-        answers.push(Answer { id: s.id.clone(), category: s.category.clone(), valid, output: text });
+        answers.push(Answer { id: s.id.clone(), category: s.category.clone(), correct, call_valid: r.valid, format_ok: r.format_ok, output: text });
     }
-    let right = answers.iter().filter(|a| a.valid).count();
+    let right = answers.iter().filter(|a| a.correct).count();
     let categories = by_cat.into_iter().map(|(category, (r, n))| CategoryScore { category, accuracy: r as f32 / n as f32, n }).collect();
     Ok(HeldOut { step: 0, accuracy: right as f32 / answers.len() as f32, n: answers.len(), categories, answers })
 }
