@@ -11,12 +11,12 @@ use crate::train::grpo::GrpoMetrics;
 type Series = (&'static str, fn(&GrpoMetrics) -> f32);
 
 const PANELS: [Series; 6] = [
-    ("reward_mean (rollouts)", |m| m.reward_mean),
-    ("rollout_call_valid (BFCL checker, format ignored)", |m| m.rollout_call_valid),
+    ("reward_mean (first draw)", |m| m.reward_mean),
+    ("rollout_call_valid (first draw; BFCL checker, format ignored)", |m| m.rollout_call_valid),
     ("zero_var_groups (trained batch)", |m| m.zero_var_groups),
-    ("CoT entropy", |m| m.cot_entropy),
-    ("KL to reference", |m| m.kl),
-    ("policy loss", |m| m.loss),
+    ("cot_entropy (think tokens)", |m| m.cot_entropy),
+    ("kl (k3, to the reference)", |m| m.kl),
+    ("loss (policy)", |m| m.loss),
 ];
 
 /// Draws one panel per series from the step lines of `metrics` (the step-0 eval line skipped).
