@@ -15,7 +15,7 @@ fn train_runs_from_a_config_file_with_flag_overrides() {
     let run = dir.path().join("run");
     let out = fcgpu(&["train", "--config", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--seed", "3", "--beta", "0"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("eval_accuracy_before"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("heldout_accuracy_before"));
     let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(resolved.contains("seed = 3") && resolved.contains("beta = 0.0"), "flags override the file:\n{resolved}");
     let lines: Vec<serde_json::Value> = fcgpu::jsonl::read(&run.join("metrics.jsonl")).unwrap();
@@ -35,4 +35,26 @@ fn bad_options_are_named() {
     let out = fcgpu(&["train", "--config", cfg.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("bad.toml") && err.contains("stepz"), "{err}");
+}
+
+#[test]
+fn dynamic_sampling_flags_parse_and_show_in_print_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("dyn.toml");
+    std::fs::write(&cfg, "dynamic_sampling = true\nmax_resample = 7\n").unwrap();
+    let print = |args: &[&str]| -> toml::Table {
+        let out = fcgpu(&[&["train", "--print-config"], args].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap()
+    };
+    let off = print(&[]);
+    assert_eq!((off["dynamic_sampling"].as_bool(), off["max_resample"].as_integer()), (Some(false), Some(4)));
+    let on = print(&["--dynamic-sampling", "--max-resample", "2"]);
+    assert_eq!((on["dynamic_sampling"].as_bool(), on["max_resample"].as_integer()), (Some(true), Some(2)));
+    let file = print(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!((file["dynamic_sampling"].as_bool(), file["max_resample"].as_integer()), (Some(true), Some(7)));
+    let file_off = print(&["--config", cfg.to_str().unwrap(), "--dynamic-sampling", "false"]);
+    assert_eq!(file_off["dynamic_sampling"].as_bool(), Some(false), "the flag overrides the file");
+    let out = fcgpu(&["train", "--print-config", "--dynamic-sampling", "--max-resample", "0"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--max-resample"));
 }

@@ -63,11 +63,12 @@ fn strip_timing(mut m: GrpoMetrics) -> GrpoMetrics {
     m
 }
 
-#[test]
-fn resume_continues_exactly() {
+/// Runs `cfg` for its steps straight, and again stopped after step 1 and resumed; the metrics
+/// (timings aside) and the final weights must be equal. Returns the straight run's metrics.
+fn check_resume_exact(cfg: impl Fn(&Path) -> GrpoConfig) -> Vec<GrpoMetrics> {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
-    grpo::run(micro(&straight), false).unwrap();
+    grpo::run(cfg(&straight), false).unwrap();
     let split = dir.path().join("split");
     // The same task and base model, so only the interruption differs.
     std::fs::create_dir_all(&split).unwrap();
@@ -84,11 +85,11 @@ fn resume_continues_exactly() {
     copy("sft/task");
     copy("sft/base-model");
     // A run stopped after step 1 (its last step also scored the held-out set), then resumed.
-    grpo::run(GrpoConfig { steps: 1, ..micro(&split) }, false).unwrap();
-    grpo::run(micro(&split), true).unwrap();
+    grpo::run(GrpoConfig { steps: 1, ..cfg(&split) }, false).unwrap();
+    grpo::run(cfg(&split), true).unwrap();
     let read = |p: &Path| -> Vec<GrpoMetrics> { fcgpu::jsonl::read(&p.join("metrics.jsonl")).unwrap().into_iter().map(strip_timing).collect() };
     let mut resumed = read(&split);
-    resumed[1].eval_accuracy = None;
+    resumed[1].heldout_accuracy = None;
     assert_eq!(read(&straight), resumed, "metrics after resume differ from an uninterrupted run");
     let a = fcgpu::model::Model::load(&straight.join("checkpoint-2")).unwrap();
     let b = fcgpu::model::Model::load(&split.join("checkpoint-2")).unwrap();
@@ -96,9 +97,30 @@ fn resume_continues_exactly() {
         assert_eq!(x.to_vec(), y.to_vec(), "{n} differs after resume");
     }
     assert!(straight.join("curves.svg").exists());
-    let lines = read(&straight);
-    assert!(lines.first().unwrap().eval_accuracy.is_some() && lines.last().unwrap().eval_accuracy.is_some(), "eval before and after recorded");
-    assert!(lines.iter().filter(|m| m.step > 0).all(|m| m.completion_tokens > 0 && m.kl.is_finite()));
+    read(&straight)
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let lines = check_resume_exact(micro);
+    assert!(lines.first().unwrap().heldout_accuracy.is_some() && lines.last().unwrap().heldout_accuracy.is_some(), "eval before and after recorded");
+    let steps: Vec<&GrpoMetrics> = lines.iter().filter(|m| m.step > 0).collect();
+    assert!(steps.iter().all(|m| m.completion_tokens > 0 && m.kl.is_finite()));
+    assert!(steps.iter().all(|m| m.resampled_groups == 0 && m.zero_var_groups == m.zero_var_groups_first_draw), "no re-draws without dynamic sampling");
+}
+
+#[test]
+fn resume_continues_exactly_with_dynamic_sampling() {
+    let cfg = |d: &Path| GrpoConfig { dynamic_sampling: true, max_resample: 2, ..micro(d) };
+    let lines = check_resume_exact(cfg);
+    for m in lines.iter().filter(|m| m.step > 0) {
+        assert!(m.zero_var_groups <= m.zero_var_groups_first_draw, "step {}: re-draws only replace zero-variance groups", m.step);
+        assert!(m.resample_rounds <= 2 && m.resampled_groups <= 2 * 2, "step {}: at most max_resample rounds of at most prompts_per_step", m.step);
+        assert_eq!(m.resample_rounds > 0, m.zero_var_groups_first_draw > 0.0, "step {}: re-draws exactly when the first draw has zero-variance groups", m.step);
+        if m.resample_rounds < 2 {
+            assert_eq!(m.zero_var_groups, 0.0, "step {}: stopped early only when no zero-variance group was left", m.step);
+        }
+    }
 }
 
 #[test]

@@ -8,8 +8,9 @@ and, from the seed's SRML warm-up checkpoint:
   grpo-l0     `fcgpu train --entropy-lambda 0`          (plain GRPO)
   grpo        `fcgpu train`                             (entropy-enhanced GRPO, SRML aggregation)
   grpo-tm     `fcgpu train --loss-agg token-mean`       (entropy-enhanced, token-mean)
-Every run scores the same held-out prompts greedily with the BFCL checker (`eval-sft.json`,
-`eval-after.json` in its run directory); this prints held-out accuracy per category as
+Every run scores the same held-out prompts greedily (`eval-sft.json`, `eval-after.json` in its
+run directory; key `accuracy`: answers well formed AND accepted by the BFCL checker, see
+docs/metrics.md); this prints that held-out accuracy per category as
 mean ± std over the seeds, as a Markdown table. Finished runs are reused, so an interrupted
 ablation resumes where it stopped.
 
@@ -118,7 +119,7 @@ def fmt(xs):
 
 
 def late_reward(a, run_name, seed):
-    """Mean rollout reward over the last 10% of GRPO steps (None for SFT runs)."""
+    """Mean rollout reward (`reward_mean`) over the last 10% of GRPO steps (None for SFT runs)."""
     p = os.path.join(a.out, f"{run_name}-s{seed}", "metrics.jsonl")
     if not run_name.startswith("grpo") or not os.path.exists(p):
         return None
@@ -130,7 +131,7 @@ def late_reward(a, run_name, seed):
 
 def print_table(a):
     cols = CATEGORIES + ["all"]
-    print(f"\nHeld-out accuracy (%), greedy, BFCL checker; mean ± std over seeds {a.seeds}\n")
+    print(f"\nHeld-out accuracy (%), greedy, format and BFCL verdict; mean ± std over seeds {a.seeds}\n")
     print("| run | " + " | ".join(cols) + " | rollout reward, last 10% of steps | seeds |")
     print("|---|" + "---:|" * (len(cols) + 2))
     for label, name, file in ROWS:

@@ -58,12 +58,20 @@ pub struct Args {
     /// SFT warm-up steps for the embedded default.
     #[arg(long)]
     pub warmup_sft_steps: Option<u64>,
+    /// Dynamic sampling (DAPO): re-draw groups whose rewards are all equal from new prompts
+    /// (`--dynamic-sampling false` turns off a config file's `true`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub dynamic_sampling: Option<bool>,
+    /// Most extra rollout rounds per step with --dynamic-sampling.
+    #[arg(long)]
+    pub max_resample: Option<usize>,
 }
 
 pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
     apply_args!(c, a.run, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
-        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps);
+        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps,
+        dynamic_sampling, max_resample);
     grpo::validate(&c)?;
     Ok(c)
 }
@@ -77,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
     let device = super::device(&a.run.device, "train")?;
     let (before, after) = grpo::run_on(cfg.clone(), a.run.resume, device)?;
     if let (Some(b), Some(x)) = (before, after) {
-        println!("eval_accuracy_before {b:.4} eval_accuracy_after {x:.4}");
+        println!("heldout_accuracy_before {b:.4} heldout_accuracy_after {x:.4}");
     }
     eprintln!("run directory: {} (metrics.jsonl, curves.svg, checkpoints)", cfg.run_dir.display());
     Ok(())

@@ -156,7 +156,12 @@ impl Report {
 
     /// The table `fcgpu eval` prints.
     pub fn table(&self) -> String {
-        let mut out = format!("{:<26} {:>9} {:>7}\n", "category", "accuracy", "count");
+        // bfcl_accuracy: BFCL's AST-checker verdict only (no think-block or format rule), unlike
+        // the held-out `accuracy` of training runs (docs/metrics.md).
+        let mut out = format!(
+            "{:<26} {:>13} {:>7}\n",
+            "category", "bfcl_accuracy", "count"
+        );
         let mut cats: Vec<&String> = self.categories.keys().collect();
         let order = |c: &str| {
             BFCL_CATEGORIES
@@ -168,7 +173,7 @@ impl Report {
         for c in cats {
             let s = &self.categories[c];
             out.push_str(&format!(
-                "{:<26} {:>8.2}% {:>7}\n",
+                "{:<26} {:>12.2}% {:>7}\n",
                 c,
                 100.0 * s.accuracy(),
                 s.total
@@ -176,8 +181,8 @@ impl Report {
         }
         let sm = self.summary();
         let fmt = |v: Option<f64>| {
-            v.map(|x| format!("{:>8.2}%", 100.0 * x))
-                .unwrap_or_else(|| format!("{:>9}", "n/a"))
+            v.map(|x| format!("{:>12.2}%", 100.0 * x))
+                .unwrap_or_else(|| format!("{:>13}", "n/a"))
         };
         out.push('\n');
         for (name, v) in [

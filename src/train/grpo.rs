@@ -22,7 +22,7 @@ use crate::model::{Batch, Model};
 use crate::ops;
 use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, EntropyBonus};
 use crate::rl::policy_loss::{policy_loss_on, LossAgg, PolicyLossCfg, PolicyLossInput};
-use crate::rollout::{self, chat_eos_ids, Completion, SamplingConfig};
+use crate::rollout::{self, chat_eos_ids, SamplingConfig};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::heldout::{self, HeldOut};
 use crate::train::metrics::MetricsWriter;
@@ -113,6 +113,11 @@ pub struct GrpoConfig {
     pub task_eval: usize,
     /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
     pub preset: String,
+    /// DAPO dynamic sampling: a group whose G rewards are all equal (no gradient) is replaced
+    /// by the group of a new prompt, for up to `max_resample` extra rollout rounds per step.
+    pub dynamic_sampling: bool,
+    /// Most extra rollout rounds per step with `dynamic_sampling`.
+    pub max_resample: usize,
 }
 
 impl Default for GrpoConfig {
@@ -153,35 +158,103 @@ impl Default for GrpoConfig {
             task_train: 4000,
             task_eval: 200,
             preset: "tiny".into(),
+            dynamic_sampling: false,
+            max_resample: 4,
         }
     }
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl` (every field is defined in docs/metrics.md). Renamed fields keep
+/// their old names as serde aliases, so metrics files of older runs still load on `--resume`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct GrpoMetrics {
     pub step: u64,
+    /// Mean and std of the training reward over the step's first draw of rollouts.
     pub reward_mean: f32,
     pub reward_std: f32,
-    /// Fraction of completions BFCL accepts (format aside).
-    pub accuracy: f32,
-    pub format_ok: f32,
+    /// Fraction of the first draw's completions whose answer BFCL's AST checker accepts
+    /// (format ignored).
+    #[serde(alias = "accuracy")]
+    pub rollout_call_valid: f32,
+    /// Fraction of the first draw's completions with a well-formed think block and answer.
+    #[serde(alias = "format_ok")]
+    pub rollout_format_ok: f32,
     /// Mean entropy over think-segment tokens.
     pub cot_entropy: f32,
     pub kl: f32,
     pub clip_frac: f32,
+    /// Fraction of the groups trained on whose rewards are all equal.
     pub zero_var_groups: f32,
+    /// The same fraction in the step's first draw (before dynamic sampling re-drew any).
+    pub zero_var_groups_first_draw: f32,
+    /// Groups re-drawn from new prompts by dynamic sampling, over all its rounds.
+    pub resampled_groups: usize,
+    /// Extra rollout rounds dynamic sampling used (at most `max_resample`).
+    pub resample_rounds: usize,
     pub loss: f32,
     pub lr: f32,
     pub grad_norm: f32,
+    /// Completion tokens generated this step, re-drawn groups included.
     pub completion_tokens: usize,
     pub tokens_per_s: f32,
     pub seconds_rollout: f32,
     pub seconds_reference: f32,
     pub seconds_update: f32,
     pub seconds: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub eval_accuracy: Option<f32>,
+    /// Held-out accuracy (greedy; format and BFCL verdict), on the step-0 line and the last.
+    #[serde(alias = "eval_accuracy", skip_serializing_if = "Option::is_none")]
+    pub heldout_accuracy: Option<f32>,
+}
+
+/// One prompt's G rollouts, their rewards, and how many the checker and format rule accept.
+struct Group {
+    rewards: Vec<f32>,
+    rollouts: Vec<Rollout>,
+    call_valid: usize,
+    format_ok: usize,
+}
+
+impl Group {
+    /// All rewards equal: the group advantage is zero, so neither GRPO nor the entropy bonus
+    /// gives it a gradient (the same test as `Advantages::zero_var`).
+    fn zero_var(&self) -> bool {
+        self.rewards.iter().all(|&r| r == self.rewards[0])
+    }
+}
+
+/// What dynamic sampling did in one step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resampling {
+    /// Extra rollout rounds run.
+    pub rounds: usize,
+    /// Groups re-drawn, over all rounds.
+    pub redrawn: usize,
+}
+
+/// Dynamic sampling (DAPO) over a first draw of groups: each round re-draws every group that
+/// `zero_var` flags, all of them together (`redraw(count, round)` returns `count` groups of new
+/// prompts), and puts the new groups in their slots; it stops when no group is flagged or after
+/// `max_rounds` rounds. Groups still flagged then stay in the batch: the batch keeps
+/// `prompts_per_step` groups, so the loss normalisation and the KL term do not depend on how
+/// many groups the filter caught.
+pub fn fill_batch<G>(first: Vec<G>, max_rounds: usize, zero_var: impl Fn(&G) -> bool,
+                     mut redraw: impl FnMut(usize, usize) -> Result<Vec<G>>) -> Result<(Vec<G>, Resampling)> {
+    let mut batch = first;
+    let mut done = Resampling::default();
+    for round in 1..=max_rounds {
+        let slots: Vec<usize> = (0..batch.len()).filter(|&i| zero_var(&batch[i])).collect();
+        if slots.is_empty() {
+            break;
+        }
+        let fresh = redraw(slots.len(), round)?;
+        ensure!(fresh.len() == slots.len(), "dynamic sampling round {round}: {} groups re-drawn for {} slots", fresh.len(), slots.len());
+        for (i, g) in slots.iter().zip(fresh) {
+            batch[*i] = g;
+        }
+        done = Resampling { rounds: round, redrawn: done.redrawn + slots.len() };
+    }
+    Ok((batch, done))
 }
 
 /// A rollout ready for the update: packed ids, where the completion starts, and per-token data.
@@ -208,6 +281,9 @@ pub struct GrpoTrainer {
     order: Vec<usize>,
     pub train: Vec<Sample>,
     pub eval: Vec<Sample>,
+    /// Replaces the reward of a completion (sample, text) when set: a seam for tests that need
+    /// rewards they control (for example all-equal for some prompts).
+    pub(crate) reward_override: Option<fn(&Sample, &str) -> f32>,
 }
 
 impl GrpoTrainer {
@@ -235,7 +311,7 @@ impl GrpoTrainer {
             }
             None => (Model::load(&start)?, AdamW::default(), 0, 0, 0),
         };
-        let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval };
+        let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval, reward_override: None };
         if device.is_gpu() {
             t.opt.attach(&t.model, device)?;
             t.model = t.model.to_device(device)?;
@@ -252,8 +328,9 @@ impl GrpoTrainer {
         idx
     }
 
-    fn next_prompts(&mut self) -> Vec<usize> {
-        (0..self.cfg.prompts_per_step)
+    /// The next `n` prompts of the data stream (a new shuffled epoch when one runs out).
+    fn next_prompts(&mut self, n: usize) -> Vec<usize> {
+        (0..n)
             .map(|_| {
                 if self.cursor >= self.order.len() {
                     self.epoch += 1;
@@ -305,30 +382,83 @@ impl GrpoTrainer {
         (1..=ids.len()).find(|&k| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>"))).unwrap_or(0)
     }
 
-    /// One GRPO step: rollouts, rewards, advantages, μ policy-gradient updates.
+    /// One GRPO step: rollouts (re-drawn by dynamic sampling), rewards, advantages, μ
+    /// policy-gradient updates. On an error the data stream is put back where it was.
     pub fn step(&mut self) -> Result<GrpoMetrics> {
         let t0 = Instant::now();
         let next = self.step + 1;
         let lr = self.schedule.lr_at(next);
         let (epoch0, cursor0, order0) = (self.epoch, self.cursor, self.order.clone());
-        let picks = self.next_prompts();
-        let result = self.step_on(&picks, next, lr, t0);
+        let result = self.step_on(next, lr, t0);
         if result.is_err() {
             (self.epoch, self.cursor, self.order) = (epoch0, cursor0, order0);
         }
         result
     }
 
-    fn step_on(&mut self, picks: &[usize], next: u64, lr: f32, t0: Instant) -> Result<GrpoMetrics> {
+    /// Rollout seed of a step's draw: round 0 is the first draw, rounds 1… dynamic sampling's
+    /// re-draws. A function of (seed, step, round) only, so a resumed run samples the same.
+    fn rollout_seed(&self, step: u64, round: usize) -> u64 {
+        let base = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step);
+        base.wrapping_add((round as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// Rolls out G completions for each of the next `n` prompts and scores them, one group per
+    /// prompt in stream order.
+    fn draw_groups(&mut self, n: usize, seed: u64) -> Result<Vec<Group>> {
+        let picks = self.next_prompts(n);
         let g = self.cfg.group_size;
         let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| self.prompt_ids(&self.train[i])).collect::<Result<_>>()?;
-        let seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(next);
         let completions = ranged("rollout", || {
             no_grad(|| rollout::generate(&self.model, &prompts, &self.sampling(g, self.cfg.temperature, seed), Some(&self.tok)))
         })?;
-        let t_roll = t0.elapsed().as_secs_f32();
+        let mut groups: Vec<Group> = (0..n).map(|_| Group { rewards: vec![], rollouts: vec![], call_valid: 0, format_ok: 0 }).collect();
+        for c in &completions {
+            let grp = &mut groups[c.prompt_index];
+            let text = c.text(&self.tok)?;
+            let r = reward(&self.train[picks[c.prompt_index]], &text, self.cfg.reward, self.answer_format());
+            grp.call_valid += r.valid as usize;
+            grp.format_ok += r.format_ok as usize;
+            grp.rewards.push(self.reward_override.map_or(r.reward as f32, |f| f(&self.train[picks[c.prompt_index]], &text)));
+            let p = &prompts[c.prompt_index];
+            let mut ids = p.clone();
+            ids.extend_from_slice(&c.new_ids);
+            grp.rollouts.push(Rollout { ids, prompt_len: p.len(), old_logp: c.logprobs.clone(), entropy: c.entropy.clone(), think_len: self.think_len(&c.new_ids) });
+        }
+        ensure!(groups.iter().all(|grp| grp.rewards.len() == g), "rollout returned a group without {g} completions");
+        Ok(groups)
+    }
+
+    /// The step's batch: the first draw, then dynamic sampling's re-draws when enabled. Rollout
+    /// statistics in `m` describe the first draw, so they compare between runs with and without
+    /// dynamic sampling; `completion_tokens` counts every draw.
+    fn draw_batch(&mut self, next: u64, m: &mut GrpoMetrics) -> Result<Vec<Group>> {
+        let first = self.draw_groups(self.cfg.prompts_per_step, self.rollout_seed(next, 0))?;
+        let rewards: Vec<f32> = first.iter().flat_map(|grp| grp.rewards.iter().copied()).collect();
+        let n = rewards.len() as f32;
+        m.reward_mean = rewards.iter().sum::<f32>() / n;
+        m.reward_std = (rewards.iter().map(|r| (r - m.reward_mean).powi(2)).sum::<f32>() / n).sqrt();
+        m.rollout_call_valid = first.iter().map(|grp| grp.call_valid).sum::<usize>() as f32 / n;
+        m.rollout_format_ok = first.iter().map(|grp| grp.format_ok).sum::<usize>() as f32 / n;
+        m.zero_var_groups_first_draw = first.iter().filter(|grp| grp.zero_var()).count() as f32 / first.len() as f32;
+        let mut tokens = tokens_of(&first);
+        let rounds = if self.cfg.dynamic_sampling { self.cfg.max_resample } else { 0 };
+        let (batch, done) = fill_batch(first, rounds, Group::zero_var, |count, round| {
+            let fresh = self.draw_groups(count, self.rollout_seed(next, round))?;
+            tokens += tokens_of(&fresh);
+            Ok(fresh)
+        })?;
+        (m.resample_rounds, m.resampled_groups, m.completion_tokens) = (done.rounds, done.redrawn, tokens);
+        Ok(batch)
+    }
+
+    fn step_on(&mut self, next: u64, lr: f32, t0: Instant) -> Result<GrpoMetrics> {
+        let g = self.cfg.group_size;
         let mut m = GrpoMetrics { step: next, lr, ..Default::default() };
-        let (rewards, rollouts) = self.score(picks, &prompts, &completions, &mut m)?;
+        let groups = self.draw_batch(next, &mut m)?;
+        let t_roll = t0.elapsed().as_secs_f32();
+        let rewards: Vec<f32> = groups.iter().flat_map(|grp| grp.rewards.iter().copied()).collect();
+        let rollouts: Vec<Rollout> = groups.into_iter().flat_map(|grp| grp.rollouts).collect();
         let h_tok: Vec<Vec<f32>> = rollouts.iter().map(|r| r.entropy[..r.think_len].to_vec()).collect();
         let h_seq: Vec<f32> = h_tok.iter().map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 }).collect();
         let think_tokens: usize = h_tok.iter().map(|h| h.len()).sum();
@@ -363,35 +493,9 @@ impl GrpoTrainer {
         m.kl = kl;
         m.clip_frac = clip;
         m.grad_norm = norm;
-        m.completion_tokens = rollouts.iter().map(|r| r.ids.len() - r.prompt_len).sum();
         m.tokens_per_s = m.completion_tokens as f32 / secs.max(1e-9);
         (m.seconds_rollout, m.seconds_reference, m.seconds_update, m.seconds) = (t_roll, t_ref, t2.elapsed().as_secs_f32(), secs);
         Ok(m)
-    }
-
-    /// Rewards of every completion (ordered prompt-major) and the rollouts for the update.
-    fn score(&self, picks: &[usize], prompts: &[Vec<u32>], completions: &[Completion], m: &mut GrpoMetrics) -> Result<(Vec<f32>, Vec<Rollout>)> {
-        let mut rewards = Vec::with_capacity(completions.len());
-        let mut rollouts = Vec::with_capacity(completions.len());
-        let (mut valid, mut fmt) = (0usize, 0usize);
-        for c in completions {
-            let sample = &self.train[picks[c.prompt_index]];
-            let text = c.text(&self.tok)?;
-            let r = reward(sample, &text, self.cfg.reward, self.answer_format());
-            valid += r.valid as usize;
-            fmt += r.format_ok as usize;
-            rewards.push(r.reward as f32);
-            let p = &prompts[c.prompt_index];
-            let mut ids = p.clone();
-            ids.extend_from_slice(&c.new_ids);
-            rollouts.push(Rollout { ids, prompt_len: p.len(), old_logp: c.logprobs.clone(), entropy: c.entropy.clone(), think_len: self.think_len(&c.new_ids) });
-        }
-        let n = rewards.len() as f32;
-        m.reward_mean = rewards.iter().sum::<f32>() / n;
-        m.reward_std = (rewards.iter().map(|r| (r - m.reward_mean).powi(2)).sum::<f32>() / n).sqrt();
-        m.accuracy = valid as f32 / n;
-        m.format_ok = fmt as f32 / n;
-        Ok((rewards, rollouts))
     }
 
     /// Log-probs of every completion token under `model` (no graph), one vector per rollout.
@@ -538,12 +642,12 @@ pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f
     let mut before = None;
     if cfg.eval_samples > 0 && t.step == 0 {
         let h = t.evaluate(cfg.eval_samples)?;
-        eprintln!("held-out accuracy before GRPO: {:.1}% ({})", 100.0 * h.accuracy, h.summary());
+        eprintln!("heldout_accuracy before GRPO (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
         h.write(&run_dir, "before")?;
-        metrics.write(&GrpoMetrics { step: 0, eval_accuracy: Some(h.accuracy), ..Default::default() })?;
+        metrics.write(&GrpoMetrics { step: 0, heldout_accuracy: Some(h.accuracy), ..Default::default() })?;
         before = Some(h.accuracy);
     } else if let Ok(lines) = crate::jsonl::read::<GrpoMetrics>(&metrics_path) {
-        before = lines.iter().find(|l| l.step == 0).and_then(|l| l.eval_accuracy);
+        before = lines.iter().find(|l| l.step == 0).and_then(|l| l.heldout_accuracy);
     }
     let pb = if std::io::stderr().is_terminal() { indicatif::ProgressBar::new(cfg.steps) } else { indicatif::ProgressBar::hidden() };
     pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
@@ -553,14 +657,15 @@ pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f
         let mut m = t.step()?;
         if m.step == cfg.steps && cfg.eval_samples > 0 {
             let h = t.evaluate(cfg.eval_samples)?;
-            pb.suspend(|| eprintln!("held-out accuracy after GRPO: {:.1}% ({})", 100.0 * h.accuracy, h.summary()));
+            pb.suspend(|| eprintln!("heldout_accuracy after GRPO (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary()));
             h.write(&run_dir, "after")?;
-            m.eval_accuracy = Some(h.accuracy);
+            m.heldout_accuracy = Some(h.accuracy);
             after = Some(h.accuracy);
         }
         metrics.write(&m)?;
         pb.set_position(m.step);
-        pb.set_message(format!("reward {:.3} acc {:.3} H {:.3} kl {:.4} {:.0} tok/s", m.reward_mean, m.accuracy, m.cot_entropy, m.kl, m.tokens_per_s));
+        pb.set_message(format!("reward {:.3} call_valid {:.3} zero_var {:.2} H {:.3} kl {:.4} {:.0} tok/s",
+            m.reward_mean, m.rollout_call_valid, m.zero_var_groups, m.cot_entropy, m.kl, m.tokens_per_s));
         if !pb.is_hidden() || m.step % 5 == 0 || m.step == cfg.steps {
             let _ = crate::train::plot::curves(&metrics_path, &run_dir.join("curves.svg"));
         }
@@ -570,9 +675,14 @@ pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f
     }
     pb.finish_and_clear();
     if let (Some(b), Some(a)) = (before, after) {
-        eprintln!("held-out accuracy: {:.1}% before GRPO → {:.1}% after ({:+.1} points)", 100.0 * b, 100.0 * a, 100.0 * (a - b));
+        eprintln!("heldout_accuracy: {:.1}% before GRPO → {:.1}% after ({:+.1} points)", 100.0 * b, 100.0 * a, 100.0 * (a - b));
     }
     Ok((before, after))
+}
+
+/// Completion tokens of the rollouts in `groups`.
+fn tokens_of(groups: &[Group]) -> usize {
+    groups.iter().flat_map(|grp| &grp.rollouts).map(|r| r.ids.len() - r.prompt_len).sum()
 }
 
 /// Runs `f` inside an NVTX range, so an Nsight Systems timeline shows the training phases.
@@ -602,5 +712,115 @@ pub fn validate(cfg: &GrpoConfig) -> Result<()> {
     if cfg.entropy_alpha <= 0.0 {
         bail!("--entropy-alpha must be positive, got {}", cfg.entropy_alpha);
     }
+    if cfg.dynamic_sampling && cfg.max_resample == 0 {
+        bail!("--max-resample must be at least 1 with --dynamic-sampling (0 would re-draw nothing)");
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data stream of prompts 0, 1, 2, …: prompt p's group is all-equal (zero variance) when
+    /// p is a multiple of 3 or p < `hard`, mixed otherwise.
+    fn stream(hard: usize) -> (impl Fn(&(usize, bool)) -> bool, impl FnMut(usize) -> Vec<(usize, bool)>) {
+        let mut next = 0usize;
+        let draw = move |n: usize| {
+            let out = (next..next + n).map(|p| (p, p % 3 == 0 || p < hard)).collect();
+            next += n;
+            out
+        };
+        (|g: &(usize, bool)| g.1, draw)
+    }
+
+    fn fraction(batch: &[(usize, bool)]) -> f32 {
+        batch.iter().filter(|g| g.1).count() as f32 / batch.len() as f32
+    }
+
+    #[test]
+    fn dynamic_sampling_replaces_zero_variance_groups_with_new_prompts() {
+        let (zv, mut draw) = stream(0);
+        let first = draw(6); // prompts 0..6: 0 and 3 are zero-variance
+        assert_eq!(fraction(&first), 2.0 / 6.0);
+        let (off, none) = fill_batch(first.clone(), 0, &zv, |n, _| Ok(draw(n))).unwrap();
+        assert_eq!((off.clone(), none), (first.clone(), Resampling::default()), "max_rounds 0 changes nothing");
+        let (zv, mut draw) = stream(0);
+        let first = draw(6);
+        let mut rounds_seen = vec![];
+        let (on, done) = fill_batch(first, 4, &zv, |n, round| {
+            rounds_seen.push((round, n));
+            Ok(draw(n))
+        })
+        .unwrap();
+        // Round 1 re-draws prompts 6, 7 for slots 0 and 3; 6 is zero-variance, so round 2 draws 8.
+        assert_eq!(rounds_seen, vec![(1, 2), (2, 1)]);
+        assert_eq!(done, Resampling { rounds: 2, redrawn: 3 });
+        assert_eq!(on.iter().map(|g| g.0).collect::<Vec<_>>(), vec![8, 1, 2, 7, 4, 5]);
+        assert_eq!(fraction(&on), 0.0);
+        assert!(fraction(&on) < fraction(&off));
+    }
+
+    #[test]
+    fn groups_still_zero_variance_after_the_last_round_stay_in_the_batch() {
+        // Every prompt below 100 is zero-variance: two rounds cannot find a mixed group.
+        let (zv, mut draw) = stream(100);
+        let first = draw(4);
+        let (batch, done) = fill_batch(first, 2, &zv, |n, _| Ok(draw(n))).unwrap();
+        assert_eq!(done, Resampling { rounds: 2, redrawn: 8 });
+        assert_eq!(batch.len(), 4, "the batch keeps prompts_per_step groups");
+        assert_eq!(batch.iter().map(|g| g.0).collect::<Vec<_>>(), vec![8, 9, 10, 11], "the last round's groups fill the slots");
+    }
+
+    #[test]
+    fn a_short_redraw_is_an_error() {
+        let err = fill_batch(vec![(0usize, true)], 1, |g: &(usize, bool)| g.1, |_, _| Ok(vec![])).unwrap_err();
+        assert!(format!("{err}").contains("0 groups re-drawn for 1 slots"), "{err}");
+    }
+
+    /// A reward that is 0 for every completion of about half the prompts (by a hash of the id)
+    /// and the parity of the completion's bytes for the others: those groups are mostly mixed.
+    fn half_constant_reward(s: &Sample, text: &str) -> f32 {
+        let h = s.id.bytes().fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
+        if h % 2 == 0 { 0.0 } else { (text.bytes().map(u32::from).sum::<u32>() % 2) as f32 }
+    }
+
+    fn tiny_run(dir: &std::path::Path, dynamic_sampling: bool) -> Vec<GrpoMetrics> {
+        let cfg = GrpoConfig {
+            run_dir: dir.to_path_buf(), steps: 3, prompts_per_step: 4, group_size: 3, max_new_tokens: 12, warmup_sft_steps: 0,
+            task_train: 60, task_eval: 4, eval_samples: 0, beta: 0.0, micro_batch: 12, preset: "micro".into(),
+            dynamic_sampling, max_resample: 4, ..Default::default()
+        };
+        let mut t = GrpoTrainer::new(cfg, false).unwrap();
+        t.reward_override = Some(half_constant_reward);
+        (0..3).map(|_| t.step().unwrap()).collect()
+    }
+
+    #[test]
+    fn dynamic_sampling_lowers_the_zero_variance_fraction_of_a_tiny_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = tiny_run(dir.path(), false);
+        let on = tiny_run(dir.path(), true);
+        let total = |ms: &[GrpoMetrics], f: fn(&GrpoMetrics) -> f32| ms.iter().map(f).sum::<f32>();
+        assert_eq!(on[0].zero_var_groups_first_draw, off[0].zero_var_groups_first_draw, "the same first draw at step 1");
+        assert!(total(&off, |m| m.zero_var_groups) > 0.0 && off.iter().all(|m| m.resampled_groups == 0 && m.zero_var_groups == m.zero_var_groups_first_draw));
+        assert!(on.iter().map(|m| m.resampled_groups).sum::<usize>() > 0, "{on:?}");
+        assert!(on.iter().all(|m| m.zero_var_groups <= m.zero_var_groups_first_draw));
+        assert!(total(&on, |m| m.zero_var_groups) < total(&off, |m| m.zero_var_groups),
+                "zero-variance fraction trained on: on {:?} vs off {:?}", on.iter().map(|m| m.zero_var_groups).collect::<Vec<_>>(),
+                off.iter().map(|m| m.zero_var_groups).collect::<Vec<_>>());
+        assert!(on[0].completion_tokens >= off[0].completion_tokens, "step 1: the same first draw plus the re-draws' tokens");
+    }
+
+    #[test]
+    fn metrics_of_older_runs_still_load() {
+        let old = r#"{"step":3,"reward_mean":0.5,"reward_std":0.1,"accuracy":0.25,"format_ok":0.75,"cot_entropy":1.0,"kl":0.0,
+            "clip_frac":0.0,"zero_var_groups":1.0,"loss":0.0,"lr":0.001,"grad_norm":0.0,"completion_tokens":10,"tokens_per_s":1.0,
+            "seconds_rollout":0.1,"seconds_reference":0.1,"seconds_update":0.1,"seconds":0.3,"eval_accuracy":0.125}"#;
+        let m: GrpoMetrics = serde_json::from_str(&old.replace('\n', "")).unwrap();
+        assert_eq!((m.rollout_call_valid, m.rollout_format_ok, m.heldout_accuracy), (0.25, 0.75, Some(0.125)));
+        assert_eq!((m.resampled_groups, m.resample_rounds), (0, 0));
+        let cfg: GrpoConfig = toml::from_str("steps = 3\n").unwrap();
+        assert!(!cfg.dynamic_sampling && cfg.max_resample == GrpoConfig::default().max_resample, "old config files load");
+    }
 }

@@ -1,4 +1,5 @@
-//! `curves.svg`: reward, accuracy, CoT entropy, KL and loss over steps, redrawn as training goes.
+//! `curves.svg`: reward, rollout call validity, zero-variance groups, CoT entropy, KL and loss
+//! over steps, redrawn as training goes (metric names as in docs/metrics.md).
 
 use std::path::Path;
 
@@ -9,12 +10,13 @@ use crate::train::grpo::GrpoMetrics;
 
 type Series = (&'static str, fn(&GrpoMetrics) -> f32);
 
-const PANELS: [Series; 5] = [
-    ("reward (mean)", |m| m.reward_mean),
-    ("accuracy", |m| m.accuracy),
-    ("CoT entropy", |m| m.cot_entropy),
-    ("KL to reference", |m| m.kl),
-    ("policy loss", |m| m.loss),
+const PANELS: [Series; 6] = [
+    ("reward_mean (first draw)", |m| m.reward_mean),
+    ("rollout_call_valid (first draw; BFCL checker, format ignored)", |m| m.rollout_call_valid),
+    ("zero_var_groups (trained batch)", |m| m.zero_var_groups),
+    ("cot_entropy (think tokens)", |m| m.cot_entropy),
+    ("kl (k3, to the reference)", |m| m.kl),
+    ("loss (policy)", |m| m.loss),
 ];
 
 /// Draws one panel per series from the step lines of `metrics` (the step-0 eval line skipped).
@@ -23,7 +25,7 @@ pub fn curves(metrics: &Path, out: &Path) -> Result<()> {
     let lines: Vec<&GrpoMetrics> = lines.iter().filter(|m| m.step > 0).collect();
     let tmp = out.with_extension("svg.tmp");
     {
-        let root = SVGBackend::new(&tmp, (900, 1000)).into_drawing_area();
+        let root = SVGBackend::new(&tmp, (900, 1200)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let max_step = lines.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f32;
         for ((title, f), area) in PANELS.iter().zip(root.split_evenly((PANELS.len(), 1))) {

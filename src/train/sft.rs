@@ -320,7 +320,8 @@ impl Trainer {
         checkpoint::save(&self.cfg.run_dir, &self.model, &self.opt, &self.state())
     }
 
-    /// Greedy held-out accuracy over the first `limit` eval samples, scored by the BFCL checker.
+    /// Held-out accuracy over the first `limit` eval samples: greedy answers, well formed and
+    /// accepted by the BFCL checker.
     pub fn heldout(&self, limit: usize) -> Result<heldout::HeldOut> {
         let samples = &self.eval_samples[..limit.min(self.eval_samples.len())];
         let prompt = |s: &Sample| self.tok.encode(&synth::render_prompt(&s.messages, &s.functions), false);
@@ -415,7 +416,7 @@ pub struct RunSummary {
     pub steps_run: u64,
     pub result_token_accuracy: Option<f32>,
     pub result_exact: Option<f32>,
-    /// Greedy held-out accuracy (BFCL checker).
+    /// Held-out accuracy (greedy; format and BFCL verdict), as in `eval-sft.json`.
     pub heldout_accuracy: Option<f32>,
     pub seconds: f32,
 }
@@ -458,7 +459,7 @@ pub fn run_on(cfg: SftConfig, resume: bool, device: Device) -> Result<RunSummary
         std::fs::write(run.join("eval.json"), serde_json::to_string_pretty(&serde_json::json!({"step": t.step, "result_token_accuracy": a, "result_exact": e, "tokens": n}))? + "\n")?;
         (acc, exact) = (Some(a), Some(e));
         let h = t.heldout(cfg.eval_samples)?;
-        eprintln!("held-out accuracy (greedy, BFCL checker): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
+        eprintln!("heldout_accuracy (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
         h.write(&run, "sft")?;
         accuracy = Some(h.accuracy);
     }
