@@ -205,6 +205,9 @@ pub struct GrpoMetrics {
     /// Held-out accuracy (greedy; format and BFCL verdict), on the step-0 line and the last.
     #[serde(alias = "eval_accuracy", skip_serializing_if = "Option::is_none")]
     pub heldout_accuracy: Option<f32>,
+    /// The same, pooled over the samples that expect a call (every category but irrelevance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_calls_accuracy: Option<f32>,
 }
 
 /// One prompt's G rollouts, their rewards, and how many the checker and format rule accept.
@@ -644,7 +647,7 @@ pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f
         let h = t.evaluate(cfg.eval_samples)?;
         eprintln!("heldout_accuracy before GRPO (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
         h.write(&run_dir, "before")?;
-        metrics.write(&GrpoMetrics { step: 0, heldout_accuracy: Some(h.accuracy), ..Default::default() })?;
+        metrics.write(&GrpoMetrics { step: 0, heldout_accuracy: Some(h.accuracy), heldout_calls_accuracy: Some(h.calls_accuracy), ..Default::default() })?;
         before = Some(h.accuracy);
     } else if let Ok(lines) = crate::jsonl::read::<GrpoMetrics>(&metrics_path) {
         before = lines.iter().find(|l| l.step == 0).and_then(|l| l.heldout_accuracy);
@@ -660,6 +663,7 @@ pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f
             pb.suspend(|| eprintln!("heldout_accuracy after GRPO (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary()));
             h.write(&run_dir, "after")?;
             m.heldout_accuracy = Some(h.accuracy);
+            m.heldout_calls_accuracy = Some(h.calls_accuracy);
             after = Some(h.accuracy);
         }
         metrics.write(&m)?;
