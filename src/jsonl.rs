@@ -99,7 +99,7 @@ mod tests {
         let e = format!("{:#}", read::<serde_json::Value>(&p).unwrap_err());
         assert!(e.contains("x.jsonl:3: invalid UTF-8"), "{e}");
         let e = format!("{:#}", read_text(&p).unwrap_err());
-        assert!(e.contains("x.jsonl:3: invalid UTF-8 at byte 7"), "{e}");
+        assert!(e.contains("x.jsonl:3: invalid UTF-8 at byte 8"), "{e}");
         std::fs::write(&p, "{\"a\": 1}\n\n{\"a\": 22222}\n").unwrap();
         let v: Vec<(usize, serde_json::Value)> = read_numbered(&p, 100).unwrap();
         assert_eq!(v.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);

@@ -254,6 +254,19 @@ mod tests {
     }
 
     #[test]
+    fn a_held_lock_refuses_a_second_holder_until_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let first = RunLock::acquire(d.path()).unwrap();
+        let err = RunLock::acquire(d.path()).err().expect("locked twice");
+        assert!(
+            format!("{err:#}").contains(&format!("in use by process {}", std::process::id())),
+            "{err:#}"
+        );
+        drop(first);
+        RunLock::acquire(d.path()).unwrap();
+    }
+
+    #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.txt");

@@ -200,7 +200,7 @@ fn a_config_larger_than_its_weights_is_named() {
     ]);
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("parameters but the safetensors files hold"),
+        stderr(&o).contains("parameters but the safetensors files hold only"),
         "{}",
         stderr(&o)
     );

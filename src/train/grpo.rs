@@ -228,7 +228,10 @@ impl GrpoTrainer {
     /// its stale temporaries removed; a resumed config is checked against the saved one.
     pub fn new_with(cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
         let lock = RunLock::acquire(&cfg.run_dir)?;
-        runfs::clean_stale_temps_noisy(&cfg.run_dir);
+        // The warm-up's directory too: its own run only starts (and cleans) when it is not done.
+        for d in [cfg.run_dir.clone(), cfg.run_dir.join("sft"), cfg.run_dir.join("sft/task")] {
+            runfs::clean_stale_temps_noisy(&d);
+        }
         ensure!(cfg.group_size >= 1 && cfg.prompts_per_step >= 1, "group size and prompts per step must be at least 1");
         let resume = start_mode.resume && !checkpoint::all(&cfg.run_dir).is_empty();
         if resume {
