@@ -14,6 +14,7 @@ pub mod model;
 pub mod ops;
 pub mod rl;
 pub mod rollout;
+pub mod runfs;
 pub mod tensor;
 pub mod train;
 

@@ -90,10 +90,15 @@ pub fn resolve_bfcl_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-/// Reads result lines into id → text; a malformed line is an error naming file and line.
+/// Reads result lines into id → text; a malformed line is an error naming file and line, and so
+/// is an id given twice (in this file or an earlier one): which answer to score would be a guess.
 pub fn read_results(path: &Path, into: &mut HashMap<String, String>) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    read_results_at(path, into, &mut HashMap::new())
+}
+
+/// [`read_results`], with `seen` recording where each id was read (for the duplicate error).
+fn read_results_at(path: &Path, into: &mut HashMap<String, String>, seen: &mut HashMap<String, String>) -> Result<()> {
+    let text = crate::jsonl::read_text(path)?;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -110,6 +115,11 @@ pub fn read_results(path: &Path, into: &mut HashMap<String, String>) -> Result<(
             Some(other) => other.to_string(),
             None => bail!("{}:{}: missing field \"result\"", path.display(), i + 1),
         };
+        let here = format!("{}:{}", path.display(), i + 1);
+        if let Some(first) = seen.get(id) {
+            bail!("{here}: duplicate id {id:?} (first at {first}); give each id one answer");
+        }
+        seen.insert(id.to_string(), here);
         into.insert(id.to_string(), result);
     }
     Ok(())
@@ -117,19 +127,29 @@ pub fn read_results(path: &Path, into: &mut HashMap<String, String>) -> Result<(
 
 fn load_results(path: &Path) -> Result<HashMap<String, String>> {
     let mut out = HashMap::new();
+    let mut seen = HashMap::new();
     if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file())
             .collect();
         files.sort();
         for f in files {
-            read_results(&f, &mut out)?;
+            read_results_at(&f, &mut out, &mut seen)?;
         }
     } else {
-        read_results(path, &mut out)?;
+        read_results_at(path, &mut out, &mut seen)?;
     }
     Ok(out)
+}
+
+/// Result ids that match no entry of `samples`, sorted: they are reported, not scored.
+fn unknown_ids(results: &HashMap<String, String>, samples: &[Sample]) -> Vec<String> {
+    let known: std::collections::HashSet<&str> = samples.iter().map(|s| s.id.as_str()).collect();
+    let mut v: Vec<String> = results.keys().filter(|k| !known.contains(k.as_str())).cloned().collect();
+    v.sort();
+    v
 }
 
 fn load_samples(dir: &Path, category: &str) -> Result<Vec<Sample>> {
@@ -137,10 +157,15 @@ fn load_samples(dir: &Path, category: &str) -> Result<Vec<Sample>> {
         return load_bfcl_category(dir, category);
     }
     let mut all = Vec::new();
+    let mut found = 0;
     for c in BFCL_CATEGORIES {
         if dir.join(format!("BFCL_v4_{c}.json")).exists() {
             all.extend(load_bfcl_category(dir, c)?);
+            found += 1;
         }
+    }
+    if found == 0 {
+        bail!("--bfcl-dir {}: no BFCL_v4_<category>.json file of any known category", dir.display());
     }
     Ok(all)
 }
@@ -184,27 +209,37 @@ fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<HashMap<
         results.insert(samples[c.prompt_index].id.clone(), c.text(&tok)?);
     }
     if let Some(p) = &a.save_results {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?);
+        let mut f = Vec::new();
         for s in samples {
             serde_json::to_writer(&mut f, &serde_json::json!({"id": s.id, "result": results[&s.id]}))?;
             f.write_all(b"\n")?;
         }
-        f.flush()?;
+        crate::runfs::write_atomic(p, &f)?;
     }
     Ok(results)
 }
 
 pub fn run(a: Args) -> Result<()> {
     let bfcl_dir = crate::cli::eval::resolve_bfcl_dir(a.bfcl_dir.clone())?;
-    let mut samples = load_samples(&bfcl_dir, &a.category)?;
-    if let Some(n) = a.limit {
-        samples = limit_per_category(samples, n);
+    if !bfcl_dir.is_dir() {
+        bail!("--bfcl-dir {}: no such directory", bfcl_dir.display());
     }
+    let all_samples = load_samples(&bfcl_dir, &a.category)?;
+    let samples = match a.limit {
+        Some(n) => limit_per_category(all_samples.clone(), n),
+        None => all_samples.clone(),
+    };
     let results = match (&a.model, &a.results) {
         (Some(dir), _) => generate_results(dir, &samples, &a)?,
         (None, Some(r)) => load_results(r)?,
         (None, None) => bail!("give --results or --model"),
     };
+    let unknown = unknown_ids(&results, &all_samples);
+    if !unknown.is_empty() {
+        let shown: Vec<&str> = unknown.iter().take(5).map(String::as_str).collect();
+        eprintln!("warning: {} result ids match no entry of the scored categories and are not scored: {}{}",
+            unknown.len(), shown.join(", "), if unknown.len() > 5 { ", ..." } else { "" });
+    }
     let default_format = if a.style == PromptStyle::QwenFc { Format::Json } else { Format::Python };
     let fmt = match a.format.unwrap_or(default_format) {
         Format::Python => AnswerFormat::Python,
@@ -212,14 +247,16 @@ pub fn run(a: Args) -> Result<()> {
     };
     let report = score(&samples, &results, fmt);
     print!("{}", report.table());
+    if !unknown.is_empty() {
+        println!("unknown ids (not scored): {}", unknown.len());
+    }
     if let Some(p) = &a.verdicts {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?,
-        );
+        let mut f = Vec::new();
         for v in &report.verdicts {
             serde_json::to_writer(&mut f, v)?;
             f.write_all(b"\n")?;
         }
+        crate::runfs::write_atomic(p, &f)?;
     }
     Ok(())
 }

@@ -42,23 +42,40 @@ struct Out<'a> {
     entropy: &'a [f32],
 }
 
+/// Bytes of `text` allowed per position of the model's context: byte-level BPE spends at
+/// least one byte per token, and real text averages 3-5, so a text this long is far past the
+/// context anyway; refusing it before tokenizing keeps memory bounded.
+const TEXT_BYTES_PER_POSITION: usize = 16;
+
 fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
-    let lines: Vec<Line> = jsonl::read(path)?;
+    let ctx = model.config.max_position_embeddings;
+    let max_text = ctx.saturating_mul(TEXT_BYTES_PER_POSITION);
+    // A line of ids needs at most ~11 bytes per id; anything longer cannot fit the context.
+    let max_line = ctx.saturating_mul(TEXT_BYTES_PER_POSITION.max(12)).saturating_add(64);
+    let lines: Vec<(usize, Line)> = jsonl::read_numbered(path, max_line)
+        .with_context(|| format!("reading {} (lines are limited to {max_line} bytes for the model's context of {ctx} tokens)", path.display()))?;
     let mut tok: Option<Tokenizer> = None;
     let mut out = Vec::with_capacity(lines.len());
-    for (i, l) in lines.into_iter().enumerate() {
+    for (n, l) in lines {
+        let at = || format!("{}:{n}", path.display());
         let ids = match (l.input_ids, l.text) {
             (Some(ids), None) => ids,
             (None, Some(text)) => {
+                if text.len() > max_text {
+                    bail!("{}: text of {} bytes is too long for the model's context of {ctx} tokens (limit {max_text} bytes)", at(), text.len());
+                }
                 if tok.is_none() {
                     let dir = model.dir.as_deref().unwrap_or(Path::new("."));
-                    tok = Some(Tokenizer::load(dir).with_context(|| format!("{}: entry {} has text", path.display(), i + 1))?);
+                    tok = Some(Tokenizer::load(dir).with_context(|| format!("{}: has text", at()))?);
                 }
-                tok.as_ref().unwrap().encode(&text, true)?
+                tok.as_ref().unwrap().encode(&text, true).with_context(at)?
             }
-            _ => bail!("{}: entry {}: give exactly one of `input_ids` and `text`", path.display(), i + 1),
+            _ => bail!("{}: give exactly one of `input_ids` and `text`", at()),
         };
-        model.config.check_ids(&ids).with_context(|| format!("{}: entry {}", path.display(), i + 1))?;
+        model.config.check_ids(&ids).with_context(at)?;
+        if ids.len() > ctx {
+            bail!("{}: {} tokens exceed the model's context (max_position_embeddings = {ctx})", at(), ids.len());
+        }
         out.push(ids);
     }
     Ok(out)

@@ -44,6 +44,10 @@ pub struct RunArgs {
     /// Continue from the latest checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: continue even though the config differs from the one the run started with
+    /// (seed, group size, ...; the differences are printed).
+    #[arg(long, requires = "resume")]
+    pub force: bool,
     /// Print the resolved config (defaults, file, flags) as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -51,6 +55,13 @@ pub struct RunArgs {
     /// weights and activations, f32 master weights and AdamW state on the device.
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+impl RunArgs {
+    /// How the run starts: `--resume`, `--force`.
+    pub fn start(&self) -> crate::train::checkpoint::Start {
+        crate::train::checkpoint::Start { resume: self.resume, force: self.force }
+    }
 }
 
 /// Copies the given flags of `args` (a `RunArgs`) and then of `extra` (more `Option` fields of

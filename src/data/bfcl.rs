@@ -2,7 +2,7 @@
 //! `possible_answer/BFCL_v4_<category>.json` (one ground truth per line), matched by id.
 
 use super::{data_err, Message, Sample};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value as Json;
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,8 +34,7 @@ pub fn category_of_id(id: &str) -> String {
 }
 
 fn read_lines(path: &Path) -> Result<Vec<(usize, Json)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::jsonl::read_text(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -3,14 +3,13 @@
 //! ground-truth shape, optional `reasoning`, `id`, `category`).
 
 use super::{data_err, infer_category, Message, Sample};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Map, Value as Json};
 use std::path::Path;
 
 /// Loads a JSONL file of either format (detected per line: `query` means xLAM).
 pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::jsonl::read_text(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

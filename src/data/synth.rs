@@ -1185,20 +1185,16 @@ pub fn generate(seed: u64, n_train: usize, n_eval: usize) -> (Vec<Sample>, Vec<S
 }
 
 pub fn write_jsonl(path: &Path, samples: &[Sample]) -> Result<()> {
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
-    }
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-    );
+    // Built in memory and written atomically: a kill or a full disk mid-write must not leave a
+    // truncated task file that every later run would trip over.
+    let mut text = Vec::new();
     for s in samples {
         let line = json!({"id": s.id, "category": s.category, "messages": s.messages, "tools": s.functions,
             "ground_truth": s.ground_truth, "reasoning": s.reasoning});
-        serde_json::to_writer(&mut f, &line)?;
-        f.write_all(b"\n")?;
+        serde_json::to_writer(&mut text, &line).with_context(|| format!("{}: cannot serialize sample {}", path.display(), s.id))?;
+        text.write_all(b"\n")?;
     }
-    f.flush()?;
-    Ok(())
+    crate::runfs::write_atomic(path, &text)
 }
 
 /// The instruction appended to the tool list in the system prompt.

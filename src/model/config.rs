@@ -107,7 +107,7 @@ impl ModelConfig {
         let attention_bias = raw.get("attention_bias").and_then(|v| v.as_bool()).unwrap_or(false);
         let dtype_name = raw.get("torch_dtype").or_else(|| raw.get("dtype")).and_then(|v| v.as_str()).unwrap_or("float32");
         let dtype = DType::from_hf_name(dtype_name).with_context(|| format!("{}: unsupported dtype `{dtype_name}`", file.display()))?;
-        Ok(ModelConfig {
+        let c = ModelConfig {
             arch,
             vocab_size: usize_field(&raw, "vocab_size", file)?,
             hidden_size,
@@ -129,9 +129,94 @@ impl ModelConfig {
             eos_token_ids: ids(raw.get("eos_token_id")),
             bos_token_id: ids(raw.get("bos_token_id")).first().copied(),
             raw,
-        })
+        };
+        c.validate(file)?;
+        Ok(c)
+    }
+
+    /// Rejects sizes and numbers that cannot describe a working model, before anything is
+    /// allocated: every dimension positive and bounded, the parameter count computed without
+    /// overflow and at most [`MAX_PARAMETERS`], `rms_norm_eps` and `rope_theta` finite and
+    /// positive. Errors name the file and the field.
+    pub fn validate(&self, file: &Path) -> Result<()> {
+        let f = file.display();
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_DIM),
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_DIM),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_DIM),
+        ] {
+            if v == 0 || v > max {
+                bail!("{f}: `{name}` is {v}; it must be between 1 and {max}");
+            }
+        }
+        if self.vocab_size > u32::MAX as usize {
+            bail!("{f}: `vocab_size` {} does not fit 32-bit token ids", self.vocab_size);
+        }
+        let n = self.num_parameters().with_context(|| format!("{f}: the parameter count overflows"))?;
+        if n > MAX_PARAMETERS {
+            bail!("{f}: these sizes make {n} parameters, more than the {MAX_PARAMETERS} supported");
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            bail!("{f}: `rms_norm_eps` is {}; it must be a finite number in (0, 1)", self.rms_norm_eps);
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!("{f}: `rope_theta` is {}; it must be a finite positive number", self.rope_theta);
+        }
+        if let Some(s) = &self.llama3_scaling {
+            for (k, v) in [("factor", s.factor), ("low_freq_factor", s.low_freq_factor), ("high_freq_factor", s.high_freq_factor),
+                ("original_max_position_embeddings", s.original_max_position_embeddings)] {
+                if !(v.is_finite() && v > 0.0) {
+                    bail!("{f}: rope scaling `{k}` is {v}; it must be a finite positive number");
+                }
+            }
+            if s.high_freq_factor == s.low_freq_factor {
+                bail!("{f}: rope scaling `high_freq_factor` equals `low_freq_factor` ({}); they must differ", s.low_freq_factor);
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of parameters these sizes describe (None on overflow), in the same layout
+    /// as `Model::build`.
+    pub fn num_parameters(&self) -> Option<u128> {
+        let [v, h, i, l, hd] = [self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers, self.head_dim].map(|x| x as u128);
+        let qd = (self.num_heads as u128).checked_mul(hd)?;
+        let kvd = (self.num_kv_heads as u128).checked_mul(hd)?;
+        let bias = |on: bool, n: u128| if on { n } else { 0 };
+        let attn = qd.checked_mul(h)?.checked_mul(2)?.checked_add(kvd.checked_mul(h)?.checked_mul(2)?)?
+            .checked_add(bias(self.qkv_bias, qd + 2 * kvd))?.checked_add(bias(self.o_bias, h))?.checked_add(bias(self.qk_norm, 2 * hd))?;
+        let mlp = i.checked_mul(h)?.checked_mul(3)?.checked_add(bias(self.mlp_bias, 2 * i + h))?;
+        let layer = attn.checked_add(mlp)?.checked_add(2 * h)?;
+        let embed = v.checked_mul(h)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        layer.checked_mul(l)?.checked_add(embed)?.checked_add(h)
+    }
+
+    /// An error when this model's f32 weights alone would not fit in the machine's memory
+    /// (`what` names the command), instead of an allocation abort.
+    pub fn check_memory(&self, what: &str) -> Result<()> {
+        let bytes = self.num_parameters().unwrap_or(u128::MAX).saturating_mul(4);
+        if let Some(mem) = crate::runfs::physical_memory() {
+            if bytes > mem {
+                bail!("{what}: the model's f32 weights need {:.1} GiB; this machine has {:.1} GiB of memory",
+                    bytes as f64 / (1u64 << 30) as f64, mem as f64 / (1u64 << 30) as f64);
+            }
+        }
+        Ok(())
     }
 }
+
+/// Bounds of `config.json` sizes (far above any released model; they keep arithmetic and
+/// allocation sizes sane before anything else is checked).
+const MAX_DIM: usize = 1 << 24;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_HEADS: usize = 1 << 12;
+/// 10 trillion parameters.
+pub const MAX_PARAMETERS: u128 = 10_000_000_000_000;
 
 /// θ and Llama 3 scaling from `rope_theta` + `rope_scaling` (4.x) or `rope_parameters` (5.x).
 fn rope(raw: &Value, file: &Path) -> Result<(f64, Option<Llama3Scaling>)> {

@@ -231,6 +231,13 @@ impl Model {
     pub fn load(dir: &Path) -> Result<Model> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let files = weights::WeightFiles::open(dir)?;
+        // Sizes far beyond what the files hold are an error before anything is allocated; a
+        // near miss is left to the per-tensor checks, whose errors name the tensor.
+        let need = config.num_parameters().unwrap_or(u128::MAX);
+        if need > files.num_elements().saturating_mul(2) {
+            anyhow::bail!("{}: config.json describes {need} parameters but the safetensors files hold only {} values", dir.display(), files.num_elements());
+        }
+        config.check_memory(&format!("loading {}", dir.display()))?;
         let mut model = Model::build(config, &mut |name, shape| files.load(name, shape))
             .with_context(|| format!("loading the model in {}", dir.display()))?;
         model.dir = Some(dir.to_path_buf());
@@ -272,6 +279,9 @@ impl Model {
     /// Final-norm hidden states `[tokens, hidden]` of a packed batch.
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
         let c = &self.config;
+        if let Some(&(_, l)) = batch.seqs.iter().find(|&&(_, l)| l > c.max_position_embeddings) {
+            anyhow::bail!("a sequence of {l} tokens exceeds the model's context (max_position_embeddings = {})", c.max_position_embeddings);
+        }
         let n = batch.ids.len();
         let mut x = ops::embedding(&self.embed, &batch.ids)?;
         for l in &self.layers {

@@ -23,8 +23,12 @@ impl Model {
             std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
         }
         std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        self.write_files(&tmp, dtype)?;
-        replace_dir(&tmp, dir)
+        // A failed write (full disk, bad side file) leaves nothing behind.
+        let done = self.write_files(&tmp, dtype).and_then(|_| replace_dir(&tmp, dir));
+        if done.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        done
     }
 
     fn write_files(&self, dir: &Path, dtype: DType) -> Result<()> {
@@ -49,9 +53,9 @@ impl Model {
     }
 }
 
+/// `.<name>.<tag>-<pid>`: a temporary name that `runfs::clean_stale_temps` recognises.
 pub(crate) fn sibling(dir: &Path, tag: &str) -> PathBuf {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    dir.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+    crate::runfs::temp_sibling(dir, tag)
 }
 
 /// Puts the finished directory `tmp` at `dir`, replacing what was there.
@@ -60,7 +64,13 @@ pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::rename(dir, &old).with_context(|| format!("cannot move aside {}", dir.display()))?;
     }
-    std::fs::rename(tmp, dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+    if let Err(e) = std::fs::rename(tmp, dir) {
+        // Put the old directory back so a failure never loses it.
+        if old.exists() {
+            let _ = std::fs::rename(&old, dir);
+        }
+        return Err(e).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()));
+    }
     if old.exists() {
         std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
     }

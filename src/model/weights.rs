@@ -15,6 +15,8 @@ use crate::tensor::{CpuStorage, DType, Tensor};
 pub struct WeightFiles {
     maps: Vec<(PathBuf, Mmap)>,
     index: HashMap<String, usize>,
+    /// Elements over all tensors of all files (from the headers).
+    elements: u128,
 }
 
 impl WeightFiles {
@@ -29,7 +31,7 @@ impl WeightFiles {
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort();
             names.dedup();
-            names.into_iter().map(|f| dir.join(f)).collect()
+            names.into_iter().map(|f| shard_path(dir, &index_path, f)).collect::<Result<_>>()?
         } else if single.exists() {
             vec![single]
         } else {
@@ -37,18 +39,25 @@ impl WeightFiles {
         };
         let mut maps = Vec::new();
         let mut index = HashMap::new();
+        let mut elements = 0u128;
         for path in files {
             let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the file is opened read-only; a checkpoint changing under a running job is
             // outside what we support, as in every memory-mapped loader.
             let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
             let st = SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
-            for name in st.names() {
+            for (name, view) in st.tensors() {
+                elements += view.shape().iter().map(|&d| d as u128).product::<u128>();
                 index.insert(name.to_string(), maps.len());
             }
             maps.push((path, map));
         }
-        Ok(WeightFiles { maps, index })
+        Ok(WeightFiles { maps, index, elements })
+    }
+
+    /// Elements over all stored tensors.
+    pub fn num_elements(&self) -> u128 {
+        self.elements
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -65,7 +74,12 @@ impl WeightFiles {
     pub fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (t, file) = self.load_any(name)?;
         ensure!(t.shape() == shape, "{}: tensor `{name}` has shape {:?}, expected {:?}", file.display(), t.shape(), shape);
-        t.to_dtype(DType::F32)
+        let t = t.to_dtype(DType::F32)?;
+        // A NaN or infinite weight poisons every output silently; name it at load time.
+        if let Some(i) = t.f32s()?.iter().position(|x| !x.is_finite()) {
+            bail!("{}: tensor `{name}` has a non-finite value ({} at flat index {i})", file.display(), t.f32s()?[i]);
+        }
+        Ok(t)
     }
 
     /// The tensor `name` in its stored dtype.
@@ -83,6 +97,20 @@ impl WeightFiles {
         };
         Ok((Tensor::from_storage(storage, view.shape())?, path.as_path()))
     }
+}
+
+/// The path of shard `name` listed in `index_path`: a plain relative path that stays inside
+/// `dir` (no absolute path, no `..`, and no symlink leading out of it).
+fn shard_path(dir: &Path, index_path: &Path, name: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    let rel = Path::new(name);
+    let plain = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    ensure!(plain, "{}: shard path `{name}` must be a relative path inside the model directory", index_path.display());
+    let path = dir.join(rel);
+    if let (Ok(real), Ok(root)) = (path.canonicalize(), dir.canonicalize()) {
+        ensure!(real.starts_with(&root), "{}: shard `{name}` resolves to {}, outside the model directory {}", index_path.display(), real.display(), root.display());
+    }
+    Ok(path)
 }
 
 fn st_dtype(d: DType) -> Dtype {

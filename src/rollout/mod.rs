@@ -165,8 +165,10 @@ pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize,
         bail!("stop strings need a tokenizer");
     }
     let vocab = model.config.vocab_size;
+    let ctx = model.config.max_position_embeddings;
     for (i, p) in prompts.iter().enumerate() {
         ensure!(!p.is_empty(), "prompt {} is empty", first_index + i);
+        ensure!(p.len() < ctx, "prompt {} has {} tokens; the model's context (max_position_embeddings) is {ctx}, with room for at least one new token", first_index + i, p.len());
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
             bail!("prompt {}: token id {bad} is outside the vocabulary of {vocab}", first_index + i);
         }
@@ -271,7 +273,8 @@ pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize,
                     stop_string = Some(hit.clone());
                 }
             }
-            if finish.is_none() && s.new_ids.len() >= cfg.max_new_tokens {
+            // The context ends like the token budget does: no position left for another token.
+            if finish.is_none() && (s.new_ids.len() >= cfg.max_new_tokens || prompts[s.prompt].len() + s.new_ids.len() >= ctx) {
                 finish = Some(FinishReason::Length);
             }
             match finish {

@@ -23,7 +23,8 @@ use crate::ops;
 use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, EntropyBonus};
 use crate::rl::policy_loss::{policy_loss_on, LossAgg, PolicyLossCfg, PolicyLossInput};
 use crate::rollout::{self, chat_eos_ids, SamplingConfig};
-use crate::train::checkpoint::{self, TrainerState};
+use crate::runfs::{self, RunLock};
+use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout::{self, HeldOut};
 use crate::train::metrics::MetricsWriter;
 use crate::tensor::Device;
@@ -287,6 +288,8 @@ pub struct GrpoTrainer {
     /// Replaces the reward of a completion (sample, text) when set: a seam for tests that need
     /// rewards they control (for example all-equal for some prompts).
     pub(crate) reward_override: Option<fn(&Sample, &str) -> f32>,
+    /// Held while the trainer lives: one trainer per run directory.
+    _lock: RunLock,
 }
 
 impl GrpoTrainer {
@@ -297,24 +300,39 @@ impl GrpoTrainer {
     /// [`GrpoTrainer::new`] with the policy (and reference) on `device`: rollouts decode there,
     /// the update runs there, the optimizer keeps f32 master weights there.
     pub fn new_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<GrpoTrainer> {
-        std::fs::create_dir_all(&cfg.run_dir).with_context(|| format!("cannot create {}", cfg.run_dir.display()))?;
+        Self::new_with(cfg, Start { resume, force: false }, device)
+    }
+
+    /// [`GrpoTrainer::new_on`] with the resume policy `start`: the run directory is locked and
+    /// its stale temporaries removed; a resumed config is checked against the saved one.
+    pub fn new_with(cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
+        let lock = RunLock::acquire(&cfg.run_dir)?;
+        // The warm-up's directory too: its own run only starts (and cleans) when it is not done.
+        for d in [cfg.run_dir.clone(), cfg.run_dir.join("sft"), cfg.run_dir.join("sft/task")] {
+            runfs::clean_stale_temps_noisy(&d);
+        }
         ensure!(cfg.group_size >= 1 && cfg.prompts_per_step >= 1, "group size and prompts per step must be at least 1");
-        let (train, eval, start) = materialize(&cfg, device)?;
+        let resume = start_mode.resume && !checkpoint::all(&cfg.run_dir).is_empty();
+        if resume {
+            checkpoint::check_resume_config(&cfg.run_dir, &cfg, start_mode.force)?;
+        }
+        let (train, eval, start) = materialize_with(&cfg, device, start_mode.force)?;
         ensure!(!train.is_empty(), "no training prompts");
         let tok = Tokenizer::load(&start)?;
         let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
         let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
         // The reference policy is the starting point, also when resuming.
         let reference = if cfg.beta != 0.0 { Some(Model::load(&start)?.to_device(device)?) } else { None };
-        let (model, opt, step, epoch, cursor) = match checkpoint::latest(&cfg.run_dir).filter(|_| resume) {
-            Some((_, dir)) => {
-                let (model, opt, st) = checkpoint::load(&dir)?;
+        let resumed = if resume { checkpoint::load_latest_good(&cfg.run_dir)? } else { None };
+        let (model, opt, step, epoch, cursor) = match resumed {
+            Some((dir, model, opt, st)) => {
+                checkpoint::check_resume_step(&dir, st.step, cfg.steps)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
                 (model, opt, st.step, st.epoch, st.cursor)
             }
             None => (Model::load(&start)?, AdamW::default(), 0, 0, 0),
         };
-        let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval, reward_override: None };
+        let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval, reward_override: None, _lock: lock };
         if device.is_gpu() {
             t.opt.attach(&t.model, device)?;
             t.model = t.model.to_device(device)?;
@@ -598,6 +616,11 @@ impl GrpoTrainer {
 /// Training and eval prompts, and the starting policy. For the embedded default, this builds
 /// the task and tiny model and runs the SRML warm-up (`<run_dir>/sft`) unless it already ran.
 pub fn materialize(cfg: &GrpoConfig, device: Device) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
+    materialize_with(cfg, device, false)
+}
+
+/// [`materialize`]; `force` is passed to the warm-up's resume check.
+fn materialize_with(cfg: &GrpoConfig, device: Device, force: bool) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
     let sft_cfg = crate::train::sft::SftConfig {
         model: cfg.model.clone(),
         data: cfg.data.clone(),
@@ -622,7 +645,7 @@ pub fn materialize(cfg: &GrpoConfig, device: Device) -> Result<(Vec<Sample>, Vec
                     return Ok((train, eval, base));
                 }
                 eprintln!("SRML warm-up: {} SFT steps on the embedded task (once; kept in {})", sft_cfg.steps, sft_cfg.run_dir.display());
-                crate::train::sft::run_on(sft_cfg.clone(), true, device)?;
+                crate::train::sft::run_with(sft_cfg.clone(), Start { resume: true, force }, device)?;
             }
             done
         }
@@ -637,9 +660,14 @@ pub fn run(cfg: GrpoConfig, resume: bool) -> Result<(Option<f32>, Option<f32>)> 
 
 /// [`run`] with the model on `device` (the SRML warm-up of the embedded default too).
 pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f32>, Option<f32>)> {
-    let mut t = GrpoTrainer::new_on(cfg.clone(), resume, device)?;
+    run_with(cfg, Start { resume, force: false }, device)
+}
+
+/// [`run_on`] with the resume policy `start` (see [`GrpoTrainer::new_with`]).
+pub fn run_with(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>, Option<f32>)> {
+    let mut t = GrpoTrainer::new_with(cfg.clone(), start, device)?;
     let run_dir = cfg.run_dir.clone();
-    std::fs::write(run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?).with_context(|| format!("cannot write {}/config.toml", run_dir.display()))?;
+    runfs::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = MetricsWriter::open(&metrics_path, t.step)?;
     let mut before = None;

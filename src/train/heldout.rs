@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
@@ -71,13 +71,13 @@ impl HeldOut {
     /// `<run_dir>/eval-<tag>.json` (scores) and `<run_dir>/eval-<tag>.jsonl` (every answer).
     pub fn write(&self, run_dir: &Path, tag: &str) -> Result<()> {
         let json = run_dir.join(format!("eval-{tag}.json"));
-        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n").with_context(|| format!("cannot write {}", json.display()))?;
+        crate::runfs::write_atomic(&json, (serde_json::to_string_pretty(self)? + "\n").as_bytes())?;
         let mut lines = String::new();
         for a in &self.answers {
             lines += &(serde_json::to_string(a)? + "\n");
         }
         let jsonl = run_dir.join(format!("eval-{tag}.jsonl"));
-        std::fs::write(&jsonl, lines).with_context(|| format!("cannot write {}", jsonl.display()))
+        crate::runfs::write_atomic(&jsonl, lines.as_bytes())
     }
 }
 

@@ -26,7 +26,8 @@ pub struct MetricsWriter {
 
 impl MetricsWriter {
     /// Opens `path` for appending, first dropping lines past `keep_through` (a resumed run
-    /// rewrites the steps after its checkpoint).
+    /// rewrites the steps after its checkpoint) and any line that does not parse (a last line
+    /// torn by a kill or a full disk). The rewrite is atomic.
     pub fn open(path: &Path, keep_through: u64) -> Result<MetricsWriter> {
         if path.exists() {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -38,7 +39,7 @@ impl MetricsWriter {
             if !out.is_empty() {
                 out.push('\n');
             }
-            std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))?;
+            crate::runfs::write_atomic(path, out.as_bytes())?;
         }
         Ok(MetricsWriter { path: path.to_path_buf() })
     }

@@ -19,7 +19,8 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
 use crate::tensor::{Device, Tensor};
-use crate::train::checkpoint::{self, TrainerState};
+use crate::runfs::{self, RunLock};
+use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout;
 use crate::train::metrics::{MetricsWriter, SftMetrics};
 use crate::train::optim::{apply_gradients, apply_step, AdamW, AdamWConfig, StepGrads};
@@ -164,6 +165,8 @@ pub struct Trainer {
     batches: Vec<Vec<usize>>,
     think_end: u32,
     loss_cfg: LossConfig,
+    /// Held while the trainer lives: one trainer per run directory.
+    _lock: RunLock,
 }
 
 impl Trainer {
@@ -175,8 +178,21 @@ impl Trainer {
     /// [`Trainer::new`] with the model and optimizer on `device` (on a GPU: bf16 weights, f32
     /// master weights and moments in the optimizer).
     pub fn new_on(cfg: SftConfig, resume: bool, device: Device) -> Result<Trainer> {
+        Self::new_with(cfg, Start { resume, force: false }, device)
+    }
+
+    /// [`Trainer::new_on`] with the resume policy `start`: the run directory is locked and its
+    /// stale temporaries removed; a resumed config is checked against the saved one.
+    pub fn new_with(cfg: SftConfig, start: Start, device: Device) -> Result<Trainer> {
         let run = cfg.run_dir.clone();
-        std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
+        let lock = RunLock::acquire(&run)?;
+        for d in [run.clone(), run.join("task")] {
+            runfs::clean_stale_temps_noisy(&d);
+        }
+        let resume = start.resume && !checkpoint::all(&run).is_empty();
+        if resume {
+            checkpoint::check_resume_config(&run, &cfg, start.force)?;
+        }
         let (train_s, eval_s, model_dir) = materialize(&cfg)?;
         let tok = Tokenizer::load(&model_dir)?;
         let think_end = tok.token_id(tiny::THINK_END).context("tokenizer lacks </think> as a single token")?;
@@ -189,15 +205,16 @@ impl Trainer {
         let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
         let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
         let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
-        let mut t = match checkpoint::latest(&run).filter(|_| resume) {
-            Some((_, dir)) => {
-                let (model, opt, st) = checkpoint::load(&dir)?;
+        let resumed = if resume { checkpoint::load_latest_good(&run)? } else { None };
+        let mut t = match resumed {
+            Some((dir, model, opt, st)) => {
+                checkpoint::check_resume_step(&dir, st.step, cfg.steps)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
-                Trainer { cfg: cfg.clone(), model, opt, adam, schedule, alpha_logit: st.alpha_logit, step: st.step, epoch: st.epoch, cursor: st.cursor, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg }
+                Trainer { cfg: cfg.clone(), model, opt, adam, schedule, alpha_logit: st.alpha_logit, step: st.step, epoch: st.epoch, cursor: st.cursor, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: lock }
             }
             None => {
                 let model = Model::load(&model_dir)?;
-                Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg }
+                Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: lock }
             }
         };
         if device.is_gpu() {
@@ -371,25 +388,31 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
     let run = &cfg.run_dir;
     let task_dir = run.join("task");
     let (train_p, eval_p) = (task_dir.join("train.jsonl"), task_dir.join("eval.jsonl"));
-    let need_task = cfg.data.is_none() || cfg.model.is_none();
-    if need_task && !(train_p.exists() && eval_p.exists()) {
-        let (tr, ev) = synth::generate(cfg.seed, cfg.task_train, cfg.task_eval);
-        synth::write_jsonl(&eval_p, &ev)?;
-        synth::write_jsonl(&train_p, &tr)?;
-    }
-    let (train, eval) = match &cfg.data {
-        None => (crate::data::load_jsonl(&train_p)?, crate::data::load_jsonl(&eval_p)?),
+    // Given data is read and checked first: a bad file fails before any task or model is built.
+    let given = match &cfg.data {
+        None => None,
         Some(d) => {
             let mut all: Vec<Sample> = crate::data::load_jsonl(d)?;
-            match &cfg.eval_data {
+            anyhow::ensure!(!all.is_empty(), "{}: no examples (the file is empty or only blank lines)", d.display());
+            Some(match &cfg.eval_data {
                 Some(e) => (all, crate::data::load_jsonl(e)?),
                 None => {
                     let n_eval = ((all.len() as f32 * cfg.eval_fraction) as usize).min(all.len().saturating_sub(1));
                     let eval = all.split_off(all.len() - n_eval);
                     (all, eval)
                 }
-            }
+            })
         }
+    };
+    let need_task = cfg.data.is_none() || cfg.model.is_none();
+    if need_task && !(train_p.exists() && eval_p.exists()) {
+        let (tr, ev) = synth::generate(cfg.seed, cfg.task_train, cfg.task_eval);
+        synth::write_jsonl(&eval_p, &ev)?;
+        synth::write_jsonl(&train_p, &tr)?;
+    }
+    let (train, eval) = match given {
+        None => (crate::data::load_jsonl(&train_p)?, crate::data::load_jsonl(&eval_p)?),
+        Some(te) => te,
     };
     let model_dir = match &cfg.model {
         Some(m) => m.clone(),
@@ -428,10 +451,15 @@ pub fn run(cfg: SftConfig, resume: bool) -> Result<RunSummary> {
 
 /// [`run`] with the model on `device`.
 pub fn run_on(cfg: SftConfig, resume: bool, device: Device) -> Result<RunSummary> {
+    run_with(cfg, Start { resume, force: false }, device)
+}
+
+/// [`run_on`] with the resume policy `start` (see [`Trainer::new_with`]).
+pub fn run_with(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSummary> {
     let start = Instant::now();
-    let mut t = Trainer::new_on(cfg.clone(), resume, device)?;
+    let mut t = Trainer::new_with(cfg.clone(), start_mode, device)?;
     let run = cfg.run_dir.clone();
-    std::fs::write(run.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
+    runfs::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;
     let pb = if std::io::stderr().is_terminal() { indicatif::ProgressBar::new(cfg.steps) } else { indicatif::ProgressBar::hidden() };
     pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
@@ -456,7 +484,8 @@ pub fn run_on(cfg: SftConfig, resume: bool, device: Device) -> Result<RunSummary
     if cfg.eval_samples > 0 && !t.eval.is_empty() {
         let (a, e, n) = t.eval_result_accuracy(cfg.eval_samples)?;
         eprintln!("held-out result segment (teacher-forced): token accuracy {:.4} over {n} tokens, exact {:.4}", a, e);
-        std::fs::write(run.join("eval.json"), serde_json::to_string_pretty(&serde_json::json!({"step": t.step, "result_token_accuracy": a, "result_exact": e, "tokens": n}))? + "\n")?;
+        let json = serde_json::to_string_pretty(&serde_json::json!({"step": t.step, "result_token_accuracy": a, "result_exact": e, "tokens": n}))? + "\n";
+        runfs::write_atomic(&run.join("eval.json"), json.as_bytes())?;
         (acc, exact) = (Some(a), Some(e));
         let h = t.heldout(cfg.eval_samples)?;
         eprintln!("heldout_accuracy (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
