@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use fcgpu::train::probe::{copy_batch, phase_change_step, probe_model, probe_trainer};
+use fcgpu::train::probe::{copy_batch, phase_change_step, probe_model, probe_trainer, PLATEAU, WINDOW};
 use fcgpu::train::tiny::TinySize;
 
 struct Args {
@@ -71,7 +71,7 @@ fn main() -> Result<()> {
         }
     }
     log.flush()?;
-    let pc = phase_change_step(&losses, (200, 400), 20);
+    let pc = phase_change_step(&losses, PLATEAU, WINDOW);
     println!("seed {}: phase change at step {}", a.seed, pc.map_or("none".to_string(), |s| s.to_string()));
     Ok(())
 }

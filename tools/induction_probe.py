@@ -12,8 +12,9 @@ cosine to 0.1·lr, clipping at global norm 1.0. Float32.
     .venv-ref/bin/python tools/induction_probe.py summary runs/probe/seed*
 
 `train` writes `<out>/torch.jsonl` (step, loss, grad_norm). `summary` prints a markdown table
-of the phase-change step per seed and engine (first step whose 20-step trailing mean loss is
-below half the mean loss of steps 200-400), and the loss at a few steps.
+of the phase-change step per seed and engine (first step whose 10-step trailing mean loss is
+below half the mean loss of steps 11-30, the plateau after warm-up), and the loss (20-step
+trailing mean) at a few steps.
 """
 import argparse
 import json
@@ -48,7 +49,7 @@ def lr_at(step, lr, warmup, total, min_ratio):
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def phase_change(losses, plateau=(200, 400), window=20):
+def phase_change(losses, plateau=(11, 30), window=10):
     a, b = max(plateau[0], 1), min(plateau[1], len(losses))
     if a > b:
         return None
@@ -100,7 +101,7 @@ def read_losses(path):
 
 
 def summary(args):
-    marks = [1, 500, 1000, 1500, 2000, 2500, 3000]
+    marks = [20, 60, 80, 100, 150, 200, 500, 1000, 3000]
     print("| seed | engine | steps run | phase change (step) | " + " | ".join(f"loss @{m}" for m in marks) + " |")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in marks) + " |")
     for d in args.dirs:

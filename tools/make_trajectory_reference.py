@@ -80,7 +80,7 @@ def global_norm(params):
 
 # ---------------------------------------------------------------- SFT
 
-def make_sft_batches(gen, n_batches=8, per_batch=4):
+def make_sft_batches(gen, n_batches=24, per_batch=4):
     """Random sequences: prompt, then think tokens ending in THINK_END, result tokens, IM_END.
     Batch 3 has no think segment at all (α must then drop out of the loss); some sequences in
     other batches have none either."""
@@ -311,7 +311,7 @@ def main():
     with open(os.path.join(args.out, "sft.json"), "w") as f:
         json.dump(sft, f, separators=(",", ":"))
 
-    grpo_cfg = {"model": MODEL, "steps": 10, "lr": 2e-3, "warmup": 2, "min_ratio": 0.1, "weight_decay": 0.01,
+    grpo_cfg = {"model": MODEL, "steps": 10, "lr": 1e-3, "warmup": 2, "min_ratio": 0.1, "weight_decay": 0.01,
                 "max_grad_norm": 1.0, "temperature": 0.8, "group_size": 4, "prompts_per_step": 2,
                 "eps_low": 0.2, "eps_high": 0.28, "beta": 0.05, "entropy_lambda": 0.4, "entropy_alpha": 2.0,
                 "srml_alpha": 0.5, "ppo_epochs": 2, "micro_batch": 3}

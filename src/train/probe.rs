@@ -63,6 +63,12 @@ pub fn probe_trainer(model: Model, lr: f32, steps: u64) -> Trainer {
     Trainer::from_model(cfg, model, tok, u32::MAX)
 }
 
+/// Steps whose mean loss is the level before the phase change: after the 10 warm-up steps, when
+/// the model has only learnt that the tokens are uniform (loss ≈ ln 1533 ≈ 7.3).
+pub const PLATEAU: (usize, usize) = (11, 30);
+/// Trailing window of the phase-change test.
+pub const WINDOW: usize = 10;
+
 /// The first step whose trailing `window`-step mean loss is below half the plateau (the mean
 /// loss over steps `plateau.0..=plateau.1`), or None. `losses[i]` is the loss of step i+1.
 pub fn phase_change_step(losses: &[f32], plateau: (usize, usize), window: usize) -> Option<usize> {
