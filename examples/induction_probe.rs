@@ -65,8 +65,10 @@ fn main() -> Result<()> {
         let m = t.step_on(&[copy_batch(a.seed, step, a.batch, a.len)])?;
         writeln!(log, "{{\"step\":{step},\"loss\":{},\"grad_norm\":{}}}", m.loss, m.grad_norm)?;
         losses.push(m.loss);
-        if step % 100 == 0 {
+        if step % 10 == 0 {
             log.flush()?;
+        }
+        if step % 100 == 0 {
             eprintln!("step {step}: loss {:.4} grad norm {:.3}", m.loss, m.grad_norm);
         }
     }

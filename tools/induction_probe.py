@@ -87,8 +87,9 @@ def train(args):
         opt.step()
         losses.append(float(loss))
         out.write(json.dumps({"step": step, "loss": float(loss), "grad_norm": norm}) + "\n")
-        if step % 100 == 0:
+        if step % 10 == 0:
             out.flush()
+        if step % 100 == 0:
             print(f"step {step}: loss {float(loss):.4f} grad norm {norm:.3f}", file=sys.stderr)
     out.close()
     print(f"seed {args.seed}: phase change at step {phase_change(losses)}")
