@@ -261,14 +261,27 @@ pub fn fill_batch<G>(first: Vec<G>, max_rounds: usize, zero_var: impl Fn(&G) -> 
     Ok((batch, done))
 }
 
-/// A rollout ready for the update: packed ids, where the completion starts, and per-token data.
-struct Rollout {
-    ids: Vec<u32>,
-    prompt_len: usize,
-    old_logp: Vec<f32>,
-    entropy: Vec<f32>,
+/// A rollout ready for the update: packed ids, where the completion starts, and per-token data
+/// (one value per completion token: π_old's log-prob and entropy at the sampling temperature).
+#[derive(Clone, Debug)]
+pub struct Rollout {
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+    pub old_logp: Vec<f32>,
+    pub entropy: Vec<f32>,
     /// Completion tokens before this index are the think segment (`<think>` … `</think>`).
-    think_len: usize,
+    pub think_len: usize,
+}
+
+/// What one rollout batch's update did: the CoT entropy and zero-variance share that went into
+/// the advantages, and per PPO epoch (loss, KL, clip fraction, pre-clip gradient norm).
+#[derive(Clone, Debug, Default)]
+pub struct UpdateStats {
+    pub cot_entropy: f32,
+    pub zero_var_groups: f32,
+    pub epochs: Vec<(f32, f32, f32, f32)>,
+    pub seconds_reference: f32,
+    pub seconds_update: f32,
 }
 
 pub struct GrpoTrainer {
@@ -289,7 +302,8 @@ pub struct GrpoTrainer {
     /// rewards they control (for example all-equal for some prompts).
     pub(crate) reward_override: Option<fn(&Sample, &str) -> f32>,
     /// Held while the trainer lives: one trainer per run directory.
-    _lock: RunLock,
+    /// None for a trainer built around a model with no run directory (tests, probes).
+    _lock: Option<RunLock>,
 }
 
 impl GrpoTrainer {
@@ -332,7 +346,7 @@ impl GrpoTrainer {
             }
             None => (Model::load(&start)?, AdamW::default(), 0, 0, 0),
         };
-        let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval, reward_override: None, _lock: lock };
+        let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval, reward_override: None, _lock: Some(lock) };
         if device.is_gpu() {
             t.opt.attach(&t.model, device)?;
             t.model = t.model.to_device(device)?;
@@ -340,6 +354,22 @@ impl GrpoTrainer {
         t.model.requires_grad();
         t.order = t.epoch_order(t.epoch);
         Ok(t)
+    }
+
+    /// A trainer on `model` with no prompts of its own, for callers that bring rollouts to
+    /// [`GrpoTrainer::update`] (the trajectory-parity tests). The reference policy is a copy of
+    /// `model` when `cfg.beta` is not 0; optimizer and schedule come from `cfg` as in `new`.
+    pub fn with_model(cfg: GrpoConfig, mut model: Model, tok: Tokenizer) -> GrpoTrainer {
+        let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+        let reference = (cfg.beta != 0.0).then(|| model.clone());
+        model.requires_grad();
+        GrpoTrainer { cfg, model, reference, tok, opt: AdamW::default(), adam, schedule, step: 0, epoch: 0, cursor: 0, order: vec![], train: vec![], eval: vec![], reward_override: None, _lock: None }
+    }
+
+    /// Learning rate of optimizer step `step` (1-based) under the run's schedule.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        self.schedule.lr_at(step)
     }
 
     fn epoch_order(&self, epoch: u64) -> Vec<usize> {
@@ -474,40 +504,16 @@ impl GrpoTrainer {
     }
 
     fn step_on(&mut self, next: u64, lr: f32, t0: Instant) -> Result<GrpoMetrics> {
-        let g = self.cfg.group_size;
         let mut m = GrpoMetrics { step: next, lr, ..Default::default() };
         let groups = self.draw_batch(next, &mut m)?;
         let t_roll = t0.elapsed().as_secs_f32();
         let rewards: Vec<f32> = groups.iter().flat_map(|grp| grp.rewards.iter().copied()).collect();
         let rollouts: Vec<Rollout> = groups.into_iter().flat_map(|grp| grp.rollouts).collect();
-        let h_tok: Vec<Vec<f32>> = rollouts.iter().map(|r| r.entropy[..r.think_len].to_vec()).collect();
-        let h_seq: Vec<f32> = h_tok.iter().map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 }).collect();
-        let think_tokens: usize = h_tok.iter().map(|h| h.len()).sum();
-        m.cot_entropy = h_tok.iter().flatten().sum::<f32>() / think_tokens.max(1) as f32;
-        let scale = match self.cfg.adv_scale {
-            Scale::Group => AdvScale::Group,
-            Scale::Batch => AdvScale::Batch,
-            Scale::None => AdvScale::None,
-        };
-        let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
-        let per_response = self.cfg.entropy_granularity == Granularity::Response;
-        let adv = group_advantages(&rewards, g, scale, per_response.then_some(h_seq.as_slice()), bonus)?;
-        m.zero_var_groups = adv.zero_var.iter().filter(|&&z| z).count() as f32 / adv.zero_var.len() as f32;
-        let t1 = Instant::now();
-        let ref_lp = match &self.reference {
-            Some(r) => Some(ranged("reference pass", || self.logps(r, &rollouts))?),
-            None => None,
-        };
-        let t_ref = t1.elapsed().as_secs_f32();
-        let t2 = Instant::now();
-        let (mut loss, mut kl, mut clip, mut norm) = (0.0, 0.0, 0.0, 0.0);
-        for epoch in 0..self.cfg.ppo_epochs.max(1) {
-            let (l, k, c, grads) = ranged("update", || self.policy_gradient(&rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0))?;
-            ensure!(l.is_finite(), "step {next}: loss is {l}; stopping before the update, weights unchanged");
-            norm = ranged("optimizer step", || apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm))
-                .with_context(|| format!("step {next}"))?;
-            (loss, kl, clip) = (l, k, c);
-        }
+        let u = self.update(&rollouts, &rewards, lr).with_context(|| format!("step {next}"))?;
+        m.cot_entropy = u.cot_entropy;
+        m.zero_var_groups = u.zero_var_groups;
+        let &(loss, kl, clip, norm) = u.epochs.last().context("no PPO epoch ran")?;
+        let (t_ref, t_upd) = (u.seconds_reference, u.seconds_update);
         self.step = next;
         let secs = t0.elapsed().as_secs_f32();
         m.loss = loss;
@@ -515,8 +521,70 @@ impl GrpoTrainer {
         m.clip_frac = clip;
         m.grad_norm = norm;
         m.tokens_per_s = m.completion_tokens as f32 / secs.max(1e-9);
-        (m.seconds_rollout, m.seconds_reference, m.seconds_update, m.seconds) = (t_roll, t_ref, t2.elapsed().as_secs_f32(), secs);
+        (m.seconds_rollout, m.seconds_reference, m.seconds_update, m.seconds) = (t_roll, t_ref, t_upd, secs);
         Ok(m)
+    }
+
+    /// The update of one rollout batch (completions ordered prompt-major, `group_size` per
+    /// prompt, with their rewards): advantages with the entropy bonus, the reference pass, and
+    /// `ppo_epochs` optimizer steps at learning rate `lr`. Everything `fcgpu train` does in a
+    /// step after sampling and scoring.
+    pub fn update(&mut self, rollouts: &[Rollout], rewards: &[f32], lr: f32) -> Result<UpdateStats> {
+        ensure!(rollouts.len() == rewards.len(), "{} rollouts for {} rewards", rollouts.len(), rewards.len());
+        for r in rollouts {
+            let n = r.ids.len().saturating_sub(r.prompt_len);
+            ensure!(r.prompt_len >= 1, "a rollout needs a prompt token");
+            ensure!(r.old_logp.len() == n && r.entropy.len() == n && r.think_len <= n, "rollout data for {n} completion tokens: {} log-probs, {} entropies, think length {}", r.old_logp.len(), r.entropy.len(), r.think_len);
+        }
+        let g = self.cfg.group_size;
+        let mut st = UpdateStats::default();
+        let h_tok: Vec<&[f32]> = rollouts.iter().map(|r| &r.entropy[..r.think_len]).collect();
+        let h_seq: Vec<f32> = h_tok.iter().map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 }).collect();
+        let think_tokens: usize = h_tok.iter().map(|h| h.len()).sum();
+        st.cot_entropy = h_tok.iter().flat_map(|h| h.iter()).sum::<f32>() / think_tokens.max(1) as f32;
+        let scale = match self.cfg.adv_scale {
+            Scale::Group => AdvScale::Group,
+            Scale::Batch => AdvScale::Batch,
+            Scale::None => AdvScale::None,
+        };
+        let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
+        let per_response = self.cfg.entropy_granularity == Granularity::Response;
+        let adv = group_advantages(rewards, g, scale, per_response.then_some(h_seq.as_slice()), bonus)?;
+        st.zero_var_groups = adv.zero_var.iter().filter(|&&z| z).count() as f32 / adv.zero_var.len() as f32;
+        let t1 = Instant::now();
+        let ref_lp = match &self.reference {
+            Some(r) => Some(ranged("reference pass", || self.logps(r, rollouts))?),
+            None => None,
+        };
+        st.seconds_reference = t1.elapsed().as_secs_f32();
+        let t2 = Instant::now();
+        for epoch in 0..self.cfg.ppo_epochs.max(1) {
+            let (l, k, c, grads) = ranged("update", || self.policy_gradient(rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0))?;
+            ensure!(l.is_finite(), "loss is {l}; stopping before the update, weights unchanged");
+            let norm = ranged("optimizer step", || apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm))?;
+            st.epochs.push((l, k, c, norm));
+        }
+        st.seconds_update = t2.elapsed().as_secs_f32();
+        Ok(st)
+    }
+
+    /// Rollouts of the given sequences (each prompt then completion; the first `think_lens[i]`
+    /// completion tokens are the think segment) with the current policy's log-probs and
+    /// entropies at the sampling temperature: π_old as a teacher-forced pass, where `train`
+    /// takes them from the sampler.
+    pub fn rollouts_from_policy(&self, seqs: &[Vec<u32>], prompt_lens: &[usize], think_lens: &[usize]) -> Result<Vec<Rollout>> {
+        ensure!(seqs.len() == prompt_lens.len() && seqs.len() == think_lens.len(), "{} sequences, {} prompt lengths, {} think lengths", seqs.len(), prompt_lens.len(), think_lens.len());
+        let mut out = Vec::with_capacity(seqs.len());
+        for ((ids, &pl), &tl) in seqs.iter().zip(prompt_lens).zip(think_lens) {
+            ensure!(pl >= 1 && pl < ids.len(), "prompt of {pl} tokens in a sequence of {}", ids.len());
+            let batch = Batch::from_sequences(&[ids.as_slice()]);
+            let lp = no_grad(|| self.model.token_logprobs(&batch, self.cfg.temperature.max(1e-6)))?;
+            let lp = lp.host_f32()?;
+            let n = ids.len();
+            let (row0, row1) = lp.split_at(n);
+            out.push(Rollout { ids: ids.clone(), prompt_len: pl, old_logp: row0[pl - 1..n - 1].to_vec(), entropy: row1[pl - 1..n - 1].to_vec(), think_len: tl });
+        }
+        Ok(out)
     }
 
     /// Log-probs of every completion token under `model` (no graph), one vector per rollout.

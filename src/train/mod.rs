@@ -10,3 +10,4 @@ pub mod tiny;
 pub mod grpo;
 pub mod heldout;
 pub mod plot;
+pub mod probe;

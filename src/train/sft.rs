@@ -166,7 +166,8 @@ pub struct Trainer {
     think_end: u32,
     loss_cfg: LossConfig,
     /// Held while the trainer lives: one trainer per run directory.
-    _lock: RunLock,
+    /// None for a trainer built around a model with no run directory (tests, probes).
+    _lock: Option<RunLock>,
 }
 
 impl Trainer {
@@ -210,11 +211,11 @@ impl Trainer {
             Some((dir, model, opt, st)) => {
                 checkpoint::check_resume_step(&dir, st.step, cfg.steps)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
-                Trainer { cfg: cfg.clone(), model, opt, adam, schedule, alpha_logit: st.alpha_logit, step: st.step, epoch: st.epoch, cursor: st.cursor, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: lock }
+                Trainer { cfg: cfg.clone(), model, opt, adam, schedule, alpha_logit: st.alpha_logit, step: st.step, epoch: st.epoch, cursor: st.cursor, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: Some(lock) }
             }
             None => {
                 let model = Model::load(&model_dir)?;
-                Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: lock }
+                Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: Some(lock) }
             }
         };
         if device.is_gpu() {
@@ -224,6 +225,21 @@ impl Trainer {
         t.model.requires_grad();
         t.batches = t.epoch_order(t.epoch);
         Ok(t)
+    }
+
+    /// A trainer on `model` with no data of its own, for callers that bring their batches to
+    /// [`Trainer::step_on`] (the trajectory-parity tests, probes). `think_end` is the token id
+    /// that closes the think segment. Optimizer, schedule and α come from `cfg` as in `new`.
+    pub fn from_model(cfg: SftConfig, mut model: Model, tok: Tokenizer, think_end: u32) -> Trainer {
+        let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+        let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
+        let alpha_logit = srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4));
+        model.requires_grad();
+        Trainer {
+            cfg, model, opt: AdamW::default(), adam, schedule, alpha_logit, step: 0, epoch: 0, cursor: 0,
+            train: vec![], eval: vec![], eval_samples: vec![], tok, batches: vec![], think_end, loss_cfg, _lock: None,
+        }
     }
 
     fn epoch_order(&self, epoch: u64) -> Vec<Vec<usize>> {
@@ -253,8 +269,28 @@ impl Trainer {
     }
 
     /// One optimizer step over `grad_accum` micro-batches. A non-finite loss or gradient stops
-    /// with an error before any parameter changes.
+    /// with an error before any parameter changes (and the data cursor is not moved).
     pub fn step(&mut self) -> Result<SftMetrics> {
+        let (epoch0, cursor0, batches0) = (self.epoch, self.cursor, self.batches.clone());
+        let micro: Vec<(Batch, Vec<usize>)> = (0..self.cfg.grad_accum.max(1))
+            .map(|_| {
+                let idx = self.next_batch();
+                let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.train[i].ids.as_slice()).collect();
+                (Batch::from_sequences(&seqs), idx.iter().map(|&i| self.train[i].prompt_len).collect())
+            })
+            .collect();
+        let out = self.step_on(&micro);
+        if out.is_err() {
+            (self.epoch, self.cursor, self.batches) = (epoch0, cursor0, batches0);
+        }
+        out
+    }
+
+    /// One optimizer step on the given micro-batches (each a packed batch and the prompt length
+    /// of every sequence in it): the gradients are averaged over them, clipped, and applied
+    /// with the scheduled learning rate; SRML's learnable α takes its own AdamW step. This is
+    /// the whole update of `fcgpu sft`; `step` only picks the data.
+    pub fn step_on(&mut self, micro: &[(Batch, Vec<usize>)]) -> Result<SftMetrics> {
         let t0 = Instant::now();
         let next = self.step + 1;
         let lr = self.schedule.lr_at(next);
@@ -263,21 +299,16 @@ impl Trainer {
         // On a GPU the sums stay on the device (StepGrads); the cpu keeps its flat vectors.
         let mut dev_acc = StepGrads::on(self.model.device());
         let mut acc: Vec<Vec<f32>> = if on_gpu { vec![] } else { params.iter().map(|(_, t)| vec![0.0; t.numel()]).collect() };
-        let ga = self.cfg.grad_accum.max(1);
+        anyhow::ensure!(!micro.is_empty(), "step {next}: no micro-batch");
+        let ga = micro.len();
         let (mut loss_sum, mut lt_sum, mut lr_sum, mut a_sum, mut da_sum, mut tokens) = (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32, 0usize);
-        let (epoch0, cursor0, batches0) = (self.epoch, self.cursor, self.batches.clone());
-        for _ in 0..ga {
-            let idx = self.next_batch();
-            let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.train[i].ids.as_slice()).collect();
-            let pls: Vec<usize> = idx.iter().map(|&i| self.train[i].prompt_len).collect();
-            let batch = Batch::from_sequences(&seqs);
+        for (batch, pls) in micro {
             tokens += batch.ids.len();
-            let spans = srml::spans(&batch, &pls, self.think_end)?;
-            let lp = self.model.token_logprobs(&batch, 1.0)?;
+            let spans = srml::spans(batch, pls, self.think_end)?;
+            let lp = self.model.token_logprobs(batch, 1.0)?;
             let out = srml::loss(&lp, &spans, &self.loss_cfg, self.alpha())?;
             let lv = out.loss.to_scalar()?;
             if !lv.is_finite() {
-                (self.epoch, self.cursor, self.batches) = (epoch0, cursor0, batches0);
                 bail!("step {next}: loss is {lv} (think {}, result {}); stopping before the update, weights unchanged", out.l_think, out.l_result);
             }
             let grads = ops::scale(&out.loss, 1.0 / ga as f32)?.backward()?;
@@ -300,7 +331,6 @@ impl Trainer {
         let gaf = ga as f32;
         let norm = if on_gpu { dev_acc.norm()? } else { acc.iter().flat_map(|a| a.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32 };
         if !norm.is_finite() {
-            (self.epoch, self.cursor, self.batches) = (epoch0, cursor0, batches0);
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
         }
         if on_gpu {

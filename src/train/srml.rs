@@ -89,7 +89,8 @@ pub struct LossOut {
     pub l_result: f32,
     /// The α used (for `plain`: the think share of the completion tokens, its effective α).
     pub alpha: f32,
-    /// ∂L/∂α (learnable mode trains α = sigmoid(a) with it).
+    /// ∂L/∂α (learnable mode trains α = sigmoid(a) with it); 0 when the batch lacks one of
+    /// the segments (α is then not in the loss) and for `plain`.
     pub dl_dalpha: f32,
 }
 
@@ -130,7 +131,10 @@ pub fn loss(lp: &Tensor, spans: &[Spans], cfg: &LossConfig, alpha: f32) -> Resul
         }
     };
     let loss = ops::weighted_sum(lp, &w)?;
-    Ok(LossOut { loss, l_think, l_result, alpha: alpha_used, dl_dalpha: l_think - l_result })
+    // α only enters the loss when both segments are present (else it is forced to 0 or 1 above),
+    // so a batch without one of them gives α no gradient.
+    let dl_dalpha = if cfg.kind == LossKind::Srml && n_think > 0 && n_result > 0 { l_think - l_result } else { 0.0 };
+    Ok(LossOut { loss, l_think, l_result, alpha: alpha_used, dl_dalpha })
 }
 
 pub fn sigmoid(x: f32) -> f32 {
@@ -200,6 +204,19 @@ mod tests {
         assert!((out.alpha - a).abs() < 1e-6);
         assert!((out.loss.to_scalar().unwrap() - (a * lt + (1.0 - a) * lr)).abs() < 1e-5);
         assert!((out.dl_dalpha - (lt - lr)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn alpha_has_no_gradient_without_a_think_segment() {
+        // Only seq 1 (no </think>): the loss is L_result alone, whatever α is.
+        let batch = Batch::from_sequences(&[vec![1u32, 4, 4]]);
+        let lp = Tensor::from_vec(vec![-0.3, -0.7, -0.2, 0.5, 0.5, 0.5], &[2, 3]).unwrap();
+        let s = spans(&batch, &[1], 9).unwrap();
+        let cfg = LossConfig { kind: LossKind::Srml, alpha_mode: AlphaMode::Learnable, pooled: false };
+        let (a, b) = (loss(&lp, &s, &cfg, 0.2).unwrap(), loss(&lp, &s, &cfg, 0.9).unwrap());
+        assert_eq!(a.loss.to_scalar().unwrap(), b.loss.to_scalar().unwrap());
+        assert_eq!(a.alpha, 0.0);
+        assert_eq!(a.dl_dalpha, 0.0);
     }
 
     #[test]

@@ -20,7 +20,13 @@ pub fn chunk_rows(vocab: usize) -> usize {
 pub struct RowStats {
     pub logp: f32,
     pub entropy: f32,
-    pub log_z: f32,
+    /// log Z = `shift + ln_s`, kept in two parts: `shift` = max z/T, and `ln_s` = ln Σ e^(z/T − shift),
+    /// which is small. Backward rebuilds log p_k as (z_k/T − shift) − ln_s: for a confident
+    /// row the top token's log p is then exact to f32 resolution near 0, where z/T − log Z in
+    /// one step loses it to the rounding of log Z (~1e-6 at |log Z| ~ 20), and 1 − p_y, the
+    /// gradient of a well-predicted target, would carry that error.
+    pub shift: f32,
+    pub ln_s: f32,
 }
 
 /// One row of raw logits `z`: log p(y), entropy and log Z of softmax(z / T) (SPEC §7's
@@ -55,7 +61,7 @@ pub fn row_stats(z: &[f32], y: usize, inv_t: f32) -> RowStats {
     let log_z = m as f64 + s.ln();
     // H = log Z − E[z] with E[z] taken relative to m for precision.
     let entropy = s.ln() - t / s;
-    RowStats { logp: (z[y] as f64 * inv_t as f64 - log_z) as f32, entropy: entropy as f32, log_z: log_z as f32 }
+    RowStats { logp: (z[y] as f64 * inv_t as f64 - log_z) as f32, entropy: entropy as f32, shift: m, ln_s: s.ln() as f32 }
 }
 
 fn chunk_logits(h: &[f32], w: &[f32], hidden: usize, vocab: usize, rows: usize, buf: &mut Vec<f32>) {
@@ -111,7 +117,8 @@ pub fn backward(
             let (st, gl, gh) = (stats[r0 + r], g_lp[r0 + r], g_h[r0 + r]);
             fastmath::vectorized(|| {
                 for x in z.iter_mut() {
-                    let logp = *x * inv_t - st.log_z;
+                    // The same f32 shift as forward's exponentials, then the small ln s.
+                    let logp = (*x * inv_t - st.shift) - st.ln_s;
                     let p = fastmath::exp(logp);
                     *x = (-gl * p - gh * p * (logp + st.entropy)) * inv_t;
                 }
@@ -124,4 +131,24 @@ pub fn backward(
         }
     }
     (dh, dw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confident_target_keeps_its_small_gradient() {
+        // One row, hidden 1, so the logits are W itself and dW = dz. p(y = 0) = 1 − 2e^−14:
+        // d logp / dz_0 = 1 − p_0 ≈ 1.66e-6, far below the rounding of log Z ≈ 30 in f32
+        // (1.9e-6), which the two-part log Z avoids.
+        let (h, w) = ([1.0f32], [30.0f32, 16.0, 16.0]);
+        let (stats, _) = forward(&h, &w, &[0], 1.0, false);
+        let (_, dw) = backward(&h, &w, &[0], 1.0, &stats, &[1.0], &[0.0], true, None);
+        let dw = dw.unwrap();
+        let q = (-14.0f64).exp();
+        let want = 2.0 * q / (1.0 + 2.0 * q);
+        assert!(((dw[0] as f64) - want).abs() < 0.1 * want, "d/dz_0 = {} (want {want})", dw[0]);
+        assert!(((dw[1] as f64) + q).abs() < 1e-3 * q, "d/dz_1 = {} (want {})", dw[1], -q);
+    }
 }

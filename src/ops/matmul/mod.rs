@@ -72,14 +72,17 @@ impl GradFn for LinearBack {
         }).transpose()?;
         let mut out = vec![dx, dw];
         if let Some(b) = &self.b {
+            // Summed in f64: a bias gradient can be a near-cancelling sum over many rows (the
+            // key bias barely moves attention, softmax being shift-invariant), and AdamW
+            // divides by its own scale, so an f32 running sum's error became a weight change.
             let db = b.tracks_grad().then(|| {
-                let mut db = vec![0.0; out_f];
+                let mut db = vec![0.0f64; out_f];
                 for r in gv.chunks_exact(out_f) {
-                    for (d, x) in db.iter_mut().zip(r) {
-                        *d += x;
+                    for (d, &x) in db.iter_mut().zip(r) {
+                        *d += x as f64;
                     }
                 }
-                Tensor::from_vec(db, &[out_f])
+                Tensor::from_vec(db.into_iter().map(|x| x as f32).collect(), &[out_f])
             }).transpose()?;
             out.push(db);
         }
