@@ -112,6 +112,9 @@ pub struct GrpoConfig {
     pub warmup_sft_steps: u64,
     pub task_train: usize,
     pub task_eval: usize,
+    /// Copy pre-training steps of the embedded model before its SRML warm-up (see SftConfig).
+    #[serde(default)]
+    pub copy_warmup_steps: u64,
     /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
     pub preset: String,
     /// DAPO dynamic sampling: a group whose G rewards are all equal (no gradient) is replaced
@@ -158,6 +161,7 @@ impl Default for GrpoConfig {
             warmup_sft_steps: 400,
             task_train: 4000,
             task_eval: 200,
+            copy_warmup_steps: 0,
             preset: "tiny".into(),
             dynamic_sampling: false,
             max_resample: 4,
@@ -698,6 +702,7 @@ fn materialize_with(cfg: &GrpoConfig, device: Device, force: bool) -> Result<(Ve
         seed: cfg.seed,
         task_train: cfg.task_train,
         task_eval: cfg.task_eval,
+        copy_warmup_steps: cfg.copy_warmup_steps,
         eval_samples: 0,
         save_every: 0,
         preset: cfg.preset.clone(),

@@ -80,6 +80,24 @@ pub fn phase_change_step(losses: &[f32], plateau: (usize, usize), window: usize)
     (window..=losses.len()).find(|&end| losses[end - window..end].iter().sum::<f32>() / (window as f32) < level / 2.0)
 }
 
+/// Copy pre-training of a fresh model (`SftConfig::copy_warmup_steps`): `steps` steps of the
+/// probe's recipe (16 strings of 24 random tokens shown twice, loss on the second copy, AdamW
+/// 3e-3 with warm-up and cosine decay) over the model's own vocabulary, special tokens aside.
+pub fn copy_pretrain(model: Model, tok: &Tokenizer, steps: u64, seed: u64) -> Result<Model> {
+    anyhow::ensure!(model.config.vocab_size >= VOCAB, "copy pre-training needs a vocabulary of at least {VOCAB} tokens, the model has {}", model.config.vocab_size);
+    let mut t = probe_trainer(model, 3e-3, steps);
+    t.tok = tok.clone();
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { indicatif::ProgressBar::new(steps) } else { indicatif::ProgressBar::hidden() };
+    let mut last = f32::NAN;
+    for step in 1..=steps {
+        last = t.step_on(&[copy_batch(seed, step, 16, 24)])?.loss;
+        pb.set_position(step);
+    }
+    pb.finish_and_clear();
+    eprintln!("copy pre-training: {steps} steps, loss on the second copy {last:.3}");
+    Ok(t.model)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,13 @@ pub struct SftConfig {
     pub task_train: usize,
     pub task_eval: usize,
     pub vocab_size: usize,
+    /// Copy pre-training of a freshly built embedded model: this many steps on random token
+    /// strings shown twice (the induction probe's data, loss on the second copy) before the
+    /// model is saved as `base-model`. Small transformers learn to copy in a sudden phase
+    /// change; doing it on cheap short sequences first is what lets the task's SFT copy
+    /// argument values it has never seen. 0 skips it.
+    #[serde(default)]
+    pub copy_warmup_steps: u64,
     pub eval_fraction: f32,
     /// Held-out examples scored at the end (0: skip).
     pub eval_samples: usize,
@@ -101,6 +108,7 @@ impl Default for SftConfig {
             task_train: 4000,
             task_eval: 200,
             vocab_size: 1536,
+            copy_warmup_steps: 0,
             eval_fraction: 0.05,
             eval_samples: 200,
         }
@@ -452,7 +460,11 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
                 let task: Vec<Sample> = crate::data::load_jsonl(&train_p)?;
                 let texts: Vec<String> = task.iter().map(|s| format!("{}{}{}", synth::render_prompt(&s.messages, &s.functions), crate::fc::prompt::render_target(s), tiny::IM_END)).collect();
                 let tok = tiny::train_tokenizer(&texts, cfg.vocab_size)?;
-                let m = tiny::build(&dir, &tok, TinySize::by_name(&cfg.preset)?, cfg.seed)?;
+                let mut m = tiny::build(&dir, &tok, TinySize::by_name(&cfg.preset)?, cfg.seed)?;
+                if cfg.copy_warmup_steps > 0 {
+                    m = crate::train::probe::copy_pretrain(m, &tok, cfg.copy_warmup_steps, cfg.seed)?;
+                    m.save(&dir, None)?;
+                }
                 eprintln!("built the {} model ({} parameters, vocab {}) in {}", cfg.preset, m.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(), tok.vocab_size(), dir.display());
             }
             dir
