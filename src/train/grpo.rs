@@ -175,6 +175,9 @@ pub struct GrpoMetrics {
     pub lr: f32,
     pub grad_norm: f32,
     pub completion_tokens: usize,
+    /// Completions whose reward computation panicked (caught; reward 0). Should stay 0.
+    #[serde(default)]
+    pub reward_panics: usize,
     pub tokens_per_s: f32,
     pub seconds_rollout: f32,
     pub seconds_reference: f32,
@@ -380,6 +383,7 @@ impl GrpoTrainer {
             let r = reward(sample, &text, self.cfg.reward, self.answer_format());
             valid += r.valid as usize;
             fmt += r.format_ok as usize;
+            m.reward_panics += r.panicked as usize;
             rewards.push(r.reward as f32);
             let p = &prompts[c.prompt_index];
             let mut ids = p.clone();
