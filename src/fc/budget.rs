@@ -13,9 +13,10 @@
 //! - [`MAX_NESTING`]: at most 900 open brackets, checked by a linear scan before tree-sitter
 //!   runs (tree-sitter and BFCL's Python both recurse on nesting; Python's limit is ~1000).
 //! - [`MAX_WORK`]: the evaluation of constant expressions and the building of argument values
-//!   may create at most 64 MiB of values (counted before each allocation, as bytes of strings
-//!   plus the size of each value node) and compare at most that many dictionary or argument
-//!   keys, which caps both memory and time: one input costs well under a second.
+//!   may create at most 16 MiB of values (counted before each allocation, as bytes of strings
+//!   plus the size of each value node); comparing two keyword, argument or dictionary keys
+//!   costs [`COMPARE`] units or more. This caps both memory and time: one input costs a few
+//!   tens of milliseconds at most.
 //! - [`MAX_FORMAT_PRECISION`]: `'%.Nf' % x` accepts N up to 4096.
 
 use crate::fc::value::Value;
@@ -26,7 +27,9 @@ pub const MAX_ANSWER_BYTES: usize = 256 << 10;
 /// Deepest bracket nesting (`(`, `[`, `{`) accepted before a tree-sitter parse.
 pub const MAX_NESTING: usize = 900;
 /// Work units (bytes of values built, key comparisons) one answer's decoding may spend.
-pub const MAX_WORK: u64 = 64 << 20;
+pub const MAX_WORK: u64 = 16 << 20;
+/// Units charged for comparing two keys: a comparison costs far more time than copying a byte.
+pub const COMPARE: u64 = 64;
 /// Largest precision in a `%` format.
 pub const MAX_FORMAT_PRECISION: usize = 4096;
 

@@ -2,7 +2,7 @@
 //! (`default_decode_ast_prompting`, `resolve_ast_by_type`, the Java/JavaScript tree-sitter
 //! parsers and Qwen's `<tool_call>` JSON extraction), quirks included.
 
-use crate::fc::budget::{self, Budget, NODE};
+use crate::fc::budget::{self, Budget, COMPARE, NODE};
 use crate::fc::pyexpr::{self, dict_insert, eval_expr, unparse, Const, Expr, Kind, Num, UnOp};
 use crate::fc::value::Value;
 
@@ -204,7 +204,7 @@ fn resolve_call(e: &Expr, b: &mut Budget) -> Result<Call, DecodeError> {
     for k in keywords {
         let v = resolve_value(&k.value, b)?;
         // Finding a repeated keyword compares it with every earlier one.
-        charge(b, args.len() as u64, "comparing keyword names")?;
+        charge(b, args.len() as u64 * COMPARE, "comparing keyword names")?;
         match args.iter_mut().find(|(n, _)| *n == k.arg) {
             Some(slot) => slot.1 = v,
             None => args.push((k.arg.clone(), v)),

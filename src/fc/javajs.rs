@@ -1,7 +1,7 @@
 //! BFCL's Java and JavaScript call parsers, on the same tree-sitter grammars it uses
 //! (tree-sitter-java 0.21.0, tree-sitter-javascript 0.21.4). Values stay source text.
 
-use crate::fc::budget::{check_nesting, Budget};
+use crate::fc::budget::{check_nesting, Budget, COMPARE};
 use crate::fc::decode::{Call, DecodeError};
 use crate::fc::value::Value;
 use tree_sitter::{Node, Parser, Tree};
@@ -215,7 +215,7 @@ fn push_unique(
     v: String,
     b: &mut Budget,
 ) -> Result<(), DecodeError> {
-    b.charge(out.len() as u64, "comparing argument names")
+    b.charge(out.len() as u64 * COMPARE, "comparing argument names")
         .map_err(|e| DecodeError::Bounds(e.0))?;
     if out.iter().any(|(k, _)| *k == name) {
         return Err(DecodeError::Failed(

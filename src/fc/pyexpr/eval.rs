@@ -4,7 +4,7 @@
 //! Every value built is charged to a [`Budget`] before it is allocated (see `fc::budget`).
 
 use super::*;
-use crate::fc::budget::{cost, Budget, MAX_FORMAT_PRECISION, NODE};
+use crate::fc::budget::{cost, Budget, COMPARE, MAX_FORMAT_PRECISION, NODE};
 use crate::fc::value::{dict_set, Value};
 
 /// Python refuses nothing here, but a model writing `'a'*10**9` should not eat our memory.
@@ -78,7 +78,8 @@ pub fn dict_insert(
     v: Value,
     budget: &mut Budget,
 ) -> Result<(), PyErr> {
-    budget.charge(d.len() as u64 * cost(&k), "comparing dictionary keys")?;
+    let per_key = COMPARE.max(cost(&k));
+    budget.charge(d.len() as u64 * per_key, "comparing dictionary keys")?;
     dict_set(d, k, v);
     Ok(())
 }
