@@ -150,6 +150,16 @@ fn many_distinct_keys_are_refused_not_quadratic() {
 }
 
 #[test]
+fn long_malformed_java_and_javascript_are_refused() {
+    // tree-sitter's error recovery took 80 s of CPU on this 170 KB answer.
+    let keys: Vec<String> = (0..20_000).map(|i| format!("'{i}':0")).collect();
+    let answer = format!("[f(x={{{}}})]", keys.join(","));
+    for lang in [Lang::Java, Lang::JavaScript] {
+        assert_eq!(refusal(&answer, lang), BOUNDS);
+    }
+}
+
+#[test]
 fn hostile_answers_are_invalid_in_every_category() {
     // An irrelevance sample accepts any answer that does not decode; one over the bounds is
     // still invalid, since BFCL might have decoded it.

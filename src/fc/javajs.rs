@@ -14,11 +14,24 @@ const MAX_TREE_DEPTH: u32 = 900;
 /// anyway; only a JavaScript value such as a 2,000-term sum could differ from BFCL.
 const MAX_SEXP_DEPTH: usize = 2000;
 
+/// Longest Java/JavaScript answer handed to tree-sitter (BFCL's gold answers: under 1 KB).
+const MAX_TREE_SITTER_BYTES: usize = 16 << 10;
+
 /// Parses with tree-sitter after the nesting pre-scan: tree-sitter recurses on nesting in
 /// places, so deep input must be refused before it sees it.
 fn parse_tree(src: &str, java: bool) -> Result<Tree, DecodeError> {
+    // tree-sitter's error recovery is super-linear on long malformed input (a 170 KB
+    // JavaScript-like dict took 80 s of CPU): Java/JavaScript answers get a tighter length cap.
+    if src.len() > MAX_TREE_SITTER_BYTES {
+        return Err(DecodeError::Bounds(format!(
+            "a Java/JavaScript answer is {} bytes, over fcgpu's bound of {MAX_TREE_SITTER_BYTES}",
+            src.len()
+        )));
+    }
     check_nesting(src).map_err(|e| DecodeError::Bounds(e.0))?;
     let mut p = Parser::new();
+    // Last line of defence against a pathological parse: give up after a second.
+    p.set_timeout_micros(1_000_000);
     let lang = if java {
         tree_sitter_java::language()
     } else {
@@ -28,7 +41,7 @@ fn parse_tree(src: &str, java: bool) -> Result<Tree, DecodeError> {
         .map_err(|e| DecodeError::Failed(e.to_string()))?;
     let tree = p
         .parse(src, None)
-        .ok_or_else(|| DecodeError::Failed("parse failed".into()))?;
+        .ok_or_else(|| DecodeError::Bounds("tree-sitter parse took over 1 s".into()))?;
     // `Node::to_sexp` recurses once per level of the tree, which `a+a+…+a` makes as deep as
     // the input is long (brackets are already capped): refuse deep trees before calling it.
     if tree_depth(&tree) > MAX_SEXP_DEPTH {
