@@ -99,7 +99,17 @@ pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Ve
     Ok(out)
 }
 
+/// An empty stop string is contained in every text, so it would end each sample after its
+/// first token: refuse it.
+fn check_stops(stop: &[String]) -> Result<()> {
+    if let Some(i) = stop.iter().position(|s| s.is_empty()) {
+        bail!("--stop: the stop string number {} is empty; an empty string would stop every sample after one token", i + 1);
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
+    check_stops(&a.stop)?;
     let device = super::device(&a.device, "generate")?;
     let mut model = super::load_model(&a.model, device, a.dtype.as_deref())?;
     let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };

@@ -2,8 +2,9 @@
 //! (`default_decode_ast_prompting`, `resolve_ast_by_type`, the Java/JavaScript tree-sitter
 //! parsers and Qwen's `<tool_call>` JSON extraction), quirks included.
 
-use crate::fc::pyexpr::{self, eval_expr, unparse, Const, Expr, Kind, Num, UnOp};
-use crate::fc::value::{dict_set, Value};
+use crate::fc::budget::{self, Budget, COMPARE, NODE};
+use crate::fc::pyexpr::{self, dict_insert, eval_expr, unparse, Const, Expr, Kind, Num, UnOp};
+use crate::fc::value::Value;
 
 /// One decoded call: `{name: {param: value}}`. A `None` parameter name is Python's `None`
 /// key (from `**kwargs`, or a positional Java/JS argument).
@@ -65,6 +66,9 @@ pub enum DecodeError {
     Failed(String),
     /// BFCL: `ast_decoder:decoder_wrong_output_format` (decoded, but not a list of calls).
     WrongFormat,
+    /// fcgpu only: the answer crosses a bound of `fc::budget` (size, nesting, work); BFCL
+    /// would exhaust memory, hang or crash on it. Always an invalid answer.
+    Bounds(String),
 }
 
 impl DecodeError {
@@ -72,6 +76,7 @@ impl DecodeError {
         match self {
             DecodeError::Failed(_) => "ast_decoder:decoder_failed",
             DecodeError::WrongFormat => "ast_decoder:decoder_wrong_output_format",
+            DecodeError::Bounds(_) => "ast_decoder:decoder_bounds_exceeded",
         }
     }
 }
@@ -98,6 +103,32 @@ pub fn strip_reasoning(text: &str) -> &str {
 
 /// Decodes an answer that has already had its reasoning removed.
 pub fn decode(answer: &str, lang: Lang, fmt: AnswerFormat) -> Result<Vec<Call>, DecodeError> {
+    decode_counted(answer, lang, fmt).0
+}
+
+/// [`decode`], also returning the work it spent (for the fuzz test's per-input bounds).
+pub fn decode_counted(
+    answer: &str,
+    lang: Lang,
+    fmt: AnswerFormat,
+) -> (Result<Vec<Call>, DecodeError>, u64) {
+    let mut b = Budget::new();
+    let r = decode_in(answer, lang, fmt, &mut b);
+    // Whatever error surfaced, a crossed bound is the reason the answer was refused.
+    let r = match (r, b.exceeded()) {
+        (Err(_), Some(e)) => Err(DecodeError::Bounds(e.0.clone())),
+        (r, _) => r,
+    };
+    (r, b.used())
+}
+
+fn decode_in(
+    answer: &str,
+    lang: Lang,
+    fmt: AnswerFormat,
+    b: &mut Budget,
+) -> Result<Vec<Call>, DecodeError> {
+    budget::check_len(answer).map_err(|e| DecodeError::Bounds(e.0))?;
     if fmt == AnswerFormat::Json {
         return decode_json_tool_calls(answer);
     }
@@ -111,9 +142,9 @@ pub fn decode(answer: &str, lang: Lang, fmt: AnswerFormat) -> Result<Vec<Call>, 
         w.push(']');
     }
     match lang {
-        Lang::Python => decode_python_list(&w),
-        Lang::Java => crate::fc::javajs::parse_java(strip_first_last(&w)),
-        Lang::JavaScript => crate::fc::javajs::parse_js(strip_first_last(&w)),
+        Lang::Python => decode_python_list(&w, b),
+        Lang::Java => crate::fc::javajs::parse_java(strip_first_last(&w), b),
+        Lang::JavaScript => crate::fc::javajs::parse_js(strip_first_last(&w), b),
     }
 }
 
@@ -129,22 +160,24 @@ fn strip_first_last(s: &str) -> &str {
     }
 }
 
-/// Whether BFCL's relevance check sees a call (decodes, and is not empty).
-pub fn has_call(answer: &str, fmt: AnswerFormat) -> bool {
+/// Whether BFCL's relevance check sees a call (decodes, and is not empty); an answer over
+/// fcgpu's bounds is the error it gives.
+pub fn has_call(answer: &str, fmt: AnswerFormat) -> Result<bool, DecodeError> {
     match decode(answer, Lang::Python, fmt) {
-        Ok(calls) => !calls.is_empty(),
-        Err(_) => false,
+        Ok(calls) => Ok(!calls.is_empty()),
+        Err(e @ DecodeError::Bounds(_)) => Err(e),
+        Err(_) => Ok(false),
     }
 }
 
-fn decode_python_list(src: &str) -> Result<Vec<Call>, DecodeError> {
+fn decode_python_list(src: &str, b: &mut Budget) -> Result<Vec<Call>, DecodeError> {
     let body = pyexpr::parse_expr(src).map_err(|e| DecodeError::Failed(e.0))?;
     match &*body.kind {
-        Kind::Call { .. } => Ok(vec![resolve_call(&body)?]),
+        Kind::Call { .. } => Ok(vec![resolve_call(&body, b)?]),
         Kind::List(elts) | Kind::Tuple(elts) | Kind::Set(elts) => elts
             .iter()
             .map(|e| match &*e.kind {
-                Kind::Call { .. } => resolve_call(e),
+                Kind::Call { .. } => resolve_call(e, b),
                 _ => fail("AssertionError"),
             })
             .collect(),
@@ -153,7 +186,7 @@ fn decode_python_list(src: &str) -> Result<Vec<Call>, DecodeError> {
 }
 
 /// `resolve_ast_call`: dotted name, keyword arguments only (positional ones are dropped).
-fn resolve_call(e: &Expr) -> Result<Call, DecodeError> {
+fn resolve_call(e: &Expr, b: &mut Budget) -> Result<Call, DecodeError> {
     let Kind::Call { func, keywords, .. } = &*e.kind else {
         return fail("not a call");
     };
@@ -169,7 +202,9 @@ fn resolve_call(e: &Expr) -> Result<Call, DecodeError> {
     parts.reverse();
     let mut args: Vec<(Option<String>, Value)> = Vec::new();
     for k in keywords {
-        let v = resolve_value(&k.value)?;
+        let v = resolve_value(&k.value, b)?;
+        // Finding a repeated keyword compares it with every earlier one.
+        charge(b, args.len() as u64 * COMPARE, "comparing keyword names")?;
         match args.iter_mut().find(|(n, _)| *n == k.arg) {
             Some(slot) => slot.1 = v,
             None => args.push((k.arg.clone(), v)),
@@ -213,16 +248,30 @@ fn resolve_unary(op: UnOp, operand: &Expr) -> Result<Value, DecodeError> {
     }
 }
 
-/// `resolve_ast_by_type`.
-fn resolve_value(e: &Expr) -> Result<Value, DecodeError> {
+fn charge(b: &mut Budget, units: u64, what: &str) -> Result<(), DecodeError> {
+    b.charge(units, what).map_err(|e| DecodeError::Bounds(e.0))
+}
+
+/// `resolve_ast_by_type`, charging each value it builds.
+fn resolve_value(e: &Expr, b: &mut Budget) -> Result<Value, DecodeError> {
+    charge(b, NODE, "a value")?;
     match &*e.kind {
-        Kind::Const(c) => Ok(const_value(c)),
+        Kind::Const(c) => {
+            if let Const::Str { s: text, .. } = c {
+                charge(b, text.len() as u64, "a string")?;
+            }
+            Ok(const_value(c))
+        }
         Kind::Unary(op, v) => resolve_unary(*op, v),
         Kind::List(v) => Ok(Value::List(
-            v.iter().map(resolve_value).collect::<Result<_, _>>()?,
+            v.iter()
+                .map(|x| resolve_value(x, b))
+                .collect::<Result<_, _>>()?,
         )),
         Kind::Tuple(v) => Ok(Value::Tuple(
-            v.iter().map(resolve_value).collect::<Result<_, _>>()?,
+            v.iter()
+                .map(|x| resolve_value(x, b))
+                .collect::<Result<_, _>>()?,
         )),
         Kind::Dict(items) => {
             let mut d = Vec::new();
@@ -230,22 +279,22 @@ fn resolve_value(e: &Expr) -> Result<Value, DecodeError> {
                 let Some(k) = k else {
                     return fail("Unsupported AST type: NoneType");
                 };
-                let k = resolve_value(k)?;
-                let v = resolve_value(v)?;
+                let k = resolve_value(k, b)?;
+                let v = resolve_value(v, b)?;
                 if !k.is_hashable() {
                     return fail("unhashable type");
                 }
-                dict_set(&mut d, k, v);
+                dict_insert(&mut d, k, v, b).map_err(|e| DecodeError::Failed(e.0))?;
             }
             Ok(Value::Dict(d))
         }
-        Kind::Bin(..) => eval_expr(e).map_err(|x| DecodeError::Failed(x.0)),
+        Kind::Bin(..) => eval_expr(e, b).map_err(|x| DecodeError::Failed(x.0)),
         Kind::Name(n) => Ok(Value::Str(n.clone())),
         Kind::Call { keywords, .. } => {
             if keywords.is_empty() {
                 Ok(Value::Str(unparse(e)))
             } else {
-                let c = resolve_call(e)?;
+                let c = resolve_call(e, b)?;
                 let params = c
                     .args
                     .into_iter()

@@ -1,6 +1,7 @@
 //! BFCL's Java and JavaScript call parsers, on the same tree-sitter grammars it uses
 //! (tree-sitter-java 0.21.0, tree-sitter-javascript 0.21.4). Values stay source text.
 
+use crate::fc::budget::{check_nesting, Budget, COMPARE};
 use crate::fc::decode::{Call, DecodeError};
 use crate::fc::value::Value;
 use tree_sitter::{Node, Parser, Tree};
@@ -8,8 +9,29 @@ use tree_sitter::{Node, Parser, Tree};
 /// Python's default recursion limit, roughly.
 const MAX_TREE_DEPTH: u32 = 900;
 
+/// Deepest tree handed to tree-sitter's recursive `to_sexp` (a few hundred bytes of stack per
+/// level, so well inside a 2 MiB thread stack). BFCL's Java traversal fails at ~1000 levels
+/// anyway; only a JavaScript value such as a 2,000-term sum could differ from BFCL.
+const MAX_SEXP_DEPTH: usize = 2000;
+
+/// Longest Java/JavaScript answer handed to tree-sitter (BFCL's gold answers: under 1 KB).
+const MAX_TREE_SITTER_BYTES: usize = 16 << 10;
+
+/// Parses with tree-sitter after the nesting pre-scan: tree-sitter recurses on nesting in
+/// places, so deep input must be refused before it sees it.
 fn parse_tree(src: &str, java: bool) -> Result<Tree, DecodeError> {
+    // tree-sitter's error recovery is super-linear on long malformed input (a 170 KB
+    // JavaScript-like dict took 80 s of CPU): Java/JavaScript answers get a tighter length cap.
+    if src.len() > MAX_TREE_SITTER_BYTES {
+        return Err(DecodeError::Bounds(format!(
+            "a Java/JavaScript answer is {} bytes, over fcgpu's bound of {MAX_TREE_SITTER_BYTES}",
+            src.len()
+        )));
+    }
+    check_nesting(src).map_err(|e| DecodeError::Bounds(e.0))?;
     let mut p = Parser::new();
+    // Last line of defence against a pathological parse: give up after a second.
+    p.set_timeout_micros(1_000_000);
     let lang = if java {
         tree_sitter_java::language()
     } else {
@@ -19,12 +41,44 @@ fn parse_tree(src: &str, java: bool) -> Result<Tree, DecodeError> {
         .map_err(|e| DecodeError::Failed(e.to_string()))?;
     let tree = p
         .parse(src, None)
-        .ok_or_else(|| DecodeError::Failed("parse failed".into()))?;
+        .ok_or_else(|| DecodeError::Bounds("tree-sitter parse took over 1 s".into()))?;
+    // `Node::to_sexp` recurses once per level of the tree, which `a+a+…+a` makes as deep as
+    // the input is long (brackets are already capped): refuse deep trees before calling it.
+    if tree_depth(&tree) > MAX_SEXP_DEPTH {
+        return Err(DecodeError::Bounds(format!(
+            "syntax tree nests deeper than fcgpu's bound of {MAX_SEXP_DEPTH}"
+        )));
+    }
     // BFCL rejects the tree when its s-expression mentions ERROR (MISSING nodes pass).
     if tree.root_node().to_sexp().contains("ERROR") {
         return Err(DecodeError::Failed("Error parsing the source code.".into()));
     }
     Ok(tree)
+}
+
+/// The depth of the tree's visible nodes, found without recursion.
+fn tree_depth(tree: &Tree) -> usize {
+    let mut cur = tree.walk();
+    let (mut depth, mut max) = (1usize, 1usize);
+    loop {
+        if cur.goto_first_child() {
+            depth += 1;
+            max = max.max(depth);
+            continue;
+        }
+        if cur.goto_next_sibling() {
+            continue;
+        }
+        loop {
+            if !cur.goto_parent() {
+                return max;
+            }
+            depth -= 1;
+            if cur.goto_next_sibling() {
+                break;
+            }
+        }
+    }
 }
 
 /// BFCL's Java parser slices a Python str with byte offsets; reproduce that on characters.
@@ -118,7 +172,11 @@ impl JavaSrc {
         }
     }
 
-    fn arguments(&self, args: Node) -> Result<Vec<(Option<String>, Value)>, DecodeError> {
+    fn arguments(
+        &self,
+        args: Node,
+        b: &mut Budget,
+    ) -> Result<Vec<(Option<String>, Value)>, DecodeError> {
         let mut out: Vec<(Option<String>, Value)> = Vec::new();
         let mut cur = args.walk();
         for child in args.children(&mut cur) {
@@ -132,12 +190,12 @@ impl JavaSrc {
                 "identifier" | "class_literal" | "set" => (None, self.traverse(child, false, 0)?),
                 _ => continue,
             };
-            push_unique(&mut out, name, value)?;
+            push_unique(&mut out, name, value, b)?;
         }
         Ok(out)
     }
 
-    fn find_call(&self, n: Node, depth: u32) -> Option<Result<Call, DecodeError>> {
+    fn find_call(&self, n: Node, depth: u32, b: &mut Budget) -> Option<Result<Call, DecodeError>> {
         if depth > MAX_TREE_DEPTH {
             return Some(Err(DecodeError::Failed(
                 "maximum recursion depth exceeded".into(),
@@ -153,13 +211,13 @@ impl JavaSrc {
                 None => method,
             };
             let args = n.child_by_field_name("arguments")?;
-            return Some(self.arguments(args).map(|args| Call { name, args }));
+            return Some(self.arguments(args, b).map(|args| Call { name, args }));
         }
         let mut cur = n.walk();
         let children: Vec<Node> = n.children(&mut cur).collect();
         children
             .into_iter()
-            .find_map(|c| self.find_call(c, depth + 1))
+            .find_map(|c| self.find_call(c, depth + 1, b))
     }
 }
 
@@ -168,7 +226,10 @@ fn push_unique(
     out: &mut Vec<(Option<String>, Value)>,
     name: Option<String>,
     v: String,
+    b: &mut Budget,
 ) -> Result<(), DecodeError> {
+    b.charge(out.len() as u64 * COMPARE, "comparing argument names")
+        .map_err(|e| DecodeError::Bounds(e.0))?;
     if out.iter().any(|(k, _)| *k == name) {
         return Err(DecodeError::Failed(
             "Multiple arguments with the same name are not supported.".into(),
@@ -179,12 +240,12 @@ fn push_unique(
 }
 
 /// `parse_java_function_call`: the first method invocation found, or `{}` (wrong format).
-pub fn parse_java(src: &str) -> Result<Vec<Call>, DecodeError> {
+pub fn parse_java(src: &str, b: &mut Budget) -> Result<Vec<Call>, DecodeError> {
     let tree = parse_tree(src, true)?;
     let js = JavaSrc {
         chars: src.chars().collect(),
     };
-    match js.find_call(tree.root_node(), 0) {
+    match js.find_call(tree.root_node(), 0, b) {
         Some(r) => Ok(vec![r?]),
         None => Err(DecodeError::WrongFormat),
     }
@@ -197,7 +258,7 @@ fn node_text(n: Node, src: &str) -> String {
 }
 
 /// `parse_javascript_function_call`: the first top-level call statement, or None (wrong format).
-pub fn parse_js(src: &str) -> Result<Vec<Call>, DecodeError> {
+pub fn parse_js(src: &str, b: &mut Budget) -> Result<Vec<Call>, DecodeError> {
     let tree = parse_tree(src, false)?;
     let root = tree.root_node();
     if root.kind() != "program" {
@@ -233,7 +294,7 @@ pub fn parse_js(src: &str) -> Result<Vec<Call>, DecodeError> {
                         "identifier" | "true" => (None, node_text(child, src)),
                         _ => continue,
                     };
-                    push_unique(&mut args, k, v)?;
+                    push_unique(&mut args, k, v, b)?;
                 }
             }
             return Ok(vec![Call { name, args }]);

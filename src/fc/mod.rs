@@ -4,6 +4,7 @@
 //! package, version 2026.3.23; `tools/bfcl_compare.py` measures the agreement.
 
 pub mod checker;
+pub mod budget;
 pub mod convert;
 pub mod decode;
 pub mod javajs;

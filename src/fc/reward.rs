@@ -3,9 +3,11 @@
 
 use crate::data::Sample;
 use crate::fc::checker::simple;
-use crate::fc::decode::{decode, strip_reasoning, AnswerFormat, Call, Lang};
+use crate::fc::decode::{decode, strip_reasoning, AnswerFormat, Call, DecodeError, Lang};
 use crate::fc::score::check_answer;
 use crate::fc::value::Value;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,6 +28,36 @@ pub struct RewardDetails {
     pub error_type: String,
     pub calls_matched: usize,
     pub calls_expected: usize,
+    /// The decoder or checker panicked on this completion (a bug; the reward is 0).
+    pub panicked: bool,
+}
+
+/// Error type of a completion whose reward computation panicked.
+pub const PANIC_ERROR_TYPE: &str = "fcgpu:reward_panic";
+
+static REWARD_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Panics caught at the reward boundary since the process started.
+pub fn reward_panics() -> u64 {
+    REWARD_PANICS.load(Ordering::Relaxed)
+}
+
+/// Runs one completion's reward computation; a panic in it (a decoder or checker bug) must
+/// not take a training run down, so it becomes reward 0, is counted, and the run goes on.
+/// The panic message still reaches stderr through the panic hook.
+pub fn guarded(calls_expected: usize, f: impl FnOnce() -> RewardDetails) -> RewardDetails {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        REWARD_PANICS.fetch_add(1, Ordering::Relaxed);
+        RewardDetails {
+            reward: 0.0,
+            format_ok: false,
+            valid: false,
+            error_type: PANIC_ERROR_TYPE.to_string(),
+            calls_matched: 0,
+            calls_expected,
+            panicked: true,
+        }
+    })
 }
 
 /// End-of-turn tokens a sampler may leave at the end of a completion.
@@ -55,8 +87,21 @@ pub fn think_ok(completion: &str) -> bool {
     end > 7 && !c[7..end].trim().is_empty()
 }
 
-/// Reward of one completion for one sample.
+/// Reward of one completion for one sample. Never panics (see [`guarded`]); an answer over
+/// the decoder's bounds (`fc::budget`) gets 0 with error type
+/// `ast_decoder:decoder_bounds_exceeded`.
 pub fn reward(
+    sample: &Sample,
+    completion: &str,
+    kind: RewardKind,
+    fmt: AnswerFormat,
+) -> RewardDetails {
+    guarded(sample.ground_truth.len(), || {
+        reward_unguarded(sample, completion, kind, fmt)
+    })
+}
+
+fn reward_unguarded(
     sample: &Sample,
     completion: &str,
     kind: RewardKind,
@@ -76,7 +121,8 @@ pub fn reward(
     );
     let verdict = check_answer(sample, answer, fmt);
     let decodes = decoded.is_ok();
-    let format_ok = think_ok(completion) && (sample.expects_no_call() || decodes);
+    let over_bounds = matches!(decoded, Err(DecodeError::Bounds(_)));
+    let format_ok = think_ok(completion) && !over_bounds && (sample.expects_no_call() || decodes);
     let expected = sample.ground_truth.len();
     let matched = match &decoded {
         Ok(calls) if !sample.expects_no_call() && !sample.expects_any_call() => {
@@ -104,6 +150,7 @@ pub fn reward(
         error_type: verdict.error_type,
         calls_matched: matched,
         calls_expected: expected,
+        panicked: false,
     }
 }
 
@@ -128,4 +175,20 @@ fn count_matched(sample: &Sample, calls: &[Call], lang: Lang) -> usize {
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_reward_zero_and_counted() {
+        let before = reward_panics();
+        let r = guarded(2, || panic!("a decoder bug"));
+        assert!(r.panicked && !r.valid && r.reward == 0.0);
+        assert_eq!(r.error_type, PANIC_ERROR_TYPE);
+        assert_eq!(r.calls_expected, 2);
+        // Other tests may panic concurrently in this process: at least this one counted.
+        assert!(reward_panics() > before);
+    }
 }

@@ -7,33 +7,33 @@ use crate::fc::value::Value;
 use std::collections::{BTreeMap, HashMap};
 
 /// BFCL's verdict on one answer (reasoning already stripped) for one sample.
+/// An answer over fcgpu's decoding bounds is invalid in every category.
 pub fn check_answer(sample: &Sample, answer: &str, fmt: AnswerFormat) -> Verdict {
+    let bad = |e: DecodeError| Verdict::bad(e.error_type(), format!("{e:?}"));
     if sample.expects_no_call() {
-        return if has_call(answer, fmt) {
-            Verdict::bad(
+        return match has_call(answer, fmt) {
+            Ok(true) => Verdict::bad(
                 "irrelevance_error:decoder_success",
                 "Valid syntax. Successfully decode AST when it should not.",
-            )
-        } else {
-            Verdict::ok()
+            ),
+            Ok(false) => Verdict::ok(),
+            Err(e) => bad(e),
         };
     }
     if sample.expects_any_call() {
-        return if has_call(answer, fmt) {
-            Verdict::ok()
-        } else {
-            Verdict::bad(
+        return match has_call(answer, fmt) {
+            Ok(true) => Verdict::ok(),
+            Ok(false) => Verdict::bad(
                 "relevance_error:decoder_failed",
                 "Invalid syntax. Failed to decode AST when it should have.",
-            )
+            ),
+            Err(e) => bad(e),
         };
     }
     let lang = Lang::of_category(&sample.category);
     let calls = match decode(answer, lang, fmt) {
         Ok(c) => c,
-        Err(e @ DecodeError::Failed(_)) | Err(e @ DecodeError::WrongFormat) => {
-            return Verdict::bad(e.error_type(), format!("{e:?}"))
-        }
+        Err(e) => return bad(e),
     };
     let answers: Vec<Value> = sample.ground_truth.iter().map(Value::from_json).collect();
     ast_check(&sample.functions, &calls, &answers, lang, &sample.category)

@@ -202,6 +202,9 @@ pub struct GrpoMetrics {
     pub grad_norm: f32,
     /// Completion tokens generated this step, re-drawn groups included.
     pub completion_tokens: usize,
+    /// Completions whose reward computation panicked (caught; reward 0). Should stay 0.
+    #[serde(default)]
+    pub reward_panics: usize,
     pub tokens_per_s: f32,
     pub seconds_rollout: f32,
     pub seconds_reference: f32,
@@ -221,6 +224,8 @@ struct Group {
     rollouts: Vec<Rollout>,
     call_valid: usize,
     format_ok: usize,
+    /// Completions whose reward computation panicked (caught; reward 0).
+    panics: usize,
 }
 
 impl Group {
@@ -467,13 +472,14 @@ impl GrpoTrainer {
         let completions = ranged("rollout", || {
             no_grad(|| rollout::generate(&self.model, &prompts, &self.sampling(g, self.cfg.temperature, seed), Some(&self.tok)))
         })?;
-        let mut groups: Vec<Group> = (0..n).map(|_| Group { rewards: vec![], rollouts: vec![], call_valid: 0, format_ok: 0 }).collect();
+        let mut groups: Vec<Group> = (0..n).map(|_| Group { rewards: vec![], rollouts: vec![], call_valid: 0, format_ok: 0, panics: 0 }).collect();
         for c in &completions {
             let grp = &mut groups[c.prompt_index];
             let text = c.text(&self.tok)?;
             let r = reward(&self.train[picks[c.prompt_index]], &text, self.cfg.reward, self.answer_format());
             grp.call_valid += r.valid as usize;
             grp.format_ok += r.format_ok as usize;
+            grp.panics += r.panicked as usize;
             grp.rewards.push(self.reward_override.map_or(r.reward as f32, |f| f(&self.train[picks[c.prompt_index]], &text)));
             let p = &prompts[c.prompt_index];
             let mut ids = p.clone();
@@ -497,6 +503,7 @@ impl GrpoTrainer {
         m.rollout_format_ok = first.iter().map(|grp| grp.format_ok).sum::<usize>() as f32 / n;
         m.zero_var_groups_first_draw = first.iter().filter(|grp| grp.zero_var()).count() as f32 / first.len() as f32;
         let mut tokens = tokens_of(&first);
+        m.reward_panics = first.iter().map(|grp| grp.panics).sum();
         let rounds = if self.cfg.dynamic_sampling { self.cfg.max_resample } else { 0 };
         let (batch, done) = fill_batch(first, rounds, Group::zero_var, |count, round| {
             let fresh = self.draw_groups(count, self.rollout_seed(next, round))?;

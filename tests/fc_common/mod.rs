@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod hostile;
+
 /// The committed BFCL subset.
 pub fn subset_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/bfcl/v4")

@@ -1,8 +1,10 @@
 //! Evaluates the constant expressions BFCL hands to Python's `eval` (it evaluates every
 //! binary operation it meets: `2*3` → 6, `'a'+'b'` → 'ab'). Names and calls would raise
 //! NameError in BFCL's empty-ish namespace, so they are errors here too.
+//! Every value built is charged to a [`Budget`] before it is allocated (see `fc::budget`).
 
 use super::*;
+use crate::fc::budget::{cost, Budget, COMPARE, MAX_FORMAT_PRECISION, NODE};
 use crate::fc::value::{dict_set, Value};
 
 /// Python refuses nothing here, but a model writing `'a'*10**9` should not eat our memory.
@@ -12,7 +14,9 @@ fn err<T>(m: &str) -> Result<T, PyErr> {
     Err(PyErr(m.to_string()))
 }
 
-pub fn eval_expr(e: &Expr) -> Result<Value, PyErr> {
+/// Evaluates `e`, spending `budget`; an exhausted budget is an error (the budget says which).
+pub fn eval_expr(e: &Expr, budget: &mut Budget) -> Result<Value, PyErr> {
+    budget.charge(NODE, "a value")?;
     match &*e.kind {
         Kind::Const(c) => Ok(match c {
             Const::None => Value::None,
@@ -23,14 +27,24 @@ pub fn eval_expr(e: &Expr) -> Result<Value, PyErr> {
             Const::Num(Num::BigInt(s)) => Value::BigInt(s.clone()),
             Const::Num(Num::Float(f)) => Value::Float(*f),
             Const::Num(Num::Imag(f)) => Value::Complex(0.0, *f),
-            Const::Str { s, .. } => Value::Str(s.clone()),
-            Const::Bytes(b) => Value::Bytes(b.clone()),
+            Const::Str { s, .. } => {
+                budget.charge(s.len() as u64, "a string")?;
+                Value::Str(s.clone())
+            }
+            Const::Bytes(b) => {
+                budget.charge(b.len() as u64, "a bytes literal")?;
+                Value::Bytes(b.clone())
+            }
         }),
         Kind::List(v) => Ok(Value::List(
-            v.iter().map(eval_expr).collect::<Result<_, _>>()?,
+            v.iter()
+                .map(|x| eval_expr(x, budget))
+                .collect::<Result<_, _>>()?,
         )),
         Kind::Tuple(v) => Ok(Value::Tuple(
-            v.iter().map(eval_expr).collect::<Result<_, _>>()?,
+            v.iter()
+                .map(|x| eval_expr(x, budget))
+                .collect::<Result<_, _>>()?,
         )),
         Kind::Dict(items) => {
             let mut d = Vec::new();
@@ -38,19 +52,36 @@ pub fn eval_expr(e: &Expr) -> Result<Value, PyErr> {
                 let Some(k) = k else {
                     return err("dict unpacking is not supported");
                 };
-                let k = eval_expr(k)?;
+                let k = eval_expr(k, budget)?;
                 if !k.is_hashable() {
                     return err("unhashable type");
                 }
-                dict_set(&mut d, k, eval_expr(v)?);
+                let v = eval_expr(v, budget)?;
+                dict_insert(&mut d, k, v, budget)?;
             }
             Ok(Value::Dict(d))
         }
-        Kind::Unary(op, v) => unary(*op, eval_expr(v)?),
-        Kind::Bin(l, op, r) => binary(eval_expr(l)?, *op, eval_expr(r)?),
+        Kind::Unary(op, v) => unary(*op, eval_expr(v, budget)?),
+        Kind::Bin(l, op, r) => {
+            let (l, r) = (eval_expr(l, budget)?, eval_expr(r, budget)?);
+            binary(l, *op, r, budget)
+        }
         Kind::Name(n) => err(&format!("name '{n}' is not defined")),
         _ => err("unsupported expression"),
     }
+}
+
+/// `dict_set`, charged: finding the key compares it with every key already there.
+pub fn dict_insert(
+    d: &mut Vec<(Value, Value)>,
+    k: Value,
+    v: Value,
+    budget: &mut Budget,
+) -> Result<(), PyErr> {
+    let per_key = COMPARE.max(cost(&k));
+    budget.charge(d.len() as u64 * per_key, "comparing dictionary keys")?;
+    dict_set(d, k, v);
+    Ok(())
 }
 
 fn truthy(v: &Value) -> bool {
@@ -147,7 +178,7 @@ fn seq_count(v: &Value) -> Option<i128> {
     }
 }
 
-fn repeat(seq: &Value, n: i128) -> Result<Value, PyErr> {
+fn repeat(seq: &Value, n: i128, budget: &mut Budget) -> Result<Value, PyErr> {
     let n = n.max(0);
     let len = match seq {
         Value::Str(s) => s.chars().count(),
@@ -158,6 +189,8 @@ fn repeat(seq: &Value, n: i128) -> Result<Value, PyErr> {
     if len.saturating_mul(n) > MAX_SEQ {
         return err("sequence too large");
     }
+    // Each copy clones the whole sequence, nested values included.
+    budget.charge(cost(seq).saturating_mul(n as u64), "repeating a sequence")?;
     let n = n as usize;
     Ok(match seq {
         Value::Str(s) => Value::Str(s.repeat(n)),
@@ -168,7 +201,7 @@ fn repeat(seq: &Value, n: i128) -> Result<Value, PyErr> {
     })
 }
 
-fn binary(l: Value, op: BinOp, r: Value) -> Result<Value, PyErr> {
+fn binary(l: Value, op: BinOp, r: Value, budget: &mut Budget) -> Result<Value, PyErr> {
     if let (Some(a), Some(b)) = (num(&l), num(&r)) {
         if let (Value::Bool(x), Value::Bool(y)) = (&l, &r) {
             match op {
@@ -192,6 +225,10 @@ fn binary(l: Value, op: BinOp, r: Value) -> Result<Value, PyErr> {
             (N::B(x), N::B(y)) => approx_int_op(x, op, y),
         };
     }
+    if op == BinOp::Add {
+        // The result copies both operands.
+        budget.charge(cost(&l) + cost(&r), "concatenating")?;
+    }
     match (op, &l, &r) {
         (BinOp::Add, Value::Str(a), Value::Str(b)) => Ok(Value::Str(format!("{a}{b}"))),
         (BinOp::Add, Value::Bytes(a), Value::Bytes(b)) => {
@@ -202,10 +239,12 @@ fn binary(l: Value, op: BinOp, r: Value) -> Result<Value, PyErr> {
             Ok(Value::Tuple([a.as_slice(), b].concat()))
         }
         (BinOp::Mul, s, n) if seq_count(n).is_some() && seq_count(s).is_none() => {
-            repeat(s, seq_count(n).unwrap_or(0))
+            repeat(s, seq_count(n).unwrap_or(0), budget)
         }
-        (BinOp::Mul, n, s) if seq_count(n).is_some() => repeat(s, seq_count(n).unwrap_or(0)),
-        (BinOp::Mod, Value::Str(f), args) => percent_format(f, args).map(Value::Str),
+        (BinOp::Mul, n, s) if seq_count(n).is_some() => {
+            repeat(s, seq_count(n).unwrap_or(0), budget)
+        }
+        (BinOp::Mod, Value::Str(f), args) => percent_format(f, args, budget).map(Value::Str),
         _ => err("unsupported operand types"),
     }
 }
@@ -359,8 +398,25 @@ fn py_str(v: &Value) -> String {
     }
 }
 
+/// The digits of a `%.N` precision: Python reads them as an int (empty is 0).
+fn precision(digits: &str, budget: &mut Budget) -> Result<usize, PyErr> {
+    let t = digits.trim_start_matches('0');
+    match t.parse::<usize>() {
+        _ if t.is_empty() => Ok(0),
+        Ok(p) if t.len() <= 9 && p <= MAX_FORMAT_PRECISION => Ok(p),
+        _ => Err(budget
+            .refuse(format!(
+                "format precision {digits} is over fcgpu's bound of {MAX_FORMAT_PRECISION}"
+            ))
+            .into()),
+    }
+}
+
 /// `'fmt' % args` for the common conversions (%s %r %d %i %f %.Nf %x %%); others are errors.
-fn percent_format(f: &str, args: &Value) -> Result<String, PyErr> {
+/// Every piece of output is charged before it is written; the precision is capped (Rust's
+/// formatter panics past 65535, and a real answer never asks for more than a few digits).
+fn percent_format(f: &str, args: &Value, budget: &mut Budget) -> Result<String, PyErr> {
+    budget.charge(cost(args), "copying format arguments")?;
     let items: Vec<Value> = match args {
         Value::Tuple(v) => v.clone(),
         other => vec![other.clone()],
@@ -370,6 +426,7 @@ fn percent_format(f: &str, args: &Value) -> Result<String, PyErr> {
     let mut chars = f.chars().peekable();
     while let Some(c) = chars.next() {
         if c != '%' {
+            budget.charge(c.len_utf8() as u64, "formatting")?;
             out.push(c);
             continue;
         }
@@ -381,7 +438,7 @@ fn percent_format(f: &str, args: &Value) -> Result<String, PyErr> {
                 d.push(*x);
                 chars.next();
             }
-            prec = Some(d.parse().unwrap_or(0));
+            prec = Some(precision(&d, budget)?);
         }
         let conv = chars
             .next()
@@ -393,6 +450,11 @@ fn percent_format(f: &str, args: &Value) -> Result<String, PyErr> {
         let arg = it
             .next()
             .ok_or_else(|| PyErr("not enough arguments for format string".into()))?;
+        // A repr is at most 4 bytes per byte of text (`\x00`) and under 4 per value node.
+        budget.charge(4 * cost(&arg), "formatting")?;
+        if conv == 'f' {
+            budget.charge(320 + prec.unwrap_or(6) as u64, "formatting")?;
+        }
         let num = |v: &Value| match v {
             Value::Bool(b) => Ok(*b as i128 as f64),
             Value::Int(i) => Ok(*i as f64),

@@ -7,7 +7,7 @@ mod lexer;
 mod parser;
 mod unparse;
 
-pub use eval::eval_expr;
+pub use eval::{dict_insert, eval_expr};
 pub use lexer::Num;
 pub use unparse::unparse;
 
