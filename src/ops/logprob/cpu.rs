@@ -29,6 +29,13 @@ pub struct RowStats {
     pub ln_s: f32,
 }
 
+impl RowStats {
+    /// log Z of softmax(z / T), in one number (less exact than its two parts).
+    pub fn log_z(&self) -> f32 {
+        self.shift + self.ln_s
+    }
+}
+
 /// One row of raw logits `z`: log p(y), entropy and log Z of softmax(z / T) (SPEC §7's
 /// formulas, two passes over a row already in cache: max, then sums). Exponentials in f32
 /// lanes, summed per block of 256 and the block sums in f64, so 150k-term rows stay exact.
