@@ -12,9 +12,19 @@ fn fcgpu(args: &[&str]) -> String {
 #[test]
 fn eval_with_a_model_generates_then_scores() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = root.join("tests/fixtures/models/qwen2-tiny");
     let bfcl = root.join("tests/data/bfcl/v4");
     let tmp = tempfile::tempdir().unwrap();
+    // BFCL prompts run past the fixture's 512-position context, which fcgpu enforces; a copy
+    // with a longer context (RoPE needs no other change) keeps this test about eval's flow.
+    let model = tmp.path().join("qwen2-tiny");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(root.join("tests/fixtures/models/qwen2-tiny")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = serde_json::json!(4096);
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
     for (style, category, limit) in [("bfcl", "simple_python", "2"), ("qwen-fc", "all", "1")] {
         let saved = tmp.path().join(format!("{style}.jsonl"));
         let table = fcgpu(&[
