@@ -337,3 +337,19 @@ fn empty_training_data_fails_before_any_training() {
         "work done before the data was checked"
     );
 }
+
+#[test]
+fn absurd_task_sizes_are_refused_before_anything_is_built() {
+    let tmp = tempfile::tempdir().unwrap();
+    for n in ["0", "1000000000000"] {
+        let dir = tmp.path().join(format!("t{n}"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+            .args(["sft", "--run-dir", dir.to_str().unwrap(), "--task-train", n, "--steps", "1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "--task-train {n}: {err}");
+        assert!(err.contains("--task-train"), "--task-train {n}: {err}");
+        assert!(!dir.join("base-model").exists(), "--task-train {n} built a model first");
+    }
+}

@@ -444,6 +444,9 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
     };
     let need_task = cfg.data.is_none() || cfg.model.is_none();
     if need_task && !(train_p.exists() && eval_p.exists()) {
+        // Checked before anything is generated: the task is built in memory.
+        anyhow::ensure!((1..=MAX_TASK_SAMPLES).contains(&cfg.task_train), "task_train (--task-train) must be 1..={MAX_TASK_SAMPLES}, got {}", cfg.task_train);
+        anyhow::ensure!(cfg.task_eval <= MAX_TASK_SAMPLES, "task_eval must be at most {MAX_TASK_SAMPLES}, got {}", cfg.task_eval);
         let (tr, ev) = synth::generate(cfg.seed, cfg.task_train, cfg.task_eval);
         synth::write_jsonl(&eval_p, &ev)?;
         synth::write_jsonl(&train_p, &tr)?;
@@ -472,6 +475,9 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
     };
     Ok((train, eval, model_dir))
 }
+
+/// Most samples of the embedded task per split (about 1 KB each in memory).
+pub const MAX_TASK_SAMPLES: usize = 1_000_000;
 
 /// Summary of a run.
 #[derive(Debug, Clone)]
