@@ -3,7 +3,7 @@
 //! does not match stays a string (and then usually fails the type check).
 
 use crate::fc::checker::Exc;
-use crate::fc::value::{dict_set, Value};
+use crate::fc::value::Value;
 use regex::Regex;
 use std::sync::OnceLock;
 
@@ -266,18 +266,14 @@ fn parse_java_array(v: &str, nested: Option<&str>) -> Result<Value, Exc> {
 
 fn parse_hashmap(v: &str) -> Value {
     if let Some(c) = re_hashmap().captures(v) {
-        let mut d = Vec::new();
+        let mut d = StrDict::default();
         let puts = &c[1];
         if !puts.trim().is_empty() {
             for m in re_put().captures_iter(puts) {
-                dict_set(
-                    &mut d,
-                    Value::Str(m[1].to_string()),
-                    parse_java_value(m[2].trim()),
-                );
+                d.set(m[1].to_string(), parse_java_value(m[2].trim()));
             }
         }
-        return Value::Dict(d);
+        return d.into_value();
     }
     if re_hashmap_empty().is_match(v) {
         return Value::Dict(vec![]);
@@ -428,7 +424,7 @@ fn parse_js_dict(code_in: &str) -> Value {
         return Value::Str(code.to_string());
     };
     let content = &c[1];
-    let mut d = Vec::new();
+    let mut d = StrDict::default();
     for m in js_pairs().captures_iter(content) {
         let Ok(m) = m else {
             return Value::Str(code.to_string());
@@ -447,7 +443,57 @@ fn parse_js_dict(code_in: &str) -> Value {
         } else {
             parse_js_value(value.trim_matches(['\'', '"']))
         };
-        dict_set(&mut d, Value::Str(key.to_string()), v);
+        d.set(key.to_string(), v);
     }
-    Value::Dict(d)
+    d.into_value()
+}
+
+/// A dict with string keys built in linear time: a later value for a key replaces the earlier
+/// one in its first position, as Python's dict does (`dict_set` would compare each new key with
+/// every key before it, quadratic in a hostile answer's key count).
+#[derive(Default)]
+struct StrDict {
+    items: Vec<(Value, Value)>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+impl StrDict {
+    fn set(&mut self, key: String, val: Value) {
+        match self.index.get(&key) {
+            Some(&i) => self.items[i].1 = val,
+            None => {
+                self.index.insert(key.clone(), self.items.len());
+                self.items.push((Value::Str(key), val));
+            }
+        }
+    }
+
+    fn into_value(self) -> Value {
+        Value::Dict(self.items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fc::value::py_eq;
+
+    #[test]
+    fn a_repeated_key_keeps_its_first_place_and_last_value() {
+        let d = parse_js_dict("{a: 1, b: 2, a: 3}");
+        let Value::Dict(items) = d else { panic!("not a dict: {d:?}") };
+        let want = [("a", 3), ("b", 2)];
+        assert_eq!(items.len(), want.len());
+        for ((k, v), (wk, wv)) in items.iter().zip(want) {
+            assert!(py_eq(k, &Value::Str(wk.into())) && py_eq(v, &Value::Int(wv)), "{k:?}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn many_keys_decode_to_one_entry_each() {
+        let body: Vec<String> = (0..3000).map(|i| format!("k{}: {i}", i % 1000)).collect();
+        let Value::Dict(items) = parse_js_dict(&format!("{{{}}}", body.join(", "))) else { panic!() };
+        assert_eq!(items.len(), 1000);
+        assert!(py_eq(&items[7].0, &Value::Str("k7".into())) && py_eq(&items[7].1, &Value::Int(2007)));
+    }
 }
