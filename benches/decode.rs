@@ -25,8 +25,16 @@ fn setup() -> (Model, Vec<Vec<u32>>, SamplingConfig) {
     });
     let model = Model::init_random(ModelConfig::from_json(cfg, Path::new("bench")).unwrap(), 0).unwrap();
     let (prompts, prompt_len, g, new_tokens) = (8usize, 64usize, 8usize, 64usize);
-    let ps: Vec<Vec<u32>> = (0..prompts).map(|b| (0..prompt_len).map(|i| ((i * 131 + b * 17) % 4093) as u32).collect()).collect();
-    let sc = SamplingConfig { n: g, max_new_tokens: new_tokens, temperature: 1.0, seed: 0, ignore_eos: true, ..Default::default() };
+    let ps: Vec<Vec<u32>> =
+        (0..prompts).map(|b| (0..prompt_len).map(|i| ((i * 131 + b * 17) % 4093) as u32).collect()).collect();
+    let sc = SamplingConfig {
+        n: g,
+        max_new_tokens: new_tokens,
+        temperature: 1.0,
+        seed: 0,
+        ignore_eos: true,
+        ..Default::default()
+    };
     (model, ps, sc)
 }
 
@@ -41,7 +49,12 @@ fn proc_usage() -> (f64, f64) {
     let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
     let cpu = (ticks(11) + ticks(12)) / 100.0; // utime, stime (USER_HZ = 100)
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|x| x.parse::<f64>().ok())
+        .unwrap_or(0.0);
     (cpu, hwm / 1024.0)
 }
 

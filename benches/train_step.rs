@@ -19,7 +19,8 @@ fn bench(c: &mut Criterion) {
     let mut model = Model::init_random(ModelConfig::from_json(cfg, Path::new("bench")).unwrap(), 0).unwrap();
     model.requires_grad();
     let (batch, len) = (4usize, 256usize);
-    let seqs: Vec<Vec<u32>> = (0..batch).map(|b| (0..len).map(|i| ((i * 131 + b * 17) % 4096) as u32).collect()).collect();
+    let seqs: Vec<Vec<u32>> =
+        (0..batch).map(|b| (0..len).map(|i| ((i * 131 + b * 17) % 4096) as u32).collect()).collect();
     let packed = Batch::from_sequences(&seqs);
     let mut g = c.benchmark_group("train_step");
     g.sample_size(10);

@@ -27,7 +27,16 @@ struct Args {
 }
 
 fn parse() -> Result<Args> {
-    let mut a = Args { seed: 0, steps: 3000, len: 24, batch: 16, lr: 3e-3, preset: "tiny".into(), out: PathBuf::from("runs/probe"), init_only: false };
+    let mut a = Args {
+        seed: 0,
+        steps: 3000,
+        len: 24,
+        batch: 16,
+        lr: 3e-3,
+        preset: "tiny".into(),
+        out: PathBuf::from("runs/probe"),
+        init_only: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--init-only" {
@@ -59,7 +68,9 @@ fn main() -> Result<()> {
     }
     let mut t = probe_trainer(model, a.lr, a.steps);
     let path = a.out.join("fcgpu.jsonl");
-    let mut log = std::io::BufWriter::new(std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?);
+    let mut log = std::io::BufWriter::new(
+        std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
     let mut losses = Vec::new();
     for step in 1..=a.steps {
         let m = t.step_on(&[copy_batch(a.seed, step, a.batch, a.len)])?;

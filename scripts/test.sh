@@ -9,6 +9,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Formatting: the whole crate follows rustfmt.toml; a diff fails the run (fix: cargo fmt --all).
+if ! cargo fmt --version >/dev/null 2>&1; then
+  rustup component add rustfmt
+fi
+cargo fmt --all -- --check
+
 # Rust tests (the dev profile is optimised: see Cargo.toml): unit, integration and CLI tests,
 # then each criterion benchmark once in test mode (so they keep compiling and running).
 cargo test --lib --bins --tests -- --test-threads 2

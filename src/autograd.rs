@@ -70,7 +70,12 @@ impl Grads {
                 self.map.insert(id, g);
             }
             Some(prev) => {
-                ensure!(prev.shape() == g.shape(), "gradient shapes disagree: {:?} vs {:?}", prev.shape(), g.shape());
+                ensure!(
+                    prev.shape() == g.shape(),
+                    "gradient shapes disagree: {:?} vs {:?}",
+                    prev.shape(),
+                    g.shape()
+                );
                 if prev.device().is_gpu() || g.device().is_gpu() {
                     self.map.insert(id, crate::ops::device::accumulate(&prev, &g)?);
                     return Ok(());
@@ -131,10 +136,22 @@ impl Tensor {
                 let Some(g) = grads.map.get(&t.id()).cloned() else { continue };
                 let inputs = gf.inputs();
                 let gin = gf.backward(&g).with_context(|| format!("backward of {}", gf.name()))?;
-                ensure!(gin.len() == inputs.len(), "{}: {} gradients for {} inputs", gf.name(), gin.len(), inputs.len());
+                ensure!(
+                    gin.len() == inputs.len(),
+                    "{}: {} gradients for {} inputs",
+                    gf.name(),
+                    gin.len(),
+                    inputs.len()
+                );
                 for (inp, gi) in inputs.iter().zip(gin) {
                     if let (true, Some(gi)) = (inp.tracks_grad(), gi) {
-                        ensure!(gi.shape() == inp.shape(), "{}: gradient shape {:?} for input {:?}", gf.name(), gi.shape(), inp.shape());
+                        ensure!(
+                            gi.shape() == inp.shape(),
+                            "{}: gradient shape {:?} for input {:?}",
+                            gf.name(),
+                            gi.shape(),
+                            inp.shape()
+                        );
                         grads.accumulate(inp.id(), gi)?;
                     }
                 }

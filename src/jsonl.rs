@@ -9,20 +9,13 @@ use serde::de::DeserializeOwned;
 
 /// Parses every non-blank line of `path` as a `T`.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    Ok(read_numbered(path, usize::MAX)?
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect())
+    Ok(read_numbered(path, usize::MAX)?.into_iter().map(|(_, v)| v).collect())
 }
 
 /// Every non-blank line of `path` parsed as a `T`, with its 1-based line number. A line longer
 /// than `max_line_bytes` is an error naming it, raised before the rest of it is read.
-pub fn read_numbered<T: DeserializeOwned>(
-    path: &Path,
-    max_line_bytes: usize,
-) -> Result<Vec<(usize, T)>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+pub fn read_numbered<T: DeserializeOwned>(path: &Path, max_line_bytes: usize) -> Result<Vec<(usize, T)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader = std::io::BufReader::new(file);
     let mut out = Vec::new();
     let mut buf = Vec::new();
@@ -40,17 +33,14 @@ pub fn read_numbered<T: DeserializeOwned>(
         let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
         let body = body.strip_suffix(b"\r").unwrap_or(body);
         if body.len() > max_line_bytes {
-            bail!(
-                "{}:{n}: line longer than {max_line_bytes} bytes",
-                path.display()
-            );
+            bail!("{}:{n}: line longer than {max_line_bytes} bytes", path.display());
         }
         let line = utf8_line(path, n, body)?;
         if line.trim().is_empty() {
             continue;
         }
-        let v = serde_json::from_str(line)
-            .with_context(|| format!("{}:{n}: malformed line", path.display()))?;
+        let v =
+            serde_json::from_str(line).with_context(|| format!("{}:{n}: malformed line", path.display()))?;
         out.push((n, v));
     }
     Ok(out)
@@ -58,11 +48,7 @@ pub fn read_numbered<T: DeserializeOwned>(
 
 fn utf8_line<'a>(path: &Path, n: usize, bytes: &'a [u8]) -> Result<&'a str> {
     std::str::from_utf8(bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{}:{n}: invalid UTF-8 at byte {} of the line",
-            path.display(),
-            e.valid_up_to() + 1
-        )
+        anyhow::anyhow!("{}:{n}: invalid UTF-8 at byte {} of the line", path.display(), e.valid_up_to() + 1)
     })
 }
 
@@ -73,17 +59,8 @@ pub fn read_text(path: &Path) -> Result<String> {
         let bad = e.utf8_error().valid_up_to();
         let before = &e.as_bytes()[..bad];
         let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-        let col = bad
-            - before
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map(|i| i + 1)
-                .unwrap_or(0)
-            + 1;
-        anyhow::anyhow!(
-            "{}:{line}: invalid UTF-8 at byte {col} of the line",
-            path.display()
-        )
+        let col = bad - before.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0) + 1;
+        anyhow::anyhow!("{}:{line}: invalid UTF-8 at byte {col} of the line", path.display())
     })
 }
 
@@ -103,10 +80,7 @@ mod tests {
         std::fs::write(&p, "{\"a\": 1}\n\n{\"a\": 22222}\n").unwrap();
         let v: Vec<(usize, serde_json::Value)> = read_numbered(&p, 100).unwrap();
         assert_eq!(v.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3]);
-        let e = format!(
-            "{:#}",
-            read_numbered::<serde_json::Value>(&p, 10).unwrap_err()
-        );
+        let e = format!("{:#}", read_numbered::<serde_json::Value>(&p, 10).unwrap_err());
         assert!(e.contains("x.jsonl:3: line longer than 10 bytes"), "{e}");
     }
 }

@@ -16,10 +16,7 @@ pub const LOCK_FILE: &str = ".lock";
 
 /// `.<name>.<tag>-<pid>` next to `path`: the temporary name this process uses for it.
 pub fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
@@ -38,16 +35,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e)
-            .with_context(|| format!("cannot write {} (via {})", path.display(), tmp.display()));
+        return Err(e).with_context(|| format!("cannot write {} (via {})", path.display(), tmp.display()));
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::Error::new(e).context(format!(
-            "cannot rename {} to {}",
-            tmp.display(),
-            path.display()
-        ))
+        anyhow::Error::new(e).context(format!("cannot rename {} to {}", tmp.display(), path.display()))
     })
 }
 
@@ -67,10 +59,7 @@ fn temp_owner(name: &str) -> Option<u32> {
     let rest = name.strip_prefix('.')?;
     let (stem, pid) = rest.rsplit_once('-')?;
     let pid: u32 = pid.parse().ok()?;
-    [".tmp", ".old", ".partial"]
-        .iter()
-        .any(|t| stem.ends_with(t))
-        .then_some(pid)
+    [".tmp", ".old", ".partial"].iter().any(|t| stem.ends_with(t)).then_some(pid)
 }
 
 /// Removes the temporary files and directories in `dir` left by processes that no longer run
@@ -97,10 +86,7 @@ pub fn clean_stale_temps(dir: &Path) -> Vec<PathBuf> {
         };
         match ok {
             Ok(()) => removed.push(p),
-            Err(err) => eprintln!(
-                "warning: cannot remove the stale temporary {}: {err}",
-                p.display()
-            ),
+            Err(err) => eprintln!("warning: cannot remove the stale temporary {}: {err}", p.display()),
         }
     }
     removed
@@ -109,10 +95,7 @@ pub fn clean_stale_temps(dir: &Path) -> Vec<PathBuf> {
 /// [`clean_stale_temps`] with one line on stderr per entry removed.
 pub fn clean_stale_temps_noisy(dir: &Path) {
     for p in clean_stale_temps(dir) {
-        eprintln!(
-            "removed {} (left by a process that no longer runs)",
-            p.display()
-        );
+        eprintln!("removed {} (left by a process that no longer runs)", p.display());
     }
 }
 
@@ -180,37 +163,25 @@ fn read_pid(file: &mut File) -> Option<u32> {
 /// Refuses a directory argument that is the current directory or one of its ancestors:
 /// replacing it would pull the working directory out from under the user.
 pub fn ensure_not_cwd(dir: &Path, what: &str) -> Result<()> {
-    let (Ok(d), Ok(cwd)) = (
-        dir.canonicalize(),
-        std::env::current_dir().and_then(|c| c.canonicalize()),
-    ) else {
+    let (Ok(d), Ok(cwd)) = (dir.canonicalize(), std::env::current_dir().and_then(|c| c.canonicalize()))
+    else {
         return Ok(());
     };
     if cwd.starts_with(&d) {
-        bail!(
-            "{what} {} is the current directory or contains it; refusing to replace it",
-            dir.display()
-        );
+        bail!("{what} {} is the current directory or contains it; refusing to replace it", dir.display());
     }
     Ok(())
 }
 
 /// Whether `dir` exists and has any entry.
 pub fn non_empty_dir(dir: &Path) -> bool {
-    std::fs::read_dir(dir)
-        .map(|mut r| r.next().is_some())
-        .unwrap_or(false)
+    std::fs::read_dir(dir).map(|mut r| r.next().is_some()).unwrap_or(false)
 }
 
 /// The machine's physical memory in bytes (None if unknown).
 pub fn physical_memory() -> Option<u128> {
     // SAFETY: sysconf only reads system constants.
-    let (pages, size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
     (pages > 0 && size > 0).then(|| pages as u128 * size as u128)
 }
 
@@ -258,10 +229,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let first = RunLock::acquire(d.path()).unwrap();
         let err = RunLock::acquire(d.path()).err().expect("locked twice");
-        assert!(
-            format!("{err:#}").contains(&format!("in use by process {}", std::process::id())),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains(&format!("in use by process {}", std::process::id())), "{err:#}");
         drop(first);
         RunLock::acquire(d.path()).unwrap();
     }

@@ -89,7 +89,11 @@ impl Device {
 
     /// cuda:0 when it can be used, else cpu.
     pub fn auto() -> Device {
-        if GpuDevice::cuda_available() { Device::Cuda(0) } else { Device::Cpu }
+        if GpuDevice::cuda_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }
     }
 
     pub fn is_cpu(self) -> bool {
@@ -111,7 +115,11 @@ impl Device {
 
     /// Storage dtype of model weights and activations here: f32 on the cpu, bf16 on a GPU.
     pub fn compute_dtype(self) -> DType {
-        if self.is_cpu() { DType::F32 } else { DType::BF16 }
+        if self.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        }
     }
 }
 
@@ -227,12 +235,29 @@ pub fn numel(shape: &[usize]) -> usize {
 }
 
 impl Tensor {
-    fn make(storage: Arc<Storage>, shape: Vec<usize>, grad_fn: Option<Arc<dyn GradFn>>, requires_grad: bool) -> Tensor {
-        Tensor(Arc::new(Inner { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), storage, shape, grad_fn, requires_grad }))
+    fn make(
+        storage: Arc<Storage>,
+        shape: Vec<usize>,
+        grad_fn: Option<Arc<dyn GradFn>>,
+        requires_grad: bool,
+    ) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            storage,
+            shape,
+            grad_fn,
+            requires_grad,
+        }))
     }
 
     pub fn from_storage(storage: CpuStorage, shape: &[usize]) -> Result<Tensor> {
-        ensure!(storage.len() == numel(shape), "data has {} elements but shape {:?} needs {}", storage.len(), shape, numel(shape));
+        ensure!(
+            storage.len() == numel(shape),
+            "data has {} elements but shape {:?} needs {}",
+            storage.len(),
+            shape,
+            numel(shape)
+        );
         Ok(Self::make(Arc::new(Storage::Cpu(storage)), shape.to_vec(), None, false))
     }
 
@@ -251,28 +276,41 @@ impl Tensor {
     /// A result of an op: records `grad_fn` when autograd is on and an input tracks gradients.
     pub(crate) fn from_op(data: Vec<f32>, shape: &[usize], grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
         debug_assert_eq!(data.len(), numel(shape));
-        let grad_fn = grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
+        let grad_fn =
+            grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
         let tracks = grad_fn.is_some();
         Self::make(Arc::new(Storage::Cpu(CpuStorage::F32(data))), shape.to_vec(), grad_fn, tracks)
     }
 
     /// A tensor holding device storage (a leaf).
     pub fn from_gpu(storage: GpuStorage, shape: &[usize]) -> Result<Tensor> {
-        ensure!(storage.len == numel(shape), "device data has {} elements but shape {:?} needs {}", storage.len, shape, numel(shape));
+        ensure!(
+            storage.len == numel(shape),
+            "device data has {} elements but shape {:?} needs {}",
+            storage.len,
+            shape,
+            numel(shape)
+        );
         Ok(Self::make(Arc::new(Storage::Gpu(storage)), shape.to_vec(), None, false))
     }
 
     /// [`Tensor::from_op`] for a result on a GPU device.
-    pub(crate) fn from_gpu_op(storage: GpuStorage, shape: &[usize], grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
+    pub(crate) fn from_gpu_op(
+        storage: GpuStorage,
+        shape: &[usize],
+        grad_fn: Option<Arc<dyn GradFn>>,
+    ) -> Tensor {
         debug_assert_eq!(storage.len, numel(shape));
-        let grad_fn = grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
+        let grad_fn =
+            grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
         let tracks = grad_fn.is_some();
         Self::make(Arc::new(Storage::Gpu(storage)), shape.to_vec(), grad_fn, tracks)
     }
 
     /// The same data (shared storage) as the result of an op with `grad_fn`.
     pub(crate) fn with_grad_fn(&self, grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
-        let grad_fn = grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
+        let grad_fn =
+            grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));
         let tracks = grad_fn.is_some();
         Self::make(self.0.storage.clone(), self.0.shape.clone(), grad_fn, tracks)
     }
@@ -353,7 +391,10 @@ impl Tensor {
         match &*self.0.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
             Storage::Cpu(s) => bail!("expected an f32 tensor, got {:?}", s.dtype()),
-            Storage::Gpu(_) => bail!("expected a tensor on the cpu, this one is on {} (download it with to_device or to_vec)", self.device()),
+            Storage::Gpu(_) => bail!(
+                "expected a tensor on the cpu, this one is on {} (download it with to_device or to_vec)",
+                self.device()
+            ),
         }
     }
 
@@ -363,7 +404,9 @@ impl Tensor {
         Ok(match &*self.0.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Cow::Borrowed(v),
             Storage::Cpu(s) => Cow::Owned(s.to_f32_vec()),
-            Storage::Gpu(s) => Cow::Owned(s.to_f32_vec().with_context(|| format!("downloading a tensor of shape {:?} from {}", self.shape(), self.device()))?),
+            Storage::Gpu(s) => Cow::Owned(s.to_f32_vec().with_context(|| {
+                format!("downloading a tensor of shape {:?} from {}", self.shape(), self.device())
+            })?),
         })
     }
 
@@ -401,7 +444,12 @@ impl Tensor {
             Storage::Cpu(s) => Storage::Cpu(s.to_dtype(dtype)),
             Storage::Gpu(s) => Storage::Gpu(s.to_dtype(dtype)?),
         };
-        Ok(Self::make(Arc::new(s), self.0.shape.clone(), None, self.0.requires_grad && self.0.grad_fn.is_none()))
+        Ok(Self::make(
+            Arc::new(s),
+            self.0.shape.clone(),
+            None,
+            self.0.requires_grad && self.0.grad_fn.is_none(),
+        ))
     }
 
     /// A copy on `device`, same dtype (uploads, downloads, or both between two GPUs). Cut from
@@ -420,9 +468,16 @@ impl Tensor {
         };
         let s = match device {
             Device::Cpu => Storage::Cpu(cpu.clone()),
-            gpu => Storage::Gpu(GpuStorage::from_cpu(&gpu.gpu()?, cpu).with_context(|| format!("uploading to {gpu}"))?),
+            gpu => Storage::Gpu(
+                GpuStorage::from_cpu(&gpu.gpu()?, cpu).with_context(|| format!("uploading to {gpu}"))?,
+            ),
         };
-        Ok(Self::make(Arc::new(s), self.0.shape.clone(), None, self.0.requires_grad && self.0.grad_fn.is_none()))
+        Ok(Self::make(
+            Arc::new(s),
+            self.0.shape.clone(),
+            None,
+            self.0.requires_grad && self.0.grad_fn.is_none(),
+        ))
     }
 
     /// Same data under a new shape (one dimension may be `usize::MAX` to infer it).
@@ -441,11 +496,18 @@ impl Tensor {
     /// New values for a leaf, keeping its identity as a parameter (optimizer updates). On a GPU
     /// device they are uploaded in the tensor's dtype.
     pub fn replace_data(&mut self, data: Vec<f32>) -> Result<()> {
-        ensure!(data.len() == self.numel(), "replace_data: {} values for shape {:?}", data.len(), self.shape());
+        ensure!(
+            data.len() == self.numel(),
+            "replace_data: {} values for shape {:?}",
+            data.len(),
+            self.shape()
+        );
         let requires_grad = self.0.requires_grad;
         let storage = match &*self.0.storage {
             Storage::Cpu(_) => Storage::Cpu(CpuStorage::F32(data)),
-            Storage::Gpu(g) => Storage::Gpu(GpuStorage::from_cpu(g.device(), &CpuStorage::F32(data).to_dtype(g.dtype))?),
+            Storage::Gpu(g) => {
+                Storage::Gpu(GpuStorage::from_cpu(g.device(), &CpuStorage::F32(data).to_dtype(g.dtype))?)
+            }
         };
         *self = Self::make(Arc::new(storage), self.0.shape.clone(), None, requires_grad);
         Ok(())
@@ -453,7 +515,12 @@ impl Tensor {
 
     /// New device storage for a leaf (the fused optimizer writes the updated bf16 weights).
     pub(crate) fn replace_gpu(&mut self, storage: GpuStorage) -> Result<()> {
-        ensure!(storage.len == self.numel(), "replace_gpu: {} values for shape {:?}", storage.len, self.shape());
+        ensure!(
+            storage.len == self.numel(),
+            "replace_gpu: {} values for shape {:?}",
+            storage.len,
+            self.shape()
+        );
         let requires_grad = self.0.requires_grad;
         *self = Self::make(Arc::new(Storage::Gpu(storage)), self.0.shape.clone(), None, requires_grad);
         Ok(())
@@ -466,7 +533,12 @@ fn infer_shape(shape: &[usize], n: usize) -> Result<Vec<usize>> {
     let known: usize = shape.iter().filter(|&&d| d != usize::MAX).product();
     let mut out = shape.to_vec();
     if unknown == 1 {
-        ensure!(known > 0 && n % known == 0, "reshape: cannot infer a dimension of {:?} for {} elements", shape, n);
+        ensure!(
+            known > 0 && n % known == 0,
+            "reshape: cannot infer a dimension of {:?} for {} elements",
+            shape,
+            n
+        );
         for d in out.iter_mut() {
             if *d == usize::MAX {
                 *d = n / known;

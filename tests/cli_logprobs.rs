@@ -23,21 +23,32 @@ fn logprobs_command_matches_reference_in_order() {
     for name in ["qwen3-tiny", "llama-tiny-bf16"] {
         let dir = fixture(name);
         let r = fcgpu::model::weights::load_all(&dir.join("reference.safetensors")).unwrap();
-        let seqs: Vec<Vec<u32>> = (0..3).map(|i| r[&format!("input_ids.{i}")].to_vec().iter().map(|&x| x as u32).collect()).collect();
+        let seqs: Vec<Vec<u32>> = (0..3)
+            .map(|i| r[&format!("input_ids.{i}")].to_vec().iter().map(|&x| x as u32).collect())
+            .collect();
         // Reversed order and batch size 2: output order must follow the input.
         let input: String = seqs.iter().rev().map(|s| format!("{{\"input_ids\": {s:?}}}\n")).collect();
         let out = run(&dir, &input, &["--batch-size", "2", "--device", "cpu"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 3);
         for (k, line) in lines.iter().enumerate() {
             let i = 2 - k;
-            let lp: Vec<f64> = line["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-            let ent: Vec<f64> = line["entropy"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let lp: Vec<f64> =
+                line["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let ent: Vec<f64> =
+                line["entropy"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
             let (elp, eent) = (r[&format!("logprobs.{i}")].to_vec(), r[&format!("entropy.{i}")].to_vec());
             assert_eq!(lp.len(), seqs[i].len() - 1);
             for t in 0..lp.len() {
-                assert!((lp[t] - elp[t] as f64).abs() < 2e-4 && (ent[t] - eent[t] as f64).abs() < 2e-4, "{name} seq {i} t {t}");
+                assert!(
+                    (lp[t] - elp[t] as f64).abs() < 2e-4 && (ent[t] - eent[t] as f64).abs() < 2e-4,
+                    "{name} seq {i} t {t}"
+                );
             }
         }
     }

@@ -10,17 +10,37 @@ fn fcgpu(args: &[&str]) -> std::process::Output {
 fn train_runs_from_a_config_file_with_flag_overrides() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("micro.toml");
-    std::fs::write(&cfg, "preset = \"micro\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\nsteps = 1\n\
-        group_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\neval_samples = 2\nseed = 1\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "preset = \"micro\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\nsteps = 1\n\
+        group_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\neval_samples = 2\nseed = 1\n",
+    )
+    .unwrap();
     let run = dir.path().join("run");
-    let out = fcgpu(&["train", "--config", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--seed", "3", "--beta", "0"]);
+    let out = fcgpu(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--beta",
+        "0",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("heldout_accuracy_before"));
     let resolved = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(resolved.contains("seed = 3") && resolved.contains("beta = 0.0"), "flags override the file:\n{resolved}");
+    assert!(
+        resolved.contains("seed = 3") && resolved.contains("beta = 0.0"),
+        "flags override the file:\n{resolved}"
+    );
     let lines: Vec<serde_json::Value> = fcgpu::jsonl::read(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1]);
-    assert!(run.join("checkpoint-1/model.safetensors").exists() && run.join("checkpoint-1/trainer_state.json").exists());
+    assert!(
+        run.join("checkpoint-1/model.safetensors").exists()
+            && run.join("checkpoint-1/trainer_state.json").exists()
+    );
     assert!(run.join("curves.svg").exists());
 }
 
@@ -52,7 +72,10 @@ fn dynamic_sampling_flags_parse_and_show_in_print_config() {
     let on = print(&["--dynamic-sampling", "--max-resample", "2"]);
     assert_eq!((on["dynamic_sampling"].as_bool(), on["max_resample"].as_integer()), (Some(true), Some(2)));
     let file = print(&["--config", cfg.to_str().unwrap()]);
-    assert_eq!((file["dynamic_sampling"].as_bool(), file["max_resample"].as_integer()), (Some(true), Some(7)));
+    assert_eq!(
+        (file["dynamic_sampling"].as_bool(), file["max_resample"].as_integer()),
+        (Some(true), Some(7))
+    );
     let file_off = print(&["--config", cfg.to_str().unwrap(), "--dynamic-sampling", "false"]);
     assert_eq!(file_off["dynamic_sampling"].as_bool(), Some(false), "the flag overrides the file");
     let out = fcgpu(&["train", "--print-config", "--dynamic-sampling", "--max-resample", "0"]);

@@ -23,7 +23,11 @@ use fcgpu::{Device, Tensor};
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("reference.safetensors").exists()).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("reference.safetensors").exists())
+        .collect();
     v.sort();
     assert!(v.len() >= 6, "expected the six fixture checkpoints in {}", root.display());
     v
@@ -36,7 +40,11 @@ fn name(dir: &Path) -> String {
 /// The reference sequences of a fixture.
 fn sequences(dir: &Path) -> Vec<Vec<u32>> {
     let r = load_all(&dir.join("reference.safetensors")).unwrap();
-    (0..).map_while(|i| r.get(&format!("input_ids.{i}")).map(|t| t.to_vec().iter().map(|&x| x as u32).collect())).collect()
+    (0..)
+        .map_while(|i| {
+            r.get(&format!("input_ids.{i}")).map(|t| t.to_vec().iter().map(|&x| x as u32).collect())
+        })
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -85,10 +93,18 @@ pub fn logprobs_command_agrees_with_cpu(dev: Device) {
         let (flp, fent) = logprobs_cli(&dir, &["--device", &flag(dev), "--dtype", "f32"]);
         let worst = max_abs_diff(&lp, &glp).max(max_abs_diff(&ent, &gent));
         let n = (lp.len() + ent.len()) as f32;
-        let mean = (lp.iter().zip(&glp).chain(ent.iter().zip(&gent)).map(|(a, b)| (a - b).abs()).sum::<f32>()) / n;
+        let mean =
+            (lp.iter().zip(&glp).chain(ent.iter().zip(&gent)).map(|(a, b)| (a - b).abs()).sum::<f32>()) / n;
         let worst32 = max_abs_diff(&lp, &flp).max(max_abs_diff(&ent, &fent));
-        eprintln!("{} on {dev}: bf16 max |Δ| {worst:.4} (mean {mean:.4}); f32 max |Δ| {worst32:.4}", name(&dir));
-        assert!(worst < 0.15 && mean < 0.03, "{}: bf16 on {dev} vs cpu: max |Δ| {worst}, mean {mean}", name(&dir));
+        eprintln!(
+            "{} on {dev}: bf16 max |Δ| {worst:.4} (mean {mean:.4}); f32 max |Δ| {worst32:.4}",
+            name(&dir)
+        );
+        assert!(
+            worst < 0.15 && mean < 0.03,
+            "{}: bf16 on {dev} vs cpu: max |Δ| {worst}, mean {mean}",
+            name(&dir)
+        );
         assert!(worst32 < 0.05, "{}: f32 on {dev} vs cpu: max |Δ| {worst32}", name(&dir));
     }
 }
@@ -107,7 +123,10 @@ pub fn training_step_gradients_agree_with_cpu(dev: Device) {
         let (mut num, mut den, mut worst_param) = (0.0f64, 0.0f64, 0.0f64);
         for ((pname, pc), (_, pg)) in cpu.named_params().iter().zip(gpu.named_params()) {
             let a = gc.get(pc).unwrap_or_else(|| panic!("{pname}: no cpu gradient")).to_vec();
-            let b = gg.get(&pg).unwrap_or_else(|| panic!("{}: {pname} has no gradient on {dev}", name(&dir))).to_vec();
+            let b = gg
+                .get(&pg)
+                .unwrap_or_else(|| panic!("{}: {pname} has no gradient on {dev}", name(&dir)))
+                .to_vec();
             let (d, s) = (diff_norm(&a, &b), norm(&a));
             num += d * d;
             den += s * s;
@@ -135,7 +154,8 @@ pub fn adamw_steps_agree_with_cpu(dev: Device) {
     for (step, max_norm) in [(1, 0.5f32), (2, 100.0)] {
         let grads = cpu.nll_loss(&batch).unwrap().backward().unwrap();
         let params = cpu.named_params();
-        let host: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, p)| (n.clone(), grads.get(p).unwrap().to_vec())).collect();
+        let host: std::collections::HashMap<String, Vec<f32>> =
+            params.iter().map(|(n, p)| (n.clone(), grads.get(p).unwrap().to_vec())).collect();
         let mut on_dev = StepGrads::on(dev);
         if let StepGrads::Device(map) = &mut on_dev {
             for (n, g) in &host {
@@ -145,17 +165,33 @@ pub fn adamw_steps_agree_with_cpu(dev: Device) {
         }
         let norm_d = on_dev.norm().unwrap();
         let norm_c = apply_gradients(&mut cpu, &mut opt_c, &cfg, cfg.lr, host, max_norm).unwrap();
-        assert!((norm_c - norm_d).abs() <= 1e-4 * norm_c, "step {step}: gradient norm {norm_c} on the cpu, {norm_d} on {dev}");
+        assert!(
+            (norm_c - norm_d).abs() <= 1e-4 * norm_c,
+            "step {step}: gradient norm {norm_c} on the cpu, {norm_d} on {dev}"
+        );
         apply_step(&mut gpu, &mut opt_g, &cfg, cfg.lr, on_dev, max_norm).unwrap();
         let (masters, host_opt) = opt_g.host_state(&gpu).unwrap();
-        for ((n, pc), ((_, pm), (_, pg))) in cpu.named_params().iter().zip(masters.named_params().iter().zip(gpu.named_params())) {
+        for ((n, pc), ((_, pm), (_, pg))) in
+            cpu.named_params().iter().zip(masters.named_params().iter().zip(gpu.named_params()))
+        {
             let (a, b) = (pc.to_vec(), pm.to_vec());
-            assert!(max_abs_diff(&a, &b) < 1e-5, "step {step}: {n}: f32 master weights on {dev} differ from the cpu by {}", max_abs_diff(&a, &b));
+            assert!(
+                max_abs_diff(&a, &b) < 1e-5,
+                "step {step}: {n}: f32 master weights on {dev} differ from the cpu by {}",
+                max_abs_diff(&a, &b)
+            );
             let want: Vec<f32> = b.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
-            assert_eq!(pg.to_vec(), want, "step {step}: {n}: the working copy is the bf16 of the master weights");
+            assert_eq!(
+                pg.to_vec(),
+                want,
+                "step {step}: {n}: the working copy is the bf16 of the master weights"
+            );
             assert!(pg.tracks_grad(), "{n} stays trainable");
             let (mc, mg) = (&opt_c.m[n], &host_opt.m[n]);
-            assert!(max_abs_diff(mc, mg) < 1e-6 && max_abs_diff(&opt_c.v[n], &host_opt.v[n]) < 1e-8, "step {step}: {n}: moments differ");
+            assert!(
+                max_abs_diff(mc, mg) < 1e-6 && max_abs_diff(&opt_c.v[n], &host_opt.v[n]) < 1e-8,
+                "step {step}: {n}: moments differ"
+            );
         }
     }
     eprintln!("AdamW on {dev}: two steps (one clipped) match the cpu");
@@ -167,7 +203,9 @@ fn cached_logits(m: &Model, seq: &[u32], cuts: &[usize]) -> Vec<f32> {
     let mut out = Vec::new();
     let mut at = 0;
     for &end in cuts.iter().chain([&seq.len()]) {
-        out.extend(no_grad(|| m.forward_cached_all(&mut [Step { cache: &mut c, tokens: &seq[at..end] }])).unwrap());
+        out.extend(
+            no_grad(|| m.forward_cached_all(&mut [Step { cache: &mut c, tokens: &seq[at..end] }])).unwrap(),
+        );
         at = end;
     }
     out
@@ -184,15 +222,27 @@ pub fn kv_cache_decoding_agrees_with_cpu(dev: Device) {
         // One call mixing a decode token after a cache, a prefill, and a one-token prompt (as
         // the rollout engine's continuous batch does).
         for (m, out) in [(&cpu, &mut a), (&gpu, &mut b)] {
-            let (mut ca, mut cb, mut cc) = (SeqCache::new(m.kv_shape(), 5), SeqCache::new(m.kv_shape(), 1), SeqCache::new(m.kv_shape(), 1));
+            let (mut ca, mut cb, mut cc) = (
+                SeqCache::new(m.kv_shape(), 5),
+                SeqCache::new(m.kv_shape(), 1),
+                SeqCache::new(m.kv_shape(), 1),
+            );
             no_grad(|| m.forward_cached(&mut [Step { cache: &mut ca, tokens: &seq[..5] }])).unwrap();
-            let mut steps = [Step { cache: &mut ca, tokens: &seq[5..6] }, Step { cache: &mut cb, tokens: &seq[2..9] }, Step { cache: &mut cc, tokens: &seq[3..4] }];
+            let mut steps = [
+                Step { cache: &mut ca, tokens: &seq[5..6] },
+                Step { cache: &mut cb, tokens: &seq[2..9] },
+                Step { cache: &mut cc, tokens: &seq[3..4] },
+            ];
             out.extend(no_grad(|| m.forward_cached(&mut steps)).unwrap());
         }
         let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let d = max_abs_diff(&a, &b);
         eprintln!("{} on {dev}: cached logits max |Δ| {d:.3} (|logit| up to {scale:.1})", name(&dir));
-        assert!(d < 0.03 * scale, "{}: KV-cache logits on {dev} differ from the cpu by {d} (scale {scale})", name(&dir));
+        assert!(
+            d < 0.03 * scale,
+            "{}: KV-cache logits on {dev} differ from the cpu by {d} (scale {scale})",
+            name(&dir)
+        );
     }
 }
 
@@ -201,9 +251,19 @@ pub fn greedy_generation_agrees_with_cpu(dev: Device) {
     for dir in fixtures() {
         let cpu = Model::load(&dir).unwrap();
         let gpu = cpu.to_device(dev).unwrap();
-        let prompts: Vec<Vec<u32>> = sequences(&dir).iter().filter(|s| s.len() >= 2).map(|s| s[..s.len().min(6)].to_vec()).collect();
-        let cfg = SamplingConfig { n: 2, max_new_tokens: 6, temperature: 0.0, ignore_eos: true, ..Default::default() };
-        let (want, got) = (no_grad(|| generate(&cpu, &prompts, &cfg, None)).unwrap(), no_grad(|| generate(&gpu, &prompts, &cfg, None)).unwrap());
+        let prompts: Vec<Vec<u32>> =
+            sequences(&dir).iter().filter(|s| s.len() >= 2).map(|s| s[..s.len().min(6)].to_vec()).collect();
+        let cfg = SamplingConfig {
+            n: 2,
+            max_new_tokens: 6,
+            temperature: 0.0,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let (want, got) = (
+            no_grad(|| generate(&cpu, &prompts, &cfg, None)).unwrap(),
+            no_grad(|| generate(&gpu, &prompts, &cfg, None)).unwrap(),
+        );
         let v = cpu.config.vocab_size;
         for (w, g) in want.iter().zip(&got) {
             // Compare up to the first near tie on the cpu (top-2 logit gap < 0.3): bf16 noise may
@@ -220,31 +280,56 @@ pub fn greedy_generation_agrees_with_cpu(dev: Device) {
                 if s[0] - s[1] < 0.3 {
                     break;
                 }
-                assert_eq!(g.new_ids[j], t, "{}: greedy token {j} on {dev} ({:?}) vs cpu ({:?})", name(&dir), g.new_ids, w.new_ids);
+                assert_eq!(
+                    g.new_ids[j],
+                    t,
+                    "{}: greedy token {j} on {dev} ({:?}) vs cpu ({:?})",
+                    name(&dir),
+                    g.new_ids,
+                    w.new_ids
+                );
                 compared += 1;
             }
         }
     }
-    eprintln!("greedy on {dev}: {compared} of {total} tokens compared (the rest follow a near tie), all equal");
+    eprintln!(
+        "greedy on {dev}: {compared} of {total} tokens compared (the rest follow a near tie), all equal"
+    );
     assert!(compared * 2 > total, "too few tokens compared: {compared} of {total}");
 }
 
 pub fn train_command_runs_on_device(dev: Device) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("micro.toml");
-    std::fs::write(&cfg, "preset = \"micro\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\n\
-        group_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\neval_samples = 2\nseed = 1\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "preset = \"micro\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\n\
+        group_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\neval_samples = 2\nseed = 1\n",
+    )
+    .unwrap();
     let run = dir.path().join("run");
     let t0 = std::time::Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
-        .args(["train", "--config", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--device", &flag(dev), "--steps", "2"])
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--device",
+            &flag(dev),
+            "--steps",
+            "2",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     eprintln!("fcgpu train --device {dev} --steps 2 (micro): {:.1} s", t0.elapsed().as_secs_f32());
     let lines: Vec<serde_json::Value> = fcgpu::jsonl::read(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
-    assert!(lines[1..].iter().all(|l| l["grad_norm"].as_f64().unwrap().is_finite() && l["completion_tokens"].as_u64().unwrap() > 0));
+    assert!(lines[1..].iter().all(
+        |l| l["grad_norm"].as_f64().unwrap().is_finite() && l["completion_tokens"].as_u64().unwrap() > 0
+    ));
     let ck = run.join("checkpoint-2");
     for f in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
         assert!(ck.join(f).exists(), "{f} missing in {}", ck.display());
@@ -252,7 +337,10 @@ pub fn train_command_runs_on_device(dev: Device) {
     // The checkpoint holds the f32 master weights, not the bf16 working copy.
     let m = Model::load(&ck).unwrap();
     let all: Vec<f32> = m.named_params().iter().flat_map(|(_, t)| t.to_vec()).collect();
-    assert!(all.iter().any(|&x| half::bf16::from_f32(x).to_f32() != x), "checkpoint weights are all bf16 values");
+    assert!(
+        all.iter().any(|&x| half::bf16::from_f32(x).to_f32() != x),
+        "checkpoint weights are all bf16 values"
+    );
     // The SRML warm-up ran on the device too and resumes from its checkpoint.
     assert!(run.join("sft/checkpoint-2/trainer_state.json").exists());
 }
@@ -314,7 +402,10 @@ fn devices_parse_and_unusable_cuda_is_a_clear_error() {
     assert_eq!(Device::parse("emu").unwrap(), Device::Emu);
     assert_eq!(Device::parse("cuda").unwrap(), Device::Cuda(0));
     assert_eq!(Device::parse("cuda:3").unwrap(), Device::Cuda(3));
-    assert_eq!(Device::parse("auto").unwrap(), if GpuDevice::cuda_available() { Device::Cuda(0) } else { Device::Cpu });
+    assert_eq!(
+        Device::parse("auto").unwrap(),
+        if GpuDevice::cuda_available() { Device::Cuda(0) } else { Device::Cpu }
+    );
     for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
         assert!(Device::parse(bad).unwrap_err().to_string().contains("expected cpu, cuda"), "{bad}");
     }
@@ -326,11 +417,21 @@ fn devices_parse_and_unusable_cuda_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.jsonl");
     std::fs::write(&input, "{\"input_ids\": [1, 2, 3]}\n").unwrap();
-    for cmd in [vec!["logprobs", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap()], vec!["train", "--run-dir", tmp.path().to_str().unwrap()]] {
-        let out = Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(&cmd).args(["--device", "cuda"]).output().unwrap();
+    for cmd in [
+        vec!["logprobs", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap()],
+        vec!["train", "--run-dir", tmp.path().to_str().unwrap()],
+    ] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(&cmd).args(["--device", "cuda"]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains("--device cuda") && !err.contains("panicked"), "{cmd:?}: {err}");
-        assert!(err.contains("CUDA") || err.contains("NVRTC") || err.contains("cuBLAS") || err.contains("GPU"), "{err}");
+        assert!(
+            !out.status.success() && err.contains("--device cuda") && !err.contains("panicked"),
+            "{cmd:?}: {err}"
+        );
+        assert!(
+            err.contains("CUDA") || err.contains("NVRTC") || err.contains("cuBLAS") || err.contains("GPU"),
+            "{err}"
+        );
     }
 }
 

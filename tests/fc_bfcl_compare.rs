@@ -17,26 +17,15 @@ struct Outcome {
 }
 
 fn replay(cases: &Path, data: &Path) -> Outcome {
-    let samples: HashMap<String, Sample> = load_bfcl_dir(data)
-        .expect("BFCL data")
-        .into_iter()
-        .map(|s| (s.id.clone(), s))
-        .collect();
-    let mut out = Outcome {
-        total: 0,
-        agree: 0,
-        mismatches: vec![],
-    };
+    let samples: HashMap<String, Sample> =
+        load_bfcl_dir(data).expect("BFCL data").into_iter().map(|s| (s.id.clone(), s)).collect();
+    let mut out = Outcome { total: 0, agree: 0, mismatches: vec![] };
     for c in fc_common::read_jsonl(cases) {
         let id = c["id"].as_str().unwrap();
         let Some(sample) = samples.get(id) else {
             continue;
         };
-        let fmt = if c["format"] == "json" {
-            AnswerFormat::Json
-        } else {
-            AnswerFormat::Python
-        };
+        let fmt = if c["format"] == "json" { AnswerFormat::Json } else { AnswerFormat::Python };
         let result = c["result"].as_str().unwrap();
         let v = check_answer(sample, strip_reasoning(result), fmt);
         let want_valid = c["valid"].as_bool().unwrap();
@@ -44,9 +33,7 @@ fn replay(cases: &Path, data: &Path) -> Outcome {
         out.total += 1;
         if v.valid == want_valid && v.error_type == want_type {
             out.agree += 1;
-        } else if out.mismatches.len() < 40
-            || std::env::var_os("FCGPU_BFCL_ALL_MISMATCHES").is_some()
-        {
+        } else if out.mismatches.len() < 40 || std::env::var_os("FCGPU_BFCL_ALL_MISMATCHES").is_some() {
             out.mismatches.push(format!(
                 "{id} [{}] {:?}: fcgpu {} {:?} vs BFCL {} {:?}",
                 c["format"], result, v.valid, v.error_type, want_valid, want_type
@@ -58,10 +45,7 @@ fn replay(cases: &Path, data: &Path) -> Outcome {
 
 #[test]
 fn committed_cases_match_bfcl_exactly() {
-    let o = replay(
-        &fc_common::data_file("cases.jsonl"),
-        &fc_common::subset_dir(),
-    );
+    let o = replay(&fc_common::data_file("cases.jsonl"), &fc_common::subset_dir());
     assert!(o.total > 1000, "only {} cases", o.total);
     assert!(
         o.mismatches.is_empty(),

@@ -10,10 +10,7 @@ use std::io::Write;
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.path().join(name);
-    std::fs::File::create(&p)
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    std::fs::File::create(&p).unwrap().write_all(text.as_bytes()).unwrap();
     p
 }
 
@@ -35,14 +32,8 @@ fn malformed_data_line_names_file_and_line() {
     let e = load_jsonl(&p).unwrap_err().to_string();
     assert!(e.contains("y.jsonl:3") && e.contains("tools"), "{e}");
     std::fs::create_dir_all(d.path().join("bfcl")).unwrap();
-    write(
-        &d,
-        "bfcl/BFCL_v4_simple_python.json",
-        "{\"id\": \"simple_python_0\"}\n",
-    );
-    let e = load_bfcl_category(&d.path().join("bfcl"), "simple_python")
-        .unwrap_err()
-        .to_string();
+    write(&d, "bfcl/BFCL_v4_simple_python.json", "{\"id\": \"simple_python_0\"}\n");
+    let e = load_bfcl_category(&d.path().join("bfcl"), "simple_python").unwrap_err().to_string();
     assert!(e.contains("BFCL_v4_simple_python.json:1"), "{e}");
 }
 
@@ -63,10 +54,7 @@ fn xlam_and_fcgpu_lines_load_into_samples() {
     let s = load_jsonl(&p).unwrap();
     assert_eq!(s[0].id, "7");
     assert_eq!(s[0].category, "simple_python");
-    assert_eq!(
-        s[0].functions[0]["parameters"]["required"],
-        serde_json::json!(["city"])
-    );
+    assert_eq!(s[0].functions[0]["parameters"]["required"], serde_json::json!(["city"]));
     let r = reward(
         &s[0],
         "<think>Paris</think>\n\n[get_weather(city='Paris')]",
@@ -84,70 +72,31 @@ fn rewards_follow_spec() {
     let s = &samples[0];
     let gold = render_calls(s);
     let good = format!("<think>reason</think>\n\n{gold}");
-    assert_eq!(
-        reward(s, &good, RewardKind::Binary, AnswerFormat::Python).reward,
-        1.0
-    );
-    assert_eq!(
-        reward(
-            s,
-            &format!("{good}<|im_end|>"),
-            RewardKind::Binary,
-            AnswerFormat::Python
-        )
-        .reward,
-        1.0
-    );
+    assert_eq!(reward(s, &good, RewardKind::Binary, AnswerFormat::Python).reward, 1.0);
+    assert_eq!(reward(s, &format!("{good}<|im_end|>"), RewardKind::Binary, AnswerFormat::Python).reward, 1.0);
     // No think block, empty think, two think blocks: format fails.
-    for bad in [
-        gold.clone(),
-        format!("<think> </think>{gold}"),
-        format!("<think>a</think><think>b</think>{gold}"),
-    ] {
+    for bad in
+        [gold.clone(), format!("<think> </think>{gold}"), format!("<think>a</think><think>b</think>{gold}")]
+    {
         let r = reward(s, &bad, RewardKind::Binary, AnswerFormat::Python);
         assert!(!r.format_ok && r.reward == 0.0, "{bad}");
     }
     // Partial: one of the expected calls dropped.
     let first_call_only = format!(
         "<think>r</think>\n\n[{}]",
-        gold[1..gold.len() - 1]
-            .split("), ")
-            .next()
-            .unwrap()
-            .trim_end_matches(')')
-            .to_string()
-            + ")"
+        gold[1..gold.len() - 1].split("), ").next().unwrap().trim_end_matches(')').to_string() + ")"
     );
-    let r = reward(
-        s,
-        &first_call_only,
-        RewardKind::Partial,
-        AnswerFormat::Python,
-    );
+    let r = reward(s, &first_call_only, RewardKind::Partial, AnswerFormat::Python);
     let want = 0.1 + 0.9 * r.calls_matched as f64 / r.calls_expected as f64;
-    assert!(
-        r.calls_expected >= 2 && r.calls_matched >= 1 && (r.reward - want).abs() < 1e-9,
-        "{r:?}"
-    );
+    assert!(r.calls_expected >= 2 && r.calls_matched >= 1 && (r.reward - want).abs() < 1e-9, "{r:?}");
     let irr = &load_bfcl_category(&fc_common::subset_dir(), "irrelevance").unwrap()[0];
     assert_eq!(
-        reward(
-            irr,
-            "<think>none apply</think>\n\nI cannot help.",
-            RewardKind::Binary,
-            AnswerFormat::Python
-        )
-        .reward,
+        reward(irr, "<think>none apply</think>\n\nI cannot help.", RewardKind::Binary, AnswerFormat::Python)
+            .reward,
         1.0
     );
-    let call = format!(
-        "<think>x</think>\n\n[{}(a=1)]",
-        irr.functions[0]["name"].as_str().unwrap()
-    );
-    assert_eq!(
-        reward(irr, &call, RewardKind::Binary, AnswerFormat::Python).reward,
-        0.0
-    );
+    let call = format!("<think>x</think>\n\n[{}(a=1)]", irr.functions[0]["name"].as_str().unwrap());
+    assert_eq!(reward(irr, &call, RewardKind::Binary, AnswerFormat::Python).reward, 0.0);
 }
 
 #[test]
@@ -160,11 +109,7 @@ fn eval_scores_results_and_writes_verdicts() {
         serde_json::json!({"id": samples[0].id, "result": format!("<think>t</think>\n\n{}", render_calls(&samples[0]))}),
         serde_json::json!({"id": samples[1].id, "result": "no idea"}),
     ];
-    let res = write(
-        &d,
-        "r.jsonl",
-        &lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-    );
+    let res = write(&d, "r.jsonl", &lines.iter().map(|l| format!("{l}\n")).collect::<String>());
     let verdicts = d.path().join("v.jsonl");
     eval_cli::run(eval_cli::Args {
         bfcl_dir: Some(dir.clone()),
@@ -180,11 +125,7 @@ fn eval_scores_results_and_writes_verdicts() {
     assert_eq!(v[0]["valid"], true);
     assert_eq!(v[1]["error_type"], "ast_decoder:decoder_failed");
     assert_eq!(v[2]["error_type"], "missing_result");
-    let bad = write(
-        &d,
-        "bad.jsonl",
-        "{\"id\": \"a\", \"result\": \"x\"}\n{oops\n",
-    );
+    let bad = write(&d, "bad.jsonl", "{\"id\": \"a\", \"result\": \"x\"}\n{oops\n");
     let e = eval_cli::run(eval_cli::Args {
         bfcl_dir: Some(dir),
         category: "simple_python".into(),

@@ -213,11 +213,7 @@ const ALPHABET: &[&str] = &[
 fn mutate(rng: &mut ChaCha8Rng, seed: &str) -> String {
     let mut s: Vec<char> = seed.chars().collect();
     for _ in 0..rng.random_range(1..6) {
-        let pos = if s.is_empty() {
-            0
-        } else {
-            rng.random_range(0..=s.len())
-        };
+        let pos = if s.is_empty() { 0 } else { rng.random_range(0..=s.len()) };
         match rng.random_range(0..5) {
             0 => {
                 let tok = ALPHABET[rng.random_range(0..ALPHABET.len())];
@@ -247,16 +243,11 @@ fn mutate(rng: &mut ChaCha8Rng, seed: &str) -> String {
 }
 
 fn random_string(rng: &mut ChaCha8Rng) -> String {
-    (0..rng.random_range(0..30))
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())])
-        .collect()
+    (0..rng.random_range(0..30)).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())]).collect()
 }
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 #[test]
@@ -279,11 +270,7 @@ fn decoder_and_checker_never_panic() {
             continue;
         }
         let pick = rng.random_range(0..seeds.len());
-        let input = if i % 4 == 0 {
-            random_string(&mut rng)
-        } else {
-            mutate(&mut rng, &seeds[pick])
-        };
+        let input = if i % 4 == 0 { random_string(&mut rng) } else { mutate(&mut rng, &seeds[pick]) };
         total += 1;
         let s = &samples[rng.random_range(0..samples.len())];
         // Everything one input goes through is measured together: its time and heap are the
@@ -325,9 +312,6 @@ fn decoder_and_checker_never_panic() {
 fn deep_nesting_is_an_error() {
     for open in ["[", "(", "{", "f(a=", "-", "not ", "1+"] {
         let s = format!("[f(a={}1)]", open.repeat(100_000));
-        assert!(
-            decode(&s, Lang::Python, AnswerFormat::Python).is_err(),
-            "{open}"
-        );
+        assert!(decode(&s, Lang::Python, AnswerFormat::Python).is_err(), "{open}");
     }
 }

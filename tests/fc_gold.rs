@@ -24,7 +24,10 @@ fn gold_run(dir: &Path) -> (usize, usize, Vec<String>) {
     for s in samples.iter().filter(|s| !s.ground_truth.is_empty()) {
         checked += 1;
         let text = render_calls(s);
-        dump.push_str(&format!("{}\n", serde_json::json!({"id": s.id, "category": s.category, "format": "python", "result": text})));
+        dump.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"id": s.id, "category": s.category, "format": "python", "result": text})
+        ));
         let v = check_answer(s, &text, AnswerFormat::Python);
         if !v.valid {
             failing.push(format!("{} ({})", s.id, v.error_type));
@@ -66,14 +69,8 @@ const BFCL_REJECTS_JS: [&str; 1] = ["simple_javascript_46"];
 
 fn assert_only_quirks(failing: &[String]) {
     for f in failing {
-        let known = QUIRKS
-            .iter()
-            .chain(&BFCL_REJECTS_TOO)
-            .chain(&BFCL_REJECTS_JS);
-        assert!(
-            known.clone().any(|q| f.starts_with(&format!("{q} "))),
-            "gold answer fails: {f}"
-        );
+        let known = QUIRKS.iter().chain(&BFCL_REJECTS_TOO).chain(&BFCL_REJECTS_JS);
+        assert!(known.clone().any(|q| f.starts_with(&format!("{q} "))), "gold answer fails: {f}");
     }
 }
 

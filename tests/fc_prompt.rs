@@ -9,11 +9,8 @@ use std::collections::HashMap;
 
 #[test]
 fn prompts_match_bfcl_byte_for_byte() {
-    let samples: HashMap<String, _> = load_bfcl_dir(&fc_common::subset_dir())
-        .unwrap()
-        .into_iter()
-        .map(|s| (s.id.clone(), s))
-        .collect();
+    let samples: HashMap<String, _> =
+        load_bfcl_dir(&fc_common::subset_dir()).unwrap().into_iter().map(|s| (s.id.clone(), s)).collect();
     let expected = fc_common::read_jsonl(&fc_common::data_file("prompts.jsonl"));
     let mut cats = std::collections::HashSet::new();
     for e in &expected {
@@ -38,18 +35,12 @@ fn prompts_match_bfcl_byte_for_byte() {
 #[test]
 fn reasoning_style_adds_the_instruction_and_target_has_think() {
     let samples = load_bfcl_dir(&fc_common::subset_dir()).unwrap();
-    let s = samples
-        .iter()
-        .find(|s| s.category == "simple_python")
-        .unwrap();
+    let s = samples.iter().find(|s| s.category == "simple_python").unwrap();
     let p = render_prompt(s, PromptStyle::Reasoning);
     assert!(p.contains(REASONING_INSTRUCTION));
     assert!(p.ends_with("<|im_start|>assistant\n"));
     let mut s2 = s.clone();
     s2.reasoning = Some("why".into());
     let t = render_target(&s2);
-    assert!(
-        t.starts_with("<think>why</think>\n\n[") && t.ends_with(")]"),
-        "{t}"
-    );
+    assert!(t.starts_with("<think>why</think>\n\n[") && t.ends_with(")]"), "{t}");
 }

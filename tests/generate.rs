@@ -53,7 +53,12 @@ fn incremental_decode_equals_full_forward() {
         let mut caches: Vec<SeqCache> = seqs.iter().map(|_| SeqCache::new(m.kv_shape(), 1)).collect();
         // Prefill of mixed lengths, all sequences in one call.
         let all = {
-            let mut steps: Vec<Step> = caches.iter_mut().zip(&seqs).zip(prompt_lens).map(|((c, s), p)| Step { cache: c, tokens: &s[..p] }).collect();
+            let mut steps: Vec<Step> = caches
+                .iter_mut()
+                .zip(&seqs)
+                .zip(prompt_lens)
+                .map(|((c, s), p)| Step { cache: c, tokens: &s[..p] })
+                .collect();
             m.forward_cached_all(&mut steps).unwrap()
         };
         let mut off = 0;
@@ -104,10 +109,15 @@ fn shared_prefix_decode_equals_full_forward() {
         let prefix = c.into_prefix();
         // Three continuations of the same prompt decoding together over the shared prefix.
         let conts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![60, 59, 58, 57], vec![7, 7, 7, 7]];
-        let mut caches: Vec<SeqCache> = conts.iter().map(|_| SeqCache::after(Arc::clone(&prefix), 2)).collect();
+        let mut caches: Vec<SeqCache> =
+            conts.iter().map(|_| SeqCache::after(Arc::clone(&prefix), 2)).collect();
         for t in 0..4 {
             let logits = {
-                let mut steps: Vec<Step> = caches.iter_mut().zip(&conts).map(|(c, s)| Step { cache: c, tokens: &s[t..t + 1] }).collect();
+                let mut steps: Vec<Step> = caches
+                    .iter_mut()
+                    .zip(&conts)
+                    .map(|(c, s)| Step { cache: c, tokens: &s[t..t + 1] })
+                    .collect();
                 m.forward_cached(&mut steps).unwrap()
             };
             for (r, s) in conts.iter().enumerate() {
@@ -148,7 +158,16 @@ fn sampled_logprobs_and_entropies_equal_the_full_forward() {
     for kind in FAMILIES {
         let m = model(kind, 5);
         for (t, top_p, top_k) in [(0.7f32, 0.9f32, 0usize), (1.0, 1.0, 0), (1.3, 1.0, 7), (0.0, 1.0, 0)] {
-            let cfg = SamplingConfig { n: 3, max_new_tokens: 10, temperature: t, top_p, top_k, seed: 11, ignore_eos: true, ..Default::default() };
+            let cfg = SamplingConfig {
+                n: 3,
+                max_new_tokens: 10,
+                temperature: t,
+                top_p,
+                top_k,
+                seed: 11,
+                ignore_eos: true,
+                ..Default::default()
+            };
             let ps = prompts();
             let out = generate(&m, &ps, &cfg, None).unwrap();
             assert_eq!(out.len(), ps.len() * 3);
@@ -156,7 +175,8 @@ fn sampled_logprobs_and_entropies_equal_the_full_forward() {
             for c in &out {
                 assert_eq!(c.new_ids.len(), 10);
                 assert_eq!(c.finish_reason, FinishReason::Length);
-                let (lp, ent) = reference_stats(&m, &ps[c.prompt_index], &c.new_ids, if t == 0.0 { 1.0 } else { t });
+                let (lp, ent) =
+                    reference_stats(&m, &ps[c.prompt_index], &c.new_ids, if t == 0.0 { 1.0 } else { t });
                 worst = worst.max(max_diff(&lp, &c.logprobs)).max(max_diff(&ent, &c.entropy));
                 if t == 0.0 {
                     // Greedy: every token is the argmax of the full forward's logits.
@@ -165,11 +185,18 @@ fn sampled_logprobs_and_entropies_equal_the_full_forward() {
                     let v = m.config.vocab_size;
                     for (j, &tok) in c.new_ids.iter().enumerate() {
                         let row = &full[(ps[c.prompt_index].len() - 1 + j) * v..][..v];
-                        assert_eq!(tok as usize, fcgpu::rollout::sampler::argmax(row), "{kind}: greedy token {j}");
+                        assert_eq!(
+                            tok as usize,
+                            fcgpu::rollout::sampler::argmax(row),
+                            "{kind}: greedy token {j}"
+                        );
                     }
                 }
             }
-            assert!(worst < 1e-4, "{kind} T={t} top_p={top_p} top_k={top_k}: log-prob/entropy differ by {worst}");
+            assert!(
+                worst < 1e-4,
+                "{kind} T={t} top_p={top_p} top_k={top_k}: log-prob/entropy differ by {worst}"
+            );
             eprintln!("{kind} T={t} top_p={top_p} top_k={top_k}: max |Δ| log-prob/entropy vs token_logprobs = {worst:.2e}");
         }
     }
@@ -179,13 +206,25 @@ fn sampled_logprobs_and_entropies_equal_the_full_forward() {
 fn seeded_sampling_does_not_depend_on_the_batch() {
     let m = model("qwen3", 6);
     let ps = prompts();
-    let base = SamplingConfig { n: 4, max_new_tokens: 12, temperature: 0.9, top_p: 0.95, seed: 1234, ignore_eos: true, ..Default::default() };
+    let base = SamplingConfig {
+        n: 4,
+        max_new_tokens: 12,
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: 1234,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let all = generate(&m, &ps, &base, None).unwrap();
     for max_batch in [1, 3, 5] {
         let other = generate(&m, &ps, &SamplingConfig { max_batch, ..base.clone() }, None).unwrap();
         for (a, b) in all.iter().zip(&other) {
             assert_eq!((a.prompt_index, a.sample_index), (b.prompt_index, b.sample_index));
-            assert_eq!(a.new_ids, b.new_ids, "max_batch {max_batch}: prompt {} sample {}", a.prompt_index, a.sample_index);
+            assert_eq!(
+                a.new_ids, b.new_ids,
+                "max_batch {max_batch}: prompt {} sample {}",
+                a.prompt_index, a.sample_index
+            );
             assert!(max_diff(&a.logprobs, &b.logprobs) < 1e-5);
         }
     }
@@ -237,9 +276,12 @@ fn chi2_crit(df: usize) -> f64 {
 
 #[test]
 fn sampler_frequencies_match_the_distribution() {
-    let z: Vec<f32> = vec![2.0, 1.5, 1.4, 0.3, -0.2, 0.9, -1.0, 0.0, 1.1, -2.5, 0.5, 0.45, -0.7, 1.8, -3.0, 0.1];
+    let z: Vec<f32> =
+        vec![2.0, 1.5, 1.4, 0.3, -0.2, 0.9, -1.0, 0.0, 1.1, -2.5, 0.5, 0.45, -0.7, 1.8, -3.0, 0.1];
     let draws = 20_000usize;
-    for (t, top_p, top_k) in [(1.0f32, 1.0f32, 0usize), (0.7, 1.0, 5), (1.3, 0.8, 0), (0.8, 0.9, 8), (2.0, 0.5, 3)] {
+    for (t, top_p, top_k) in
+        [(1.0f32, 1.0f32, 0usize), (0.7, 1.0, 5), (1.3, 0.8, 0), (0.8, 0.9, 8), (2.0, 0.5, 3)]
+    {
         let p = SamplerParams { temperature: t, top_p, top_k };
         let expect = expected_distribution(&z, t, top_p, top_k);
         let mut rng = sample_rng(42, 0, 0);
@@ -253,13 +295,20 @@ fn sampler_frequencies_match_the_distribution() {
         }
         let support: Vec<usize> = (0..z.len()).filter(|&i| expect[i] > 0.0).collect();
         for i in 0..z.len() {
-            assert!(expect[i] > 0.0 || counts[i] == 0, "T={t} top_p={top_p} top_k={top_k}: token {i} outside the truncated support was drawn");
+            assert!(
+                expect[i] > 0.0 || counts[i] == 0,
+                "T={t} top_p={top_p} top_k={top_k}: token {i} outside the truncated support was drawn"
+            );
         }
-        let chi2: f64 = support.iter().map(|&i| {
-            let e = expect[i] * draws as f64;
-            (counts[i] as f64 - e).powi(2) / e
-        }).sum();
-        let tv: f64 = 0.5 * (0..z.len()).map(|i| (counts[i] as f64 / draws as f64 - expect[i]).abs()).sum::<f64>();
+        let chi2: f64 = support
+            .iter()
+            .map(|&i| {
+                let e = expect[i] * draws as f64;
+                (counts[i] as f64 - e).powi(2) / e
+            })
+            .sum();
+        let tv: f64 =
+            0.5 * (0..z.len()).map(|i| (counts[i] as f64 / draws as f64 - expect[i]).abs()).sum::<f64>();
         let df = support.len().saturating_sub(1).max(1);
         let crit = chi2_crit(df);
         eprintln!("T={t} top_p={top_p} top_k={top_k}: support {} χ²={chi2:.2} (df {df}, p=0.001 critical {crit:.2}), TV={tv:.4}", support.len());
@@ -280,7 +329,14 @@ fn sampler_frequencies_match_the_distribution() {
 fn sequences_stop_independently() {
     let mut m = model("llama", 7);
     let ps = prompts();
-    let cfg = SamplingConfig { n: 2, max_new_tokens: 16, temperature: 1.0, seed: 5, ignore_eos: true, ..Default::default() };
+    let cfg = SamplingConfig {
+        n: 2,
+        max_new_tokens: 16,
+        temperature: 1.0,
+        seed: 5,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let free = generate(&m, &ps, &cfg, None).unwrap();
     // Make a token that sample (0, 0) draws at step 5 an EOS id.
     let eos = free[0].new_ids[5];
@@ -324,11 +380,20 @@ fn stop_strings_end_samples() {
     let m = model("qwen2", 8);
     let tok = word_tokenizer();
     let ps = prompts();
-    let cfg = SamplingConfig { n: 3, max_new_tokens: 20, temperature: 1.0, seed: 9, ignore_eos: true, ..Default::default() };
+    let cfg = SamplingConfig {
+        n: 3,
+        max_new_tokens: 20,
+        temperature: 1.0,
+        seed: 9,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let free = generate(&m, &ps, &cfg, Some(&tok)).unwrap();
     let target = free[1].new_ids[7];
     let stop = format!("t{target:02}");
-    let out = generate(&m, &ps, &SamplingConfig { stop_strings: vec![stop.clone()], ..cfg.clone() }, Some(&tok)).unwrap();
+    let out =
+        generate(&m, &ps, &SamplingConfig { stop_strings: vec![stop.clone()], ..cfg.clone() }, Some(&tok))
+            .unwrap();
     let mut cut = 0;
     for (a, b) in free.iter().zip(&out) {
         if let Some(k) = a.new_ids.iter().position(|&t| t == target) {
@@ -348,8 +413,12 @@ fn stop_strings_end_samples() {
 #[test]
 fn chat_templates_render_like_the_families() {
     let messages = vec![json!({"role": "user", "content": "What is 2+2?"})];
-    let tools = vec![json!({"type": "function", "function": {"name": "add", "description": "Add ints.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "x": {"type": "number", "default": 1.0}}, "required": ["a"]}}})];
-    let qwen25 = ChatFormat::ChatMl { default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()) };
+    let tools = vec![
+        json!({"type": "function", "function": {"name": "add", "description": "Add ints.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "x": {"type": "number", "default": 1.0}}, "required": ["a"]}}}),
+    ];
+    let qwen25 = ChatFormat::ChatMl {
+        default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()),
+    };
     assert_eq!(
         qwen25.render(&messages, None).unwrap(),
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
@@ -382,9 +451,14 @@ fn chat_templates_render_like_the_families() {
     );
     let llama31 = ChatFormat::Llama3 { dated: true }.render(&messages, Some(&tools)).unwrap();
     assert!(llama31.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nGiven the following functions"));
-    assert!(llama31.contains("{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": \"add\","));
+    assert!(
+        llama31.contains("{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": \"add\",")
+    );
     // Python json.dumps number and escape conventions.
-    assert_eq!(tojson(&json!({"a": [1, 2.5, 1e-5, 1e20, "é\n"]}), None), r#"{"a": [1, 2.5, 1e-05, 1e+20, "é\n"]}"#);
+    assert_eq!(
+        tojson(&json!({"a": [1, 2.5, 1e-5, 1e20, "é\n"]}), None),
+        r#"{"a": [1, 2.5, 1e-05, 1e+20, "é\n"]}"#
+    );
     assert_eq!(tojson(&json!({"a": []}), Some(2)), "{\n  \"a\": []\n}");
 }
 
@@ -399,14 +473,38 @@ fn generate_command_writes_one_line_per_sample() {
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let run = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
-            .args(["generate", "--model", mdir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--max-new-tokens", "6"])
+            .args([
+                "generate",
+                "--model",
+                mdir.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--max-new-tokens",
+                "6",
+            ])
             .args(extra)
             .output()
             .unwrap();
         assert!(out.status.success(), "generate failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>()
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
     };
-    let a = run(&["--n", "3", "--seed", "7", "--temperature", "0.8", "--top-k", "20", "--ignore-eos", "--batch-size", "2"]);
+    let a = run(&[
+        "--n",
+        "3",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--ignore-eos",
+        "--batch-size",
+        "2",
+    ]);
     assert_eq!(a.len(), 9);
     for (k, l) in a.iter().enumerate() {
         assert_eq!(l["index"], k / 3);
@@ -418,9 +516,38 @@ fn generate_command_writes_one_line_per_sample() {
         assert!(l["text"].is_null(), "no tokenizer, no text");
     }
     // Same seed, other batch size: same samples; library and command agree.
-    let b = run(&["--n", "3", "--seed", "7", "--temperature", "0.8", "--top-k", "20", "--ignore-eos", "--batch-size", "64"]);
-    assert_eq!(a.iter().map(|l| &l["new_ids"]).collect::<Vec<_>>(), b.iter().map(|l| &l["new_ids"]).collect::<Vec<_>>());
-    let lib = generate(&m, &prompts(), &SamplingConfig { n: 3, max_new_tokens: 6, temperature: 0.8, top_k: 20, seed: 7, ignore_eos: true, ..Default::default() }, None).unwrap();
+    let b = run(&[
+        "--n",
+        "3",
+        "--seed",
+        "7",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--ignore-eos",
+        "--batch-size",
+        "64",
+    ]);
+    assert_eq!(
+        a.iter().map(|l| &l["new_ids"]).collect::<Vec<_>>(),
+        b.iter().map(|l| &l["new_ids"]).collect::<Vec<_>>()
+    );
+    let lib = generate(
+        &m,
+        &prompts(),
+        &SamplingConfig {
+            n: 3,
+            max_new_tokens: 6,
+            temperature: 0.8,
+            top_k: 20,
+            seed: 7,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
     for (l, c) in a.iter().zip(&lib) {
         assert_eq!(l["new_ids"], json!(c.new_ids));
     }
@@ -431,7 +558,11 @@ fn generate_command_writes_one_line_per_sample() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("entry 2"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("entry 2"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -466,8 +597,17 @@ fn multi_token_steps_after_cached_tokens() {
         let b: Vec<u32> = (0..6u32).map(|i| (i * 5 + 9) % 61).collect();
         let (fa, fb) = (full_logits(&m, &a), full_logits(&m, &b));
         let (mut ca, mut cb) = (SeqCache::new(m.kv_shape(), 8), SeqCache::new(m.kv_shape(), 8));
-        m.forward_cached(&mut [Step { cache: &mut ca, tokens: &a[..5] }, Step { cache: &mut cb, tokens: &b[..5] }]).unwrap();
-        let out = m.forward_cached_all(&mut [Step { cache: &mut ca, tokens: &a[5..90] }, Step { cache: &mut cb, tokens: &b[5..6] }]).unwrap();
+        m.forward_cached(&mut [
+            Step { cache: &mut ca, tokens: &a[..5] },
+            Step { cache: &mut cb, tokens: &b[..5] },
+        ])
+        .unwrap();
+        let out = m
+            .forward_cached_all(&mut [
+                Step { cache: &mut ca, tokens: &a[5..90] },
+                Step { cache: &mut cb, tokens: &b[5..6] },
+            ])
+            .unwrap();
         let d = max_diff(&out[..85 * v], &fa[5 * v..90 * v]);
         assert!(d < 1e-4, "{kind}: chunk after cached tokens differs by {d}");
         let d = max_diff(&out[85 * v..], &fb[5 * v..6 * v]);
@@ -480,8 +620,16 @@ fn long_prompts_are_admitted_a_few_at_a_time() {
     // 3 × 3000 prompt tokens exceed one step's prefill budget (8192): they join over two steps
     // and sample exactly as each prompt does alone; a 9000-token prompt still runs (alone).
     let m = model("qwen2", 13);
-    let ps: Vec<Vec<u32>> = (0..3u32).map(|k| (0..3000u32).map(|i| (i * (7 + k) + k) % 61).collect()).collect();
-    let cfg = SamplingConfig { n: 2, max_new_tokens: 4, temperature: 1.0, seed: 77, ignore_eos: true, ..Default::default() };
+    let ps: Vec<Vec<u32>> =
+        (0..3u32).map(|k| (0..3000u32).map(|i| (i * (7 + k) + k) % 61).collect()).collect();
+    let cfg = SamplingConfig {
+        n: 2,
+        max_new_tokens: 4,
+        temperature: 1.0,
+        seed: 77,
+        ignore_eos: true,
+        ..Default::default()
+    };
     let all = generate(&m, &ps, &cfg, None).unwrap();
     for (i, p) in ps.iter().enumerate() {
         let alone = generate_indexed(&m, std::slice::from_ref(p), i, &cfg, None).unwrap();
@@ -490,7 +638,8 @@ fn long_prompts_are_admitted_a_few_at_a_time() {
         }
     }
     let long: Vec<u32> = ps.concat();
-    let out = generate(&m, &[vec![1, 2, 3], long], &SamplingConfig { max_batch: 2, ..cfg.clone() }, None).unwrap();
+    let out =
+        generate(&m, &[vec![1, 2, 3], long], &SamplingConfig { max_batch: 2, ..cfg.clone() }, None).unwrap();
     assert_eq!(out.len(), 4);
     assert!(out.iter().all(|c| c.new_ids.len() == 4));
 }

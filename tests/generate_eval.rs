@@ -22,20 +22,37 @@ fn eval_with_a_model_generates_then_scores() {
         let e = e.unwrap();
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     config["max_position_embeddings"] = serde_json::json!(4096);
     std::fs::write(model.join("config.json"), config.to_string()).unwrap();
     for (style, category, limit) in [("bfcl", "simple_python", "2"), ("qwen-fc", "all", "1")] {
         let saved = tmp.path().join(format!("{style}.jsonl"));
         let table = fcgpu(&[
-            "eval", "--model", model.to_str().unwrap(), "--bfcl-dir", bfcl.to_str().unwrap(),
-            "--category", category, "--limit", limit, "--style", style, "--max-new-tokens", "6",
-            "--save-results", saved.to_str().unwrap(),
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--bfcl-dir",
+            bfcl.to_str().unwrap(),
+            "--category",
+            category,
+            "--limit",
+            limit,
+            "--style",
+            style,
+            "--max-new-tokens",
+            "6",
+            "--save-results",
+            saved.to_str().unwrap(),
         ]);
-        let lines: Vec<serde_json::Value> =
-            std::fs::read_to_string(&saved).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&saved)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         if category == "all" {
-            let cats = std::fs::read_dir(&bfcl).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count();
+            let cats =
+                std::fs::read_dir(&bfcl).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count();
             assert_eq!(lines.len(), cats, "one entry per category");
         } else {
             assert_eq!(lines.len(), 2);
@@ -46,8 +63,17 @@ fn eval_with_a_model_generates_then_scores() {
         // Scoring the saved answers gives the same report.
         let format = if style == "qwen-fc" { "json" } else { "python" };
         let again = fcgpu(&[
-            "eval", "--bfcl-dir", bfcl.to_str().unwrap(), "--category", category,
-            "--results", saved.to_str().unwrap(), "--format", format, "--limit", limit,
+            "eval",
+            "--bfcl-dir",
+            bfcl.to_str().unwrap(),
+            "--category",
+            category,
+            "--results",
+            saved.to_str().unwrap(),
+            "--format",
+            format,
+            "--limit",
+            limit,
         ]);
         assert_eq!(table, again);
     }

@@ -41,14 +41,24 @@ fn greedy_matches_transformers_on_every_fixture() {
             let Some(p) = r.get(&format!("gen.prompt.{i}")) else { break };
             prompts.push(ids(p));
             let e = ids(&r[&format!("gen.greedy.{i}")]);
-            assert_eq!(e, ids(&r[&format!("gen.greedy_batched.{i}")]), "{name}: fixture's batched and unbatched differ");
+            assert_eq!(
+                e,
+                ids(&r[&format!("gen.greedy_batched.{i}")]),
+                "{name}: fixture's batched and unbatched differ"
+            );
             expect.push(e);
         }
         assert!(prompts.len() >= 3, "{name}: no gen.prompt.* in the fixture");
         let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         assert!(lens.windows(2).any(|w| w[0] != w[1]), "{name}: prompts of one length only");
         // transformers ran with eos_token_id=None: exactly 12 argmax steps.
-        let cfg = SamplingConfig { n: 1, max_new_tokens: expect[0].len(), temperature: 0.0, ignore_eos: true, ..Default::default() };
+        let cfg = SamplingConfig {
+            n: 1,
+            max_new_tokens: expect[0].len(),
+            temperature: 0.0,
+            ignore_eos: true,
+            ..Default::default()
+        };
         // One prompt at a time.
         for (i, p) in prompts.iter().enumerate() {
             let out = generate_indexed(&m, std::slice::from_ref(p), i, &cfg, None).unwrap();
@@ -64,10 +74,17 @@ fn greedy_matches_transformers_on_every_fixture() {
         ] {
             let out = generate(&m, &prompts, &c, None).unwrap();
             for o in &out {
-                assert_eq!(o.new_ids, expect[o.prompt_index], "{name}: {label}: prompt {} sample {}", o.prompt_index, o.sample_index);
+                assert_eq!(
+                    o.new_ids, expect[o.prompt_index],
+                    "{name}: {label}: prompt {} sample {}",
+                    o.prompt_index, o.sample_index
+                );
             }
         }
-        eprintln!("{name}: greedy = transformers on {} prompts (lengths {lens:?}), alone and batched", prompts.len());
+        eprintln!(
+            "{name}: greedy = transformers on {} prompts (lengths {lens:?}), alone and batched",
+            prompts.len()
+        );
     }
     for fam in ["qwen2", "qwen3", "llama"] {
         assert!(families.iter().any(|(f, _)| *f == fam), "no {fam} fixture");
@@ -87,7 +104,8 @@ fn chat_prompt_matches_transformers_apply_chat_template() {
         let f = ChatFormat::for_model(&m);
         let rendered = f.render(ct["messages"].as_array().unwrap(), None).unwrap();
         assert_eq!(rendered, ct["text"].as_str().unwrap(), "{}", dir.display());
-        let want: Vec<u32> = ct["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> =
+            ct["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(&rendered, false).unwrap(), want, "{}", dir.display());
     }
 }
@@ -96,7 +114,8 @@ fn chat_prompt_matches_transformers_apply_chat_template() {
 fn generate_command_on_a_fixture_checkpoint() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2-tiny");
     let r = load_all(&dir.join("reference.safetensors")).unwrap();
-    let refj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let refj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.jsonl");
     let lines = [
@@ -107,7 +126,15 @@ fn generate_command_on_a_fixture_checkpoint() {
     std::fs::write(&input, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
     let run = |extra: &[&str]| -> Vec<serde_json::Value> {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
-            .args(["generate", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--device", "cpu"])
+            .args([
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
             .args(extra)
             .output()
             .unwrap();
@@ -120,18 +147,21 @@ fn generate_command_on_a_fixture_checkpoint() {
     assert_eq!(g.len(), 3);
     assert_eq!(g[0]["new_ids"], serde_json::json!(ids(&r["gen.greedy.2"])));
     for l in &g {
-        let new: Vec<u32> = l["new_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let new: Vec<u32> =
+            l["new_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(l["text"].as_str().unwrap(), tok.decode(&new, true).unwrap());
     }
     // The chat line is the rendered template: greedy from it equals greedy from its ids.
     let m = Model::load(&dir).unwrap();
-    let chat_ids: Vec<u32> = refj["chat_template"]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let chat_ids: Vec<u32> =
+        refj["chat_template"]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     let cfg = SamplingConfig { max_new_tokens: 12, temperature: 0.0, ignore_eos: true, ..Default::default() };
     let lib = generate(&m, &[chat_ids], &cfg, None).unwrap();
     assert_eq!(g[1]["new_ids"], serde_json::json!(lib[0].new_ids));
     // Sampling with EOS on (<|im_end|> = 380 and 378 from generation_config.json): a sample
     // that stops ends with one of them; a stop string cuts the text.
-    let s = run(&["--n", "4", "--temperature", "1.0", "--max-new-tokens", "40", "--seed", "3", "--stop", "e"]);
+    let s =
+        run(&["--n", "4", "--temperature", "1.0", "--max-new-tokens", "40", "--seed", "3", "--stop", "e"]);
     assert_eq!(s.len(), 12);
     for l in &s {
         let new = l["new_ids"].as_array().unwrap();
@@ -144,5 +174,8 @@ fn generate_command_on_a_fixture_checkpoint() {
             other => panic!("finish_reason {other}"),
         }
     }
-    assert!(s.iter().any(|l| l["finish_reason"] == "stop"), "a stop string of one letter never hit in 12 samples");
+    assert!(
+        s.iter().any(|l| l["finish_reason"] == "stop"),
+        "a stop string of one letter never hit in 12 samples"
+    );
 }

@@ -42,7 +42,10 @@ fn no_driver_is_a_clear_error_not_a_panic() {
         assert_eq!(r.unwrap(), GpuKind::Cuda);
     } else {
         let msg = format!("{:#}", r.unwrap_err());
-        assert!(msg.contains("CUDA") || msg.contains("NVRTC") || msg.contains("cuBLAS") || msg.contains("GPU"), "unclear error: {msg}");
+        assert!(
+            msg.contains("CUDA") || msg.contains("NVRTC") || msg.contains("cuBLAS") || msg.contains("GPU"),
+            "unclear error: {msg}"
+        );
     }
 }
 

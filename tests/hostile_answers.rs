@@ -14,9 +14,7 @@ use fcgpu::rl::policy_loss::{policy_loss, LossAgg, PolicyLossCfg, PolicyLossInpu
 const BOUNDS: &str = "ast_decoder:decoder_bounds_exceeded";
 
 fn sample(category: &str) -> Sample {
-    load_bfcl_category(&fc_common::subset_dir(), category)
-        .unwrap()
-        .remove(0)
+    load_bfcl_category(&fc_common::subset_dir(), category).unwrap().remove(0)
 }
 
 /// The first sample of `category` whose gold answer BFCL accepts (a few are data quirks).
@@ -62,34 +60,17 @@ fn hostile() -> Vec<(String, Lang)> {
 
 #[test]
 fn huge_format_precision_is_refused() {
-    assert_eq!(
-        refusal(r#"[f(base="%.65536f" % 1.0)]"#, Lang::Python),
-        BOUNDS
-    );
-    assert_eq!(
-        refusal(r#"[f(base="%.99999999999999999999f" % 1.0)]"#, Lang::Python),
-        BOUNDS
-    );
+    assert_eq!(refusal(r#"[f(base="%.65536f" % 1.0)]"#, Lang::Python), BOUNDS);
+    assert_eq!(refusal(r#"[f(base="%.99999999999999999999f" % 1.0)]"#, Lang::Python), BOUNDS);
     // Ordinary precisions still format like Python.
-    let c = decode(
-        r#"[f(base="%.3f" % 2.0)]"#,
-        Lang::Python,
-        AnswerFormat::Python,
-    )
-    .unwrap();
+    let c = decode(r#"[f(base="%.3f" % 2.0)]"#, Lang::Python, AnswerFormat::Python).unwrap();
     assert_eq!(c[0].arg("base").unwrap().repr(), "'2.000'");
 }
 
 #[test]
 fn nested_repetition_is_refused() {
-    assert_eq!(
-        refusal(r#"[f(x=["a"*1048576]*1048576)]"#, Lang::Python),
-        BOUNDS
-    );
-    assert_eq!(
-        refusal("[f(x=[[[0]*1000]*1000]*1000)]", Lang::Python),
-        BOUNDS
-    );
+    assert_eq!(refusal(r#"[f(x=["a"*1048576]*1048576)]"#, Lang::Python), BOUNDS);
+    assert_eq!(refusal("[f(x=[[[0]*1000]*1000]*1000)]", Lang::Python), BOUNDS);
     // Small repetitions still evaluate.
     let c = decode("[f(x=[[0]*2]*2)]", Lang::Python, AnswerFormat::Python).unwrap();
     assert_eq!(c[0].arg("x").unwrap().repr(), "[[0, 0], [0, 0]]");
@@ -97,10 +78,7 @@ fn nested_repetition_is_refused() {
 
 #[test]
 fn long_concatenation_is_refused() {
-    assert_eq!(
-        refusal(&format!("[f(x={})]", long_sum(800)), Lang::Python),
-        BOUNDS
-    );
+    assert_eq!(refusal(&format!("[f(x={})]", long_sum(800)), Lang::Python), BOUNDS);
     let c = decode("[f(x='ab' + 'c' * 2)]", Lang::Python, AnswerFormat::Python).unwrap();
     assert_eq!(c[0].arg("x").unwrap().repr(), "'abcc'");
 }
@@ -138,15 +116,9 @@ fn an_oversized_answer_is_refused_in_every_mode() {
 fn many_distinct_keys_are_refused_not_quadratic() {
     // 20,000 distinct keyword names: finding duplicates would compare 2e8 pairs.
     let kw: Vec<String> = (0..20_000).map(|i| format!("a{i}=0")).collect();
-    assert_eq!(
-        refusal(&format!("[f({})]", kw.join(",")), Lang::Python),
-        BOUNDS
-    );
+    assert_eq!(refusal(&format!("[f({})]", kw.join(",")), Lang::Python), BOUNDS);
     let keys: Vec<String> = (0..20_000).map(|i| format!("'{i}':0")).collect();
-    assert_eq!(
-        refusal(&format!("[f(x={{{}}})]", keys.join(",")), Lang::Python),
-        BOUNDS
-    );
+    assert_eq!(refusal(&format!("[f(x={{{}}})]", keys.join(",")), Lang::Python), BOUNDS);
 }
 
 #[test]
@@ -197,14 +169,7 @@ fn grpo_step_on_hostile_completions() {
         }
     }
     let group_size = 2;
-    let adv = group_advantages(
-        &rewards,
-        group_size,
-        AdvScale::Group,
-        None,
-        EntropyBonus::default(),
-    )
-    .unwrap();
+    let adv = group_advantages(&rewards, group_size, AdvScale::Group, None, EntropyBonus::default()).unwrap();
     assert!(adv.adv.iter().all(|a| a.is_finite()));
     assert!(adv.adv[0] > 0.0 && adv.adv[1] < 0.0, "{:?}", adv.adv);
     let (n, t) = (rewards.len(), 4);
@@ -221,12 +186,7 @@ fn grpo_step_on_hostile_completions() {
         n_seq: n,
         t,
     };
-    let cfg = PolicyLossCfg {
-        eps_low: 0.2,
-        eps_high: 0.28,
-        beta: 0.0,
-        agg: LossAgg::TokenMean,
-    };
+    let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.0, agg: LossAgg::TokenMean };
     let (stats, grad) = policy_loss(&input, &cfg, 1.0).unwrap();
     assert!(stats.loss.is_finite() && grad.iter().all(|g| g.is_finite()));
     // The gold completion is pushed up, the hostile ones down.
@@ -236,17 +196,7 @@ fn grpo_step_on_hostile_completions() {
 #[test]
 fn generate_refuses_an_empty_stop_string() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
-        .args([
-            "generate",
-            "--model",
-            "/nonexistent",
-            "--input",
-            "/nonexistent",
-            "--stop",
-            "x",
-            "--stop",
-            "",
-        ])
+        .args(["generate", "--model", "/nonexistent", "--input", "/nonexistent", "--stop", "x", "--stop", ""])
         .output()
         .unwrap();
     assert!(!out.status.success());

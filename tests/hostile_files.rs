@@ -33,10 +33,7 @@ fn config(dir: &Path, edit: &[(&str, serde_json::Value)]) -> PathBuf {
     for (k, x) in edit {
         v[*k] = x.clone();
     }
-    let p = dir.join(format!(
-        "config-{}.json",
-        edit.len() + std::fs::read_dir(dir).unwrap().count()
-    ));
+    let p = dir.join(format!("config-{}.json", edit.len() + std::fs::read_dir(dir).unwrap().count()));
     std::fs::write(&p, v.to_string()).unwrap();
     p
 }
@@ -44,13 +41,7 @@ fn config(dir: &Path, edit: &[(&str, serde_json::Value)]) -> PathBuf {
 /// A fresh model directory `dir/name` from [`config`].
 fn model(dir: &Path, name: &str) -> PathBuf {
     let out = dir.join(name);
-    let o = fcgpu(&[
-        "init",
-        "--config",
-        config(dir, &[]).to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = fcgpu(&["init", "--config", config(dir, &[]).to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     out
 }
@@ -71,40 +62,16 @@ fn init_refuses_a_non_empty_directory_unless_forced() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("thesis.tex"), "years of work").unwrap();
     let cfg = config(d.path(), &[]);
-    let o = fcgpu(&[
-        "init",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = fcgpu(&["init", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(!o.status.success(), "init overwrote a non-empty directory");
-    assert!(
-        stderr(&o).contains("not empty") && stderr(&o).contains("--force"),
-        "{}",
-        stderr(&o)
-    );
-    assert_eq!(
-        std::fs::read_to_string(out.join("thesis.tex")).unwrap(),
-        "years of work"
-    );
+    assert!(stderr(&o).contains("not empty") && stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(out.join("thesis.tex")).unwrap(), "years of work");
 
-    let o = fcgpu(&[
-        "init",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = fcgpu(&["init", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(out.join("model.safetensors").exists() && !out.join("thesis.tex").exists());
     // No temporary or moved-aside directory is left next to it.
-    assert!(
-        entries(d.path()).iter().all(|e| !e.starts_with('.')),
-        "{:?}",
-        entries(d.path())
-    );
+    assert!(entries(d.path()).iter().all(|e| !e.starts_with('.')), "{:?}", entries(d.path()));
 }
 
 #[test]
@@ -123,11 +90,7 @@ fn init_into_the_current_directory_is_refused_without_leftovers() {
         assert!(!o.status.success());
         assert!(stderr(&o).contains("current directory"), "{}", stderr(&o));
         assert_eq!(entries(&cwd), vec!["notes.txt"]);
-        assert!(
-            entries(d.path()).iter().all(|e| !e.starts_with('.')),
-            "{:?}",
-            entries(d.path())
-        );
+        assert!(entries(d.path()).iter().all(|e| !e.starts_with('.')), "{:?}", entries(d.path()));
     }
 }
 
@@ -136,22 +99,10 @@ fn absurd_sizes_fail_before_allocating() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("m");
     for (field, value, expect) in [
-        (
-            "num_hidden_layers",
-            serde_json::json!(1_000_000_000u64),
-            "num_hidden_layers",
-        ),
-        (
-            "vocab_size",
-            serde_json::json!(1_000_000_000_000u64),
-            "vocab_size",
-        ),
+        ("num_hidden_layers", serde_json::json!(1_000_000_000u64), "num_hidden_layers"),
+        ("vocab_size", serde_json::json!(1_000_000_000_000u64), "vocab_size"),
         ("hidden_size", serde_json::json!(0), "hidden_size"),
-        (
-            "max_position_embeddings",
-            serde_json::json!(0),
-            "max_position_embeddings",
-        ),
+        ("max_position_embeddings", serde_json::json!(0), "max_position_embeddings"),
         // Every size in range, but far more memory than any test machine has.
         ("intermediate_size", serde_json::json!(200_000), "memory"),
     ] {
@@ -161,19 +112,8 @@ fn absurd_sizes_fail_before_allocating() {
             edit.push(("num_hidden_layers", serde_json::json!(1)));
         }
         let cfg = config(d.path(), &edit);
-        let o = fcgpu(&[
-            "init",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
-        assert!(
-            !o.status.success() && o.status.code() == Some(1),
-            "{field}: {:?} {}",
-            o.status,
-            stderr(&o)
-        );
+        let o = fcgpu(&["init", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(!o.status.success() && o.status.code() == Some(1), "{field}: {:?} {}", o.status, stderr(&o));
         assert!(stderr(&o).contains(expect), "{field}: {}", stderr(&o));
     }
     assert!(!out.exists());
@@ -199,11 +139,7 @@ fn a_config_larger_than_its_weights_is_named() {
         "cpu",
     ]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("parameters but the safetensors files hold only"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("parameters but the safetensors files hold only"), "{}", stderr(&o));
 }
 
 #[test]
@@ -216,13 +152,7 @@ fn invalid_numbers_in_config_are_named() {
         ("rms_norm_eps", serde_json::json!(0.0)),
     ] {
         let cfg = config(d.path(), &[(field, value)]);
-        let o = fcgpu(&[
-            "init",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = fcgpu(&["init", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
         assert!(!o.status.success(), "{field} accepted");
         assert!(stderr(&o).contains(field), "{field}: {}", stderr(&o));
     }
@@ -233,14 +163,9 @@ fn non_finite_weights_are_named_at_load() {
     let d = tempfile::tempdir().unwrap();
     let m = model(d.path(), "m");
     let path = m.join("model.safetensors");
-    let mut all: Vec<(String, fcgpu::Tensor)> = fcgpu::model::weights::load_all(&path)
-        .unwrap()
-        .into_iter()
-        .collect();
-    let (name, t) = all
-        .iter_mut()
-        .find(|(n, _)| n.contains("layers.1.mlp.up_proj"))
-        .unwrap();
+    let mut all: Vec<(String, fcgpu::Tensor)> =
+        fcgpu::model::weights::load_all(&path).unwrap().into_iter().collect();
+    let (name, t) = all.iter_mut().find(|(n, _)| n.contains("layers.1.mlp.up_proj")).unwrap();
     let mut v = t.to_vec();
     v[5] = f32::NAN;
     *t = fcgpu::Tensor::from_vec(v, t.shape()).unwrap();
@@ -257,16 +182,8 @@ fn non_finite_weights_are_named_at_load() {
         "--device",
         "cpu",
     ]);
-    assert!(
-        !o.status.success(),
-        "NaN weights accepted: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    assert!(
-        stderr(&o).contains(&name) && stderr(&o).contains("non-finite"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(!o.status.success(), "NaN weights accepted: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(stderr(&o).contains(&name) && stderr(&o).contains("non-finite"), "{}", stderr(&o));
 }
 
 #[test]
@@ -274,23 +191,10 @@ fn shard_paths_must_stay_inside_the_model_directory() {
     let d = tempfile::tempdir().unwrap();
     let m = model(d.path(), "m");
     // A real safetensors file outside the model directory, reachable by `..` or a symlink.
-    std::fs::copy(
-        m.join("model.safetensors"),
-        d.path().join("outside.safetensors"),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(
-        d.path().join("outside.safetensors"),
-        m.join("link.safetensors"),
-    )
-    .unwrap();
+    std::fs::copy(m.join("model.safetensors"), d.path().join("outside.safetensors")).unwrap();
+    std::os::unix::fs::symlink(d.path().join("outside.safetensors"), m.join("link.safetensors")).unwrap();
     std::fs::remove_file(m.join("model.safetensors")).unwrap();
-    for shard in [
-        "/etc/passwd",
-        "../outside.safetensors",
-        "link.safetensors",
-        "",
-    ] {
+    for shard in ["/etc/passwd", "../outside.safetensors", "link.safetensors", ""] {
         let index = serde_json::json!({"weight_map": {"model.embed_tokens.weight": shard}});
         std::fs::write(m.join("model.safetensors.index.json"), index.to_string()).unwrap();
         let err = match fcgpu::model::Model::load(&m) {
@@ -332,27 +236,13 @@ fn logprobs_bounds_input_size_and_context() {
     );
     // A text past 16 bytes per position is refused before tokenizing (this model has no
     // tokenizer at all).
-    let o = run(&format!(
-        "{}\n",
-        serde_json::json!({"text": "a".repeat(1050)})
-    ));
+    let o = run(&format!("{}\n", serde_json::json!({"text": "a".repeat(1050)})));
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("too long for the model's context"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("too long for the model's context"), "{}", stderr(&o));
     // A huge line is refused without reading it whole.
-    let o = run(&format!(
-        "{{\"input_ids\": [{}1]}}\n",
-        "1, ".repeat(2_000_000)
-    ));
+    let o = run(&format!("{{\"input_ids\": [{}1]}}\n", "1, ".repeat(2_000_000)));
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("in.jsonl:1: line longer than"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("in.jsonl:1: line longer than"), "{}", stderr(&o));
     // At the limit it runs.
     let ids: Vec<u32> = (0..64).map(|i| i % 60).collect();
     let o = run(&format!("{}\n", serde_json::json!({"input_ids": ids})));
@@ -372,17 +262,10 @@ fn decoding_stops_at_the_context_and_refuses_longer_prompts() {
         ..Default::default()
     };
     let out = generate(&m, &[vec![1; 60]], &cfg, None).unwrap();
-    assert_eq!(
-        out[0].new_ids.len(),
-        4,
-        "60 prompt tokens + 4 new = the 64-token context"
-    );
+    assert_eq!(out[0].new_ids.len(), 4, "60 prompt tokens + 4 new = the 64-token context");
     assert_eq!(out[0].finish_reason, FinishReason::Length);
     let err = generate(&m, &[vec![1; 64]], &cfg, None).unwrap_err();
-    assert!(
-        format!("{err:#}").contains("max_position_embeddings"),
-        "{err:#}"
-    );
+    assert!(format!("{err:#}").contains("max_position_embeddings"), "{err:#}");
 }
 
 /// A one-category BFCL v4 directory: two questions and their answers.
@@ -411,11 +294,7 @@ fn bfcl_dir(d: &Path) -> PathBuf {
 fn eval_fails_on_a_missing_data_directory() {
     let d = tempfile::tempdir().unwrap();
     let results = d.path().join("r.jsonl");
-    std::fs::write(
-        &results,
-        "{\"id\": \"simple_python_0\", \"result\": \"[f(a=0)]\"}\n",
-    )
-    .unwrap();
+    std::fs::write(&results, "{\"id\": \"simple_python_0\", \"result\": \"[f(a=0)]\"}\n").unwrap();
     let missing = d.path().join("nonexistent");
     let o = fcgpu(&[
         "eval",
@@ -426,16 +305,8 @@ fn eval_fails_on_a_missing_data_directory() {
         "--results",
         results.to_str().unwrap(),
     ]);
-    assert!(
-        !o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    assert!(
-        stderr(&o).contains("nonexistent") && stderr(&o).contains("no such directory"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(!o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(stderr(&o).contains("nonexistent") && stderr(&o).contains("no such directory"), "{}", stderr(&o));
     // A directory with no category file at all.
     let o = fcgpu(&[
         "eval",
@@ -464,18 +335,8 @@ fn eval_reports_duplicate_and_unknown_ids() {
             + &line("simple_python_0", "[f(a=5)]"),
     )
     .unwrap();
-    let o = fcgpu(&[
-        "eval",
-        "--bfcl-dir",
-        bfcl.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ]);
-    assert!(
-        !o.status.success(),
-        "duplicate ids scored: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    let o = fcgpu(&["eval", "--bfcl-dir", bfcl.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+    assert!(!o.status.success(), "duplicate ids scored: {}", String::from_utf8_lossy(&o.stdout));
     assert!(
         stderr(&o).contains("r.jsonl:4: duplicate id \"simple_python_0\" (first at ")
             && stderr(&o).contains("r.jsonl:1"),
@@ -491,17 +352,10 @@ fn eval_reports_duplicate_and_unknown_ids() {
             + &line("typo", "[]"),
     )
     .unwrap();
-    let o = fcgpu(&[
-        "eval",
-        "--bfcl-dir",
-        bfcl.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ]);
+    let o = fcgpu(&["eval", "--bfcl-dir", bfcl.to_str().unwrap(), "--results", results.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("2 result ids match no entry")
-            && stderr(&o).contains("simple_python_77"),
+        stderr(&o).contains("2 result ids match no entry") && stderr(&o).contains("simple_python_77"),
         "{}",
         stderr(&o)
     );
@@ -516,29 +370,18 @@ fn eval_reports_duplicate_and_unknown_ids() {
 fn invalid_utf8_is_reported_with_its_line() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("data.jsonl");
-    let good = serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "tools": [], "calls": []}).to_string();
+    let good = serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "tools": [], "calls": []})
+        .to_string();
     let mut bytes = format!("{good}\n\n").into_bytes();
-    bytes.extend_from_slice(b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xc3\x28\"}], \"tools\": [], \"calls\": []}\n");
+    bytes.extend_from_slice(
+        b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xc3\x28\"}], \"tools\": [], \"calls\": []}\n",
+    );
     std::fs::write(&p, &bytes).unwrap();
     let err = format!("{:#}", fcgpu::data::load_jsonl(&p).unwrap_err());
     assert!(err.contains("data.jsonl:3: invalid UTF-8"), "{err}");
     let bfcl = bfcl_dir(d.path());
     let results = d.path().join("r.jsonl");
-    std::fs::write(
-        &results,
-        b"{\"id\": \"simple_python_0\", \"result\": \"\xff\"}\n",
-    )
-    .unwrap();
-    let o = fcgpu(&[
-        "eval",
-        "--bfcl-dir",
-        bfcl.to_str().unwrap(),
-        "--results",
-        results.to_str().unwrap(),
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("r.jsonl:1: invalid UTF-8"),
-        "{}",
-        stderr(&o)
-    );
+    std::fs::write(&results, b"{\"id\": \"simple_python_0\", \"result\": \"\xff\"}\n").unwrap();
+    let o = fcgpu(&["eval", "--bfcl-dir", bfcl.to_str().unwrap(), "--results", results.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("r.jsonl:1: invalid UTF-8"), "{}", stderr(&o));
 }

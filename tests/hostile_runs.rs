@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 fn fcgpu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fcgpu"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(args).output().unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -28,15 +25,8 @@ fn micro_cfg(dir: &Path) -> PathBuf {
 /// `fcgpu sft` with the micro config on `run` plus `extra` flags.
 fn sft(dir: &Path, run: &Path, extra: &[&str]) -> Output {
     let cfg = micro_cfg(dir);
-    let mut args = vec![
-        "sft",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ];
+    let mut args =
+        vec!["sft", "--config", cfg.to_str().unwrap(), "--run-dir", run.to_str().unwrap(), "--device", "cpu"];
     args.extend_from_slice(extra);
     fcgpu(&args)
 }
@@ -61,15 +51,8 @@ fn a_second_trainer_on_a_locked_run_dir_is_refused() {
     // This test process holds the lock, as a running trainer would.
     let lock = fcgpu::runfs::RunLock::acquire(&run).unwrap();
     let o = sft(d.path(), &run, &[]);
-    assert!(
-        !o.status.success(),
-        "a second trainer ran on a locked run directory"
-    );
-    assert!(
-        stderr(&o).contains(&format!("in use by process {}", std::process::id())),
-        "{}",
-        stderr(&o)
-    );
+    assert!(!o.status.success(), "a second trainer ran on a locked run directory");
+    assert!(stderr(&o).contains(&format!("in use by process {}", std::process::id())), "{}", stderr(&o));
     assert!(!run.join("metrics.jsonl").exists());
     drop(lock);
     let o = sft(d.path(), &run, &[]);
@@ -118,38 +101,21 @@ fn resume_refuses_a_changed_config_unless_forced() {
     let d = tempfile::tempdir().unwrap();
     let run = d.path().join("run");
     assert!(sft(d.path(), &run, &["--seed", "1"]).status.success());
-    let o = sft(
-        d.path(),
-        &run,
-        &["--resume", "--steps", "2", "--seed", "2", "--lr", "0.01"],
-    );
+    let o = sft(d.path(), &run, &["--resume", "--steps", "2", "--seed", "2", "--lr", "0.01"]);
     assert!(!o.status.success(), "resumed with another seed");
     let e = stderr(&o);
-    assert!(
-        e.contains("seed: 1 -> 2") && e.contains("lr: ") && e.contains("--force"),
-        "{e}"
-    );
+    assert!(e.contains("seed: 1 -> 2") && e.contains("lr: ") && e.contains("--force"), "{e}");
     assert!(!run.join("checkpoint-2").exists());
     assert!(
-        std::fs::read_to_string(run.join("config.toml"))
-            .unwrap()
-            .contains("seed = 1"),
+        std::fs::read_to_string(run.join("config.toml")).unwrap().contains("seed = 1"),
         "config.toml overwritten by a refused resume"
     );
     // More steps is not a drift.
     let o = sft(d.path(), &run, &["--resume", "--steps", "2", "--seed", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = sft(
-        d.path(),
-        &run,
-        &["--resume", "--steps", "3", "--seed", "2", "--force"],
-    );
+    let o = sft(d.path(), &run, &["--resume", "--steps", "3", "--seed", "2", "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("warning") && stderr(&o).contains("seed: 1 -> 2"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("warning") && stderr(&o).contains("seed: 1 -> 2"), "{}", stderr(&o));
     assert_eq!(steps(&run), vec![1, 2, 3]);
 }
 
@@ -159,20 +125,12 @@ fn resume_past_the_configured_steps_says_so() {
     let run = d.path().join("run");
     assert!(sft(d.path(), &run, &[]).status.success());
     let st = run.join("checkpoint-1/trainer_state.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&st).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&st).unwrap()).unwrap();
     v["step"] = 1_000_000.into();
     std::fs::write(&st, v.to_string()).unwrap();
     let o = sft(d.path(), &run, &["--resume", "--steps", "2"]);
-    assert!(
-        !o.status.success(),
-        "a checkpoint past --steps resumed silently"
-    );
-    assert!(
-        stderr(&o).contains("step 1000000, past the configured 2 steps"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(!o.status.success(), "a checkpoint past --steps resumed silently");
+    assert!(stderr(&o).contains("step 1000000, past the configured 2 steps"), "{}", stderr(&o));
 }
 
 #[test]
@@ -182,12 +140,7 @@ fn a_corrupt_latest_checkpoint_falls_back_to_the_previous_one() {
     assert!(sft(d.path(), &run, &["--steps", "2"]).status.success());
     let w = run.join("checkpoint-2/model.safetensors");
     let len = std::fs::metadata(&w).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&w)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&w).unwrap().set_len(len / 2).unwrap();
     let o = sft(d.path(), &run, &["--resume", "--steps", "3"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
@@ -239,14 +192,7 @@ fn a_full_disk_keeps_the_old_file_and_names_the_path() {
     let mnt = d.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
     let ok = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=64k",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ])
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt.to_str().unwrap()])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
@@ -258,10 +204,7 @@ fn a_full_disk_keeps_the_old_file_and_names_the_path() {
     fcgpu::runfs::write_atomic(&p, b"old contents\n").unwrap();
     let err = fcgpu::runfs::write_atomic(&p, &vec![b'x'; 1 << 20]).unwrap_err();
     let kept = std::fs::read_to_string(&p).unwrap();
-    let names: Vec<_> = std::fs::read_dir(&mnt)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
     let _ = Command::new("umount").arg(&mnt).status();
     assert!(
         format!("{err:#}").contains("train.jsonl") && format!("{err:#}").contains("No space left"),
@@ -295,10 +238,7 @@ fn a_closed_stderr_pipe_ends_training_without_a_panic() {
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_ne!(status.code(), Some(101), "panicked on a closed pipe");
-    assert!(
-        status.success() || status.signal() == Some(libc_sigpipe()),
-        "{status:?}"
-    );
+    assert!(status.success() || status.signal() == Some(libc_sigpipe()), "{status:?}");
 }
 
 fn libc_sigpipe() -> i32 {
@@ -327,11 +267,7 @@ fn empty_training_data_fails_before_any_training() {
         "cpu",
     ]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("empty.jsonl: no examples"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("empty.jsonl: no examples"), "{}", stderr(&o));
     assert!(
         !run.join("sft/task").exists() && !run.join("sft/base-model").exists(),
         "work done before the data was checked"

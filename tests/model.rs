@@ -1,6 +1,5 @@
 //! Model assembly on random weights: save/load round trip, packing, gradients, clear errors.
 
-
 use fcgpu::autograd::no_grad;
 use fcgpu::model::{Batch, Model};
 use fcgpu::tensor::DType;
@@ -64,7 +63,10 @@ fn model_gradient_matches_finite_differences() {
         let loss = m.nll_loss(&batch).unwrap();
         let grads = loss.backward().unwrap();
         let params = m.named_params();
-        for (name, p) in params.iter().filter(|(n, _)| n.contains("layers.0") || n.contains("embed") || n.contains("model.norm")) {
+        for (name, p) in params
+            .iter()
+            .filter(|(n, _)| n.contains("layers.0") || n.contains("embed") || n.contains("model.norm"))
+        {
             let g = grads.get(p).unwrap_or_else(|| panic!("{kind}: no gradient for {name}")).to_vec();
             let idx = (name.len() * 7) % p.numel();
             let eps = 1e-2f32;
@@ -80,7 +82,11 @@ fn model_gradient_matches_finite_differences() {
                 no_grad(|| m2.nll_loss(&batch)).unwrap().to_scalar().unwrap() as f64
             };
             let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
-            assert!((g[idx] as f64 - numeric).abs() < 2e-3 + 2e-2 * numeric.abs(), "{kind}: {name}[{idx}] analytic {} vs numeric {numeric}", g[idx]);
+            assert!(
+                (g[idx] as f64 - numeric).abs() < 2e-3 + 2e-2 * numeric.abs(),
+                "{kind}: {name}[{idx}] analytic {} vs numeric {numeric}",
+                g[idx]
+            );
         }
     }
 }
@@ -129,7 +135,8 @@ fn adamw_matches_reference_and_clipping_scales() {
         for i in 0..2 {
             m[i] = 0.9 * m[i] + 0.1 * g[i] as f64;
             v[i] = 0.99 * v[i] + 0.01 * (g[i] as f64).powi(2);
-            let (mh, vh) = (m[i] / (1.0 - 0.9f64.powi(t as i32 + 1)), v[i] / (1.0 - 0.99f64.powi(t as i32 + 1)));
+            let (mh, vh) =
+                (m[i] / (1.0 - 0.9f64.powi(t as i32 + 1)), v[i] / (1.0 - 0.99f64.powi(t as i32 + 1)));
             x[i] -= 0.1 * (mh / (vh.sqrt() + 1e-8) + 0.1 * x[i]);
         }
     }

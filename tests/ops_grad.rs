@@ -1,6 +1,10 @@
 //! Every CPU op: forward against a naive f64 reference, backward against finite differences.
 
-use fcgpu::ops::{self, gradcheck::{check, rand_tensor, rand_vec}, RopeTable};
+use fcgpu::ops::{
+    self,
+    gradcheck::{check, rand_tensor, rand_vec},
+    RopeTable,
+};
 use fcgpu::Tensor;
 
 const EPS: f32 = 1e-2;
@@ -81,7 +85,15 @@ fn rope_grad_and_norm_preserved() {
 }
 
 /// Naive causal GQA attention in f64 for one packed batch.
-fn naive_attention(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, d: usize, seqs: &[(usize, usize)]) -> Vec<f64> {
+fn naive_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    seqs: &[(usize, usize)],
+) -> Vec<f64> {
     let mut out = vec![0.0; q.len()];
     let scale = 1.0 / (d as f64).sqrt();
     for &(s, l) in seqs {
@@ -90,13 +102,17 @@ fn naive_attention(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, d: us
             for i in 0..l {
                 let qi = &q[(s + i) * hq * d + h * d..][..d];
                 let sc: Vec<f64> = (0..=i)
-                    .map(|j| (0..d).map(|c| qi[c] as f64 * k[(s + j) * hkv * d + kh * d + c] as f64).sum::<f64>() * scale)
+                    .map(|j| {
+                        (0..d).map(|c| qi[c] as f64 * k[(s + j) * hkv * d + kh * d + c] as f64).sum::<f64>()
+                            * scale
+                    })
                     .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                 for c in 0..d {
-                    out[(s + i) * hq * d + h * d + c] =
-                        (0..=i).map(|j| (sc[j] - m).exp() / z * v[(s + j) * hkv * d + kh * d + c] as f64).sum();
+                    out[(s + i) * hq * d + h * d + c] = (0..=i)
+                        .map(|j| (sc[j] - m).exp() / z * v[(s + j) * hkv * d + kh * d + c] as f64)
+                        .sum();
                 }
             }
         }
@@ -147,7 +163,11 @@ fn logprob_entropy_matches_full_softmax() {
     let out = ops::linear_logprob_entropy(&h, &w, &targets, t).unwrap().to_vec();
     let (hv, wv) = (h.to_vec(), w.to_vec());
     for r in 0..n {
-        let z: Vec<f64> = (0..v).map(|o| (0..hid).map(|i| hv[r * hid + i] as f64 * wv[o * hid + i] as f64).sum::<f64>() / t as f64).collect();
+        let z: Vec<f64> = (0..v)
+            .map(|o| {
+                (0..hid).map(|i| hv[r * hid + i] as f64 * wv[o * hid + i] as f64).sum::<f64>() / t as f64
+            })
+            .collect();
         let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lz = m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
         let ent: f64 = -z.iter().map(|x| (x - lz).exp() * (x - lz)).sum::<f64>();

@@ -13,6 +13,11 @@ fn reference_completions_earn_full_reward() {
         let r = reward(s, &format!("{c}<|im_end|>"), RewardKind::Binary, AnswerFormat::Python);
         assert_eq!(r.reward, 1.0, "{}: {c}\n{r:?}", s.id);
         let no_think = c.split("</think>").nth(1).unwrap().to_string();
-        assert_eq!(reward(s, &no_think, RewardKind::Binary, AnswerFormat::Python).reward, 0.0, "{}: no think block must fail", s.id);
+        assert_eq!(
+            reward(s, &no_think, RewardKind::Binary, AnswerFormat::Python).reward,
+            0.0,
+            "{}: no think block must fail",
+            s.id
+        );
     }
 }

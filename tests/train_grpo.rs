@@ -14,7 +14,8 @@ fn policy_loss_matches_pytorch_autograd() {
     while let Some(cfg) = r.get(&format!("case{cases}.cfg")) {
         let k = |n: &str| r[&format!("case{cases}.{n}")].to_vec();
         let c = cfg.to_vec();
-        let (logp, old, refl, adv, mask, grad) = (k("logp"), k("old"), k("ref"), k("adv"), k("mask"), k("grad"));
+        let (logp, old, refl, adv, mask, grad) =
+            (k("logp"), k("old"), k("ref"), k("adv"), k("mask"), k("grad"));
         let seg: Vec<i32> = k("seg").iter().map(|&x| x as i32).collect();
         let shape = r[&format!("case{cases}.logp")].shape().to_vec();
         let agg = match c[0] as i32 {
@@ -24,12 +25,23 @@ fn policy_loss_matches_pytorch_autograd() {
         };
         let pcfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: c[1], agg };
         let input = PolicyLossInput {
-            logp: &logp, old_logp: &old, ref_logp: Some(&refl), adv: &adv, adv_per_token: c[2] == 1.0,
-            mask: &mask, seg: Some(&seg), n_seq: shape[0], t: shape[1],
+            logp: &logp,
+            old_logp: &old,
+            ref_logp: Some(&refl),
+            adv: &adv,
+            adv_per_token: c[2] == 1.0,
+            mask: &mask,
+            seg: Some(&seg),
+            n_seq: shape[0],
+            t: shape[1],
         };
         let (stats, dx) = policy_loss(&input, &pcfg, 1.0).unwrap();
         let expect = k("loss")[0];
-        assert!((stats.loss - expect).abs() < 1e-5 * (1.0 + expect.abs()), "case {cases}: loss {} vs {expect}", stats.loss);
+        assert!(
+            (stats.loss - expect).abs() < 1e-5 * (1.0 + expect.abs()),
+            "case {cases}: loss {} vs {expect}",
+            stats.loss
+        );
         for (i, (a, b)) in dx.iter().zip(&grad).enumerate() {
             assert!((a - b).abs() < 1e-5, "case {cases}: d loss/d logp[{i}] {a} vs {b}");
         }
@@ -59,7 +71,8 @@ fn micro(run_dir: &Path) -> GrpoConfig {
 }
 
 fn strip_timing(mut m: GrpoMetrics) -> GrpoMetrics {
-    (m.tokens_per_s, m.seconds_rollout, m.seconds_reference, m.seconds_update, m.seconds) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    (m.tokens_per_s, m.seconds_rollout, m.seconds_reference, m.seconds_update, m.seconds) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
     m
 }
 
@@ -87,7 +100,9 @@ fn check_resume_exact(cfg: impl Fn(&Path) -> GrpoConfig) -> Vec<GrpoMetrics> {
     // A run stopped after step 1 (its last step also scored the held-out set), then resumed.
     grpo::run(GrpoConfig { steps: 1, ..cfg(&split) }, false).unwrap();
     grpo::run(cfg(&split), true).unwrap();
-    let read = |p: &Path| -> Vec<GrpoMetrics> { fcgpu::jsonl::read(&p.join("metrics.jsonl")).unwrap().into_iter().map(strip_timing).collect() };
+    let read = |p: &Path| -> Vec<GrpoMetrics> {
+        fcgpu::jsonl::read(&p.join("metrics.jsonl")).unwrap().into_iter().map(strip_timing).collect()
+    };
     let mut resumed = read(&split);
     (resumed[1].heldout_accuracy, resumed[1].heldout_calls_accuracy) = (None, None);
     assert_eq!(read(&straight), resumed, "metrics after resume differ from an uninterrupted run");
@@ -103,10 +118,16 @@ fn check_resume_exact(cfg: impl Fn(&Path) -> GrpoConfig) -> Vec<GrpoMetrics> {
 #[test]
 fn resume_continues_exactly() {
     let lines = check_resume_exact(micro);
-    assert!(lines.first().unwrap().heldout_accuracy.is_some() && lines.last().unwrap().heldout_accuracy.is_some(), "eval before and after recorded");
+    assert!(
+        lines.first().unwrap().heldout_accuracy.is_some() && lines.last().unwrap().heldout_accuracy.is_some(),
+        "eval before and after recorded"
+    );
     let steps: Vec<&GrpoMetrics> = lines.iter().filter(|m| m.step > 0).collect();
     assert!(steps.iter().all(|m| m.completion_tokens > 0 && m.kl.is_finite()));
-    assert!(steps.iter().all(|m| m.resampled_groups == 0 && m.zero_var_groups == m.zero_var_groups_first_draw), "no re-draws without dynamic sampling");
+    assert!(
+        steps.iter().all(|m| m.resampled_groups == 0 && m.zero_var_groups == m.zero_var_groups_first_draw),
+        "no re-draws without dynamic sampling"
+    );
 }
 
 #[test]
@@ -114,11 +135,28 @@ fn resume_continues_exactly_with_dynamic_sampling() {
     let cfg = |d: &Path| GrpoConfig { dynamic_sampling: true, max_resample: 2, ..micro(d) };
     let lines = check_resume_exact(cfg);
     for m in lines.iter().filter(|m| m.step > 0) {
-        assert!(m.zero_var_groups <= m.zero_var_groups_first_draw, "step {}: re-draws only replace zero-variance groups", m.step);
-        assert!(m.resample_rounds <= 2 && m.resampled_groups <= 2 * 2, "step {}: at most max_resample rounds of at most prompts_per_step", m.step);
-        assert_eq!(m.resample_rounds > 0, m.zero_var_groups_first_draw > 0.0, "step {}: re-draws exactly when the first draw has zero-variance groups", m.step);
+        assert!(
+            m.zero_var_groups <= m.zero_var_groups_first_draw,
+            "step {}: re-draws only replace zero-variance groups",
+            m.step
+        );
+        assert!(
+            m.resample_rounds <= 2 && m.resampled_groups <= 2 * 2,
+            "step {}: at most max_resample rounds of at most prompts_per_step",
+            m.step
+        );
+        assert_eq!(
+            m.resample_rounds > 0,
+            m.zero_var_groups_first_draw > 0.0,
+            "step {}: re-draws exactly when the first draw has zero-variance groups",
+            m.step
+        );
         if m.resample_rounds < 2 {
-            assert_eq!(m.zero_var_groups, 0.0, "step {}: stopped early only when no zero-variance group was left", m.step);
+            assert_eq!(
+                m.zero_var_groups, 0.0,
+                "step {}: stopped early only when no zero-variance group was left",
+                m.step
+            );
         }
     }
 }
@@ -137,9 +175,13 @@ fn non_finite_loss_stops_without_touching_weights() {
     });
     let before: Vec<Vec<f32>> = t.model.named_params().iter().map(|(_, p)| p.to_vec()).collect();
     let err = format!("{:#}", t.step().unwrap_err());
-    assert!(err.contains("NaN") || err.contains("nan") || err.contains("not finite") || err.contains("inf"), "{err}");
+    assert!(
+        err.contains("NaN") || err.contains("nan") || err.contains("not finite") || err.contains("inf"),
+        "{err}"
+    );
     let after: Vec<Vec<f32>> = t.model.named_params().iter().map(|(_, p)| p.to_vec()).collect();
-    let same = before.iter().zip(&after).all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    let same =
+        before.iter().zip(&after).all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
     assert!(same, "weights changed after a failed step");
     assert_eq!(t.step, 0);
 }

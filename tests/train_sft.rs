@@ -77,7 +77,8 @@ fn resume_continues_exactly() {
         assert!(a.join("checkpoint-6").join(f).exists(), "{f} missing");
     }
     assert!(a.join("config.toml").exists() && a.join("eval.json").exists());
-    let resolved: SftConfig = toml::from_str(&std::fs::read_to_string(a.join("config.toml")).unwrap()).unwrap();
+    let resolved: SftConfig =
+        toml::from_str(&std::fs::read_to_string(a.join("config.toml")).unwrap()).unwrap();
     assert_eq!(resolved, c);
 }
 
@@ -96,7 +97,8 @@ fn non_finite_loss_stops_before_update() {
     let tmp = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(cfg(tmp.path(), 4), false).unwrap();
     t.step().unwrap();
-    let before: Vec<(String, Vec<f32>)> = t.model.named_params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();
+    let before: Vec<(String, Vec<f32>)> =
+        t.model.named_params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();
     let adam_step = t.opt.step;
     // Poison one norm weight: every logit becomes NaN.
     let mut first = true;
@@ -108,12 +110,14 @@ fn non_finite_loss_stops_before_update() {
             first = false;
         }
     });
-    let poisoned: Vec<(String, Vec<f32>)> = t.model.named_params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();
+    let poisoned: Vec<(String, Vec<f32>)> =
+        t.model.named_params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();
     let err = t.step().unwrap_err().to_string();
     assert!(err.contains("loss is NaN") && err.contains("weights unchanged"), "{err}");
     assert_eq!(t.step, 1);
     assert_eq!(t.opt.step, adam_step);
-    let after: Vec<(String, Vec<f32>)> = t.model.named_params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();
+    let after: Vec<(String, Vec<f32>)> =
+        t.model.named_params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();
     for ((n, a), (_, b)) in poisoned.iter().zip(&after) {
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} was updated");
     }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use fcgpu::model::tokenizer::Tokenizer;
 use fcgpu::model::{Batch, Model};
-use fcgpu::train::grpo::{AggKind, GrpoConfig, GrpoTrainer, Granularity};
+use fcgpu::train::grpo::{AggKind, Granularity, GrpoConfig, GrpoTrainer};
 use fcgpu::train::sft::{SftConfig, Trainer};
 use fcgpu::train::srml::{AlphaMode, LossKind};
 use serde_json::Value;
@@ -66,7 +66,8 @@ struct WeightDiff {
 }
 
 fn weight_diff(model: &Model, probe: &Value) -> WeightDiff {
-    let mut out = WeightDiff { rel_l2: 0.0, l2_name: String::new(), max_entry: 0.0, entry_name: String::new() };
+    let mut out =
+        WeightDiff { rel_l2: 0.0, l2_name: String::new(), max_entry: 0.0, entry_name: String::new() };
     for (name, t) in model.named_params() {
         let want = floats(&probe[&name]);
         assert!(!want.is_empty(), "no probe for `{name}`");
@@ -91,7 +92,11 @@ fn weight_diff(model: &Model, probe: &Value) -> WeightDiff {
 
 impl std::fmt::Display for WeightDiff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "rel L2 {:.2e} ({}), max entry {:.2e} ({})", self.rel_l2, self.l2_name, self.max_entry, self.entry_name)
+        write!(
+            f,
+            "rel L2 {:.2e} ({}), max entry {:.2e} ({})",
+            self.rel_l2, self.l2_name, self.max_entry, self.entry_name
+        )
     }
 }
 
@@ -99,13 +104,35 @@ impl std::fmt::Display for WeightDiff {
 /// every step against the tolerance.
 fn check_curves(label: &str, ours: &[(f64, f64)], want_loss: &[f64], want_norm: &[f64]) {
     assert_eq!(ours.len(), want_loss.len(), "{label}: step count");
-    let diffs: Vec<(f64, f64)> = ours.iter().zip(want_loss.iter().zip(want_norm)).map(|(o, (l, n))| (rel(o.0, *l), rel(o.1, *n))).collect();
-    let upto = |k: usize| diffs[..k.min(diffs.len())].iter().fold((0.0f64, 0.0f64), |m, d| (m.0.max(d.0), m.1.max(d.1)));
-    let marks: Vec<String> = [1, 10, 50, 100].iter().filter(|&&k| k <= diffs.len()).map(|&k| format!("≤{k}: loss {:.1e} norm {:.1e}", upto(k).0, upto(k).1)).collect();
+    let diffs: Vec<(f64, f64)> = ours
+        .iter()
+        .zip(want_loss.iter().zip(want_norm))
+        .map(|(o, (l, n))| (rel(o.0, *l), rel(o.1, *n)))
+        .collect();
+    let upto = |k: usize| {
+        diffs[..k.min(diffs.len())].iter().fold((0.0f64, 0.0f64), |m, d| (m.0.max(d.0), m.1.max(d.1)))
+    };
+    let marks: Vec<String> = [1, 10, 50, 100]
+        .iter()
+        .filter(|&&k| k <= diffs.len())
+        .map(|&k| format!("≤{k}: loss {:.1e} norm {:.1e}", upto(k).0, upto(k).1))
+        .collect();
     println!("{label}: max rel diff at steps {}", marks.join(", "));
     for (i, (dl, dn)) in diffs.iter().enumerate() {
-        assert!(*dl < LOSS_TOL, "{label}: step {} loss {} vs torch {} (rel {dl:.2e})", i + 1, ours[i].0, want_loss[i]);
-        assert!(*dn < LOSS_TOL, "{label}: step {} grad norm {} vs torch {} (rel {dn:.2e})", i + 1, ours[i].1, want_norm[i]);
+        assert!(
+            *dl < LOSS_TOL,
+            "{label}: step {} loss {} vs torch {} (rel {dl:.2e})",
+            i + 1,
+            ours[i].0,
+            want_loss[i]
+        );
+        assert!(
+            *dn < LOSS_TOL,
+            "{label}: step {} grad norm {} vs torch {} (rel {dn:.2e})",
+            i + 1,
+            ours[i].1,
+            want_norm[i]
+        );
     }
 }
 
@@ -115,7 +142,11 @@ fn check_curves(label: &str, ours: &[(f64, f64)], want_loss: &[f64], want_norm: 
 fn dump(label: &str, ours: &[(f64, f64)]) {
     if let Ok(dir) = std::env::var("TRAJECTORY_DUMP") {
         let v: Vec<[f64; 2]> = ours.iter().map(|&(l, n)| [l, n]).collect();
-        std::fs::write(Path::new(&dir).join(format!("{}.json", label.replace('/', "-"))), serde_json::to_string(&v).unwrap()).unwrap();
+        std::fs::write(
+            Path::new(&dir).join(format!("{}.json", label.replace('/', "-"))),
+            serde_json::to_string(&v).unwrap(),
+        )
+        .unwrap();
     }
 }
 
@@ -227,7 +258,8 @@ fn grpo_run(agg: AggKind, gran: Granularity, key: &str) {
     let mut mid = None;
     for (s, ro) in fx["rollouts"].as_array().unwrap().iter().enumerate() {
         let seqs: Vec<Vec<u32>> = ro["seqs"].as_array().unwrap().iter().map(ids).collect();
-        let rollouts = t.rollouts_from_policy(&seqs, &usizes(&ro["prompt_lens"]), &usizes(&ro["think_lens"])).unwrap();
+        let rollouts =
+            t.rollouts_from_policy(&seqs, &usizes(&ro["prompt_lens"]), &usizes(&ro["think_lens"])).unwrap();
         let rewards: Vec<f32> = floats(&ro["rewards"]).iter().map(|&r| r as f32).collect();
         let lr = t.lr_at(s as u64 + 1);
         let u = t.update(&rollouts, &rewards, lr).unwrap();
@@ -241,7 +273,11 @@ fn grpo_run(agg: AggKind, gran: Granularity, key: &str) {
     dump(&format!("grpo-{key}"), &ours);
     let mid = mid.expect("fewer than 5 rollout steps");
     assert!(mid.rel_l2 < WEIGHT_TOL, "grpo {key}: weights after 10 updates: {mid}");
-    println!("grpo {key}: weights after {} updates: {}", ours.len(), weight_diff(&t.model, &run["weights_final"]));
+    println!(
+        "grpo {key}: weights after {} updates: {}",
+        ours.len(),
+        weight_diff(&t.model, &run["weights_final"])
+    );
     check_curves(&format!("grpo {key}"), &ours, &floats(&run["loss"]), &floats(&run["grad_norm"]));
 }
 
@@ -274,7 +310,8 @@ fn induction_probe_short_matches_torch() {
     use fcgpu::train::probe::{copy_batch, probe_model, probe_trainer};
     use fcgpu::train::tiny::TinySize;
     let fx = fixture("induction_short.json");
-    let (seed, steps, batch, len) = (f(&fx, "seed") as u64, f(&fx, "steps") as u64, f(&fx, "batch") as usize, f(&fx, "len") as usize);
+    let (seed, steps, batch, len) =
+        (f(&fx, "seed") as u64, f(&fx, "steps") as u64, f(&fx, "batch") as usize, f(&fx, "len") as usize);
     let mut t = probe_trainer(probe_model(TinySize::TINY, seed).unwrap(), f(&fx, "lr") as f32, steps);
     let ours: Vec<(f64, f64)> = (1..=steps)
         .map(|s| {
@@ -298,7 +335,10 @@ fn dump_initial_gradients() {
     let seqs: Vec<Vec<u32>> = fx["rollouts"][0]["seqs"].as_array().unwrap().iter().map(ids).collect();
     let batch = Batch::from_sequences(&seqs);
     let grads = model.nll_loss(&batch).unwrap().backward().unwrap();
-    let out: serde_json::Map<String, Value> =
-        model.named_params().iter().map(|(n, p)| (n.clone(), serde_json::json!(grads.get(p).unwrap().to_vec()))).collect();
+    let out: serde_json::Map<String, Value> = model
+        .named_params()
+        .iter()
+        .map(|(n, p)| (n.clone(), serde_json::json!(grads.get(p).unwrap().to_vec())))
+        .collect();
     std::fs::write(Path::new(&dir).join("grads.json"), serde_json::to_string(&out).unwrap()).unwrap();
 }

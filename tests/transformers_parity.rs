@@ -8,7 +8,11 @@ use fcgpu::model::{tokenizer::Tokenizer, weights::load_all, Batch, Model};
 
 fn fixture_dirs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("reference.safetensors").exists()).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("reference.safetensors").exists())
+        .collect();
     v.sort();
     assert!(v.len() >= 5, "expected the reference fixtures in {}", root.display());
     v
@@ -54,19 +58,31 @@ fn loss_and_every_gradient_match_transformers() {
         let r = load_all(&dir.join("reference.safetensors")).unwrap();
         let loss = model.nll_loss(&Batch::from_sequences(&sequences(&r))).unwrap();
         let expect = r["loss"].to_scalar().unwrap();
-        assert!((loss.to_scalar().unwrap() - expect).abs() < 1e-4, "{}: loss {} vs {expect}", dir.display(), loss.to_scalar().unwrap());
+        assert!(
+            (loss.to_scalar().unwrap() - expect).abs() < 1e-4,
+            "{}: loss {} vs {expect}",
+            dir.display(),
+            loss.to_scalar().unwrap()
+        );
         let grads = loss.backward().unwrap();
         let mut worst = 0.0f64;
         for (name, p) in model.named_params() {
-            let reference = r.get(&format!("grad.{name}")).unwrap_or_else(|| panic!("{}: no reference gradient for {name}", dir.display())).to_vec();
+            let reference = r
+                .get(&format!("grad.{name}"))
+                .unwrap_or_else(|| panic!("{}: no reference gradient for {name}", dir.display()))
+                .to_vec();
             let g = grads.get(&p).map(|g| g.to_vec()).unwrap_or_else(|| vec![0.0; p.numel()]);
-            let diff: f64 = g.iter().zip(&reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+            let diff: f64 =
+                g.iter().zip(&reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
             let norm: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
             let rel = diff / norm.max(1e-12);
             worst = worst.max(rel);
             assert!(rel < 1e-3, "{}: gradient of {name} off by {rel:.2e} relative", dir.display());
         }
-        eprintln!("{}: worst relative gradient error {worst:.2e}", dir.file_name().unwrap().to_string_lossy());
+        eprintln!(
+            "{}: worst relative gradient error {worst:.2e}",
+            dir.file_name().unwrap().to_string_lossy()
+        );
     }
 }
 
@@ -74,7 +90,8 @@ fn loss_and_every_gradient_match_transformers() {
 fn tokenizer_matches_transformers() {
     for dir in fixture_dirs() {
         let tok = Tokenizer::load(&dir).unwrap();
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let texts = meta["texts"].as_array().unwrap();
         let expect = meta["text_ids"].as_array().unwrap();
         for (t, e) in texts.iter().zip(expect) {
@@ -96,5 +113,8 @@ fn fixtures_cover_every_family_dtype_and_layout() {
     assert!(models.iter().any(|m| m.config.llama3_scaling.is_some()));
     assert!(models.iter().any(|m| m.lm_head.is_none()) && models.iter().any(|m| m.lm_head.is_some()));
     assert!(dirs.iter().any(|d| d.join("model.safetensors.index.json").exists()), "no sharded fixture");
-    assert!(models.iter().any(|m| m.config.raw.get("rope_parameters").is_some()), "no transformers 5.x config");
+    assert!(
+        models.iter().any(|m| m.config.raw.get("rope_parameters").is_some()),
+        "no transformers 5.x config"
+    );
 }

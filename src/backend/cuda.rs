@@ -81,7 +81,13 @@ pub fn cache_dir() -> PathBuf {
 
 /// File name of a cached CUBIN: source hash + arch + NVRTC version.
 pub fn cache_key(file: &str, arch: &str, nvrtc_version: (i32, i32)) -> String {
-    format!("{}-{:016x}-{arch}-nvrtc{}.{}.cubin", file.trim_end_matches(".cu"), sources::source_hash(file), nvrtc_version.0, nvrtc_version.1)
+    format!(
+        "{}-{:016x}-{arch}-nvrtc{}.{}.cubin",
+        file.trim_end_matches(".cu"),
+        sources::source_hash(file),
+        nvrtc_version.0,
+        nvrtc_version.1
+    )
 }
 
 /// CUBIN of `file` for `arch`, from the disk cache or compiled (and cached).
@@ -141,11 +147,19 @@ impl CudaDriver {
             cu_check(cu::cuDeviceGet(&mut dev, ordinal as i32), "cuDeviceGet")?;
             let (mut major, mut minor) = (0, 0);
             cu_check(
-                cu::cuDeviceGetAttribute(&mut major, cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+                cu::cuDeviceGetAttribute(
+                    &mut major,
+                    cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                    dev,
+                ),
                 "compute capability",
             )?;
             cu_check(
-                cu::cuDeviceGetAttribute(&mut minor, cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+                cu::cuDeviceGetAttribute(
+                    &mut minor,
+                    cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                    dev,
+                ),
                 "compute capability",
             )?;
             if major < 8 {
@@ -161,7 +175,10 @@ impl CudaDriver {
             cu_check(cu::cuStreamCreate(&mut stream, 1 /* CU_STREAM_NON_BLOCKING */), "cuStreamCreate")?;
             let mut blas: cublas::cublasHandle_t = std::ptr::null_mut();
             cublas_check(cublas::cublasCreate_v2(&mut blas), "cublasCreate")?;
-            cublas_check(cublas::cublasSetStream_v2(blas, stream as cublas::cudaStream_t), "cublasSetStream")?;
+            cublas_check(
+                cublas::cublasSetStream_v2(blas, stream as cublas::cudaStream_t),
+                "cublasSetStream",
+            )?;
             let arch = format!("sm_{major}{minor}");
             Ok(CudaDriver {
                 ordinal,
@@ -195,7 +212,10 @@ impl CudaDriver {
                 None => {
                     let image = cubin(k.file, &self.arch).with_context(|| format!("loading {}", k.file))?;
                     let mut m: cu::CUmodule = std::ptr::null_mut();
-                    cu_check(unsafe { cu::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) }, "cuModuleLoadData")?;
+                    cu_check(
+                        unsafe { cu::cuModuleLoadData(&mut m, image.as_ptr() as *const c_void) },
+                        "cuModuleLoadData",
+                    )?;
                     mods.insert(k.file, m as usize);
                     m
                 }
@@ -203,7 +223,10 @@ impl CudaDriver {
         };
         let name = CString::new(k.name)?;
         let mut f: cu::CUfunction = std::ptr::null_mut();
-        cu_check(unsafe { cu::cuModuleGetFunction(&mut f, module, name.as_ptr()) }, &format!("kernel {} in {}", k.name, k.file))?;
+        cu_check(
+            unsafe { cu::cuModuleGetFunction(&mut f, module, name.as_ptr()) },
+            &format!("kernel {} in {}", k.name, k.file),
+        )?;
         self.functions.lock().unwrap().insert(k.name, (f as usize, 48 * 1024));
         Ok((f, 48 * 1024))
     }
@@ -230,7 +253,10 @@ impl Driver for CudaDriver {
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.bind()?;
         let mut p: cu::CUdeviceptr = 0;
-        cu_check(unsafe { cu::cuMemAllocAsync(&mut p, bytes, self.h.stream) }, &format!("cuMemAllocAsync({bytes} bytes)"))?;
+        cu_check(
+            unsafe { cu::cuMemAllocAsync(&mut p, bytes, self.h.stream) },
+            &format!("cuMemAllocAsync({bytes} bytes)"),
+        )?;
         Ok(p)
     }
     unsafe fn free(&self, ptr: u64, _bytes: usize) {
@@ -240,13 +266,19 @@ impl Driver for CudaDriver {
     }
     unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()> {
         self.bind()?;
-        cu_check(cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), self.h.stream), "cuMemcpyHtoD")?;
+        cu_check(
+            cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr() as *const c_void, src.len(), self.h.stream),
+            "cuMemcpyHtoD",
+        )?;
         // `src` may be freed when we return: wait for the copy.
         cu_check(cu::cuStreamSynchronize(self.h.stream), "cuStreamSynchronize")
     }
     unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         self.bind()?;
-        cu_check(cu::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len(), self.h.stream), "cuMemcpyDtoH")?;
+        cu_check(
+            cu::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr() as *mut c_void, src, dst.len(), self.h.stream),
+            "cuMemcpyDtoH",
+        )?;
         cu_check(cu::cuStreamSynchronize(self.h.stream), "cuStreamSynchronize")
     }
     unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
@@ -262,7 +294,11 @@ impl Driver for CudaDriver {
         let (f, limit) = self.function(k)?;
         if cfg.shared_bytes > limit {
             cu_check(
-                cu::cuFuncSetAttribute(f, cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, cfg.shared_bytes as i32),
+                cu::cuFuncSetAttribute(
+                    f,
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    cfg.shared_bytes as i32,
+                ),
                 &format!("{}: {} bytes of dynamic shared memory", k.name, cfg.shared_bytes),
             )?;
             self.functions.lock().unwrap().insert(k.name, (f as usize, cfg.shared_bytes));
@@ -270,7 +306,19 @@ impl Driver for CudaDriver {
         let (gx, gy, gz) = cfg.grid;
         let (bx, by, bz) = cfg.block;
         cu_check(
-            cu::cuLaunchKernel(f, gx, gy, gz, bx, by, bz, cfg.shared_bytes, self.h.stream, params.as_mut_ptr(), std::ptr::null_mut()),
+            cu::cuLaunchKernel(
+                f,
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                cfg.shared_bytes,
+                self.h.stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            ),
             &format!("launch {}", k.name),
         )
     }
@@ -278,7 +326,13 @@ impl Driver for CudaDriver {
         self.bind()?;
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: hand cuBLAS (B, A) with
         // m and n swapped; a row-major matrix with row stride ld is its transpose, column-major.
-        let op = |t: bool| if t { cublas::cublasOperation_t::CUBLAS_OP_T } else { cublas::cublasOperation_t::CUBLAS_OP_N };
+        let op = |t: bool| {
+            if t {
+                cublas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         let ty = dtype_code(g.dtype)?;
         let (alpha, beta) = (g.alpha, g.beta);
         cublas_check(

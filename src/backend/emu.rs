@@ -93,7 +93,9 @@ unsafe fn to_f32(ptr: u64, dtype: DType, n: usize) -> Vec<f32> {
     match dtype {
         DType::F32 => std::slice::from_raw_parts(ptr as *const f32, n).to_vec(),
         DType::BF16 => std::slice::from_raw_parts(ptr as *const bf16, n).iter().map(|x| x.to_f32()).collect(),
-        DType::F16 => std::slice::from_raw_parts(ptr as *const half::f16, n).iter().map(|x| x.to_f32()).collect(),
+        DType::F16 => {
+            std::slice::from_raw_parts(ptr as *const half::f16, n).iter().map(|x| x.to_f32()).collect()
+        }
     }
 }
 
@@ -132,7 +134,10 @@ impl Driver for EmuDriver {
         Ok(())
     }
     unsafe fn launch(&self, k: Kernel, cfg: LaunchCfg, params: &mut [*mut c_void]) -> Result<()> {
-        let e = *table().0.get(k.name).ok_or_else(|| anyhow!("emu: no kernel named {} (in {})", k.name, k.file))?;
+        let e = *table()
+            .0
+            .get(k.name)
+            .ok_or_else(|| anyhow!("emu: no kernel named {} (in {})", k.name, k.file))?;
         let (gx, gy, gz) = cfg.grid;
         let (bx, by, bz) = cfg.block;
         let rc = fcemu_launch(
@@ -189,8 +194,16 @@ impl Driver for EmuDriver {
                     // Widen to f32 (exact), multiply with f32 accumulation, round once.
                     let a_rows = if g.trans_a { g.k } else { g.m };
                     let b_rows = if g.trans_b { g.n } else { g.k };
-                    let av = to_f32(a, DType::BF16, (a_rows.max(1) - 1) * g.lda + if g.trans_a { g.m } else { g.k });
-                    let bv = to_f32(bb, DType::BF16, (b_rows.max(1) - 1) * g.ldb + if g.trans_b { g.k } else { g.n });
+                    let av = to_f32(
+                        a,
+                        DType::BF16,
+                        (a_rows.max(1) - 1) * g.lda + if g.trans_a { g.m } else { g.k },
+                    );
+                    let bv = to_f32(
+                        bb,
+                        DType::BF16,
+                        (b_rows.max(1) - 1) * g.ldb + if g.trans_b { g.k } else { g.n },
+                    );
                     let mut cv = vec![0f32; g.m * g.n];
                     let cptr = c as *mut bf16;
                     if g.beta != 0.0 {
@@ -236,4 +249,3 @@ impl Driver for EmuDriver {
         Ok(())
     }
 }
-

@@ -21,7 +21,13 @@ pub struct AdamW {
 
 /// `scale[0] = min(1, max_norm / (sqrt(sumsq[0]) + 1e-6))` and `norm[0] = sqrt(sumsq[0])` on the
 /// device (max_norm <= 0: no clipping), for [`adamw_step_scaled`] without a host round trip.
-pub fn grad_clip_scale(dev: &GpuDevice, sumsq: &GpuBuffer, max_norm: f32, scale: &GpuBuffer, norm: Option<&GpuBuffer>) -> Result<()> {
+pub fn grad_clip_scale(
+    dev: &GpuDevice,
+    sumsq: &GpuBuffer,
+    max_norm: f32,
+    scale: &GpuBuffer,
+    norm: Option<&GpuBuffer>,
+) -> Result<()> {
     ensure!(sumsq.bytes() >= 4 && scale.bytes() >= 4, "grad_clip_scale: one float each");
     let mut a = KernelArgs::new();
     a.buf(sumsq).f32(max_norm).buf(scale).opt(norm);
@@ -31,17 +37,39 @@ pub fn grad_clip_scale(dev: &GpuDevice, sumsq: &GpuBuffer, max_norm: f32, scale:
 /// One fused AdamW step on f32 `params`/`m`/`v` with `grad` (f32 or bf16), optionally writing a
 /// bf16 copy of the new weights into `copy`.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_step(dev: &GpuDevice, h: &AdamW, params: &GpuBuffer, m: &GpuBuffer, v: &GpuBuffer, grad: &GpuBuffer,
-                  grad_dtype: DType, copy: Option<&GpuBuffer>, n: usize) -> Result<()> {
+pub fn adamw_step(
+    dev: &GpuDevice,
+    h: &AdamW,
+    params: &GpuBuffer,
+    m: &GpuBuffer,
+    v: &GpuBuffer,
+    grad: &GpuBuffer,
+    grad_dtype: DType,
+    copy: Option<&GpuBuffer>,
+    n: usize,
+) -> Result<()> {
     adamw_step_scaled(dev, h, params, m, v, grad, grad_dtype, copy, None, n)
 }
 
 /// [`adamw_step`] with the gradient also multiplied by the device float `scale[0]` (from
 /// [`grad_clip_scale`]).
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_step_scaled(dev: &GpuDevice, h: &AdamW, params: &GpuBuffer, m: &GpuBuffer, v: &GpuBuffer, grad: &GpuBuffer,
-                         grad_dtype: DType, copy: Option<&GpuBuffer>, scale: Option<&GpuBuffer>, n: usize) -> Result<()> {
-    ensure!(params.bytes() >= n * 4 && m.bytes() >= n * 4 && v.bytes() >= n * 4, "adamw: state buffers too small");
+pub fn adamw_step_scaled(
+    dev: &GpuDevice,
+    h: &AdamW,
+    params: &GpuBuffer,
+    m: &GpuBuffer,
+    v: &GpuBuffer,
+    grad: &GpuBuffer,
+    grad_dtype: DType,
+    copy: Option<&GpuBuffer>,
+    scale: Option<&GpuBuffer>,
+    n: usize,
+) -> Result<()> {
+    ensure!(
+        params.bytes() >= n * 4 && m.bytes() >= n * 4 && v.bytes() >= n * 4,
+        "adamw: state buffers too small"
+    );
     ensure!(grad.bytes() >= n * grad_dtype.size(), "adamw: grad too small");
     ensure!(h.step >= 1, "adamw: step counts from 1");
     if n == 0 {
@@ -55,13 +83,33 @@ pub fn adamw_step_scaled(dev: &GpuDevice, h: &AdamW, params: &GpuBuffer, m: &Gpu
     let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
     let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
     let mut a = KernelArgs::new();
-    a.buf(params).buf(m).buf(v).buf(grad).opt(copy).i64(n as i64).f32(h.lr).f32(h.beta1).f32(h.beta2).f32(h.eps)
-        .f32(h.weight_decay).f32(bc1 as f32).f32(bc2 as f32).f32(h.grad_scale).opt(scale);
+    a.buf(params)
+        .buf(m)
+        .buf(v)
+        .buf(grad)
+        .opt(copy)
+        .i64(n as i64)
+        .f32(h.lr)
+        .f32(h.beta1)
+        .f32(h.beta2)
+        .f32(h.eps)
+        .f32(h.weight_decay)
+        .f32(bc1 as f32)
+        .f32(bc2 as f32)
+        .f32(h.grad_scale)
+        .opt(scale);
     dev.launch(Kernel::new("adamw.cu", name), LaunchCfg::elementwise(n), &mut a)
 }
 
 /// `out = cast(input)` over `n` elements (f32, bf16, f16 in any pair; same dtype is a copy).
-pub fn cast(dev: &GpuDevice, input: &GpuBuffer, from: DType, out: &GpuBuffer, to: DType, n: usize) -> Result<()> {
+pub fn cast(
+    dev: &GpuDevice,
+    input: &GpuBuffer,
+    from: DType,
+    out: &GpuBuffer,
+    to: DType,
+    n: usize,
+) -> Result<()> {
     ensure!(input.bytes() >= n * from.size() && out.bytes() >= n * to.size(), "cast: buffers too small");
     if n == 0 {
         return Ok(());
@@ -83,7 +131,14 @@ pub fn cast(dev: &GpuDevice, input: &GpuBuffer, from: DType, out: &GpuBuffer, to
 }
 
 /// `out[0] (f32) = Σ x²` (or `+=` with `accumulate`), in a fixed order: deterministic.
-pub fn sum_squares(dev: &GpuDevice, x: &GpuBuffer, dtype: DType, n: usize, out: &GpuBuffer, accumulate: bool) -> Result<()> {
+pub fn sum_squares(
+    dev: &GpuDevice,
+    x: &GpuBuffer,
+    dtype: DType,
+    n: usize,
+    out: &GpuBuffer,
+    accumulate: bool,
+) -> Result<()> {
     ensure!(x.bytes() >= n * dtype.size() && out.bytes() >= 4, "sum_squares: buffers too small");
     let blocks = n.div_ceil(256).clamp(1, 1024);
     let partial = dev.zeros(blocks * 4)?;

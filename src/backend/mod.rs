@@ -317,10 +317,21 @@ impl GpuDevice {
     /// The one launch path: NVTX range named after the kernel, then the driver launch.
     pub fn launch(&self, k: Kernel, cfg: LaunchCfg, args: &mut KernelArgs) -> Result<()> {
         let (bx, by, bz) = cfg.block;
-        ensure!(bx * by * bz > 0 && bx * by * bz <= 1024, "{}: block {:?} has no threads or more than 1024", k.name, cfg.block);
+        ensure!(
+            bx * by * bz > 0 && bx * by * bz <= 1024,
+            "{}: block {:?} has no threads or more than 1024",
+            k.name,
+            cfg.block
+        );
         let (gx, gy, gz) = cfg.grid;
-        ensure!(gx > 0 && gy > 0 && gz > 0 && gy <= 65535 && gz <= 65535, "{}: bad grid {:?}", k.name, cfg.grid);
-        let want = sources::signature(k.name).ok_or_else(|| anyhow::anyhow!("no kernel named {} (in {})", k.name, k.file))?;
+        ensure!(
+            gx > 0 && gy > 0 && gz > 0 && gy <= 65535 && gz <= 65535,
+            "{}: bad grid {:?}",
+            k.name,
+            cfg.grid
+        );
+        let want = sources::signature(k.name)
+            .ok_or_else(|| anyhow::anyhow!("no kernel named {} (in {})", k.name, k.file))?;
         ensure!(
             want == args.kinds(),
             "{}: launched with arguments ({}) but the kernel takes ({}) (p pointer, i int, u unsigned, l long long, f float)",
@@ -477,7 +488,8 @@ pub fn nvtx_range(name: &str) -> NvtxRange {
 pub fn nvtx_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        std::env::var_os("NVTX_INJECTION64_PATH").is_some() || std::env::var("FCGPU_NVTX").is_ok_and(|v| v == "1")
+        std::env::var_os("NVTX_INJECTION64_PATH").is_some()
+            || std::env::var("FCGPU_NVTX").is_ok_and(|v| v == "1")
     })
 }
 

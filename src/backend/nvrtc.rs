@@ -83,16 +83,26 @@ pub fn compile(file: &str, arch: &str, verbose_ptxas: bool) -> Result<Compiled> 
     let src = sources::kernel_file(file).with_context(|| format!("no kernel file {file}"))?;
     let c_src = CString::new(src)?;
     let c_name = CString::new(file)?;
-    let hdr_src: Vec<CString> = sources::KERNEL_HEADERS.iter().map(|(_, s)| CString::new(*s).unwrap()).collect();
-    let hdr_name: Vec<CString> = sources::KERNEL_HEADERS.iter().map(|(n, _)| CString::new(*n).unwrap()).collect();
+    let hdr_src: Vec<CString> =
+        sources::KERNEL_HEADERS.iter().map(|(_, s)| CString::new(*s).unwrap()).collect();
+    let hdr_name: Vec<CString> =
+        sources::KERNEL_HEADERS.iter().map(|(n, _)| CString::new(*n).unwrap()).collect();
     let hs: Vec<*const c_char> = hdr_src.iter().map(|s| s.as_ptr()).collect();
     let hn: Vec<*const c_char> = hdr_name.iter().map(|s| s.as_ptr()).collect();
-    let opts: Vec<CString> = options(arch, verbose_ptxas).into_iter().map(|o| CString::new(o).unwrap()).collect();
+    let opts: Vec<CString> =
+        options(arch, verbose_ptxas).into_iter().map(|o| CString::new(o).unwrap()).collect();
     let op: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
     unsafe {
         let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
         check(
-            sys::nvrtcCreateProgram(&mut prog, c_src.as_ptr(), c_name.as_ptr(), hs.len() as c_int, hs.as_ptr(), hn.as_ptr()),
+            sys::nvrtcCreateProgram(
+                &mut prog,
+                c_src.as_ptr(),
+                c_name.as_ptr(),
+                hs.len() as c_int,
+                hs.as_ptr(),
+                hn.as_ptr(),
+            ),
             "nvrtcCreateProgram",
         )?;
         let rc = sys::nvrtcCompileProgram(prog, op.len() as c_int, op.as_ptr());

@@ -60,7 +60,11 @@ impl Row {
         (self.bytes / H100_BW).max(self.flops / H100_FLOPS)
     }
     pub fn bound(&self) -> &'static str {
-        if self.bytes / H100_BW >= self.flops / H100_FLOPS { "memory" } else { "compute" }
+        if self.bytes / H100_BW >= self.flops / H100_FLOPS {
+            "memory"
+        } else {
+            "compute"
+        }
     }
 }
 
@@ -79,23 +83,57 @@ pub fn table(s: &Shapes) -> Vec<Row> {
         row("embedding_bwd_bf16", format!("{t} tokens x {h}, f32 atomics"), 2.0 * t * h + 8.0 * t * h, t * h),
         row("rmsnorm_fwd_bf16", format!("{t} x {h}"), 4.0 * t * h + 2.0 * h + 4.0 * t, 4.0 * t * h),
         row("rmsnorm_bwd_dx + dw", format!("{t} x {h}"), 10.0 * t * h + 8.0 * t, 8.0 * t * h),
-        row("rope_bf16 (q and k)", format!("{t} x ({hq}+{hkv}) x {d}"), 4.0 * n_rope + 4.0 * t * d, 3.0 * n_rope),
-        row("fa_fwd_d128", format!("{} seqs x {l} tokens, {hq}/{hkv} heads", s.seqs), qkv_bytes + 4.0 * t * hq, attn_fwd_flops),
+        row(
+            "rope_bf16 (q and k)",
+            format!("{t} x ({hq}+{hkv}) x {d}"),
+            4.0 * n_rope + 4.0 * t * d,
+            3.0 * n_rope,
+        ),
+        row(
+            "fa_fwd_d128",
+            format!("{} seqs x {l} tokens, {hq}/{hkv} heads", s.seqs),
+            qkv_bytes + 4.0 * t * hq,
+            attn_fwd_flops,
+        ),
         row(
             "fa_bwd_d128 (+ dot, dq cast)",
             format!("{} seqs x {l} tokens", s.seqs),
-            qkv_bytes + 2.0 * t * hq * d * 2.0 + 2.0 * hkv * t * d * 2.0 + 3.0 * t * hq * d * 4.0 + 8.0 * t * hq,
+            qkv_bytes
+                + 2.0 * t * hq * d * 2.0
+                + 2.0 * hkv * t * d * 2.0
+                + 3.0 * t * hq * d * 4.0
+                + 8.0 * t * hq,
             2.5 * attn_fwd_flops,
         ),
-        row("cuBLAS linear: q,k,v,o + gate,up,down", format!("{t} tokens, one layer"), 2.0 * (4.0 * t * h + 2.0 * h * h + 2.0 * h * hkv * d + 3.0 * t * i + 3.0 * h * i), 2.0 * t * (2.0 * h * h + 2.0 * h * hkv * d + 3.0 * h * i)),
+        row(
+            "cuBLAS linear: q,k,v,o + gate,up,down",
+            format!("{t} tokens, one layer"),
+            2.0 * (4.0 * t * h + 2.0 * h * h + 2.0 * h * hkv * d + 3.0 * t * i + 3.0 * h * i),
+            2.0 * t * (2.0 * h * h + 2.0 * h * hkv * d + 3.0 * h * i),
+        ),
         row("ew_add_bf16 (residual)", format!("{t} x {h}"), 6.0 * t * h, t * h),
         row("swiglu_fwd_bf16", format!("{t} x {i}"), 6.0 * t * i, 6.0 * t * i),
         row("swiglu_bwd_bf16", format!("{t} x {i}"), 10.0 * t * i, 12.0 * t * i),
-        row("cuBLAS LM head (context)", format!("{t} x {h} x {v}"), 2.0 * (t * h + v * h + t * v), 2.0 * t * h * v),
+        row(
+            "cuBLAS LM head (context)",
+            format!("{t} x {h} x {v}"),
+            2.0 * (t * h + v * h + t * v),
+            2.0 * t * h * v,
+        ),
         row("lpe_fwd_bf16", format!("{t} rows x {v} vocab"), 2.0 * t * v + 16.0 * t, 5.0 * t * v),
         row("lpe_bwd_bf16", format!("{t} rows x {v} vocab"), 4.0 * t * v + 24.0 * t, 8.0 * t * v),
-        row("sample_rows_bf16 (top_p < 1)", format!("batch {} x {v} vocab", s.decode_batch), 43.0 * 2.0 * s.decode_batch * v, 3.0 * 43.0 * s.decode_batch * v),
-        row("decode_attn_bf16", format!("batch {} x {} cached", s.decode_batch, s.decode_ctx), 2.0 * s.decode_batch * s.decode_ctx * hkv * d * 2.0 + 4.0 * s.decode_batch * hq * d, 4.0 * s.decode_batch * s.decode_ctx * hq * d),
+        row(
+            "sample_rows_bf16 (top_p < 1)",
+            format!("batch {} x {v} vocab", s.decode_batch),
+            43.0 * 2.0 * s.decode_batch * v,
+            3.0 * 43.0 * s.decode_batch * v,
+        ),
+        row(
+            "decode_attn_bf16",
+            format!("batch {} x {} cached", s.decode_batch, s.decode_ctx),
+            2.0 * s.decode_batch * s.decode_ctx * hkv * d * 2.0 + 4.0 * s.decode_batch * hq * d,
+            4.0 * s.decode_batch * s.decode_ctx * hq * d,
+        ),
         row("grpo_advantage", "512 groups x G=8".to_string(), 5.0 * 4096.0 * 4.0, 20.0 * 4096.0),
         row("pl_fwd + pl_finalize", format!("{t} tokens"), 20.0 * t, 22.0 * t),
         row("pl_bwd", format!("{t} tokens"), 28.0 * t, 22.0 * t),
@@ -106,12 +144,26 @@ pub fn table(s: &Shapes) -> Vec<Row> {
 }
 
 fn human(x: f64, unit: &str) -> String {
-    let (v, p) = if x >= 1e12 { (x / 1e12, "T") } else if x >= 1e9 { (x / 1e9, "G") } else if x >= 1e6 { (x / 1e6, "M") } else if x >= 1e3 { (x / 1e3, "k") } else { (x, "") };
+    let (v, p) = if x >= 1e12 {
+        (x / 1e12, "T")
+    } else if x >= 1e9 {
+        (x / 1e9, "G")
+    } else if x >= 1e6 {
+        (x / 1e6, "M")
+    } else if x >= 1e3 {
+        (x / 1e3, "k")
+    } else {
+        (x, "")
+    };
     format!("{v:.2} {p}{unit}")
 }
 
 fn secs(x: f64) -> String {
-    if x >= 1e-3 { format!("{:.3} ms", x * 1e3) } else { format!("{:.2} µs", x * 1e6) }
+    if x >= 1e-3 {
+        format!("{:.3} ms", x * 1e3)
+    } else {
+        format!("{:.2} µs", x * 1e6)
+    }
 }
 
 /// The Markdown table of `kernels/ROOFLINE.md`.
@@ -154,7 +206,10 @@ mod tests {
     fn committed_roofline_is_current() {
         let want = markdown(&Shapes::qwen25_7b());
         let have = include_str!("../../kernels/ROOFLINE.md");
-        assert_eq!(have, want, "kernels/ROOFLINE.md is stale: regenerate with `fcgpu kernels roofline > kernels/ROOFLINE.md`");
+        assert_eq!(
+            have, want,
+            "kernels/ROOFLINE.md is stale: regenerate with `fcgpu kernels roofline > kernels/ROOFLINE.md`"
+        );
     }
 
     #[test]

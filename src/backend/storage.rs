@@ -37,7 +37,10 @@ impl GpuStorage {
 
     /// Copy back to the host, same dtype.
     pub fn to_cpu(&self) -> Result<CpuStorage> {
-        ensure!(self.buf.bytes() >= self.len * self.dtype.size(), "GpuStorage: buffer shorter than its length");
+        ensure!(
+            self.buf.bytes() >= self.len * self.dtype.size(),
+            "GpuStorage: buffer shorter than its length"
+        );
         fn read<T: bytemuck::Pod + bytemuck::Zeroable>(s: &GpuStorage) -> Result<Vec<T>> {
             let mut v = vec![T::zeroed(); s.len];
             unsafe { s.device().driver().dtoh(s.buf.ptr(), bytemuck::cast_slice_mut(&mut v))? };

@@ -97,7 +97,11 @@ pub fn read_results(path: &Path, into: &mut HashMap<String, String>) -> Result<(
 }
 
 /// [`read_results`], with `seen` recording where each id was read (for the duplicate error).
-fn read_results_at(path: &Path, into: &mut HashMap<String, String>, seen: &mut HashMap<String, String>) -> Result<()> {
+fn read_results_at(
+    path: &Path,
+    into: &mut HashMap<String, String>,
+    seen: &mut HashMap<String, String>,
+) -> Result<()> {
     let text = crate::jsonl::read_text(path)?;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -106,9 +110,7 @@ fn read_results_at(path: &Path, into: &mut HashMap<String, String>, seen: &mut H
         let v: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
         let id = v.get("id").and_then(|x| x.as_str());
-        let Some(id) = id else {
-            bail!("{}:{}: missing string field \"id\"", path.display(), i + 1)
-        };
+        let Some(id) = id else { bail!("{}:{}: missing string field \"id\"", path.display(), i + 1) };
         // BFCL result files hold a string; anything else is kept as its JSON text.
         let result = match v.get("result") {
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -237,8 +239,12 @@ pub fn run(a: Args) -> Result<()> {
     let unknown = unknown_ids(&results, &all_samples);
     if !unknown.is_empty() {
         let shown: Vec<&str> = unknown.iter().take(5).map(String::as_str).collect();
-        eprintln!("warning: {} result ids match no entry of the scored categories and are not scored: {}{}",
-            unknown.len(), shown.join(", "), if unknown.len() > 5 { ", ..." } else { "" });
+        eprintln!(
+            "warning: {} result ids match no entry of the scored categories and are not scored: {}{}",
+            unknown.len(),
+            shown.join(", "),
+            if unknown.len() > 5 { ", ..." } else { "" }
+        );
     }
     let default_format = if a.style == PromptStyle::QwenFc { Format::Json } else { Format::Python };
     let fmt = match a.format.unwrap_or(default_format) {

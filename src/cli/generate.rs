@@ -75,7 +75,8 @@ struct Out<'a> {
 /// Token ids of every input line.
 pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Vec<Vec<u32>>> {
     let lines: Vec<Line> = jsonl::read(path)?;
-    let need_tok = || tok.with_context(|| format!("{}: text prompts need the model's tokenizer.json", path.display()));
+    let need_tok =
+        || tok.with_context(|| format!("{}: text prompts need the model's tokenizer.json", path.display()));
     let mut format = None;
     let mut out = Vec::with_capacity(lines.len());
     for (i, l) in lines.into_iter().enumerate() {

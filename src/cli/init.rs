@@ -32,7 +32,10 @@ pub fn run(a: Args) -> Result<()> {
     runfs::ensure_not_cwd(&a.out, "--out")?;
     if runfs::non_empty_dir(&a.out) {
         if !a.force {
-            bail!("--out {} is not empty; refusing to overwrite it (use --force to replace its contents)", a.out.display());
+            bail!(
+                "--out {} is not empty; refusing to overwrite it (use --force to replace its contents)",
+                a.out.display()
+            );
         }
     }
     // A trailing `.`/`..` has no file name to build temporary siblings from.
@@ -43,7 +46,11 @@ pub fn run(a: Args) -> Result<()> {
     config.check_memory("fcgpu init")?;
     let model = Model::init_random(config, a.seed)?;
     model.save(&out, None)?;
-    eprintln!("wrote a random {} model ({} parameters) to {}", model.config.arch.model_type(),
-        model.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(), a.out.display());
+    eprintln!(
+        "wrote a random {} model ({} parameters) to {}",
+        model.config.arch.model_type(),
+        model.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(),
+        a.out.display()
+    );
     Ok(())
 }

@@ -48,7 +48,10 @@ fn check(archs: &[String], json: bool, filter: Option<&str>) -> Result<()> {
     let mut errors = Vec::new();
     if !json {
         println!("NVRTC {maj}.{min}");
-        println!("{:<34} {:<6} {:>5} {:>7} {:>7} {:>8}", "kernel", "arch", "regs", "spill_st", "spill_ld", "smem");
+        println!(
+            "{:<34} {:<6} {:>5} {:>7} {:>7} {:>8}",
+            "kernel", "arch", "regs", "spill_st", "spill_ld", "smem"
+        );
     }
     for arch in archs {
         for (file, _) in KERNEL_FILES.iter().filter(|(f, _)| filter.is_none_or(|x| f.contains(x))) {

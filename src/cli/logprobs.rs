@@ -52,8 +52,12 @@ fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
     let max_text = ctx.saturating_mul(TEXT_BYTES_PER_POSITION);
     // A line of ids needs at most ~11 bytes per id; anything longer cannot fit the context.
     let max_line = ctx.saturating_mul(TEXT_BYTES_PER_POSITION.max(12)).saturating_add(64);
-    let lines: Vec<(usize, Line)> = jsonl::read_numbered(path, max_line)
-        .with_context(|| format!("reading {} (lines are limited to {max_line} bytes for the model's context of {ctx} tokens)", path.display()))?;
+    let lines: Vec<(usize, Line)> = jsonl::read_numbered(path, max_line).with_context(|| {
+        format!(
+            "reading {} (lines are limited to {max_line} bytes for the model's context of {ctx} tokens)",
+            path.display()
+        )
+    })?;
     let mut tok: Option<Tokenizer> = None;
     let mut out = Vec::with_capacity(lines.len());
     for (n, l) in lines {
@@ -74,7 +78,11 @@ fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
         };
         model.config.check_ids(&ids).with_context(at)?;
         if ids.len() > ctx {
-            bail!("{}: {} tokens exceed the model's context (max_position_embeddings = {ctx})", at(), ids.len());
+            bail!(
+                "{}: {} tokens exceed the model's context (max_position_embeddings = {ctx})",
+                at(),
+                ids.len()
+            );
         }
         out.push(ids);
     }

@@ -6,8 +6,8 @@ use crate::model::Model;
 use crate::tensor::{DType, Device};
 
 pub mod eval;
-pub mod init;
 pub mod generate;
+pub mod init;
 pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
@@ -70,13 +70,20 @@ pub(crate) fn device(arg: &str, command: &str) -> anyhow::Result<Device> {
 
 /// The model in `dir` on `device`, its weights stored as `dtype` (`bf16` or `f32`; default: the
 /// device's, f32 on the cpu and bf16 on a GPU). The cpu computes in f32 only.
-pub(crate) fn load_model(dir: &std::path::Path, device: Device, dtype: Option<&str>) -> anyhow::Result<Model> {
+pub(crate) fn load_model(
+    dir: &std::path::Path,
+    device: Device,
+    dtype: Option<&str>,
+) -> anyhow::Result<Model> {
     let dtype = match dtype {
         None => device.compute_dtype(),
         Some(s) => match DType::from_hf_name(s) {
             Some(d @ DType::F32) => d,
             Some(d @ DType::BF16) if device.is_gpu() => d,
-            _ => anyhow::bail!("--dtype {s}: {device} computes in {}", if device.is_gpu() { "bf16 or f32" } else { "f32 only" }),
+            _ => anyhow::bail!(
+                "--dtype {s}: {device} computes in {}",
+                if device.is_gpu() { "bf16 or f32" } else { "f32 only" }
+            ),
         },
     };
     let model = Model::load(dir)?;

@@ -47,7 +47,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     let device = super::device(&a.run.device, "sft")?;
     let s = sft::run_with(cfg.clone(), a.run.start(), device)?;
-    eprintln!("sft: {} steps in {:.1}s, loss {:.4} -> {:.4}; run directory {}", s.steps_run, s.seconds, s.first_loss, s.last_loss, cfg.run_dir.display());
+    eprintln!(
+        "sft: {} steps in {:.1}s, loss {:.4} -> {:.4}; run directory {}",
+        s.steps_run,
+        s.seconds,
+        s.first_loss,
+        s.last_loss,
+        cfg.run_dir.display()
+    );
     if let (Some(acc), Some(ex)) = (s.result_token_accuracy, s.result_exact) {
         println!("result_token_accuracy {acc:.4} result_exact {ex:.4}");
     }

@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use super::run_args::{apply_args, RunArgs};
 use crate::fc::reward::RewardKind;
-use crate::train::grpo::{self, AggKind, GrpoConfig, Granularity, Scale, Style};
+use crate::train::grpo::{self, AggKind, Granularity, GrpoConfig, Scale, Style};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {

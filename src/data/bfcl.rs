@@ -86,9 +86,7 @@ pub fn load_bfcl_category(dir: &Path, cat: &str) -> Result<Vec<Sample>> {
     for (line, v) in read_lines(&qpath)? {
         samples.push(parse_question(&qpath, line, &v, cat)?);
     }
-    let apath = dir
-        .join("possible_answer")
-        .join(format!("BFCL_v4_{cat}.json"));
+    let apath = dir.join("possible_answer").join(format!("BFCL_v4_{cat}.json"));
     if apath.exists() {
         let mut answers: HashMap<String, Vec<Json>> = HashMap::new();
         for (line, v) in read_lines(&apath)? {
@@ -103,9 +101,9 @@ pub fn load_bfcl_category(dir: &Path, cat: &str) -> Result<Vec<Sample>> {
             answers.insert(id.to_string(), gt.clone());
         }
         for s in &mut samples {
-            s.ground_truth = answers.remove(&s.id).ok_or_else(|| {
-                anyhow::anyhow!("{}: no possible answer for id {}", apath.display(), s.id)
-            })?;
+            s.ground_truth = answers
+                .remove(&s.id)
+                .ok_or_else(|| anyhow::anyhow!("{}: no possible answer for id {}", apath.display(), s.id))?;
         }
     }
     Ok(samples)

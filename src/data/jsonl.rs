@@ -15,11 +15,7 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>> {
         if line.trim().is_empty() {
             continue;
         }
-        let default_id = format!(
-            "{}_{}",
-            path.file_stem().and_then(|s| s.to_str()).unwrap_or("line"),
-            i + 1
-        );
+        let default_id = format!("{}_{}", path.file_stem().and_then(|s| s.to_str()).unwrap_or("line"), i + 1);
         let v: Json = serde_json::from_str(line).map_err(|e| data_err(path, i + 1, e))?;
         let s = if v.get("query").is_some() {
             parse_xlam_line(&v, &default_id)
@@ -44,10 +40,7 @@ fn json_field(v: &Json, key: &str) -> Result<Json, String> {
 
 /// One xLAM record.
 pub fn parse_xlam_line(v: &Json, default_id: &str) -> Result<Sample, String> {
-    let query = v
-        .get("query")
-        .and_then(Json::as_str)
-        .ok_or("field \"query\" must be a string")?;
+    let query = v.get("query").and_then(Json::as_str).ok_or("field \"query\" must be a string")?;
     let tools = json_field(v, "tools")?;
     let tools = tools.as_array().ok_or("\"tools\" must be a list")?;
     let functions: Vec<Json> = tools.iter().map(xlam_tool).collect::<Result<_, _>>()?;
@@ -55,33 +48,19 @@ pub fn parse_xlam_line(v: &Json, default_id: &str) -> Result<Sample, String> {
     let answers = answers.as_array().ok_or("\"answers\" must be a list")?;
     let mut calls = Vec::new();
     for a in answers {
-        let name = a
-            .get("name")
-            .and_then(Json::as_str)
-            .ok_or("answer without \"name\"")?;
-        let args = a
-            .get("arguments")
-            .and_then(Json::as_object)
-            .cloned()
-            .unwrap_or_default();
+        let name = a.get("name").and_then(Json::as_str).ok_or("answer without \"name\"")?;
+        let args = a.get("arguments").and_then(Json::as_object).cloned().unwrap_or_default();
         let func = functions.iter().find(|f| f["name"] == name);
         calls.push(answer_to_ground_truth(name, &args, func));
     }
     let id = v
         .get("id")
-        .map(|x| {
-            x.as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| x.to_string())
-        })
+        .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
         .unwrap_or_else(|| default_id.to_string());
     Ok(Sample {
         id,
         category: infer_category(functions.len(), &calls),
-        messages: vec![Message {
-            role: "user".into(),
-            content: query.to_string(),
-        }],
+        messages: vec![Message { role: "user".into(), content: query.to_string() }],
         functions,
         ground_truth: calls,
         reasoning: None,
@@ -96,25 +75,14 @@ fn answer_to_ground_truth(name: &str, args: &Map<String, Json>, func: Option<&Js
         params.insert(k.clone(), json!([v]));
     }
     if let Some(f) = func {
-        let required: Vec<&str> = f["parameters"]["required"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Json::as_str)
-            .collect();
-        for (k, p) in f["parameters"]["properties"]
-            .as_object()
-            .into_iter()
-            .flatten()
-        {
+        let required: Vec<&str> =
+            f["parameters"]["required"].as_array().into_iter().flatten().filter_map(Json::as_str).collect();
+        for (k, p) in f["parameters"]["properties"].as_object().into_iter().flatten() {
             if params.contains_key(k) || required.contains(&k.as_str()) {
                 continue;
             }
             let mut alts = vec![json!("")];
-            if let Some(d) = p
-                .get("default")
-                .filter(|d| !d.is_null() && **d != json!(""))
-            {
+            if let Some(d) = p.get("default").filter(|d| !d.is_null() && **d != json!("")) {
                 alts.insert(0, d.clone());
             }
             params.insert(k.clone(), Json::Array(alts));
@@ -126,10 +94,7 @@ fn answer_to_ground_truth(name: &str, args: &Map<String, Json>, func: Option<&Js
 /// Maps an xLAM type (`str`, `List[int]`, `Optional[float]`, ...) to a BFCL type.
 fn xlam_type(t: &str) -> (Json, bool) {
     let t = t.trim();
-    let (inner, optional) = match t
-        .strip_prefix("Optional[")
-        .and_then(|r| r.strip_suffix(']'))
-    {
+    let (inner, optional) = match t.strip_prefix("Optional[").and_then(|r| r.strip_suffix(']')) {
         Some(x) => (x.trim(), true),
         None => match t.strip_suffix(", optional") {
             Some(x) => (x.trim(), true),
@@ -171,10 +136,7 @@ fn xlam_type(t: &str) -> (Json, bool) {
 /// An xLAM tool (`parameters: {name: {type, description, default}}`, or a JSON schema) as a
 /// BFCL function doc.
 fn xlam_tool(t: &Json) -> Result<Json, String> {
-    let name = t
-        .get("name")
-        .and_then(Json::as_str)
-        .ok_or("tool without \"name\"")?;
+    let name = t.get("name").and_then(Json::as_str).ok_or("tool without \"name\"")?;
     let desc = t.get("description").and_then(Json::as_str).unwrap_or("");
     let params = t.get("parameters").cloned().unwrap_or(json!({}));
     if params.get("properties").is_some() {
@@ -190,8 +152,7 @@ fn xlam_tool(t: &Json) -> Result<Json, String> {
     let mut props = Map::new();
     let mut required = Vec::new();
     for (k, p) in params.as_object().into_iter().flatten() {
-        let (mut schema, optional) =
-            xlam_type(p.get("type").and_then(Json::as_str).unwrap_or("any"));
+        let (mut schema, optional) = xlam_type(p.get("type").and_then(Json::as_str).unwrap_or("any"));
         if let Some(d) = p.get("description") {
             schema["description"] = d.clone();
         }
@@ -210,12 +171,9 @@ fn xlam_tool(t: &Json) -> Result<Json, String> {
 
 /// One fcgpu record.
 pub fn parse_fcgpu_line(v: &Json, default_id: &str) -> Result<Sample, String> {
-    let messages: Vec<Message> = serde_json::from_value(
-        v.get("messages")
-            .cloned()
-            .ok_or("missing field \"messages\"")?,
-    )
-    .map_err(|e| format!("bad \"messages\": {e}"))?;
+    let messages: Vec<Message> =
+        serde_json::from_value(v.get("messages").cloned().ok_or("missing field \"messages\"")?)
+            .map_err(|e| format!("bad \"messages\": {e}"))?;
     let functions = v
         .get("tools")
         .or_else(|| v.get("functions"))
@@ -230,16 +188,10 @@ pub fn parse_fcgpu_line(v: &Json, default_id: &str) -> Result<Sample, String> {
         .ok_or("missing list field \"calls\"")?;
     for c in &calls {
         let ok = c.as_object().is_some_and(|o| {
-            o.len() == 1
-                && o.values().all(|p| {
-                    p.as_object()
-                        .is_some_and(|m| m.values().all(Json::is_array))
-                })
+            o.len() == 1 && o.values().all(|p| p.as_object().is_some_and(|m| m.values().all(Json::is_array)))
         });
         if !ok {
-            return Err(format!(
-                "call {c} is not in BFCL ground-truth shape {{name: {{param: [values]}}}}"
-            ));
+            return Err(format!("call {c} is not in BFCL ground-truth shape {{name: {{param: [values]}}}}"));
         }
     }
     let category = match v.get("category").and_then(Json::as_str) {
@@ -247,18 +199,11 @@ pub fn parse_fcgpu_line(v: &Json, default_id: &str) -> Result<Sample, String> {
         None => infer_category(functions.len(), &calls),
     };
     Ok(Sample {
-        id: v
-            .get("id")
-            .and_then(Json::as_str)
-            .unwrap_or(default_id)
-            .to_string(),
+        id: v.get("id").and_then(Json::as_str).unwrap_or(default_id).to_string(),
         category,
         messages,
         functions,
         ground_truth: calls,
-        reasoning: v
-            .get("reasoning")
-            .and_then(Json::as_str)
-            .map(str::to_string),
+        reasoning: v.get("reasoning").and_then(Json::as_str).map(str::to_string),
     })
 }

@@ -56,28 +56,15 @@ pub struct DataError {
     pub msg: String,
 }
 
-pub(crate) fn data_err(
-    file: &std::path::Path,
-    line: usize,
-    msg: impl std::fmt::Display,
-) -> anyhow::Error {
-    DataError {
-        file: file.display().to_string(),
-        line,
-        msg: msg.to_string(),
-    }
-    .into()
+pub(crate) fn data_err(file: &std::path::Path, line: usize, msg: impl std::fmt::Display) -> anyhow::Error {
+    DataError { file: file.display().to_string(), line, msg: msg.to_string() }.into()
 }
 
 /// A category for a sample from its expected calls (for formats that do not name one).
 pub fn infer_category(n_functions: usize, calls: &[Json]) -> String {
     let names: Vec<&str> = calls
         .iter()
-        .filter_map(|c| {
-            c.as_object()
-                .and_then(|o| o.keys().next())
-                .map(String::as_str)
-        })
+        .filter_map(|c| c.as_object().and_then(|o| o.keys().next()).map(String::as_str))
         .collect();
     match names.len() {
         0 => "irrelevance".into(),

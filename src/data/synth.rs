@@ -94,29 +94,17 @@ struct T {
 }
 
 const fn r(n: &'static str, d: &'static str, k: K) -> P {
-    P {
-        n,
-        d,
-        k,
-        req: true,
-        ph: "",
-    }
+    P { n, d, k, req: true, ph: "" }
 }
 const fn o(n: &'static str, d: &'static str, k: K, ph: &'static str) -> P {
-    P {
-        n,
-        d,
-        k,
-        req: false,
-        ph,
-    }
+    P { n, d, k, req: false, ph }
 }
 
 // Word pools. Every fifth entry (index % 5 == 0) is held out: only evaluation samples use it.
 const SYLLABLES: &[&str] = &[
-    "ka", "lo", "mer", "vin", "tor", "sa", "del", "ri", "an", "bel", "cor", "du", "fen", "gar",
-    "hal", "is", "jo", "kel", "lan", "mor", "nes", "or", "pal", "quin", "ros", "sel", "tam", "ul",
-    "ver", "wen", "yar", "zan", "bri", "cal", "dor", "el", "fi", "go", "hu", "ta",
+    "ka", "lo", "mer", "vin", "tor", "sa", "del", "ri", "an", "bel", "cor", "du", "fen", "gar", "hal", "is",
+    "jo", "kel", "lan", "mor", "nes", "or", "pal", "quin", "ros", "sel", "tam", "ul", "ver", "wen", "yar",
+    "zan", "bri", "cal", "dor", "el", "fi", "go", "hu", "ta",
 ];
 const ADJECTIVES: &[&str] = &[
     "quarterly",
@@ -161,15 +149,14 @@ const ADJECTIVES: &[&str] = &[
     "wooden",
 ];
 const NOUNS: &[&str] = &[
-    "review", "meeting", "dinner", "party", "workshop", "plan", "report", "update", "session",
-    "walk", "lesson", "trip", "concert", "festival", "market", "bridge", "harbor", "tower",
-    "forest", "island", "journey", "story", "letter", "dream", "light", "road", "house", "window",
-    "engine", "signal", "canvas", "lantern", "compass", "orchard", "meadow", "station", "library",
-    "kitchen", "mirror", "ticket",
+    "review", "meeting", "dinner", "party", "workshop", "plan", "report", "update", "session", "walk",
+    "lesson", "trip", "concert", "festival", "market", "bridge", "harbor", "tower", "forest", "island",
+    "journey", "story", "letter", "dream", "light", "road", "house", "window", "engine", "signal", "canvas",
+    "lantern", "compass", "orchard", "meadow", "station", "library", "kitchen", "mirror", "ticket",
 ];
 const VERBS: &[&str] = &[
-    "bring", "check", "call", "fix", "clean", "book", "send", "pick up", "paint", "return",
-    "water", "move", "sign", "print", "wash", "order", "pack", "test", "open", "close",
+    "bring", "check", "call", "fix", "clean", "book", "send", "pick up", "paint", "return", "water", "move",
+    "sign", "print", "wash", "order", "pack", "test", "open", "close",
 ];
 const VENUE_KINDS: &[&str] = &["Kitchen", "Grill", "Cafe", "Bistro", "House", "Diner"];
 const DOMAINS: &[&str] = &["com", "org", "net", "io"];
@@ -228,17 +215,8 @@ const FOODS: &[&str] = &[
     "nachos",
 ];
 const CURRENCIES: &[&str] = &["USD", "EUR", "GBP", "JPY", "CHF", "CAD", "AUD", "INR"];
-const UNITS: &[&str] = &[
-    "km", "miles", "kg", "pounds", "liters", "gallons", "meters", "feet",
-];
-const LANGS: &[&str] = &[
-    "French",
-    "Spanish",
-    "German",
-    "Japanese",
-    "Italian",
-    "Portuguese",
-];
+const UNITS: &[&str] = &["km", "miles", "kg", "pounds", "liters", "gallons", "meters", "feet"];
+const LANGS: &[&str] = &["French", "Spanish", "German", "Japanese", "Italian", "Portuguese"];
 const CUISINES: &[&str] = &["Italian", "Japanese", "Mexican", "Indian", "Thai", "French"];
 const TEMP_UNITS: &[&str] = &["celsius", "fahrenheit"];
 
@@ -252,10 +230,7 @@ static TOOLS: &[T] = &[
             r("city", "City name", K::S(Place)),
             o("unit", "Temperature unit", K::E(TEMP_UNITS), " in {v}"),
         ],
-        tpl: &[
-            "What's the weather like in {city}{opt}?",
-            "Tell me the current weather for {city}{opt}.",
-        ],
+        tpl: &["What's the weather like in {city}{opt}?", "Tell me the current weather for {city}{opt}."],
     },
     T {
         n: "get_forecast",
@@ -264,12 +239,7 @@ static TOOLS: &[T] = &[
         ps: &[
             r("city", "City name", K::S(Place)),
             r("days", "Number of days", K::I(1, 10)),
-            o(
-                "include_hourly",
-                "Include hourly details",
-                K::B,
-                " with hourly details",
-            ),
+            o("include_hourly", "Include hourly details", K::B, " with hourly details"),
         ],
         tpl: &[
             "Give me a {days}-day forecast for {city}{opt}.",
@@ -284,12 +254,7 @@ static TOOLS: &[T] = &[
             r("origin", "Departure city", K::S(Place)),
             r("destination", "Arrival city", K::S(Place)),
             r("date", "Date, YYYY-MM-DD", K::S(Date)),
-            o(
-                "cabin",
-                "Cabin class",
-                K::E(&["economy", "business", "first"]),
-                " in {v} class",
-            ),
+            o("cabin", "Cabin class", K::E(&["economy", "business", "first"]), " in {v} class"),
         ],
         tpl: &[
             "Find flights from {origin} to {destination} on {date}{opt}.",
@@ -333,10 +298,7 @@ static TOOLS: &[T] = &[
             r("base", "Base currency code", K::E(CURRENCIES)),
             r("target", "Target currency code", K::E(CURRENCIES)),
         ],
-        tpl: &[
-            "What is the exchange rate from {base} to {target}?",
-            "Show me the {base} to {target} rate.",
-        ],
+        tpl: &["What is the exchange rate from {base} to {target}?", "Show me the {base} to {target} rate."],
     },
     T {
         n: "create_calendar_event",
@@ -346,12 +308,7 @@ static TOOLS: &[T] = &[
             r("title", "Event title", K::S(Title)),
             r("date", "Date, YYYY-MM-DD", K::S(Date)),
             r("time", "Start time, HH:MM", K::S(Time)),
-            o(
-                "duration_minutes",
-                "Duration in minutes",
-                K::I(15, 180),
-                " for {v} minutes",
-            ),
+            o("duration_minutes", "Duration in minutes", K::I(15, 180), " for {v} minutes"),
         ],
         tpl: &[
             "Schedule {title} on {date} at {time}{opt}.",
@@ -379,26 +336,15 @@ static TOOLS: &[T] = &[
         want: "a stock price",
         ps: &[
             r("symbol", "Ticker symbol", K::S(Ticker)),
-            o(
-                "exchange",
-                "Stock exchange",
-                K::E(&["NASDAQ", "NYSE"]),
-                " on the {v}",
-            ),
+            o("exchange", "Stock exchange", K::E(&["NASDAQ", "NYSE"]), " on the {v}"),
         ],
-        tpl: &[
-            "What is the current price of {symbol} stock{opt}?",
-            "How much is {symbol} trading at{opt}?",
-        ],
+        tpl: &["What is the current price of {symbol} stock{opt}?", "How much is {symbol} trading at{opt}?"],
     },
     T {
         n: "get_stock_history",
         d: "Get the price history of a stock.",
         want: "a stock's price history",
-        ps: &[
-            r("symbol", "Ticker symbol", K::S(Ticker)),
-            r("days", "Number of past days", K::I(5, 365)),
-        ],
+        ps: &[r("symbol", "Ticker symbol", K::S(Ticker)), r("days", "Number of past days", K::I(5, 365))],
         tpl: &[
             "Show me the price history of {symbol} over the last {days} days.",
             "How has {symbol} done in the past {days} days?",
@@ -413,10 +359,7 @@ static TOOLS: &[T] = &[
             r("from_unit", "Source unit", K::E(UNITS)),
             r("to_unit", "Target unit", K::E(UNITS)),
         ],
-        tpl: &[
-            "Convert {value} {from_unit} to {to_unit}.",
-            "How many {to_unit} is {value} {from_unit}?",
-        ],
+        tpl: &["Convert {value} {from_unit} to {to_unit}.", "How many {to_unit} is {value} {from_unit}?"],
     },
     T {
         n: "find_recipes",
@@ -424,18 +367,10 @@ static TOOLS: &[T] = &[
         want: "recipes",
         ps: &[
             r("ingredients", "Ingredients to use", K::A(Word(INGREDIENTS))),
-            o(
-                "max_minutes",
-                "Maximum cooking time",
-                K::I(10, 120),
-                " that take at most {v} minutes",
-            ),
+            o("max_minutes", "Maximum cooking time", K::I(10, 120), " that take at most {v} minutes"),
             o("vegetarian", "Vegetarian only", K::B, ", vegetarian only"),
         ],
-        tpl: &[
-            "Find recipes with {ingredients}{opt}.",
-            "What can I cook with {ingredients}{opt}?",
-        ],
+        tpl: &["Find recipes with {ingredients}{opt}.", "What can I cook with {ingredients}{opt}?"],
     },
     T {
         n: "translate_text",
@@ -444,12 +379,7 @@ static TOOLS: &[T] = &[
         ps: &[
             r("text", "Text to translate", K::S(Chore)),
             r("target_language", "Language to translate into", K::E(LANGS)),
-            o(
-                "source_language",
-                "Language of the text",
-                K::E(LANGS),
-                " from {v}",
-            ),
+            o("source_language", "Language of the text", K::E(LANGS), " from {v}"),
         ],
         tpl: &[
             "Translate {text} into {target_language}{opt}.",
@@ -475,17 +405,9 @@ static TOOLS: &[T] = &[
         want: "news",
         ps: &[
             r("topic", "News topic", K::S(Thing)),
-            o(
-                "count",
-                "Number of articles",
-                K::I(1, 10),
-                ", top {v} articles",
-            ),
+            o("count", "Number of articles", K::I(1, 10), ", top {v} articles"),
         ],
-        tpl: &[
-            "What's the latest news about {topic}{opt}?",
-            "Show me headlines on {topic}{opt}.",
-        ],
+        tpl: &["What's the latest news about {topic}{opt}?", "Show me headlines on {topic}{opt}."],
     },
     T {
         n: "calculate_tip",
@@ -494,12 +416,7 @@ static TOOLS: &[T] = &[
         ps: &[
             r("bill_amount", "Bill total", K::F(1.0, 2000.0)),
             r("tip_percent", "Tip percentage", K::I(10, 25)),
-            o(
-                "split",
-                "Number of people",
-                K::I(2, 6),
-                " split between {v} people",
-            ),
+            o("split", "Number of people", K::I(2, 6), " split between {v} people"),
         ],
         tpl: &[
             "Calculate a {tip_percent}% tip on a bill of {bill_amount}{opt}.",
@@ -513,12 +430,7 @@ static TOOLS: &[T] = &[
         ps: &[
             r("origin", "Start place", K::S(Place)),
             r("destination", "End place", K::S(Place)),
-            o(
-                "mode",
-                "Travel mode",
-                K::E(&["driving", "walking", "transit", "cycling"]),
-                " by {v}",
-            ),
+            o("mode", "Travel mode", K::E(&["driving", "walking", "transit", "cycling"]), " by {v}"),
         ],
         tpl: &[
             "How do I get from {origin} to {destination}{opt}?",
@@ -532,12 +444,7 @@ static TOOLS: &[T] = &[
         ps: &[
             r("city", "City name", K::S(Place)),
             r("cuisine", "Type of food", K::E(CUISINES)),
-            o(
-                "max_price",
-                "Price level 1-4",
-                K::I(1, 4),
-                " with price level at most {v}",
-            ),
+            o("max_price", "Price level 1-4", K::I(1, 4), " with price level at most {v}"),
         ],
         tpl: &[
             "Find {cuisine} restaurants in {city}{opt}.",
@@ -564,10 +471,7 @@ static TOOLS: &[T] = &[
             r("city", "City name", K::S(Place)),
             o("date", "Date, YYYY-MM-DD", K::S(Date), " on {v}"),
         ],
-        tpl: &[
-            "When is {movie} showing in {city}{opt}?",
-            "Showtimes for {movie} in {city}{opt}.",
-        ],
+        tpl: &["When is {movie} showing in {city}{opt}?", "Showtimes for {movie} in {city}{opt}."],
     },
     T {
         n: "calculate_bmi",
@@ -587,10 +491,7 @@ static TOOLS: &[T] = &[
         d: "Get the time zone of a city.",
         want: "a time zone",
         ps: &[r("city", "City name", K::S(Place))],
-        tpl: &[
-            "What time zone is {city} in?",
-            "Which time zone does {city} use?",
-        ],
+        tpl: &["What time zone is {city} in?", "Which time zone does {city} use?"],
     },
     T {
         n: "order_food",
@@ -599,17 +500,9 @@ static TOOLS: &[T] = &[
         ps: &[
             r("restaurant", "Restaurant name", K::S(Venue)),
             r("items", "Items to order", K::A(Word(FOODS))),
-            o(
-                "delivery",
-                "Deliver instead of pickup",
-                K::B,
-                " for delivery",
-            ),
+            o("delivery", "Deliver instead of pickup", K::B, " for delivery"),
         ],
-        tpl: &[
-            "Order {items} from {restaurant}{opt}.",
-            "Get me {items} from {restaurant}{opt}.",
-        ],
+        tpl: &["Order {items} from {restaurant}{opt}.", "Get me {items} from {restaurant}{opt}."],
     },
     T {
         n: "track_package",
@@ -617,30 +510,16 @@ static TOOLS: &[T] = &[
         want: "to track a package",
         ps: &[
             r("tracking_number", "Tracking number", K::S(Tracking)),
-            o(
-                "carrier",
-                "Shipping carrier",
-                K::E(&["UPS", "FedEx", "DHL", "USPS"]),
-                " shipped with {v}",
-            ),
+            o("carrier", "Shipping carrier", K::E(&["UPS", "FedEx", "DHL", "USPS"]), " shipped with {v}"),
         ],
-        tpl: &[
-            "Where is my package {tracking_number}{opt}?",
-            "Track package {tracking_number}{opt}.",
-        ],
+        tpl: &["Where is my package {tracking_number}{opt}?", "Track package {tracking_number}{opt}."],
     },
     T {
         n: "get_population",
         d: "Get the population of a country.",
         want: "population data",
-        ps: &[
-            r("country", "Country name", K::S(Place)),
-            o("year", "Year", K::I(1990, 2023), " in {v}"),
-        ],
-        tpl: &[
-            "What was the population of {country}{opt}?",
-            "How many people live in {country}{opt}?",
-        ],
+        ps: &[r("country", "Country name", K::S(Place)), o("year", "Year", K::I(1990, 2023), " in {v}")],
+        tpl: &["What was the population of {country}{opt}?", "How many people live in {country}{opt}?"],
     },
     T {
         n: "search_products",
@@ -648,23 +527,10 @@ static TOOLS: &[T] = &[
         want: "to search for products",
         ps: &[
             r("query", "Search terms", K::S(Thing)),
-            o(
-                "max_price",
-                "Maximum price",
-                K::F(5.0, 500.0),
-                " under {v} dollars",
-            ),
-            o(
-                "in_stock",
-                "Only items in stock",
-                K::B,
-                " that are in stock",
-            ),
+            o("max_price", "Maximum price", K::F(5.0, 500.0), " under {v} dollars"),
+            o("in_stock", "Only items in stock", K::B, " that are in stock"),
         ],
-        tpl: &[
-            "Search the store for {query}{opt}.",
-            "I'm looking for {query}{opt}.",
-        ],
+        tpl: &["Search the store for {query}{opt}.", "I'm looking for {query}{opt}."],
     },
 ];
 
@@ -715,20 +581,14 @@ fn tool_doc(t: &T) -> Value {
 
 /// An entry of `pool` from `split`'s part.
 fn pick(pool: &'static [&'static str], split: Split, rng: &mut ChaCha8Rng) -> &'static str {
-    let part: Vec<&str> = pool
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| in_split(*i, split))
-        .map(|(_, w)| *w)
-        .collect();
+    let part: Vec<&str> =
+        pool.iter().enumerate().filter(|(i, _)| in_split(*i, split)).map(|(_, w)| *w).collect();
     part.choose(rng).unwrap()
 }
 
 fn capitalize(s: &str) -> String {
     let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
 }
 
 /// Whether entry `i` of a pool belongs to `split`: every fifth entry is held out.
@@ -740,12 +600,7 @@ fn in_split(i: usize, split: Split) -> bool {
 /// a held-out one has at least one held-out entry, so the two never meet whatever the seeds.
 fn compose<T: Copy>(alphabet: &[T], n: usize, split: Split, rng: &mut ChaCha8Rng) -> Vec<T> {
     let part = |s: Split| -> Vec<T> {
-        alphabet
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| in_split(*i, s))
-            .map(|(_, x)| *x)
-            .collect()
+        alphabet.iter().enumerate().filter(|(i, _)| in_split(*i, s)).map(|(_, x)| *x).collect()
     };
     match split {
         Split::Train => {
@@ -768,10 +623,7 @@ fn made_up_name(split: Split, rng: &mut ChaCha8Rng) -> String {
 }
 
 fn random_chars(alphabet: &[u8], n: usize, split: Split, rng: &mut ChaCha8Rng) -> String {
-    compose(alphabet, n, split, rng)
-        .into_iter()
-        .map(char::from)
-        .collect()
+    compose(alphabet, n, split, rng).into_iter().map(char::from).collect()
 }
 
 /// A number in `lo..=hi` whose held-out status (`x % 5 == 0`) matches `split`.
@@ -788,12 +640,7 @@ fn gen(g: Gen, split: Split, rng: &mut ChaCha8Rng) -> String {
         Person => format!("{} {}", made_up_name(split, rng), made_up_name(split, rng)),
         Email => {
             let (user, host) = (made_up_name(split, rng), made_up_name(split, rng));
-            format!(
-                "{}@{}.{}",
-                user.to_lowercase(),
-                host.to_lowercase(),
-                DOMAINS.choose(rng).unwrap()
-            )
+            format!("{}@{}.{}", user.to_lowercase(), host.to_lowercase(), DOMAINS.choose(rng).unwrap())
         }
         // Held-out dates fall on days 5, 10, 15, 20 and 25; held-out times at :05, :25, :45.
         Date => format!(
@@ -802,11 +649,7 @@ fn gen(g: Gen, split: Split, rng: &mut ChaCha8Rng) -> String {
             rng.random_range(1..=12),
             split_number(1, 28, split, rng)
         ),
-        Time => format!(
-            "{:02}:{:02}",
-            rng.random_range(6..=21),
-            5 * split_number(0, 11, split, rng)
-        ),
+        Time => format!("{:02}:{:02}", rng.random_range(6..=21), 5 * split_number(0, 11, split, rng)),
         Ticker => {
             let n = rng.random_range(3..=4);
             random_chars(UPPER, n, split, rng)
@@ -815,32 +658,20 @@ fn gen(g: Gen, split: Split, rng: &mut ChaCha8Rng) -> String {
             let n = rng.random_range(10..=16);
             random_chars(ALNUM, n, split, rng)
         }
-        Title => capitalize(&format!(
-            "{} {}",
-            pick(ADJECTIVES, split, rng),
-            pick(NOUNS, split, rng)
-        )),
+        Title => capitalize(&format!("{} {}", pick(ADJECTIVES, split, rng), pick(NOUNS, split, rng))),
         Chore => format!(
             "{} the {} {}",
             pick(VERBS, split, rng),
             pick(ADJECTIVES, split, rng),
             pick(NOUNS, split, rng)
         ),
-        Thing => format!(
-            "{} {}s",
-            pick(ADJECTIVES, split, rng),
-            pick(NOUNS, split, rng)
-        ),
+        Thing => format!("{} {}s", pick(ADJECTIVES, split, rng), pick(NOUNS, split, rng)),
         Work => format!(
             "The {} {}",
             capitalize(pick(ADJECTIVES, split, rng)),
             capitalize(pick(NOUNS, split, rng))
         ),
-        Venue => format!(
-            "{} {}",
-            made_up_name(split, rng),
-            VENUE_KINDS.choose(rng).unwrap()
-        ),
+        Venue => format!("{} {}", made_up_name(split, rng), VENUE_KINDS.choose(rng).unwrap()),
         Word(pool) => pick(pool, split, rng).to_string(),
     }
 }
@@ -903,10 +734,7 @@ pub fn py(v: &Value) -> String {
         Value::Array(a) => format!("[{}]", a.iter().map(py).collect::<Vec<_>>().join(", ")),
         Value::Object(o) => format!(
             "{{{}}}",
-            o.iter()
-                .map(|(k, v)| format!("'{k}': {}", py(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            o.iter().map(|(k, v)| format!("'{k}': {}", py(v))).collect::<Vec<_>>().join(", ")
         ),
     }
 }
@@ -955,11 +783,7 @@ fn draw_call(t: &T, split: Split, rng: &mut ChaCha8Rng) -> Drawn {
             gt.insert(p.n.into(), json!([""]));
         }
     }
-    Drawn {
-        request: text.replace("{opt}", &opt),
-        gt: json!({t.n: gt}),
-        set,
-    }
+    Drawn { request: text.replace("{opt}", &opt), gt: json!({t.n: gt}), set }
 }
 
 /// Categories and their shares of the task.
@@ -992,32 +816,15 @@ type Drawing = (Vec<usize>, Vec<Drawn>, String, String);
 
 fn draw_calls(cat: &str, split: Split, rng: &mut ChaCha8Rng) -> Drawing {
     let idx: Vec<usize> = (0..TOOLS.len()).collect();
-    let join = |ds: &[Drawn]| {
-        ds.iter()
-            .map(|d| d.request.as_str())
-            .collect::<Vec<_>>()
-            .join(" Also: ")
-    };
+    let join = |ds: &[Drawn]| ds.iter().map(|d| d.request.as_str()).collect::<Vec<_>>().join(" Also: ");
     match cat {
         "simple" | "multiple" => {
-            let n = if cat == "simple" {
-                1
-            } else {
-                rng.random_range(2..=4usize)
-            };
+            let n = if cat == "simple" { 1 } else { rng.random_range(2..=4usize) };
             let offered: Vec<usize> = idx.choose_multiple(rng, n).copied().collect();
             let t = *offered.choose(rng).unwrap();
             let d = draw_call(&TOOLS[t], split, rng);
-            let of = if n > 1 {
-                format!("Of the {n} functions, ")
-            } else {
-                String::new()
-            };
-            let reasoning = format!(
-                "The user wants {}. {of}{} fits.",
-                TOOLS[t].want,
-                d.plan(&TOOLS[t])
-            );
+            let of = if n > 1 { format!("Of the {n} functions, ") } else { String::new() };
+            let reasoning = format!("The user wants {}. {of}{} fits.", TOOLS[t].want, d.plan(&TOOLS[t]));
             let request = d.request.clone();
             (offered, vec![d], request, reasoning)
         }
@@ -1025,15 +832,9 @@ fn draw_calls(cat: &str, split: Split, rng: &mut ChaCha8Rng) -> Drawing {
             let t = *idx.choose(rng).unwrap();
             let n = rng.random_range(2..=3usize);
             let ds: Vec<Drawn> = (0..n).map(|_| draw_call(&TOOLS[t], split, rng)).collect();
-            let plans = ds
-                .iter()
-                .map(|d| d.plan(&TOOLS[t]))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let reasoning = format!(
-                "The user makes {n} requests for {}, one call each: {plans}.",
-                TOOLS[t].want
-            );
+            let plans = ds.iter().map(|d| d.plan(&TOOLS[t])).collect::<Vec<_>>().join(", ");
+            let reasoning =
+                format!("The user makes {n} requests for {}, one call each: {plans}.", TOOLS[t].want);
             {
                 let request = join(&ds);
                 (vec![t], ds, request, reasoning)
@@ -1046,21 +847,10 @@ fn draw_calls(cat: &str, split: Split, rng: &mut ChaCha8Rng) -> Drawing {
             let mut chosen: Vec<usize> = offered.clone();
             chosen.shuffle(rng);
             chosen.truncate(n);
-            let ds: Vec<Drawn> = chosen
-                .iter()
-                .map(|&t| draw_call(&TOOLS[t], split, rng))
-                .collect();
-            let wants = chosen
-                .iter()
-                .map(|&t| TOOLS[t].want)
-                .collect::<Vec<_>>()
-                .join(", ");
-            let plans = ds
-                .iter()
-                .zip(&chosen)
-                .map(|(d, &t)| d.plan(&TOOLS[t]))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let ds: Vec<Drawn> = chosen.iter().map(|&t| draw_call(&TOOLS[t], split, rng)).collect();
+            let wants = chosen.iter().map(|&t| TOOLS[t].want).collect::<Vec<_>>().join(", ");
+            let plans =
+                ds.iter().zip(&chosen).map(|(d, &t)| d.plan(&TOOLS[t])).collect::<Vec<_>>().join(", ");
             let reasoning = format!("The user makes {n} requests: {wants}. Calls: {plans}.");
             {
                 let request = join(&ds);
@@ -1074,21 +864,12 @@ fn draw_calls(cat: &str, split: Split, rng: &mut ChaCha8Rng) -> Drawing {
 fn draw_irrelevant(split: Split, rng: &mut ChaCha8Rng) -> Drawing {
     let idx: Vec<usize> = (0..TOOLS.len()).collect();
     let n = rng.random_range(1..=3usize);
-    let names = |offered: &[usize]| {
-        offered
-            .iter()
-            .map(|&i| TOOLS[i].n)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let names = |offered: &[usize]| offered.iter().map(|&i| TOOLS[i].n).collect::<Vec<_>>().join(", ");
     if rng.random_bool(0.5) {
         // A request for a tool that is not offered.
         let t = *idx.choose(rng).unwrap();
-        let others: Vec<usize> = idx
-            .iter()
-            .copied()
-            .filter(|&i| i != t && TOOLS[i].want != TOOLS[t].want)
-            .collect();
+        let others: Vec<usize> =
+            idx.iter().copied().filter(|&i| i != t && TOOLS[i].want != TOOLS[t].want).collect();
         let offered: Vec<usize> = others.choose_multiple(rng, n).copied().collect();
         let d = draw_call(&TOOLS[t], split, rng);
         let reasoning = format!(
@@ -1100,27 +881,20 @@ fn draw_irrelevant(split: Split, rng: &mut ChaCha8Rng) -> Drawing {
     } else {
         let offered: Vec<usize> = idx.choose_multiple(rng, n).copied().collect();
         let q = OFF_TOPIC.choose(rng).unwrap().to_string();
-        let reasoning = format!(
-            "The user asks something none of the functions ({}) can do. No call.",
-            names(&offered)
-        );
+        let reasoning =
+            format!("The user asks something none of the functions ({}) can do. No call.", names(&offered));
         (offered, vec![], q, reasoning)
     }
 }
 
 /// One sample of `category` (drawn when `None`), with free-text values from `split`.
 pub fn sample(id: String, category: Option<&str>, split: Split, rng: &mut ChaCha8Rng) -> Sample {
-    let cat = category
-        .and_then(|c| categories().find(|n| *n == c))
-        .unwrap_or_else(|| pick_category(rng));
+    let cat = category.and_then(|c| categories().find(|n| *n == c)).unwrap_or_else(|| pick_category(rng));
     let (tools, calls, request, reasoning) = draw_calls(cat, split, rng);
     Sample {
         id,
         category: cat.to_string(),
-        messages: vec![Message {
-            role: "user".into(),
-            content: request,
-        }],
+        messages: vec![Message { role: "user".into(), content: request }],
         functions: tools.iter().map(|&t| tool_doc(&TOOLS[t])).collect(),
         ground_truth: calls.into_iter().map(|d| d.gt).collect(),
         reasoning: Some(reasoning),
@@ -1144,13 +918,7 @@ pub fn free_text_values(s: &Sample) -> Vec<String> {
             }
             let v = &allowed[0];
             let items = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
-            out.extend(
-                items
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .filter(|x| !x.is_empty())
-                    .map(str::to_string),
-            );
+            out.extend(items.iter().filter_map(|x| x.as_str()).filter(|x| !x.is_empty()).map(str::to_string));
         }
     }
     out
@@ -1162,21 +930,15 @@ pub fn free_text_values(s: &Sample) -> Vec<String> {
 /// no held-out argument value (enums aside) was ever seen in training.
 pub fn generate(seed: u64, n_train: usize, n_eval: usize) -> (Vec<Sample>, Vec<Sample>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let train: Vec<Sample> = (0..n_train)
-        .map(|i| sample(format!("synth_train_{i}"), None, Split::Train, &mut rng))
-        .collect();
+    let train: Vec<Sample> =
+        (0..n_train).map(|i| sample(format!("synth_train_{i}"), None, Split::Train, &mut rng)).collect();
     let seen: HashSet<String> = train.iter().flat_map(free_text_values).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_e7a1);
     let mut eval = Vec::with_capacity(n_eval);
     let mut tries = 0;
     while eval.len() < n_eval && tries < n_eval * 50 {
         tries += 1;
-        let s = sample(
-            format!("synth_eval_{}", eval.len()),
-            None,
-            Split::Heldout,
-            &mut rng,
-        );
+        let s = sample(format!("synth_eval_{}", eval.len()), None, Split::Heldout, &mut rng);
         if free_text_values(&s).iter().all(|v| !seen.contains(v)) {
             eval.push(s);
         }
@@ -1191,7 +953,8 @@ pub fn write_jsonl(path: &Path, samples: &[Sample]) -> Result<()> {
     for s in samples {
         let line = json!({"id": s.id, "category": s.category, "messages": s.messages, "tools": s.functions,
             "ground_truth": s.ground_truth, "reasoning": s.reasoning});
-        serde_json::to_writer(&mut text, &line).with_context(|| format!("{}: cannot serialize sample {}", path.display(), s.id))?;
+        serde_json::to_writer(&mut text, &line)
+            .with_context(|| format!("{}: cannot serialize sample {}", path.display(), s.id))?;
         text.write_all(b"\n")?;
     }
     crate::runfs::write_atomic(path, &text)
@@ -1217,10 +980,7 @@ pub fn render_prompt(messages: &[Message], tools: &[Value]) -> String {
     }
     out.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
     for m in rest {
-        out.push_str(&format!(
-            "<|im_start|>{}\n{}<|im_end|>\n",
-            m.role, m.content
-        ));
+        out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
     }
     out.push_str("<|im_start|>assistant\n");
     out
@@ -1232,22 +992,14 @@ pub fn render_prompt(messages: &[Message], tools: &[Value]) -> String {
 pub fn signature(doc: &Value) -> String {
     let name = doc["name"].as_str().unwrap_or("?");
     let params = &doc["parameters"];
-    let required: Vec<&str> = params["required"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
+    let required: Vec<&str> =
+        params["required"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
     let args: Vec<String> = params["properties"]
         .as_object()
         .into_iter()
         .flatten()
         .map(|(p, schema)| {
-            let default = if required.contains(&p.as_str()) {
-                ""
-            } else {
-                " = None"
-            };
+            let default = if required.contains(&p.as_str()) { "" } else { " = None" };
             format!("{p}: {}{default}", type_name(schema))
         })
         .collect();
@@ -1257,11 +1009,7 @@ pub fn signature(doc: &Value) -> String {
 
 fn type_name(schema: &Value) -> String {
     if let Some(vals) = schema["enum"].as_array() {
-        return vals
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("|");
+        return vals.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("|");
     }
     match schema["type"].as_str().unwrap_or("any") {
         "string" => "str".into(),
@@ -1288,18 +1036,10 @@ mod tests {
         let cats: HashSet<&str> = a.iter().map(|s| s.category.as_str()).collect();
         assert_eq!(cats.len(), 5, "{cats:?}");
         for s in &a {
-            let names: Vec<&str> = s
-                .functions
-                .iter()
-                .map(|t| t["name"].as_str().unwrap())
-                .collect();
+            let names: Vec<&str> = s.functions.iter().map(|t| t["name"].as_str().unwrap()).collect();
             for g in &s.ground_truth {
                 let (f, params) = g.as_object().unwrap().iter().next().unwrap();
-                assert!(
-                    names.contains(&f.as_str()),
-                    "{}: call {f} not offered",
-                    s.id
-                );
+                assert!(names.contains(&f.as_str()), "{}: call {f} not offered", s.id);
                 let tool = s.functions.iter().find(|t| t["name"] == json!(f)).unwrap();
                 for req in tool["parameters"]["required"].as_array().unwrap() {
                     assert!(params[req.as_str().unwrap()].as_array().unwrap()[0] != json!(""));
@@ -1358,14 +1098,8 @@ mod tests {
     /// `needle` occurs in `hay` with no letter or digit right before or after it.
     fn contains_word(hay: &str, needle: &str) -> bool {
         hay.match_indices(needle).any(|(i, _)| {
-            let before = hay[..i]
-                .chars()
-                .next_back()
-                .is_some_and(char::is_alphanumeric);
-            let after = hay[i + needle.len()..]
-                .chars()
-                .next()
-                .is_some_and(char::is_alphanumeric);
+            let before = hay[..i].chars().next_back().is_some_and(char::is_alphanumeric);
+            let after = hay[i + needle.len()..].chars().next().is_some_and(char::is_alphanumeric);
             !before && !after
         })
     }
@@ -1374,11 +1108,7 @@ mod tests {
     fn signature_lines() {
         let doc = tool_doc(&TOOLS[0]);
         assert_eq!(signature(&doc), "- get_weather(city: str, unit: \"celsius\"|\"fahrenheit\" = None): Get the current weather for a city.");
-        let recipes = TOOLS
-            .iter()
-            .find(|t| t.n == "find_recipes")
-            .map(tool_doc)
-            .unwrap();
+        let recipes = TOOLS.iter().find(|t| t.n == "find_recipes").map(tool_doc).unwrap();
         assert!(
             signature(&recipes).contains("ingredients: list[str], max_minutes: int = None"),
             "{}",

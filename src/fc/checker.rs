@@ -17,19 +17,11 @@ pub struct Verdict {
 
 impl Verdict {
     pub fn ok() -> Verdict {
-        Verdict {
-            valid: true,
-            error_type: String::new(),
-            error: String::new(),
-        }
+        Verdict { valid: true, error_type: String::new(), error: String::new() }
     }
 
     pub fn bad(error_type: &str, error: impl Into<String>) -> Verdict {
-        Verdict {
-            valid: false,
-            error_type: error_type.to_string(),
-            error: error.into(),
-        }
+        Verdict { valid: false, error_type: error_type.to_string(), error: error.into() }
     }
 }
 
@@ -58,10 +50,7 @@ pub fn ast_check(
     } else if category.contains("multiple") {
         multiple(functions, calls, answers, lang)
     } else if calls.len() != 1 {
-        Ok(Verdict::bad(
-            "simple_function_checker:wrong_count",
-            "Wrong number of functions.",
-        ))
+        Ok(Verdict::bad("simple_function_checker:wrong_count", "Wrong number of functions."))
     } else {
         match (functions.first(), answers.first()) {
             (Some(f), Some(a)) => simple(f, &calls[0], a, lang),
@@ -91,10 +80,7 @@ fn answer_name(a: &Value) -> CR<&str> {
 
 fn multiple(functions: &[Json], calls: &[Call], answers: &[Value], lang: Lang) -> CR<Verdict> {
     if calls.len() != answers.len() {
-        return Ok(Verdict::bad(
-            "multiple_function_checker:wrong_count",
-            "Wrong number of functions.",
-        ));
+        return Ok(Verdict::bad("multiple_function_checker:wrong_count", "Wrong number of functions."));
     }
     let Some(first) = answers.first() else {
         return exc("list index out of range");
@@ -104,12 +90,7 @@ fn multiple(functions: &[Json], calls: &[Call], answers: &[Value], lang: Lang) -
 }
 
 /// Greedy: each expected call takes the first unmatched output that passes.
-fn parallel_no_order(
-    functions: &[Json],
-    calls: &[Call],
-    answers: &[Value],
-    lang: Lang,
-) -> CR<Verdict> {
+fn parallel_no_order(functions: &[Json], calls: &[Call], answers: &[Value], lang: Lang) -> CR<Verdict> {
     if calls.len() != answers.len() {
         return Ok(Verdict::bad(
             "parallel_function_checker_no_order:wrong_count",
@@ -213,22 +194,14 @@ pub fn simple(desc: &Json, call: &Call, answer: &Value, lang: Lang) -> CR<Verdic
     }
     for (param, value) in &call.args {
         let detail = param.as_deref().and_then(|p| props.get(p));
-        let alts = param
-            .as_deref()
-            .and_then(|p| dict_get(pa, &Value::Str(p.to_string())));
+        let alts = param.as_deref().and_then(|p| dict_get(pa, &Value::Str(p.to_string())));
         let (Some(detail), Some(alts)) = (detail, alts) else {
             return Ok(Verdict::bad(
                 "simple_function_checker:unexpected_param",
                 format!("Unexpected parameter: {param:?}."),
             ));
         };
-        if let Some(v) = check_param(
-            param.as_deref().unwrap_or_default(),
-            value,
-            detail,
-            alts,
-            lang,
-        )? {
+        if let Some(v) = check_param(param.as_deref().unwrap_or_default(), value, detail, alts, lang)? {
             return Ok(v);
         }
     }
@@ -245,17 +218,8 @@ pub fn simple(desc: &Json, call: &Call, answer: &Value, lang: Lang) -> CR<Verdic
 }
 
 /// Checks one parameter; `Some(verdict)` on failure.
-fn check_param(
-    param: &str,
-    value: &Value,
-    detail: &Json,
-    alts: &Value,
-    lang: Lang,
-) -> CR<Option<Verdict>> {
-    let desc = json_str(detail, &["type"])?
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+fn check_param(param: &str, value: &Value, detail: &Json, alts: &Value, lang: Lang) -> CR<Option<Verdict>> {
+    let desc = json_str(detail, &["type"])?.as_str().unwrap_or_default().to_string();
     let expected = type_of_name(lang, &desc)?;
     let mut nested = None;
     let mut value = value.clone();
@@ -273,10 +237,7 @@ fn check_param(
                 )));
             };
             let nested_name = if matches!(desc.as_str(), "Array" | "ArrayList" | "array") {
-                let n = json_str(detail, &["items", "type"])?
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
+                let n = json_str(detail, &["items", "type"])?.as_str().unwrap_or_default().to_string();
                 nested = Some(type_of_name(lang, &n)?);
                 Some(n)
             } else {
@@ -290,10 +251,7 @@ fn check_param(
         }
         Lang::Python => {
             if desc == "array" || desc == "tuple" {
-                let n = json_str(detail, &["items", "type"])?
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
+                let n = json_str(detail, &["items", "type"])?.as_str().unwrap_or_default().to_string();
                 nested = Some(type_of_name(lang, &n)?);
             }
         }
@@ -312,10 +270,7 @@ fn check_param(
     }
     let tc = type_check(&value, alts, expected, nested)?;
     if !tc.valid {
-        return Ok(Some(Verdict::bad(
-            tc.error_type,
-            format!("Incorrect type for parameter '{param}'."),
-        )));
+        return Ok(Some(Verdict::bad(tc.error_type, format!("Incorrect type for parameter '{param}'."))));
     }
     if !tc.is_variable {
         let r = match (expected, nested) {
@@ -345,12 +300,7 @@ pub fn py_iter(v: &Value) -> CR<Vec<Value>> {
         Value::Str(s) => s.chars().map(|c| Value::Str(c.to_string())).collect(),
         Value::Dict(d) => d.iter().map(|(k, _)| k.clone()).collect(),
         Value::Bytes(b) => b.iter().map(|&c| Value::Int(c as i128)).collect(),
-        other => {
-            return exc(format!(
-                "'{}' object is not iterable",
-                other.py_type().name()
-            ))
-        }
+        other => return exc(format!("'{}' object is not iterable", other.py_type().name())),
     })
 }
 
@@ -359,16 +309,11 @@ fn py_index_items(v: &Value) -> CR<Vec<Value>> {
     match v {
         Value::Dict(d) => (0..d.len())
             .map(|i| {
-                dict_get(d, &Value::Int(i as i128))
-                    .cloned()
-                    .ok_or_else(|| Exc(format!("KeyError: {i}")))
+                dict_get(d, &Value::Int(i as i128)).cloned().ok_or_else(|| Exc(format!("KeyError: {i}")))
             })
             .collect(),
         Value::List(_) | Value::Tuple(_) | Value::Str(_) | Value::Bytes(_) => py_iter(v),
-        other => exc(format!(
-            "object of type '{}' has no len()",
-            other.py_type().name()
-        )),
+        other => exc(format!("object of type '{}' has no len()", other.py_type().name())),
     }
 }
 
@@ -378,12 +323,7 @@ fn py_len(v: &Value) -> CR<usize> {
         Value::Str(s) => s.chars().count(),
         Value::Dict(d) => d.len(),
         Value::Bytes(b) => b.len(),
-        other => {
-            return exc(format!(
-                "object of type '{}' has no len()",
-                other.py_type().name()
-            ))
-        }
+        other => return exc(format!("object of type '{}' has no len()", other.py_type().name())),
     })
 }
 
@@ -401,10 +341,7 @@ pub fn py_contains(container: &Value, x: &Value) -> CR<bool> {
             }
             Ok(dict_get(d, x).is_some())
         }
-        other => exc(format!(
-            "argument of type '{}' is not iterable",
-            other.py_type().name()
-        )),
+        other => exc(format!("argument of type '{}' is not iterable", other.py_type().name())),
     }
 }
 
@@ -424,17 +361,8 @@ struct TypeResult {
 }
 
 /// `type_checker`: exact types; a value of the answers' own type counts as a "variable".
-fn type_check(
-    value: &Value,
-    alts: &Value,
-    expected: PyType,
-    nested: Option<PyType>,
-) -> CR<TypeResult> {
-    let mut res = TypeResult {
-        valid: true,
-        is_variable: false,
-        error_type: "type_error:simple",
-    };
+fn type_check(value: &Value, alts: &Value, expected: PyType, nested: Option<PyType>) -> CR<TypeResult> {
+    let mut res = TypeResult { valid: true, is_variable: false, error_type: "type_error:simple" };
     let pat = possible_answer_type(alts)?;
     let is_variable = pat.is_some_and(|t| t != expected);
     if value.py_type() == expected {
@@ -453,11 +381,7 @@ fn type_check(
                 }
             }
             if flag {
-                return Ok(TypeResult {
-                    valid: true,
-                    is_variable,
-                    error_type: "",
-                });
+                return Ok(TypeResult { valid: true, is_variable, error_type: "" });
             }
         }
         res.valid = false;
@@ -474,10 +398,8 @@ fn type_check(
 
 /// `standardize_string`: drop ` ,./-_*^`, lowercase, `'` → `"`.
 pub fn standardize(s: &str) -> String {
-    let kept: String = s
-        .chars()
-        .filter(|c| !matches!(c, ' ' | ',' | '.' | '/' | '-' | '_' | '*' | '^'))
-        .collect();
+    let kept: String =
+        s.chars().filter(|c| !matches!(c, ' ' | ',' | '.' | '/' | '-' | '_' | '*' | '^')).collect();
     kept.to_lowercase().replace('\'', "\"")
 }
 
@@ -493,16 +415,11 @@ fn string_checker(value: &Value, alts: &Value) -> CR<Verdict> {
         return exc("expected str");
     };
     let out = standardize(s);
-    let ok = py_index_items(alts)?
-        .iter()
-        .any(|a| matches!(a, Value::Str(x) if standardize(x) == out));
+    let ok = py_index_items(alts)?.iter().any(|a| matches!(a, Value::Str(x) if standardize(x) == out));
     Ok(if ok {
         Verdict::ok()
     } else {
-        Verdict::bad(
-            "value_error:string",
-            format!("Invalid value: {}.", value.repr()),
-        )
+        Verdict::bad("value_error:string", format!("Invalid value: {}.", value.repr()))
     })
 }
 
@@ -514,10 +431,7 @@ fn list_checker(value: &Value, alts: &Value) -> CR<Verdict> {
             return Ok(Verdict::ok());
         }
     }
-    Ok(Verdict::bad(
-        "value_error:list/tuple",
-        format!("Invalid value: {}.", value.repr()),
-    ))
+    Ok(Verdict::bad("value_error:list/tuple", format!("Invalid value: {}.", value.repr())))
 }
 
 fn dict_checker(value: &Value, alts: &Value) -> CR<Verdict> {
@@ -554,10 +468,8 @@ fn dict_alternative(value: &Value, alt: &Value) -> CR<Option<Verdict>> {
             ));
             break;
         }
-        let allowed: Vec<Value> = py_index_items(dict_get(alt_d, k).unwrap_or(&Value::None))?
-            .iter()
-            .map(std_value)
-            .collect();
+        let allowed: Vec<Value> =
+            py_index_items(dict_get(alt_d, k).unwrap_or(&Value::None))?.iter().map(std_value).collect();
         if !py_in(&std_value(v), &allowed) {
             failure = Some(Verdict::bad(
                 "value_error:dict_value",
@@ -583,10 +495,7 @@ fn list_dict_checker(value: &Value, alts: &Value) -> CR<Verdict> {
     let items = py_iter(value)?;
     for alt in py_index_items(alts)? {
         if items.len() != py_len(&alt)? {
-            result = Verdict::bad(
-                "value_error:list_dict_count",
-                "Wrong number of dictionaries in the list.",
-            );
+            result = Verdict::bad("value_error:list_dict_count", "Wrong number of dictionaries in the list.");
             continue;
         }
         let alt_items = py_index_items(&alt)?;

@@ -18,47 +18,27 @@ macro_rules! re {
 
 // Python's `$` (no MULTILINE) also matches before a final newline: `\n?\z`.
 re!(re_int, r"^-?[0-9]+\n?\z");
-re!(
-    re_java_float,
-    r"^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?[fF]\n?\z"
-);
-re!(
-    re_java_double,
-    r"^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\n?\z"
-);
+re!(re_java_float, r"^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?[fF]\n?\z");
+re!(re_java_double, r"^-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?\n?\z");
 re!(re_java_long, r"^-?[0-9]+[lL]\n?\z");
 re!(re_js_float, r"^-?[0-9]+(\.[0-9]+)?\n?\z");
 re!(re_js_bigint, r"^-?[0-9]+n\n?\z");
-re!(
-    re_arraylist_aslist,
-    r"new\s+ArrayList<\w*>\(Arrays\.asList\((.+?)\)\)"
-);
-re!(
-    re_arraylist_add,
-    r"(?s)new\s+ArrayList<\w*>\(\)\s*\{\{\s*(.+?)\s*\}\}"
-);
+re!(re_arraylist_aslist, r"new\s+ArrayList<\w*>\(Arrays\.asList\((.+?)\)\)");
+re!(re_arraylist_add, r"(?s)new\s+ArrayList<\w*>\(\)\s*\{\{\s*(.+?)\s*\}\}");
 re!(re_add, r"add\((.+?)\)");
 re!(re_arraylist_empty, r"new\s+ArrayList<\w*>\(\)");
 re!(re_array, r"new\s+\w+\[\]\s*\{(.*?)\}");
-re!(
-    re_hashmap,
-    r"(?s)new\s+HashMap<.*?>\s*\(\)\s*\{\s*\{?\s*(.*?)\s*\}?\s*\}"
-);
+re!(re_hashmap, r"(?s)new\s+HashMap<.*?>\s*\(\)\s*\{\s*\{?\s*(.*?)\s*\}?\s*\}");
 re!(re_put, r#"put\("(.*?)",\s*(.*?)\)"#);
 re!(re_hashmap_empty, r"new\s+HashMap<.*?>\s*\(\)");
-re!(
-    re_js_2d,
-    r"^(?:\[\s*\[.*?\]\s*(,\s*\[.*?\]\s*)*\]|\bnew\s+Array\(\s*\[.*?\]\s*(,\s*\[.*?\]\s*)*\))"
-);
+re!(re_js_2d, r"^(?:\[\s*\[.*?\]\s*(,\s*\[.*?\]\s*)*\]|\bnew\s+Array\(\s*\[.*?\]\s*(,\s*\[.*?\]\s*)*\))");
 re!(re_js_1d, r"^(?:\[(.*?)\]|\bnew\s+Array\((.*?)\))");
 re!(re_inner, r"\[(.*?)\]");
 re!(re_js_dict, r"^\{(.*?)\}");
 
 fn js_pairs() -> &'static fancy_regex::Regex {
     static R: OnceLock<fancy_regex::Regex> = OnceLock::new();
-    R.get_or_init(|| {
-        fancy_regex::Regex::new(r"([^:]+):\s*(.*?)(?:,\s*(?=[^,]+:)|$)").expect("valid regex")
-    })
+    R.get_or_init(|| fancy_regex::Regex::new(r"([^:]+):\s*(.*?)(?:,\s*(?=[^,]+:)|$)").expect("valid regex"))
 }
 
 /// Python's `s[1:-1]`.
@@ -102,11 +82,7 @@ pub fn py_int(s: &str) -> Option<Value> {
         Ok(v) => Value::Int(v),
         Err(_) => {
             let stripped = d.trim_start_matches('0');
-            Value::BigInt(if neg {
-                format!("-{stripped}")
-            } else {
-                stripped.to_string()
-            })
+            Value::BigInt(if neg { format!("-{stripped}") } else { stripped.to_string() })
         }
     })
 }
@@ -131,11 +107,7 @@ pub fn py_float(s: &str) -> Option<f64> {
         let (ip, fp) = mant.split_once('.').unwrap_or((mant, ""));
         let has_dot = mant.contains('.');
         let ok_part = |p: &str| p.is_empty() || digits_ok(p);
-        if (ip.is_empty() && fp.is_empty())
-            || !ok_part(ip)
-            || !ok_part(fp)
-            || (!has_dot && ip.is_empty())
-        {
+        if (ip.is_empty() && fp.is_empty()) || !ok_part(ip) || !ok_part(fp) || (!has_dot && ip.is_empty()) {
             return None;
         }
         if let Some(e) = exp {
@@ -227,10 +199,7 @@ fn java_element(e: &str, nested: Option<&str>) -> Result<Value, Exc> {
 
 fn parse_arraylist(v: &str, nested: Option<&str>) -> Result<Value, Exc> {
     if let Some(c) = re_arraylist_aslist().captures(v) {
-        let items = c[1]
-            .split(',')
-            .map(|e| java_element(e.trim(), nested))
-            .collect::<Result<_, _>>()?;
+        let items = c[1].split(',').map(|e| java_element(e.trim(), nested)).collect::<Result<_, _>>()?;
         return Ok(Value::List(items));
     }
     if let Some(c) = re_arraylist_add().captures(v) {
@@ -309,8 +278,7 @@ pub fn js_convert(v: &str, ty: &str, nested: Option<&str>) -> Result<Value, Exc>
     let s = || Value::Str(v.to_string());
     Ok(match ty {
         "String" => {
-            let q = (v.starts_with('"') && v.ends_with('"'))
-                || (v.starts_with('\'') && v.ends_with('\''));
+            let q = (v.starts_with('"') && v.ends_with('"')) || (v.starts_with('\'') && v.ends_with('\''));
             if q {
                 Value::Str(inner(v))
             } else {
@@ -356,9 +324,7 @@ fn parse_js_value(s: &str) -> Value {
     match s {
         "true" => Value::Bool(true),
         "false" => Value::Bool(false),
-        _ if (s.starts_with('"') && s.ends_with('"'))
-            || (s.starts_with('\'') && s.ends_with('\'')) =>
-        {
+        _ if (s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\'')) => {
             Value::Str(inner(s))
         }
         _ => py_value_guess(s),
@@ -374,35 +340,21 @@ fn parse_js_array(code_in: &str, nested: Option<&str>) -> Value {
             if idx == 0 {
                 s = s.strip_prefix('[').unwrap_or(s);
             }
-            out.push(Value::List(
-                s.split(',').map(|e| parse_js_value(e.trim())).collect(),
-            ));
+            out.push(Value::List(s.split(',').map(|e| parse_js_value(e.trim())).collect()));
         }
         return Value::List(out);
     }
     let Some(c) = re_js_1d().captures(code) else {
         return Value::Str(code.to_string());
     };
-    let body = c
-        .get(1)
-        .or_else(|| c.get(2))
-        .map(|m| m.as_str().trim())
-        .unwrap_or("");
-    let elements: Vec<&str> = if body.is_empty() {
-        vec![]
-    } else {
-        body.split(',').collect()
-    };
+    let body = c.get(1).or_else(|| c.get(2)).map(|m| m.as_str().trim()).unwrap_or("");
+    let elements: Vec<&str> = if body.is_empty() { vec![] } else { body.split(',').collect() };
     let mut out = Vec::new();
     for e in elements {
         let e = e.trim();
         match nested {
             Some(n) => {
-                let nested2 = if e.starts_with('\'') || e.starts_with('"') {
-                    Some("String")
-                } else {
-                    None
-                };
+                let nested2 = if e.starts_with('\'') || e.starts_with('"') { Some("String") } else { None };
                 match js_convert(e, n, nested2) {
                     Ok(v) => out.push(v),
                     // BFCL's bare `except:` returns the code unchanged.
@@ -429,12 +381,7 @@ fn parse_js_dict(code_in: &str) -> Value {
         let Ok(m) = m else {
             return Value::Str(code.to_string());
         };
-        let key = m
-            .get(1)
-            .map(|x| x.as_str())
-            .unwrap_or("")
-            .trim()
-            .trim_matches(['\'', '"']);
+        let key = m.get(1).map(|x| x.as_str()).unwrap_or("").trim().trim_matches(['\'', '"']);
         let value = m.get(2).map(|x| x.as_str()).unwrap_or("").trim();
         let v = if value.starts_with('[') && value.ends_with(']') {
             parse_js_array(value, None)

@@ -16,10 +16,7 @@ pub struct Call {
 
 impl Call {
     pub fn arg(&self, name: &str) -> Option<&Value> {
-        self.args
-            .iter()
-            .find(|(k, _)| k.as_deref() == Some(name))
-            .map(|(_, v)| v)
+        self.args.iter().find(|(k, _)| k.as_deref() == Some(name)).map(|(_, v)| v)
     }
 
     /// Python-like text of the call, for reports.
@@ -107,11 +104,7 @@ pub fn decode(answer: &str, lang: Lang, fmt: AnswerFormat) -> Result<Vec<Call>, 
 }
 
 /// [`decode`], also returning the work it spent (for the fuzz test's per-input bounds).
-pub fn decode_counted(
-    answer: &str,
-    lang: Lang,
-    fmt: AnswerFormat,
-) -> (Result<Vec<Call>, DecodeError>, u64) {
+pub fn decode_counted(answer: &str, lang: Lang, fmt: AnswerFormat) -> (Result<Vec<Call>, DecodeError>, u64) {
     let mut b = Budget::new();
     let r = decode_in(answer, lang, fmt, &mut b);
     // Whatever error surfaced, a crossed bound is the reason the answer was refused.
@@ -122,12 +115,7 @@ pub fn decode_counted(
     (r, b.used())
 }
 
-fn decode_in(
-    answer: &str,
-    lang: Lang,
-    fmt: AnswerFormat,
-    b: &mut Budget,
-) -> Result<Vec<Call>, DecodeError> {
+fn decode_in(answer: &str, lang: Lang, fmt: AnswerFormat, b: &mut Budget) -> Result<Vec<Call>, DecodeError> {
     budget::check_len(answer).map_err(|e| DecodeError::Bounds(e.0))?;
     if fmt == AnswerFormat::Json {
         return decode_json_tool_calls(answer);
@@ -210,10 +198,7 @@ fn resolve_call(e: &Expr, b: &mut Budget) -> Result<Call, DecodeError> {
             None => args.push((k.arg.clone(), v)),
         }
     }
-    Ok(Call {
-        name: parts.join("."),
-        args,
-    })
+    Ok(Call { name: parts.join("."), args })
 }
 
 fn const_value(c: &Const) -> Value {
@@ -263,16 +248,8 @@ fn resolve_value(e: &Expr, b: &mut Budget) -> Result<Value, DecodeError> {
             Ok(const_value(c))
         }
         Kind::Unary(op, v) => resolve_unary(*op, v),
-        Kind::List(v) => Ok(Value::List(
-            v.iter()
-                .map(|x| resolve_value(x, b))
-                .collect::<Result<_, _>>()?,
-        )),
-        Kind::Tuple(v) => Ok(Value::Tuple(
-            v.iter()
-                .map(|x| resolve_value(x, b))
-                .collect::<Result<_, _>>()?,
-        )),
+        Kind::List(v) => Ok(Value::List(v.iter().map(|x| resolve_value(x, b)).collect::<Result<_, _>>()?)),
+        Kind::Tuple(v) => Ok(Value::Tuple(v.iter().map(|x| resolve_value(x, b)).collect::<Result<_, _>>()?)),
         Kind::Dict(items) => {
             let mut d = Vec::new();
             for (k, v) in items {
@@ -295,11 +272,8 @@ fn resolve_value(e: &Expr, b: &mut Budget) -> Result<Value, DecodeError> {
                 Ok(Value::Str(unparse(e)))
             } else {
                 let c = resolve_call(e, b)?;
-                let params = c
-                    .args
-                    .into_iter()
-                    .map(|(k, v)| (k.map(Value::Str).unwrap_or(Value::None), v))
-                    .collect();
+                let params =
+                    c.args.into_iter().map(|(k, v)| (k.map(Value::Str).unwrap_or(Value::None), v)).collect();
                 Ok(Value::Dict(vec![(Value::Str(c.name), Value::Dict(params))]))
             }
         }
@@ -330,10 +304,7 @@ pub fn decode_json_tool_calls(text: &str) -> Result<Vec<Call>, DecodeError> {
         let Some(serde_json::Value::Object(args)) = o.get("arguments") else {
             return fail("arguments is not a dict");
         };
-        let args = args
-            .iter()
-            .map(|(k, v)| (Some(k.clone()), Value::from_json(v)))
-            .collect();
+        let args = args.iter().map(|(k, v)| (Some(k.clone()), Value::from_json(v))).collect();
         calls.push(Call { name, args });
     }
     Ok(calls)
@@ -381,19 +352,13 @@ mod tests {
         assert!(py("```\nf(a=1)\n```").is_ok());
         assert!(py("Sure: f(a=1)").is_err());
         assert!(py("math.factorial(n=5, 3)").is_err());
-        assert_eq!(
-            py("math.factorial(3, n=5)").unwrap()[0].name,
-            "math.factorial"
-        );
+        assert_eq!(py("math.factorial(3, n=5)").unwrap()[0].name, "math.factorial");
     }
 
     #[test]
     fn think_and_answer_tags() {
         assert_eq!(strip_reasoning("<think>a</think>\n\n[f()]"), "\n\n[f()]");
-        assert_eq!(
-            strip_reasoning("<think>a</think><answer>[f()]</answer>"),
-            "[f()]"
-        );
+        assert_eq!(strip_reasoning("<think>a</think><answer>[f()]</answer>"), "[f()]");
     }
 
     #[test]

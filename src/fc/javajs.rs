@@ -32,16 +32,10 @@ fn parse_tree(src: &str, java: bool) -> Result<Tree, DecodeError> {
     let mut p = Parser::new();
     // Last line of defence against a pathological parse: give up after a second.
     p.set_timeout_micros(1_000_000);
-    let lang = if java {
-        tree_sitter_java::language()
-    } else {
-        tree_sitter_javascript::language()
-    };
-    p.set_language(&lang)
-        .map_err(|e| DecodeError::Failed(e.to_string()))?;
-    let tree = p
-        .parse(src, None)
-        .ok_or_else(|| DecodeError::Bounds("tree-sitter parse took over 1 s".into()))?;
+    let lang = if java { tree_sitter_java::language() } else { tree_sitter_javascript::language() };
+    p.set_language(&lang).map_err(|e| DecodeError::Failed(e.to_string()))?;
+    let tree =
+        p.parse(src, None).ok_or_else(|| DecodeError::Bounds("tree-sitter parse took over 1 s".into()))?;
     // `Node::to_sexp` recurses once per level of the tree, which `a+a+…+a` makes as deep as
     // the input is long (brackets are already capped): refuse deep trees before calling it.
     if tree_depth(&tree) > MAX_SEXP_DEPTH {
@@ -107,9 +101,7 @@ impl JavaSrc {
     fn traverse(&self, n: Node, nested: bool, depth: u32) -> Result<String, DecodeError> {
         // Python would hit its recursion limit; so do we, without overflowing the stack.
         if depth > MAX_TREE_DEPTH {
-            return Err(DecodeError::Failed(
-                "maximum recursion depth exceeded".into(),
-            ));
+            return Err(DecodeError::Failed("maximum recursion depth exceeded".into()));
         }
         let d = depth + 1;
         Ok(match n.kind() {
@@ -120,9 +112,7 @@ impl JavaSrc {
                     self.strip_quotes(n)
                 }
             }
-            "identifier" | "class_literal" | "type_identifier" | "method_invocation" => {
-                self.text(n)
-            }
+            "identifier" | "class_literal" | "type_identifier" | "method_invocation" => self.text(n),
             "array_creation_expression" => {
                 let t = self.field(n, "type", d)?;
                 let v = self.field(n, "value", d)?;
@@ -154,9 +144,7 @@ impl JavaSrc {
             }
             _ if n.child_count() > 0 => {
                 let mut cur = n.walk();
-                n.children(&mut cur)
-                    .map(|c| self.traverse(c, true, d))
-                    .collect::<Result<_, _>>()?
+                n.children(&mut cur).map(|c| self.traverse(c, true, d)).collect::<Result<_, _>>()?
             }
             _ => self.text(n),
         })
@@ -166,17 +154,11 @@ impl JavaSrc {
     fn field(&self, n: Node, name: &str, d: u32) -> Result<String, DecodeError> {
         match n.child_by_field_name(name) {
             Some(c) => self.traverse(c, true, d),
-            None => Err(DecodeError::Failed(
-                "'NoneType' object has no attribute 'type'".into(),
-            )),
+            None => Err(DecodeError::Failed("'NoneType' object has no attribute 'type'".into())),
         }
     }
 
-    fn arguments(
-        &self,
-        args: Node,
-        b: &mut Budget,
-    ) -> Result<Vec<(Option<String>, Value)>, DecodeError> {
+    fn arguments(&self, args: Node, b: &mut Budget) -> Result<Vec<(Option<String>, Value)>, DecodeError> {
         let mut out: Vec<(Option<String>, Value)> = Vec::new();
         let mut cur = args.walk();
         for child in args.children(&mut cur) {
@@ -197,15 +179,10 @@ impl JavaSrc {
 
     fn find_call(&self, n: Node, depth: u32, b: &mut Budget) -> Option<Result<Call, DecodeError>> {
         if depth > MAX_TREE_DEPTH {
-            return Some(Err(DecodeError::Failed(
-                "maximum recursion depth exceeded".into(),
-            )));
+            return Some(Err(DecodeError::Failed("maximum recursion depth exceeded".into())));
         }
         if n.kind() == "method_invocation" {
-            let method = n
-                .child_by_field_name("name")
-                .map(|c| self.text(c))
-                .unwrap_or_default();
+            let method = n.child_by_field_name("name").map(|c| self.text(c)).unwrap_or_default();
             let name = match n.child_by_field_name("object") {
                 Some(o) => format!("{}.{}", self.text(o), method),
                 None => method,
@@ -215,9 +192,7 @@ impl JavaSrc {
         }
         let mut cur = n.walk();
         let children: Vec<Node> = n.children(&mut cur).collect();
-        children
-            .into_iter()
-            .find_map(|c| self.find_call(c, depth + 1, b))
+        children.into_iter().find_map(|c| self.find_call(c, depth + 1, b))
     }
 }
 
@@ -228,12 +203,9 @@ fn push_unique(
     v: String,
     b: &mut Budget,
 ) -> Result<(), DecodeError> {
-    b.charge(out.len() as u64 * COMPARE, "comparing argument names")
-        .map_err(|e| DecodeError::Bounds(e.0))?;
+    b.charge(out.len() as u64 * COMPARE, "comparing argument names").map_err(|e| DecodeError::Bounds(e.0))?;
     if out.iter().any(|(k, _)| *k == name) {
-        return Err(DecodeError::Failed(
-            "Multiple arguments with the same name are not supported.".into(),
-        ));
+        return Err(DecodeError::Failed("Multiple arguments with the same name are not supported.".into()));
     }
     out.push((name, Value::Str(v)));
     Ok(())
@@ -242,9 +214,7 @@ fn push_unique(
 /// `parse_java_function_call`: the first method invocation found, or `{}` (wrong format).
 pub fn parse_java(src: &str, b: &mut Budget) -> Result<Vec<Call>, DecodeError> {
     let tree = parse_tree(src, true)?;
-    let js = JavaSrc {
-        chars: src.chars().collect(),
-    };
+    let js = JavaSrc { chars: src.chars().collect() };
     match js.find_call(tree.root_node(), 0, b) {
         Some(r) => Ok(vec![r?]),
         None => Err(DecodeError::WrongFormat),
@@ -252,9 +222,7 @@ pub fn parse_java(src: &str, b: &mut Budget) -> Result<Vec<Call>, DecodeError> {
 }
 
 fn node_text(n: Node, src: &str) -> String {
-    src.get(n.start_byte()..n.end_byte())
-        .unwrap_or("")
-        .to_string()
+    src.get(n.start_byte()..n.end_byte()).unwrap_or("").to_string()
 }
 
 /// `parse_javascript_function_call`: the first top-level call statement, or None (wrong format).
@@ -281,14 +249,8 @@ pub fn parse_js(src: &str, b: &mut Budget) -> Result<Vec<Call>, DecodeError> {
                 for child in an.children(&mut c3) {
                     let (k, v) = match child.kind() {
                         "assignment_expression" => {
-                            let k = child
-                                .child(0)
-                                .map(|n| node_text(n, src))
-                                .unwrap_or_default();
-                            let v = child
-                                .child(2)
-                                .map(|n| node_text(n, src))
-                                .unwrap_or_default();
+                            let k = child.child(0).map(|n| node_text(n, src)).unwrap_or_default();
+                            let v = child.child(2).map(|n| node_text(n, src)).unwrap_or_default();
                             (Some(k), strip_js_quotes(v))
                         }
                         "identifier" | "true" => (None, node_text(child, src)),

@@ -101,12 +101,8 @@ mod tests {
 
     #[test]
     fn matches_python_dumps() {
-        let v: Json =
-            serde_json::from_str(r#"{"b": [1, 2.0, 1e-05, "é😀"], "a": {}, "c": []}"#).unwrap();
-        assert_eq!(
-            dumps(&v, None),
-            r#"{"b": [1, 2.0, 1e-05, "\u00e9\ud83d\ude00"], "a": {}, "c": []}"#
-        );
+        let v: Json = serde_json::from_str(r#"{"b": [1, 2.0, 1e-05, "é😀"], "a": {}, "c": []}"#).unwrap();
+        assert_eq!(dumps(&v, None), r#"{"b": [1, 2.0, 1e-05, "\u00e9\ud83d\ude00"], "a": {}, "c": []}"#);
         assert_eq!(dumps(&v, Some(2)), "{\n  \"b\": [\n    1,\n    2.0,\n    1e-05,\n    \"\\u00e9\\ud83d\\ude00\"\n  ],\n  \"a\": {},\n  \"c\": []\n}");
     }
 }

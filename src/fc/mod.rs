@@ -3,8 +3,8 @@
 //! The BFCL semantics (decoding quirks, checker order, error types) follow the `bfcl-eval`
 //! package, version 2026.3.23; `tools/bfcl_compare.py` measures the agreement.
 
-pub mod checker;
 pub mod budget;
+pub mod checker;
 pub mod convert;
 pub mod decode;
 pub mod javajs;

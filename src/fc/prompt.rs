@@ -27,8 +27,7 @@ const MULTITURN: &str = "At each turn, you should try your best to complete the 
 pub const REASONING_INSTRUCTION: &str = "Before answering, think step by step inside <think></think>: decide which function(s) fit the request and check that every required parameter has a value from the question. After </think>, give only the list of function calls in the format above, with no other text; if no function can be used, say so in plain text instead.";
 
 /// What an irrelevance target says after its reasoning.
-pub const NO_CALL_TEXT: &str =
-    "None of the provided functions can be used to answer this question.";
+pub const NO_CALL_TEXT: &str = "None of the provided functions can be used to answer this question.";
 
 fn hint(lang: Lang) -> &'static str {
     match lang {
@@ -39,11 +38,7 @@ fn hint(lang: Lang) -> &'static str {
 }
 
 fn append(v: &mut Json, key: &str, extra: &str) {
-    let cur = v
-        .get(key)
-        .and_then(Json::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let cur = v.get(key).and_then(Json::as_str).unwrap_or_default().to_string();
     v[key] = Json::String(cur + extra);
 }
 
@@ -57,10 +52,8 @@ pub fn functions_with_hints(functions: &[Json], category: &str) -> Vec<Json> {
         if lang == Lang::Python {
             continue;
         }
-        let Some(props) = f
-            .get_mut("parameters")
-            .and_then(|p| p.get_mut("properties"))
-            .and_then(Json::as_object_mut)
+        let Some(props) =
+            f.get_mut("parameters").and_then(|p| p.get_mut("properties")).and_then(Json::as_object_mut)
         else {
             continue;
         };
@@ -72,44 +65,24 @@ pub fn functions_with_hints(functions: &[Json], category: &str) -> Vec<Json> {
 }
 
 fn language_param(p: &mut Json, lang: Lang) {
-    let ty = p
-        .get("type")
-        .and_then(Json::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let lname = if lang == Lang::Java {
-        "Java"
-    } else {
-        "JavaScript"
-    };
+    let ty = p.get("type").and_then(Json::as_str).unwrap_or_default().to_string();
+    let lname = if lang == Lang::Java { "Java" } else { "JavaScript" };
     if ty == "any" {
         append(
             p,
             "description",
-            &format!(
-                " This parameter can be of any type of {lname} object in string representation."
-            ),
+            &format!(" This parameter can be of any type of {lname} object in string representation."),
         );
     } else {
-        append(
-            p,
-            "description",
-            &format!(" This is {lname} {ty} type parameter in string representation."),
-        );
+        append(p, "description", &format!(" This is {lname} {ty} type parameter in string representation."));
     }
-    let is_list = if lang == Lang::Java {
-        ty == "ArrayList" || ty == "Array"
-    } else {
-        ty == "array"
-    };
+    let is_list = if lang == Lang::Java { ty == "ArrayList" || ty == "Array" } else { ty == "array" };
     if is_list {
         let item = p["items"]["type"].as_str().unwrap_or_default().to_string();
         append(
             p,
             "description",
-            &format!(
-                " The list elements are of type {item}; they are not in string representation."
-            ),
+            &format!(" The list elements are of type {item}; they are not in string representation."),
         );
         if let Some(o) = p.as_object_mut() {
             o.shift_remove("items");
@@ -138,8 +111,7 @@ fn last_query_index(msgs: &[Message]) -> usize {
     msgs.iter()
         .rposition(|m| {
             m.role == "user"
-                && !(m.content.starts_with("<tool_response>")
-                    && m.content.ends_with("</tool_response>"))
+                && !(m.content.starts_with("<tool_response>") && m.content.ends_with("</tool_response>"))
         })
         .unwrap_or(msgs.len().saturating_sub(1))
 }
@@ -150,9 +122,7 @@ fn chatml_messages(msgs: &[Message], out: &mut String) {
     for (idx, m) in msgs.iter().enumerate() {
         match m.role.as_str() {
             "user" => out.push_str(&format!("<|im_start|>user\n{}<|im_end|>\n", m.content)),
-            "system" if idx != 0 => {
-                out.push_str(&format!("<|im_start|>system\n{}<|im_end|>\n", m.content))
-            }
+            "system" if idx != 0 => out.push_str(&format!("<|im_start|>system\n{}<|im_end|>\n", m.content)),
             "assistant" => {
                 let mut content = m.content.clone();
                 let mut reasoning = String::new();
@@ -165,12 +135,8 @@ fn chatml_messages(msgs: &[Message], out: &mut String) {
                         .unwrap_or("")
                         .trim_start_matches('\n')
                         .to_string();
-                    content = content
-                        .rsplit("</think>")
-                        .next()
-                        .unwrap_or("")
-                        .trim_start_matches('\n')
-                        .to_string();
+                    content =
+                        content.rsplit("</think>").next().unwrap_or("").trim_start_matches('\n').to_string();
                 }
                 if idx > last_query && (idx == msgs.len() - 1 || !reasoning.is_empty()) {
                     out.push_str(&format!(
@@ -187,10 +153,7 @@ fn chatml_messages(msgs: &[Message], out: &mut String) {
                 if idx == 0 || msgs[idx - 1].role != "tool" {
                     out.push_str("<|im_start|>user");
                 }
-                out.push_str(&format!(
-                    "\n<tool_response>\n{}\n</tool_response>",
-                    m.content
-                ));
+                out.push_str(&format!("\n<tool_response>\n{}\n</tool_response>", m.content));
                 if idx == msgs.len() - 1 || msgs[idx + 1].role != "tool" {
                     out.push_str("<|im_end|>\n");
                 }
@@ -215,18 +178,9 @@ pub fn render_prompt(sample: &Sample, style: PromptStyle) -> String {
         }
         match msgs.first_mut() {
             Some(m) if m.role == "system" => m.content = format!("{system}\n\n{}", m.content),
-            _ => msgs.insert(
-                0,
-                Message {
-                    role: "system".into(),
-                    content: system,
-                },
-            ),
+            _ => msgs.insert(0, Message { role: "system".into(), content: system }),
         }
-        out.push_str(&format!(
-            "<|im_start|>system\n{}<|im_end|>\n",
-            msgs[0].content
-        ));
+        out.push_str(&format!("<|im_start|>system\n{}<|im_end|>\n", msgs[0].content));
     }
     chatml_messages(&msgs, &mut out);
     out
@@ -259,11 +213,7 @@ fn qwen_fc_header(msgs: &[Message], functions: &[Json], out: &mut String) {
 fn chosen_value(alts: &Json, required: bool) -> Option<Json> {
     let a = alts.as_array()?;
     let empty = Json::String(String::new());
-    let first = if required {
-        a.iter().find(|v| **v != empty)?
-    } else {
-        a.first()?
-    };
+    let first = if required { a.iter().find(|v| **v != empty)? } else { a.first()? };
     (*first != empty).then(|| concrete(first))
 }
 
@@ -278,17 +228,9 @@ fn concrete(v: &Json) -> Json {
                 })
                 .collect(),
         ),
-        Json::Array(a) => Json::Array(
-            a.iter()
-                .map(|x| {
-                    if x.is_object() {
-                        concrete(x)
-                    } else {
-                        x.clone()
-                    }
-                })
-                .collect(),
-        ),
+        Json::Array(a) => {
+            Json::Array(a.iter().map(|x| if x.is_object() { concrete(x) } else { x.clone() }).collect())
+        }
         other => other.clone(),
     }
 }
@@ -312,16 +254,7 @@ fn java_value(v: &Json, ty: &str, item: &str) -> String {
         ("ArrayList", Json::Array(a)) => {
             let parts: Vec<String> = a
                 .iter()
-                .map(|x| {
-                    java_scalar(
-                        x,
-                        if item == "any" && x.is_string() {
-                            "String"
-                        } else {
-                            item
-                        },
-                    )
-                })
+                .map(|x| java_scalar(x, if item == "any" && x.is_string() { "String" } else { item }))
                 .collect();
             format!("new ArrayList<>(Arrays.asList({}))", parts.join(", "))
         }
@@ -340,10 +273,7 @@ fn java_value(v: &Json, ty: &str, item: &str) -> String {
             let puts: Vec<String> = o
                 .iter()
                 .map(|(k, x)| {
-                    format!(
-                        "put(\"{k}\", {}); ",
-                        java_scalar(x, if x.is_string() { "String" } else { "" })
-                    )
+                    format!("put(\"{k}\", {}); ", java_scalar(x, if x.is_string() { "String" } else { "" }))
                 })
                 .collect();
             format!("new HashMap<String, Object>() {{{{ {}}}}}", puts.concat())
@@ -358,21 +288,14 @@ fn js_value(v: &Json, ty: &str) -> String {
         (_, Json::String(s)) => s.clone(),
         ("Bigint", Json::Number(n)) => format!("{n}n"),
         (_, Json::Array(a)) => {
-            let parts: Vec<String> = a
-                .iter()
-                .map(|x| js_value(x, if x.is_string() { "String" } else { "" }))
-                .collect();
+            let parts: Vec<String> =
+                a.iter().map(|x| js_value(x, if x.is_string() { "String" } else { "" })).collect();
             format!("[{}]", parts.join(", "))
         }
         (_, Json::Object(o)) => {
             let parts: Vec<String> = o
                 .iter()
-                .map(|(k, x)| {
-                    format!(
-                        "{k}: {}",
-                        js_value(x, if x.is_string() { "String" } else { "" })
-                    )
-                })
+                .map(|(k, x)| format!("{k}: {}", js_value(x, if x.is_string() { "String" } else { "" })))
                 .collect();
             format!("{{{}}}", parts.join(", "))
         }
@@ -383,9 +306,7 @@ fn js_value(v: &Json, ty: &str) -> String {
 
 fn render_arg(lang: Lang, v: &Json, schema: Option<&Json>) -> String {
     let ty = schema.and_then(|s| s["type"].as_str()).unwrap_or("");
-    let item = schema
-        .and_then(|s| s["items"]["type"].as_str())
-        .unwrap_or("");
+    let item = schema.and_then(|s| s["items"]["type"].as_str()).unwrap_or("");
     match lang {
         Lang::Python => Value::from_json(v).repr(),
         Lang::Java => java_value(v, ty, item),
@@ -397,11 +318,8 @@ fn render_arg(lang: Lang, v: &Json, schema: Option<&Json>) -> String {
 pub fn render_calls(sample: &Sample) -> String {
     let lang = Lang::of_category(&sample.category);
     let mut calls = Vec::new();
-    for (name, params) in sample
-        .ground_truth
-        .iter()
-        .filter_map(Json::as_object)
-        .filter_map(|o| o.iter().next())
+    for (name, params) in
+        sample.ground_truth.iter().filter_map(Json::as_object).filter_map(|o| o.iter().next())
     {
         let doc = sample.functions.iter().find(|f| f["name"] == name.as_str());
         let required: Vec<&str> = doc
@@ -426,10 +344,6 @@ pub fn render_calls(sample: &Sample) -> String {
 /// samples that expect no call).
 pub fn render_target(sample: &Sample) -> String {
     let reasoning = sample.reasoning.clone().unwrap_or_default();
-    let answer = if sample.expects_no_call() {
-        NO_CALL_TEXT.to_string()
-    } else {
-        render_calls(sample)
-    };
+    let answer = if sample.expects_no_call() { NO_CALL_TEXT.to_string() } else { render_calls(sample) };
     format!("<think>{reasoning}</think>\n\n{answer}")
 }

@@ -9,7 +9,9 @@ use crate::fc::value::Value;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum RewardKind {
     #[default]
@@ -77,10 +79,7 @@ fn trim_end_tokens(mut s: &str) -> &str {
 /// one `</think>`, and the reasoning between them is not blank.
 pub fn think_ok(completion: &str) -> bool {
     let c = completion.trim_start();
-    if !c.starts_with("<think>")
-        || c.matches("<think>").count() != 1
-        || c.matches("</think>").count() != 1
-    {
+    if !c.starts_with("<think>") || c.matches("<think>").count() != 1 || c.matches("</think>").count() != 1 {
         return false;
     }
     let end = c.find("</think>").unwrap_or(0);
@@ -90,33 +89,17 @@ pub fn think_ok(completion: &str) -> bool {
 /// Reward of one completion for one sample. Never panics (see [`guarded`]); an answer over
 /// the decoder's bounds (`fc::budget`) gets 0 with error type
 /// `ast_decoder:decoder_bounds_exceeded`.
-pub fn reward(
-    sample: &Sample,
-    completion: &str,
-    kind: RewardKind,
-    fmt: AnswerFormat,
-) -> RewardDetails {
-    guarded(sample.ground_truth.len(), || {
-        reward_unguarded(sample, completion, kind, fmt)
-    })
+pub fn reward(sample: &Sample, completion: &str, kind: RewardKind, fmt: AnswerFormat) -> RewardDetails {
+    guarded(sample.ground_truth.len(), || reward_unguarded(sample, completion, kind, fmt))
 }
 
-fn reward_unguarded(
-    sample: &Sample,
-    completion: &str,
-    kind: RewardKind,
-    fmt: AnswerFormat,
-) -> RewardDetails {
+fn reward_unguarded(sample: &Sample, completion: &str, kind: RewardKind, fmt: AnswerFormat) -> RewardDetails {
     let completion = trim_end_tokens(completion);
     let answer = strip_reasoning(completion);
     let lang = Lang::of_category(&sample.category);
     let decoded = decode(
         answer,
-        if sample.expects_no_call() || sample.expects_any_call() {
-            Lang::Python
-        } else {
-            lang
-        },
+        if sample.expects_no_call() || sample.expects_any_call() { Lang::Python } else { lang },
         fmt,
     );
     let verdict = check_answer(sample, answer, fmt);

@@ -104,36 +104,20 @@ pub struct Summary {
 
 fn mean(v: &[Option<f64>]) -> Option<f64> {
     let vals: Option<Vec<f64>> = v.iter().copied().collect();
-    vals.filter(|x| !x.is_empty())
-        .map(|x| x.iter().sum::<f64>() / x.len() as f64)
+    vals.filter(|x| !x.is_empty()).map(|x| x.iter().sum::<f64>() / x.len() as f64)
 }
 
 impl Report {
     fn acc(&self, cat: &str) -> Option<f64> {
-        self.categories
-            .get(cat)
-            .filter(|c| c.total > 0)
-            .map(CategoryScore::accuracy)
+        self.categories.get(cat).filter(|c| c.total > 0).map(CategoryScore::accuracy)
     }
 
     pub fn summary(&self) -> Summary {
-        let simple_ast = mean(&[
-            self.acc("simple_python"),
-            self.acc("simple_java"),
-            self.acc("simple_javascript"),
-        ]);
-        let non_live_ast = mean(&[
-            simple_ast,
-            self.acc("multiple"),
-            self.acc("parallel"),
-            self.acc("parallel_multiple"),
-        ]);
-        let live_cats = [
-            "live_simple",
-            "live_multiple",
-            "live_parallel",
-            "live_parallel_multiple",
-        ];
+        let simple_ast =
+            mean(&[self.acc("simple_python"), self.acc("simple_java"), self.acc("simple_javascript")]);
+        let non_live_ast =
+            mean(&[simple_ast, self.acc("multiple"), self.acc("parallel"), self.acc("parallel_multiple")]);
+        let live_cats = ["live_simple", "live_multiple", "live_parallel", "live_parallel_multiple"];
         let live = if live_cats.iter().all(|c| self.categories.contains_key(*c)) {
             let (ok, n) = live_cats
                 .iter()
@@ -145,44 +129,24 @@ impl Report {
         };
         let irrelevance = mean(&[self.acc("irrelevance"), self.acc("live_irrelevance")]);
         let overall = mean(&[non_live_ast, live]);
-        Summary {
-            simple_ast,
-            non_live_ast,
-            live,
-            irrelevance,
-            overall,
-        }
+        Summary { simple_ast, non_live_ast, live, irrelevance, overall }
     }
 
     /// The table `fcgpu eval` prints.
     pub fn table(&self) -> String {
         // bfcl_accuracy: BFCL's AST-checker verdict only (no think-block or format rule), unlike
         // the held-out `accuracy` of training runs (docs/metrics.md).
-        let mut out = format!(
-            "{:<26} {:>13} {:>7}\n",
-            "category", "bfcl_accuracy", "count"
-        );
+        let mut out = format!("{:<26} {:>13} {:>7}\n", "category", "bfcl_accuracy", "count");
         let mut cats: Vec<&String> = self.categories.keys().collect();
-        let order = |c: &str| {
-            BFCL_CATEGORIES
-                .iter()
-                .position(|x| *x == c)
-                .unwrap_or(usize::MAX)
-        };
+        let order = |c: &str| BFCL_CATEGORIES.iter().position(|x| *x == c).unwrap_or(usize::MAX);
         cats.sort_by_key(|c| (order(c), (*c).clone()));
         for c in cats {
             let s = &self.categories[c];
-            out.push_str(&format!(
-                "{:<26} {:>12.2}% {:>7}\n",
-                c,
-                100.0 * s.accuracy(),
-                s.total
-            ));
+            out.push_str(&format!("{:<26} {:>12.2}% {:>7}\n", c, 100.0 * s.accuracy(), s.total));
         }
         let sm = self.summary();
         let fmt = |v: Option<f64>| {
-            v.map(|x| format!("{:>12.2}%", 100.0 * x))
-                .unwrap_or_else(|| format!("{:>13}", "n/a"))
+            v.map(|x| format!("{:>12.2}%", 100.0 * x)).unwrap_or_else(|| format!("{:>13}", "n/a"))
         };
         out.push('\n');
         for (name, v) in [

@@ -98,11 +98,9 @@ impl Value {
             }
             Json::String(s) => Value::Str(s.clone()),
             Json::Array(a) => Value::List(a.iter().map(Value::from_json).collect()),
-            Json::Object(o) => Value::Dict(
-                o.iter()
-                    .map(|(k, v)| (Value::Str(k.clone()), Value::from_json(v)))
-                    .collect(),
-            ),
+            Json::Object(o) => {
+                Value::Dict(o.iter().map(|(k, v)| (Value::Str(k.clone()), Value::from_json(v))).collect())
+            }
         }
     }
 
@@ -121,9 +119,7 @@ impl Value {
                 .unwrap_or_else(|| Json::String(py_float_repr(*f))),
             Value::Complex(..) | Value::Bytes(_) => Json::String(self.repr()),
             Value::Str(s) => Json::String(s.clone()),
-            Value::List(v) | Value::Tuple(v) => {
-                Json::Array(v.iter().map(|x| x.to_json()).collect())
-            }
+            Value::List(v) | Value::Tuple(v) => Json::Array(v.iter().map(|x| x.to_json()).collect()),
             Value::Dict(d) => {
                 let mut m = serde_json::Map::new();
                 for (k, v) in d {
@@ -154,10 +150,8 @@ impl Value {
             Value::Tuple(v) if v.len() == 1 => format!("({},)", v[0].repr()),
             Value::Tuple(v) => format!("({})", join_repr(v)),
             Value::Dict(d) => {
-                let items: Vec<String> = d
-                    .iter()
-                    .map(|(k, v)| format!("{}: {}", k.repr(), v.repr()))
-                    .collect();
+                let items: Vec<String> =
+                    d.iter().map(|(k, v)| format!("{}: {}", k.repr(), v.repr())).collect();
                 format!("{{{}}}", items.join(", "))
             }
         }
@@ -235,9 +229,7 @@ pub fn py_eq(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
         }
         (Value::Dict(x), Value::Dict(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| dict_get(y, k).is_some_and(|w| py_eq(v, w)))
+            x.len() == y.len() && x.iter().all(|(k, v)| dict_get(y, k).is_some_and(|w| py_eq(v, w)))
         }
         _ => false,
     }
@@ -280,21 +272,14 @@ pub fn py_float_repr(f: f64) -> String {
             let (int_part, frac) = if digits.len() > e + 1 {
                 (digits[..e + 1].to_string(), digits[e + 1..].to_string())
             } else {
-                (
-                    format!("{}{}", digits, "0".repeat(e + 1 - digits.len())),
-                    "0".to_string(),
-                )
+                (format!("{}{}", digits, "0".repeat(e + 1 - digits.len())), "0".to_string())
             };
             format!("{sign}{int_part}.{frac}")
         } else {
             format!("{sign}0.{}{}", "0".repeat((-exp - 1) as usize), digits)
         }
     } else {
-        let rest = if digits.len() > 1 {
-            format!(".{}", &digits[1..])
-        } else {
-            String::new()
-        };
+        let rest = if digits.len() > 1 { format!(".{}", &digits[1..]) } else { String::new() };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{}{rest}e{esign}{:02}", &digits[..1], exp.abs())
     }
@@ -331,11 +316,7 @@ fn is_printable(c: char) -> bool {
 
 /// Python's `repr(str)`.
 pub fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
     for c in s.chars() {
@@ -348,9 +329,7 @@ pub fn py_str_repr(s: &str) -> String {
                 out.push('\\');
                 out.push(c);
             }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
             c if (c as u32) < 0x7f => out.push(c),
             c if is_printable(c) => out.push(c),
             c if (c as u32) <= 0xff => out.push_str(&format!("\\x{:02x}", c as u32)),
@@ -364,11 +343,7 @@ pub fn py_str_repr(s: &str) -> String {
 
 /// Python's `repr(bytes)`.
 pub fn py_bytes_repr(b: &[u8]) -> String {
-    let quote = if b.contains(&b'\'') && !b.contains(&b'"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if b.contains(&b'\'') && !b.contains(&b'"') { '"' } else { '\'' };
     let mut out = format!("b{quote}");
     for &c in b {
         match c {

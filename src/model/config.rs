@@ -59,7 +59,10 @@ fn field<'a>(v: &'a Value, key: &str, file: &Path) -> Result<&'a Value> {
 }
 
 fn usize_field(v: &Value, key: &str, file: &Path) -> Result<usize> {
-    field(v, key, file)?.as_u64().map(|x| x as usize).with_context(|| format!("{}: field `{key}` must be a non-negative integer", file.display()))
+    field(v, key, file)?
+        .as_u64()
+        .map(|x| x as usize)
+        .with_context(|| format!("{}: field `{key}` must be a non-negative integer", file.display()))
 }
 
 fn ids(v: Option<&Value>) -> Vec<u32> {
@@ -80,8 +83,10 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let raw: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let raw: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         Self::from_json(raw, path)
     }
 
@@ -91,11 +96,15 @@ impl ModelConfig {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "llama" => Arch::Llama,
-            other => bail!("{}: unsupported architecture `model_type: {other}` (supported: qwen2, qwen3, llama)", file.display()),
+            other => bail!(
+                "{}: unsupported architecture `model_type: {other}` (supported: qwen2, qwen3, llama)",
+                file.display()
+            ),
         };
         let hidden_size = usize_field(&raw, "hidden_size", file)?;
         let num_heads = usize_field(&raw, "num_attention_heads", file)?;
-        let num_kv_heads = raw.get("num_key_value_heads").and_then(|v| v.as_u64()).map(|x| x as usize).unwrap_or(num_heads);
+        let num_kv_heads =
+            raw.get("num_key_value_heads").and_then(|v| v.as_u64()).map(|x| x as usize).unwrap_or(num_heads);
         let head_dim = match raw.get("head_dim").and_then(|v| v.as_u64()) {
             Some(d) => d as usize,
             None => hidden_size / num_heads.max(1),
@@ -105,8 +114,10 @@ impl ModelConfig {
         }
         let (rope_theta, llama3_scaling) = rope(&raw, file)?;
         let attention_bias = raw.get("attention_bias").and_then(|v| v.as_bool()).unwrap_or(false);
-        let dtype_name = raw.get("torch_dtype").or_else(|| raw.get("dtype")).and_then(|v| v.as_str()).unwrap_or("float32");
-        let dtype = DType::from_hf_name(dtype_name).with_context(|| format!("{}: unsupported dtype `{dtype_name}`", file.display()))?;
+        let dtype_name =
+            raw.get("torch_dtype").or_else(|| raw.get("dtype")).and_then(|v| v.as_str()).unwrap_or("float32");
+        let dtype = DType::from_hf_name(dtype_name)
+            .with_context(|| format!("{}: unsupported dtype `{dtype_name}`", file.display()))?;
         let c = ModelConfig {
             arch,
             vocab_size: usize_field(&raw, "vocab_size", file)?,
@@ -124,7 +135,10 @@ impl ModelConfig {
             o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: raw.get("mlp_bias").and_then(|v| v.as_bool()).unwrap_or(false),
             qk_norm: arch == Arch::Qwen3,
-            max_position_embeddings: raw.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(32768) as usize,
+            max_position_embeddings: raw
+                .get("max_position_embeddings")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(32768) as usize,
             dtype,
             eos_token_ids: ids(raw.get("eos_token_id")),
             bos_token_id: ids(raw.get("bos_token_id")).first().copied(),
@@ -168,14 +182,21 @@ impl ModelConfig {
             bail!("{f}: `rope_theta` is {}; it must be a finite positive number", self.rope_theta);
         }
         if let Some(s) = &self.llama3_scaling {
-            for (k, v) in [("factor", s.factor), ("low_freq_factor", s.low_freq_factor), ("high_freq_factor", s.high_freq_factor),
-                ("original_max_position_embeddings", s.original_max_position_embeddings)] {
+            for (k, v) in [
+                ("factor", s.factor),
+                ("low_freq_factor", s.low_freq_factor),
+                ("high_freq_factor", s.high_freq_factor),
+                ("original_max_position_embeddings", s.original_max_position_embeddings),
+            ] {
                 if !(v.is_finite() && v > 0.0) {
                     bail!("{f}: rope scaling `{k}` is {v}; it must be a finite positive number");
                 }
             }
             if s.high_freq_factor == s.low_freq_factor {
-                bail!("{f}: rope scaling `high_freq_factor` equals `low_freq_factor` ({}); they must differ", s.low_freq_factor);
+                bail!(
+                    "{f}: rope scaling `high_freq_factor` equals `low_freq_factor` ({}); they must differ",
+                    s.low_freq_factor
+                );
             }
         }
         Ok(())
@@ -184,12 +205,19 @@ impl ModelConfig {
     /// The number of parameters these sizes describe (None on overflow), in the same layout
     /// as `Model::build`.
     pub fn num_parameters(&self) -> Option<u128> {
-        let [v, h, i, l, hd] = [self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers, self.head_dim].map(|x| x as u128);
+        let [v, h, i, l, hd] =
+            [self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers, self.head_dim]
+                .map(|x| x as u128);
         let qd = (self.num_heads as u128).checked_mul(hd)?;
         let kvd = (self.num_kv_heads as u128).checked_mul(hd)?;
         let bias = |on: bool, n: u128| if on { n } else { 0 };
-        let attn = qd.checked_mul(h)?.checked_mul(2)?.checked_add(kvd.checked_mul(h)?.checked_mul(2)?)?
-            .checked_add(bias(self.qkv_bias, qd + 2 * kvd))?.checked_add(bias(self.o_bias, h))?.checked_add(bias(self.qk_norm, 2 * hd))?;
+        let attn = qd
+            .checked_mul(h)?
+            .checked_mul(2)?
+            .checked_add(kvd.checked_mul(h)?.checked_mul(2)?)?
+            .checked_add(bias(self.qkv_bias, qd + 2 * kvd))?
+            .checked_add(bias(self.o_bias, h))?
+            .checked_add(bias(self.qk_norm, 2 * hd))?;
         let mlp = i.checked_mul(h)?.checked_mul(3)?.checked_add(bias(self.mlp_bias, 2 * i + h))?;
         let layer = attn.checked_add(mlp)?.checked_add(2 * h)?;
         let embed = v.checked_mul(h)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
@@ -202,8 +230,11 @@ impl ModelConfig {
         let bytes = self.num_parameters().unwrap_or(u128::MAX).saturating_mul(4);
         if let Some(mem) = crate::runfs::physical_memory() {
             if bytes > mem {
-                bail!("{what}: the model's f32 weights need {:.1} GiB; this machine has {:.1} GiB of memory",
-                    bytes as f64 / (1u64 << 30) as f64, mem as f64 / (1u64 << 30) as f64);
+                bail!(
+                    "{what}: the model's f32 weights need {:.1} GiB; this machine has {:.1} GiB of memory",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    mem as f64 / (1u64 << 30) as f64
+                );
             }
         }
         Ok(())
@@ -233,14 +264,20 @@ fn rope(raw: &Value, file: &Path) -> Result<(f64, Option<Llama3Scaling>)> {
         "default" => Ok((theta, None)),
         "llama3" => {
             let num = |k: &str| -> Result<f32> {
-                s.get(k).and_then(|v| v.as_f64()).map(|x| x as f32).with_context(|| format!("{}: llama3 rope scaling needs `{k}`", file.display()))
+                s.get(k)
+                    .and_then(|v| v.as_f64())
+                    .map(|x| x as f32)
+                    .with_context(|| format!("{}: llama3 rope scaling needs `{k}`", file.display()))
             };
-            Ok((theta, Some(Llama3Scaling {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")?,
-            })))
+            Ok((
+                theta,
+                Some(Llama3Scaling {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                }),
+            ))
         }
         other => bail!("{}: unsupported rope scaling `{other}` (supported: default, llama3)", file.display()),
     }

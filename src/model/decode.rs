@@ -39,7 +39,9 @@ fn linear(x: &[f32], rows: usize, lin: &Linear) -> Result<Vec<f32>> {
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {
-    x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    x.par_chunks_mut(4096)
+        .zip(y.par_chunks(4096))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
 /// One attention task: `rows` query rows against a sequence's keys.
@@ -57,7 +59,12 @@ struct Task {
 impl Model {
     /// The cache layout this model needs.
     pub fn kv_shape(&self) -> KvShape {
-        KvShape { layers: self.config.num_layers, kv_heads: self.config.num_kv_heads, head_dim: self.config.head_dim, device: self.device() }
+        KvShape {
+            layers: self.config.num_layers,
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            device: self.device(),
+        }
     }
 
     /// Runs the new tokens of every step after its cache, appends their keys and values to the
@@ -70,7 +77,12 @@ impl Model {
         let c = &self.config;
         let e = steps.len();
         let mut logits = vec![0.0f32; e * c.vocab_size];
-        gemm(Mat::new(&h, e, c.hidden_size), Mat::new(self.lm_head_weight().f32s()?, c.vocab_size, c.hidden_size).t(), &mut logits, false);
+        gemm(
+            Mat::new(&h, e, c.hidden_size),
+            Mat::new(self.lm_head_weight().f32s()?, c.vocab_size, c.hidden_size).t(),
+            &mut logits,
+            false,
+        );
         Ok(logits)
     }
 
@@ -84,7 +96,12 @@ impl Model {
         let c = &self.config;
         let n = h.len() / c.hidden_size;
         let mut logits = vec![0.0f32; n * c.vocab_size];
-        gemm(Mat::new(&h, n, c.hidden_size), Mat::new(self.lm_head_weight().f32s()?, c.vocab_size, c.hidden_size).t(), &mut logits, false);
+        gemm(
+            Mat::new(&h, n, c.hidden_size),
+            Mat::new(self.lm_head_weight().f32s()?, c.vocab_size, c.hidden_size).t(),
+            &mut logits,
+            false,
+        );
         Ok(logits)
     }
 
@@ -100,7 +117,12 @@ impl Model {
         let mut starts = Vec::with_capacity(steps.len());
         for (i, s) in steps.iter().enumerate() {
             ensure!(!s.tokens.is_empty(), "decode step {i} has no tokens");
-            ensure!(s.cache.own.shape == shape, "decode step {i}: cache shape {:?} does not fit the model {:?}", s.cache.own.shape, shape);
+            ensure!(
+                s.cache.own.shape == shape,
+                "decode step {i}: cache shape {:?} does not fit the model {:?}",
+                s.cache.own.shape,
+                shape
+            );
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
             }
@@ -143,12 +165,17 @@ impl Model {
             }
             let mut a = vec![0.0f32; n * qs];
             let ap = SendPtr(a.as_mut_ptr());
-            let views: Vec<(&SeqCache, usize, usize)> = steps.iter().zip(&starts).map(|(s, &r0)| (&*s.cache, r0, s.tokens.len())).collect();
+            let views: Vec<(&SeqCache, usize, usize)> =
+                steps.iter().zip(&starts).map(|(s, &r0)| (&*s.cache, r0, s.tokens.len())).collect();
             tasks.par_iter().for_each(|t| {
                 let (cache, r0, len) = views[t.entry];
                 let (prefix_len, own_len) = (cache.prefix_len(), cache.own.len() + len);
                 let past = cache.len(); // positions before this step's tokens
-                let (head0, rows, q_rs, ones) = if t.head == usize::MAX { (t.kvh * group, group, hd, true) } else { (t.head, t.rows, qs, false) };
+                let (head0, rows, q_rs, ones) = if t.head == usize::MAX {
+                    (t.kvh * group, group, hd, true)
+                } else {
+                    (t.head, t.rows, qs, false)
+                };
                 let qoff = (r0 + t.t0) * qs + head0 * hd;
                 // Query row r sees every cached key, plus this step's keys up to its own.
                 let visible = |r: usize| if ones { past + 1 } else { past + t.t0 + r + 1 };
@@ -156,7 +183,18 @@ impl Model {
                 let pre = cache.prefix.as_ref().map(|p| (p.keys(li, t.kvh), p.values(li, t.kvh), prefix_len));
                 // SAFETY: each task writes only its own query rows (head, tokens) of `a`.
                 unsafe {
-                    attend(q.as_ptr().add(qoff), q_rs, rows, hd, scale, pre, own, &visible, { ap }.0.add(qoff), q_rs);
+                    attend(
+                        q.as_ptr().add(qoff),
+                        q_rs,
+                        rows,
+                        hd,
+                        scale,
+                        pre,
+                        own,
+                        &visible,
+                        { ap }.0.add(qoff),
+                        q_rs,
+                    );
                 }
             });
             let o = linear(&a, n, &l.o_proj)?;
@@ -189,23 +227,87 @@ type Seg<'a> = (&'a [f32], &'a [f32], usize);
 /// keys of the concatenation. Writes `rows × hd` at `out` (row stride `out_rs`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend(
-    q: *const f32, q_rs: usize, rows: usize, hd: usize, scale: f32,
-    pre: Option<Seg>, own: Seg, visible: &dyn Fn(usize) -> usize, out: *mut f32, out_rs: usize,
+    q: *const f32,
+    q_rs: usize,
+    rows: usize,
+    hd: usize,
+    scale: f32,
+    pre: Option<Seg>,
+    own: Seg,
+    visible: &dyn Fn(usize) -> usize,
+    out: *mut f32,
+    out_rs: usize,
 ) {
     let p = pre.map_or(0, |s| s.2);
     let total = p + own.2;
     let mut sc = vec![0.0f32; rows * total];
     if let Some((pk, _, pl)) = pre {
-        gemm_strided(rows, pl, hd, sc.as_mut_ptr(), total, false, q, q_rs as isize, 1, pk.as_ptr(), 1, hd as isize, scale);
+        gemm_strided(
+            rows,
+            pl,
+            hd,
+            sc.as_mut_ptr(),
+            total,
+            false,
+            q,
+            q_rs as isize,
+            1,
+            pk.as_ptr(),
+            1,
+            hd as isize,
+            scale,
+        );
     }
-    gemm_strided(rows, own.2, hd, sc.as_mut_ptr().add(p), total, false, q, q_rs as isize, 1, own.0.as_ptr(), 1, hd as isize, scale);
+    gemm_strided(
+        rows,
+        own.2,
+        hd,
+        sc.as_mut_ptr().add(p),
+        total,
+        false,
+        q,
+        q_rs as isize,
+        1,
+        own.0.as_ptr(),
+        1,
+        hd as isize,
+        scale,
+    );
     masked_softmax_rows(&mut sc, rows, total, visible);
     let mut acc = false;
     if let Some((_, pv, pl)) = pre {
         if pl > 0 {
-            gemm_strided(rows, hd, pl, out, out_rs, false, sc.as_ptr(), total as isize, 1, pv.as_ptr(), hd as isize, 1, 1.0);
+            gemm_strided(
+                rows,
+                hd,
+                pl,
+                out,
+                out_rs,
+                false,
+                sc.as_ptr(),
+                total as isize,
+                1,
+                pv.as_ptr(),
+                hd as isize,
+                1,
+                1.0,
+            );
             acc = true;
         }
     }
-    gemm_strided(rows, hd, own.2, out, out_rs, acc, sc.as_ptr().add(p), total as isize, 1, own.1.as_ptr(), hd as isize, 1, 1.0);
+    gemm_strided(
+        rows,
+        hd,
+        own.2,
+        out,
+        out_rs,
+        acc,
+        sc.as_ptr().add(p),
+        total as isize,
+        1,
+        own.1.as_ptr(),
+        hd as isize,
+        1,
+        1.0,
+    );
 }

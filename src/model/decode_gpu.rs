@@ -46,7 +46,12 @@ impl Model {
                     out.extend(last);
                 }
             } else {
-                out.extend(self.forward_cached_gpu(&mut [Step { cache: &mut *s.cache, tokens: s.tokens }], last_only)?);
+                out.extend(
+                    self.forward_cached_gpu(
+                        &mut [Step { cache: &mut *s.cache, tokens: s.tokens }],
+                        last_only,
+                    )?,
+                );
             }
         }
         Ok(out)
@@ -56,11 +61,17 @@ impl Model {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let shape = self.kv_shape();
-        let dev: GpuDevice = self.embed.gpu_storage().context("the model is not on a GPU device")?.device().clone();
+        let dev: GpuDevice =
+            self.embed.gpu_storage().context("the model is not on a GPU device")?.device().clone();
         let (mut ids, mut positions, mut starts, mut past) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (i, s) in steps.iter_mut().enumerate() {
             ensure!(!s.tokens.is_empty(), "decode step {i} has no tokens");
-            ensure!(s.cache.own.shape == shape, "decode step {i}: cache shape {:?} does not fit the model {:?}", s.cache.own.shape, shape);
+            ensure!(
+                s.cache.own.shape == shape,
+                "decode step {i}: cache shape {:?} does not fit the model {:?}",
+                s.cache.own.shape,
+                shape
+            );
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
             }
@@ -72,7 +83,8 @@ impl Model {
             positions.extend(p0 as u32..(p0 + s.tokens.len()) as u32);
         }
         let n = ids.len();
-        let seqs: Vec<(usize, usize)> = steps.iter().zip(&starts).map(|(s, &r0)| (r0, s.tokens.len())).collect();
+        let seqs: Vec<(usize, usize)> =
+            steps.iter().zip(&starts).map(|(s, &r0)| (r0, s.tokens.len())).collect();
         // Keys visible to each decode token (its own included, written before attention runs).
         let lens = dev.upload_i32(&past.iter().map(|&p| p as i32 + 1).collect::<Vec<_>>())?;
         let prefill = steps.iter().any(|s| s.tokens.len() > 1);
@@ -99,7 +111,11 @@ impl Model {
             // Flash attention for the prefills (several tokens, empty cache: causal attention among
             // them); decode attention against the cache for every single new token (its rows of
             // the flash output, if any, are overwritten).
-            let a = if prefill { cast(&ops::attention(&q, &k, &v, &seqs)?, BF)? } else { Tensor::from_gpu(zeros(&dev, BF, n * nh * hd)?, &[n, nh, hd])? };
+            let a = if prefill {
+                cast(&ops::attention(&q, &k, &v, &seqs)?, BF)?
+            } else {
+                Tensor::from_gpu(zeros(&dev, BF, n * nh * hd)?, &[n, nh, hd])?
+            };
             for (e, s) in steps.iter_mut().enumerate() {
                 if s.tokens.len() > 1 {
                     continue;
@@ -113,9 +129,20 @@ impl Model {
                 // holds `cap` positions of this layer from `at`, lens has one i32 per step.
                 // `a` is a fresh tensor nothing else reads yet.
                 unsafe {
-                    decode_attn_at(&dev, buf(&q).ptr() + qrow, g.k.ptr() + at as u64, g.v.ptr() + at as u64,
-                                   lens.ptr() + 4 * e as u64, buf(&a).ptr() + qrow, 1, nh, nkv, hd, cap,
-                                   CacheLayout::token_major(cap, nkv, hd))?;
+                    decode_attn_at(
+                        &dev,
+                        buf(&q).ptr() + qrow,
+                        g.k.ptr() + at as u64,
+                        g.v.ptr() + at as u64,
+                        lens.ptr() + 4 * e as u64,
+                        buf(&a).ptr() + qrow,
+                        1,
+                        nh,
+                        nkv,
+                        hd,
+                        cap,
+                        CacheLayout::token_major(cap, nkv, hd),
+                    )?;
                 }
             }
             let o = l.o_proj.forward(&a.reshape(&[n, nh * hd])?)?;
@@ -129,7 +156,8 @@ impl Model {
         }
         if last_only {
             // Gather each step's last row (an embedding lookup into the hidden states).
-            let last: Vec<u32> = steps.iter().zip(&starts).map(|(s, &r0)| (r0 + s.tokens.len() - 1) as u32).collect();
+            let last: Vec<u32> =
+                steps.iter().zip(&starts).map(|(s, &r0)| (r0 + s.tokens.len() - 1) as u32).collect();
             x = ops::embedding(&x, &last)?;
         }
         let h = ops::rms_norm(&x, &self.norm, eps)?;

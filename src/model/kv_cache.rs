@@ -60,7 +60,8 @@ pub struct KvBlock {
 
 impl KvBlock {
     pub fn new(shape: KvShape, capacity: usize) -> KvBlock {
-        let n = if shape.device.is_cpu() { shape.layers * shape.kv_heads * capacity * shape.head_dim } else { 0 };
+        let n =
+            if shape.device.is_cpu() { shape.layers * shape.kv_heads * capacity * shape.head_dim } else { 0 };
         KvBlock { shape, cap: capacity, len: 0, k: vec![0.0; n], v: vec![0.0; n], gpu: None }
     }
 

@@ -189,7 +189,10 @@ impl Model {
     }
 
     /// Builds the model with parameters from `get(name, shape)`.
-    pub fn build(config: ModelConfig, get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Model> {
+    pub fn build(
+        config: ModelConfig,
+        get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Model> {
         let c = &config;
         let (h, qd, kvd) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         type Get<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
@@ -210,19 +213,31 @@ impl Model {
             let up_proj = linear(get, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, c.mlp_bias)?;
             let down_proj = linear(get, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, c.mlp_bias)?;
             let (q_norm, k_norm) = if c.qk_norm {
-                (Some(get(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?), Some(get(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?))
+                (
+                    Some(get(&format!("{p}.self_attn.q_norm.weight"), &[c.head_dim])?),
+                    Some(get(&format!("{p}.self_attn.k_norm.weight"), &[c.head_dim])?),
+                )
             } else {
                 (None, None)
             };
             layers.push(Layer {
                 input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
                 post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q_proj, k_proj, v_proj, o_proj, q_norm, k_norm, gate_proj, up_proj, down_proj,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                q_norm,
+                k_norm,
+                gate_proj,
+                up_proj,
+                down_proj,
             });
         }
         let embed = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let norm = get("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[c.vocab_size, h])?) };
+        let lm_head =
+            if c.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[c.vocab_size, h])?) };
         let rope = RopeTable::new(c.head_dim, c.rope_theta, c.llama3_scaling.as_ref());
         Ok(Model { config, embed, layers, norm, lm_head, rope, dir: None })
     }
@@ -235,17 +250,25 @@ impl Model {
         // near miss is left to the per-tensor checks, whose errors name the tensor.
         let need = config.num_parameters().unwrap_or(u128::MAX);
         if need > files.num_elements().saturating_mul(2) {
-            anyhow::bail!("{}: config.json describes {need} parameters but the safetensors files hold only {} values", dir.display(), files.num_elements());
+            anyhow::bail!(
+                "{}: config.json describes {need} parameters but the safetensors files hold only {} values",
+                dir.display(),
+                files.num_elements()
+            );
         }
         config.check_memory(&format!("loading {}", dir.display()))?;
         let mut model = Model::build(config, &mut |name, shape| files.load(name, shape))
             .with_context(|| format!("loading the model in {}", dir.display()))?;
         model.dir = Some(dir.to_path_buf());
         if let Ok(gc) = std::fs::read_to_string(dir.join("generation_config.json")) {
-            let v: serde_json::Value = serde_json::from_str(&gc).with_context(|| format!("{}: not valid JSON", dir.join("generation_config.json").display()))?;
+            let v: serde_json::Value = serde_json::from_str(&gc).with_context(|| {
+                format!("{}: not valid JSON", dir.join("generation_config.json").display())
+            })?;
             let eos = match v.get("eos_token_id") {
                 Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                Some(serde_json::Value::Array(a)) => {
+                    a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+                }
                 _ => vec![],
             };
             if !eos.is_empty() {
@@ -267,10 +290,12 @@ impl Model {
                 vec![0.0; n]
             } else {
                 // Box–Muller; avoids a distributions dependency for one use.
-                (0..n).map(|_| {
-                    let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
-                    0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-                }).collect()
+                (0..n)
+                    .map(|_| {
+                        let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                        0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                    })
+                    .collect()
             };
             Tensor::from_vec(data, shape)
         })
@@ -280,7 +305,10 @@ impl Model {
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
         let c = &self.config;
         if let Some(&(_, l)) = batch.seqs.iter().find(|&&(_, l)| l > c.max_position_embeddings) {
-            anyhow::bail!("a sequence of {l} tokens exceeds the model's context (max_position_embeddings = {})", c.max_position_embeddings);
+            anyhow::bail!(
+                "a sequence of {l} tokens exceeds the model's context (max_position_embeddings = {})",
+                c.max_position_embeddings
+            );
         }
         let n = batch.ids.len();
         let mut x = ops::embedding(&self.embed, &batch.ids)?;

@@ -9,8 +9,13 @@ use crate::tensor::DType;
 
 /// Files copied verbatim from the source directory when present.
 const SIDE_FILES: [&str; 7] = [
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-    "vocab.json", "merges.txt", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
 ];
 
 impl Model {
@@ -34,12 +39,17 @@ impl Model {
     fn write_files(&self, dir: &Path, dtype: DType) -> Result<()> {
         let mut cfg = self.config.raw.clone();
         if let Some(obj) = cfg.as_object_mut() {
-            let key = if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") { "dtype" } else { "torch_dtype" };
+            let key = if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
             obj.insert(key.into(), dtype.hf_name().into());
             obj.insert("tie_word_embeddings".into(), self.lm_head.is_none().into());
         }
         let text = serde_json::to_string_pretty(&cfg)?;
-        std::fs::write(dir.join("config.json"), text + "\n").with_context(|| format!("cannot write {}", dir.join("config.json").display()))?;
+        std::fs::write(dir.join("config.json"), text + "\n")
+            .with_context(|| format!("cannot write {}", dir.join("config.json").display()))?;
         weights::save(&dir.join("model.safetensors"), &self.named_params(), dtype)?;
         if let Some(src) = &self.dir {
             for f in SIDE_FILES {

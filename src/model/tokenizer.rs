@@ -13,7 +13,8 @@ impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
         anyhow::ensure!(path.exists(), "{}: missing tokenizer.json (needed to tokenize text)", dir.display());
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         Ok(Tokenizer { inner })
     }
 

@@ -25,9 +25,14 @@ impl WeightFiles {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).with_context(|| format!("cannot read {}", index_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index_path.display()))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| format!("{}: missing `weight_map`", index_path.display()))?;
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: missing `weight_map`", index_path.display()))?;
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort();
             names.dedup();
@@ -44,8 +49,10 @@ impl WeightFiles {
             let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the file is opened read-only; a checkpoint changing under a running job is
             // outside what we support, as in every memory-mapped loader.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-            let st = SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+            let map =
+                unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
             for (name, view) in st.tensors() {
                 elements += view.shape().iter().map(|&d| d as u128).product::<u128>();
                 index.insert(name.to_string(), maps.len());
@@ -73,11 +80,21 @@ impl WeightFiles {
     /// The tensor `name` as f32 with the expected shape; the error names tensor and file.
     pub fn load(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (t, file) = self.load_any(name)?;
-        ensure!(t.shape() == shape, "{}: tensor `{name}` has shape {:?}, expected {:?}", file.display(), t.shape(), shape);
+        ensure!(
+            t.shape() == shape,
+            "{}: tensor `{name}` has shape {:?}, expected {:?}",
+            file.display(),
+            t.shape(),
+            shape
+        );
         let t = t.to_dtype(DType::F32)?;
         // A NaN or infinite weight poisons every output silently; name it at load time.
         if let Some(i) = t.f32s()?.iter().position(|x| !x.is_finite()) {
-            bail!("{}: tensor `{name}` has a non-finite value ({} at flat index {i})", file.display(), t.f32s()?[i]);
+            bail!(
+                "{}: tensor `{name}` has a non-finite value ({} at flat index {i})",
+                file.display(),
+                t.f32s()?[i]
+            );
         }
         Ok(t)
     }
@@ -87,13 +104,23 @@ impl WeightFiles {
         let &i = self.index.get(name).with_context(|| format!("checkpoint is missing tensor `{name}`"))?;
         let (path, map) = &self.maps[i];
         let st = SafeTensors::deserialize(map).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+        let view =
+            st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
         let bytes = view.data();
         let storage = match view.dtype() {
-            Dtype::F32 => CpuStorage::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
-            Dtype::BF16 => CpuStorage::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect()),
-            Dtype::F16 => CpuStorage::F16(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect()),
-            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16)", path.display()),
+            Dtype::F32 => CpuStorage::F32(
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            ),
+            Dtype::BF16 => {
+                CpuStorage::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect())
+            }
+            Dtype::F16 => {
+                CpuStorage::F16(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect())
+            }
+            other => bail!(
+                "{}: tensor `{name}` has unsupported dtype {other:?} (supported: F32, BF16, F16)",
+                path.display()
+            ),
         };
         Ok((Tensor::from_storage(storage, view.shape())?, path.as_path()))
     }
@@ -104,11 +131,22 @@ impl WeightFiles {
 fn shard_path(dir: &Path, index_path: &Path, name: &str) -> Result<PathBuf> {
     use std::path::Component;
     let rel = Path::new(name);
-    let plain = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    ensure!(plain, "{}: shard path `{name}` must be a relative path inside the model directory", index_path.display());
+    let plain =
+        !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    ensure!(
+        plain,
+        "{}: shard path `{name}` must be a relative path inside the model directory",
+        index_path.display()
+    );
     let path = dir.join(rel);
     if let (Ok(real), Ok(root)) = (path.canonicalize(), dir.canonicalize()) {
-        ensure!(real.starts_with(&root), "{}: shard `{name}` resolves to {}, outside the model directory {}", index_path.display(), real.display(), root.display());
+        ensure!(
+            real.starts_with(&root),
+            "{}: shard `{name}` resolves to {}, outside the model directory {}",
+            index_path.display(),
+            real.display(),
+            root.display()
+        );
     }
     Ok(path)
 }
@@ -125,16 +163,25 @@ fn st_dtype(d: DType) -> Dtype {
 pub fn save(path: &Path, tensors: &[(String, Tensor)], dtype: DType) -> Result<()> {
     let converted: Vec<(String, Vec<usize>, CpuStorage)> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.shape().to_vec(), t.to_device(crate::tensor::Device::Cpu)?.cpu_storage()?.to_dtype(dtype))))
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                t.shape().to_vec(),
+                t.to_device(crate::tensor::Device::Cpu)?.cpu_storage()?.to_dtype(dtype),
+            ))
+        })
         .collect::<Result<_>>()?;
     let views: Vec<(String, safetensors::tensor::TensorView)> = converted
         .iter()
-        .map(|(n, s, c)| Ok((n.clone(), safetensors::tensor::TensorView::new(st_dtype(dtype), s.clone(), c.as_bytes())?)))
+        .map(|(n, s, c)| {
+            Ok((n.clone(), safetensors::tensor::TensorView::new(st_dtype(dtype), s.clone(), c.as_bytes())?))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(())
 }
 
@@ -143,17 +190,28 @@ pub fn load_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: read-only map of a file we don't modify.
     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&map)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let bytes = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => {
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
+            Dtype::F64 => {
+                bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+            }
+            Dtype::BF16 => {
+                bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
             Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-            Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+            Dtype::I64 => {
+                bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+            }
+            Dtype::I32 => {
+                bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+            }
             other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
         };
         out.insert(name, Tensor::from_vec(data, view.shape())?);

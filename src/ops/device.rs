@@ -14,7 +14,10 @@ use crate::tensor::{DType, Tensor};
 pub(crate) fn on_gpu(op: &str, ts: &[&Tensor]) -> Result<Option<GpuDevice>> {
     let first = ts[0].device();
     if let Some(t) = ts.iter().find(|t| t.device() != first) {
-        bail!("{op}: inputs on different devices ({first} and {}); move them with to_device first", t.device());
+        bail!(
+            "{op}: inputs on different devices ({first} and {}); move them with to_device first",
+            t.device()
+        );
     }
     Ok(ts[0].gpu_storage().map(|g| g.device().clone()))
 }
@@ -53,8 +56,17 @@ pub(crate) fn upload_ids(dev: &GpuDevice, ids: &[u32]) -> Result<GpuBuffer> {
 }
 
 /// Copies `bytes` bytes from `src` at `src_off` to `dst` at `dst_off` (both on one device).
-pub(crate) fn copy_bytes(dst: &GpuBuffer, dst_off: usize, src: &GpuBuffer, src_off: usize, bytes: usize) -> Result<()> {
-    ensure!(src_off + bytes <= src.bytes() && dst_off + bytes <= dst.bytes(), "device copy of {bytes} bytes out of bounds");
+pub(crate) fn copy_bytes(
+    dst: &GpuBuffer,
+    dst_off: usize,
+    src: &GpuBuffer,
+    src_off: usize,
+    bytes: usize,
+) -> Result<()> {
+    ensure!(
+        src_off + bytes <= src.bytes() && dst_off + bytes <= dst.bytes(),
+        "device copy of {bytes} bytes out of bounds"
+    );
     if bytes == 0 {
         return Ok(());
     }
@@ -65,7 +77,9 @@ pub(crate) fn copy_bytes(dst: &GpuBuffer, dst_off: usize, src: &GpuBuffer, src_o
 /// `prev + g` as a new f32 tensor on their device: gradient accumulation (never in place: one
 /// gradient tensor can be shared, e.g. both inputs of an add receive the same one).
 pub(crate) fn accumulate(prev: &Tensor, g: &Tensor) -> Result<Tensor> {
-    let Some(dev) = on_gpu("gradient accumulation", &[prev, g])? else { bail!("accumulate: tensors on the cpu") };
+    let Some(dev) = on_gpu("gradient accumulation", &[prev, g])? else {
+        bail!("accumulate: tensors on the cpu")
+    };
     let n = prev.numel();
     let out = alloc(&dev, DType::F32, n)?;
     crate::backend::misc::cast(&dev, buf(prev), prev.dtype(), &out.buf, DType::F32, n)?;

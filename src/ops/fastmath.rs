@@ -17,7 +17,8 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5·2^23: adding and subtracting it rounds to the nearest integer without a branch.
     const ROUND: f32 = 12_582_912.0;
-    const P: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    const P: [f32; 6] =
+        [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
     let xc = x.clamp(-87.3, 88.3);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
@@ -34,7 +35,11 @@ pub fn exp(x: f32) -> f32 {
     // Selects, not branches: the loop stays vectorizable.
     let y = if x < -87.3 { 0.0 } else { y };
     let y = if x > 88.3 { f32::INFINITY } else { y };
-    if x.is_nan() { x } else { y }
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
 }
 
 /// Runs `f`, compiled with AVX2 enabled when the CPU supports it (std caches the check).

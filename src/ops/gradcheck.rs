@@ -24,7 +24,13 @@ pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
 /// Checks the gradients of `f` at `inputs` against central differences of the scalar
 /// `Σ f(x)ᵢ·wᵢ` (fixed random w). Fails when `|analytic − numeric| > tol·(1 + |numeric|)` for
 /// any checked coordinate; checks up to `max_coords` coordinates per input.
-pub fn check(f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor], eps: f32, tol: f32, max_coords: usize) -> Result<()> {
+pub fn check(
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    eps: f32,
+    tol: f32,
+    max_coords: usize,
+) -> Result<()> {
     let out = f(inputs)?;
     let w = rand_vec(out.numel(), 99);
     let loss = |xs: &[Tensor]| -> Result<f64> {

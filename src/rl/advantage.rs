@@ -58,8 +58,18 @@ fn mean_std(r: &[f32]) -> (f64, f64) {
 
 /// Advantages of `rewards` laid out as consecutive groups of `g`; `h_seq` is the mean CoT
 /// entropy of each sequence (None = 0).
-pub fn group_advantages(rewards: &[f32], g: usize, scale: AdvScale, h_seq: Option<&[f32]>, bonus: EntropyBonus) -> Result<Advantages> {
-    ensure!(g >= 1 && rewards.len().is_multiple_of(g), "{} rewards do not split into groups of {g}", rewards.len());
+pub fn group_advantages(
+    rewards: &[f32],
+    g: usize,
+    scale: AdvScale,
+    h_seq: Option<&[f32]>,
+    bonus: EntropyBonus,
+) -> Result<Advantages> {
+    ensure!(
+        g >= 1 && rewards.len().is_multiple_of(g),
+        "{} rewards do not split into groups of {g}",
+        rewards.len()
+    );
     if let Some(h) = h_seq {
         ensure!(h.len() == rewards.len(), "entropies {} vs rewards {}", h.len(), rewards.len());
     }
@@ -83,7 +93,13 @@ pub fn group_advantages(rewards: &[f32], g: usize, scale: AdvScale, h_seq: Optio
 
 /// Token-granularity advantages `[n_seq, t]` from `raw` (A_i) and per-token entropies; tokens
 /// with mask 0 get 0.
-pub fn token_advantages(raw: &[f32], h_tok: &[f32], mask: Option<&[f32]>, t: usize, bonus: EntropyBonus) -> Vec<f32> {
+pub fn token_advantages(
+    raw: &[f32],
+    h_tok: &[f32],
+    mask: Option<&[f32]>,
+    t: usize,
+    bonus: EntropyBonus,
+) -> Vec<f32> {
     (0..raw.len() * t)
         .map(|k| {
             let a = raw[k / t];
@@ -107,7 +123,11 @@ pub fn masked_row_mean(x: &[f32], mask: Option<&[f32]>, cols: usize) -> Vec<f32>
                 s += v as f64 * m;
                 c += m;
             }
-            if c > 0.0 { (s / c) as f32 } else { 0.0 }
+            if c > 0.0 {
+                (s / c) as f32
+            } else {
+                0.0
+            }
         })
         .collect()
 }
@@ -121,43 +141,103 @@ pub mod gpu {
 
     /// One block per group. `rewards`, `h_seq`, `adv`, `raw`: f32 `[num_groups·g]`; `zero_var`: i32 per group.
     #[allow(clippy::too_many_arguments)]
-    pub fn group_advantages(dev: &GpuDevice, rewards: &GpuBuffer, num_groups: usize, g: usize, scale: AdvScale,
-                            h_seq: Option<&GpuBuffer>, bonus: EntropyBonus, adv: &GpuBuffer, raw: Option<&GpuBuffer>,
-                            zero_var: Option<&GpuBuffer>) -> Result<()> {
+    pub fn group_advantages(
+        dev: &GpuDevice,
+        rewards: &GpuBuffer,
+        num_groups: usize,
+        g: usize,
+        scale: AdvScale,
+        h_seq: Option<&GpuBuffer>,
+        bonus: EntropyBonus,
+        adv: &GpuBuffer,
+        raw: Option<&GpuBuffer>,
+        zero_var: Option<&GpuBuffer>,
+    ) -> Result<()> {
         ensure!((1..=1024).contains(&g), "group size {g} must be in 1..=1024");
-        ensure!(rewards.bytes() >= num_groups * g * 4 && adv.bytes() >= num_groups * g * 4, "advantage: buffers too small");
+        ensure!(
+            rewards.bytes() >= num_groups * g * 4 && adv.bytes() >= num_groups * g * 4,
+            "advantage: buffers too small"
+        );
         if num_groups == 0 {
             return Ok(());
         }
         let mut a = KernelArgs::new();
-        a.buf(rewards).i32(num_groups as i32).i32(g as i32).i32(scale.code()).opt(h_seq).f32(bonus.lambda)
-            .f32(bonus.alpha).buf(adv).opt(raw).opt(zero_var);
+        a.buf(rewards)
+            .i32(num_groups as i32)
+            .i32(g as i32)
+            .i32(scale.code())
+            .opt(h_seq)
+            .f32(bonus.lambda)
+            .f32(bonus.alpha)
+            .buf(adv)
+            .opt(raw)
+            .opt(zero_var);
         let block = g.div_ceil(32) as u32 * 32;
-        dev.launch(Kernel::new("advantage.cu", "grpo_advantage"), LaunchCfg::linear(num_groups as u32, block), &mut a)
+        dev.launch(
+            Kernel::new("advantage.cu", "grpo_advantage"),
+            LaunchCfg::linear(num_groups as u32, block),
+            &mut a,
+        )
     }
 
     /// `out[i·t + k] = A_i + min(λ·H_{i,k}, |A_i|/α)` (0 where mask = 0).
     #[allow(clippy::too_many_arguments)]
-    pub fn token_advantages(dev: &GpuDevice, raw: &GpuBuffer, h_tok: &GpuBuffer, mask: Option<&GpuBuffer>, n_seq: usize,
-                            t: usize, bonus: EntropyBonus, out: &GpuBuffer) -> Result<()> {
-        ensure!(out.bytes() >= n_seq * t * 4 && h_tok.bytes() >= n_seq * t * 4, "token advantages: buffers too small");
+    pub fn token_advantages(
+        dev: &GpuDevice,
+        raw: &GpuBuffer,
+        h_tok: &GpuBuffer,
+        mask: Option<&GpuBuffer>,
+        n_seq: usize,
+        t: usize,
+        bonus: EntropyBonus,
+        out: &GpuBuffer,
+    ) -> Result<()> {
+        ensure!(
+            out.bytes() >= n_seq * t * 4 && h_tok.bytes() >= n_seq * t * 4,
+            "token advantages: buffers too small"
+        );
         if n_seq * t == 0 {
             return Ok(());
         }
         let mut a = KernelArgs::new();
-        a.buf(raw).buf(h_tok).opt(mask).i32(n_seq as i32).i32(t as i32).f32(bonus.lambda).f32(bonus.alpha).buf(out);
-        dev.launch(Kernel::new("advantage.cu", "grpo_advantage_token"), LaunchCfg::elementwise(n_seq * t), &mut a)
+        a.buf(raw)
+            .buf(h_tok)
+            .opt(mask)
+            .i32(n_seq as i32)
+            .i32(t as i32)
+            .f32(bonus.lambda)
+            .f32(bonus.alpha)
+            .buf(out);
+        dev.launch(
+            Kernel::new("advantage.cu", "grpo_advantage_token"),
+            LaunchCfg::elementwise(n_seq * t),
+            &mut a,
+        )
     }
 
     /// `out[i] = Σ_t x·mask / Σ_t mask` per row of `[rows, cols]`.
-    pub fn masked_row_mean(dev: &GpuDevice, x: &GpuBuffer, mask: Option<&GpuBuffer>, rows: usize, cols: usize, out: &GpuBuffer) -> Result<()> {
-        ensure!(x.bytes() >= rows * cols * 4 && out.bytes() >= rows * 4, "masked_row_mean: buffers too small");
+    pub fn masked_row_mean(
+        dev: &GpuDevice,
+        x: &GpuBuffer,
+        mask: Option<&GpuBuffer>,
+        rows: usize,
+        cols: usize,
+        out: &GpuBuffer,
+    ) -> Result<()> {
+        ensure!(
+            x.bytes() >= rows * cols * 4 && out.bytes() >= rows * 4,
+            "masked_row_mean: buffers too small"
+        );
         if rows == 0 {
             return Ok(());
         }
         let mut a = KernelArgs::new();
         a.buf(x).opt(mask).i32(cols as i32).buf(out);
-        dev.launch(Kernel::new("advantage.cu", "masked_row_mean"), LaunchCfg::linear(rows as u32, 256), &mut a)
+        dev.launch(
+            Kernel::new("advantage.cu", "masked_row_mean"),
+            LaunchCfg::linear(rows as u32, 256),
+            &mut a,
+        )
     }
 }
 
@@ -167,7 +247,14 @@ mod tests {
 
     #[test]
     fn equal_rewards_give_zero_advantage_and_no_bonus() {
-        let a = group_advantages(&[1.0, 1.0, 1.0, 0.0, 1.0, 0.0], 3, AdvScale::Group, Some(&[2.0; 6]), EntropyBonus::default()).unwrap();
+        let a = group_advantages(
+            &[1.0, 1.0, 1.0, 0.0, 1.0, 0.0],
+            3,
+            AdvScale::Group,
+            Some(&[2.0; 6]),
+            EntropyBonus::default(),
+        )
+        .unwrap();
         assert_eq!(&a.adv[..3], &[0.0, 0.0, 0.0]);
         assert_eq!(a.zero_var, vec![true, false]);
         // second group: mean 1/3, std = sqrt(1/3); A(1) = (2/3)/0.57735 = 1.1547; ψ = min(0.8, 0.577)

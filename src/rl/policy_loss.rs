@@ -17,7 +17,9 @@ pub enum LossAgg {
     TokenMean,
     SeqMean,
     /// Think tokens weigh α_s/N_think, result tokens (1−α_s)/N_result, per sequence.
-    Srml { alpha: f32 },
+    Srml {
+        alpha: f32,
+    },
 }
 
 impl LossAgg {
@@ -77,7 +79,9 @@ fn weights(x: &PolicyLossInput, agg: LossAgg) -> Vec<f64> {
     for i in 0..n {
         let row = i * t..(i + 1) * t;
         let seg = |k: usize| x.seg.map_or(0, |s| s[k]);
-        let cnt = |s: Option<i32>| -> f64 { row.clone().filter(|&k| s.is_none_or(|s| seg(k) == s)).map(|k| x.mask[k] as f64).sum() };
+        let cnt = |s: Option<i32>| -> f64 {
+            row.clone().filter(|&k| s.is_none_or(|s| seg(k) == s)).map(|k| x.mask[k] as f64).sum()
+        };
         let (ni, nt, nr) = (cnt(None), cnt(Some(1)), cnt(Some(2)));
         for k in row.clone() {
             let m = x.mask[k] as f64;
@@ -101,7 +105,10 @@ fn weights(x: &PolicyLossInput, agg: LossAgg) -> Vec<f64> {
 
 fn check(x: &PolicyLossInput, cfg: &PolicyLossCfg) -> Result<()> {
     let n = x.n_seq * x.t;
-    ensure!(x.logp.len() == n && x.old_logp.len() == n && x.mask.len() == n, "policy_loss: [n_seq, t] inputs");
+    ensure!(
+        x.logp.len() == n && x.old_logp.len() == n && x.mask.len() == n,
+        "policy_loss: [n_seq, t] inputs"
+    );
     ensure!(x.adv.len() == if x.adv_per_token { n } else { x.n_seq }, "policy_loss: advantages");
     ensure!(x.ref_logp.is_none_or(|r| r.len() == n), "policy_loss: reference log-probs");
     if matches!(cfg.agg, LossAgg::Srml { .. }) {
@@ -111,7 +118,11 @@ fn check(x: &PolicyLossInput, cfg: &PolicyLossCfg) -> Result<()> {
 }
 
 /// Forward and `d loss / d logp` (times `dloss`), in f64.
-pub fn policy_loss(x: &PolicyLossInput, cfg: &PolicyLossCfg, dloss: f32) -> Result<(PolicyLossStats, Vec<f32>)> {
+pub fn policy_loss(
+    x: &PolicyLossInput,
+    cfg: &PolicyLossCfg,
+    dloss: f32,
+) -> Result<(PolicyLossStats, Vec<f32>)> {
     let n = x.n_seq * x.t;
     check(x, cfg)?;
     let w = weights(x, cfg.agg);
@@ -153,18 +164,35 @@ pub fn policy_loss(x: &PolicyLossInput, cfg: &PolicyLossCfg, dloss: f32) -> Resu
 
 /// [`policy_loss`] on `device`: the f64 reference on the cpu; on a GPU the fused kernels (counts,
 /// forward, backward) on the uploaded inputs, with the stats and the gradient downloaded.
-pub fn policy_loss_on(device: Device, x: &PolicyLossInput, cfg: &PolicyLossCfg, dloss: f32) -> Result<(PolicyLossStats, Vec<f32>)> {
+pub fn policy_loss_on(
+    device: Device,
+    x: &PolicyLossInput,
+    cfg: &PolicyLossCfg,
+    dloss: f32,
+) -> Result<(PolicyLossStats, Vec<f32>)> {
     if device.is_cpu() {
         return policy_loss(x, cfg, dloss);
     }
     check(x, cfg)?;
     let dev = device.gpu()?;
-    let (logp, old, adv, mask) = (dev.upload_f32(x.logp)?, dev.upload_f32(x.old_logp)?, dev.upload_f32(x.adv)?, dev.upload_f32(x.mask)?);
+    let (logp, old, adv, mask) = (
+        dev.upload_f32(x.logp)?,
+        dev.upload_f32(x.old_logp)?,
+        dev.upload_f32(x.adv)?,
+        dev.upload_f32(x.mask)?,
+    );
     let refl = x.ref_logp.map(|r| dev.upload_f32(r)).transpose()?;
     let seg = x.seg.map(|s| dev.upload_i32(s)).transpose()?;
     let b = gpu::PolicyLossBuffers {
-        logp: &logp, old_logp: &old, ref_logp: refl.as_ref(), adv: &adv, adv_per_token: x.adv_per_token, mask: &mask,
-        seg: seg.as_ref(), n_seq: x.n_seq, t: x.t,
+        logp: &logp,
+        old_logp: &old,
+        ref_logp: refl.as_ref(),
+        adv: &adv,
+        adv_per_token: x.adv_per_token,
+        mask: &mask,
+        seg: seg.as_ref(),
+        n_seq: x.n_seq,
+        t: x.t,
     };
     let counts = gpu::counts(&dev, &b)?;
     let out = dev.zeros(16)?;
@@ -200,33 +228,62 @@ pub mod gpu {
     fn args(x: &PolicyLossBuffers, counts: &GpuBuffer, cfg: &PolicyLossCfg) -> KernelArgs {
         let (mode, alpha) = cfg.agg.code();
         let mut a = KernelArgs::new();
-        a.buf(x.logp).buf(x.old_logp).opt(x.ref_logp).buf(x.adv).buf(x.mask).opt(x.seg).buf(counts)
-            .i32(x.n_seq as i32).i32(x.t as i32).i32(mode).i32(x.adv_per_token as i32).f32(cfg.eps_low)
-            .f32(cfg.eps_high).f32(cfg.beta).f32(alpha);
+        a.buf(x.logp)
+            .buf(x.old_logp)
+            .opt(x.ref_logp)
+            .buf(x.adv)
+            .buf(x.mask)
+            .opt(x.seg)
+            .buf(counts)
+            .i32(x.n_seq as i32)
+            .i32(x.t as i32)
+            .i32(mode)
+            .i32(x.adv_per_token as i32)
+            .f32(cfg.eps_low)
+            .f32(cfg.eps_high)
+            .f32(cfg.beta)
+            .f32(alpha);
         a
     }
 
     /// Per-sequence token counts `[n_seq, 3]` (f32): all, think, result. Shared by fwd and bwd.
     pub fn counts(dev: &GpuDevice, x: &PolicyLossBuffers) -> Result<GpuBuffer> {
         let n = x.n_seq * x.t;
-        ensure!(x.logp.bytes() >= n * 4 && x.old_logp.bytes() >= n * 4 && x.mask.bytes() >= n * 4, "policy loss: buffers too small");
+        ensure!(
+            x.logp.bytes() >= n * 4 && x.old_logp.bytes() >= n * 4 && x.mask.bytes() >= n * 4,
+            "policy loss: buffers too small"
+        );
         let c = dev.zeros(x.n_seq.max(1) * 12)?;
         if x.n_seq > 0 {
             let mut a = KernelArgs::new();
             a.buf(x.mask).opt(x.seg).i32(x.t as i32).buf(&c);
-            dev.launch(Kernel::new("policy_loss.cu", "pl_counts"), LaunchCfg::linear(x.n_seq as u32, 256), &mut a)?;
+            dev.launch(
+                Kernel::new("policy_loss.cu", "pl_counts"),
+                LaunchCfg::linear(x.n_seq as u32, 256),
+                &mut a,
+            )?;
         }
         Ok(c)
     }
 
     /// Loss and stats into `out` (f32 `[4]`: loss, mean KL, clip fraction, tokens).
-    pub fn policy_loss_fwd(dev: &GpuDevice, x: &PolicyLossBuffers, counts: &GpuBuffer, cfg: &PolicyLossCfg, out: &GpuBuffer) -> Result<()> {
+    pub fn policy_loss_fwd(
+        dev: &GpuDevice,
+        x: &PolicyLossBuffers,
+        counts: &GpuBuffer,
+        cfg: &PolicyLossCfg,
+        out: &GpuBuffer,
+    ) -> Result<()> {
         ensure!(out.bytes() >= 16, "policy loss: out needs 4 floats");
         let partial = dev.zeros(x.n_seq.max(1) * 16)?;
         if x.n_seq > 0 {
             let mut a = args(x, counts, cfg);
             a.buf(&partial);
-            dev.launch(Kernel::new("policy_loss.cu", "pl_fwd"), LaunchCfg::linear(x.n_seq as u32, 256), &mut a)?;
+            dev.launch(
+                Kernel::new("policy_loss.cu", "pl_fwd"),
+                LaunchCfg::linear(x.n_seq as u32, 256),
+                &mut a,
+            )?;
         }
         let mut a = KernelArgs::new();
         a.buf(&partial).i32(x.n_seq as i32).buf(out);
@@ -234,8 +291,14 @@ pub mod gpu {
     }
 
     /// `dlogp` (f32 `[n_seq, t]`) = `dloss[0]` (device f32; None = 1) · ∂loss/∂logp.
-    pub fn policy_loss_bwd(dev: &GpuDevice, x: &PolicyLossBuffers, counts: &GpuBuffer, cfg: &PolicyLossCfg,
-                           dloss: Option<&GpuBuffer>, dlogp: &GpuBuffer) -> Result<()> {
+    pub fn policy_loss_bwd(
+        dev: &GpuDevice,
+        x: &PolicyLossBuffers,
+        counts: &GpuBuffer,
+        cfg: &PolicyLossCfg,
+        dloss: Option<&GpuBuffer>,
+        dlogp: &GpuBuffer,
+    ) -> Result<()> {
         ensure!(dlogp.bytes() >= x.n_seq * x.t * 4, "policy loss: dlogp too small");
         if x.n_seq == 0 {
             return Ok(());
@@ -255,17 +318,38 @@ mod tests {
     fn gradient_matches_finite_differences() {
         let (n_seq, t) = (2, 5);
         let logp: Vec<f32> = (0..10).map(|i| -0.3 - 0.17 * i as f32).collect();
-        let old: Vec<f32> = (0..10).map(|i| -0.35 - 0.15 * i as f32 + if i == 3 { 0.5 } else { 0.0 }).collect();
+        let old: Vec<f32> =
+            (0..10).map(|i| -0.35 - 0.15 * i as f32 + if i == 3 { 0.5 } else { 0.0 }).collect();
         let refl: Vec<f32> = (0..10).map(|i| -0.2 - 0.2 * i as f32).collect();
         let mask = [1., 1., 1., 0., 1., 1., 1., 1., 1., 0.];
         let seg = [1, 1, 2, 2, 2, 1, 2, 2, 2, 0];
         for agg in [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml { alpha: 0.3 }] {
             let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.05, agg };
             let input = |lp: &[f32]| -> f32 {
-                let x = PolicyLossInput { logp: lp, old_logp: &old, ref_logp: Some(&refl), adv: &[0.7, -1.2], adv_per_token: false, mask: &mask, seg: Some(&seg), n_seq, t };
+                let x = PolicyLossInput {
+                    logp: lp,
+                    old_logp: &old,
+                    ref_logp: Some(&refl),
+                    adv: &[0.7, -1.2],
+                    adv_per_token: false,
+                    mask: &mask,
+                    seg: Some(&seg),
+                    n_seq,
+                    t,
+                };
                 policy_loss(&x, &cfg, 1.0).unwrap().0.loss
             };
-            let x = PolicyLossInput { logp: &logp, old_logp: &old, ref_logp: Some(&refl), adv: &[0.7, -1.2], adv_per_token: false, mask: &mask, seg: Some(&seg), n_seq, t };
+            let x = PolicyLossInput {
+                logp: &logp,
+                old_logp: &old,
+                ref_logp: Some(&refl),
+                adv: &[0.7, -1.2],
+                adv_per_token: false,
+                mask: &mask,
+                seg: Some(&seg),
+                n_seq,
+                t,
+            };
             let (_, g) = policy_loss(&x, &cfg, 1.0).unwrap();
             for k in 0..10 {
                 let h = 1e-3;

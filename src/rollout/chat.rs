@@ -61,10 +61,16 @@ impl ChatFormat {
     /// The prompt text of `messages` (and `tools`), ending with the assistant's turn opening.
     /// Llama 3 text starts with `<|begin_of_text|>`: tokenize it without adding special tokens.
     pub fn render(&self, messages: &[Value], tools: Option<&[Value]>) -> Result<String> {
-        let msgs: Vec<Msg> = messages.iter().enumerate().map(|(i, m)| Msg::parse(m).with_context(|| format!("message {}", i + 1))).collect::<Result<_>>()?;
+        let msgs: Vec<Msg> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Msg::parse(m).with_context(|| format!("message {}", i + 1)))
+            .collect::<Result<_>>()?;
         let tools = tools.filter(|t| !t.is_empty());
         match self {
-            ChatFormat::ChatMl { default_system } => Ok(render_chatml(&msgs, tools, default_system.as_deref())),
+            ChatFormat::ChatMl { default_system } => {
+                Ok(render_chatml(&msgs, tools, default_system.as_deref()))
+            }
             ChatFormat::Llama3 { dated } => render_llama3(&msgs, tools, *dated),
         }
     }
@@ -80,7 +86,12 @@ fn chat_template(dir: &Path) -> Option<String> {
     let v: Value = serde_json::from_str(&text).ok()?;
     match v.get("chat_template")? {
         Value::String(s) => Some(s.clone()),
-        Value::Array(a) => Some(a.iter().filter_map(|t| t.get("template").and_then(|x| x.as_str())).collect::<Vec<_>>().join("\n")),
+        Value::Array(a) => Some(
+            a.iter()
+                .filter_map(|t| t.get("template").and_then(|x| x.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
         _ => None,
     }
 }
@@ -157,7 +168,10 @@ fn render_chatml(msgs: &[Msg], tools: Option<&[Value]>, default_system: Option<&
                     s.push_str(&m.content);
                 }
                 for (name, args) in &m.tool_calls {
-                    s.push_str(&format!("\n<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {}}}\n</tool_call>", args_text(args)));
+                    s.push_str(&format!(
+                        "\n<tool_call>\n{{\"name\": \"{name}\", \"arguments\": {}}}\n</tool_call>",
+                        args_text(args)
+                    ));
                 }
                 s.push_str("<|im_end|>\n");
             }
@@ -197,7 +211,9 @@ fn render_llama3(msgs: &[Msg], tools: Option<&[Value]>, dated: bool) -> Result<S
         s.push_str("<|eot_id|>");
     }
     if let Some(tools) = tools {
-        let Some(first) = rest.first() else { bail!("tools go into the first user message, and there is none") };
+        let Some(first) = rest.first() else {
+            bail!("tools go into the first user message, and there is none")
+        };
         s.push_str("<|start_header_id|>user<|end_header_id|>\n\n");
         s.push_str("Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\n\n");
         s.push_str("Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.Do not use variables.\n\n");
@@ -219,7 +235,11 @@ fn render_llama3(msgs: &[Msg], tools: Option<&[Value]>, dated: bool) -> Result<S
         } else if m.role == "tool" || m.role == "ipython" {
             s.push_str(&format!("<|start_header_id|>ipython<|end_header_id|>\n\n{}<|eot_id|>", m.content));
         } else {
-            s.push_str(&format!("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, m.content.trim()));
+            s.push_str(&format!(
+                "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
+                m.role,
+                m.content.trim()
+            ));
         }
     }
     s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
@@ -289,5 +309,9 @@ fn py_number(n: &serde_json::Number) -> String {
         return format!("{mant}e{sign}{:02}", exp.abs());
     }
     let s = format!("{f}");
-    if s.contains('.') || s.contains("inf") || s.contains("NaN") { s } else { format!("{s}.0") }
+    if s.contains('.') || s.contains("inf") || s.contains("NaN") {
+        s
+    } else {
+        format!("{s}.0")
+    }
 }

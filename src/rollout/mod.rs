@@ -134,7 +134,12 @@ pub fn chat_eos_ids(model: &Model, tok: Option<&Tokenizer>) -> Vec<u32> {
 }
 
 /// Generates `cfg.n` completions for every prompt; prompt i is numbered i.
-pub fn generate(model: &Model, prompts: &[Vec<u32>], cfg: &SamplingConfig, tok: Option<&Tokenizer>) -> Result<Vec<Completion>> {
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    tok: Option<&Tokenizer>,
+) -> Result<Vec<Completion>> {
     generate_indexed(model, prompts, 0, cfg, tok)
 }
 
@@ -157,9 +162,19 @@ struct Live {
 /// [`generate`] for prompts numbered from `first_index` (RNG streams follow the numbers, so a
 /// file split into chunks samples exactly as in one call). Completions come back ordered by
 /// (prompt, sample).
-pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize, cfg: &SamplingConfig, tok: Option<&Tokenizer>) -> Result<Vec<Completion>> {
+pub fn generate_indexed(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    first_index: usize,
+    cfg: &SamplingConfig,
+    tok: Option<&Tokenizer>,
+) -> Result<Vec<Completion>> {
     ensure!(cfg.n >= 1, "n (samples per prompt) must be at least 1");
-    ensure!(cfg.temperature >= 0.0 && cfg.temperature.is_finite(), "temperature must be ≥ 0, got {}", cfg.temperature);
+    ensure!(
+        cfg.temperature >= 0.0 && cfg.temperature.is_finite(),
+        "temperature must be ≥ 0, got {}",
+        cfg.temperature
+    );
     ensure!(cfg.top_p > 0.0 && cfg.top_p <= 1.0, "top_p must be in (0, 1], got {}", cfg.top_p);
     if !cfg.stop_strings.is_empty() && tok.is_none() {
         bail!("stop strings need a tokenizer");
@@ -179,8 +194,13 @@ pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize,
         for (i, _) in prompts.iter().enumerate() {
             for j in 0..n {
                 out[i * n + j] = Some(Completion {
-                    prompt_index: first_index + i, sample_index: j, new_ids: vec![], logprobs: vec![], entropy: vec![],
-                    finish_reason: FinishReason::Length, stop_string: None,
+                    prompt_index: first_index + i,
+                    sample_index: j,
+                    new_ids: vec![],
+                    logprobs: vec![],
+                    entropy: vec![],
+                    finish_reason: FinishReason::Length,
+                    stop_string: None,
                 });
             }
         }
@@ -240,7 +260,10 @@ pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize,
                     prompt: p,
                     sample: j,
                     // Own positions grow in blocks as the sample runs (most stop long before the limit).
-                    cache: SeqCache::after(prefix.clone(), cfg.max_new_tokens.min(crate::model::kv_cache::GROW)),
+                    cache: SeqCache::after(
+                        prefix.clone(),
+                        cfg.max_new_tokens.min(crate::model::kv_cache::GROW),
+                    ),
                     rng: sample_rng(cfg.seed, first_index + p, j),
                     last: 0,
                     row: base + k,
@@ -274,7 +297,9 @@ pub fn generate_indexed(model: &Model, prompts: &[Vec<u32>], first_index: usize,
                 }
             }
             // The context ends like the token budget does: no position left for another token.
-            if finish.is_none() && (s.new_ids.len() >= cfg.max_new_tokens || prompts[s.prompt].len() + s.new_ids.len() >= ctx) {
+            if finish.is_none()
+                && (s.new_ids.len() >= cfg.max_new_tokens || prompts[s.prompt].len() + s.new_ids.len() >= ctx)
+            {
                 finish = Some(FinishReason::Length);
             }
             match finish {
@@ -305,8 +330,10 @@ fn progress_bar(on: bool, total: u64) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} generate [{elapsed_precise}] {bar:30} {pos}/{len} samples ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} generate [{elapsed_precise}] {bar:30} {pos}/{len} samples ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
 }

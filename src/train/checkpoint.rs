@@ -62,7 +62,8 @@ fn write_parts(tmp: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> 
     }
     weights::save(&tmp.join("optimizer.safetensors"), &tensors, DType::F32)?;
     let st = tmp.join("trainer_state.json");
-    std::fs::write(&st, serde_json::to_string_pretty(state)? + "\n").with_context(|| format!("cannot write {}", st.display()))
+    std::fs::write(&st, serde_json::to_string_pretty(state)? + "\n")
+        .with_context(|| format!("cannot write {}", st.display()))
 }
 
 /// The checkpoint with the highest step in `run_dir`.
@@ -103,7 +104,10 @@ pub fn load_latest_good(run_dir: &Path) -> Result<Option<(PathBuf, Model, AdamW,
                 return Ok(Some((dir, m, o, s)));
             }
             Err(e) => {
-                eprintln!("warning: checkpoint {} cannot be loaded ({e:#}); trying the previous one", dir.display());
+                eprintln!(
+                    "warning: checkpoint {} cannot be loaded ({e:#}); trying the previous one",
+                    dir.display()
+                );
                 failures.push(format!("{}: {e:#}", dir.display()));
             }
         }
@@ -113,13 +117,19 @@ pub fn load_latest_good(run_dir: &Path) -> Result<Option<(PathBuf, Model, AdamW,
 
 pub fn load(dir: &Path) -> Result<(Model, AdamW, TrainerState)> {
     let model = Model::load(dir)?;
-    let text = std::fs::read_to_string(dir.join("trainer_state.json")).with_context(|| format!("cannot read {}/trainer_state.json", dir.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{}/trainer_state.json: malformed", dir.display()))?;
+    let text = std::fs::read_to_string(dir.join("trainer_state.json"))
+        .with_context(|| format!("cannot read {}/trainer_state.json", dir.display()))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{}/trainer_state.json: malformed", dir.display()))?;
     let tensors = weights::load_all(&dir.join("optimizer.safetensors"))?;
     let (mut m, mut v) = (BTreeMap::new(), BTreeMap::new());
     for (name, t) in tensors {
         let t = t.to_vec();
-        anyhow::ensure!(t.iter().all(|x| x.is_finite()), "{}/optimizer.safetensors: tensor `{name}` has non-finite values", dir.display());
+        anyhow::ensure!(
+            t.iter().all(|x| x.is_finite()),
+            "{}/optimizer.safetensors: tensor `{name}` has non-finite values",
+            dir.display()
+        );
         if let Some(n) = name.strip_prefix("m.") {
             m.insert(n.to_string(), t);
         } else if let Some(n) = name.strip_prefix("v.") {
@@ -150,9 +160,12 @@ const MAY_CHANGE_ON_RESUME: [&str; 4] = ["steps", "save_every", "eval_samples", 
 pub fn check_resume_config<C: Serialize>(run_dir: &Path, cfg: &C, force: bool) -> Result<()> {
     let path = run_dir.join("config.toml");
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
-    let saved: toml::Table = toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let saved: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
     // Through text, as config.toml was written: f32 fields then compare by their printed value.
-    let now: toml::Table = toml::from_str(&toml::to_string_pretty(cfg).context("cannot serialize the config")?).context("cannot re-read the config")?;
+    let now: toml::Table =
+        toml::from_str(&toml::to_string_pretty(cfg).context("cannot serialize the config")?)
+            .context("cannot re-read the config")?;
     let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -166,7 +179,11 @@ pub fn check_resume_config<C: Serialize>(run_dir: &Path, cfg: &C, force: bool) -
         return Ok(());
     }
     if force {
-        eprintln!("warning: resuming with a config that differs from {} (--force): {}", path.display(), drift.join(", "));
+        eprintln!(
+            "warning: resuming with a config that differs from {} (--force): {}",
+            path.display(),
+            drift.join(", ")
+        );
         return Ok(());
     }
     anyhow::bail!(

@@ -24,10 +24,10 @@ use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, Entropy
 use crate::rl::policy_loss::{policy_loss_on, LossAgg, PolicyLossCfg, PolicyLossInput};
 use crate::rollout::{self, chat_eos_ids, SamplingConfig};
 use crate::runfs::{self, RunLock};
+use crate::tensor::Device;
 use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout::{self, HeldOut};
 use crate::train::metrics::MetricsWriter;
-use crate::tensor::Device;
 use crate::train::optim::{apply_step, AdamW, AdamWConfig, StepGrads};
 use crate::train::schedule::Schedule;
 
@@ -251,8 +251,12 @@ pub struct Resampling {
 /// `max_rounds` rounds. Groups still flagged then stay in the batch: the batch keeps
 /// `prompts_per_step` groups, so the loss normalisation and the KL term do not depend on how
 /// many groups the filter caught.
-pub fn fill_batch<G>(first: Vec<G>, max_rounds: usize, zero_var: impl Fn(&G) -> bool,
-                     mut redraw: impl FnMut(usize, usize) -> Result<Vec<G>>) -> Result<(Vec<G>, Resampling)> {
+pub fn fill_batch<G>(
+    first: Vec<G>,
+    max_rounds: usize,
+    zero_var: impl Fn(&G) -> bool,
+    mut redraw: impl FnMut(usize, usize) -> Result<Vec<G>>,
+) -> Result<(Vec<G>, Resampling)> {
     let mut batch = first;
     let mut done = Resampling::default();
     for round in 1..=max_rounds {
@@ -261,7 +265,12 @@ pub fn fill_batch<G>(first: Vec<G>, max_rounds: usize, zero_var: impl Fn(&G) -> 
             break;
         }
         let fresh = redraw(slots.len(), round)?;
-        ensure!(fresh.len() == slots.len(), "dynamic sampling round {round}: {} groups re-drawn for {} slots", fresh.len(), slots.len());
+        ensure!(
+            fresh.len() == slots.len(),
+            "dynamic sampling round {round}: {} groups re-drawn for {} slots",
+            fresh.len(),
+            slots.len()
+        );
         for (i, g) in slots.iter().zip(fresh) {
             batch[*i] = g;
         }
@@ -334,7 +343,10 @@ impl GrpoTrainer {
         for d in [cfg.run_dir.clone(), cfg.run_dir.join("sft"), cfg.run_dir.join("sft/task")] {
             runfs::clean_stale_temps_noisy(&d);
         }
-        ensure!(cfg.group_size >= 1 && cfg.prompts_per_step >= 1, "group size and prompts per step must be at least 1");
+        ensure!(
+            cfg.group_size >= 1 && cfg.prompts_per_step >= 1,
+            "group size and prompts per step must be at least 1"
+        );
         let resume = start_mode.resume && !checkpoint::all(&cfg.run_dir).is_empty();
         if resume {
             checkpoint::check_resume_config(&cfg.run_dir, &cfg, start_mode.force)?;
@@ -342,7 +354,12 @@ impl GrpoTrainer {
         let (train, eval, start) = materialize_with(&cfg, device, start_mode.force)?;
         ensure!(!train.is_empty(), "no training prompts");
         let tok = Tokenizer::load(&start)?;
-        let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let schedule = Schedule {
+            lr: cfg.lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.steps,
+            min_ratio: cfg.min_lr_ratio,
+        };
         let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
         // The reference policy is the starting point, also when resuming.
         let reference = if cfg.beta != 0.0 { Some(Model::load(&start)?.to_device(device)?) } else { None };
@@ -355,7 +372,23 @@ impl GrpoTrainer {
             }
             None => (Model::load(&start)?, AdamW::default(), 0, 0, 0),
         };
-        let mut t = GrpoTrainer { cfg, model, reference, tok, opt, adam, schedule, step, epoch, cursor, order: vec![], train, eval, reward_override: None, _lock: Some(lock) };
+        let mut t = GrpoTrainer {
+            cfg,
+            model,
+            reference,
+            tok,
+            opt,
+            adam,
+            schedule,
+            step,
+            epoch,
+            cursor,
+            order: vec![],
+            train,
+            eval,
+            reward_override: None,
+            _lock: Some(lock),
+        };
         if device.is_gpu() {
             t.opt.attach(&t.model, device)?;
             t.model = t.model.to_device(device)?;
@@ -369,11 +402,32 @@ impl GrpoTrainer {
     /// [`GrpoTrainer::update`] (the trajectory-parity tests). The reference policy is a copy of
     /// `model` when `cfg.beta` is not 0; optimizer and schedule come from `cfg` as in `new`.
     pub fn with_model(cfg: GrpoConfig, mut model: Model, tok: Tokenizer) -> GrpoTrainer {
-        let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let schedule = Schedule {
+            lr: cfg.lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.steps,
+            min_ratio: cfg.min_lr_ratio,
+        };
         let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
         let reference = (cfg.beta != 0.0).then(|| model.clone());
         model.requires_grad();
-        GrpoTrainer { cfg, model, reference, tok, opt: AdamW::default(), adam, schedule, step: 0, epoch: 0, cursor: 0, order: vec![], train: vec![], eval: vec![], reward_override: None, _lock: None }
+        GrpoTrainer {
+            cfg,
+            model,
+            reference,
+            tok,
+            opt: AdamW::default(),
+            adam,
+            schedule,
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            order: vec![],
+            train: vec![],
+            eval: vec![],
+            reward_override: None,
+            _lock: None,
+        }
     }
 
     /// Learning rate of optimizer step `step` (1-based) under the run's schedule.
@@ -382,7 +436,8 @@ impl GrpoTrainer {
     }
 
     fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x6772_706f ^ epoch.wrapping_mul(0x9E37_79B9));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x6772_706f ^ epoch.wrapping_mul(0x9E37_79B9));
         let mut idx: Vec<usize> = (0..self.train.len()).collect();
         idx.shuffle(&mut rng);
         idx
@@ -404,7 +459,15 @@ impl GrpoTrainer {
     }
 
     pub fn state(&self) -> TrainerState {
-        TrainerState { step: self.step, epoch: self.epoch, cursor: self.cursor, seed: self.cfg.seed, schedule: self.schedule, alpha_logit: 0.0, adam_step: self.opt.step }
+        TrainerState {
+            step: self.step,
+            epoch: self.epoch,
+            cursor: self.cursor,
+            seed: self.cfg.seed,
+            schedule: self.schedule,
+            alpha_logit: 0.0,
+            adam_step: self.opt.step,
+        }
     }
 
     pub fn prompt_ids(&self, s: &Sample) -> Result<Vec<u32>> {
@@ -418,7 +481,11 @@ impl GrpoTrainer {
     }
 
     fn answer_format(&self) -> AnswerFormat {
-        if self.cfg.style == Style::QwenFc { AnswerFormat::Json } else { AnswerFormat::Python }
+        if self.cfg.style == Style::QwenFc {
+            AnswerFormat::Json
+        } else {
+            AnswerFormat::Python
+        }
     }
 
     fn sampling(&self, n: usize, temperature: f32, seed: u64) -> SamplingConfig {
@@ -439,7 +506,9 @@ impl GrpoTrainer {
         if let Some(end) = self.tok.token_id("</think>") {
             return ids.iter().position(|&t| t == end).map_or(0, |i| i + 1);
         }
-        (1..=ids.len()).find(|&k| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>"))).unwrap_or(0)
+        (1..=ids.len())
+            .find(|&k| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>")))
+            .unwrap_or(0)
     }
 
     /// One GRPO step: rollouts (re-drawn by dynamic sampling), rewards, advantages, μ
@@ -468,11 +537,21 @@ impl GrpoTrainer {
     fn draw_groups(&mut self, n: usize, seed: u64) -> Result<Vec<Group>> {
         let picks = self.next_prompts(n);
         let g = self.cfg.group_size;
-        let prompts: Vec<Vec<u32>> = picks.iter().map(|&i| self.prompt_ids(&self.train[i])).collect::<Result<_>>()?;
+        let prompts: Vec<Vec<u32>> =
+            picks.iter().map(|&i| self.prompt_ids(&self.train[i])).collect::<Result<_>>()?;
         let completions = ranged("rollout", || {
-            no_grad(|| rollout::generate(&self.model, &prompts, &self.sampling(g, self.cfg.temperature, seed), Some(&self.tok)))
+            no_grad(|| {
+                rollout::generate(
+                    &self.model,
+                    &prompts,
+                    &self.sampling(g, self.cfg.temperature, seed),
+                    Some(&self.tok),
+                )
+            })
         })?;
-        let mut groups: Vec<Group> = (0..n).map(|_| Group { rewards: vec![], rollouts: vec![], call_valid: 0, format_ok: 0, panics: 0 }).collect();
+        let mut groups: Vec<Group> = (0..n)
+            .map(|_| Group { rewards: vec![], rollouts: vec![], call_valid: 0, format_ok: 0, panics: 0 })
+            .collect();
         for c in &completions {
             let grp = &mut groups[c.prompt_index];
             let text = c.text(&self.tok)?;
@@ -480,13 +559,25 @@ impl GrpoTrainer {
             grp.call_valid += r.valid as usize;
             grp.format_ok += r.format_ok as usize;
             grp.panics += r.panicked as usize;
-            grp.rewards.push(self.reward_override.map_or(r.reward as f32, |f| f(&self.train[picks[c.prompt_index]], &text)));
+            grp.rewards.push(
+                self.reward_override
+                    .map_or(r.reward as f32, |f| f(&self.train[picks[c.prompt_index]], &text)),
+            );
             let p = &prompts[c.prompt_index];
             let mut ids = p.clone();
             ids.extend_from_slice(&c.new_ids);
-            grp.rollouts.push(Rollout { ids, prompt_len: p.len(), old_logp: c.logprobs.clone(), entropy: c.entropy.clone(), think_len: self.think_len(&c.new_ids) });
+            grp.rollouts.push(Rollout {
+                ids,
+                prompt_len: p.len(),
+                old_logp: c.logprobs.clone(),
+                entropy: c.entropy.clone(),
+                think_len: self.think_len(&c.new_ids),
+            });
         }
-        ensure!(groups.iter().all(|grp| grp.rewards.len() == g), "rollout returned a group without {g} completions");
+        ensure!(
+            groups.iter().all(|grp| grp.rewards.len() == g),
+            "rollout returned a group without {g} completions"
+        );
         Ok(groups)
     }
 
@@ -501,7 +592,8 @@ impl GrpoTrainer {
         m.reward_std = (rewards.iter().map(|r| (r - m.reward_mean).powi(2)).sum::<f32>() / n).sqrt();
         m.rollout_call_valid = first.iter().map(|grp| grp.call_valid).sum::<usize>() as f32 / n;
         m.rollout_format_ok = first.iter().map(|grp| grp.format_ok).sum::<usize>() as f32 / n;
-        m.zero_var_groups_first_draw = first.iter().filter(|grp| grp.zero_var()).count() as f32 / first.len() as f32;
+        m.zero_var_groups_first_draw =
+            first.iter().filter(|grp| grp.zero_var()).count() as f32 / first.len() as f32;
         let mut tokens = tokens_of(&first);
         m.reward_panics = first.iter().map(|grp| grp.panics).sum();
         let rounds = if self.cfg.dynamic_sampling { self.cfg.max_resample } else { 0 };
@@ -545,12 +637,21 @@ impl GrpoTrainer {
         for r in rollouts {
             let n = r.ids.len().saturating_sub(r.prompt_len);
             ensure!(r.prompt_len >= 1, "a rollout needs a prompt token");
-            ensure!(r.old_logp.len() == n && r.entropy.len() == n && r.think_len <= n, "rollout data for {n} completion tokens: {} log-probs, {} entropies, think length {}", r.old_logp.len(), r.entropy.len(), r.think_len);
+            ensure!(
+                r.old_logp.len() == n && r.entropy.len() == n && r.think_len <= n,
+                "rollout data for {n} completion tokens: {} log-probs, {} entropies, think length {}",
+                r.old_logp.len(),
+                r.entropy.len(),
+                r.think_len
+            );
         }
         let g = self.cfg.group_size;
         let mut st = UpdateStats::default();
         let h_tok: Vec<&[f32]> = rollouts.iter().map(|r| &r.entropy[..r.think_len]).collect();
-        let h_seq: Vec<f32> = h_tok.iter().map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 }).collect();
+        let h_seq: Vec<f32> = h_tok
+            .iter()
+            .map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 })
+            .collect();
         let think_tokens: usize = h_tok.iter().map(|h| h.len()).sum();
         st.cot_entropy = h_tok.iter().flat_map(|h| h.iter()).sum::<f32>() / think_tokens.max(1) as f32;
         let scale = match self.cfg.adv_scale {
@@ -570,9 +671,13 @@ impl GrpoTrainer {
         st.seconds_reference = t1.elapsed().as_secs_f32();
         let t2 = Instant::now();
         for epoch in 0..self.cfg.ppo_epochs.max(1) {
-            let (l, k, c, grads) = ranged("update", || self.policy_gradient(rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0))?;
+            let (l, k, c, grads) = ranged("update", || {
+                self.policy_gradient(rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0)
+            })?;
             ensure!(l.is_finite(), "loss is {l}; stopping before the update, weights unchanged");
-            let norm = ranged("optimizer step", || apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm))?;
+            let norm = ranged("optimizer step", || {
+                apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm)
+            })?;
             st.epochs.push((l, k, c, norm));
         }
         st.seconds_update = t2.elapsed().as_secs_f32();
@@ -583,8 +688,19 @@ impl GrpoTrainer {
     /// completion tokens are the think segment) with the current policy's log-probs and
     /// entropies at the sampling temperature: π_old as a teacher-forced pass, where `train`
     /// takes them from the sampler.
-    pub fn rollouts_from_policy(&self, seqs: &[Vec<u32>], prompt_lens: &[usize], think_lens: &[usize]) -> Result<Vec<Rollout>> {
-        ensure!(seqs.len() == prompt_lens.len() && seqs.len() == think_lens.len(), "{} sequences, {} prompt lengths, {} think lengths", seqs.len(), prompt_lens.len(), think_lens.len());
+    pub fn rollouts_from_policy(
+        &self,
+        seqs: &[Vec<u32>],
+        prompt_lens: &[usize],
+        think_lens: &[usize],
+    ) -> Result<Vec<Rollout>> {
+        ensure!(
+            seqs.len() == prompt_lens.len() && seqs.len() == think_lens.len(),
+            "{} sequences, {} prompt lengths, {} think lengths",
+            seqs.len(),
+            prompt_lens.len(),
+            think_lens.len()
+        );
         let mut out = Vec::with_capacity(seqs.len());
         for ((ids, &pl), &tl) in seqs.iter().zip(prompt_lens).zip(think_lens) {
             ensure!(pl >= 1 && pl < ids.len(), "prompt of {pl} tokens in a sequence of {}", ids.len());
@@ -593,7 +709,13 @@ impl GrpoTrainer {
             let lp = lp.host_f32()?;
             let n = ids.len();
             let (row0, row1) = lp.split_at(n);
-            out.push(Rollout { ids: ids.clone(), prompt_len: pl, old_logp: row0[pl - 1..n - 1].to_vec(), entropy: row1[pl - 1..n - 1].to_vec(), think_len: tl });
+            out.push(Rollout {
+                ids: ids.clone(),
+                prompt_len: pl,
+                old_logp: row0[pl - 1..n - 1].to_vec(),
+                entropy: row1[pl - 1..n - 1].to_vec(),
+                think_len: tl,
+            });
         }
         Ok(out)
     }
@@ -617,12 +739,24 @@ impl GrpoTrainer {
     /// its gradient then flows back through the model micro-batch by micro-batch.
     /// On the first epoch π_θ = π_old in value, so the sampler's log-probs stand in for a
     /// forward pass (`fresh` = false); later epochs recompute them.
-    fn policy_gradient(&self, rollouts: &[Rollout], raw_adv: &[f32], adv: &[f32], ref_lp: Option<&[Vec<f32>]>, fresh: bool) -> Result<(f32, f32, f32, StepGrads)> {
+    fn policy_gradient(
+        &self,
+        rollouts: &[Rollout],
+        raw_adv: &[f32],
+        adv: &[f32],
+        ref_lp: Option<&[Vec<f32>]>,
+        fresh: bool,
+    ) -> Result<(f32, f32, f32, StepGrads)> {
         let n = rollouts.len();
         let t = rollouts.iter().map(|r| r.ids.len() - r.prompt_len).max().unwrap_or(0).max(1);
-        let cur = if fresh { self.logps(&self.model, rollouts)? } else { rollouts.iter().map(|r| r.old_logp.clone()).collect() };
+        let cur = if fresh {
+            self.logps(&self.model, rollouts)?
+        } else {
+            rollouts.iter().map(|r| r.old_logp.clone()).collect()
+        };
         let mut x = vec![0.0f32; n * t];
-        let (mut old, mut refm, mut mask, mut seg) = (vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0i32; n * t]);
+        let (mut old, mut refm, mut mask, mut seg) =
+            (vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0i32; n * t]);
         let mut h_tok = vec![0.0f32; n * t];
         for (i, r) in rollouts.iter().enumerate() {
             for j in 0..r.ids.len() - r.prompt_len {
@@ -637,11 +771,14 @@ impl GrpoTrainer {
         }
         let tok_adv;
         let (adv_slice, per_token) = if self.cfg.entropy_granularity == Granularity::Token {
-            let think_mask: Vec<f32> = seg.iter().zip(&mask).map(|(&s, &m)| if s == 1 { m } else { 0.0 }).collect();
+            let think_mask: Vec<f32> =
+                seg.iter().zip(&mask).map(|(&s, &m)| if s == 1 { m } else { 0.0 }).collect();
             let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
             // A'_{i,t} = A_i + min(λH_{i,t}, |A_i|/α) on think tokens, A_i on result tokens.
             let with_bonus = token_advantages(raw_adv, &h_tok, Some(&think_mask), t, bonus);
-            tok_adv = (0..n * t).map(|k| if think_mask[k] > 0.0 { with_bonus[k] } else { raw_adv[k / t] * mask[k] }).collect::<Vec<f32>>();
+            tok_adv = (0..n * t)
+                .map(|k| if think_mask[k] > 0.0 { with_bonus[k] } else { raw_adv[k / t] * mask[k] })
+                .collect::<Vec<f32>>();
             (tok_adv.as_slice(), true)
         } else {
             (adv, false)
@@ -651,10 +788,22 @@ impl GrpoTrainer {
             AggKind::SeqMean => LossAgg::SeqMean,
             AggKind::Srml => LossAgg::Srml { alpha: self.cfg.srml_alpha },
         };
-        let cfg = PolicyLossCfg { eps_low: self.cfg.eps_low, eps_high: self.cfg.eps_high, beta: self.cfg.beta, agg };
+        let cfg = PolicyLossCfg {
+            eps_low: self.cfg.eps_low,
+            eps_high: self.cfg.eps_high,
+            beta: self.cfg.beta,
+            agg,
+        };
         let input = PolicyLossInput {
-            logp: &x, old_logp: &old, ref_logp: ref_lp.map(|_| refm.as_slice()), adv: adv_slice, adv_per_token: per_token,
-            mask: &mask, seg: Some(&seg), n_seq: n, t,
+            logp: &x,
+            old_logp: &old,
+            ref_logp: ref_lp.map(|_| refm.as_slice()),
+            adv: adv_slice,
+            adv_per_token: per_token,
+            mask: &mask,
+            seg: Some(&seg),
+            n_seq: n,
+            t,
         };
         let (stats, dx) = policy_loss_on(self.model.device(), &input, &cfg, 1.0)?;
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
@@ -682,7 +831,14 @@ impl GrpoTrainer {
     /// Greedy held-out accuracy over the first `limit` eval samples, overall and per category.
     pub fn evaluate(&self, limit: usize) -> Result<HeldOut> {
         let samples = &self.eval[..limit.min(self.eval.len())];
-        let mut h = heldout::evaluate(&self.model, &self.tok, samples, &|s| self.prompt_ids(s), self.answer_format(), self.cfg.max_new_tokens)?;
+        let mut h = heldout::evaluate(
+            &self.model,
+            &self.tok,
+            samples,
+            &|s| self.prompt_ids(s),
+            self.answer_format(),
+            self.cfg.max_new_tokens,
+        )?;
         h.step = self.step;
         Ok(h)
     }
@@ -699,7 +855,11 @@ pub fn materialize(cfg: &GrpoConfig, device: Device) -> Result<(Vec<Sample>, Vec
 }
 
 /// [`materialize`]; `force` is passed to the warm-up's resume check.
-fn materialize_with(cfg: &GrpoConfig, device: Device, force: bool) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
+fn materialize_with(
+    cfg: &GrpoConfig,
+    device: Device,
+    force: bool,
+) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
     let sft_cfg = crate::train::sft::SftConfig {
         model: cfg.model.clone(),
         data: cfg.data.clone(),
@@ -724,7 +884,11 @@ fn materialize_with(cfg: &GrpoConfig, device: Device, force: bool) -> Result<(Ve
                 if sft_cfg.steps == 0 {
                     return Ok((train, eval, base));
                 }
-                eprintln!("SRML warm-up: {} SFT steps on the embedded task (once; kept in {})", sft_cfg.steps, sft_cfg.run_dir.display());
+                eprintln!(
+                    "SRML warm-up: {} SFT steps on the embedded task (once; kept in {})",
+                    sft_cfg.steps,
+                    sft_cfg.run_dir.display()
+                );
                 crate::train::sft::run_with(sft_cfg.clone(), Start { resume: true, force }, device)?;
             }
             done
@@ -753,22 +917,46 @@ pub fn run_with(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option
     let mut before = None;
     if cfg.eval_samples > 0 && t.step == 0 {
         let h = t.evaluate(cfg.eval_samples)?;
-        eprintln!("heldout_accuracy before GRPO (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
+        eprintln!(
+            "heldout_accuracy before GRPO (greedy; format and BFCL verdict): {:.1}% ({})",
+            100.0 * h.accuracy,
+            h.summary()
+        );
         h.write(&run_dir, "before")?;
-        metrics.write(&GrpoMetrics { step: 0, heldout_accuracy: Some(h.accuracy), heldout_calls_accuracy: Some(h.calls_accuracy), ..Default::default() })?;
+        metrics.write(&GrpoMetrics {
+            step: 0,
+            heldout_accuracy: Some(h.accuracy),
+            heldout_calls_accuracy: Some(h.calls_accuracy),
+            ..Default::default()
+        })?;
         before = Some(h.accuracy);
     } else if let Ok(lines) = crate::jsonl::read::<GrpoMetrics>(&metrics_path) {
         before = lines.iter().find(|l| l.step == 0).and_then(|l| l.heldout_accuracy);
     }
-    let pb = if std::io::stderr().is_terminal() { indicatif::ProgressBar::new(cfg.steps) } else { indicatif::ProgressBar::hidden() };
-    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
+    let pb = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(cfg.steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap(),
+    );
     pb.set_position(t.step);
     let mut after = None;
     while t.step < cfg.steps {
         let mut m = t.step()?;
         if m.step == cfg.steps && cfg.eval_samples > 0 {
             let h = t.evaluate(cfg.eval_samples)?;
-            pb.suspend(|| eprintln!("heldout_accuracy after GRPO (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary()));
+            pb.suspend(|| {
+                eprintln!(
+                    "heldout_accuracy after GRPO (greedy; format and BFCL verdict): {:.1}% ({})",
+                    100.0 * h.accuracy,
+                    h.summary()
+                )
+            });
             h.write(&run_dir, "after")?;
             m.heldout_accuracy = Some(h.accuracy);
             m.heldout_calls_accuracy = Some(h.calls_accuracy);
@@ -776,8 +964,10 @@ pub fn run_with(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option
         }
         metrics.write(&m)?;
         pb.set_position(m.step);
-        pb.set_message(format!("reward {:.3} call_valid {:.3} zero_var {:.2} H {:.3} kl {:.4} {:.0} tok/s",
-            m.reward_mean, m.rollout_call_valid, m.zero_var_groups, m.cot_entropy, m.kl, m.tokens_per_s));
+        pb.set_message(format!(
+            "reward {:.3} call_valid {:.3} zero_var {:.2} H {:.3} kl {:.4} {:.0} tok/s",
+            m.reward_mean, m.rollout_call_valid, m.zero_var_groups, m.cot_entropy, m.kl, m.tokens_per_s
+        ));
         if !pb.is_hidden() || m.step % 5 == 0 || m.step == cfg.steps {
             let _ = crate::train::plot::curves(&metrics_path, &run_dir.join("curves.svg"));
         }
@@ -787,7 +977,12 @@ pub fn run_with(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option
     }
     pb.finish_and_clear();
     if let (Some(b), Some(a)) = (before, after) {
-        eprintln!("heldout_accuracy: {:.1}% before GRPO → {:.1}% after ({:+.1} points)", 100.0 * b, 100.0 * a, 100.0 * (a - b));
+        eprintln!(
+            "heldout_accuracy: {:.1}% before GRPO → {:.1}% after ({:+.1} points)",
+            100.0 * b,
+            100.0 * a,
+            100.0 * (a - b)
+        );
     }
     Ok((before, after))
 }
@@ -856,7 +1051,11 @@ mod tests {
         let first = draw(6); // prompts 0..6: 0 and 3 are zero-variance
         assert_eq!(fraction(&first), 2.0 / 6.0);
         let (off, none) = fill_batch(first.clone(), 0, &zv, |n, _| Ok(draw(n))).unwrap();
-        assert_eq!((off.clone(), none), (first.clone(), Resampling::default()), "max_rounds 0 changes nothing");
+        assert_eq!(
+            (off.clone(), none),
+            (first.clone(), Resampling::default()),
+            "max_rounds 0 changes nothing"
+        );
         let (zv, mut draw) = stream(0);
         let first = draw(6);
         let mut rounds_seen = vec![];
@@ -881,12 +1080,17 @@ mod tests {
         let (batch, done) = fill_batch(first, 2, &zv, |n, _| Ok(draw(n))).unwrap();
         assert_eq!(done, Resampling { rounds: 2, redrawn: 8 });
         assert_eq!(batch.len(), 4, "the batch keeps prompts_per_step groups");
-        assert_eq!(batch.iter().map(|g| g.0).collect::<Vec<_>>(), vec![8, 9, 10, 11], "the last round's groups fill the slots");
+        assert_eq!(
+            batch.iter().map(|g| g.0).collect::<Vec<_>>(),
+            vec![8, 9, 10, 11],
+            "the last round's groups fill the slots"
+        );
     }
 
     #[test]
     fn a_short_redraw_is_an_error() {
-        let err = fill_batch(vec![(0usize, true)], 1, |g: &(usize, bool)| g.1, |_, _| Ok(vec![])).unwrap_err();
+        let err =
+            fill_batch(vec![(0usize, true)], 1, |g: &(usize, bool)| g.1, |_, _| Ok(vec![])).unwrap_err();
         assert!(format!("{err}").contains("0 groups re-drawn for 1 slots"), "{err}");
     }
 
@@ -894,14 +1098,30 @@ mod tests {
     /// and the parity of the completion's bytes for the others: those groups are mostly mixed.
     fn half_constant_reward(s: &Sample, text: &str) -> f32 {
         let h = s.id.bytes().fold(2166136261u32, |h, b| (h ^ b as u32).wrapping_mul(16777619));
-        if h % 2 == 0 { 0.0 } else { (text.bytes().map(u32::from).sum::<u32>() % 2) as f32 }
+        if h % 2 == 0 {
+            0.0
+        } else {
+            (text.bytes().map(u32::from).sum::<u32>() % 2) as f32
+        }
     }
 
     fn tiny_run(dir: &std::path::Path, dynamic_sampling: bool) -> Vec<GrpoMetrics> {
         let cfg = GrpoConfig {
-            run_dir: dir.to_path_buf(), steps: 3, prompts_per_step: 4, group_size: 3, max_new_tokens: 12, warmup_sft_steps: 0,
-            task_train: 60, task_eval: 4, eval_samples: 0, beta: 0.0, micro_batch: 12, preset: "micro".into(),
-            dynamic_sampling, max_resample: 4, ..Default::default()
+            run_dir: dir.to_path_buf(),
+            steps: 3,
+            prompts_per_step: 4,
+            group_size: 3,
+            max_new_tokens: 12,
+            warmup_sft_steps: 0,
+            task_train: 60,
+            task_eval: 4,
+            eval_samples: 0,
+            beta: 0.0,
+            micro_batch: 12,
+            preset: "micro".into(),
+            dynamic_sampling,
+            max_resample: 4,
+            ..Default::default()
         };
         let mut t = GrpoTrainer::new(cfg, false).unwrap();
         t.reward_override = Some(half_constant_reward);
@@ -914,14 +1134,28 @@ mod tests {
         let off = tiny_run(dir.path(), false);
         let on = tiny_run(dir.path(), true);
         let total = |ms: &[GrpoMetrics], f: fn(&GrpoMetrics) -> f32| ms.iter().map(f).sum::<f32>();
-        assert_eq!(on[0].zero_var_groups_first_draw, off[0].zero_var_groups_first_draw, "the same first draw at step 1");
-        assert!(total(&off, |m| m.zero_var_groups) > 0.0 && off.iter().all(|m| m.resampled_groups == 0 && m.zero_var_groups == m.zero_var_groups_first_draw));
+        assert_eq!(
+            on[0].zero_var_groups_first_draw, off[0].zero_var_groups_first_draw,
+            "the same first draw at step 1"
+        );
+        assert!(
+            total(&off, |m| m.zero_var_groups) > 0.0
+                && off
+                    .iter()
+                    .all(|m| m.resampled_groups == 0 && m.zero_var_groups == m.zero_var_groups_first_draw)
+        );
         assert!(on.iter().map(|m| m.resampled_groups).sum::<usize>() > 0, "{on:?}");
         assert!(on.iter().all(|m| m.zero_var_groups <= m.zero_var_groups_first_draw));
-        assert!(total(&on, |m| m.zero_var_groups) < total(&off, |m| m.zero_var_groups),
-                "zero-variance fraction trained on: on {:?} vs off {:?}", on.iter().map(|m| m.zero_var_groups).collect::<Vec<_>>(),
-                off.iter().map(|m| m.zero_var_groups).collect::<Vec<_>>());
-        assert!(on[0].completion_tokens >= off[0].completion_tokens, "step 1: the same first draw plus the re-draws' tokens");
+        assert!(
+            total(&on, |m| m.zero_var_groups) < total(&off, |m| m.zero_var_groups),
+            "zero-variance fraction trained on: on {:?} vs off {:?}",
+            on.iter().map(|m| m.zero_var_groups).collect::<Vec<_>>(),
+            off.iter().map(|m| m.zero_var_groups).collect::<Vec<_>>()
+        );
+        assert!(
+            on[0].completion_tokens >= off[0].completion_tokens,
+            "step 1: the same first draw plus the re-draws' tokens"
+        );
     }
 
     #[test]
@@ -930,9 +1164,15 @@ mod tests {
             "clip_frac":0.0,"zero_var_groups":1.0,"loss":0.0,"lr":0.001,"grad_norm":0.0,"completion_tokens":10,"tokens_per_s":1.0,
             "seconds_rollout":0.1,"seconds_reference":0.1,"seconds_update":0.1,"seconds":0.3,"eval_accuracy":0.125}"#;
         let m: GrpoMetrics = serde_json::from_str(&old.replace('\n', "")).unwrap();
-        assert_eq!((m.rollout_call_valid, m.rollout_format_ok, m.heldout_accuracy), (0.25, 0.75, Some(0.125)));
+        assert_eq!(
+            (m.rollout_call_valid, m.rollout_format_ok, m.heldout_accuracy),
+            (0.25, 0.75, Some(0.125))
+        );
         assert_eq!((m.resampled_groups, m.resample_rounds), (0, 0));
         let cfg: GrpoConfig = toml::from_str("steps = 3\n").unwrap();
-        assert!(!cfg.dynamic_sampling && cfg.max_resample == GrpoConfig::default().max_resample, "old config files load");
+        assert!(
+            !cfg.dynamic_sampling && cfg.max_resample == GrpoConfig::default().max_resample,
+            "old config files load"
+        );
     }
 }

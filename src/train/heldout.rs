@@ -64,7 +64,12 @@ pub struct HeldOut {
 impl HeldOut {
     /// "calls 31% of 170; simple 40% of 33, multiple 25% of 12, …"
     pub fn summary(&self) -> String {
-        let cats = self.categories.iter().map(|c| format!("{} {:.0}% of {}", c.category, 100.0 * c.accuracy, c.n)).collect::<Vec<_>>().join(", ");
+        let cats = self
+            .categories
+            .iter()
+            .map(|c| format!("{} {:.0}% of {}", c.category, 100.0 * c.accuracy, c.n))
+            .collect::<Vec<_>>()
+            .join(", ");
         format!("calls {:.0}% of {}; {cats}", 100.0 * self.calls_accuracy, self.calls_n)
     }
 
@@ -83,13 +88,25 @@ impl HeldOut {
 
 /// Greedy answers of `model` to `samples` (prompt ids from `prompt_ids`), scored with the binary
 /// reward: correct = well formed and accepted by the BFCL checker.
-pub fn evaluate(model: &Model, tok: &Tokenizer, samples: &[Sample], prompt_ids: &dyn Fn(&Sample) -> Result<Vec<u32>>,
-                format: AnswerFormat, max_new_tokens: usize) -> Result<HeldOut> {
+pub fn evaluate(
+    model: &Model,
+    tok: &Tokenizer,
+    samples: &[Sample],
+    prompt_ids: &dyn Fn(&Sample) -> Result<Vec<u32>>,
+    format: AnswerFormat,
+    max_new_tokens: usize,
+) -> Result<HeldOut> {
     if samples.is_empty() {
         return Ok(HeldOut::default());
     }
     let prompts: Vec<Vec<u32>> = samples.iter().map(prompt_ids).collect::<Result<_>>()?;
-    let sampling = SamplingConfig { n: 1, max_new_tokens, temperature: 0.0, stop_ids: chat_eos_ids(model, Some(tok)), ..Default::default() };
+    let sampling = SamplingConfig {
+        n: 1,
+        max_new_tokens,
+        temperature: 0.0,
+        stop_ids: chat_eos_ids(model, Some(tok)),
+        ..Default::default()
+    };
     let outs = no_grad(|| rollout::generate(model, &prompts, &sampling, Some(tok)))?;
     let mut by_cat: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut answers = Vec::with_capacity(outs.len());
@@ -101,11 +118,35 @@ pub fn evaluate(model: &Model, tok: &Tokenizer, samples: &[Sample], prompt_ids: 
         let e = by_cat.entry(s.category.clone()).or_default();
         e.0 += correct as usize;
         e.1 += 1;
-        answers.push(Answer { id: s.id.clone(), category: s.category.clone(), correct, call_valid: r.valid, format_ok: r.format_ok, output: text });
+        answers.push(Answer {
+            id: s.id.clone(),
+            category: s.category.clone(),
+            correct,
+            call_valid: r.valid,
+            format_ok: r.format_ok,
+            output: text,
+        });
     }
     let right = answers.iter().filter(|a| a.correct).count();
-    let calls: Vec<bool> = outs.iter().zip(&answers).filter(|(c, _)| !samples[c.prompt_index].expects_no_call()).map(|(_, a)| a.correct).collect();
-    let calls_accuracy = if calls.is_empty() { 0.0 } else { calls.iter().filter(|c| **c).count() as f32 / calls.len() as f32 };
-    let categories = by_cat.into_iter().map(|(category, (r, n))| CategoryScore { category, accuracy: r as f32 / n as f32, n }).collect();
-    Ok(HeldOut { step: 0, accuracy: right as f32 / answers.len() as f32, n: answers.len(), calls_accuracy, calls_n: calls.len(), categories, answers })
+    let calls: Vec<bool> = outs
+        .iter()
+        .zip(&answers)
+        .filter(|(c, _)| !samples[c.prompt_index].expects_no_call())
+        .map(|(_, a)| a.correct)
+        .collect();
+    let calls_accuracy =
+        if calls.is_empty() { 0.0 } else { calls.iter().filter(|c| **c).count() as f32 / calls.len() as f32 };
+    let categories = by_cat
+        .into_iter()
+        .map(|(category, (r, n))| CategoryScore { category, accuracy: r as f32 / n as f32, n })
+        .collect();
+    Ok(HeldOut {
+        step: 0,
+        accuracy: right as f32 / answers.len() as f32,
+        n: answers.len(),
+        calls_accuracy,
+        calls_n: calls.len(),
+        categories,
+        answers,
+    })
 }

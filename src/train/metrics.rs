@@ -30,10 +30,16 @@ impl MetricsWriter {
     /// torn by a kill or a full disk). The rewrite is atomic.
     pub fn open(path: &Path, keep_through: u64) -> Result<MetricsWriter> {
         if path.exists() {
-            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
             let kept: Vec<&str> = text
                 .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= keep_through))
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= keep_through)
+                })
                 .collect();
             let mut out = kept.join("\n");
             if !out.is_empty() {
@@ -45,7 +51,11 @@ impl MetricsWriter {
     }
 
     pub fn write<M: Serialize>(&mut self, m: &M) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
         writeln!(f, "{}", serde_json::to_string(m)?)?;
         Ok(())
     }

@@ -62,21 +62,35 @@ struct DeviceParam {
 impl AdamW {
     /// One update of `param` (named `name`) with gradient `grad`, at learning rate `lr`.
     /// Call `begin_step` once per optimizer step before updating the parameters.
-    pub fn update(&mut self, cfg: &AdamWConfig, lr: f32, name: &str, param: &mut Tensor, grad: &[f32]) -> Result<()> {
-        ensure!(grad.len() == param.numel(), "AdamW: gradient of `{name}` has {} values for {} parameters", grad.len(), param.numel());
+    pub fn update(
+        &mut self,
+        cfg: &AdamWConfig,
+        lr: f32,
+        name: &str,
+        param: &mut Tensor,
+        grad: &[f32],
+    ) -> Result<()> {
+        ensure!(
+            grad.len() == param.numel(),
+            "AdamW: gradient of `{name}` has {} values for {} parameters",
+            grad.len(),
+            param.numel()
+        );
         let n = grad.len();
         let m = self.m.entry(name.to_string()).or_insert_with(|| vec![0.0; n]);
         let v = self.v.entry(name.to_string()).or_insert_with(|| vec![0.0; n]);
         let t = self.step.max(1) as i32;
         let (bc1, bc2) = (1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t));
         let mut p = param.to_vec();
-        p.par_iter_mut().zip(m.par_iter_mut().zip(v.par_iter_mut())).zip(grad.par_iter()).for_each(|((p, (m, v)), &g)| {
-            *m = cfg.beta1 * *m + (1.0 - cfg.beta1) * g;
-            *v = cfg.beta2 * *v + (1.0 - cfg.beta2) * g * g;
-            let (mh, vh) = (*m / bc1, *v / bc2);
-            // Decoupled decay: shrinks the weight directly, not through the gradient.
-            *p -= lr * (mh / (vh.sqrt() + cfg.eps) + cfg.weight_decay * *p);
-        });
+        p.par_iter_mut().zip(m.par_iter_mut().zip(v.par_iter_mut())).zip(grad.par_iter()).for_each(
+            |((p, (m, v)), &g)| {
+                *m = cfg.beta1 * *m + (1.0 - cfg.beta1) * g;
+                *v = cfg.beta2 * *v + (1.0 - cfg.beta2) * g * g;
+                let (mh, vh) = (*m / bc1, *v / bc2);
+                // Decoupled decay: shrinks the weight directly, not through the gradient.
+                *p -= lr * (mh / (vh.sqrt() + cfg.eps) + cfg.weight_decay * *p);
+            },
+        );
         param.replace_data(p)
     }
 
@@ -96,7 +110,11 @@ impl AdamW {
             let moment = |map: &mut BTreeMap<String, Vec<f32>>| -> Result<GpuBuffer> {
                 match map.remove(&name) {
                     Some(x) => {
-                        ensure!(x.len() == n, "optimizer state of `{name}` has {} values for {n} parameters", x.len());
+                        ensure!(
+                            x.len() == n,
+                            "optimizer state of `{name}` has {} values for {n} parameters",
+                            x.len()
+                        );
                         dev.upload_f32(&x)
                     }
                     None => dev.zeros(n * 4),
@@ -144,7 +162,11 @@ pub enum StepGrads {
 impl StepGrads {
     /// Empty sums for parameters on `device`.
     pub fn on(device: Device) -> StepGrads {
-        if device.is_cpu() { StepGrads::Host(HashMap::new()) } else { StepGrads::Device(BTreeMap::new()) }
+        if device.is_cpu() {
+            StepGrads::Host(HashMap::new())
+        } else {
+            StepGrads::Device(BTreeMap::new())
+        }
     }
 
     /// Adds the gradient of every parameter of `params` that has one in `grads`.
@@ -173,7 +195,10 @@ impl StepGrads {
     /// Global L2 norm (on a GPU: the sum-of-squares kernel, one float downloaded).
     pub fn norm(&self) -> Result<f32> {
         match self {
-            StepGrads::Host(map) => Ok(map.values().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32),
+            StepGrads::Host(map) => {
+                Ok(map.values().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
+                    as f32)
+            }
             StepGrads::Device(map) => {
                 let Some(first) = map.values().next() else { return Ok(0.0) };
                 let dev = first.gpu_storage().context("device gradients")?.device().clone();
@@ -190,10 +215,19 @@ impl StepGrads {
 
 /// One optimizer step with `grads`: [`apply_gradients`] on the cpu, the fused device update on a
 /// GPU. Returns the pre-clip norm.
-pub fn apply_step(model: &mut Model, opt: &mut AdamW, cfg: &AdamWConfig, lr: f32, grads: StepGrads, max_norm: f32) -> Result<f32> {
+pub fn apply_step(
+    model: &mut Model,
+    opt: &mut AdamW,
+    cfg: &AdamWConfig,
+    lr: f32,
+    grads: StepGrads,
+    max_norm: f32,
+) -> Result<f32> {
     match grads {
         StepGrads::Host(map) => apply_gradients(model, opt, cfg, lr, map, max_norm),
-        StepGrads::Device(map) => apply_gradients_device(model, opt, cfg, lr, StepGrads::Device(map), max_norm),
+        StepGrads::Device(map) => {
+            apply_gradients_device(model, opt, cfg, lr, StepGrads::Device(map), max_norm)
+        }
     }
 }
 
@@ -201,15 +235,33 @@ pub fn apply_step(model: &mut Model, opt: &mut AdamW, cfg: &AdamWConfig, lr: f32
 /// is an error and nothing changes), then per parameter one fused kernel: gradient × clip factor,
 /// AdamW on the f32 master weights and moments, and the new bf16 working copy, which replaces the
 /// parameter's storage.
-fn apply_gradients_device(model: &mut Model, opt: &mut AdamW, cfg: &AdamWConfig, lr: f32, grads: StepGrads, max_norm: f32) -> Result<f32> {
+fn apply_gradients_device(
+    model: &mut Model,
+    opt: &mut AdamW,
+    cfg: &AdamWConfig,
+    lr: f32,
+    grads: StepGrads,
+    max_norm: f32,
+) -> Result<f32> {
     let norm = grads.norm()?;
     ensure!(norm.is_finite(), "gradient norm is {norm}; stopping before the update, weights unchanged");
     let StepGrads::Device(mut grads) = grads else { bail!("device gradients expected") };
     let clip = clip_factor(norm, max_norm);
     opt.begin_step();
     let step = u32::try_from(opt.step).context("optimizer step count")?;
-    let ds = opt.device.as_ref().context("the optimizer has no device state: call AdamW::attach after loading the model")?;
-    let h = misc::AdamW { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay: cfg.weight_decay, step, grad_scale: clip };
+    let ds = opt
+        .device
+        .as_ref()
+        .context("the optimizer has no device state: call AdamW::attach after loading the model")?;
+    let h = misc::AdamW {
+        lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+        step,
+        grad_scale: clip,
+    };
     let mut err = None;
     model.visit_mut(&mut |name, t| {
         if err.is_some() {
@@ -231,7 +283,12 @@ fn apply_gradients_device(model: &mut Model, opt: &mut AdamW, cfg: &AdamWConfig,
 /// The fused AdamW update of one parameter; `t` gets the new working copy in its dtype.
 fn device_update(ds: &DeviceState, h: &misc::AdamW, name: &str, t: &mut Tensor, g: &Tensor) -> Result<()> {
     let p = ds.params.get(name).with_context(|| format!("no master weights for `{name}` on the device"))?;
-    ensure!(g.numel() == p.n && t.numel() == p.n, "AdamW: gradient of `{name}` has {} values for {} parameters", g.numel(), p.n);
+    ensure!(
+        g.numel() == p.n && t.numel() == p.n,
+        "AdamW: gradient of `{name}` has {} values for {} parameters",
+        g.numel(),
+        p.n
+    );
     let g = g.to_dtype(kernel_dtype(g))?;
     let dtype = t.dtype();
     let copy = GpuStorage::uninit(&ds.dev, dtype, p.n)?;
@@ -256,7 +313,11 @@ pub fn global_norm(grads: &Grads, params: &[&Tensor]) -> Result<f32> {
 
 /// The factor that brings a gradient of norm `norm` down to `max_norm` (1 when already below).
 pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
-    if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
 }
 
 /// One optimizer step on every parameter of `model` that has a gradient in `grads` (by name):
@@ -270,7 +331,8 @@ pub fn apply_gradients(
     mut grads: std::collections::HashMap<String, Vec<f32>>,
     max_norm: f32,
 ) -> Result<f32> {
-    let norm = grads.values().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+    let norm =
+        grads.values().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
     ensure!(norm.is_finite(), "gradient norm is {norm}; stopping before the update, weights unchanged");
     let clip = clip_factor(norm, max_norm);
     opt.begin_step();

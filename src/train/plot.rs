@@ -29,9 +29,17 @@ pub fn curves(metrics: &Path, out: &Path) -> Result<()> {
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let max_step = lines.iter().map(|m| m.step).max().unwrap_or(1).max(1) as f32;
         for ((title, f), area) in PANELS.iter().zip(root.split_evenly((PANELS.len(), 1))) {
-            let ys: Vec<(f32, f32)> = lines.iter().map(|m| (m.step as f32, f(m))).filter(|(_, y)| y.is_finite()).collect();
-            let (lo, hi) = ys.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &(_, y)| (a.min(y), b.max(y)));
-            let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else if lo.is_finite() { (lo - 0.5, lo + 0.5) } else { (0.0, 1.0) };
+            let ys: Vec<(f32, f32)> =
+                lines.iter().map(|m| (m.step as f32, f(m))).filter(|(_, y)| y.is_finite()).collect();
+            let (lo, hi) =
+                ys.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &(_, y)| (a.min(y), b.max(y)));
+            let (lo, hi) = if lo.is_finite() && hi > lo {
+                (lo, hi)
+            } else if lo.is_finite() {
+                (lo - 0.5, lo + 0.5)
+            } else {
+                (0.0, 1.0)
+            };
             let pad = 0.05 * (hi - lo);
             let mut chart = ChartBuilder::on(&area)
                 .caption(*title, ("sans-serif", 16))
@@ -40,7 +48,11 @@ pub fn curves(metrics: &Path, out: &Path) -> Result<()> {
                 .y_label_area_size(56)
                 .build_cartesian_2d(0f32..max_step, (lo - pad)..(hi + pad))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            chart.configure_mesh().light_line_style(WHITE.mix(0.0)).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+            chart
+                .configure_mesh()
+                .light_line_style(WHITE.mix(0.0))
+                .draw()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             chart.draw_series(LineSeries::new(ys, &BLUE)).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -36,7 +36,9 @@ pub fn splitmix64(x: u64) -> u64 {
 pub fn copy_sequence(seed: u64, step: u64, seq: u64, len: usize) -> Vec<u32> {
     let base = splitmix64(splitmix64(seed) ^ step);
     let span = VOCAB as u64 - FIRST_TOKEN as u64;
-    let half: Vec<u32> = (0..len as u64).map(|pos| FIRST_TOKEN + (splitmix64(base ^ (seq << 32 | pos)) % span) as u32).collect();
+    let half: Vec<u32> = (0..len as u64)
+        .map(|pos| FIRST_TOKEN + (splitmix64(base ^ (seq << 32 | pos)) % span) as u32)
+        .collect();
     half.iter().chain(half.iter()).copied().collect()
 }
 
@@ -57,7 +59,16 @@ pub fn probe_model(size: TinySize, seed: u64) -> Result<Model> {
 /// AdamW at `lr` (warm-up 10 steps, cosine to 0.1·lr over `steps`), weight decay 0.01,
 /// clipping at 1.0.
 pub fn probe_trainer(model: Model, lr: f32, steps: u64) -> Trainer {
-    let cfg = SftConfig { steps, lr, warmup_steps: 10, min_lr_ratio: 0.1, weight_decay: 0.01, max_grad_norm: 1.0, loss: LossKind::Plain, ..Default::default() };
+    let cfg = SftConfig {
+        steps,
+        lr,
+        warmup_steps: 10,
+        min_lr_ratio: 0.1,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        loss: LossKind::Plain,
+        ..Default::default()
+    };
     // The probe feeds ids directly; the trainer's tokenizer is never used.
     let tok = Tokenizer::from_inner(tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default()));
     Trainer::from_model(cfg, model, tok, u32::MAX)
@@ -77,17 +88,26 @@ pub fn phase_change_step(losses: &[f32], plateau: (usize, usize), window: usize)
         return None;
     }
     let level = losses[a - 1..b].iter().sum::<f32>() / (b - a + 1) as f32;
-    (window..=losses.len()).find(|&end| losses[end - window..end].iter().sum::<f32>() / (window as f32) < level / 2.0)
+    (window..=losses.len())
+        .find(|&end| losses[end - window..end].iter().sum::<f32>() / (window as f32) < level / 2.0)
 }
 
 /// Copy pre-training of a fresh model (`SftConfig::copy_warmup_steps`): `steps` steps of the
 /// probe's recipe (16 strings of 24 random tokens shown twice, loss on the second copy, AdamW
 /// 3e-3 with warm-up and cosine decay) over the model's own vocabulary, special tokens aside.
 pub fn copy_pretrain(model: Model, tok: &Tokenizer, steps: u64, seed: u64) -> Result<Model> {
-    anyhow::ensure!(model.config.vocab_size >= VOCAB, "copy pre-training needs a vocabulary of at least {VOCAB} tokens, the model has {}", model.config.vocab_size);
+    anyhow::ensure!(
+        model.config.vocab_size >= VOCAB,
+        "copy pre-training needs a vocabulary of at least {VOCAB} tokens, the model has {}",
+        model.config.vocab_size
+    );
     let mut t = probe_trainer(model, 3e-3, steps);
     t.tok = tok.clone();
-    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { indicatif::ProgressBar::new(steps) } else { indicatif::ProgressBar::hidden() };
+    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let mut last = f32::NAN;
     for step in 1..=steps {
         last = t.step_on(&[copy_batch(seed, step, 16, 24)])?.loss;

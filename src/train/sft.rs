@@ -18,8 +18,8 @@ use crate::fc::decode::AnswerFormat;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
-use crate::tensor::{Device, Tensor};
 use crate::runfs::{self, RunLock};
+use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout;
 use crate::train::metrics::{MetricsWriter, SftMetrics};
@@ -127,7 +127,8 @@ pub fn prepare(tok: &Tokenizer, samples: &[Sample], max_len: usize) -> Result<(V
     let mut dropped = 0;
     for s in samples {
         let prompt = tok.encode(&synth::render_prompt(&s.messages, &s.functions), false)?;
-        let completion = tok.encode(&format!("{}{}", crate::fc::prompt::render_target(s), tiny::IM_END), false)?;
+        let completion =
+            tok.encode(&format!("{}{}", crate::fc::prompt::render_target(s), tiny::IM_END), false)?;
         let prompt_len = prompt.len();
         let mut ids = prompt;
         ids.extend(completion);
@@ -142,7 +143,13 @@ pub fn prepare(tok: &Tokenizer, samples: &[Sample], max_len: usize) -> Result<(V
 
 /// Micro-batches of epoch `epoch`: a seeded shuffle, sorted by length within windows, cut into
 /// batches, then the batches shuffled (so packed batches are even and order stays random).
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, window: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    window: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch.wrapping_add(1));
     let mut idx: Vec<usize> = (0..lengths.len()).collect();
     idx.shuffle(&mut rng);
@@ -204,14 +211,20 @@ impl Trainer {
         }
         let (train_s, eval_s, model_dir) = materialize(&cfg)?;
         let tok = Tokenizer::load(&model_dir)?;
-        let think_end = tok.token_id(tiny::THINK_END).context("tokenizer lacks </think> as a single token")?;
+        let think_end =
+            tok.token_id(tiny::THINK_END).context("tokenizer lacks </think> as a single token")?;
         let (train, dropped) = prepare(&tok, &train_s, cfg.max_len)?;
         if dropped > 0 {
             eprintln!("dropped {dropped} training examples longer than {} tokens", cfg.max_len);
         }
         anyhow::ensure!(!train.is_empty(), "no training examples");
         let (eval, _) = prepare(&tok, &eval_s, cfg.max_len)?;
-        let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let schedule = Schedule {
+            lr: cfg.lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.steps,
+            min_ratio: cfg.min_lr_ratio,
+        };
         let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
         let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
         let resumed = if resume { checkpoint::load_latest_good(&run)? } else { None };
@@ -219,11 +232,47 @@ impl Trainer {
             Some((dir, model, opt, st)) => {
                 checkpoint::check_resume_step(&dir, st.step, cfg.steps)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
-                Trainer { cfg: cfg.clone(), model, opt, adam, schedule, alpha_logit: st.alpha_logit, step: st.step, epoch: st.epoch, cursor: st.cursor, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: Some(lock) }
+                Trainer {
+                    cfg: cfg.clone(),
+                    model,
+                    opt,
+                    adam,
+                    schedule,
+                    alpha_logit: st.alpha_logit,
+                    step: st.step,
+                    epoch: st.epoch,
+                    cursor: st.cursor,
+                    train,
+                    eval,
+                    eval_samples: eval_s.clone(),
+                    tok: tok.clone(),
+                    batches: vec![],
+                    think_end,
+                    loss_cfg,
+                    _lock: Some(lock),
+                }
             }
             None => {
                 let model = Model::load(&model_dir)?;
-                Trainer { cfg: cfg.clone(), model, opt: AdamW::default(), adam, schedule, alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)), step: 0, epoch: 0, cursor: 0, train, eval, eval_samples: eval_s.clone(), tok: tok.clone(), batches: vec![], think_end, loss_cfg, _lock: Some(lock) }
+                Trainer {
+                    cfg: cfg.clone(),
+                    model,
+                    opt: AdamW::default(),
+                    adam,
+                    schedule,
+                    alpha_logit: srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4)),
+                    step: 0,
+                    epoch: 0,
+                    cursor: 0,
+                    train,
+                    eval,
+                    eval_samples: eval_s.clone(),
+                    tok: tok.clone(),
+                    batches: vec![],
+                    think_end,
+                    loss_cfg,
+                    _lock: Some(lock),
+                }
             }
         };
         if device.is_gpu() {
@@ -239,14 +288,34 @@ impl Trainer {
     /// [`Trainer::step_on`] (the trajectory-parity tests, probes). `think_end` is the token id
     /// that closes the think segment. Optimizer, schedule and α come from `cfg` as in `new`.
     pub fn from_model(cfg: SftConfig, mut model: Model, tok: Tokenizer, think_end: u32) -> Trainer {
-        let schedule = Schedule { lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let schedule = Schedule {
+            lr: cfg.lr,
+            warmup_steps: cfg.warmup_steps,
+            total_steps: cfg.steps,
+            min_ratio: cfg.min_lr_ratio,
+        };
         let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
         let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
         let alpha_logit = srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4));
         model.requires_grad();
         Trainer {
-            cfg, model, opt: AdamW::default(), adam, schedule, alpha_logit, step: 0, epoch: 0, cursor: 0,
-            train: vec![], eval: vec![], eval_samples: vec![], tok, batches: vec![], think_end, loss_cfg, _lock: None,
+            cfg,
+            model,
+            opt: AdamW::default(),
+            adam,
+            schedule,
+            alpha_logit,
+            step: 0,
+            epoch: 0,
+            cursor: 0,
+            train: vec![],
+            eval: vec![],
+            eval_samples: vec![],
+            tok,
+            batches: vec![],
+            think_end,
+            loss_cfg,
+            _lock: None,
         }
     }
 
@@ -273,7 +342,15 @@ impl Trainer {
     }
 
     pub fn state(&self) -> TrainerState {
-        TrainerState { step: self.step, epoch: self.epoch, cursor: self.cursor, seed: self.cfg.seed, schedule: self.schedule, alpha_logit: self.alpha_logit, adam_step: self.opt.step }
+        TrainerState {
+            step: self.step,
+            epoch: self.epoch,
+            cursor: self.cursor,
+            seed: self.cfg.seed,
+            schedule: self.schedule,
+            alpha_logit: self.alpha_logit,
+            adam_step: self.opt.step,
+        }
     }
 
     /// One optimizer step over `grad_accum` micro-batches. A non-finite loss or gradient stops
@@ -306,10 +383,12 @@ impl Trainer {
         let on_gpu = self.model.device().is_gpu();
         // On a GPU the sums stay on the device (StepGrads); the cpu keeps its flat vectors.
         let mut dev_acc = StepGrads::on(self.model.device());
-        let mut acc: Vec<Vec<f32>> = if on_gpu { vec![] } else { params.iter().map(|(_, t)| vec![0.0; t.numel()]).collect() };
+        let mut acc: Vec<Vec<f32>> =
+            if on_gpu { vec![] } else { params.iter().map(|(_, t)| vec![0.0; t.numel()]).collect() };
         anyhow::ensure!(!micro.is_empty(), "step {next}: no micro-batch");
         let ga = micro.len();
-        let (mut loss_sum, mut lt_sum, mut lr_sum, mut a_sum, mut da_sum, mut tokens) = (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32, 0usize);
+        let (mut loss_sum, mut lt_sum, mut lr_sum, mut a_sum, mut da_sum, mut tokens) =
+            (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32, 0usize);
         for (batch, pls) in micro {
             tokens += batch.ids.len();
             let spans = srml::spans(batch, pls, self.think_end)?;
@@ -337,14 +416,19 @@ impl Trainer {
             da_sum += out.dl_dalpha;
         }
         let gaf = ga as f32;
-        let norm = if on_gpu { dev_acc.norm()? } else { acc.iter().flat_map(|a| a.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32 };
+        let norm = if on_gpu {
+            dev_acc.norm()?
+        } else {
+            acc.iter().flat_map(|a| a.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32
+        };
         if !norm.is_finite() {
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
         }
         if on_gpu {
             apply_step(&mut self.model, &mut self.opt, &self.adam, lr, dev_acc, self.cfg.max_grad_norm)?;
         } else {
-            let by_name: std::collections::HashMap<String, Vec<f32>> = params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
+            let by_name: std::collections::HashMap<String, Vec<f32>> =
+                params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
             apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, by_name, self.cfg.max_grad_norm)?;
         }
         if self.cfg.loss == LossKind::Srml && self.cfg.alpha_mode == AlphaMode::Learnable {
@@ -380,7 +464,14 @@ impl Trainer {
     pub fn heldout(&self, limit: usize) -> Result<heldout::HeldOut> {
         let samples = &self.eval_samples[..limit.min(self.eval_samples.len())];
         let prompt = |s: &Sample| self.tok.encode(&synth::render_prompt(&s.messages, &s.functions), false);
-        let mut h = heldout::evaluate(&self.model, &self.tok, samples, &prompt, AnswerFormat::Python, HELDOUT_MAX_NEW_TOKENS)?;
+        let mut h = heldout::evaluate(
+            &self.model,
+            &self.tok,
+            samples,
+            &prompt,
+            AnswerFormat::Python,
+            HELDOUT_MAX_NEW_TOKENS,
+        )?;
         h.step = self.step;
         Ok(h)
     }
@@ -405,7 +496,11 @@ impl Trainer {
                     let mut all = true;
                     for r in s.result.clone() {
                         let row = &lv[r * v..(r + 1) * v];
-                        let am = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+                        let am = row
+                            .iter()
+                            .enumerate()
+                            .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                            .0;
                         let ok = am as u32 == next[r];
                         right += ok as usize;
                         all &= ok;
@@ -431,11 +526,16 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
         None => None,
         Some(d) => {
             let mut all: Vec<Sample> = crate::data::load_jsonl(d)?;
-            anyhow::ensure!(!all.is_empty(), "{}: no examples (the file is empty or only blank lines)", d.display());
+            anyhow::ensure!(
+                !all.is_empty(),
+                "{}: no examples (the file is empty or only blank lines)",
+                d.display()
+            );
             Some(match &cfg.eval_data {
                 Some(e) => (all, crate::data::load_jsonl(e)?),
                 None => {
-                    let n_eval = ((all.len() as f32 * cfg.eval_fraction) as usize).min(all.len().saturating_sub(1));
+                    let n_eval =
+                        ((all.len() as f32 * cfg.eval_fraction) as usize).min(all.len().saturating_sub(1));
                     let eval = all.split_off(all.len() - n_eval);
                     (all, eval)
                 }
@@ -445,8 +545,16 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
     let need_task = cfg.data.is_none() || cfg.model.is_none();
     if need_task && !(train_p.exists() && eval_p.exists()) {
         // Checked before anything is generated: the task is built in memory.
-        anyhow::ensure!((1..=MAX_TASK_SAMPLES).contains(&cfg.task_train), "task_train (--task-train) must be 1..={MAX_TASK_SAMPLES}, got {}", cfg.task_train);
-        anyhow::ensure!(cfg.task_eval <= MAX_TASK_SAMPLES, "task_eval must be at most {MAX_TASK_SAMPLES}, got {}", cfg.task_eval);
+        anyhow::ensure!(
+            (1..=MAX_TASK_SAMPLES).contains(&cfg.task_train),
+            "task_train (--task-train) must be 1..={MAX_TASK_SAMPLES}, got {}",
+            cfg.task_train
+        );
+        anyhow::ensure!(
+            cfg.task_eval <= MAX_TASK_SAMPLES,
+            "task_eval must be at most {MAX_TASK_SAMPLES}, got {}",
+            cfg.task_eval
+        );
         let (tr, ev) = synth::generate(cfg.seed, cfg.task_train, cfg.task_eval);
         synth::write_jsonl(&eval_p, &ev)?;
         synth::write_jsonl(&train_p, &tr)?;
@@ -461,14 +569,30 @@ pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf
             let dir = run.join("base-model");
             if !dir.join("model.safetensors").exists() {
                 let task: Vec<Sample> = crate::data::load_jsonl(&train_p)?;
-                let texts: Vec<String> = task.iter().map(|s| format!("{}{}{}", synth::render_prompt(&s.messages, &s.functions), crate::fc::prompt::render_target(s), tiny::IM_END)).collect();
+                let texts: Vec<String> = task
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}{}{}",
+                            synth::render_prompt(&s.messages, &s.functions),
+                            crate::fc::prompt::render_target(s),
+                            tiny::IM_END
+                        )
+                    })
+                    .collect();
                 let tok = tiny::train_tokenizer(&texts, cfg.vocab_size)?;
                 let mut m = tiny::build(&dir, &tok, TinySize::by_name(&cfg.preset)?, cfg.seed)?;
                 if cfg.copy_warmup_steps > 0 {
                     m = crate::train::probe::copy_pretrain(m, &tok, cfg.copy_warmup_steps, cfg.seed)?;
                     m.save(&dir, None)?;
                 }
-                eprintln!("built the {} model ({} parameters, vocab {}) in {}", cfg.preset, m.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(), tok.vocab_size(), dir.display());
+                eprintln!(
+                    "built the {} model ({} parameters, vocab {}) in {}",
+                    cfg.preset,
+                    m.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(),
+                    tok.vocab_size(),
+                    dir.display()
+                );
             }
             dir
         }
@@ -509,8 +633,17 @@ pub fn run_with(cfg: SftConfig, start_mode: Start, device: Device) -> Result<Run
     let run = cfg.run_dir.clone();
     runfs::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;
-    let pb = if std::io::stderr().is_terminal() { indicatif::ProgressBar::new(cfg.steps) } else { indicatif::ProgressBar::hidden() };
-    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").unwrap());
+    let pb = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(cfg.steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap(),
+    );
     pb.set_position(t.step);
     let (mut first, mut last, mut ran) = (f32::NAN, f32::NAN, 0);
     while t.step < cfg.steps {
@@ -522,7 +655,10 @@ pub fn run_with(cfg: SftConfig, start_mode: Start, device: Device) -> Result<Run
         last = m.loss;
         ran += 1;
         pb.set_position(m.step);
-        pb.set_message(format!("loss {:.4} think {:.3} result {:.3} α {:.3} lr {:.2e} {:.0} tok/s", m.loss, m.l_think, m.l_result, m.alpha, m.lr, m.tokens_per_s));
+        pb.set_message(format!(
+            "loss {:.4} think {:.3} result {:.3} α {:.3} lr {:.2e} {:.0} tok/s",
+            m.loss, m.l_think, m.l_result, m.alpha, m.lr, m.tokens_per_s
+        ));
         if (cfg.save_every > 0 && m.step % cfg.save_every == 0) || m.step == cfg.steps {
             t.save_checkpoint()?;
         }
@@ -531,16 +667,33 @@ pub fn run_with(cfg: SftConfig, start_mode: Start, device: Device) -> Result<Run
     let (mut acc, mut exact, mut accuracy) = (None, None, None);
     if cfg.eval_samples > 0 && !t.eval.is_empty() {
         let (a, e, n) = t.eval_result_accuracy(cfg.eval_samples)?;
-        eprintln!("held-out result segment (teacher-forced): token accuracy {:.4} over {n} tokens, exact {:.4}", a, e);
-        let json = serde_json::to_string_pretty(&serde_json::json!({"step": t.step, "result_token_accuracy": a, "result_exact": e, "tokens": n}))? + "\n";
+        eprintln!(
+            "held-out result segment (teacher-forced): token accuracy {:.4} over {n} tokens, exact {:.4}",
+            a, e
+        );
+        let json = serde_json::to_string_pretty(
+            &serde_json::json!({"step": t.step, "result_token_accuracy": a, "result_exact": e, "tokens": n}),
+        )? + "\n";
         runfs::write_atomic(&run.join("eval.json"), json.as_bytes())?;
         (acc, exact) = (Some(a), Some(e));
         let h = t.heldout(cfg.eval_samples)?;
-        eprintln!("heldout_accuracy (greedy; format and BFCL verdict): {:.1}% ({})", 100.0 * h.accuracy, h.summary());
+        eprintln!(
+            "heldout_accuracy (greedy; format and BFCL verdict): {:.1}% ({})",
+            100.0 * h.accuracy,
+            h.summary()
+        );
         h.write(&run, "sft")?;
         accuracy = Some(h.accuracy);
     }
-    Ok(RunSummary { first_loss: first, last_loss: last, steps_run: ran, result_token_accuracy: acc, result_exact: exact, heldout_accuracy: accuracy, seconds: start.elapsed().as_secs_f32() })
+    Ok(RunSummary {
+        first_loss: first,
+        last_loss: last,
+        steps_run: ran,
+        result_token_accuracy: acc,
+        result_exact: exact,
+        heldout_accuracy: accuracy,
+        seconds: start.elapsed().as_secs_f32(),
+    })
 }
 
 /// `SftConfig` from an optional TOML file.

@@ -47,7 +47,12 @@ pub struct Spans {
 
 /// Segments of every sequence of `batch`, whose first `prompt_lens[i]` tokens are the prompt.
 pub fn spans(batch: &Batch, prompt_lens: &[usize], think_end: u32) -> Result<Vec<Spans>> {
-    ensure!(prompt_lens.len() == batch.seqs.len(), "{} prompt lengths for {} sequences", prompt_lens.len(), batch.seqs.len());
+    ensure!(
+        prompt_lens.len() == batch.seqs.len(),
+        "{} prompt lengths for {} sequences",
+        prompt_lens.len(),
+        batch.seqs.len()
+    );
     let mut out = Vec::with_capacity(prompt_lens.len());
     for (&(s, l), &pl) in batch.seqs.iter().zip(prompt_lens) {
         ensure!(pl >= 1 && pl <= l, "prompt of {pl} tokens in a sequence of {l}");
@@ -101,7 +106,9 @@ pub fn loss(lp: &Tensor, spans: &[Spans], cfg: &LossConfig, alpha: f32) -> Resul
     let n = lp.dim(1);
     let vals = lp.host_f32()?;
     let (wt, wr) = segment_weights(spans, n, cfg.pooled);
-    let seg = |w: &[f32]| -> f32 { w.iter().zip(&vals[..n]).map(|(&w, &x)| -(w as f64) * x as f64).sum::<f64>() as f32 };
+    let seg = |w: &[f32]| -> f32 {
+        w.iter().zip(&vals[..n]).map(|(&w, &x)| -(w as f64) * x as f64).sum::<f64>() as f32
+    };
     let (l_think, l_result) = (seg(&wt), seg(&wr));
     let n_think: usize = spans.iter().map(|s| s.think.len()).sum();
     let n_result: usize = spans.iter().map(|s| s.result.len()).sum();
@@ -120,10 +127,20 @@ pub fn loss(lp: &Tensor, spans: &[Spans], cfg: &LossConfig, alpha: f32) -> Resul
                 AlphaMode::Fixed | AlphaMode::Learnable => alpha,
                 AlphaMode::LossRatio => {
                     let s = l_think + l_result;
-                    if s > 0.0 && s.is_finite() { l_result / s } else { 0.5 }
+                    if s > 0.0 && s.is_finite() {
+                        l_result / s
+                    } else {
+                        0.5
+                    }
                 }
             };
-            let a = if n_think == 0 { 0.0 } else if n_result == 0 { 1.0 } else { a };
+            let a = if n_think == 0 {
+                0.0
+            } else if n_result == 0 {
+                1.0
+            } else {
+                a
+            };
             for r in 0..n {
                 w[r] = -(a * wt[r] + (1.0 - a) * wr[r]);
             }
@@ -133,7 +150,8 @@ pub fn loss(lp: &Tensor, spans: &[Spans], cfg: &LossConfig, alpha: f32) -> Resul
     let loss = ops::weighted_sum(lp, &w)?;
     // α only enters the loss when both segments are present (else it is forced to 0 or 1 above),
     // so a batch without one of them gives α no gradient.
-    let dl_dalpha = if cfg.kind == LossKind::Srml && n_think > 0 && n_result > 0 { l_think - l_result } else { 0.0 };
+    let dl_dalpha =
+        if cfg.kind == LossKind::Srml && n_think > 0 && n_result > 0 { l_think - l_result } else { 0.0 };
     Ok(LossOut { loss, l_think, l_result, alpha: alpha_used, dl_dalpha })
 }
 

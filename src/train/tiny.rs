@@ -32,16 +32,9 @@ const PRE_TOKENS: &str = r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+";
 /// Byte-level BPE with about `vocab_size` entries trained on `texts`, with the ChatML special
 /// tokens and `<think>`/`</think>` as single added tokens.
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
-    let split = Split::new(
-        SplitPattern::Regex(PRE_TOKENS.into()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| anyhow!("bad pre-tokenizer pattern: {e}"))?;
-    let pre = Sequence::new(vec![
-        split.into(),
-        ByteLevel::new(false, true, false).into(),
-    ]);
+    let split = Split::new(SplitPattern::Regex(PRE_TOKENS.into()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| anyhow!("bad pre-tokenizer pattern: {e}"))?;
+    let pre = Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]);
     let mut tk = TokenizerBuilder::new()
         .with_model(BPE::default())
         .with_normalizer(None::<NormalizerWrapper>)
@@ -50,10 +43,8 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
         .with_decoder(Some(ByteLevel::new(false, true, true)))
         .build()
         .map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
-    let specials: Vec<AddedToken> = [ENDOFTEXT, IM_START, IM_END]
-        .iter()
-        .map(|t| AddedToken::from(t.to_string(), true))
-        .collect();
+    let specials: Vec<AddedToken> =
+        [ENDOFTEXT, IM_START, IM_END].iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(false)
         .vocab_size(vocab_size)
@@ -61,8 +52,7 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<Tokenizer>
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .special_tokens(specials)
         .build();
-    tk.train(&mut trainer, texts.iter())
-        .map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
+    tk.train(&mut trainer, texts.iter()).map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
     let mut tk: tokenizers::Tokenizer = tk.into();
     tk.add_tokens(&[
         AddedToken::from(THINK.to_string(), false),
@@ -125,11 +115,7 @@ pub fn config_json(size: TinySize, vocab_size: usize, eos: u32, bos: u32) -> ser
 /// Writes a fresh tiny model with `tokenizer` to `dir` (config, weights, tokenizer.json,
 /// tokenizer_config.json, generation_config.json with eos = `<|im_end|>`).
 pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64) -> Result<Model> {
-    let id = |t: &str| {
-        tokenizer
-            .token_id(t)
-            .with_context(|| format!("tokenizer lacks {t}"))
-    };
+    let id = |t: &str| tokenizer.token_id(t).with_context(|| format!("tokenizer lacks {t}"));
     let (eos, bos) = (id(IM_END)?, id(ENDOFTEXT)?);
     let raw = config_json(size, tokenizer.vocab_size(), eos, bos);
     let config = ModelConfig::from_json(raw, &dir.join("config.json"))?;
@@ -137,16 +123,10 @@ pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64) -> Re
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     tokenizer.save(&dir.join("tokenizer.json"))?;
     let gen = json!({"bos_token_id": bos, "eos_token_id": [eos, bos], "do_sample": false});
-    std::fs::write(
-        dir.join("generation_config.json"),
-        serde_json::to_string_pretty(&gen)? + "\n",
-    )?;
+    std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&gen)? + "\n")?;
     let tc = json!({"model_max_length": 2048, "eos_token": IM_END, "pad_token": ENDOFTEXT, "bos_token": null,
         "tokenizer_class": "Qwen2Tokenizer", "chat_template": CHAT_TEMPLATE});
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        serde_json::to_string_pretty(&tc)? + "\n",
-    )?;
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tc)? + "\n")?;
     model.dir = Some(dir.to_path_buf());
     model.save(dir, None)?;
     model.config.eos_token_ids = vec![eos, bos];

@@ -40,7 +40,10 @@ pub fn assert_close<W: Copy + Into<f64>>(got: &[f32], want: &[W], tol: f64, what
         let g = g as f64;
         assert!(g.is_finite() == w.is_finite(), "{what}[{i}]: got {g}, want {w}");
         if w.is_finite() {
-            assert!((g - w).abs() <= tol * (w.abs() + scale) + 1e-7, "{what}[{i}]: got {g}, want {w} (tol {tol})");
+            assert!(
+                (g - w).abs() <= tol * (w.abs() + scale) + 1e-7,
+                "{what}[{i}]: got {g}, want {w} (tol {tol})"
+            );
         }
     }
 }

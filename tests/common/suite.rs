@@ -48,7 +48,12 @@ pub fn shared_memory_is_per_block_and_barriers_hold(dev: &GpuDevice) {
         let ob = d.zeros(input.len() * 4).unwrap();
         let mut a = KernelArgs::new();
         a.buf(&ib).buf(&ob);
-        d.launch(Kernel::new("selftest.cu", "selftest_block_reverse"), LaunchCfg::linear(blocks as u32, n as u32), &mut a).unwrap();
+        d.launch(
+            Kernel::new("selftest.cu", "selftest_block_reverse"),
+            LaunchCfg::linear(blocks as u32, n as u32),
+            &mut a,
+        )
+        .unwrap();
         let out = ob.download_i32().unwrap();
         for b in 0..blocks {
             for t in 0..n {
@@ -88,7 +93,12 @@ pub fn warp_shuffles_votes_and_atomics(dev: &GpuDevice) {
     }
     a.buf(&total);
     d.launch(Kernel::new("selftest.cu", "selftest_warp"), LaunchCfg::linear(1, 64), &mut a).unwrap();
-    let (x, dn, bc, upv) = (bufs[0].download_i32().unwrap(), bufs[1].download_i32().unwrap(), bufs[2].download_i32().unwrap(), bufs[3].download_i32().unwrap());
+    let (x, dn, bc, upv) = (
+        bufs[0].download_i32().unwrap(),
+        bufs[1].download_i32().unwrap(),
+        bufs[2].download_i32().unwrap(),
+        bufs[3].download_i32().unwrap(),
+    );
     let ballot = bufs[4].download_i32().unwrap();
     let ws = bufs[5].download_f32().unwrap();
     for t in 0..64 {
@@ -122,7 +132,8 @@ pub fn mma_and_ldmatrix_follow_the_ptx_fragment_layouts(dev: &GpuDevice) {
     let (d1, d2) = (d.zeros(512).unwrap(), d.zeros(512).unwrap());
     let mut args = KernelArgs::new();
     args.buf(&ab).buf(&btb).buf(&bb).buf(&d1).buf(&d2);
-    d.launch(Kernel::new("selftest.cu", "selftest_mma_ldmatrix"), LaunchCfg::linear(1, 32), &mut args).unwrap();
+    d.launch(Kernel::new("selftest.cu", "selftest_mma_ldmatrix"), LaunchCfg::linear(1, 32), &mut args)
+        .unwrap();
     assert_close(&d1.download_f32().unwrap(), &want, 1e-5, "mma via ldmatrix");
     assert_close(&d2.download_f32().unwrap(), &want, 1e-5, "mma via ldmatrix.trans");
 }
@@ -137,7 +148,8 @@ pub fn swiglu_matches_cpu_op(dev: &GpuDevice) {
     use fcgpu::ops::swiglu::cpu;
     for &n in &[1usize, 777] {
         for (dt, tol) in DTS {
-            let (g, u, dy) = (quant(&randn(n, 4, 2.0), dt), quant(&randn(n, 5, 1.0), dt), quant(&randn(n, 6, 1.0), dt));
+            let (g, u, dy) =
+                (quant(&randn(n, 4, 2.0), dt), quant(&randn(n, 5, 1.0), dt), quant(&randn(n, 6, 1.0), dt));
             let (gb, ub, db) = (up(&d, &g, dt), up(&d, &u, dt), up(&d, &dy, dt));
             let out = d.zeros(n * dt.size()).unwrap();
             swiglu_fwd(&d, dt, &gb, &ub, &out, n).unwrap();
@@ -164,7 +176,12 @@ pub fn rms_norm_matches_cpu_op(dev: &GpuDevice) {
             let y = d.zeros(rows * dim * dt.size()).unwrap();
             let rstd = d.zeros(rows * 4).unwrap();
             rms_norm_fwd(&d, dt, &xb, &wb, &y, &rstd, rows, dim, 1e-6).unwrap();
-            assert_close(&down(&y, dt), &cpu::forward(&x, &w, 1e-6), tol, &format!("rmsnorm fwd {dt:?} {rows}x{dim}"));
+            assert_close(
+                &down(&y, dt),
+                &cpu::forward(&x, &w, 1e-6),
+                tol,
+                &format!("rmsnorm fwd {dt:?} {rows}x{dim}"),
+            );
             let dx = d.zeros(rows * dim * dt.size()).unwrap();
             let dw = d.zeros(dim * 4).unwrap();
             rms_norm_bwd(&d, dt, &xb, &wb, &dyb, &rstd, &dx, &dw, rows, dim, false).unwrap();
@@ -217,7 +234,12 @@ pub fn embedding_matches_cpu_op(dev: &GpuDevice) {
         let g = quant(&randn(ids.len() * dim, 14, 1.0), dt);
         let dtab = d.zeros(vocab * dim * 4).unwrap();
         embedding_bwd(&d, dt, &idb, &up(&d, &g, dt), &dtab, ids.len(), vocab, dim).unwrap();
-        assert_close(&dtab.download_f32().unwrap(), &cpu::backward(&g, dim, &ids, vocab), tol.min(1e-5), "embedding bwd");
+        assert_close(
+            &dtab.download_f32().unwrap(),
+            &cpu::backward(&g, dim, &ids, vocab),
+            tol.min(1e-5),
+            "embedding bwd",
+        );
     }
 }
 
@@ -231,25 +253,60 @@ pub fn logprob_entropy_rows_match_cpu_op(dev: &GpuDevice) {
             let z = quant(&randn(rows * vocab, 15, 3.0), dt);
             let targets: Vec<i32> = (0..rows).map(|r| ((r * 7919) % vocab) as i32).collect();
             let (zb, tb) = (up(&d, &z, dt), d.upload_i32(&targets).unwrap());
-            let (lp, h, lz) = (d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap());
-            lpe_fwd(&d, dt, &zb, vocab, Some(&tb), rows, vocab, temp, Some(&lp), Some(&h), Some(&lz)).unwrap();
-            let stats: Vec<cpu::RowStats> = (0..rows).map(|r| cpu::row_stats(&z[r * vocab..(r + 1) * vocab], targets[r] as usize, 1.0 / temp)).collect();
+            let (lp, h, lz) =
+                (d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap());
+            lpe_fwd(&d, dt, &zb, vocab, Some(&tb), rows, vocab, temp, Some(&lp), Some(&h), Some(&lz))
+                .unwrap();
+            let stats: Vec<cpu::RowStats> = (0..rows)
+                .map(|r| cpu::row_stats(&z[r * vocab..(r + 1) * vocab], targets[r] as usize, 1.0 / temp))
+                .collect();
             let f32tol = if dt == DType::F32 { 1e-5 } else { 1e-4 }; // stats are f32 from exact inputs
-            assert_close(&lp.download_f32().unwrap(), &stats.iter().map(|s| s.logp).collect::<Vec<_>>(), f32tol, "logp");
-            assert_close(&h.download_f32().unwrap(), &stats.iter().map(|s| s.entropy).collect::<Vec<_>>(), f32tol, "entropy");
-            assert_close(&lz.download_f32().unwrap(), &stats.iter().map(|s| s.log_z()).collect::<Vec<_>>(), f32tol, "logZ");
+            assert_close(
+                &lp.download_f32().unwrap(),
+                &stats.iter().map(|s| s.logp).collect::<Vec<_>>(),
+                f32tol,
+                "logp",
+            );
+            assert_close(
+                &h.download_f32().unwrap(),
+                &stats.iter().map(|s| s.entropy).collect::<Vec<_>>(),
+                f32tol,
+                "entropy",
+            );
+            assert_close(
+                &lz.download_f32().unwrap(),
+                &stats.iter().map(|s| s.log_z()).collect::<Vec<_>>(),
+                f32tol,
+                "logZ",
+            );
             // backward: the CPU op's per-logit formula
             let (gl, gh) = (randn(rows, 16, 1.0), randn(rows, 17, 1.0));
             let dz = d.zeros(rows * vocab * dt.size()).unwrap();
-            lpe_bwd(&d, dt, &zb, vocab, Some(&tb), rows, vocab, temp, &lz, &h, Some(&d.upload_f32(&gl).unwrap()),
-                    Some(&d.upload_f32(&gh).unwrap()), &dz, vocab).unwrap();
+            lpe_bwd(
+                &d,
+                dt,
+                &zb,
+                vocab,
+                Some(&tb),
+                rows,
+                vocab,
+                temp,
+                &lz,
+                &h,
+                Some(&d.upload_f32(&gl).unwrap()),
+                Some(&d.upload_f32(&gh).unwrap()),
+                &dz,
+                vocab,
+            )
+            .unwrap();
             let mut want = vec![0f64; rows * vocab];
             for r in 0..rows {
                 let s = stats[r];
                 for k in 0..vocab {
                     let logp = (z[r * vocab + k] / temp - s.log_z()) as f64;
                     let p = logp.exp();
-                    want[r * vocab + k] = (-gl[r] as f64 * p - gh[r] as f64 * p * (logp + s.entropy as f64)) / temp as f64;
+                    want[r * vocab + k] =
+                        (-gl[r] as f64 * p - gh[r] as f64 * p * (logp + s.entropy as f64)) / temp as f64;
                 }
                 want[r * vocab + targets[r] as usize] += gl[r] as f64 / temp as f64;
             }
@@ -274,10 +331,32 @@ pub fn logprob_ignored_targets_and_masked_vocab(dev: &GpuDevice) {
     let live = &z[vocab / 2..vocab];
     let m = live.iter().copied().fold(f32::MIN, f32::max) as f64;
     let s: f64 = live.iter().map(|&x| (x as f64 - m).exp()).sum();
-    let want_h = -live.iter().map(|&x| { let lp = x as f64 - m - s.ln(); lp.exp() * lp }).sum::<f64>();
+    let want_h = -live
+        .iter()
+        .map(|&x| {
+            let lp = x as f64 - m - s.ln();
+            lp.exp() * lp
+        })
+        .sum::<f64>();
     assert!((h.download_f32().unwrap()[0] as f64 - want_h).abs() < 1e-5);
     let dz = d.zeros(2 * vocab * 4).unwrap();
-    lpe_bwd(&d, DType::F32, &zb, vocab, Some(&tb), 2, vocab, 1.0, &lz, &h, Some(&d.upload_f32(&[1.0, 1.0]).unwrap()), None, &dz, vocab).unwrap();
+    lpe_bwd(
+        &d,
+        DType::F32,
+        &zb,
+        vocab,
+        Some(&tb),
+        2,
+        vocab,
+        1.0,
+        &lz,
+        &h,
+        Some(&d.upload_f32(&[1.0, 1.0]).unwrap()),
+        None,
+        &dz,
+        vocab,
+    )
+    .unwrap();
     let g = dz.download_f32().unwrap();
     assert!(g[..vocab / 2].iter().all(|&x| x == 0.0), "masked logits get no gradient");
     // ignored target: no logp gradient at all for row 0
@@ -296,18 +375,46 @@ pub fn linear_logprob_entropy_matches_cpu_op(dev: &GpuDevice) {
         let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 37) % vocab as u32).collect();
         let (hb, wb) = (up(&d, &h, dt), up(&d, &w, dt));
         let tb = d.upload_i32(&targets.iter().map(|&t| t as i32).collect::<Vec<_>>()).unwrap();
-        let (lp, en, lz) = (d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap());
+        let (lp, en, lz) =
+            (d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap(), d.zeros(rows * 4).unwrap());
         linear_lpe_fwd(&d, dt, &hb, &wb, &tb, rows, hidden, vocab, temp, 3, &lp, &en, &lz).unwrap();
         let (stats, _) = cpu::forward(&h, &w, &targets, temp, false);
         // bf16 logits are rounded before the row kernel: log-probs move by ~|z|·2^-8
         let stol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
-        assert_close(&lp.download_f32().unwrap(), &stats.iter().map(|s| s.logp).collect::<Vec<_>>(), stol, "linear logp");
-        assert_close(&en.download_f32().unwrap(), &stats.iter().map(|s| s.entropy).collect::<Vec<_>>(), stol, "linear entropy");
+        assert_close(
+            &lp.download_f32().unwrap(),
+            &stats.iter().map(|s| s.logp).collect::<Vec<_>>(),
+            stol,
+            "linear logp",
+        );
+        assert_close(
+            &en.download_f32().unwrap(),
+            &stats.iter().map(|s| s.entropy).collect::<Vec<_>>(),
+            stol,
+            "linear entropy",
+        );
         let (gl, gh) = (randn(rows, 21, 1.0), randn(rows, 22, 1.0));
         let dh = d.zeros(rows * hidden * dt.size()).unwrap();
         let dw = d.zeros(vocab * hidden * dt.size()).unwrap();
-        linear_lpe_bwd(&d, dt, &hb, &wb, &tb, rows, hidden, vocab, temp, 3, &lz, &en, Some(&d.upload_f32(&gl).unwrap()),
-                       Some(&d.upload_f32(&gh).unwrap()), &dh, Some(&dw)).unwrap();
+        linear_lpe_bwd(
+            &d,
+            dt,
+            &hb,
+            &wb,
+            &tb,
+            rows,
+            hidden,
+            vocab,
+            temp,
+            3,
+            &lz,
+            &en,
+            Some(&d.upload_f32(&gl).unwrap()),
+            Some(&d.upload_f32(&gh).unwrap()),
+            &dh,
+            Some(&dw),
+        )
+        .unwrap();
         let (wdh, wdw) = cpu::backward(&h, &w, &targets, temp, &stats, &gl, &gh, true, None);
         assert_close(&down(&dh, dt), &wdh, tol.max(1e-4) * 2.0, "linear dh");
         assert_close(&down(&dw, dt), &wdw.unwrap(), tol.max(1e-4) * 2.0, "linear dw");
@@ -323,10 +430,12 @@ pub fn adamw_matches_reference(dev: &GpuDevice) {
     let p0 = randn(n, 23, 1.0);
     let (m0, v0) = (randn(n, 24, 0.1), randn(n, 25, 0.1).iter().map(|x| x * x).collect::<Vec<_>>());
     let g = randn(n, 26, 1.0);
-    let h = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5 };
+    let h =
+        AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5 };
     for gdt in [DType::F32, DType::BF16] {
         let gq = quant(&g, gdt);
-        let (pb, mb, vb) = (d.upload_f32(&p0).unwrap(), d.upload_f32(&m0).unwrap(), d.upload_f32(&v0).unwrap());
+        let (pb, mb, vb) =
+            (d.upload_f32(&p0).unwrap(), d.upload_f32(&m0).unwrap(), d.upload_f32(&v0).unwrap());
         let copy = d.zeros(n * 2).unwrap();
         adamw_step(&d, &h, &pb, &mb, &vb, &up(&d, &gq, gdt), gdt, Some(&copy), n).unwrap();
         let (bc1, bc2) = (1.0 - 0.9f64.powi(3), 1.0 - 0.95f64.powi(3));
@@ -343,7 +452,11 @@ pub fn adamw_matches_reference(dev: &GpuDevice) {
         assert_close(&mb.download_f32().unwrap(), &wm, 1e-5, "adamw m");
         assert_close(&vb.download_f32().unwrap(), &wv, 1e-5, "adamw v");
         let c: Vec<f32> = copy.download_bf16().unwrap().iter().map(|x| x.to_f32()).collect();
-        assert_eq!(c, quant(&pb.download_f32().unwrap(), DType::BF16), "bf16 copy is the rounded master weight");
+        assert_eq!(
+            c,
+            quant(&pb.download_f32().unwrap(), DType::BF16),
+            "bf16 copy is the rounded master weight"
+        );
     }
 }
 
@@ -366,7 +479,15 @@ pub fn grad_clip_on_device(dev: &GpuDevice) {
         let want_scale = if max_norm > 0.0 { (max_norm as f64 / (norm_want + 1e-6)).min(1.0) } else { 1.0 };
         let sv = scale.download_f32().unwrap()[0];
         assert!((sv as f64 - want_scale).abs() < 1e-6 * want_scale.max(1e-3), "scale {sv} vs {want_scale}");
-        let h = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0, step: 1, grad_scale: 1.0 };
+        let h = AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+            grad_scale: 1.0,
+        };
         let p0 = randn(n, 61, 1.0);
         let mk = || (d.upload_f32(&p0).unwrap(), d.zeros(n * 4).unwrap(), d.zeros(n * 4).unwrap());
         let (pa, ma, va) = mk();
@@ -382,7 +503,19 @@ pub fn casts_round_like_the_half_crate(dev: &GpuDevice) {
     let d = dev.clone();
     use fcgpu::backend::misc::cast;
     let mut x = randn(999, 27, 100.0);
-    x.extend([0.0, -0.0, 1e-8, -3e-6, 6.0e-5, 65504.0, 65520.0, 1e30, f32::INFINITY, f32::NEG_INFINITY, 3.3895e38]);
+    x.extend([
+        0.0,
+        -0.0,
+        1e-8,
+        -3e-6,
+        6.0e-5,
+        65504.0,
+        65520.0,
+        1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3.3895e38,
+    ]);
     x.extend((0..64).map(|i| 1.0 + i as f32 * 2f32.powi(-9))); // ties of bf16
     let n = x.len();
     let xb = d.upload_f32(&x).unwrap();
@@ -392,11 +525,20 @@ pub fn casts_round_like_the_half_crate(dev: &GpuDevice) {
         let got = down(&y, to);
         let want = quant(&x, to);
         for i in 0..n {
-            assert!(got[i] == want[i] || (got[i].is_nan() && want[i].is_nan()), "{to:?} cast of {}: {} vs {}", x[i], got[i], want[i]);
+            assert!(
+                got[i] == want[i] || (got[i].is_nan() && want[i].is_nan()),
+                "{to:?} cast of {}: {} vs {}",
+                x[i],
+                got[i],
+                want[i]
+            );
         }
         let back = d.zeros(n * 4).unwrap();
         cast(&d, &y, to, &back, DType::F32, n).unwrap();
-        assert_eq!(back.download_f32().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            back.download_f32().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
     let nan = d.upload_f32(&[f32::NAN]).unwrap();
     let y = d.zeros(2).unwrap();
@@ -437,8 +579,21 @@ pub fn group_advantages_match_cpu(dev: &GpuDevice) {
             for bonus in [EntropyBonus::default(), EntropyBonus { lambda: 0.0, alpha: 2.0 }] {
                 let want = adv::group_advantages(&r, g, scale, Some(&h), bonus).unwrap();
                 let (rb, hb) = (d.upload_f32(&r).unwrap(), d.upload_f32(&h).unwrap());
-                let (ab, rawb, zb) = (d.zeros(n * 4).unwrap(), d.zeros(n * 4).unwrap(), d.zeros(groups * 4).unwrap());
-                gpu::group_advantages(&d, &rb, groups, g, scale, Some(&hb), bonus, &ab, Some(&rawb), Some(&zb)).unwrap();
+                let (ab, rawb, zb) =
+                    (d.zeros(n * 4).unwrap(), d.zeros(n * 4).unwrap(), d.zeros(groups * 4).unwrap());
+                gpu::group_advantages(
+                    &d,
+                    &rb,
+                    groups,
+                    g,
+                    scale,
+                    Some(&hb),
+                    bonus,
+                    &ab,
+                    Some(&rawb),
+                    Some(&zb),
+                )
+                .unwrap();
                 assert_close(&ab.download_f32().unwrap(), &want.adv, 1e-4, &format!("A' G={g} {scale:?}"));
                 assert_close(&rawb.download_f32().unwrap(), &want.raw, 1e-4, &format!("A G={g} {scale:?}"));
                 let zv: Vec<bool> = zb.download_i32().unwrap().iter().map(|&z| z != 0).collect();
@@ -460,7 +615,12 @@ pub fn token_advantages_and_row_means_match_cpu(dev: &GpuDevice) {
     let (rb, hb, mb) = (d.upload_f32(&raw).unwrap(), d.upload_f32(&h).unwrap(), d.upload_f32(&mask).unwrap());
     let out = d.zeros(n_seq * t * 4).unwrap();
     gpu::token_advantages(&d, &rb, &hb, Some(&mb), n_seq, t, bonus, &out).unwrap();
-    assert_close(&out.download_f32().unwrap(), &adv::token_advantages(&raw, &h, Some(&mask), t, bonus), 1e-6, "token A'");
+    assert_close(
+        &out.download_f32().unwrap(),
+        &adv::token_advantages(&raw, &h, Some(&mask), t, bonus),
+        1e-6,
+        "token A'",
+    );
     let mean = d.zeros(n_seq * 4).unwrap();
     gpu::masked_row_mean(&d, &hb, Some(&mb), n_seq, t, &mean).unwrap();
     let m = mean.download_f32().unwrap();
@@ -492,9 +652,29 @@ pub fn policy_loss_matches_cpu(dev: &GpuDevice) {
             for agg in [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml { alpha: 0.5 }] {
                 for beta in [0.0f32, 0.04] {
                     let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta, agg };
-                    let x = PolicyLossInput { logp: &logp, old_logp: &old, ref_logp: Some(&refl), adv, adv_per_token: per_tok, mask: &mask, seg: Some(&seg), n_seq, t };
+                    let x = PolicyLossInput {
+                        logp: &logp,
+                        old_logp: &old,
+                        ref_logp: Some(&refl),
+                        adv,
+                        adv_per_token: per_tok,
+                        mask: &mask,
+                        seg: Some(&seg),
+                        n_seq,
+                        t,
+                    };
                     let (want, wgrad) = policy_loss(&x, &cfg, 0.7).unwrap();
-                    let xb = gpu::PolicyLossBuffers { logp: &lb, old_logp: &ob, ref_logp: Some(&rfb), adv: &ab, adv_per_token: per_tok, mask: &mb, seg: Some(&sb), n_seq, t };
+                    let xb = gpu::PolicyLossBuffers {
+                        logp: &lb,
+                        old_logp: &ob,
+                        ref_logp: Some(&rfb),
+                        adv: &ab,
+                        adv_per_token: per_tok,
+                        mask: &mb,
+                        seg: Some(&sb),
+                        n_seq,
+                        t,
+                    };
                     let counts = gpu::counts(&d, &xb).unwrap();
                     let out = d.zeros(16).unwrap();
                     gpu::policy_loss_fwd(&d, &xb, &counts, &cfg, &out).unwrap();
@@ -522,13 +702,30 @@ pub fn gemm_row_major(d: &GpuDevice) {
             let c0 = quant(&randn(batch * m * n, 3, 1.0), dt);
             let (ab, bb, cb) = (up(d, &a, dt), up(d, &b, dt), up(d, &c0, dt));
             let g = Gemm {
-                dtype: dt, m, n, k, a: ab.ptr(), lda: if ta { m } else { k }, trans_a: ta,
-                b: bb.ptr(), ldb: if tb { k } else { n }, trans_b: tb, c: cb.ptr(), ldc: n,
-                alpha: 0.5, beta: 1.0, batch, stride_a: m * k, stride_b: n * k, stride_c: m * n,
+                dtype: dt,
+                m,
+                n,
+                k,
+                a: ab.ptr(),
+                lda: if ta { m } else { k },
+                trans_a: ta,
+                b: bb.ptr(),
+                ldb: if tb { k } else { n },
+                trans_b: tb,
+                c: cb.ptr(),
+                ldc: n,
+                alpha: 0.5,
+                beta: 1.0,
+                batch,
+                stride_a: m * k,
+                stride_b: n * k,
+                stride_c: m * n,
             };
             d.gemm(&g).unwrap();
-            let av = |bi: usize, i: usize, p: usize| a[bi * m * k + if ta { p * m + i } else { i * k + p }] as f64;
-            let bv = |bi: usize, p: usize, j: usize| b[bi * n * k + if tb { j * k + p } else { p * n + j }] as f64;
+            let av =
+                |bi: usize, i: usize, p: usize| a[bi * m * k + if ta { p * m + i } else { i * k + p }] as f64;
+            let bv =
+                |bi: usize, p: usize, j: usize| b[bi * n * k + if tb { j * k + p } else { p * n + j }] as f64;
             let want: Vec<f64> = (0..batch * m * n)
                 .map(|x| {
                     let (bi, i, j) = (x / (m * n), x % (m * n) / n, x % n);
@@ -576,7 +773,8 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
         let lse_used = lseb.download_f32().unwrap();
         let saved = cpu::Saved { out: &o_used, lse: &lse_used };
         let (wdq, wdk, wdv) = cpu::backward(&q, &k, &v, saved, &dout, dims, seqs);
-        let (dqb, dkb, dvb) = (d.zeros(q.len() * 2).unwrap(), d.zeros(k.len() * 2).unwrap(), d.zeros(v.len() * 2).unwrap());
+        let (dqb, dkb, dvb) =
+            (d.zeros(q.len() * 2).unwrap(), d.zeros(k.len() * 2).unwrap(), d.zeros(v.len() * 2).unwrap());
         flash_attn_bwd(d, &fd, &qb, &kb, &vb, &cub, &ob, &lseb, &up(d, &dout, bf), &dqb, &dkb, &dvb).unwrap();
         assert_close(&down(&dvb, bf), &wdv, 3e-2, &format!("flash dv {what}"));
         assert_close(&down(&dkb, bf), &wdk, 3e-2, &format!("flash dk {what}"));
@@ -589,15 +787,36 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
 pub fn decode_attention(d: &GpuDevice) {
     use fcgpu::backend::ops::attention::{decode_attn_strided, CacheLayout};
     let bf = DType::BF16;
-    for &(batch, q_heads, kv_heads, hd, max_len) in &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)] {
+    for &(batch, q_heads, kv_heads, hd, max_len) in
+        &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)]
+    {
         for head_major in [false, true] {
-            let layout = if head_major { CacheLayout::head_major(max_len, kv_heads, hd) } else { CacheLayout::token_major(max_len, kv_heads, hd) };
-            let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
+            let layout = if head_major {
+                CacheLayout::head_major(max_len, kv_heads, hd)
+            } else {
+                CacheLayout::token_major(max_len, kv_heads, hd)
+            };
+            let lens: Vec<i32> =
+                (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
             let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
             let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
             let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
             let ob = d.zeros(q.len() * 2).unwrap();
-            decode_attn_strided(d, &up(d, &q, bf), &up(d, &kc, bf), &up(d, &vc, bf), &d.upload_i32(&lens).unwrap(), &ob, batch, q_heads, kv_heads, hd, max_len, layout).unwrap();
+            decode_attn_strided(
+                d,
+                &up(d, &q, bf),
+                &up(d, &kc, bf),
+                &up(d, &vc, bf),
+                &d.upload_i32(&lens).unwrap(),
+                &ob,
+                batch,
+                q_heads,
+                kv_heads,
+                hd,
+                max_len,
+                layout,
+            )
+            .unwrap();
             let mut want = vec![0f64; q.len()];
             let scale = 1.0 / (hd as f64).sqrt();
             for b in 0..batch {
@@ -605,9 +824,14 @@ pub fn decode_attention(d: &GpuDevice) {
                     let kvh = h / (q_heads / kv_heads);
                     let qr = &q[(b * q_heads + h) * hd..][..hd];
                     let row = |c: &[f32], j: usize| -> Vec<f64> {
-                        c[b * layout.batch_stride + j * layout.pos_stride + kvh * layout.head_stride..][..hd].iter().map(|&x| x as f64).collect()
+                        c[b * layout.batch_stride + j * layout.pos_stride + kvh * layout.head_stride..][..hd]
+                            .iter()
+                            .map(|&x| x as f64)
+                            .collect()
                     };
-                    let s: Vec<f64> = (0..lens[b] as usize).map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale).collect();
+                    let s: Vec<f64> = (0..lens[b] as usize)
+                        .map(|j| row(&kc, j).iter().zip(qr).map(|(a, &b)| a * b as f64).sum::<f64>() * scale)
+                        .collect();
                     let m = s.iter().copied().fold(f64::MIN, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                     for (j, sj) in s.iter().enumerate() {
@@ -618,7 +842,12 @@ pub fn decode_attention(d: &GpuDevice) {
                     }
                 }
             }
-            assert_close(&down(&ob, bf), &want, 2e-2, &format!("decode attention hd={hd} head_major={head_major}"));
+            assert_close(
+                &down(&ob, bf),
+                &want,
+                2e-2,
+                &format!("decode attention hd={hd} head_major={head_major}"),
+            );
         }
     }
 }
@@ -642,21 +871,44 @@ pub fn elementwise_ops(d: &GpuDevice) {
         assert_close(&down(&out, dt), &a.iter().map(|x| -0.3 * x).collect::<Vec<_>>(), tol, "scale");
         let y = d.upload_f32(&b).unwrap();
         ew::axpy(d, dt, &ab, 2.0, &y, n).unwrap();
-        assert_close(&y.download_f32().unwrap(), &a.iter().zip(&b).map(|(x, y)| y + 2.0 * x).collect::<Vec<_>>(), 1e-6, "axpy");
+        assert_close(
+            &y.download_f32().unwrap(),
+            &a.iter().zip(&b).map(|(x, y)| y + 2.0 * x).collect::<Vec<_>>(),
+            1e-6,
+            "axpy",
+        );
         let bias = quant(&randn(cols, 52, 1.0), dt);
         ew::bias_add(d, dt, &ab, &up(d, &bias, dt), &out, rows, cols).unwrap();
-        assert_close(&down(&out, dt), &(0..n).map(|i| a[i] + bias[i % cols]).collect::<Vec<_>>(), tol, "bias_add");
+        assert_close(
+            &down(&out, dt),
+            &(0..n).map(|i| a[i] + bias[i % cols]).collect::<Vec<_>>(),
+            tol,
+            "bias_add",
+        );
         let cs = d.zeros(cols * 4).unwrap();
         ew::col_sum(d, dt, &ab, &cs, rows, cols, false).unwrap();
         ew::col_sum(d, dt, &ab, &cs, rows, cols, true).unwrap();
-        let want: Vec<f64> = (0..cols).map(|c| 2.0 * (0..rows).map(|r| a[r * cols + c] as f64).sum::<f64>()).collect();
+        let want: Vec<f64> =
+            (0..cols).map(|c| 2.0 * (0..rows).map(|r| a[r * cols + c] as f64).sum::<f64>()).collect();
         assert_close(&cs.download_f32().unwrap(), &want, 1e-5, "col_sum");
         // copy_2d: columns 5..5+11 of rows of 300 into rows of 13 at column 2 (the rest stays 0)
         let c2 = d.zeros(rows * 13 * dt.size()).unwrap();
         ew::copy_2d(d, dt, &ab, 5, cols, &c2, 2, 13, rows, 11).unwrap();
-        let want: Vec<f32> = (0..rows * 13).map(|i| { let (r, c) = (i / 13, i % 13); if (2..13).contains(&c) { a[r * cols + 5 + c - 2] } else { 0.0 } }).collect();
+        let want: Vec<f32> = (0..rows * 13)
+            .map(|i| {
+                let (r, c) = (i / 13, i % 13);
+                if (2..13).contains(&c) {
+                    a[r * cols + 5 + c - 2]
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         assert_eq!(down(&c2, dt), want, "copy_2d {dt:?}");
-        assert!(ew::copy_2d(d, dt, &ab, 0, cols, &c2, 3, 13, rows, 11).is_err(), "copy_2d past the end is refused");
+        assert!(
+            ew::copy_2d(d, dt, &ab, 0, cols, &c2, 3, 13, rows, 11).is_err(),
+            "copy_2d past the end is refused"
+        );
     }
 }
 
@@ -665,7 +917,11 @@ pub fn storage_round_trip(d: &GpuDevice) {
     use fcgpu::backend::storage::GpuStorage;
     use fcgpu::tensor::CpuStorage;
     let v = randn(333, 53, 10.0);
-    for s in [CpuStorage::F32(v.clone()), CpuStorage::F32(v.clone()).to_dtype(DType::BF16), CpuStorage::F32(v.clone()).to_dtype(DType::F16)] {
+    for s in [
+        CpuStorage::F32(v.clone()),
+        CpuStorage::F32(v.clone()).to_dtype(DType::BF16),
+        CpuStorage::F32(v.clone()).to_dtype(DType::F16),
+    ] {
         let g = GpuStorage::from_cpu(d, &s).unwrap();
         assert_eq!((g.dtype, g.len), (s.dtype(), s.len()));
         assert_eq!(g.to_cpu().unwrap().as_bytes(), s.as_bytes());
@@ -690,13 +946,18 @@ pub fn linear_matches_cpu_op(d: &GpuDevice) {
         let wt = Tensor::from_vec(wq.clone(), &[dims.out_f, dims.in_f]).unwrap().requires_grad();
         let bt = Tensor::from_vec(bq.clone(), &[dims.out_f]).unwrap().requires_grad();
         let yt = fcgpu::ops::linear(&xt, &wt, Some(&bt)).unwrap();
-        let grads = yt.backward_with(Tensor::from_vec(dyq.clone(), &[dims.rows, dims.out_f]).unwrap()).unwrap();
+        let grads =
+            yt.backward_with(Tensor::from_vec(dyq.clone(), &[dims.rows, dims.out_f]).unwrap()).unwrap();
         let g = |t: &Tensor| grads.get(t).unwrap().to_vec();
         let (xb, wb, bb) = (up(d, &xq, dt), up(d, &wq, dt), up(d, &bq, dt));
         let y = d.zeros(dims.rows * dims.out_f * dt.size()).unwrap();
         linear_fwd(d, dt, dims, &xb, &wb, Some(&bb), &y).unwrap();
         assert_close(&down(&y, dt), &yt.to_vec(), tol, &format!("linear y {dt:?}"));
-        let (dx, dw, db) = (d.zeros(xq.len() * dt.size()).unwrap(), d.zeros(wq.len() * dt.size()).unwrap(), d.zeros(dims.out_f * 4).unwrap());
+        let (dx, dw, db) = (
+            d.zeros(xq.len() * dt.size()).unwrap(),
+            d.zeros(wq.len() * dt.size()).unwrap(),
+            d.zeros(dims.out_f * 4).unwrap(),
+        );
         linear_bwd(d, dt, dims, &xb, &wb, &up(d, &dyq, dt), Some(&dx), Some(&dw), Some(&db)).unwrap();
         assert_close(&down(&dx, dt), &g(&xt), tol, &format!("linear dx {dt:?}"));
         assert_close(&down(&dw, dt), &g(&wt), tol, &format!("linear dw {dt:?}"));
@@ -732,7 +993,11 @@ pub fn sampling_matches_cpu_distribution(d: &GpuDevice) {
         for k in 0..vocab {
             let p = dist.iter().find(|(i, _)| *i as usize == k).map_or(0.0, |x| x.1);
             let want = p * rows as f64;
-            assert!((count[k] as f64 - want).abs() <= 2.0, "T={temperature} top_p={top_p} token {k}: {} draws, want {want:.1}", count[k]);
+            assert!(
+                (count[k] as f64 - want).abs() <= 2.0,
+                "T={temperature} top_p={top_p} token {k}: {} draws, want {want:.1}",
+                count[k]
+            );
             if p == 0.0 {
                 assert_eq!(count[k], 0, "token {k} outside the nucleus was drawn");
             }

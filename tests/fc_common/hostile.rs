@@ -11,27 +11,13 @@ fn one<'a>(pick: Pick, xs: &[&'a str]) -> &'a str {
     xs[pick(xs.len())]
 }
 
-const COUNTS: &[&str] = &[
-    "0", "1", "2", "-1", "7", "1000", "65536", "1048576", "1048577", "10**9", "2**64", "True",
-];
+const COUNTS: &[&str] =
+    &["0", "1", "2", "-1", "7", "1000", "65536", "1048576", "1048577", "10**9", "2**64", "True"];
 
 /// `[f(x=[[base]*n]*m…)]` with random bases, counts and sequence kinds.
 fn nested_repetition(pick: Pick) -> String {
-    let mut e = one(
-        pick,
-        &[
-            "0",
-            "'a'",
-            "\"a\"*1048576",
-            "b'xy'",
-            "None",
-            "(0,)",
-            "{'k': 1}",
-            "'%s'",
-            "[]",
-        ],
-    )
-    .to_string();
+    let mut e = one(pick, &["0", "'a'", "\"a\"*1048576", "b'xy'", "None", "(0,)", "{'k': 1}", "'%s'", "[]"])
+        .to_string();
     for _ in 0..1 + pick(5) {
         let n = one(pick, COUNTS);
         e = match pick(4) {
@@ -67,18 +53,7 @@ fn long_concatenation(pick: Pick) -> String {
 fn format_specifiers(pick: Pick) -> String {
     let prec = one(
         pick,
-        &[
-            "",
-            ".0",
-            ".6",
-            ".4096",
-            ".4097",
-            ".65535",
-            ".65536",
-            ".99999999999999999999",
-            ".",
-            ".-1",
-        ],
+        &["", ".0", ".6", ".4096", ".4097", ".65535", ".65536", ".99999999999999999999", ".", ".-1"],
     );
     let conv = one(pick, &["f", "s", "r", "d", "x", "%", "i", "q", ""]);
     let reps = [1, 2, 100, 10_000][pick(4)];
@@ -102,10 +77,7 @@ fn format_specifiers(pick: Pick) -> String {
         1 => format!("({arg},)*{reps}"),
         _ => format!("({arg}, {arg})"),
     };
-    format!(
-        "[f(x='{}' % {args})]",
-        format!("%{prec}{conv}").repeat(reps)
-    )
+    format!("[f(x='{}' % {args})]", format!("%{prec}{conv}").repeat(reps))
 }
 
 /// Deep nesting of every kind the parsers recurse on, in a random language.

@@ -13,18 +13,13 @@ pub fn subset_dir() -> PathBuf {
 /// The full BFCL v4 data when this checkout sits next to it (skipped otherwise).
 pub fn full_dir() -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    [
-        root.join("../shared/bfcl/v4"),
-        PathBuf::from("/work/shared/bfcl/v4"),
-    ]
-    .into_iter()
-    .find(|p| p.join("BFCL_v4_simple_python.json").exists())
+    [root.join("../shared/bfcl/v4"), PathBuf::from("/work/shared/bfcl/v4")]
+        .into_iter()
+        .find(|p| p.join("BFCL_v4_simple_python.json").exists())
 }
 
 pub fn data_file(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/bfcl")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/bfcl").join(name)
 }
 
 pub fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {

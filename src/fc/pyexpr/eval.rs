@@ -36,16 +36,8 @@ pub fn eval_expr(e: &Expr, budget: &mut Budget) -> Result<Value, PyErr> {
                 Value::Bytes(b.clone())
             }
         }),
-        Kind::List(v) => Ok(Value::List(
-            v.iter()
-                .map(|x| eval_expr(x, budget))
-                .collect::<Result<_, _>>()?,
-        )),
-        Kind::Tuple(v) => Ok(Value::Tuple(
-            v.iter()
-                .map(|x| eval_expr(x, budget))
-                .collect::<Result<_, _>>()?,
-        )),
+        Kind::List(v) => Ok(Value::List(v.iter().map(|x| eval_expr(x, budget)).collect::<Result<_, _>>()?)),
+        Kind::Tuple(v) => Ok(Value::Tuple(v.iter().map(|x| eval_expr(x, budget)).collect::<Result<_, _>>()?)),
         Kind::Dict(items) => {
             let mut d = Vec::new();
             for (k, v) in items {
@@ -117,11 +109,7 @@ fn unary(op: UnOp, v: Value) -> Result<Value, PyErr> {
             return Ok(Value::Float(if op == UnOp::Neg { -f } else { f }))
         }
         Value::Complex(a, b) if op != UnOp::Invert => {
-            return Ok(if op == UnOp::Neg {
-                Value::Complex(-a, -b)
-            } else {
-                Value::Complex(a, b)
-            })
+            return Ok(if op == UnOp::Neg { Value::Complex(-a, -b) } else { Value::Complex(a, b) })
         }
         _ => return err("bad operand type for unary operator"),
     };
@@ -231,19 +219,13 @@ fn binary(l: Value, op: BinOp, r: Value, budget: &mut Budget) -> Result<Value, P
     }
     match (op, &l, &r) {
         (BinOp::Add, Value::Str(a), Value::Str(b)) => Ok(Value::Str(format!("{a}{b}"))),
-        (BinOp::Add, Value::Bytes(a), Value::Bytes(b)) => {
-            Ok(Value::Bytes([a.as_slice(), b].concat()))
-        }
+        (BinOp::Add, Value::Bytes(a), Value::Bytes(b)) => Ok(Value::Bytes([a.as_slice(), b].concat())),
         (BinOp::Add, Value::List(a), Value::List(b)) => Ok(Value::List([a.as_slice(), b].concat())),
-        (BinOp::Add, Value::Tuple(a), Value::Tuple(b)) => {
-            Ok(Value::Tuple([a.as_slice(), b].concat()))
-        }
+        (BinOp::Add, Value::Tuple(a), Value::Tuple(b)) => Ok(Value::Tuple([a.as_slice(), b].concat())),
         (BinOp::Mul, s, n) if seq_count(n).is_some() && seq_count(s).is_none() => {
             repeat(s, seq_count(n).unwrap_or(0), budget)
         }
-        (BinOp::Mul, n, s) if seq_count(n).is_some() => {
-            repeat(s, seq_count(n).unwrap_or(0), budget)
-        }
+        (BinOp::Mul, n, s) if seq_count(n).is_some() => repeat(s, seq_count(n).unwrap_or(0), budget),
         (BinOp::Mod, Value::Str(f), args) => percent_format(f, args, budget).map(Value::Str),
         _ => err("unsupported operand types"),
     }
@@ -405,9 +387,7 @@ fn precision(digits: &str, budget: &mut Budget) -> Result<usize, PyErr> {
         _ if t.is_empty() => Ok(0),
         Ok(p) if t.len() <= 9 && p <= MAX_FORMAT_PRECISION => Ok(p),
         _ => Err(budget
-            .refuse(format!(
-                "format precision {digits} is over fcgpu's bound of {MAX_FORMAT_PRECISION}"
-            ))
+            .refuse(format!("format precision {digits} is over fcgpu's bound of {MAX_FORMAT_PRECISION}"))
             .into()),
     }
 }
@@ -440,16 +420,12 @@ fn percent_format(f: &str, args: &Value, budget: &mut Budget) -> Result<String, 
             }
             prec = Some(precision(&d, budget)?);
         }
-        let conv = chars
-            .next()
-            .ok_or_else(|| PyErr("incomplete format".into()))?;
+        let conv = chars.next().ok_or_else(|| PyErr("incomplete format".into()))?;
         if conv == '%' {
             out.push('%');
             continue;
         }
-        let arg = it
-            .next()
-            .ok_or_else(|| PyErr("not enough arguments for format string".into()))?;
+        let arg = it.next().ok_or_else(|| PyErr("not enough arguments for format string".into()))?;
         // A repr is at most 4 bytes per byte of text (`\x00`) and under 4 per value node.
         budget.charge(4 * cost(&arg), "formatting")?;
         if conv == 'f' {

@@ -29,9 +29,9 @@ pub enum Tok {
 }
 
 const OPS: [&str; 47] = [
-    "**=", "//=", ">>=", "<<=", "...", "->", ":=", "**", "//", "<<", ">>", "<=", ">=", "==", "!=",
-    "+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", "@=", "(", ")", "[", "]", "{", "}", ",", ":",
-    ".", ";", "+", "-", "*", "/", "%", "&", "|", "^", "~", "<", ">", "=", "@",
+    "**=", "//=", ">>=", "<<=", "...", "->", ":=", "**", "//", "<<", ">>", "<=", ">=", "==", "!=", "+=",
+    "-=", "*=", "/=", "%=", "&=", "|=", "^=", "@=", "(", ")", "[", "]", "{", "}", ",", ":", ".", ";", "+",
+    "-", "*", "/", "%", "&", "|", "^", "~", "<", ">", "=", "@",
 ];
 
 /// Python's tokenizer refuses more than 200 nested brackets.
@@ -46,13 +46,7 @@ pub fn tokenize(src: &str) -> Result<Vec<Tok>, PyErr> {
     } else {
         src
     };
-    let mut lx = Lexer {
-        s: src.as_bytes(),
-        src,
-        i: 0,
-        out: Vec::new(),
-        level: 0,
-    };
+    let mut lx = Lexer { s: src.as_bytes(), src, i: 0, out: Vec::new(), level: 0 };
     lx.run()?;
     Ok(lx.out)
 }
@@ -113,15 +107,11 @@ impl<'a> Lexer<'a> {
                     } else if rest.starts_with(b"\r") {
                         self.i += 2;
                     } else {
-                        return Err(err(
-                            "unexpected character after line continuation character",
-                        ));
+                        return Err(err("unexpected character after line continuation character"));
                     }
                 }
                 c if c.is_ascii_digit() => self.number()?,
-                '.' if self.s.get(self.i + 1).is_some_and(|b| b.is_ascii_digit()) => {
-                    self.number()?
-                }
+                '.' if self.s.get(self.i + 1).is_some_and(|b| b.is_ascii_digit()) => self.number()?,
                 '\'' | '"' => self.string("")?,
                 c if is_id_start(c) => self.name_or_string()?,
                 _ => self.op()?,
@@ -139,10 +129,7 @@ impl<'a> Lexer<'a> {
 
     fn op(&mut self) -> Result<(), PyErr> {
         let rest = &self.src[self.i..];
-        let op = OPS
-            .iter()
-            .find(|o| rest.starts_with(**o))
-            .ok_or_else(|| err("invalid character"))?;
+        let op = OPS.iter().find(|o| rest.starts_with(**o)).ok_or_else(|| err("invalid character"))?;
         match *op {
             "(" | "[" | "{" => {
                 self.level += 1;
@@ -175,10 +162,7 @@ impl<'a> Lexer<'a> {
         let next = self.s.get(self.i).copied();
         if matches!(next, Some(b'\'') | Some(b'"')) {
             let lower = name.to_ascii_lowercase();
-            if matches!(
-                lower.as_str(),
-                "r" | "u" | "b" | "br" | "rb" | "f" | "fr" | "rf"
-            ) {
+            if matches!(lower.as_str(), "r" | "u" | "b" | "br" | "rb" | "f" | "fr" | "rf") {
                 return self.string(&lower);
             }
         }
@@ -193,8 +177,7 @@ impl<'a> Lexer<'a> {
             if ok(b) {
                 out.push(b as char);
                 self.i += 1;
-            } else if b == b'_' && self.s.get(self.i + 1).is_some_and(|&n| ok(n)) && !out.is_empty()
-            {
+            } else if b == b'_' && self.s.get(self.i + 1).is_some_and(|&n| ok(n)) && !out.is_empty() {
                 self.i += 1;
             } else if b == b'_' {
                 return Err(err("invalid decimal literal"));
@@ -207,12 +190,7 @@ impl<'a> Lexer<'a> {
 
     fn number(&mut self) -> Result<(), PyErr> {
         let s = self.s;
-        if s[self.i] == b'0'
-            && matches!(
-                s.get(self.i + 1),
-                Some(b'x' | b'X' | b'o' | b'O' | b'b' | b'B')
-            )
-        {
+        if s[self.i] == b'0' && matches!(s.get(self.i + 1), Some(b'x' | b'X' | b'o' | b'O' | b'b' | b'B')) {
             let radix = match s[self.i + 1] {
                 b'x' | b'X' => 16,
                 b'o' | b'O' => 8,
@@ -260,12 +238,7 @@ impl<'a> Lexer<'a> {
             if s.get(self.i).is_some_and(|b| b.is_ascii_digit()) {
                 is_float = true;
                 let e = self.digits(|b| b.is_ascii_digit())?;
-                text = format!(
-                    "{}e{}{}",
-                    if text.is_empty() { "0".into() } else { text },
-                    sign,
-                    e
-                );
+                text = format!("{}e{}{}", if text.is_empty() { "0".into() } else { text }, sign, e);
             } else {
                 self.i = save;
                 return Err(err("invalid decimal literal"));
@@ -286,13 +259,8 @@ impl<'a> Lexer<'a> {
             let v: f64 = text.parse().unwrap_or(f64::INFINITY);
             self.out.push(Tok::Num(Num::Float(v)));
         } else {
-            if int_part.len() > 1
-                && int_part.starts_with('0')
-                && int_part.bytes().any(|b| b != b'0')
-            {
-                return Err(err(
-                    "leading zeros in decimal integer literals are not permitted",
-                ));
+            if int_part.len() > 1 && int_part.starts_with('0') && int_part.bytes().any(|b| b != b'0') {
+                return Err(err("leading zeros in decimal integer literals are not permitted"));
             }
             let n = match int_part.parse::<i128>() {
                 Ok(v) => Num::Int(v),
@@ -351,46 +319,20 @@ impl<'a> Lexer<'a> {
         }
         // A backslash step may land inside a multi-byte char; re-align safely.
         let body_end = self.i;
-        let body = self
-            .src
-            .get(body_start..body_end)
-            .ok_or_else(|| err("bad string"))?
-            .to_string();
+        let body = self.src.get(body_start..body_end).ok_or_else(|| err("bad string"))?.to_string();
         self.i += qlen;
         let src = self.src[start..self.i].to_string();
         let tok = if fstr {
-            Tok::Str {
-                text: body,
-                bytes: None,
-                fstr: true,
-                u: false,
-                src,
-            }
+            Tok::Str { text: body, bytes: None, fstr: true, u: false, src }
         } else if is_bytes {
             if !body.is_ascii() {
                 return Err(err("bytes can only contain ASCII literal characters"));
             }
-            let b = if raw {
-                body.into_bytes()
-            } else {
-                unescape_bytes(&body)?
-            };
-            Tok::Str {
-                text: String::new(),
-                bytes: Some(b),
-                fstr: false,
-                u: false,
-                src,
-            }
+            let b = if raw { body.into_bytes() } else { unescape_bytes(&body)? };
+            Tok::Str { text: String::new(), bytes: Some(b), fstr: false, u: false, src }
         } else {
             let t = if raw { body } else { unescape_str(&body)? };
-            Tok::Str {
-                text: t,
-                bytes: None,
-                fstr: false,
-                u: prefix == "u",
-                src,
-            }
+            Tok::Str { text: t, bytes: None, fstr: false, u: prefix == "u", src }
         };
         self.out.push(tok);
         Ok(())

@@ -126,10 +126,7 @@ pub struct Expr {
 impl Expr {
     pub fn new(kind: Kind) -> Expr {
         let depth = 1 + child_depth(&kind);
-        Expr {
-            kind: Box::new(kind),
-            depth,
-        }
+        Expr { kind: Box::new(kind), depth }
     }
 }
 
@@ -140,35 +137,23 @@ fn max_d<'a>(it: impl Iterator<Item = &'a Expr>) -> u32 {
 fn child_depth(k: &Kind) -> u32 {
     match k {
         Kind::Const(_) | Kind::FString(_) | Kind::Name(_) | Kind::Yield(None, _) => 0,
-        Kind::Attr(e, _)
-        | Kind::Unary(_, e)
-        | Kind::Lambda(_, e)
-        | Kind::Starred(e)
-        | Kind::Await(e) => e.depth,
+        Kind::Attr(e, _) | Kind::Unary(_, e) | Kind::Lambda(_, e) | Kind::Starred(e) | Kind::Await(e) => {
+            e.depth
+        }
         Kind::Yield(Some(e), _) => e.depth,
-        Kind::Call {
-            func,
-            args,
-            keywords,
-        } => func
-            .depth
-            .max(max_d(args.iter()))
-            .max(max_d(keywords.iter().map(|k| &k.value))),
+        Kind::Call { func, args, keywords } => {
+            func.depth.max(max_d(args.iter())).max(max_d(keywords.iter().map(|k| &k.value)))
+        }
         Kind::Subscript(a, b) | Kind::Bin(a, _, b) | Kind::NamedExpr(a, b) => a.depth.max(b.depth),
         Kind::Slice(a, b, c) => max_d([a, b, c].into_iter().flatten()),
         Kind::BoolOp(_, v) | Kind::List(v) | Kind::Tuple(v) | Kind::Set(v) => max_d(v.iter()),
         Kind::Compare(a, rest) => a.depth.max(max_d(rest.iter().map(|(_, e)| e))),
         Kind::IfExp(a, b, c) => a.depth.max(b.depth).max(c.depth),
-        Kind::Dict(items) => max_d(
-            items
-                .iter()
-                .flat_map(|(k, v)| k.iter().chain(std::iter::once(v))),
-        ),
-        Kind::Comp(_, elts, gens) => max_d(elts.iter()).max(max_d(gens.iter().flat_map(|g| {
-            std::iter::once(&g.target)
-                .chain(std::iter::once(&g.iter))
-                .chain(g.ifs.iter())
-        }))),
+        Kind::Dict(items) => max_d(items.iter().flat_map(|(k, v)| k.iter().chain(std::iter::once(v)))),
+        Kind::Comp(_, elts, gens) => max_d(elts.iter())
+            .max(max_d(gens.iter().flat_map(|g| {
+                std::iter::once(&g.target).chain(std::iter::once(&g.iter)).chain(g.ifs.iter())
+            }))),
     }
 }
 
@@ -184,16 +169,8 @@ mod tests {
 
     #[test]
     fn accepts_and_rejects_like_python() {
-        for ok in [
-            "f(a=1, a=2)",
-            "1if 1 else 2",
-            "00",
-            "0x_1",
-            "[x:=1]",
-            "a[1:2,3]",
-            "lambda: 1",
-            "'a\\\nb'",
-        ] {
+        for ok in ["f(a=1, a=2)", "1if 1 else 2", "00", "0x_1", "[x:=1]", "a[1:2,3]", "lambda: 1", "'a\\\nb'"]
+        {
             assert!(parse_expr(ok).is_ok(), "{ok}");
         }
         for bad in [

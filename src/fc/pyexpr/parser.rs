@@ -5,10 +5,9 @@ use super::lexer::Tok;
 use super::*;
 
 const KEYWORDS: [&str; 35] = [
-    "False", "None", "True", "and", "as", "assert", "async", "await", "break", "class", "continue",
-    "def", "del", "elif", "else", "except", "finally", "for", "from", "global", "if", "import",
-    "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while",
-    "with", "yield",
+    "False", "None", "True", "and", "as", "assert", "async", "await", "break", "class", "continue", "def",
+    "del", "elif", "else", "except", "finally", "for", "from", "global", "if", "import", "in", "is",
+    "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while", "with", "yield",
 ];
 
 /// Recursion budget: each level of brackets costs about 17 frames.
@@ -28,11 +27,7 @@ type R = Result<Expr, PyErr>;
 
 impl Parser {
     pub fn new(toks: Vec<Tok>) -> Parser {
-        Parser {
-            toks,
-            pos: 0,
-            rec: 0,
-        }
+        Parser { toks, pos: 0, rec: 0 }
     }
 
     fn peek(&self) -> &Tok {
@@ -152,9 +147,7 @@ impl Parser {
         if matches!(self.peek(), Tok::Name(n) if !KEYWORDS.contains(&n.as_str()))
             && matches!(self.peek_at(1), Tok::Op(":="))
         {
-            let Tok::Name(n) = self.bump() else {
-                unreachable!()
-            };
+            let Tok::Name(n) = self.bump() else { unreachable!() };
             self.bump();
             let target = self.mk(Kind::Name(n))?;
             let value = self.expression()?;
@@ -249,21 +242,13 @@ impl Parser {
     }
 
     fn bool_chain(&mut self, kw: &str, is_or: bool) -> R {
-        let first = if is_or {
-            self.conjunction()?
-        } else {
-            self.inversion()?
-        };
+        let first = if is_or { self.conjunction()? } else { self.inversion()? };
         if !self.is_kw(kw) {
             return Ok(first);
         }
         let mut v = vec![first];
         while self.eat_kw(kw) {
-            v.push(if is_or {
-                self.conjunction()?
-            } else {
-                self.inversion()?
-            });
+            v.push(if is_or { self.conjunction()? } else { self.inversion()? });
         }
         self.mk(Kind::BoolOp(is_or, v))
     }
@@ -386,9 +371,7 @@ impl Parser {
         loop {
             if self.eat_op(".") {
                 match self.bump() {
-                    Tok::Name(n) if !KEYWORDS.contains(&n.as_str()) => {
-                        e = self.mk(Kind::Attr(e, n))?
-                    }
+                    Tok::Name(n) if !KEYWORDS.contains(&n.as_str()) => e = self.mk(Kind::Attr(e, n))?,
                     _ => return err("invalid syntax"),
                 }
             } else if self.eat_op("(") {
@@ -410,10 +393,7 @@ impl Parser {
         while !self.is_op(")") {
             if self.eat_op("**") {
                 let v = self.expression()?;
-                keywords.push(Keyword {
-                    arg: None,
-                    value: v,
-                });
+                keywords.push(Keyword { arg: None, value: v });
                 seen_kwunpack = true;
             } else if self.eat_op("*") {
                 if seen_kwunpack {
@@ -421,20 +401,14 @@ impl Parser {
                 }
                 let v = self.expression()?;
                 args.push(self.mk(Kind::Starred(v))?);
-            } else if matches!(self.peek(), Tok::Name(_)) && matches!(self.peek_at(1), Tok::Op("="))
-            {
-                let Tok::Name(n) = self.bump() else {
-                    unreachable!()
-                };
+            } else if matches!(self.peek(), Tok::Name(_)) && matches!(self.peek_at(1), Tok::Op("=")) {
+                let Tok::Name(n) = self.bump() else { unreachable!() };
                 if KEYWORDS.contains(&n.as_str()) {
                     return err("invalid syntax");
                 }
                 self.bump();
                 let v = self.expression()?;
-                keywords.push(Keyword {
-                    arg: Some(n),
-                    value: v,
-                });
+                keywords.push(Keyword { arg: Some(n), value: v });
             } else {
                 let e = self.named_expression()?;
                 if self.is_kw("for") || self.is_kw("async") {
@@ -459,19 +433,11 @@ impl Parser {
             }
         }
         self.expect_op(")")?;
-        self.mk(Kind::Call {
-            func,
-            args,
-            keywords,
-        })
+        self.mk(Kind::Call { func, args, keywords })
     }
 
     fn slice_item(&mut self) -> R {
-        let lower = if self.is_op(":") {
-            None
-        } else {
-            Some(self.named_or_starred_slice()?)
-        };
+        let lower = if self.is_op(":") { None } else { Some(self.named_or_starred_slice()?) };
         if !self.is_op(":") {
             return lower.ok_or_else(|| PyErr("invalid syntax".into()));
         }
@@ -538,12 +504,7 @@ impl Parser {
             while self.eat_kw("if") {
                 ifs.push(self.disjunction()?);
             }
-            gens.push(Comprehension {
-                target,
-                iter,
-                ifs,
-                is_async,
-            });
+            gens.push(Comprehension { target, iter, ifs, is_async });
         }
         Ok(gens)
     }
@@ -598,10 +559,7 @@ impl Parser {
         while matches!(self.peek(), Tok::Str { .. }) {
             parts.push(self.bump());
         }
-        let n_bytes = parts
-            .iter()
-            .filter(|p| matches!(p, Tok::Str { bytes: Some(_), .. }))
-            .count();
+        let n_bytes = parts.iter().filter(|p| matches!(p, Tok::Str { bytes: Some(_), .. })).count();
         if n_bytes > 0 && n_bytes < parts.len() {
             return err("cannot mix bytes and nonbytes literals");
         }
@@ -614,19 +572,10 @@ impl Parser {
             }
             return self.mk(Kind::Const(Const::Bytes(all)));
         }
-        if parts
-            .iter()
-            .any(|p| matches!(p, Tok::Str { fstr: true, .. }))
-        {
+        if parts.iter().any(|p| matches!(p, Tok::Str { fstr: true, .. })) {
             let src: Vec<String> = parts
                 .iter()
-                .map(|p| {
-                    if let Tok::Str { src, .. } = p {
-                        src.clone()
-                    } else {
-                        String::new()
-                    }
-                })
+                .map(|p| if let Tok::Str { src, .. } = p { src.clone() } else { String::new() })
                 .collect();
             return self.mk(Kind::FString(src.join(" ")));
         }
@@ -649,11 +598,7 @@ impl Parser {
             let v = if self.is_op(")") {
                 None
             } else {
-                Some(if from {
-                    self.expression()?
-                } else {
-                    self.star_expressions()?
-                })
+                Some(if from { self.expression()? } else { self.star_expressions()? })
             };
             if from && v.is_none() {
                 return err("invalid syntax");

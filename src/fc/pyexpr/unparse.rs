@@ -127,20 +127,13 @@ fn write(e: &Expr, prec: u8, out: &mut String) {
         Kind::Name(n) => out.push_str(n),
         Kind::Attr(v, attr) => {
             write(v, ATOM, out);
-            if matches!(
-                &*v.kind,
-                Kind::Const(Const::Num(Num::Int(_) | Num::BigInt(_)))
-            ) {
+            if matches!(&*v.kind, Kind::Const(Const::Num(Num::Int(_) | Num::BigInt(_)))) {
                 out.push(' ');
             }
             out.push('.');
             out.push_str(attr);
         }
-        Kind::Call {
-            func,
-            args,
-            keywords,
-        } => {
+        Kind::Call { func, args, keywords } => {
             write(func, ATOM, out);
             out.push('(');
             let mut first = true;
@@ -203,11 +196,7 @@ fn write(e: &Expr, prec: u8, out: &mut String) {
         }
         Kind::Bin(l, op, r) => {
             let (s, p) = bin_info(*op);
-            let (lp, rp) = if *op == BinOp::Pow {
-                (p + 1, p)
-            } else {
-                (p, p + 1)
-            };
+            let (lp, rp) = if *op == BinOp::Pow { (p + 1, p) } else { (p, p + 1) };
             paren_if(prec > p, out, |out| {
                 write(l, lp, out);
                 out.push(' ');

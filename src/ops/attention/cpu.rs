@@ -18,7 +18,12 @@ pub struct Saved<'a> {
 
 /// Softmax of the first `valid(r)` entries of each row of `s` (`rows × cols`), in place; the
 /// rest become 0. Returns each row's log-sum-exp (shared by training attention and decode).
-pub fn masked_softmax_rows(s: &mut [f32], rows: usize, cols: usize, valid: impl Fn(usize) -> usize) -> Vec<f32> {
+pub fn masked_softmax_rows(
+    s: &mut [f32],
+    rows: usize,
+    cols: usize,
+    valid: impl Fn(usize) -> usize,
+) -> Vec<f32> {
     let mut lse = vec![0.0f32; rows];
     for r in 0..rows {
         let row = &mut s[r * cols..(r + 1) * cols];
@@ -56,13 +61,37 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: Dims, seqs: &[(usize, usize)]
         let mut sc = vec![0.0f32; rows * cols];
         // SAFETY: every task writes the rows i0..i0+rows of head h only.
         unsafe {
-            gemm_strided(rows, cols, d.head_dim, sc.as_mut_ptr(), cols, false,
-                q.as_ptr().add(i0 * qs + h * d.head_dim), qs as isize, 1,
-                k.as_ptr().add(s * ks + kvh * d.head_dim), 1, ks as isize, scale);
+            gemm_strided(
+                rows,
+                cols,
+                d.head_dim,
+                sc.as_mut_ptr(),
+                cols,
+                false,
+                q.as_ptr().add(i0 * qs + h * d.head_dim),
+                qs as isize,
+                1,
+                k.as_ptr().add(s * ks + kvh * d.head_dim),
+                1,
+                ks as isize,
+                scale,
+            );
             let l = masked_softmax_rows(&mut sc, rows, cols, |r| r + i0 - s + 1);
-            gemm_strided(rows, d.head_dim, cols, { outp }.0.add(i0 * qs + h * d.head_dim), qs, false,
-                sc.as_ptr(), cols as isize, 1,
-                v.as_ptr().add(s * ks + kvh * d.head_dim), ks as isize, 1, 1.0);
+            gemm_strided(
+                rows,
+                d.head_dim,
+                cols,
+                { outp }.0.add(i0 * qs + h * d.head_dim),
+                qs,
+                false,
+                sc.as_ptr(),
+                cols as isize,
+                1,
+                v.as_ptr().add(s * ks + kvh * d.head_dim),
+                ks as isize,
+                1,
+                1.0,
+            );
             for (r, x) in l.iter().enumerate() {
                 *{ lsep }.0.add((i0 + r) * d.q_heads + h) = *x;
             }
@@ -73,7 +102,15 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: Dims, seqs: &[(usize, usize)]
 
 /// FlashAttention-2 style backward: recompute P from lse, then dV, dP, dS, dQ, dK per block.
 /// One task per (sequence, kv head) owns that head's dK/dV, so no two tasks write the same row.
-pub fn backward(q: &[f32], k: &[f32], v: &[f32], saved: Saved, dout: &[f32], d: Dims, seqs: &[(usize, usize)]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    saved: Saved,
+    dout: &[f32],
+    d: Dims,
+    seqs: &[(usize, usize)],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dq = vec![0.0f32; q.len()];
     let mut dk = vec![0.0f32; k.len()];
     let mut dv = vec![0.0f32; v.len()];
@@ -81,7 +118,8 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], saved: Saved, dout: &[f32], d: 
     let group = d.q_heads / d.kv_heads;
     let scale = 1.0 / (d.head_dim as f32).sqrt();
     let (qs, ks, hd) = (d.q_heads * d.head_dim, d.kv_heads * d.head_dim, d.head_dim);
-    let tasks: Vec<(usize, usize, usize)> = seqs.iter().flat_map(|&(s, l)| (0..d.kv_heads).map(move |g| (s, l, g))).collect();
+    let tasks: Vec<(usize, usize, usize)> =
+        seqs.iter().flat_map(|&(s, l)| (0..d.kv_heads).map(move |g| (s, l, g))).collect();
     tasks.par_iter().for_each(|&(s, l, kvh)| unsafe {
         let (dkh, dvh) = ({ dkp }.0.add(s * ks + kvh * hd), { dvp }.0.add(s * ks + kvh * hd));
         let kh = k.as_ptr().add(s * ks + kvh * hd);
@@ -94,7 +132,21 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], saved: Saved, dout: &[f32], d: 
                 let doh = dout.as_ptr().add(i0 * qs + h * hd);
                 // P from the saved log-sum-exp.
                 let mut p = vec![0.0f32; rows * cols];
-                gemm_strided(rows, cols, hd, p.as_mut_ptr(), cols, false, qh, qs as isize, 1, kh, 1, ks as isize, scale);
+                gemm_strided(
+                    rows,
+                    cols,
+                    hd,
+                    p.as_mut_ptr(),
+                    cols,
+                    false,
+                    qh,
+                    qs as isize,
+                    1,
+                    kh,
+                    1,
+                    ks as isize,
+                    scale,
+                );
                 for r in 0..rows {
                     let lse = saved.lse[(i0 + r) * d.q_heads + h];
                     let valid = b0 + r + 1;
@@ -103,10 +155,38 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], saved: Saved, dout: &[f32], d: 
                     row[valid..].fill(0.0);
                 }
                 // dV += Pᵀ·dO
-                gemm_strided(cols, hd, rows, dvh, ks, true, p.as_ptr(), 1, cols as isize, doh, qs as isize, 1, 1.0);
+                gemm_strided(
+                    cols,
+                    hd,
+                    rows,
+                    dvh,
+                    ks,
+                    true,
+                    p.as_ptr(),
+                    1,
+                    cols as isize,
+                    doh,
+                    qs as isize,
+                    1,
+                    1.0,
+                );
                 // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O))
                 let mut ds = vec![0.0f32; rows * cols];
-                gemm_strided(rows, cols, hd, ds.as_mut_ptr(), cols, false, doh, qs as isize, 1, vh, 1, ks as isize, 1.0);
+                gemm_strided(
+                    rows,
+                    cols,
+                    hd,
+                    ds.as_mut_ptr(),
+                    cols,
+                    false,
+                    doh,
+                    qs as isize,
+                    1,
+                    vh,
+                    1,
+                    ks as isize,
+                    1.0,
+                );
                 for r in 0..rows {
                     let o = &saved.out[(i0 + r) * qs + h * hd..][..hd];
                     let g = &dout[(i0 + r) * qs + h * hd..][..hd];
@@ -117,8 +197,36 @@ pub fn backward(q: &[f32], k: &[f32], v: &[f32], saved: Saved, dout: &[f32], d: 
                     }
                 }
                 // dQ = scale·dS·K,  dK += scale·dSᵀ·Q
-                gemm_strided(rows, hd, cols, { dqp }.0.add(i0 * qs + h * hd), qs, false, ds.as_ptr(), cols as isize, 1, kh, ks as isize, 1, scale);
-                gemm_strided(cols, hd, rows, dkh, ks, true, ds.as_ptr(), 1, cols as isize, qh, qs as isize, 1, scale);
+                gemm_strided(
+                    rows,
+                    hd,
+                    cols,
+                    { dqp }.0.add(i0 * qs + h * hd),
+                    qs,
+                    false,
+                    ds.as_ptr(),
+                    cols as isize,
+                    1,
+                    kh,
+                    ks as isize,
+                    1,
+                    scale,
+                );
+                gemm_strided(
+                    cols,
+                    hd,
+                    rows,
+                    dkh,
+                    ks,
+                    true,
+                    ds.as_ptr(),
+                    1,
+                    cols as isize,
+                    qh,
+                    qs as isize,
+                    1,
+                    scale,
+                );
             }
         }
     });

@@ -13,7 +13,11 @@ const BM_FWD: usize = 64;
 const BN: usize = 64;
 
 fn bm_bwd(head_dim: usize) -> usize {
-    if head_dim == 128 { 16 } else { 64 }
+    if head_dim == 128 {
+        16
+    } else {
+        64
+    }
 }
 
 /// Dynamic shared memory of `fa_fwd_d{D}`.
@@ -53,9 +57,19 @@ pub struct FlashDims {
 
 impl FlashDims {
     fn check(&self) -> Result<()> {
-        ensure!(self.kv_heads > 0 && self.q_heads.is_multiple_of(self.kv_heads), "q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads);
+        ensure!(
+            self.kv_heads > 0 && self.q_heads.is_multiple_of(self.kv_heads),
+            "q_heads {} not a multiple of kv_heads {}",
+            self.q_heads,
+            self.kv_heads
+        );
         ensure!(self.q_heads <= 65535 && self.n_seq <= 65535, "too many heads or sequences for one launch");
-        ensure!(FLASH_HEAD_DIMS.contains(&self.head_dim), "flash attention supports head_dim {:?}, not {} (zero-pad to one of them)", FLASH_HEAD_DIMS, self.head_dim);
+        ensure!(
+            FLASH_HEAD_DIMS.contains(&self.head_dim),
+            "flash attention supports head_dim {:?}, not {} (zero-pad to one of them)",
+            FLASH_HEAD_DIMS,
+            self.head_dim
+        );
         Ok(())
     }
     /// (forward, backward) kernel names.
@@ -84,45 +98,116 @@ pub fn padded_head_dim(head_dim: usize) -> Option<usize> {
 /// Causal GQA forward: `o` (bf16, like q) and `lse` (f32 `[tokens, q_heads]`).
 /// `cu_seqlens`: i32 device buffer of n_seq + 1 offsets.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_attn_fwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
-                      o: &GpuBuffer, lse: &GpuBuffer) -> Result<()> {
+pub fn flash_attn_fwd(
+    dev: &GpuDevice,
+    d: &FlashDims,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    cu_seqlens: &GpuBuffer,
+    o: &GpuBuffer,
+    lse: &GpuBuffer,
+) -> Result<()> {
     flash_attn_fwd_scaled(dev, d, q, k, v, cu_seqlens, o, lse, d.scale())
 }
 
 /// [`flash_attn_fwd`] with an explicit softmax scale (a zero-padded head dim keeps the scale of
 /// the real one).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_attn_fwd_scaled(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
-                             o: &GpuBuffer, lse: &GpuBuffer, scale: f32) -> Result<()> {
+pub fn flash_attn_fwd_scaled(
+    dev: &GpuDevice,
+    d: &FlashDims,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    cu_seqlens: &GpuBuffer,
+    o: &GpuBuffer,
+    lse: &GpuBuffer,
+    scale: f32,
+) -> Result<()> {
     d.check()?;
-    ensure!(q.bytes() >= d.tokens * d.q_heads * d.head_dim * 2 && o.bytes() >= q.bytes().min(d.tokens * d.q_heads * d.head_dim * 2), "flash_attn_fwd: q/o too small");
-    ensure!(k.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2 && v.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2, "flash_attn_fwd: k/v too small");
-    ensure!(lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4, "flash_attn_fwd: lse/cu_seqlens too small");
+    ensure!(
+        q.bytes() >= d.tokens * d.q_heads * d.head_dim * 2
+            && o.bytes() >= q.bytes().min(d.tokens * d.q_heads * d.head_dim * 2),
+        "flash_attn_fwd: q/o too small"
+    );
+    ensure!(
+        k.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2
+            && v.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2,
+        "flash_attn_fwd: k/v too small"
+    );
+    ensure!(
+        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4,
+        "flash_attn_fwd: lse/cu_seqlens too small"
+    );
     if d.n_seq == 0 || d.max_len == 0 {
         return Ok(());
     }
-    let cfg = LaunchCfg { grid: (d.max_len.div_ceil(BM_FWD) as u32, d.q_heads as u32, d.n_seq as u32), block: (128, 1, 1), shared_bytes: fwd_smem(d.head_dim) as u32 };
+    let cfg = LaunchCfg {
+        grid: (d.max_len.div_ceil(BM_FWD) as u32, d.q_heads as u32, d.n_seq as u32),
+        block: (128, 1, 1),
+        shared_bytes: fwd_smem(d.head_dim) as u32,
+    };
     let mut a = KernelArgs::new();
-    a.buf(q).buf(k).buf(v).buf(o).buf(lse).buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(scale);
+    a.buf(q)
+        .buf(k)
+        .buf(v)
+        .buf(o)
+        .buf(lse)
+        .buf(cu_seqlens)
+        .i32(d.q_heads as i32)
+        .i32(d.kv_heads as i32)
+        .f32(scale);
     dev.launch(Kernel::new("flash_attn.cu", d.kernels().0), cfg, &mut a)
 }
 
 /// Backward: `dq`, `dk`, `dv` (bf16) from `dout`, the forward's `o` and `lse`.
 #[allow(clippy::too_many_arguments)]
-pub fn flash_attn_bwd(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
-                      o: &GpuBuffer, lse: &GpuBuffer, dout: &GpuBuffer, dq: &GpuBuffer, dk: &GpuBuffer, dv: &GpuBuffer) -> Result<()> {
+pub fn flash_attn_bwd(
+    dev: &GpuDevice,
+    d: &FlashDims,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    cu_seqlens: &GpuBuffer,
+    o: &GpuBuffer,
+    lse: &GpuBuffer,
+    dout: &GpuBuffer,
+    dq: &GpuBuffer,
+    dk: &GpuBuffer,
+    dv: &GpuBuffer,
+) -> Result<()> {
     flash_attn_bwd_scaled(dev, d, q, k, v, cu_seqlens, o, lse, dout, dq, dk, dv, d.scale())
 }
 
 /// [`flash_attn_bwd`] with an explicit softmax scale (as the forward had).
 #[allow(clippy::too_many_arguments)]
-pub fn flash_attn_bwd_scaled(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &GpuBuffer, v: &GpuBuffer, cu_seqlens: &GpuBuffer,
-                             o: &GpuBuffer, lse: &GpuBuffer, dout: &GpuBuffer, dq: &GpuBuffer, dk: &GpuBuffer, dv: &GpuBuffer,
-                             scale: f32) -> Result<()> {
+pub fn flash_attn_bwd_scaled(
+    dev: &GpuDevice,
+    d: &FlashDims,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    cu_seqlens: &GpuBuffer,
+    o: &GpuBuffer,
+    lse: &GpuBuffer,
+    dout: &GpuBuffer,
+    dq: &GpuBuffer,
+    dk: &GpuBuffer,
+    dv: &GpuBuffer,
+    scale: f32,
+) -> Result<()> {
     d.check()?;
     let nq = d.tokens * d.q_heads * d.head_dim;
-    ensure!(dout.bytes() >= nq * 2 && dq.bytes() >= nq * 2 && o.bytes() >= nq * 2, "flash_attn_bwd: buffers too small");
-    ensure!(dk.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2 && dv.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2, "flash_attn_bwd: dk/dv too small");
+    ensure!(
+        dout.bytes() >= nq * 2 && dq.bytes() >= nq * 2 && o.bytes() >= nq * 2,
+        "flash_attn_bwd: buffers too small"
+    );
+    ensure!(
+        dk.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2
+            && dv.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2,
+        "flash_attn_bwd: dk/dv too small"
+    );
     if d.n_seq == 0 || d.max_len == 0 {
         return Ok(());
     }
@@ -130,12 +215,31 @@ pub fn flash_attn_bwd_scaled(dev: &GpuDevice, d: &FlashDims, q: &GpuBuffer, k: &
     let delta = dev.alloc(rows * 4)?;
     let mut a = KernelArgs::new();
     a.buf(o).buf(dout).buf(&delta).i64(rows as i64).i32(d.head_dim as i32);
-    dev.launch(Kernel::new("flash_attn.cu", "fa_bwd_dot"), LaunchCfg::linear(rows.div_ceil(8) as u32, 256), &mut a)?;
+    dev.launch(
+        Kernel::new("flash_attn.cu", "fa_bwd_dot"),
+        LaunchCfg::linear(rows.div_ceil(8) as u32, 256),
+        &mut a,
+    )?;
     let dq32 = dev.zeros(nq * 4)?;
-    let cfg = LaunchCfg { grid: (d.max_len.div_ceil(BN) as u32, d.kv_heads as u32, d.n_seq as u32), block: (128, 1, 1), shared_bytes: bwd_smem(d.head_dim) as u32 };
+    let cfg = LaunchCfg {
+        grid: (d.max_len.div_ceil(BN) as u32, d.kv_heads as u32, d.n_seq as u32),
+        block: (128, 1, 1),
+        shared_bytes: bwd_smem(d.head_dim) as u32,
+    };
     let mut a = KernelArgs::new();
-    a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(&dq32).buf(dk).buf(dv).buf(cu_seqlens)
-        .i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(scale);
+    a.buf(q)
+        .buf(k)
+        .buf(v)
+        .buf(dout)
+        .buf(lse)
+        .buf(&delta)
+        .buf(&dq32)
+        .buf(dk)
+        .buf(dv)
+        .buf(cu_seqlens)
+        .i32(d.q_heads as i32)
+        .i32(d.kv_heads as i32)
+        .f32(scale);
     dev.launch(Kernel::new("flash_attn.cu", d.kernels().1), cfg, &mut a)?;
     cast(dev, &dq32, DType::F32, dq, DType::BF16, nq)
 }
@@ -151,32 +255,98 @@ pub struct CacheLayout {
 impl CacheLayout {
     /// `[batch, max_len, kv_heads, head_dim]` (token-major, like the training layout).
     pub fn token_major(max_len: usize, kv_heads: usize, head_dim: usize) -> CacheLayout {
-        CacheLayout { batch_stride: max_len * kv_heads * head_dim, pos_stride: kv_heads * head_dim, head_stride: head_dim }
+        CacheLayout {
+            batch_stride: max_len * kv_heads * head_dim,
+            pos_stride: kv_heads * head_dim,
+            head_stride: head_dim,
+        }
     }
     /// `[batch, kv_heads, max_len, head_dim]` (one head's keys contiguous, like the CPU cache).
     pub fn head_major(max_len: usize, kv_heads: usize, head_dim: usize) -> CacheLayout {
-        CacheLayout { batch_stride: max_len * kv_heads * head_dim, pos_stride: head_dim, head_stride: max_len * head_dim }
+        CacheLayout {
+            batch_stride: max_len * kv_heads * head_dim,
+            pos_stride: head_dim,
+            head_stride: max_len * head_dim,
+        }
     }
 }
 
 /// One query token per sequence against the KV cache `[batch, max_len, kv_heads, head_dim]`
 /// (bf16); `lens` (i32 `[batch]`) keys per sequence. Writes `o` `[batch, q_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attn(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache: &GpuBuffer, lens: &GpuBuffer, o: &GpuBuffer,
-                   batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_len: usize) -> Result<()> {
-    decode_attn_strided(dev, q, k_cache, v_cache, lens, o, batch, q_heads, kv_heads, head_dim, max_len,
-                        CacheLayout::token_major(max_len, kv_heads, head_dim))
+pub fn decode_attn(
+    dev: &GpuDevice,
+    q: &GpuBuffer,
+    k_cache: &GpuBuffer,
+    v_cache: &GpuBuffer,
+    lens: &GpuBuffer,
+    o: &GpuBuffer,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max_len: usize,
+) -> Result<()> {
+    decode_attn_strided(
+        dev,
+        q,
+        k_cache,
+        v_cache,
+        lens,
+        o,
+        batch,
+        q_heads,
+        kv_heads,
+        head_dim,
+        max_len,
+        CacheLayout::token_major(max_len, kv_heads, head_dim),
+    )
 }
 
 /// [`decode_attn`] with any cache layout (see [`CacheLayout`]).
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attn_strided(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, v_cache: &GpuBuffer, lens: &GpuBuffer,
-                           o: &GpuBuffer, batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_len: usize,
-                           layout: CacheLayout) -> Result<()> {
-    ensure!(k_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2 && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2, "decode_attn: cache too small");
-    ensure!(q.bytes() >= batch * q_heads * head_dim * 2 && o.bytes() >= batch * q_heads * head_dim * 2 && lens.bytes() >= batch * 4, "decode_attn: buffers too small");
+pub fn decode_attn_strided(
+    dev: &GpuDevice,
+    q: &GpuBuffer,
+    k_cache: &GpuBuffer,
+    v_cache: &GpuBuffer,
+    lens: &GpuBuffer,
+    o: &GpuBuffer,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max_len: usize,
+    layout: CacheLayout,
+) -> Result<()> {
+    ensure!(
+        k_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2
+            && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2,
+        "decode_attn: cache too small"
+    );
+    ensure!(
+        q.bytes() >= batch * q_heads * head_dim * 2
+            && o.bytes() >= batch * q_heads * head_dim * 2
+            && lens.bytes() >= batch * 4,
+        "decode_attn: buffers too small"
+    );
     // SAFETY: the sizes were checked above.
-    unsafe { decode_attn_at(dev, q.ptr(), k_cache.ptr(), v_cache.ptr(), lens.ptr(), o.ptr(), batch, q_heads, kv_heads, head_dim, max_len, layout) }
+    unsafe {
+        decode_attn_at(
+            dev,
+            q.ptr(),
+            k_cache.ptr(),
+            v_cache.ptr(),
+            lens.ptr(),
+            o.ptr(),
+            batch,
+            q_heads,
+            kv_heads,
+            head_dim,
+            max_len,
+            layout,
+        )
+    }
 }
 
 /// [`decode_attn_strided`] on raw device addresses (rows of larger buffers: the KV-cache decoder
@@ -187,16 +357,41 @@ pub fn decode_attn_strided(dev: &GpuDevice, q: &GpuBuffer, k_cache: &GpuBuffer, 
 /// `q`/`o` `batch × q_heads × head_dim` bf16, `lens` `batch` i32, the caches `batch` entries of
 /// `max_len` positions under `layout`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn decode_attn_at(dev: &GpuDevice, q: u64, k_cache: u64, v_cache: u64, lens: u64, o: u64, batch: usize, q_heads: usize,
-                             kv_heads: usize, head_dim: usize, max_len: usize, layout: CacheLayout) -> Result<()> {
+pub unsafe fn decode_attn_at(
+    dev: &GpuDevice,
+    q: u64,
+    k_cache: u64,
+    v_cache: u64,
+    lens: u64,
+    o: u64,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max_len: usize,
+    layout: CacheLayout,
+) -> Result<()> {
     ensure!(head_dim <= 256 && head_dim > 0, "decode attention supports head_dim up to 256");
-    ensure!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "q_heads {q_heads} not a multiple of kv_heads {kv_heads}");
+    ensure!(
+        kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
+        "q_heads {q_heads} not a multiple of kv_heads {kv_heads}"
+    );
     if batch == 0 {
         return Ok(());
     }
     let mut a = KernelArgs::new();
-    a.ptr(q).ptr(k_cache).ptr(v_cache).ptr(lens).ptr(o).i32(q_heads as i32).i32(kv_heads as i32).i32(head_dim as i32)
-        .i32(max_len as i32).i64(layout.batch_stride as i64).i64(layout.pos_stride as i64).i64(layout.head_stride as i64)
+    a.ptr(q)
+        .ptr(k_cache)
+        .ptr(v_cache)
+        .ptr(lens)
+        .ptr(o)
+        .i32(q_heads as i32)
+        .i32(kv_heads as i32)
+        .i32(head_dim as i32)
+        .i32(max_len as i32)
+        .i64(layout.batch_stride as i64)
+        .i64(layout.pos_stride as i64)
+        .i64(layout.head_stride as i64)
         .f32(1.0 / (head_dim as f32).sqrt());
     let cfg = LaunchCfg { grid: (q_heads as u32, batch as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
     dev.launch(Kernel::new("decode_attn.cu", "decode_attn_bf16"), cfg, &mut a)

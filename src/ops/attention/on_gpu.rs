@@ -6,7 +6,9 @@ use anyhow::{ensure, Context, Result};
 
 use super::Dims;
 use crate::autograd::GradFn;
-use crate::backend::ops::attention::{cu_seqlens, flash_attn_bwd_scaled, flash_attn_fwd_scaled, padded_head_dim, FlashDims};
+use crate::backend::ops::attention::{
+    cu_seqlens, flash_attn_bwd_scaled, flash_attn_fwd_scaled, padded_head_dim, FlashDims,
+};
 use crate::backend::ops::elementwise::copy_2d;
 use crate::backend::storage::GpuStorage;
 use crate::backend::{GpuBuffer, GpuDevice};
@@ -40,12 +42,27 @@ struct Flash {
     cu: GpuBuffer,
 }
 
-pub(super) fn attention(dev: &GpuDevice, q: &Tensor, k: &Tensor, v: &Tensor, dims: Dims, seqs: &[(usize, usize)]) -> Result<Tensor> {
+pub(super) fn attention(
+    dev: &GpuDevice,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: Dims,
+    seqs: &[(usize, usize)],
+) -> Result<Tensor> {
     let n = q.dim(0);
     let hd = dims.head_dim;
-    let hp = padded_head_dim(hd).with_context(|| format!("attention on a GPU supports head_dim up to 128, not {hd}"))?;
+    let hp = padded_head_dim(hd)
+        .with_context(|| format!("attention on a GPU supports head_dim up to 128, not {hd}"))?;
     let (cu, max_len) = cu_seqlens(seqs).context("attention on a GPU")?;
-    let fd = FlashDims { tokens: n, n_seq: seqs.len(), max_len, q_heads: dims.q_heads, kv_heads: dims.kv_heads, head_dim: hp };
+    let fd = FlashDims {
+        tokens: n,
+        n_seq: seqs.len(),
+        max_len,
+        q_heads: dims.q_heads,
+        kv_heads: dims.kv_heads,
+        head_dim: hp,
+    };
     let f = Flash { fd, scale: 1.0 / (hd as f32).sqrt(), cu: dev.upload_i32(&cu)? };
     let (qp, kp, vp) = (padded(dev, q, hp)?, padded(dev, k, hp)?, padded(dev, v, hp)?);
     // Zeroed: rows outside every sequence stay 0, as on the cpu.
@@ -53,7 +70,11 @@ pub(super) fn attention(dev: &GpuDevice, q: &Tensor, k: &Tensor, v: &Tensor, dim
     let lse = zeros(dev, DType::F32, n * dims.q_heads)?;
     flash_attn_fwd_scaled(dev, &f.fd, buf(&qp), buf(&kp), buf(&vp), &f.cu, buf(&o), &lse.buf, f.scale)?;
     // Unpadded, the output and the saved o are one buffer.
-    let y = if hp == hd { o.clone() } else { Tensor::from_gpu(repad(dev, buf(&o), n * dims.q_heads, hp, hd)?, q.shape())? };
+    let y = if hp == hd {
+        o.clone()
+    } else {
+        Tensor::from_gpu(repad(dev, buf(&o), n * dims.q_heads, hp, hd)?, q.shape())?
+    };
     let back = AttentionBack { q: q.clone(), k: k.clone(), v: v.clone(), qp, kp, vp, o, lse, f, hd };
     Ok(y.with_grad_fn(grad_fn(back)))
 }
@@ -86,8 +107,21 @@ impl GradFn for AttentionBack {
         let (nq, nk) = (fd.tokens * fd.q_heads, fd.tokens * fd.kv_heads);
         let dq = zeros(&dev, BF, nq * hp)?;
         let (dk, dv) = (zeros(&dev, BF, nk * hp)?, zeros(&dev, BF, nk * hp)?);
-        flash_attn_bwd_scaled(&dev, &fd, buf(&self.qp), buf(&self.kp), buf(&self.vp), &self.f.cu, buf(&self.o), &self.lse.buf,
-                              buf(&gp), &dq.buf, &dk.buf, &dv.buf, self.f.scale)?;
+        flash_attn_bwd_scaled(
+            &dev,
+            &fd,
+            buf(&self.qp),
+            buf(&self.kp),
+            buf(&self.vp),
+            &self.f.cu,
+            buf(&self.o),
+            &self.lse.buf,
+            buf(&gp),
+            &dq.buf,
+            &dk.buf,
+            &dv.buf,
+            self.f.scale,
+        )?;
         let unpad = |s: GpuStorage, rows: usize, like: &Tensor| -> Result<Option<Tensor>> {
             let s = if hp == hd { s } else { repad(&dev, &s.buf, rows, hp, hd)? };
             Ok(Some(Tensor::from_gpu(s, like.shape())?))

@@ -35,7 +35,14 @@ fn need(bufs: &[&GpuBuffer], bytes: usize, what: &str) -> Result<()> {
 }
 
 /// `out = a + b` over `n` elements of `dtype`.
-pub fn add(dev: &GpuDevice, dtype: DType, a: &GpuBuffer, b: &GpuBuffer, out: &GpuBuffer, n: usize) -> Result<()> {
+pub fn add(
+    dev: &GpuDevice,
+    dtype: DType,
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    out: &GpuBuffer,
+    n: usize,
+) -> Result<()> {
     need(&[a, b, out], n * dtype.size(), "add")?;
     let mut k = KernelArgs::new();
     k.buf(a).buf(b).buf(out).i64(n as i64);
@@ -43,7 +50,14 @@ pub fn add(dev: &GpuDevice, dtype: DType, a: &GpuBuffer, b: &GpuBuffer, out: &Gp
 }
 
 /// `out = a ⊙ b`.
-pub fn mul(dev: &GpuDevice, dtype: DType, a: &GpuBuffer, b: &GpuBuffer, out: &GpuBuffer, n: usize) -> Result<()> {
+pub fn mul(
+    dev: &GpuDevice,
+    dtype: DType,
+    a: &GpuBuffer,
+    b: &GpuBuffer,
+    out: &GpuBuffer,
+    n: usize,
+) -> Result<()> {
     need(&[a, b, out], n * dtype.size(), "mul")?;
     let mut k = KernelArgs::new();
     k.buf(a).buf(b).buf(out).i64(n as i64);
@@ -68,7 +82,15 @@ pub fn axpy(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, alpha: f32, y: &GpuBuf
 }
 
 /// `out[r, c] = x[r, c] + bias[c]`.
-pub fn bias_add(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, bias: &GpuBuffer, out: &GpuBuffer, rows: usize, cols: usize) -> Result<()> {
+pub fn bias_add(
+    dev: &GpuDevice,
+    dtype: DType,
+    x: &GpuBuffer,
+    bias: &GpuBuffer,
+    out: &GpuBuffer,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     need(&[x, out], rows * cols * dtype.size(), "bias_add")?;
     need(&[bias], cols * dtype.size(), "bias_add")?;
     let mut k = KernelArgs::new();
@@ -77,7 +99,15 @@ pub fn bias_add(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, bias: &GpuBuffer, 
 }
 
 /// `out[c] (f32) = Σ_r x[r, c]` (`+=` with `accumulate`): the bias gradient. Deterministic.
-pub fn col_sum(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, out: &GpuBuffer, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
+pub fn col_sum(
+    dev: &GpuDevice,
+    dtype: DType,
+    x: &GpuBuffer,
+    out: &GpuBuffer,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
     need(&[x], rows * cols * dtype.size(), "col_sum")?;
     need(&[out], cols * 4, "col_sum")?;
     if cols == 0 {
@@ -85,15 +115,29 @@ pub fn col_sum(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, out: &GpuBuffer, ro
     }
     let mut k = KernelArgs::new();
     k.buf(x).buf(out).i32(rows as i32).i32(cols as i32).i32(accumulate as i32);
-    dev.launch(Kernel::new("elementwise.cu", name("colsum", dtype)?), LaunchCfg::linear(cols.div_ceil(256) as u32, 256), &mut k)
+    dev.launch(
+        Kernel::new("elementwise.cu", name("colsum", dtype)?),
+        LaunchCfg::linear(cols.div_ceil(256) as u32, 256),
+        &mut k,
+    )
 }
 
 /// Strided block copy: `y[y_off + r·ldy + c] = x[x_off + r·ldx + c]` for `r < rows`, `c < cols`
 /// (offsets and strides in elements). Zero-pads or un-pads head dims around flash attention and
 /// does `narrow` and its backward.
 #[allow(clippy::too_many_arguments)]
-pub fn copy_2d(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, x_off: usize, ldx: usize, y: &GpuBuffer, y_off: usize, ldy: usize,
-               rows: usize, cols: usize) -> Result<()> {
+pub fn copy_2d(
+    dev: &GpuDevice,
+    dtype: DType,
+    x: &GpuBuffer,
+    x_off: usize,
+    ldx: usize,
+    y: &GpuBuffer,
+    y_off: usize,
+    ldy: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
@@ -103,6 +147,11 @@ pub fn copy_2d(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, x_off: usize, ldx: 
     need(&[y], (y_off + (rows - 1) * ldy + cols) * es, "copy_2d destination")?;
     let name = if dtype_suffix(dtype)? == "bf16" { "copy_2d_bf16" } else { "copy_2d_f32" };
     let mut k = KernelArgs::new();
-    k.buf_at(x, x_off * es).i64(ldx as i64).buf_at(y, y_off * es).i64(ldy as i64).i64(rows as i64).i64(cols as i64);
+    k.buf_at(x, x_off * es)
+        .i64(ldx as i64)
+        .buf_at(y, y_off * es)
+        .i64(ldy as i64)
+        .i64(rows as i64)
+        .i64(cols as i64);
     launch_n(dev, name, rows * cols, &mut k)
 }

@@ -19,7 +19,11 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_shape("add", a, b)?;
     if let Some(dev) = on_gpu("add", &[a, b])? {
         // The backward (the gradient, twice) is device-independent.
-        return Ok(Tensor::from_gpu_op(on_gpu::binary(&dev, false, a, b)?, a.shape(), grad_fn(AddBack(a.clone(), b.clone()))));
+        return Ok(Tensor::from_gpu_op(
+            on_gpu::binary(&dev, false, a, b)?,
+            a.shape(),
+            grad_fn(AddBack(a.clone(), b.clone())),
+        ));
     }
     let y: Vec<f32> = a.f32s()?.iter().zip(b.f32s()?).map(|(x, y)| x + y).collect();
     Ok(Tensor::from_op(y, a.shape(), grad_fn(AddBack(a.clone(), b.clone()))))
@@ -42,7 +46,11 @@ impl GradFn for AddBack {
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_shape("mul", a, b)?;
     if let Some(dev) = on_gpu("mul", &[a, b])? {
-        return Ok(Tensor::from_gpu_op(on_gpu::binary(&dev, true, a, b)?, a.shape(), grad_fn(MulBack(a.clone(), b.clone()))));
+        return Ok(Tensor::from_gpu_op(
+            on_gpu::binary(&dev, true, a, b)?,
+            a.shape(),
+            grad_fn(MulBack(a.clone(), b.clone())),
+        ));
     }
     let y: Vec<f32> = a.f32s()?.iter().zip(b.f32s()?).map(|(x, y)| x * y).collect();
     Ok(Tensor::from_op(y, a.shape(), grad_fn(MulBack(a.clone(), b.clone()))))
@@ -71,7 +79,11 @@ impl GradFn for MulBack {
 /// `s · a` for a constant s.
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     if let Some(dev) = on_gpu("scale", &[a])? {
-        return Ok(Tensor::from_gpu_op(on_gpu::scale(&dev, a, s)?, a.shape(), grad_fn(ScaleBack(a.clone(), s))));
+        return Ok(Tensor::from_gpu_op(
+            on_gpu::scale(&dev, a, s)?,
+            a.shape(),
+            grad_fn(ScaleBack(a.clone(), s)),
+        ));
     }
     let y: Vec<f32> = a.f32s()?.iter().map(|x| x * s).collect();
     Ok(Tensor::from_op(y, a.shape(), grad_fn(ScaleBack(a.clone(), s))))
@@ -101,7 +113,11 @@ pub fn sum(a: &Tensor) -> Result<Tensor> {
 pub fn weighted_sum(a: &Tensor, w: &[f32]) -> Result<Tensor> {
     ensure!(w.len() == a.numel(), "weighted_sum: {} weights for {} elements", w.len(), a.numel());
     if let Some(dev) = on_gpu("weighted_sum", &[a])? {
-        return Ok(Tensor::from_gpu_op(on_gpu::weighted_sum(&dev, a, w)?, &[], grad_fn(WeightedSumBack(a.clone(), w.to_vec()))));
+        return Ok(Tensor::from_gpu_op(
+            on_gpu::weighted_sum(&dev, a, w)?,
+            &[],
+            grad_fn(WeightedSumBack(a.clone(), w.to_vec())),
+        ));
     }
     let s: f64 = a.f32s()?.iter().zip(w).map(|(&x, &w)| x as f64 * w as f64).sum();
     Ok(Tensor::from_op(vec![s as f32], &[], grad_fn(WeightedSumBack(a.clone(), w.to_vec()))))
@@ -124,7 +140,14 @@ impl GradFn for WeightedSumBack {
 
 /// The slice `start..start+len` of dimension `dim`.
 pub fn narrow(a: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
-    ensure!(dim < a.dims() && start + len <= a.dim(dim), "narrow: {}..{} of dim {} in {:?}", start, start + len, dim, a.shape());
+    ensure!(
+        dim < a.dims() && start + len <= a.dim(dim),
+        "narrow: {}..{} of dim {} in {:?}",
+        start,
+        start + len,
+        dim,
+        a.shape()
+    );
     let outer: usize = a.shape()[..dim].iter().product();
     let inner: usize = a.shape()[dim + 1..].iter().product();
     let full = a.dim(dim) * inner;
@@ -179,7 +202,9 @@ impl GradFn for NarrowBack {
 pub fn scalar_with_grad(x: &Tensor, value: f32, dx: Vec<f32>) -> Result<Tensor> {
     ensure!(dx.len() == x.numel(), "scalar_with_grad: {} gradients for {} elements", dx.len(), x.numel());
     if x.device().is_gpu() {
-        return Ok(Tensor::from_vec_like(vec![value], &[], x)?.with_grad_fn(grad_fn(KnownGradBack(x.clone(), dx))));
+        return Ok(
+            Tensor::from_vec_like(vec![value], &[], x)?.with_grad_fn(grad_fn(KnownGradBack(x.clone(), dx)))
+        );
     }
     Ok(Tensor::from_op(vec![value], &[], grad_fn(KnownGradBack(x.clone(), dx))))
 }
@@ -194,6 +219,10 @@ impl GradFn for KnownGradBack {
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let g = g.to_scalar()?;
-        Ok(vec![Some(Tensor::from_vec_like(self.1.iter().map(|d| d * g).collect(), self.0.shape(), &self.0)?)])
+        Ok(vec![Some(Tensor::from_vec_like(
+            self.1.iter().map(|d| d * g).collect(),
+            self.0.shape(),
+            &self.0,
+        )?)])
     }
 }

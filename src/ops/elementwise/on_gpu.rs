@@ -54,7 +54,16 @@ pub(super) fn weighted_sum(dev: &GpuDevice, a: &Tensor, w: &[f32]) -> Result<Gpu
 /// Rows `outer` of `full` elements; the block `start..start+len` of each (`inner`-sized items)
 /// copied out (`back` = false) or into a zeroed full-size tensor (`back` = true).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn narrow_copy(dev: &GpuDevice, x: &Tensor, outer: usize, full: usize, start: usize, len: usize, inner: usize, back: bool) -> Result<GpuStorage> {
+pub(super) fn narrow_copy(
+    dev: &GpuDevice,
+    x: &Tensor,
+    outer: usize,
+    full: usize,
+    start: usize,
+    len: usize,
+    inner: usize,
+    back: bool,
+) -> Result<GpuStorage> {
     let dt = kernel_dtype(x);
     let x = cast(x, dt)?;
     let cols = len * inner;

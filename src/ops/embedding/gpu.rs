@@ -12,9 +12,22 @@ fn row_block(dim: usize) -> u32 {
 
 /// `out[t] = table[ids[t]]` (`ids`: i32 on the device; out-of-range ids give zero rows).
 #[allow(clippy::too_many_arguments)]
-pub fn embedding_fwd(dev: &GpuDevice, dtype: DType, ids: &GpuBuffer, table: &GpuBuffer, out: &GpuBuffer,
-                     tokens: usize, vocab: usize, dim: usize) -> Result<()> {
-    ensure!(ids.bytes() >= tokens * 4 && table.bytes() >= vocab * dim * dtype.size() && out.bytes() >= tokens * dim * dtype.size(), "embedding_fwd: buffers too small");
+pub fn embedding_fwd(
+    dev: &GpuDevice,
+    dtype: DType,
+    ids: &GpuBuffer,
+    table: &GpuBuffer,
+    out: &GpuBuffer,
+    tokens: usize,
+    vocab: usize,
+    dim: usize,
+) -> Result<()> {
+    ensure!(
+        ids.bytes() >= tokens * 4
+            && table.bytes() >= vocab * dim * dtype.size()
+            && out.bytes() >= tokens * dim * dtype.size(),
+        "embedding_fwd: buffers too small"
+    );
     if tokens == 0 {
         return Ok(());
     }
@@ -26,9 +39,20 @@ pub fn embedding_fwd(dev: &GpuDevice, dtype: DType, ids: &GpuBuffer, table: &Gpu
 
 /// `dtable[ids[t]] += dout[t]` (dtable f32, not zeroed here).
 #[allow(clippy::too_many_arguments)]
-pub fn embedding_bwd(dev: &GpuDevice, dtype: DType, ids: &GpuBuffer, dout: &GpuBuffer, dtable: &GpuBuffer,
-                     tokens: usize, vocab: usize, dim: usize) -> Result<()> {
-    ensure!(dtable.bytes() >= vocab * dim * 4 && dout.bytes() >= tokens * dim * dtype.size(), "embedding_bwd: buffers too small");
+pub fn embedding_bwd(
+    dev: &GpuDevice,
+    dtype: DType,
+    ids: &GpuBuffer,
+    dout: &GpuBuffer,
+    dtable: &GpuBuffer,
+    tokens: usize,
+    vocab: usize,
+    dim: usize,
+) -> Result<()> {
+    ensure!(
+        dtable.bytes() >= vocab * dim * 4 && dout.bytes() >= tokens * dim * dtype.size(),
+        "embedding_bwd: buffers too small"
+    );
     if tokens == 0 {
         return Ok(());
     }

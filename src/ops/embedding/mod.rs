@@ -21,7 +21,11 @@ pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
         return on_gpu::embedding(&dev, table, ids);
     }
     let y = cpu::forward(table.f32s()?, dim, ids);
-    Ok(Tensor::from_op(y, &[ids.len(), dim], grad_fn(EmbeddingBack { table: table.clone(), ids: ids.to_vec() })))
+    Ok(Tensor::from_op(
+        y,
+        &[ids.len(), dim],
+        grad_fn(EmbeddingBack { table: table.clone(), ids: ids.to_vec() }),
+    ))
 }
 
 struct EmbeddingBack {

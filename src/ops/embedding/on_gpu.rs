@@ -18,7 +18,11 @@ pub(super) fn embedding(dev: &GpuDevice, table: &Tensor, ids: &[u32]) -> Result<
     let ids_buf = upload_ids(dev, ids)?;
     let y = alloc(dev, dt, ids.len() * dim)?;
     embedding_fwd(dev, dt, &ids_buf, buf(&t), &y.buf, ids.len(), vocab, dim)?;
-    Ok(Tensor::from_gpu_op(y, &[ids.len(), dim], grad_fn(EmbeddingBack { table: table.clone(), ids: ids_buf, tokens: ids.len(), dt })))
+    Ok(Tensor::from_gpu_op(
+        y,
+        &[ids.len(), dim],
+        grad_fn(EmbeddingBack { table: table.clone(), ids: ids_buf, tokens: ids.len(), dt }),
+    ))
 }
 
 struct EmbeddingBack {

@@ -68,7 +68,12 @@ pub fn row_stats(z: &[f32], y: usize, inv_t: f32) -> RowStats {
     let log_z = m as f64 + s.ln();
     // H = log Z − E[z] with E[z] taken relative to m for precision.
     let entropy = s.ln() - t / s;
-    RowStats { logp: (z[y] as f64 * inv_t as f64 - log_z) as f32, entropy: entropy as f32, shift: m, ln_s: s.ln() as f32 }
+    RowStats {
+        logp: (z[y] as f64 * inv_t as f64 - log_z) as f32,
+        entropy: entropy as f32,
+        shift: m,
+        ln_s: s.ln() as f32,
+    }
 }
 
 fn chunk_logits(h: &[f32], w: &[f32], hidden: usize, vocab: usize, rows: usize, buf: &mut Vec<f32>) {
@@ -78,7 +83,13 @@ fn chunk_logits(h: &[f32], w: &[f32], hidden: usize, vocab: usize, rows: usize, 
 
 /// Row statistics; with `keep`, also the logits when they fit in one chunk (backward then
 /// reuses them instead of recomputing the LM-head product).
-pub fn forward(h: &[f32], w: &[f32], targets: &[u32], temperature: f32, keep: bool) -> (Vec<RowStats>, Option<Vec<f32>>) {
+pub fn forward(
+    h: &[f32],
+    w: &[f32],
+    targets: &[u32],
+    temperature: f32,
+    keep: bool,
+) -> (Vec<RowStats>, Option<Vec<f32>>) {
     let (vocab, hidden) = dims(h, w, targets.len());
     let inv_t = 1.0 / temperature;
     let mut out = Vec::with_capacity(targets.len());
@@ -87,7 +98,8 @@ pub fn forward(h: &[f32], w: &[f32], targets: &[u32], temperature: f32, keep: bo
     for (c, tg) in targets.chunks(chunk).enumerate() {
         let rows = tg.len();
         chunk_logits(&h[c * chunk * hidden..][..rows * hidden], w, hidden, vocab, rows, &mut buf);
-        let stats: Vec<RowStats> = buf.par_chunks(vocab).zip(tg.par_iter()).map(|(z, &y)| row_stats(z, y as usize, inv_t)).collect();
+        let stats: Vec<RowStats> =
+            buf.par_chunks(vocab).zip(tg.par_iter()).map(|(z, &y)| row_stats(z, y as usize, inv_t)).collect();
         out.extend(stats);
     }
     let kept = (keep && targets.len() <= chunk).then_some(buf);
@@ -104,8 +116,15 @@ fn dims(h: &[f32], w: &[f32], n: usize) -> (usize, usize) {
 /// Per logit: `dz_k = [g_lp·(1[k=y] − p_k) − g_h·p_k·(log p_k + H)] / T`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    h: &[f32], w: &[f32], targets: &[u32], temperature: f32, stats: &[RowStats],
-    g_lp: &[f32], g_h: &[f32], want_dw: bool, logits: Option<Vec<f32>>,
+    h: &[f32],
+    w: &[f32],
+    targets: &[u32],
+    temperature: f32,
+    stats: &[RowStats],
+    g_lp: &[f32],
+    g_h: &[f32],
+    want_dw: bool,
+    logits: Option<Vec<f32>>,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let (vocab, hidden) = dims(h, w, targets.len());
     let inv_t = 1.0 / temperature;
@@ -132,7 +151,12 @@ pub fn backward(
             });
             z[tg[r] as usize] += gl * inv_t;
         });
-        gemm(Mat::new(&buf, rows, vocab), Mat::new(w, vocab, hidden), &mut dh[r0 * hidden..(r0 + rows) * hidden], false);
+        gemm(
+            Mat::new(&buf, rows, vocab),
+            Mat::new(w, vocab, hidden),
+            &mut dh[r0 * hidden..(r0 + rows) * hidden],
+            false,
+        );
         if let Some(dw) = dw.as_mut() {
             gemm(Mat::new(&buf, rows, vocab).t(), Mat::new(hc, rows, hidden), dw, true);
         }

@@ -15,9 +15,17 @@ use crate::tensor::Tensor;
 
 /// Returns `[2, N]`: row 0 the log-probs of `targets`, row 1 the entropies.
 pub fn linear_logprob_entropy(h: &Tensor, w: &Tensor, targets: &[u32], temperature: f32) -> Result<Tensor> {
-    ensure!(h.dims() == 2 && w.dims() == 2 && h.dim(1) == w.dim(1), "logprob: hidden {:?} vs head {:?}", h.shape(), w.shape());
+    ensure!(
+        h.dims() == 2 && w.dims() == 2 && h.dim(1) == w.dim(1),
+        "logprob: hidden {:?} vs head {:?}",
+        h.shape(),
+        w.shape()
+    );
     ensure!(targets.len() == h.dim(0), "logprob: {} targets for {} rows", targets.len(), h.dim(0));
-    ensure!(temperature > 0.0 && temperature.is_finite(), "logprob: temperature must be positive, got {temperature}");
+    ensure!(
+        temperature > 0.0 && temperature.is_finite(),
+        "logprob: temperature must be positive, got {temperature}"
+    );
     let vocab = w.dim(0);
     if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
         anyhow::bail!("logprob: target id {t} outside the vocabulary of {vocab}");
@@ -31,7 +39,14 @@ pub fn linear_logprob_entropy(h: &Tensor, w: &Tensor, targets: &[u32], temperatu
     let mut out = Vec::with_capacity(2 * n);
     out.extend(stats.iter().map(|s| s.logp));
     out.extend(stats.iter().map(|s| s.entropy));
-    let back = LogprobBack { h: h.clone(), w: w.clone(), targets: targets.to_vec(), temperature, stats, logits: std::sync::Mutex::new(logits) };
+    let back = LogprobBack {
+        h: h.clone(),
+        w: w.clone(),
+        targets: targets.to_vec(),
+        temperature,
+        stats,
+        logits: std::sync::Mutex::new(logits),
+    };
     Ok(Tensor::from_op(out, &[2, n], grad_fn(back)))
 }
 
@@ -56,9 +71,19 @@ impl GradFn for LogprobBack {
         let n = self.targets.len();
         let gv = g.f32s()?;
         let (dh, dw) = cpu::backward(
-            self.h.f32s()?, self.w.f32s()?, &self.targets, self.temperature, &self.stats,
-            &gv[..n], &gv[n..], self.w.tracks_grad(), self.logits.lock().unwrap().take(),
+            self.h.f32s()?,
+            self.w.f32s()?,
+            &self.targets,
+            self.temperature,
+            &self.stats,
+            &gv[..n],
+            &gv[n..],
+            self.w.tracks_grad(),
+            self.logits.lock().unwrap().take(),
         );
-        Ok(vec![Some(Tensor::from_vec(dh, self.h.shape())?), dw.map(|d| Tensor::from_vec(d, self.w.shape())).transpose()?])
+        Ok(vec![
+            Some(Tensor::from_vec(dh, self.h.shape())?),
+            dw.map(|d| Tensor::from_vec(d, self.w.shape())).transpose()?,
+        ])
     }
 }

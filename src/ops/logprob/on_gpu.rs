@@ -12,13 +12,34 @@ use crate::ops::device::{alloc, backward_device, buf, cast, copy_bytes, kernel_d
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};
 
-pub(super) fn linear_logprob_entropy(dev: &GpuDevice, h: &Tensor, w: &Tensor, targets: &[u32], temperature: f32) -> Result<Tensor> {
+pub(super) fn linear_logprob_entropy(
+    dev: &GpuDevice,
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    temperature: f32,
+) -> Result<Tensor> {
     let dt = kernel_dtype(w);
     let (n, hidden, vocab) = (targets.len(), w.dim(1), w.dim(0));
     let (hc, wc) = (cast(h, dt)?, cast(w, dt)?);
     let tg = upload_ids(dev, targets)?;
-    let (logp, ent, logz) = (alloc(dev, DType::F32, n)?, alloc(dev, DType::F32, n)?, alloc(dev, DType::F32, n)?);
-    linear_lpe_fwd(dev, dt, buf(&hc), buf(&wc), &tg, n, hidden, vocab, temperature, CHUNK, &logp.buf, &ent.buf, &logz.buf)?;
+    let (logp, ent, logz) =
+        (alloc(dev, DType::F32, n)?, alloc(dev, DType::F32, n)?, alloc(dev, DType::F32, n)?);
+    linear_lpe_fwd(
+        dev,
+        dt,
+        buf(&hc),
+        buf(&wc),
+        &tg,
+        n,
+        hidden,
+        vocab,
+        temperature,
+        CHUNK,
+        &logp.buf,
+        &ent.buf,
+        &logz.buf,
+    )?;
     let out = alloc(dev, DType::F32, 2 * n)?;
     copy_bytes(&out.buf, 0, &logp.buf, 0, n * 4)?;
     copy_bytes(&out.buf, n * 4, &ent.buf, 0, n * 4)?;
@@ -56,8 +77,27 @@ impl GradFn for LogprobBack {
         let (h, w) = (cast(&self.h, dt)?, cast(&self.w, dt)?);
         let dh = alloc(&dev, dt, n * hidden)?;
         let dw = self.w.tracks_grad().then(|| zeros(&dev, dt, vocab * hidden)).transpose()?;
-        linear_lpe_bwd(&dev, dt, buf(&h), buf(&w), &self.targets, n, hidden, vocab, self.temperature, CHUNK, &self.logz.buf,
-                       &self.ent.buf, Some(&glp.buf), Some(&gh.buf), &dh.buf, dw.as_ref().map(|s| &s.buf))?;
-        Ok(vec![Some(Tensor::from_gpu(dh, self.h.shape())?), dw.map(|s| Tensor::from_gpu(s, self.w.shape())).transpose()?])
+        linear_lpe_bwd(
+            &dev,
+            dt,
+            buf(&h),
+            buf(&w),
+            &self.targets,
+            n,
+            hidden,
+            vocab,
+            self.temperature,
+            CHUNK,
+            &self.logz.buf,
+            &self.ent.buf,
+            Some(&glp.buf),
+            Some(&gh.buf),
+            &dh.buf,
+            dw.as_ref().map(|s| &s.buf),
+        )?;
+        Ok(vec![
+            Some(Tensor::from_gpu(dh, self.h.shape())?),
+            dw.map(|s| Tensor::from_gpu(s, self.w.shape())).transpose()?,
+        ])
     }
 }

@@ -20,11 +20,19 @@ impl<'a> Mat<'a> {
         Mat { trans: !self.trans, ..self }
     }
     fn shape(&self) -> (usize, usize) {
-        if self.trans { (self.cols, self.rows) } else { (self.rows, self.cols) }
+        if self.trans {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
     }
     /// (column stride, row stride) of the logical matrix.
     fn strides(&self) -> (isize, isize) {
-        if self.trans { (self.cols as isize, 1) } else { (1, self.cols as isize) }
+        if self.trans {
+            (self.cols as isize, 1)
+        } else {
+            (1, self.cols as isize)
+        }
     }
 }
 
@@ -58,9 +66,25 @@ pub fn gemm(a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
     // SAFETY: sizes checked above; gemm reads a and b and writes c within these strides.
     unsafe {
         gemm::gemm(
-            m, n, k, c.as_mut_ptr(), 1, n as isize, accumulate,
-            a.data.as_ptr(), a_cs, a_rs, b.data.as_ptr(), b_cs, b_rs,
-            1.0, 1.0, false, false, false, parallelism(m * n * k),
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m * n * k),
         );
     }
 }
@@ -69,17 +93,42 @@ pub fn gemm(a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
 /// c (m × n, row stride ldc) = [c +] a (m × k) · b (k × n).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_strided(
-    m: usize, n: usize, k: usize,
-    c: *mut f32, ldc: usize, accumulate: bool,
-    a: *const f32, a_rs: isize, a_cs: isize,
-    b: *const f32, b_rs: isize, b_cs: isize,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: *const f32,
+    a_rs: isize,
+    a_cs: isize,
+    b: *const f32,
+    b_rs: isize,
+    b_cs: isize,
     alpha: f32,
 ) {
     if m == 0 || n == 0 {
         return;
     }
     gemm::gemm(
-        m, n, k, c, 1, ldc as isize, accumulate, a, a_cs, a_rs, b, b_cs, b_rs,
-        1.0, alpha, false, false, false, parallelism(m * n * k),
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        accumulate,
+        a,
+        a_cs,
+        a_rs,
+        b,
+        b_cs,
+        b_rs,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        parallelism(m * n * k),
     );
 }

@@ -17,9 +17,22 @@ pub struct LinearDims {
 }
 
 /// `y [rows, out] = x [rows, in] · wᵀ` (`w`: `[out, in]`) `+ b`, all of `dtype`.
-pub fn linear_fwd(dev: &GpuDevice, dtype: DType, d: LinearDims, x: &GpuBuffer, w: &GpuBuffer, b: Option<&GpuBuffer>, y: &GpuBuffer) -> Result<()> {
+pub fn linear_fwd(
+    dev: &GpuDevice,
+    dtype: DType,
+    d: LinearDims,
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    b: Option<&GpuBuffer>,
+    y: &GpuBuffer,
+) -> Result<()> {
     let es = dtype.size();
-    ensure!(x.bytes() >= d.rows * d.in_f * es && w.bytes() >= d.out_f * d.in_f * es && y.bytes() >= d.rows * d.out_f * es, "linear_fwd: buffers too small");
+    ensure!(
+        x.bytes() >= d.rows * d.in_f * es
+            && w.bytes() >= d.out_f * d.in_f * es
+            && y.bytes() >= d.rows * d.out_f * es,
+        "linear_fwd: buffers too small"
+    );
     if d.rows == 0 || d.out_f == 0 {
         return Ok(());
     }
@@ -37,8 +50,17 @@ pub fn linear_fwd(dev: &GpuDevice, dtype: DType, d: LinearDims, x: &GpuBuffer, w
 /// Backward of [`linear_fwd`] for upstream `dy` `[rows, out]`: `dx = dy·w` (written),
 /// `dw += dyᵀ·x` (`dtype`, accumulated), `db += Σ_rows dy` (f32, accumulated). Each optional.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_bwd(dev: &GpuDevice, dtype: DType, d: LinearDims, x: &GpuBuffer, w: &GpuBuffer, dy: &GpuBuffer,
-                  dx: Option<&GpuBuffer>, dw: Option<&GpuBuffer>, db: Option<&GpuBuffer>) -> Result<()> {
+pub fn linear_bwd(
+    dev: &GpuDevice,
+    dtype: DType,
+    d: LinearDims,
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    dy: &GpuBuffer,
+    dx: Option<&GpuBuffer>,
+    dw: Option<&GpuBuffer>,
+    db: Option<&GpuBuffer>,
+) -> Result<()> {
     let es = dtype.size();
     ensure!(dy.bytes() >= d.rows * d.out_f * es, "linear_bwd: dy too small");
     if d.rows == 0 {

@@ -15,7 +15,12 @@ use crate::tensor::Tensor;
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     ensure!(w.dims() == 2, "linear: weight must be 2-D, got {:?}", w.shape());
     let (out_f, in_f) = (w.dim(0), w.dim(1));
-    ensure!(x.dims() >= 1 && *x.shape().last().unwrap() == in_f, "linear: input {:?} vs weight {:?}", x.shape(), w.shape());
+    ensure!(
+        x.dims() >= 1 && *x.shape().last().unwrap() == in_f,
+        "linear: input {:?} vs weight {:?}",
+        x.shape(),
+        w.shape()
+    );
     if let Some(b) = b {
         ensure!(b.shape() == [out_f], "linear: bias {:?} for {} outputs", b.shape(), out_f);
     }
@@ -60,30 +65,41 @@ impl GradFn for LinearBack {
         let (out_f, in_f) = (self.w.dim(0), self.w.dim(1));
         let rows = self.x.numel() / in_f;
         let gv = g.f32s()?;
-        let dx = self.x.tracks_grad().then(|| -> Result<Tensor> {
-            let mut dx = vec![0.0; rows * in_f];
-            gemm(Mat::new(gv, rows, out_f), Mat::new(self.w.f32s()?, out_f, in_f), &mut dx, false);
-            Tensor::from_vec(dx, self.x.shape())
-        }).transpose()?;
-        let dw = self.w.tracks_grad().then(|| -> Result<Tensor> {
-            let mut dw = vec![0.0; out_f * in_f];
-            gemm(Mat::new(gv, rows, out_f).t(), Mat::new(self.x.f32s()?, rows, in_f), &mut dw, false);
-            Tensor::from_vec(dw, self.w.shape())
-        }).transpose()?;
+        let dx = self
+            .x
+            .tracks_grad()
+            .then(|| -> Result<Tensor> {
+                let mut dx = vec![0.0; rows * in_f];
+                gemm(Mat::new(gv, rows, out_f), Mat::new(self.w.f32s()?, out_f, in_f), &mut dx, false);
+                Tensor::from_vec(dx, self.x.shape())
+            })
+            .transpose()?;
+        let dw = self
+            .w
+            .tracks_grad()
+            .then(|| -> Result<Tensor> {
+                let mut dw = vec![0.0; out_f * in_f];
+                gemm(Mat::new(gv, rows, out_f).t(), Mat::new(self.x.f32s()?, rows, in_f), &mut dw, false);
+                Tensor::from_vec(dw, self.w.shape())
+            })
+            .transpose()?;
         let mut out = vec![dx, dw];
         if let Some(b) = &self.b {
             // Summed in f64: a bias gradient can be a near-cancelling sum over many rows (the
             // key bias barely moves attention, softmax being shift-invariant), and AdamW
             // divides by its own scale, so an f32 running sum's error became a weight change.
-            let db = b.tracks_grad().then(|| {
-                let mut db = vec![0.0f64; out_f];
-                for r in gv.chunks_exact(out_f) {
-                    for (d, &x) in db.iter_mut().zip(r) {
-                        *d += x as f64;
+            let db = b
+                .tracks_grad()
+                .then(|| {
+                    let mut db = vec![0.0f64; out_f];
+                    for r in gv.chunks_exact(out_f) {
+                        for (d, &x) in db.iter_mut().zip(r) {
+                            *d += x as f64;
+                        }
                     }
-                }
-                Tensor::from_vec(db.into_iter().map(|x| x as f32).collect(), &[out_f])
-            }).transpose()?;
+                    Tensor::from_vec(db.into_iter().map(|x| x as f32).collect(), &[out_f])
+                })
+                .transpose()?;
             out.push(db);
         }
         Ok(out)
@@ -94,7 +110,12 @@ impl GradFn for LinearBack {
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     ensure!(a.dims() >= 2 && a.dims() == b.dims(), "matmul: shapes {:?} and {:?}", a.shape(), b.shape());
     let d = a.dims();
-    ensure!(a.shape()[..d - 2] == b.shape()[..d - 2], "matmul: batch dimensions differ: {:?} vs {:?}", a.shape(), b.shape());
+    ensure!(
+        a.shape()[..d - 2] == b.shape()[..d - 2],
+        "matmul: batch dimensions differ: {:?} vs {:?}",
+        a.shape(),
+        b.shape()
+    );
     let (m, k, n) = (a.dim(d - 2), a.dim(d - 1), b.dim(d - 1));
     ensure!(b.dim(d - 2) == k, "matmul: inner dimensions differ: {:?} vs {:?}", a.shape(), b.shape());
     if let Some(dev) = on_gpu("matmul", &[a, b])? {
@@ -111,8 +132,16 @@ fn bmm(a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, k: usize, n: usize) -
     let batch = if m * k == 0 { 0 } else { a.len() / (m * k) };
     let mut y = vec![0.0; batch * m * n];
     for (i, yc) in y.chunks_exact_mut(m * n).enumerate() {
-        let am = if ta { Mat::new(&a[i * m * k..(i + 1) * m * k], k, m).t() } else { Mat::new(&a[i * m * k..(i + 1) * m * k], m, k) };
-        let bm = if tb { Mat::new(&b[i * k * n..(i + 1) * k * n], n, k).t() } else { Mat::new(&b[i * k * n..(i + 1) * k * n], k, n) };
+        let am = if ta {
+            Mat::new(&a[i * m * k..(i + 1) * m * k], k, m).t()
+        } else {
+            Mat::new(&a[i * m * k..(i + 1) * m * k], m, k)
+        };
+        let bm = if tb {
+            Mat::new(&b[i * k * n..(i + 1) * k * n], n, k).t()
+        } else {
+            Mat::new(&b[i * k * n..(i + 1) * k * n], k, n)
+        };
         gemm(am, bm, yc, false);
     }
     y

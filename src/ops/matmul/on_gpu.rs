@@ -47,9 +47,27 @@ impl GradFn for LinearBack {
         let dx = self.x.tracks_grad().then(|| alloc(&dev, dt, d.rows * d.in_f)).transpose()?;
         // dw and db accumulate (beta = 1), so they start at zero; db is f32.
         let dw = self.w.tracks_grad().then(|| zeros(&dev, dt, d.out_f * d.in_f)).transpose()?;
-        let db = self.b.as_ref().filter(|b| b.tracks_grad()).map(|_| zeros(&dev, DType::F32, d.out_f)).transpose()?;
-        linear_bwd(&dev, dt, d, buf(&x), buf(&w), buf(&g), dx.as_ref().map(|s| &s.buf), dw.as_ref().map(|s| &s.buf), db.as_ref().map(|s| &s.buf))?;
-        let mut out = vec![dx.map(|s| Tensor::from_gpu(s, self.x.shape())).transpose()?, dw.map(|s| Tensor::from_gpu(s, self.w.shape())).transpose()?];
+        let db = self
+            .b
+            .as_ref()
+            .filter(|b| b.tracks_grad())
+            .map(|_| zeros(&dev, DType::F32, d.out_f))
+            .transpose()?;
+        linear_bwd(
+            &dev,
+            dt,
+            d,
+            buf(&x),
+            buf(&w),
+            buf(&g),
+            dx.as_ref().map(|s| &s.buf),
+            dw.as_ref().map(|s| &s.buf),
+            db.as_ref().map(|s| &s.buf),
+        )?;
+        let mut out = vec![
+            dx.map(|s| Tensor::from_gpu(s, self.x.shape())).transpose()?,
+            dw.map(|s| Tensor::from_gpu(s, self.w.shape())).transpose()?,
+        ];
         if let Some(b) = &self.b {
             out.push(db.map(|s| Tensor::from_gpu(s, b.shape())).transpose()?);
         }
@@ -59,7 +77,16 @@ impl GradFn for LinearBack {
 
 /// Batched `[batch, m, k]·[batch, k, n]` (operands optionally transposed) into `c`.
 #[allow(clippy::too_many_arguments)]
-fn bmm(dev: &GpuDevice, dt: DType, a: &Tensor, ta: bool, b: &Tensor, tb: bool, (m, k, n): (usize, usize, usize), batch: usize) -> Result<crate::backend::storage::GpuStorage> {
+fn bmm(
+    dev: &GpuDevice,
+    dt: DType,
+    a: &Tensor,
+    ta: bool,
+    b: &Tensor,
+    tb: bool,
+    (m, k, n): (usize, usize, usize),
+    batch: usize,
+) -> Result<crate::backend::storage::GpuStorage> {
     let c = alloc(dev, dt, batch * m * n)?;
     if batch * m * n == 0 {
         return Ok(c);
@@ -69,11 +96,24 @@ fn bmm(dev: &GpuDevice, dt: DType, a: &Tensor, ta: bool, b: &Tensor, tb: bool, (
         return Ok(c);
     }
     let g = Gemm {
-        dtype: dt, m, n, k,
-        a: buf(a).ptr(), lda: if ta { m } else { k }, trans_a: ta,
-        b: buf(b).ptr(), ldb: if tb { k } else { n }, trans_b: tb,
-        c: c.buf.ptr(), ldc: n, alpha: 1.0, beta: 0.0,
-        batch, stride_a: m * k, stride_b: k * n, stride_c: m * n,
+        dtype: dt,
+        m,
+        n,
+        k,
+        a: buf(a).ptr(),
+        lda: if ta { m } else { k },
+        trans_a: ta,
+        b: buf(b).ptr(),
+        ldb: if tb { k } else { n },
+        trans_b: tb,
+        c: c.buf.ptr(),
+        ldc: n,
+        alpha: 1.0,
+        beta: 0.0,
+        batch,
+        stride_a: m * k,
+        stride_b: k * n,
+        stride_c: m * n,
     };
     dev.gemm(&g)?;
     Ok(c)

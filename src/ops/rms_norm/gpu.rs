@@ -25,9 +25,23 @@ fn row_block(d: usize) -> u32 {
 
 /// `y = x·rstd·w` over rows of `d`; writes `rstd` (f32, one per row) for the backward.
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_fwd(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, w: &GpuBuffer, y: &GpuBuffer, rstd: &GpuBuffer,
-                    rows: usize, d: usize, eps: f32) -> Result<()> {
-    ensure!(x.bytes() >= rows * d * dtype.size() && y.bytes() >= rows * d * dtype.size() && rstd.bytes() >= rows * 4, "rms_norm_fwd: buffers too small");
+pub fn rms_norm_fwd(
+    dev: &GpuDevice,
+    dtype: DType,
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    y: &GpuBuffer,
+    rstd: &GpuBuffer,
+    rows: usize,
+    d: usize,
+    eps: f32,
+) -> Result<()> {
+    ensure!(
+        x.bytes() >= rows * d * dtype.size()
+            && y.bytes() >= rows * d * dtype.size()
+            && rstd.bytes() >= rows * 4,
+        "rms_norm_fwd: buffers too small"
+    );
     if rows == 0 {
         return Ok(());
     }
@@ -38,8 +52,19 @@ pub fn rms_norm_fwd(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, w: &GpuBuffer,
 
 /// `dx` (dtype) and `dw` (f32; added to when `accumulate`) from `dy` and the saved `rstd`.
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_bwd(dev: &GpuDevice, dtype: DType, x: &GpuBuffer, w: &GpuBuffer, dy: &GpuBuffer, rstd: &GpuBuffer,
-                    dx: &GpuBuffer, dw: &GpuBuffer, rows: usize, d: usize, accumulate: bool) -> Result<()> {
+pub fn rms_norm_bwd(
+    dev: &GpuDevice,
+    dtype: DType,
+    x: &GpuBuffer,
+    w: &GpuBuffer,
+    dy: &GpuBuffer,
+    rstd: &GpuBuffer,
+    dx: &GpuBuffer,
+    dw: &GpuBuffer,
+    rows: usize,
+    d: usize,
+    accumulate: bool,
+) -> Result<()> {
     ensure!(dw.bytes() >= d * 4 && dx.bytes() >= rows * d * dtype.size(), "rms_norm_bwd: buffers too small");
     if rows == 0 {
         return Ok(());

@@ -42,7 +42,19 @@ impl GradFn for RmsNormBack {
         let (g, x, w) = (cast(g, self.dt)?, cast(&self.x, self.dt)?, cast(&self.w, self.dt)?);
         let dx = alloc(&dev, self.dt, self.x.numel())?;
         let dw = alloc(&dev, DType::F32, d)?;
-        rms_norm_bwd(&dev, self.dt, buf(&x), buf(&w), buf(&g), &self.rstd.buf, &dx.buf, &dw.buf, self.rows, d, false)?;
+        rms_norm_bwd(
+            &dev,
+            self.dt,
+            buf(&x),
+            buf(&w),
+            buf(&g),
+            &self.rstd.buf,
+            &dx.buf,
+            &dw.buf,
+            self.rows,
+            d,
+            false,
+        )?;
         if self.rows == 0 {
             dw.buf.zero()?;
         }

@@ -3,7 +3,14 @@ use rayon::prelude::*;
 use super::RopeTable;
 
 /// Rotates every head of every token; `inverse` rotates by −angle (the backward pass).
-pub fn apply(x: &[f32], heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable, inverse: bool) -> Vec<f32> {
+pub fn apply(
+    x: &[f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    table: &RopeTable,
+    inverse: bool,
+) -> Vec<f32> {
     let half = head_dim / 2;
     let row = heads * head_dim;
     let mut y = vec![0.0; x.len()];

@@ -45,7 +45,8 @@ impl RopeTable {
             for f in inv_freq.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
                 let scaled = if wavelen > low_wavelen { *f / s.factor } else { *f };
-                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
                 let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                 *f = if medium { (1.0 - smooth) * scaled / s.factor + smooth * scaled } else { scaled };
             }
@@ -68,13 +69,27 @@ impl RopeTable {
 
 /// Rotates `x` `[tokens, heads, head_dim]` by each token's position.
 pub fn rope(x: &Tensor, positions: &[u32], table: &RopeTable) -> Result<Tensor> {
-    ensure!(x.dims() == 3 && x.dim(0) == positions.len(), "rope: input {:?} for {} positions", x.shape(), positions.len());
-    ensure!(x.dim(2) == 2 * table.inv_freq.len(), "rope: head_dim {} but table for {}", x.dim(2), 2 * table.inv_freq.len());
+    ensure!(
+        x.dims() == 3 && x.dim(0) == positions.len(),
+        "rope: input {:?} for {} positions",
+        x.shape(),
+        positions.len()
+    );
+    ensure!(
+        x.dim(2) == 2 * table.inv_freq.len(),
+        "rope: head_dim {} but table for {}",
+        x.dim(2),
+        2 * table.inv_freq.len()
+    );
     if let Some(dev) = on_gpu("rope", &[x])? {
         return on_gpu::rope(&dev, x, positions, table);
     }
     let y = cpu::apply(x.f32s()?, x.dim(1), x.dim(2), positions, table, false);
-    Ok(Tensor::from_op(y, x.shape(), grad_fn(RopeBack { x: x.clone(), positions: positions.to_vec(), table: table.clone() })))
+    Ok(Tensor::from_op(
+        y,
+        x.shape(),
+        grad_fn(RopeBack { x: x.clone(), positions: positions.to_vec(), table: table.clone() }),
+    ))
 }
 
 struct RopeBack {

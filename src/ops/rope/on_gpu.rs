@@ -35,21 +35,35 @@ thread_local! {
 /// cos/sin of every position, computed on the host exactly as the CPU op does.
 pub(crate) fn tables(dev: &GpuDevice, positions: &[u32], table: &RopeTable) -> Result<Tables> {
     let hit = LAST.with(|l| {
-        l.borrow().as_ref().filter(|c| c.dev.same(dev) && c.positions == positions && c.inv_freq == table.inv_freq && c.scaling == table.attention_scaling)
+        l.borrow()
+            .as_ref()
+            .filter(|c| {
+                c.dev.same(dev)
+                    && c.positions == positions
+                    && c.inv_freq == table.inv_freq
+                    && c.scaling == table.attention_scaling
+            })
             .map(|c| c.tables.clone())
     });
     if let Some(t) = hit {
         return Ok(t);
     }
     let half = table.inv_freq.len();
-    let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+    let (mut cos, mut sin) =
+        (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
     for &p in positions {
         let (c, s) = table.cos_sin(p);
         cos.extend(c);
         sin.extend(s);
     }
     let tables: Tables = Arc::new((dev.upload_f32(&cos)?, dev.upload_f32(&sin)?));
-    let last = Last { dev: dev.clone(), positions: positions.to_vec(), inv_freq: table.inv_freq.clone(), scaling: table.attention_scaling, tables: tables.clone() };
+    let last = Last {
+        dev: dev.clone(),
+        positions: positions.to_vec(),
+        inv_freq: table.inv_freq.clone(),
+        scaling: table.attention_scaling,
+        tables: tables.clone(),
+    };
     LAST.with(|l| *l.borrow_mut() = Some(last));
     Ok(tables)
 }
@@ -81,7 +95,18 @@ impl GradFn for RopeBack {
         let g = cast(g, self.dt)?;
         let d = alloc(&dev, self.dt, self.x.numel())?;
         // The transpose of a rotation is the rotation by the opposite angle.
-        rope_kernel(&dev, self.dt, buf(&g), &self.tables.0, &self.tables.1, &d.buf, self.x.dim(0), self.x.dim(1), self.x.dim(2), true)?;
+        rope_kernel(
+            &dev,
+            self.dt,
+            buf(&g),
+            &self.tables.0,
+            &self.tables.1,
+            &d.buf,
+            self.x.dim(0),
+            self.x.dim(1),
+            self.x.dim(2),
+            true,
+        )?;
         Ok(vec![Some(Tensor::from_gpu(d, self.x.shape())?)])
     }
 }

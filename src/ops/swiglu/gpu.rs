@@ -19,13 +19,25 @@ fn kernel(op: &str, dtype: DType) -> Result<Kernel> {
 
 fn check(bufs: &[&GpuBuffer], n: usize, dtype: DType) -> Result<()> {
     for b in bufs {
-        ensure!(b.bytes() >= n * dtype.size(), "swiglu: buffer of {} bytes for {n} {:?} elements", b.bytes(), dtype);
+        ensure!(
+            b.bytes() >= n * dtype.size(),
+            "swiglu: buffer of {} bytes for {n} {:?} elements",
+            b.bytes(),
+            dtype
+        );
     }
     Ok(())
 }
 
 /// `out = silu(gate) * up` over `n` elements of `dtype`.
-pub fn swiglu_fwd(dev: &GpuDevice, dtype: DType, gate: &GpuBuffer, up: &GpuBuffer, out: &GpuBuffer, n: usize) -> Result<()> {
+pub fn swiglu_fwd(
+    dev: &GpuDevice,
+    dtype: DType,
+    gate: &GpuBuffer,
+    up: &GpuBuffer,
+    out: &GpuBuffer,
+    n: usize,
+) -> Result<()> {
     check(&[gate, up, out], n, dtype)?;
     if n == 0 {
         return Ok(());

@@ -36,6 +36,9 @@ impl GradFn for SwigluBack {
         let (g, gate, up) = (cast(g, self.dt)?, cast(&self.gate, self.dt)?, cast(&self.up, self.dt)?);
         let (dg, du) = (alloc(&dev, self.dt, n)?, alloc(&dev, self.dt, n)?);
         swiglu_bwd(&dev, self.dt, buf(&gate), buf(&up), buf(&g), &dg.buf, &du.buf, n)?;
-        Ok(vec![Some(Tensor::from_gpu(dg, self.gate.shape())?), Some(Tensor::from_gpu(du, self.gate.shape())?)])
+        Ok(vec![
+            Some(Tensor::from_gpu(dg, self.gate.shape())?),
+            Some(Tensor::from_gpu(du, self.gate.shape())?),
+        ])
     }
 }
