@@ -456,12 +456,6 @@ impl GpuBuffer {
         ensure!(data.len() == self.bytes, "write of {} bytes into a buffer of {}", data.len(), self.bytes);
         unsafe { self.dev.0.htod(data, self.ptr) }
     }
-    pub fn copy_from(&self, src: &GpuBuffer) -> Result<()> {
-        if src.bytes != self.bytes {
-            bail!("copy of {} bytes into a buffer of {}", src.bytes, self.bytes);
-        }
-        unsafe { self.dev.0.dtod(src.ptr, self.ptr, self.bytes) }
-    }
     pub fn zero(&self) -> Result<()> {
         unsafe { self.dev.0.memset_zero(self.ptr, self.bytes) }
     }
@@ -503,7 +497,7 @@ impl Drop for NvtxRange {
     }
 }
 
-/// Element size of the storage types kernels take.
+/// The kernel-name suffix of a storage dtype (`f32`, `bf16`); f16 has no kernels.
 pub fn dtype_suffix(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",

@@ -30,16 +30,6 @@ pub fn version() -> Result<(i32, i32)> {
     Ok((a, b))
 }
 
-/// Architectures this NVRTC can target, as `sm_XY` numbers (e.g. 80, 90).
-pub fn supported_archs() -> Result<Vec<i32>> {
-    available()?;
-    let mut n: c_int = 0;
-    check(unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) }, "nvrtcGetNumSupportedArchs")?;
-    let mut v = vec![0 as c_int; n as usize];
-    check(unsafe { sys::nvrtcGetSupportedArchs(v.as_mut_ptr()) }, "nvrtcGetSupportedArchs")?;
-    Ok(v)
-}
-
 fn check(r: sys::nvrtcResult, what: &str) -> Result<()> {
     if r == sys::nvrtcResult::NVRTC_SUCCESS {
         Ok(())

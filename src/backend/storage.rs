@@ -1,5 +1,5 @@
-//! `GpuStorage`: what a tensor on a GPU device holds (proposed as `Storage::Gpu(GpuStorage)`
-//! beside `Storage::Cpu(CpuStorage)`): a device buffer, its dtype and element count, with
+//! `GpuStorage`: what a tensor on a GPU device holds (`Storage::Gpu`, beside
+//! `Storage::Cpu`): a device buffer, its dtype and element count, with
 //! conversions to and from host storage.
 
 use anyhow::{ensure, Result};

@@ -18,16 +18,6 @@ impl Call {
     pub fn arg(&self, name: &str) -> Option<&Value> {
         self.args.iter().find(|(k, _)| k.as_deref() == Some(name)).map(|(_, v)| v)
     }
-
-    /// Python-like text of the call, for reports.
-    pub fn to_python(&self) -> String {
-        let args: Vec<String> = self
-            .args
-            .iter()
-            .map(|(k, v)| format!("{}={}", k.as_deref().unwrap_or("**None"), v.repr()))
-            .collect();
-        format!("{}({})", self.name, args.join(", "))
-    }
 }
 
 /// The language of a category's calls (BFCL: `java` / `javascript` in the category name).

@@ -1,4 +1,5 @@
-//! Training: optimizer and schedules (the SFT and GRPO loops build on these).
+//! Training: the SFT (`sft`, `srml`) and GRPO (`grpo`) trainers, their optimizer, schedule,
+//! checkpoints, metrics and held-out evaluation, and the embedded tiny model (`tiny`).
 
 pub mod checkpoint;
 pub mod grpo;

@@ -300,17 +300,6 @@ fn device_update(ds: &DeviceState, h: &misc::AdamW, name: &str, t: &mut Tensor, 
     t.replace_gpu(copy)
 }
 
-/// Global L2 norm of the gradients of `params`.
-pub fn global_norm(grads: &Grads, params: &[&Tensor]) -> Result<f32> {
-    let mut ss = 0.0f64;
-    for p in params {
-        if let Some(g) = grads.get(p) {
-            ss += g.f32s()?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
-        }
-    }
-    Ok(ss.sqrt() as f32)
-}
-
 /// The factor that brings a gradient of norm `norm` down to `max_norm` (1 when already below).
 pub fn clip_factor(norm: f32, max_norm: f32) -> f32 {
     if max_norm > 0.0 && norm > max_norm {
