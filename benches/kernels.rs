@@ -8,12 +8,13 @@
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fcgpu::backend::misc::{adamw_step, cast, sum_squares, AdamW};
-use fcgpu::backend::ops::{attention, elementwise, embedding, logprob, matmul, rms_norm, rope, swiglu};
-use fcgpu::backend::roofline::{H100_BW, H100_FLOPS};
 use fcgpu::backend::{GpuBuffer, GpuDevice, GpuKind};
+use fcgpu::kernels::adamw::{adamw_step, AdamW};
+use fcgpu::kernels::cast::{cast, sum_squares};
+use fcgpu::kernels::{attention, elementwise, embedding, logprob, matmul, rms_norm, rope, swiglu};
 use fcgpu::rl::advantage::{gpu as adv, AdvScale, EntropyBonus};
 use fcgpu::rl::policy_loss::{gpu as pl, PolicyLossCfg};
+use fcgpu::roofline::{H100_BW, H100_FLOPS};
 use fcgpu::DType;
 
 struct Ctx {

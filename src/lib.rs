@@ -1,20 +1,27 @@
 //! fcgpu: train language models to call functions reliably.
 //!
-//! Layout (see README "Architecture"): `tensor` + `autograd` + `ops` are the runtime,
-//! `model` the transformer, `fc` function calling (prompts, parsing, BFCL checker, rewards),
-//! `rl` GRPO pieces, `train` the loops, `data` datasets, `cli` the commands.
+//! Layout (docs/architecture.md): `tensor` + `autograd` + `ops` are the runtime, `backend` the
+//! GPU devices (cuda, emu) and `kernels` the launch wrappers of `kernels/*.cu`, `model` the
+//! transformer, `fc` function calling (prompts, parsing, BFCL checker, rewards), `rl` GRPO
+//! pieces, `train` the loops, `data` datasets, `cli` the commands, `roofline` the kernels'
+//! performance model.
 
 pub mod autograd;
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod device;
+pub mod dtype;
 pub mod fc;
 pub mod jsonl;
+pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod rl;
 pub mod rollout;
+pub mod roofline;
 pub mod runfs;
+pub mod storage;
 pub mod tensor;
 pub mod train;
 

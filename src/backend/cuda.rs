@@ -20,7 +20,7 @@ use cudarc::cublas::sys as cublas;
 use cudarc::driver::sys as cu;
 
 use super::{nvrtc, sources, Driver, Gemm, GpuKind, Kernel, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 fn cu_check(r: cu::CUresult, what: &str) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Result};
 use half::bf16;
 
 use super::{Driver, Gemm, GpuKind, Kernel, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 #[repr(C)]
 struct FcemuKernel {

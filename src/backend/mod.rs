@@ -1,27 +1,24 @@
 //! GPU devices: `cuda` (a real GPU through cudarc: NVRTC -> CUBIN, cuBLAS, stream-ordered memory)
 //! and `emu` (the same kernels compiled as C++ by build.rs and run on the CPU with the CUDA
 //! execution model emulated). Both sit behind one [`Driver`] trait, so every launch site
-//! (`src/ops/*/gpu.rs`) is the same code for both: it builds a [`KernelArgs`] (the `void**`
+//! (`src/kernels/*.rs`) is the same code for both: it builds a [`KernelArgs`] (the `void**`
 //! argument list `cuLaunchKernel` takes) and calls [`GpuDevice::launch`].
 
 use std::ffi::c_void;
 use std::fmt;
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
 
-use crate::tensor::DType;
+use crate::device::Device;
+use crate::dtype::DType;
 
 pub mod cuda;
 pub mod emu;
-pub mod misc;
 pub mod nvrtc;
 pub mod sources;
 pub mod storage;
-
-pub mod ops;
-pub mod roofline;
 
 /// Which driver runs a [`GpuDevice`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -301,10 +298,10 @@ impl GpuDevice {
         self.0.kind()
     }
     /// The `Copy` tag tensors carry for this device (`Device::Emu` or `Device::Cuda(n)`).
-    pub fn tag(&self) -> crate::tensor::Device {
+    pub fn tag(&self) -> Device {
         match self.kind() {
-            GpuKind::Emu => crate::tensor::Device::Emu,
-            GpuKind::Cuda => crate::tensor::Device::Cuda(self.0.ordinal() as u32),
+            GpuKind::Emu => Device::Emu,
+            GpuKind::Cuda => Device::Cuda(self.0.ordinal() as u32),
         }
     }
     pub fn name(&self) -> String {
@@ -504,4 +501,35 @@ pub fn dtype_suffix(dtype: DType) -> Result<&'static str> {
         DType::BF16 => "bf16",
         DType::F16 => bail!("f16 kernels are not provided (only casts); use bf16 or f32"),
     })
+}
+
+/// Opening the GPU behind a [`Device`] tag lives here, so `crate::device` stays a leaf.
+impl Device {
+    /// [`Device::parse`], then open a GPU device: `--device cuda` without a driver or GPU is a
+    /// clear error here, before any work starts.
+    pub fn resolve(name: &str) -> Result<Device> {
+        let d = Device::parse(name)?;
+        if d.is_gpu() {
+            d.gpu().with_context(|| format!("--device {name}"))?;
+        }
+        Ok(d)
+    }
+
+    /// cuda:0 when it can be used, else cpu.
+    pub fn auto() -> Device {
+        if GpuDevice::cuda_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }
+    }
+
+    /// The GPU behind this tag (opened on first use); an error for the cpu.
+    pub fn gpu(self) -> Result<GpuDevice> {
+        match self {
+            Device::Cpu => bail!("the cpu is not a GPU device"),
+            Device::Emu => Ok(GpuDevice::shared_emu()),
+            Device::Cuda(n) => GpuDevice::shared_cuda(n as usize),
+        }
+    }
 }

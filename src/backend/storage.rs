@@ -6,7 +6,8 @@ use anyhow::{ensure, Result};
 use half::{bf16, f16};
 
 use super::{GpuBuffer, GpuDevice};
-use crate::tensor::{CpuStorage, DType};
+use crate::dtype::DType;
+use crate::storage::CpuStorage;
 
 #[derive(Debug)]
 pub struct GpuStorage {
@@ -61,7 +62,7 @@ impl GpuStorage {
     /// A copy in another dtype, converted on the device (cast kernels).
     pub fn to_dtype(&self, dtype: DType) -> Result<GpuStorage> {
         let out = GpuStorage::uninit(self.device(), dtype, self.len)?;
-        super::misc::cast(self.device(), &self.buf, self.dtype, &out.buf, dtype, self.len)?;
+        crate::kernels::cast::cast(self.device(), &self.buf, self.dtype, &out.buf, dtype, self.len)?;
         Ok(out)
     }
 }

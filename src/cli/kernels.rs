@@ -35,7 +35,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         KernelsCommand::Check { arch, json, file } => check(&arch, json, file.as_deref()),
         KernelsCommand::Roofline => {
-            print!("{}", crate::backend::roofline::markdown(&crate::backend::roofline::Shapes::qwen25_7b()));
+            print!("{}", crate::roofline::markdown(&crate::roofline::Shapes::qwen25_7b()));
             Ok(())
         }
     }

@@ -82,9 +82,9 @@ pub(crate) fn accumulate(prev: &Tensor, g: &Tensor) -> Result<Tensor> {
     };
     let n = prev.numel();
     let out = alloc(&dev, DType::F32, n)?;
-    crate::backend::misc::cast(&dev, buf(prev), prev.dtype(), &out.buf, DType::F32, n)?;
+    crate::kernels::cast::cast(&dev, buf(prev), prev.dtype(), &out.buf, DType::F32, n)?;
     let gk = cast(g, kernel_dtype(g))?;
-    crate::backend::ops::elementwise::axpy(&dev, gk.dtype(), buf(&gk), 1.0, &out.buf, n)?;
+    crate::kernels::elementwise::axpy(&dev, gk.dtype(), buf(&gk), 1.0, &out.buf, n)?;
     Tensor::from_gpu(out, prev.shape())
 }
 

@@ -11,9 +11,10 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
 use crate::autograd::Grads;
-use crate::backend::misc::{self, sum_squares};
 use crate::backend::storage::GpuStorage;
 use crate::backend::{GpuBuffer, GpuDevice};
+use crate::kernels::adamw::{adamw_step, AdamW as AdamWKernel};
+use crate::kernels::cast::{cast, sum_squares};
 use crate::model::Model;
 use crate::ops::device::{accumulate, buf, kernel_dtype};
 use crate::tensor::{DType, Device, Tensor};
@@ -253,7 +254,7 @@ fn apply_gradients_device(
         .device
         .as_ref()
         .context("the optimizer has no device state: call AdamW::attach after loading the model")?;
-    let h = misc::AdamW {
+    let h = AdamWKernel {
         lr,
         beta1: cfg.beta1,
         beta2: cfg.beta2,
@@ -281,7 +282,7 @@ fn apply_gradients_device(
 }
 
 /// The fused AdamW update of one parameter; `t` gets the new working copy in its dtype.
-fn device_update(ds: &DeviceState, h: &misc::AdamW, name: &str, t: &mut Tensor, g: &Tensor) -> Result<()> {
+fn device_update(ds: &DeviceState, h: &AdamWKernel, name: &str, t: &mut Tensor, g: &Tensor) -> Result<()> {
     let p = ds.params.get(name).with_context(|| format!("no master weights for `{name}` on the device"))?;
     ensure!(
         g.numel() == p.n && t.numel() == p.n,
@@ -293,9 +294,9 @@ fn device_update(ds: &DeviceState, h: &misc::AdamW, name: &str, t: &mut Tensor, 
     let dtype = t.dtype();
     let copy = GpuStorage::uninit(&ds.dev, dtype, p.n)?;
     let bf16_copy = (dtype == DType::BF16).then_some(&copy.buf);
-    misc::adamw_step(&ds.dev, h, &p.master, &p.m, &p.v, buf(&g), g.dtype(), bf16_copy, p.n)?;
+    adamw_step(&ds.dev, h, &p.master, &p.m, &p.v, buf(&g), g.dtype(), bf16_copy, p.n)?;
     if bf16_copy.is_none() {
-        misc::cast(&ds.dev, &p.master, DType::F32, &copy.buf, dtype, p.n)?;
+        cast(&ds.dev, &p.master, DType::F32, &copy.buf, dtype, p.n)?;
     }
     t.replace_gpu(copy)
 }

@@ -10,7 +10,7 @@ use super::*;
 
 pub fn swiglu_fwd_bwd(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
+    use fcgpu::kernels::swiglu::{swiglu_bwd, swiglu_fwd};
     for &n in &[1usize, 255, 257, 1000] {
         let g = randn(n, 1, 2.0);
         let u = randn(n, 2, 1.0);
@@ -144,7 +144,7 @@ const DTS: [(DType, f64); 2] = [(DType::F32, 2e-5), (DType::BF16, 2e-2)];
 
 pub fn swiglu_matches_cpu_op(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
+    use fcgpu::kernels::swiglu::{swiglu_bwd, swiglu_fwd};
     use fcgpu::ops::swiglu::cpu;
     for &n in &[1usize, 777] {
         for (dt, tol) in DTS {
@@ -165,7 +165,7 @@ pub fn swiglu_matches_cpu_op(dev: &GpuDevice) {
 
 pub fn rms_norm_matches_cpu_op(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd};
+    use fcgpu::kernels::rms_norm::{rms_norm_bwd, rms_norm_fwd};
     use fcgpu::ops::rms_norm::cpu;
     for &(rows, dim) in &[(1usize, 1usize), (3, 257), (5, 64)] {
         for (dt, tol) in DTS {
@@ -194,7 +194,7 @@ pub fn rms_norm_matches_cpu_op(dev: &GpuDevice) {
 
 pub fn rope_matches_cpu_op(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::rope::rope;
+    use fcgpu::kernels::rope::rope;
     use fcgpu::ops::rope::{cpu, RopeTable};
     let (tokens, heads, hd) = (5usize, 3usize, 16usize);
     let table = RopeTable::new(hd, 10000.0, None);
@@ -220,7 +220,7 @@ pub fn rope_matches_cpu_op(dev: &GpuDevice) {
 
 pub fn embedding_matches_cpu_op(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::embedding::{embedding_bwd, embedding_fwd};
+    use fcgpu::kernels::embedding::{embedding_bwd, embedding_fwd};
     use fcgpu::ops::embedding::cpu;
     let (vocab, dim) = (11usize, 37usize);
     let ids: Vec<u32> = vec![3, 0, 10, 3, 3, 7];
@@ -245,7 +245,7 @@ pub fn embedding_matches_cpu_op(dev: &GpuDevice) {
 
 pub fn logprob_entropy_rows_match_cpu_op(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
+    use fcgpu::kernels::logprob::{lpe_bwd, lpe_fwd};
     use fcgpu::ops::logprob::cpu;
     // vocab not a multiple of the block, length-1 vocab, a single row
     for &(rows, vocab, temp) in &[(3usize, 1000usize, 0.7f32), (1, 1, 1.0), (4, 257, 1.3)] {
@@ -317,7 +317,7 @@ pub fn logprob_entropy_rows_match_cpu_op(dev: &GpuDevice) {
 
 pub fn logprob_ignored_targets_and_masked_vocab(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::logprob::{lpe_bwd, lpe_fwd};
+    use fcgpu::kernels::logprob::{lpe_bwd, lpe_fwd};
     let vocab = 70;
     let mut z = randn(2 * vocab, 18, 1.0);
     z[..vocab / 2].fill(f32::NEG_INFINITY); // masked half of row 0
@@ -366,7 +366,7 @@ pub fn logprob_ignored_targets_and_masked_vocab(dev: &GpuDevice) {
 
 pub fn linear_logprob_entropy_matches_cpu_op(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::ops::logprob::{linear_lpe_bwd, linear_lpe_fwd};
+    use fcgpu::kernels::logprob::{linear_lpe_bwd, linear_lpe_fwd};
     use fcgpu::ops::logprob::cpu;
     let (rows, hidden, vocab, temp) = (7usize, 24usize, 301usize, 0.8f32);
     for (dt, tol) in DTS {
@@ -425,7 +425,7 @@ pub fn linear_logprob_entropy_matches_cpu_op(dev: &GpuDevice) {
 
 pub fn adamw_matches_reference(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::misc::{adamw_step, AdamW};
+    use fcgpu::kernels::adamw::{adamw_step, AdamW};
     let n = 1003;
     let p0 = randn(n, 23, 1.0);
     let (m0, v0) = (randn(n, 24, 0.1), randn(n, 25, 0.1).iter().map(|x| x * x).collect::<Vec<_>>());
@@ -463,7 +463,8 @@ pub fn adamw_matches_reference(dev: &GpuDevice) {
 /// Grad-norm clipping on the device: Σg² → clip factor → AdamW reading it, equal to passing the
 /// factor from the host.
 pub fn grad_clip_on_device(dev: &GpuDevice) {
-    use fcgpu::backend::misc::{adamw_step, adamw_step_scaled, grad_clip_scale, sum_squares, AdamW};
+    use fcgpu::kernels::adamw::{adamw_step, adamw_step_scaled, grad_clip_scale, AdamW};
+    use fcgpu::kernels::cast::sum_squares;
     let d = dev.clone();
     let n = 517;
     let g = randn(n, 60, 3.0);
@@ -501,7 +502,7 @@ pub fn grad_clip_on_device(dev: &GpuDevice) {
 
 pub fn casts_round_like_the_half_crate(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::misc::cast;
+    use fcgpu::kernels::cast::cast;
     let mut x = randn(999, 27, 100.0);
     x.extend([
         0.0,
@@ -548,7 +549,7 @@ pub fn casts_round_like_the_half_crate(dev: &GpuDevice) {
 
 pub fn sum_of_squares_is_exactish_and_deterministic(dev: &GpuDevice) {
     let d = dev.clone();
-    use fcgpu::backend::misc::sum_squares;
+    use fcgpu::kernels::cast::sum_squares;
     for &n in &[1usize, 1000, 300_001] {
         let x = randn(n, 28, 1.0);
         let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
@@ -742,7 +743,7 @@ pub fn gemm_row_major(d: &GpuDevice) {
 /// Flash attention forward and backward against the CPU op (on the same bf16-rounded inputs):
 /// lengths 1, not multiples of the 64-row tiles, several packed sequences, GQA, head dims 64 and 128.
 pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
-    use fcgpu::backend::ops::attention::{cu_seqlens, flash_attn_bwd, flash_attn_fwd, FlashDims};
+    use fcgpu::kernels::attention::{cu_seqlens, flash_attn_bwd, flash_attn_fwd, FlashDims};
     use fcgpu::ops::attention::{cpu, Dims};
     let bf = DType::BF16;
     for &(q_heads, kv_heads, hd, ref seqs) in &[
@@ -785,7 +786,7 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
 /// Decode attention against a straightforward f64 reference: GQA, a length-1 cache, a cache
 /// shorter than its capacity, head dims 64 and 128, token-major and head-major cache layouts.
 pub fn decode_attention(d: &GpuDevice) {
-    use fcgpu::backend::ops::attention::{decode_attn_strided, CacheLayout};
+    use fcgpu::kernels::attention::{decode_attn_strided, CacheLayout};
     let bf = DType::BF16;
     for &(batch, q_heads, kv_heads, hd, max_len) in
         &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)]
@@ -856,7 +857,7 @@ pub fn decode_attention(d: &GpuDevice) {
 
 /// add, mul, scale, axpy, bias add and column sums against plain loops.
 pub fn elementwise_ops(d: &GpuDevice) {
-    use fcgpu::backend::ops::elementwise as ew;
+    use fcgpu::kernels::elementwise as ew;
     let (rows, cols) = (7usize, 300usize);
     let n = rows * cols;
     for (dt, tol) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
@@ -932,7 +933,7 @@ pub fn storage_round_trip(d: &GpuDevice) {
 
 /// `linear` forward and backward (with bias) against the CPU op's autograd.
 pub fn linear_matches_cpu_op(d: &GpuDevice) {
-    use fcgpu::backend::ops::matmul::{linear_bwd, linear_fwd, LinearDims};
+    use fcgpu::kernels::matmul::{linear_bwd, linear_fwd, LinearDims};
     use fcgpu::Tensor;
     let dims = LinearDims { rows: 5, in_f: 33, out_f: 17 };
     let x = randn(dims.rows * dims.in_f, 70, 1.0);
@@ -969,7 +970,7 @@ pub fn linear_matches_cpu_op(d: &GpuDevice) {
 /// u = (i + ½)/R every token is drawn R·p ± 2 times and nothing outside the nucleus; greedy is
 /// the first argmax.
 pub fn sampling_matches_cpu_distribution(d: &GpuDevice) {
-    use fcgpu::backend::ops::logprob::sample_rows;
+    use fcgpu::kernels::logprob::sample_rows;
     use fcgpu::rollout::sampler::{argmax, truncated_distribution, SamplerParams};
     let vocab = 50;
     let mut z = randn(vocab, 80, 2.0);

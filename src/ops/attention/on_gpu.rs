@@ -6,12 +6,12 @@ use anyhow::{ensure, Context, Result};
 
 use super::Dims;
 use crate::autograd::GradFn;
-use crate::backend::ops::attention::{
-    cu_seqlens, flash_attn_bwd_scaled, flash_attn_fwd_scaled, padded_head_dim, FlashDims,
-};
-use crate::backend::ops::elementwise::copy_2d;
 use crate::backend::storage::GpuStorage;
 use crate::backend::{GpuBuffer, GpuDevice};
+use crate::kernels::attention::{
+    cu_seqlens, flash_attn_bwd_scaled, flash_attn_fwd_scaled, padded_head_dim, FlashDims,
+};
+use crate::kernels::elementwise::copy_2d;
 use crate::ops::device::{backward_device, buf, cast, zeros};
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};

@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 
-use crate::backend::ops::elementwise as ew;
 use crate::backend::storage::GpuStorage;
 use crate::backend::{GpuDevice, Kernel, KernelArgs, LaunchCfg};
+use crate::kernels::elementwise as ew;
 use crate::ops::device::{alloc, buf, cast, kernel_dtype, zeros};
 use crate::tensor::{DType, Tensor};
 

@@ -4,8 +4,8 @@
 use anyhow::Result;
 
 use crate::autograd::GradFn;
-use crate::backend::ops::embedding::{embedding_bwd, embedding_fwd};
 use crate::backend::{GpuBuffer, GpuDevice};
+use crate::kernels::embedding::{embedding_bwd, embedding_fwd};
 use crate::ops::device::{alloc, backward_device, buf, cast, kernel_dtype, upload_ids, zeros};
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};

@@ -5,9 +5,9 @@
 use anyhow::Result;
 
 use crate::autograd::GradFn;
-use crate::backend::ops::logprob::{linear_lpe_bwd, linear_lpe_fwd, CHUNK};
 use crate::backend::storage::GpuStorage;
 use crate::backend::{GpuBuffer, GpuDevice};
+use crate::kernels::logprob::{linear_lpe_bwd, linear_lpe_fwd, CHUNK};
 use crate::ops::device::{alloc, backward_device, buf, cast, copy_bytes, kernel_dtype, upload_ids, zeros};
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};

@@ -4,8 +4,8 @@
 use anyhow::Result;
 
 use crate::autograd::GradFn;
-use crate::backend::ops::matmul::{linear_bwd, linear_fwd, LinearDims};
 use crate::backend::{Gemm, GpuDevice};
+use crate::kernels::matmul::{linear_bwd, linear_fwd, LinearDims};
 use crate::ops::device::{alloc, backward_device, buf, cast, kernel_dtype, zeros};
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};

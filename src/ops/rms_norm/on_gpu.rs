@@ -3,9 +3,9 @@
 use anyhow::Result;
 
 use crate::autograd::GradFn;
-use crate::backend::ops::rms_norm::{rms_norm_bwd, rms_norm_fwd};
 use crate::backend::storage::GpuStorage;
 use crate::backend::GpuDevice;
+use crate::kernels::rms_norm::{rms_norm_bwd, rms_norm_fwd};
 use crate::ops::device::{alloc, backward_device, buf, cast, kernel_dtype};
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};

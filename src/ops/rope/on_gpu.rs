@@ -9,8 +9,8 @@ use anyhow::Result;
 
 use super::RopeTable;
 use crate::autograd::GradFn;
-use crate::backend::ops::rope::rope as rope_kernel;
 use crate::backend::{GpuBuffer, GpuDevice};
+use crate::kernels::rope::rope as rope_kernel;
 use crate::ops::device::{alloc, backward_device, buf, cast, kernel_dtype};
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};

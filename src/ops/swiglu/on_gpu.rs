@@ -3,8 +3,8 @@
 use anyhow::Result;
 
 use crate::autograd::GradFn;
-use crate::backend::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 use crate::backend::GpuDevice;
+use crate::kernels::swiglu::{swiglu_bwd, swiglu_fwd};
 use crate::ops::device::{alloc, backward_device, buf, cast, kernel_dtype};
 use crate::ops::grad_fn;
 use crate::tensor::{DType, Tensor};

@@ -4,9 +4,9 @@
 
 use anyhow::{ensure, Result};
 
-use crate::backend::misc::cast;
 use crate::backend::{GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
+use crate::kernels::cast::cast;
 
 /// Query / key rows per block of the kernels.
 const BM_FWD: usize = 64;

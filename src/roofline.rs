@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn committed_roofline_is_current() {
         let want = markdown(&Shapes::qwen25_7b());
-        let have = include_str!("../../kernels/ROOFLINE.md");
+        let have = include_str!("../kernels/ROOFLINE.md");
         assert_eq!(
             have, want,
             "kernels/ROOFLINE.md is stale: regenerate with `fcgpu kernels roofline > kernels/ROOFLINE.md`"

@@ -5,7 +5,7 @@
 use anyhow::{ensure, Result};
 
 use crate::backend::{dtype_suffix, Gemm, GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// Rows of logits per chunk in [`linear_lpe_fwd`] / [`linear_lpe_bwd`].
 pub const CHUNK: usize = 1024;

@@ -4,9 +4,9 @@
 
 use anyhow::{ensure, Result};
 
-use crate::backend::ops::elementwise::{bias_add, col_sum};
 use crate::backend::{Gemm, GpuBuffer, GpuDevice};
-use crate::tensor::DType;
+use crate::dtype::DType;
+use crate::kernels::elementwise::{bias_add, col_sum};
 
 /// Shapes of one linear layer call.
 #[derive(Clone, Copy, Debug)]

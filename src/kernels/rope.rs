@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 
 use crate::backend::{dtype_suffix, GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// Rotate `x` `[tokens, heads, head_dim]` into `y` (may be `x` itself) with per-token
 /// `cos`/`sin` `[tokens, head_dim/2]` (f32); `backward` rotates by −angle (the gradient).

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 
 use crate::backend::{dtype_suffix, GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 const FILE: &str = "swiglu.cu";
 

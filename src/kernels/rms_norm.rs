@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 
 use crate::backend::{dtype_suffix, GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 fn k(stem: &str, dtype: DType) -> Result<Kernel> {
     let name: &'static str = match (stem, dtype_suffix(dtype)?) {

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 
 use crate::backend::{dtype_suffix, GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
-use crate::tensor::DType;
+use crate::dtype::DType;
 
 /// Threads per token: enough warps to cover `dim` once, at most 256.
 fn row_block(dim: usize) -> u32 {
