@@ -4,8 +4,10 @@
 use anyhow::Result;
 
 use super::run_args::{apply_args, RunArgs};
+use crate::fc::prompt::PromptStyle;
 use crate::fc::reward::RewardKind;
-use crate::train::grpo::{self, AggKind, Granularity, GrpoConfig, Scale, Style};
+use crate::rl::advantage::AdvScale;
+use crate::train::grpo::{self, AggKind, Granularity, GrpoConfig};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
@@ -27,7 +29,7 @@ pub struct Args {
     pub reward: Option<RewardKind>,
     /// Advantage scaling: group (GRPO), batch, none (Dr. GRPO).
     #[arg(long, value_enum)]
-    pub adv_scale: Option<Scale>,
+    pub adv_scale: Option<AdvScale>,
     /// λ of the CoT-entropy bonus (0: plain GRPO).
     #[arg(long)]
     pub entropy_lambda: Option<f32>,
@@ -54,7 +56,7 @@ pub struct Args {
     pub micro_batch: Option<usize>,
     /// Prompt style: compact (embedded task), bfcl, reasoning, qwen-fc.
     #[arg(long, value_enum)]
-    pub style: Option<Style>,
+    pub style: Option<PromptStyle>,
     /// SFT warm-up steps for the embedded default.
     #[arg(long)]
     pub warmup_sft_steps: Option<u64>,

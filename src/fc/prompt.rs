@@ -8,8 +8,13 @@ use crate::fc::json_py::dumps;
 use crate::fc::value::Value;
 use serde_json::Value as Json;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// How a sample becomes prompt text (`--style`, `style` in config.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum PromptStyle {
+    /// The embedded task's short ChatML prompt: one signature line per tool
+    /// (`data::synth::render_prompt`).
+    Compact,
     /// BFCL's default prompting-mode prompt (what BFCL sends a Qwen model).
     Bfcl,
     /// BFCL's prompt plus fcgpu's instruction to reason inside `<think></think>` first.
@@ -166,6 +171,9 @@ fn chatml_messages(msgs: &[Message], out: &mut String) {
 
 /// The full prompt text for a sample in a style (ends with `<|im_start|>assistant\n`).
 pub fn render_prompt(sample: &Sample, style: PromptStyle) -> String {
+    if style == PromptStyle::Compact {
+        return crate::data::synth::render_prompt(&sample.messages, &sample.functions);
+    }
     let functions = functions_with_hints(&sample.functions, &sample.category);
     let mut msgs = sample.messages.clone();
     let mut out = String::new();

@@ -7,8 +7,10 @@
 
 use anyhow::{ensure, Result};
 
-/// `--adv-scale`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How group advantages are scaled (`--adv-scale`, `adv_scale` in config.toml): by the group's
+/// reward std (GRPO), the batch's, or not at all (Dr. GRPO).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
 pub enum AdvScale {
     Group,
     Batch,

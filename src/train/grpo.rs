@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
-use crate::data::{synth, Sample};
+use crate::data::Sample;
 use crate::fc::decode::AnswerFormat;
 use crate::fc::prompt::{render_prompt, PromptStyle};
 use crate::fc::reward::{reward, RewardKind};
@@ -46,25 +46,6 @@ pub enum AggKind {
     Srml,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Scale {
-    Group,
-    Batch,
-    None,
-}
-
-/// How prompts are rendered: `compact` is the embedded task's short ChatML prompt; the others
-/// are `fc::prompt` styles (BFCL's text, with the reasoning instruction, or Qwen's JSON mode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Style {
-    Compact,
-    Bfcl,
-    Reasoning,
-    QwenFc,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpoConfig {
@@ -91,7 +72,7 @@ pub struct GrpoConfig {
     pub max_grad_norm: f32,
     pub seed: u64,
     pub reward: RewardKind,
-    pub adv_scale: Scale,
+    pub adv_scale: AdvScale,
     pub entropy_lambda: f32,
     pub entropy_alpha: f32,
     pub entropy_granularity: Granularity,
@@ -104,7 +85,7 @@ pub struct GrpoConfig {
     pub ppo_epochs: usize,
     /// Sequences per forward/backward pass in the update (gradients accumulate).
     pub micro_batch: usize,
-    pub style: Style,
+    pub style: PromptStyle,
     pub save_every: u64,
     /// Held-out prompts scored (greedy) before and after training; 0 skips.
     pub eval_samples: usize,
@@ -144,7 +125,7 @@ impl Default for GrpoConfig {
             max_grad_norm: 1.0,
             seed: 0,
             reward: RewardKind::Binary,
-            adv_scale: Scale::Group,
+            adv_scale: AdvScale::Group,
             entropy_lambda: 0.4,
             entropy_alpha: 2.0,
             entropy_granularity: Granularity::Response,
@@ -155,7 +136,7 @@ impl Default for GrpoConfig {
             srml_alpha: 0.5,
             ppo_epochs: 1,
             micro_batch: 16,
-            style: Style::Compact,
+            style: PromptStyle::Compact,
             save_every: 20,
             eval_samples: 100,
             warmup_sft_steps: 400,
@@ -471,17 +452,11 @@ impl GrpoTrainer {
     }
 
     pub fn prompt_ids(&self, s: &Sample) -> Result<Vec<u32>> {
-        let text = match self.cfg.style {
-            Style::Compact => synth::render_prompt(&s.messages, &s.functions),
-            Style::Bfcl => render_prompt(s, PromptStyle::Bfcl),
-            Style::Reasoning => render_prompt(s, PromptStyle::Reasoning),
-            Style::QwenFc => render_prompt(s, PromptStyle::QwenFc),
-        };
-        self.tok.encode(&text, false)
+        self.tok.encode(&render_prompt(s, self.cfg.style), false)
     }
 
     fn answer_format(&self) -> AnswerFormat {
-        if self.cfg.style == Style::QwenFc {
+        if self.cfg.style == PromptStyle::QwenFc {
             AnswerFormat::Json
         } else {
             AnswerFormat::Python
@@ -654,11 +629,7 @@ impl GrpoTrainer {
             .collect();
         let think_tokens: usize = h_tok.iter().map(|h| h.len()).sum();
         st.cot_entropy = h_tok.iter().flat_map(|h| h.iter()).sum::<f32>() / think_tokens.max(1) as f32;
-        let scale = match self.cfg.adv_scale {
-            Scale::Group => AdvScale::Group,
-            Scale::Batch => AdvScale::Batch,
-            Scale::None => AdvScale::None,
-        };
+        let scale = self.cfg.adv_scale;
         let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
         let per_response = self.cfg.entropy_granularity == Granularity::Response;
         let adv = group_advantages(rewards, g, scale, per_response.then_some(h_seq.as_slice()), bonus)?;
