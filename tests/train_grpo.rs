@@ -4,7 +4,9 @@ use std::path::Path;
 
 use fcgpu::model::weights::load_all;
 use fcgpu::rl::policy_loss::{policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
+use fcgpu::train::checkpoint::Start;
 use fcgpu::train::grpo::{self, GrpoConfig, GrpoMetrics};
+use fcgpu::Device;
 
 #[test]
 fn policy_loss_matches_pytorch_autograd() {
@@ -81,7 +83,7 @@ fn strip_timing(mut m: GrpoMetrics) -> GrpoMetrics {
 fn check_resume_exact(cfg: impl Fn(&Path) -> GrpoConfig) -> Vec<GrpoMetrics> {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
-    grpo::run(cfg(&straight), false).unwrap();
+    grpo::run(cfg(&straight), Start::FRESH, Device::Cpu).unwrap();
     let split = dir.path().join("split");
     // The same task and base model, so only the interruption differs.
     std::fs::create_dir_all(&split).unwrap();
@@ -98,8 +100,8 @@ fn check_resume_exact(cfg: impl Fn(&Path) -> GrpoConfig) -> Vec<GrpoMetrics> {
     copy("sft/task");
     copy("sft/base-model");
     // A run stopped after step 1 (its last step also scored the held-out set), then resumed.
-    grpo::run(GrpoConfig { steps: 1, ..cfg(&split) }, false).unwrap();
-    grpo::run(cfg(&split), true).unwrap();
+    grpo::run(GrpoConfig { steps: 1, ..cfg(&split) }, Start::FRESH, Device::Cpu).unwrap();
+    grpo::run(cfg(&split), Start::RESUME, Device::Cpu).unwrap();
     let read = |p: &Path| -> Vec<GrpoMetrics> {
         fcgpu::jsonl::read(&p.join("metrics.jsonl")).unwrap().into_iter().map(strip_timing).collect()
     };
@@ -165,7 +167,7 @@ fn resume_continues_exactly_with_dynamic_sampling() {
 fn non_finite_loss_stops_without_touching_weights() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = GrpoConfig { steps: 1, eval_samples: 0, ..micro(dir.path()) };
-    let mut t = grpo::GrpoTrainer::new(cfg, false).unwrap();
+    let mut t = grpo::GrpoTrainer::new(cfg, Start::FRESH, Device::Cpu).unwrap();
     t.model.visit_mut(&mut |n, p| {
         if n == "model.norm.weight" {
             let mut v = p.to_vec();

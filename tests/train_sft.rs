@@ -3,9 +3,11 @@
 use std::path::Path;
 
 use fcgpu::model::weights;
+use fcgpu::train::checkpoint::Start;
 use fcgpu::train::metrics::{self, SftMetrics};
 use fcgpu::train::sft::{self, SftConfig, Trainer};
 use fcgpu::train::srml::{AlphaMode, LossKind};
+use fcgpu::Device;
 
 fn cfg(dir: &Path, steps: u64) -> SftConfig {
     SftConfig {
@@ -37,7 +39,7 @@ fn resume_continues_exactly() {
     // Learnable α: its parameter and moments must survive the resume too.
     let mut c = cfg(&a, 6);
     c.alpha_mode = AlphaMode::Learnable;
-    let straight = sft::run(c.clone(), false).unwrap();
+    let straight = sft::run(c.clone(), Start::FRESH, Device::Cpu).unwrap();
     assert_eq!(straight.steps_run, 6);
 
     // Same config (and so the same 6-step schedule) in another run directory.
@@ -45,7 +47,7 @@ fn resume_continues_exactly() {
     c3b.run_dir = b.clone();
     // First half: run steps 1-3 with the 6-step schedule by stopping after 3.
     {
-        let mut t = Trainer::new(c3b.clone(), false).unwrap();
+        let mut t = Trainer::new(c3b.clone(), Start::FRESH, Device::Cpu).unwrap();
         let mut w = metrics::MetricsWriter::open(&b.join("metrics.jsonl"), 0).unwrap();
         for _ in 0..3 {
             let m = t.step().unwrap();
@@ -56,7 +58,7 @@ fn resume_continues_exactly() {
         let m = t.step().unwrap();
         w.write(&m).unwrap();
     }
-    let resumed = sft::run(c3b, true).unwrap();
+    let resumed = sft::run(c3b, Start::RESUME, Device::Cpu).unwrap();
     assert_eq!(resumed.steps_run, 3);
 
     let ma = strip_timing(metrics::read(&a.join("metrics.jsonl")).unwrap());
@@ -88,14 +90,14 @@ fn loss_falls_on_micro_model() {
     let mut c = cfg(tmp.path(), 12);
     c.lr = 1e-2;
     c.loss = LossKind::Plain;
-    let s = sft::run(c, false).unwrap();
+    let s = sft::run(c, Start::FRESH, Device::Cpu).unwrap();
     assert!(s.last_loss < s.first_loss - 0.5, "loss {} -> {}", s.first_loss, s.last_loss);
 }
 
 #[test]
 fn non_finite_loss_stops_before_update() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(cfg(tmp.path(), 4), false).unwrap();
+    let mut t = Trainer::new(cfg(tmp.path(), 4), Start::FRESH, Device::Cpu).unwrap();
     t.step().unwrap();
     let before: Vec<(String, Vec<f32>)> =
         t.model.named_params().iter().map(|(n, p)| (n.clone(), p.to_vec())).collect();

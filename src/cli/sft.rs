@@ -46,7 +46,7 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let device = super::device(&a.run.device, "sft")?;
-    let s = sft::run_with(cfg.clone(), a.run.start(), device)?;
+    let s = sft::run(cfg.clone(), a.run.start(), device)?;
     eprintln!(
         "sft: {} steps in {:.1}s, loss {:.4} -> {:.4}; run directory {}",
         s.steps_run,

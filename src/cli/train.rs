@@ -85,7 +85,7 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let device = super::device(&a.run.device, "train")?;
-    let (before, after) = grpo::run_with(cfg.clone(), a.run.start(), device)?;
+    let (before, after) = grpo::run(cfg.clone(), a.run.start(), device)?;
     if let (Some(b), Some(x)) = (before, after) {
         println!("heldout_accuracy_before {b:.4} heldout_accuracy_after {x:.4}");
     }

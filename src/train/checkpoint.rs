@@ -149,6 +149,13 @@ pub struct Start {
     pub force: bool,
 }
 
+impl Start {
+    /// A new run (the run directory must not hold one already).
+    pub const FRESH: Start = Start { resume: false, force: false };
+    /// Continue from the newest loadable checkpoint, refusing a changed config.
+    pub const RESUME: Start = Start { resume: true, force: false };
+}
+
 /// Fields that may change between a run and its resumption: how long to train and how often
 /// to save or score. Any other difference changes what the resumed steps compute.
 const MAY_CHANGE_ON_RESUME: [&str; 4] = ["steps", "save_every", "eval_samples", "run_dir"];

@@ -306,19 +306,11 @@ pub struct GrpoTrainer {
 }
 
 impl GrpoTrainer {
-    pub fn new(cfg: GrpoConfig, resume: bool) -> Result<GrpoTrainer> {
-        Self::new_on(cfg, resume, Device::Cpu)
-    }
-
-    /// [`GrpoTrainer::new`] with the policy (and reference) on `device`: rollouts decode there,
-    /// the update runs there, the optimizer keeps f32 master weights there.
-    pub fn new_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<GrpoTrainer> {
-        Self::new_with(cfg, Start { resume, force: false }, device)
-    }
-
-    /// [`GrpoTrainer::new_on`] with the resume policy `start`: the run directory is locked and
-    /// its stale temporaries removed; a resumed config is checked against the saved one.
-    pub fn new_with(cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
+    /// Sets up a run in `cfg.run_dir` with the policy (and reference) on `device`: rollouts
+    /// decode there, the update runs there, the optimizer keeps f32 master weights there. The
+    /// run directory is locked and its stale temporaries removed; with `start.resume` the newest
+    /// loadable checkpoint is restored and its config checked against this one.
+    pub fn new(cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
         let lock = RunLock::acquire(&cfg.run_dir)?;
         // The warm-up's directory too: its own run only starts (and cleans) when it is not done.
         for d in [cfg.run_dir.clone(), cfg.run_dir.join("sft"), cfg.run_dir.join("sft/task")] {
@@ -860,7 +852,7 @@ fn materialize_with(
                     sft_cfg.steps,
                     sft_cfg.run_dir.display()
                 );
-                crate::train::sft::run_with(sft_cfg.clone(), Start { resume: true, force }, device)?;
+                crate::train::sft::run(sft_cfg.clone(), Start { resume: true, force }, device)?;
             }
             done
         }
@@ -868,19 +860,10 @@ fn materialize_with(
     Ok((train, eval, start))
 }
 
-/// The whole run: config.toml, metrics.jsonl, curves.svg, checkpoints, eval before and after.
-pub fn run(cfg: GrpoConfig, resume: bool) -> Result<(Option<f32>, Option<f32>)> {
-    run_on(cfg, resume, Device::Cpu)
-}
-
-/// [`run`] with the model on `device` (the SRML warm-up of the embedded default too).
-pub fn run_on(cfg: GrpoConfig, resume: bool, device: Device) -> Result<(Option<f32>, Option<f32>)> {
-    run_with(cfg, Start { resume, force: false }, device)
-}
-
-/// [`run_on`] with the resume policy `start` (see [`GrpoTrainer::new_with`]).
-pub fn run_with(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>, Option<f32>)> {
-    let mut t = GrpoTrainer::new_with(cfg.clone(), start, device)?;
+/// The whole run on `device` (the SRML warm-up of the embedded default too): config.toml,
+/// metrics.jsonl, curves.svg, checkpoints, eval before and after (see [`GrpoTrainer::new`]).
+pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>, Option<f32>)> {
+    let mut t = GrpoTrainer::new(cfg.clone(), start, device)?;
     let run_dir = cfg.run_dir.clone();
     runfs::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let metrics_path = run_dir.join("metrics.jsonl");
@@ -1094,7 +1077,7 @@ mod tests {
             max_resample: 4,
             ..Default::default()
         };
-        let mut t = GrpoTrainer::new(cfg, false).unwrap();
+        let mut t = GrpoTrainer::new(cfg, Start::FRESH, Device::Cpu).unwrap();
         t.reward_override = Some(half_constant_reward);
         (0..3).map(|_| t.step().unwrap()).collect()
     }

@@ -186,20 +186,11 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Sets up the run: model (built or loaded), data, and — with `resume` — the latest checkpoint.
-    pub fn new(cfg: SftConfig, resume: bool) -> Result<Trainer> {
-        Self::new_on(cfg, resume, Device::Cpu)
-    }
-
-    /// [`Trainer::new`] with the model and optimizer on `device` (on a GPU: bf16 weights, f32
-    /// master weights and moments in the optimizer).
-    pub fn new_on(cfg: SftConfig, resume: bool, device: Device) -> Result<Trainer> {
-        Self::new_with(cfg, Start { resume, force: false }, device)
-    }
-
-    /// [`Trainer::new_on`] with the resume policy `start`: the run directory is locked and its
-    /// stale temporaries removed; a resumed config is checked against the saved one.
-    pub fn new_with(cfg: SftConfig, start: Start, device: Device) -> Result<Trainer> {
+    /// Sets up a run in `cfg.run_dir`: model (built or loaded) and optimizer on `device` (on a
+    /// GPU: bf16 weights, f32 master weights and moments), data, and with `start.resume` the
+    /// newest loadable checkpoint, its config checked against this one. The run directory is
+    /// locked and its stale temporaries removed.
+    pub fn new(cfg: SftConfig, start: Start, device: Device) -> Result<Trainer> {
         let run = cfg.run_dir.clone();
         let lock = RunLock::acquire(&run)?;
         for d in [run.clone(), run.join("task")] {
@@ -616,20 +607,11 @@ pub struct RunSummary {
     pub seconds: f32,
 }
 
-/// The whole run: config.toml, metrics.jsonl, checkpoints, final eval.
-pub fn run(cfg: SftConfig, resume: bool) -> Result<RunSummary> {
-    run_on(cfg, resume, Device::Cpu)
-}
-
-/// [`run`] with the model on `device`.
-pub fn run_on(cfg: SftConfig, resume: bool, device: Device) -> Result<RunSummary> {
-    run_with(cfg, Start { resume, force: false }, device)
-}
-
-/// [`run_on`] with the resume policy `start` (see [`Trainer::new_with`]).
-pub fn run_with(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSummary> {
+/// The whole run on `device`: config.toml, metrics.jsonl, checkpoints, final eval (see
+/// [`Trainer::new`]).
+pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSummary> {
     let start = Instant::now();
-    let mut t = Trainer::new_with(cfg.clone(), start_mode, device)?;
+    let mut t = Trainer::new(cfg.clone(), start_mode, device)?;
     let run = cfg.run_dir.clone();
     runfs::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;
