@@ -108,11 +108,13 @@ __device__ __forceinline__ void lpe_fwd_impl(const T* __restrict__ logits, long 
     }
 }
 
+// `logits` and `dlogits` are not __restrict__: linear_lpe_bwd writes the gradient over the logits
+// chunk it reads (each element is read, then written, by the same thread).
 template <class T>
-__device__ __forceinline__ void lpe_bwd_impl(const T* __restrict__ logits, long long ld, const int* __restrict__ targets,
+__device__ __forceinline__ void lpe_bwd_impl(const T* logits, long long ld, const int* __restrict__ targets,
                                              int V, float inv_temp, const float* __restrict__ logz,
                                              const float* __restrict__ entropy, const float* __restrict__ dlogp,
-                                             const float* __restrict__ dent, T* __restrict__ dlogits, long long ldd) {
+                                             const float* __restrict__ dent, T* dlogits, long long ldd) {
     const int row = blockIdx.x;
     const T* z = logits + (long long)row * ld;
     T* dz = dlogits + (long long)row * ldd;

@@ -73,7 +73,10 @@ __device__ __forceinline__ void sample_impl(const T* __restrict__ logits, long l
             acc += chunk_sum[j];
         }
         if (j == (int)blockDim.x) j = last;  // rounding: the last chunk with mass
-        int tok = -1;
+        // No chunk has mass when every logit is NaN or -inf (last < 0): token 0, what the cpu's
+        // argmax returns for such a row, instead of reading before the row.
+        if (j < 0) j = 0;
+        int tok = 0;
         const int c0 = j * chunk, c1 = min(V, c0 + chunk);
         for (int k = c0; k < c1; k++) {
             const float w = __expf(to_f32(z[k]) * inv_temp - m);

@@ -69,4 +69,5 @@ suite_tests!(dev();
     grad_clip_on_device,
     linear_matches_cpu_op,
     sampling_matches_cpu_distribution,
+    sampling_rows_without_mass_draw_token_zero,
 );

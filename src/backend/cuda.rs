@@ -4,7 +4,9 @@
 //!   (cudarc panics when a library is missing), so no driver means a clear error.
 //! * Kernel files are compiled by NVRTC to CUBIN for the GPU's `sm_XY` on first use (PTX from an
 //!   NVRTC newer than the driver would not load), cached on disk under a key of source hash +
-//!   arch + NVRTC version, and kept loaded (module and function caches).
+//!   compile options + arch + NVRTC version, and kept loaded (module and function caches).
+//! * Opening a device checks that NVRTC and cuBLAS are not from a newer CUDA major release than
+//!   the driver ([`version_problems`]).
 //! * Launches take the same `void**` argument list as the emu device (`cuLaunchKernel`).
 //! * Memory is stream-ordered (`cuMemAllocAsync` / `cuMemFreeAsync` on the device's stream);
 //!   GEMMs go to cuBLAS (`cublasGemmStridedBatchedEx`, bf16/f32 in, f32 compute), row-major
@@ -62,8 +64,38 @@ pub fn available() -> Result<()> {
         if n == 0 {
             bail!("the CUDA driver reports no GPU");
         }
+        let mut driver = 0;
+        cu_check(cu::cuDriverGetVersion(&mut driver), "cuDriverGetVersion")?;
+        let problems = version_problems(driver, nvrtc::version()?, None);
+        if !problems.is_empty() {
+            bail!("{}", problems.join("\n"));
+        }
     }
     Ok(())
+}
+
+/// What is wrong with this driver / NVRTC / cuBLAS pairing, one line each (empty: they pair).
+/// `driver` is `cuDriverGetVersion`'s number (12080 = CUDA 12.8), `cublas` is
+/// `cublasGetVersion`'s (120804 = 12.8.4). A library from a newer CUDA major release than the
+/// driver does not work with it: NVRTC's CUBINs would not load, cuBLAS would fail to start.
+pub fn version_problems(driver: i32, nvrtc: (i32, i32), cublas: Option<i32>) -> Vec<String> {
+    let (dmaj, dmin) = (driver / 1000, (driver % 1000) / 10);
+    let mut out = Vec::new();
+    if nvrtc.0 > dmaj {
+        out.push(format!(
+            "NVRTC {}.{} is newer than the driver's CUDA {dmaj}.{dmin}: install NVRTC for CUDA {dmaj} (`pip install nvidia-cuda-nvrtc-cu{dmaj}`) or a driver for CUDA {}",
+            nvrtc.0, nvrtc.1, nvrtc.0
+        ));
+    }
+    if let Some(v) = cublas {
+        let (bmaj, bmin) = (v / 10000, (v % 10000) / 100);
+        if bmaj > dmaj {
+            out.push(format!(
+                "cuBLAS {bmaj}.{bmin} is newer than the driver's CUDA {dmaj}.{dmin}: install cuBLAS for CUDA {dmaj} (`pip install nvidia-cublas-cu{dmaj}`) or a driver for CUDA {bmaj}"
+            ));
+        }
+    }
+    out
 }
 
 /// Directory of compiled CUBINs: `$FCGPU_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fcgpu/kernels`,
@@ -79,12 +111,20 @@ pub fn cache_dir() -> PathBuf {
     base.join("fcgpu").join("kernels")
 }
 
-/// File name of a cached CUBIN: source hash + arch + NVRTC version.
+/// File name of a cached CUBIN: source hash + hash of the compile options + arch + NVRTC
+/// version. The options are in the key so a changed flag (say, a new `-D` or a dropped
+/// `-lineinfo`) never loads a CUBIN built with the old ones.
 pub fn cache_key(file: &str, arch: &str, nvrtc_version: (i32, i32)) -> String {
+    cache_key_for(file, arch, nvrtc_version, &nvrtc::options(arch, false))
+}
+
+fn cache_key_for(file: &str, arch: &str, nvrtc_version: (i32, i32), options: &[String]) -> String {
+    let opts: Vec<&[u8]> = options.iter().map(|o| o.as_bytes()).collect();
     format!(
-        "{}-{:016x}-{arch}-nvrtc{}.{}.cubin",
+        "{}-{:016x}-{:08x}-{arch}-nvrtc{}.{}.cubin",
         file.trim_end_matches(".cu"),
         sources::source_hash(file),
+        sources::fnv1a(&opts) as u32,
         nvrtc_version.0,
         nvrtc_version.1
     )
@@ -175,6 +215,13 @@ impl CudaDriver {
             cu_check(cu::cuStreamCreate(&mut stream, 1 /* CU_STREAM_NON_BLOCKING */), "cuStreamCreate")?;
             let mut blas: cublas::cublasHandle_t = std::ptr::null_mut();
             cublas_check(cublas::cublasCreate_v2(&mut blas), "cublasCreate")?;
+            let (mut driver, mut blas_version) = (0, 0);
+            cu_check(cu::cuDriverGetVersion(&mut driver), "cuDriverGetVersion")?;
+            cublas_check(cublas::cublasGetVersion_v2(blas, &mut blas_version), "cublasGetVersion")?;
+            let problems = version_problems(driver, nvrtc::version()?, Some(blas_version));
+            if !problems.is_empty() {
+                bail!("{}", problems.join("\n"));
+            }
             cublas_check(
                 cublas::cublasSetStream_v2(blas, stream as cublas::cudaStream_t),
                 "cublasSetStream",
@@ -384,5 +431,33 @@ impl Drop for CudaDriver {
             }
         }
         let _ = self.ordinal;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_key_changes_with_the_compile_options() {
+        let opts = nvrtc::options("sm_90", false);
+        let key = cache_key_for("rope.cu", "sm_90", (12, 8), &opts);
+        assert_eq!(key, cache_key("rope.cu", "sm_90", (12, 8)));
+        let mut more = opts.clone();
+        more.push("-DFCGPU_EXTRA=1".into());
+        assert_ne!(key, cache_key_for("rope.cu", "sm_90", (12, 8), &more));
+        assert_ne!(key, cache_key_for("rope.cu", "sm_90", (12, 8), &opts[..opts.len() - 1]));
+        assert_ne!(key, cache_key("rope.cu", "sm_90", (12, 9)));
+    }
+
+    #[test]
+    fn versions_pair_when_no_library_is_from_a_newer_cuda_than_the_driver() {
+        assert!(version_problems(12080, (12, 8), Some(120804)).is_empty());
+        assert!(version_problems(13000, (12, 9), Some(120900)).is_empty());
+        let p = version_problems(12040, (13, 0), Some(130001));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("NVRTC 13.0 is newer than the driver's CUDA 12.4"), "{}", p[0]);
+        assert!(p[0].contains("nvidia-cuda-nvrtc-cu12"), "{}", p[0]);
+        assert!(p[1].starts_with("cuBLAS 13.0 is newer than the driver's CUDA 12.4"), "{}", p[1]);
     }
 }

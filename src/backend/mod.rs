@@ -338,7 +338,20 @@ impl GpuDevice {
         );
         let _range = nvtx_range(k.name);
         let mut params = args.as_params();
-        unsafe { self.0.launch(k, cfg, &mut params) }
+        unsafe { self.0.launch(k, cfg, &mut params) }.with_context(|| {
+            format!("launching {} ({}), grid {:?} block {:?}", k.name, k.file, cfg.grid, cfg.block)
+        })?;
+        if sync_launches() {
+            // A fault is reported by the next call on the stream, far from the kernel that made
+            // it; synchronising here names the kernel (at the cost of all overlap).
+            self.0.synchronize().with_context(|| {
+                format!(
+                    "kernel {} ({}) failed, grid {:?} block {:?} (FCGPU_SYNC_LAUNCH=1)",
+                    k.name, k.file, cfg.grid, cfg.block
+                )
+            })?;
+        }
+        Ok(())
     }
 
     pub fn gemm(&self, g: &Gemm) -> Result<()> {
@@ -482,6 +495,13 @@ pub fn nvtx_enabled() -> bool {
         std::env::var_os("NVTX_INJECTION64_PATH").is_some()
             || std::env::var("FCGPU_NVTX").is_ok_and(|v| v == "1")
     })
+}
+
+/// `FCGPU_SYNC_LAUNCH=1`: synchronise after every kernel launch, so a kernel fault is reported
+/// with the kernel's name (read once per process).
+pub fn sync_launches() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FCGPU_SYNC_LAUNCH").is_ok_and(|v| v == "1"))
 }
 
 pub struct NvtxRange(bool);

@@ -9,18 +9,22 @@ pub fn kernel_file(file: &str) -> Option<&'static str> {
 
 /// 64-bit FNV-1a over the file and every header: the cache key of compiled modules.
 pub fn source_hash(file: &str) -> u64 {
+    let mut parts: Vec<&[u8]> = vec![file.as_bytes(), kernel_file(file).unwrap_or("").as_bytes()];
+    for (name, src) in KERNEL_HEADERS {
+        parts.extend([name.as_bytes(), src.as_bytes()]);
+    }
+    fnv1a(&parts)
+}
+
+/// 64-bit FNV-1a over `parts`, each followed by a 0 byte (so `["ab", "c"]` and `["a", "bc"]`
+/// differ).
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
-    let mut feed = |b: &[u8]| {
-        for &x in b {
+    for p in parts {
+        for &x in p.iter().chain(&[0u8]) {
             h ^= x as u64;
             h = h.wrapping_mul(0x100000001b3);
         }
-    };
-    feed(file.as_bytes());
-    feed(kernel_file(file).unwrap_or("").as_bytes());
-    for (name, src) in KERNEL_HEADERS {
-        feed(name.as_bytes());
-        feed(src.as_bytes());
     }
     h
 }

@@ -1008,3 +1008,27 @@ pub fn sampling_matches_cpu_distribution(d: &GpuDevice) {
     assert!(tb.download_i32().unwrap().iter().all(|&t| t as usize == argmax(&z)), "greedy = first argmax");
     assert_eq!(argmax(&z), 7);
 }
+
+/// Rows where no token has positive weight (every logit NaN or −inf) draw token 0, as the
+/// CPU's argmax does, instead of reading before the row (which returned a negative token).
+pub fn sampling_rows_without_mass_draw_token_zero(d: &GpuDevice) {
+    use fcgpu::kernels::logprob::sample_rows;
+    use fcgpu::rollout::sampler::argmax;
+    let vocab = 300;
+    let rows: Vec<Vec<f32>> = vec![
+        vec![f32::NAN; vocab],
+        vec![f32::NEG_INFINITY; vocab],
+        (0..vocab).map(|i| if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY }).collect(),
+    ];
+    let zz: Vec<f32> = rows.iter().flatten().copied().collect();
+    let zb = d.upload_f32(&zz).unwrap();
+    let ub = d.upload_f32(&vec![0.999; rows.len()]).unwrap();
+    let tb = d.zeros(rows.len() * 4).unwrap();
+    for (temperature, top_p) in [(1.0f32, 1.0f32), (0.7, 0.9), (0.0, 1.0)] {
+        sample_rows(d, DType::F32, &zb, vocab, rows.len(), vocab, temperature, top_p, &ub, &tb).unwrap();
+        let got = tb.download_i32().unwrap();
+        for (r, &t) in got.iter().enumerate() {
+            assert_eq!(t as usize, argmax(&rows[r]), "row {r}, T={temperature} top_p={top_p}: token {t}");
+        }
+    }
+}
