@@ -122,6 +122,14 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
+    // `FCGPU_TEST_CUDA=1` at build time turns the CUDA tests on (`cfg(fcgpu_test_cuda)`);
+    // without it they are compiled as #[ignore], so a machine without a GPU reports them as
+    // ignored, never as passed.
+    println!("cargo:rustc-check-cfg=cfg(fcgpu_test_cuda)");
+    println!("cargo:rerun-if-env-changed=FCGPU_TEST_CUDA");
+    if std::env::var("FCGPU_TEST_CUDA").as_deref() == Ok("1") {
+        println!("cargo:rustc-cfg=fcgpu_test_cuda");
+    }
 
     let mut cu: Vec<PathBuf> = Vec::new();
     let mut headers: Vec<PathBuf> = Vec::new();

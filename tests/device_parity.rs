@@ -1,7 +1,8 @@
 //! The model on the GPU devices against the cpu: log-probs through `fcgpu logprobs`, a training
 //! step's loss and gradients, one AdamW step, greedy KV-cache generation, and `fcgpu train`.
-//! Every test runs on the emu device; the same tests run on cuda with `FCGPU_TEST_CUDA=1` and a
-//! usable device (otherwise they print why they skipped).
+//! Every test runs on the emu device; the same tests run on cuda when built with
+//! `FCGPU_TEST_CUDA=1` (otherwise they are #[ignore] and reported as ignored; with it, a
+//! missing device fails them).
 //!
 //! Tolerances are bf16's, measured on the fixtures (tiny random models whose weights were
 //! perturbed to be hard): rounding weights and activations to bf16 moves log-probs by up to
@@ -347,6 +348,18 @@ pub fn train_command_runs_on_device(dev: Device) {
 
 /// `#[test]` functions running each parity test on the device `$dev` (an `Option<Device>`).
 macro_rules! device_tests {
+    // `needs_gpu`: #[ignore] unless built with FCGPU_TEST_CUDA=1 (cfg set by build.rs).
+    (needs_gpu $dev:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            #[cfg_attr(not(fcgpu_test_cuda), ignore = "needs a GPU: FCGPU_TEST_CUDA=1 cargo test")]
+            fn $name() {
+                if let Some(d) = $dev {
+                    super::$name(d);
+                }
+            }
+        )*
+    };
     ($dev:expr; $($name:ident),* $(,)?) => {
         $(
             #[test]
@@ -370,23 +383,17 @@ mod emu {
     );
 }
 
-/// cuda:0 with `FCGPU_TEST_CUDA=1` and a usable device; otherwise None, saying why.
+/// cuda:0. These tests are built only with `FCGPU_TEST_CUDA=1` (otherwise #[ignore]); then a
+/// missing or unusable device fails them: asked to run on a GPU, they never pass without one.
 fn cuda() -> Option<Device> {
-    if std::env::var("FCGPU_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("skipped: set FCGPU_TEST_CUDA=1 to run the CUDA parity tests");
-        return None;
-    }
     match GpuDevice::shared_cuda(0) {
         Ok(_) => Some(Device::Cuda(0)),
-        Err(e) => {
-            eprintln!("skipped: no usable CUDA device: {e:#}");
-            None
-        }
+        Err(e) => panic!("FCGPU_TEST_CUDA=1 but no usable CUDA device: {e:#}"),
     }
 }
 
 mod cuda {
-    device_tests!(super::cuda();
+    device_tests!(needs_gpu super::cuda();
         logprobs_command_agrees_with_cpu,
         training_step_gradients_agree_with_cpu,
         adamw_steps_agree_with_cpu,

@@ -51,6 +51,18 @@ pub fn assert_close<W: Copy + Into<f64>>(got: &[f32], want: &[W], tol: f64, what
 /// `#[test]` functions that run `common::suite::<name>` on the device `$dev` (an `Option`).
 #[macro_export]
 macro_rules! suite_tests {
+    // `needs_gpu`: #[ignore] unless built with FCGPU_TEST_CUDA=1 (cfg set by build.rs).
+    (needs_gpu $dev:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            #[cfg_attr(not(fcgpu_test_cuda), ignore = "needs a GPU: FCGPU_TEST_CUDA=1 cargo test")]
+            fn $name() {
+                if let Some(d) = $dev {
+                    common::suite::$name(&d);
+                }
+            }
+        )*
+    };
     ($dev:expr; $($name:ident),* $(,)?) => {
         $(
             #[test]
