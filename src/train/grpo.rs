@@ -2,7 +2,6 @@
 //! rewards, group advantages with the CoT-entropy bonus, the clipped policy loss with k3 KL,
 //! AdamW; checkpoints, exact resume, metrics and held-out accuracy before and after.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -887,17 +886,7 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
     } else if let Ok(lines) = crate::jsonl::read::<GrpoMetrics>(&metrics_path) {
         before = lines.iter().find(|l| l.step == 0).and_then(|l| l.heldout_accuracy);
     }
-    let pb = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(cfg.steps)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap(),
-    );
+    let pb = crate::train::step_bar(cfg.steps);
     pb.set_position(t.step);
     let mut after = None;
     while t.step < cfg.steps {

@@ -12,3 +12,18 @@ pub mod schedule;
 pub mod sft;
 pub mod srml;
 pub mod tiny;
+
+/// The training loops' progress bar over `steps` (hidden when stderr is not a terminal, so logs
+/// and pipes get plain lines only).
+pub fn step_bar(steps: u64) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(steps);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    ) {
+        pb.set_style(style);
+    }
+    pb
+}

@@ -103,11 +103,7 @@ pub fn copy_pretrain(model: Model, tok: &Tokenizer, steps: u64, seed: u64) -> Re
     );
     let mut t = probe_trainer(model, 3e-3, steps);
     t.tok = tok.clone();
-    let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        indicatif::ProgressBar::new(steps)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let pb = crate::train::step_bar(steps);
     let mut last = f32::NAN;
     for step in 1..=steps {
         last = t.step_on(&[copy_batch(seed, step, 16, 24)])?.loss;

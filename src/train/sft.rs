@@ -2,7 +2,6 @@
 //! gradient accumulation, AdamW with clipping, warm-up + cosine, checkpoints, exact resume,
 //! metrics, and a held-out teacher-forced accuracy of the result segment.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -615,17 +614,7 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
     let run = cfg.run_dir.clone();
     runfs::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;
-    let pb = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(cfg.steps)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap(),
-    );
+    let pb = crate::train::step_bar(cfg.steps);
     pb.set_position(t.step);
     let (mut first, mut last, mut ran) = (f32::NAN, f32::NAN, 0);
     while t.step < cfg.steps {
