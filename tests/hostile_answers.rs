@@ -186,7 +186,8 @@ fn grpo_step_on_hostile_completions() {
         n_seq: n,
         t,
     };
-    let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.0, agg: LossAgg::TokenMean };
+    let cfg =
+        PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.0, agg: LossAgg::TokenMean, srml_alpha: 0.5 };
     let (stats, grad) = policy_loss(&input, &cfg, 1.0).unwrap();
     assert!(stats.loss.is_finite() && grad.iter().all(|g| g.is_finite()));
     // The gold completion is pushed up, the hostile ones down.

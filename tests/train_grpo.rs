@@ -1,5 +1,6 @@
 //! GRPO: the policy-loss op against PyTorch, and the trainer's step, resume and NaN guard.
 
+use fcgpu::train::run_config::RunConfig;
 use std::path::Path;
 
 use fcgpu::model::weights::load_all;
@@ -23,9 +24,9 @@ fn policy_loss_matches_pytorch_autograd() {
         let agg = match c[0] as i32 {
             0 => LossAgg::TokenMean,
             1 => LossAgg::SeqMean,
-            _ => LossAgg::Srml { alpha: c[3] },
+            _ => LossAgg::Srml,
         };
-        let pcfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: c[1], agg };
+        let pcfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: c[1], agg, srml_alpha: c[3] };
         let input = PolicyLossInput {
             logp: &logp,
             old_logp: &old,
@@ -54,20 +55,23 @@ fn policy_loss_matches_pytorch_autograd() {
 
 fn micro(run_dir: &Path) -> GrpoConfig {
     GrpoConfig {
-        run_dir: run_dir.to_path_buf(),
-        steps: 2,
+        run: RunConfig {
+            run_dir: run_dir.to_path_buf(),
+            steps: 2,
+            task_train: 60,
+            task_eval: 8,
+            eval_samples: 4,
+            weight_decay: 0.1,
+            save_every: 1,
+            preset: "micro".into(),
+            ..RunConfig::grpo()
+        },
         prompts_per_step: 2,
         group_size: 3,
         max_new_tokens: 12,
         warmup_sft_steps: 0,
-        task_train: 60,
-        task_eval: 8,
-        eval_samples: 4,
-        weight_decay: 0.1,
         beta: 0.01,
-        save_every: 1,
         micro_batch: 4,
-        preset: "micro".into(),
         ..Default::default()
     }
 }
@@ -100,7 +104,9 @@ fn check_resume_exact(cfg: impl Fn(&Path) -> GrpoConfig) -> Vec<GrpoMetrics> {
     copy("sft/task");
     copy("sft/base-model");
     // A run stopped after step 1 (its last step also scored the held-out set), then resumed.
-    grpo::run(GrpoConfig { steps: 1, ..cfg(&split) }, Start::FRESH, Device::Cpu).unwrap();
+    let mut first = cfg(&split);
+    first.run.steps = 1;
+    grpo::run(first, Start::FRESH, Device::Cpu).unwrap();
     grpo::run(cfg(&split), Start::RESUME, Device::Cpu).unwrap();
     let read = |p: &Path| -> Vec<GrpoMetrics> {
         fcgpu::jsonl::read(&p.join("metrics.jsonl")).unwrap().into_iter().map(strip_timing).collect()
@@ -166,7 +172,8 @@ fn resume_continues_exactly_with_dynamic_sampling() {
 #[test]
 fn non_finite_loss_stops_without_touching_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = GrpoConfig { steps: 1, eval_samples: 0, ..micro(dir.path()) };
+    let mut cfg = micro(dir.path());
+    (cfg.run.steps, cfg.run.eval_samples) = (1, 0);
     let mut t = grpo::GrpoTrainer::new(cfg, Start::FRESH, Device::Cpu).unwrap();
     t.model.visit_mut(&mut |n, p| {
         if n == "model.norm.weight" {

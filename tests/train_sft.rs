@@ -1,5 +1,6 @@
 //! SFT end to end on a micro model: exact resume, NaN guard, learnable α, config round trip.
 
+use fcgpu::train::run_config::RunConfig;
 use std::path::Path;
 
 use fcgpu::model::weights;
@@ -11,19 +12,22 @@ use fcgpu::Device;
 
 fn cfg(dir: &Path, steps: u64) -> SftConfig {
     SftConfig {
-        run_dir: dir.to_path_buf(),
-        steps,
+        run: RunConfig {
+            run_dir: dir.to_path_buf(),
+            steps,
+            lr: 5e-3,
+            warmup_steps: 2,
+            save_every: 0,
+            preset: "micro".into(),
+            task_train: 40,
+            task_eval: 6,
+            vocab_size: 400,
+            eval_samples: 6,
+            ..RunConfig::sft()
+        },
         batch_size: 3,
         grad_accum: 2,
-        lr: 5e-3,
-        warmup_steps: 2,
-        save_every: 0,
-        preset: "micro".into(),
-        task_train: 40,
-        task_eval: 6,
-        vocab_size: 400,
         bucket_window: 6,
-        eval_samples: 6,
         ..Default::default()
     }
 }
@@ -44,7 +48,7 @@ fn resume_continues_exactly() {
 
     // Same config (and so the same 6-step schedule) in another run directory.
     let mut c3b = c.clone();
-    c3b.run_dir = b.clone();
+    c3b.run.run_dir = b.clone();
     // First half: run steps 1-3 with the 6-step schedule by stopping after 3.
     {
         let mut t = Trainer::new(c3b.clone(), Start::FRESH, Device::Cpu).unwrap();
@@ -88,7 +92,7 @@ fn resume_continues_exactly() {
 fn loss_falls_on_micro_model() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = cfg(tmp.path(), 12);
-    c.lr = 1e-2;
+    c.run.lr = 1e-2;
     c.loss = LossKind::Plain;
     let s = sft::run(c, Start::FRESH, Device::Cpu).unwrap();
     assert!(s.last_loss < s.first_loss - 0.5, "loss {} -> {}", s.first_loss, s.last_loss);

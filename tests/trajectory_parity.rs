@@ -8,11 +8,13 @@
 //! weights (a strided probe of every tensor) within 1e-4 relative after step 10 (SFT) / step 5
 //! (GRPO, 10 updates). Each test prints how the difference grows.
 
+use fcgpu::train::run_config::RunConfig;
 use std::path::{Path, PathBuf};
 
 use fcgpu::model::tokenizer::Tokenizer;
 use fcgpu::model::{Batch, Model};
-use fcgpu::train::grpo::{AggKind, Granularity, GrpoConfig, GrpoTrainer};
+use fcgpu::rl::policy_loss::LossAgg;
+use fcgpu::train::grpo::{Granularity, GrpoConfig, GrpoTrainer};
 use fcgpu::train::sft::{SftConfig, Trainer};
 use fcgpu::train::srml::{AlphaMode, LossKind};
 use serde_json::Value;
@@ -162,12 +164,15 @@ fn sft_run(mode: &str) {
     };
     let steps = f(&fx, "steps") as u64;
     let cfg = SftConfig {
-        steps,
-        lr: f(&fx, "lr") as f32,
-        warmup_steps: f(&fx, "warmup") as u64,
-        min_lr_ratio: f(&fx, "min_ratio") as f32,
-        weight_decay: f(&fx, "weight_decay") as f32,
-        max_grad_norm: f(&fx, "max_grad_norm") as f32,
+        run: RunConfig {
+            steps,
+            lr: f(&fx, "lr") as f32,
+            warmup_steps: f(&fx, "warmup") as u64,
+            min_lr_ratio: f(&fx, "min_ratio") as f32,
+            weight_decay: f(&fx, "weight_decay") as f32,
+            max_grad_norm: f(&fx, "max_grad_norm") as f32,
+            ..RunConfig::sft()
+        },
         alpha: f(&fx, "alpha") as f32,
         loss,
         alpha_mode,
@@ -225,18 +230,21 @@ fn sft_srml_loss_ratio_matches_torch() {
     sft_run("loss-ratio");
 }
 
-fn grpo_run(agg: AggKind, gran: Granularity, key: &str) {
+fn grpo_run(agg: LossAgg, gran: Granularity, key: &str) {
     let fx = fixture("grpo.json");
     let (model, tok) = load(&fx);
     let steps = f(&fx, "steps") as u64;
     let cfg = GrpoConfig {
-        run_dir: Path::new("unused").to_path_buf(),
-        steps,
-        lr: f(&fx, "lr") as f32,
-        warmup_steps: f(&fx, "warmup") as u64,
-        min_lr_ratio: f(&fx, "min_ratio") as f32,
-        weight_decay: f(&fx, "weight_decay") as f32,
-        max_grad_norm: f(&fx, "max_grad_norm") as f32,
+        run: RunConfig {
+            run_dir: Path::new("unused").to_path_buf(),
+            steps,
+            lr: f(&fx, "lr") as f32,
+            warmup_steps: f(&fx, "warmup") as u64,
+            min_lr_ratio: f(&fx, "min_ratio") as f32,
+            weight_decay: f(&fx, "weight_decay") as f32,
+            max_grad_norm: f(&fx, "max_grad_norm") as f32,
+            ..RunConfig::grpo()
+        },
         temperature: f(&fx, "temperature") as f32,
         group_size: f(&fx, "group_size") as usize,
         prompts_per_step: f(&fx, "prompts_per_step") as usize,
@@ -283,22 +291,22 @@ fn grpo_run(agg: AggKind, gran: Granularity, key: &str) {
 
 #[test]
 fn grpo_srml_matches_torch() {
-    grpo_run(AggKind::Srml, Granularity::Response, "srml/response");
+    grpo_run(LossAgg::Srml, Granularity::Response, "srml/response");
 }
 
 #[test]
 fn grpo_token_mean_matches_torch() {
-    grpo_run(AggKind::TokenMean, Granularity::Response, "token-mean/response");
+    grpo_run(LossAgg::TokenMean, Granularity::Response, "token-mean/response");
 }
 
 #[test]
 fn grpo_seq_mean_matches_torch() {
-    grpo_run(AggKind::SeqMean, Granularity::Response, "seq-mean/response");
+    grpo_run(LossAgg::SeqMean, Granularity::Response, "seq-mean/response");
 }
 
 #[test]
 fn grpo_token_entropy_bonus_matches_torch() {
-    grpo_run(AggKind::Srml, Granularity::Token, "srml/token");
+    grpo_run(LossAgg::Srml, Granularity::Token, "srml/token");
 }
 
 /// The induction probe's recipe (tiny preset, copy task, `Trainer::step_on`) for 16 steps of 2

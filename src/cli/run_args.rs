@@ -64,27 +64,41 @@ impl RunArgs {
     }
 }
 
-/// Copies the given flags of `args` (a `RunArgs`) and then of `extra` (more `Option` fields of
-/// the command's own args with the same names) onto the config `cfg`.
-macro_rules! apply_args {
-    ($cfg:expr, $run:expr, $extra:expr; $($f:ident),*) => {{
-        let (c, r) = (&mut $cfg, &$run);
-        for (dst, src) in [(&mut c.model, &r.model), (&mut c.data, &r.data), (&mut c.eval_data, &r.eval_data)] {
+impl RunArgs {
+    /// Lays the given flags over the `[run]` options `c` (defaults and config file).
+    pub fn apply(&self, c: &mut crate::train::run_config::RunConfig) {
+        for (dst, src) in
+            [(&mut c.model, &self.model), (&mut c.data, &self.data), (&mut c.eval_data, &self.eval_data)]
+        {
             if src.is_some() {
-                *dst = src.clone();
+                dst.clone_from(src);
             }
         }
-        if let Some(v) = r.run_dir.clone() { c.run_dir = v; }
-        if let Some(v) = r.steps { c.steps = v; }
-        if let Some(v) = r.lr { c.lr = v; }
-        if let Some(v) = r.warmup_steps { c.warmup_steps = v; }
-        if let Some(v) = r.max_grad_norm { c.max_grad_norm = v; }
-        if let Some(v) = r.seed { c.seed = v; }
-        if let Some(v) = r.save_every { c.save_every = v; }
-        if let Some(v) = r.eval_samples { c.eval_samples = v; }
-        if let Some(v) = r.preset.clone() { c.preset = v; }
-        if let Some(v) = r.task_train { c.task_train = v; }
-        $( if let Some(v) = $extra.$f.clone() { c.$f = v; } )*
+        set_given(&mut c.run_dir, &self.run_dir);
+        set_given(&mut c.steps, &self.steps);
+        set_given(&mut c.lr, &self.lr);
+        set_given(&mut c.warmup_steps, &self.warmup_steps);
+        set_given(&mut c.max_grad_norm, &self.max_grad_norm);
+        set_given(&mut c.seed, &self.seed);
+        set_given(&mut c.save_every, &self.save_every);
+        set_given(&mut c.eval_samples, &self.eval_samples);
+        set_given(&mut c.preset, &self.preset);
+        set_given(&mut c.task_train, &self.task_train);
+    }
+}
+
+/// `*dst = flag` when the flag was given.
+pub fn set_given<T: Clone>(dst: &mut T, flag: &Option<T>) {
+    if let Some(v) = flag {
+        *dst = v.clone();
+    }
+}
+
+/// Lays a command's own flags (`Option` fields of `$args` named like fields of `$cfg`) over
+/// `$cfg`.
+macro_rules! apply_flags {
+    ($cfg:expr, $args:expr; $($f:ident),*) => {{
+        $( $crate::cli::run_args::set_given(&mut $cfg.$f, &$args.$f); )*
     }};
 }
-pub(crate) use apply_args;
+pub(crate) use apply_flags;

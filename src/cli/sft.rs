@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::run_args::{apply_args, RunArgs};
+use super::run_args::{apply_flags, RunArgs};
 use crate::train::sft::{self, SftConfig};
 use crate::train::srml::{AlphaMode, LossKind};
 
@@ -30,7 +30,8 @@ pub struct Args {
 
 pub fn resolve(a: &Args) -> Result<SftConfig> {
     let mut c = sft::load_config(a.run.config.as_deref())?;
-    apply_args!(c, a.run, a; batch_size, grad_accum, loss, alpha_mode, alpha, max_len);
+    a.run.apply(&mut c.run);
+    apply_flags!(c, a; batch_size, grad_accum, loss, alpha_mode, alpha, max_len);
     if a.pooled {
         c.pooled = true;
     }
@@ -53,7 +54,7 @@ pub fn run(a: Args) -> Result<()> {
         s.seconds,
         s.first_loss,
         s.last_loss,
-        cfg.run_dir.display()
+        cfg.run.run_dir.display()
     );
     if let (Some(acc), Some(ex)) = (s.result_token_accuracy, s.result_exact) {
         println!("result_token_accuracy {acc:.4} result_exact {ex:.4}");

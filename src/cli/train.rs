@@ -3,11 +3,12 @@
 
 use anyhow::Result;
 
-use super::run_args::{apply_args, RunArgs};
+use super::run_args::{apply_flags, RunArgs};
 use crate::fc::prompt::PromptStyle;
 use crate::fc::reward::RewardKind;
 use crate::rl::advantage::AdvScale;
-use crate::train::grpo::{self, AggKind, Granularity, GrpoConfig};
+use crate::rl::policy_loss::LossAgg;
+use crate::train::grpo::{self, Granularity, GrpoConfig};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
@@ -46,7 +47,7 @@ pub struct Args {
     #[arg(long)]
     pub beta: Option<f32>,
     #[arg(long, value_enum)]
-    pub loss_agg: Option<AggKind>,
+    pub loss_agg: Option<LossAgg>,
     #[arg(long)]
     pub srml_alpha: Option<f32>,
     /// Updates per rollout batch (μ).
@@ -71,7 +72,8 @@ pub struct Args {
 
 pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
-    apply_args!(c, a.run, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
+    a.run.apply(&mut c.run);
+    apply_flags!(c, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
         entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps,
         dynamic_sampling, max_resample);
     grpo::validate(&c)?;
@@ -89,6 +91,6 @@ pub fn run(a: Args) -> Result<()> {
     if let (Some(b), Some(x)) = (before, after) {
         println!("heldout_accuracy_before {b:.4} heldout_accuracy_after {x:.4}");
     }
-    eprintln!("run directory: {} (metrics.jsonl, curves.svg, checkpoints)", cfg.run_dir.display());
+    eprintln!("run directory: {} (metrics.jsonl, curves.svg, checkpoints)", cfg.run.run_dir.display());
     Ok(())
 }

@@ -11,23 +11,24 @@ use anyhow::{ensure, Result};
 
 use crate::tensor::Device;
 
-/// `--loss-agg`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// `--loss-agg`: how token losses are weighted into the batch loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
 pub enum LossAgg {
     TokenMean,
     SeqMean,
-    /// Think tokens weigh α_s/N_think, result tokens (1−α_s)/N_result, per sequence.
-    Srml {
-        alpha: f32,
-    },
+    /// Think tokens weigh α_s/N_think, result tokens (1−α_s)/N_result, per sequence
+    /// (α_s: [`PolicyLossCfg::srml_alpha`]).
+    Srml,
 }
 
 impl LossAgg {
-    fn code(self) -> (i32, f32) {
+    /// The kernel's mode code.
+    fn code(self) -> i32 {
         match self {
-            LossAgg::TokenMean => (0, 0.0),
-            LossAgg::SeqMean => (1, 0.0),
-            LossAgg::Srml { alpha } => (2, alpha),
+            LossAgg::TokenMean => 0,
+            LossAgg::SeqMean => 1,
+            LossAgg::Srml => 2,
         }
     }
 }
@@ -39,11 +40,13 @@ pub struct PolicyLossCfg {
     /// KL coefficient (0: no reference model).
     pub beta: f32,
     pub agg: LossAgg,
+    /// α_s of [`LossAgg::Srml`] (unused by the other aggregations).
+    pub srml_alpha: f32,
 }
 
 impl Default for PolicyLossCfg {
     fn default() -> Self {
-        PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.001, agg: LossAgg::Srml { alpha: 0.5 } }
+        PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.001, agg: LossAgg::Srml, srml_alpha: 0.5 }
     }
 }
 
@@ -72,7 +75,7 @@ pub struct PolicyLossStats {
     pub tokens: f32,
 }
 
-fn weights(x: &PolicyLossInput, agg: LossAgg) -> Vec<f64> {
+fn weights(x: &PolicyLossInput, agg: LossAgg, alpha: f32) -> Vec<f64> {
     let (t, n) = (x.t, x.n_seq);
     let total: f64 = x.mask.iter().map(|&m| m as f64).sum();
     let mut w = vec![0.0f64; n * t];
@@ -91,7 +94,7 @@ fn weights(x: &PolicyLossInput, agg: LossAgg) -> Vec<f64> {
                 match agg {
                     LossAgg::TokenMean => m / total,
                     LossAgg::SeqMean => m / (ni * n as f64),
-                    LossAgg::Srml { alpha } => match seg(k) {
+                    LossAgg::Srml => match seg(k) {
                         1 => m * alpha as f64 / (nt * n as f64),
                         2 => m * (1.0 - alpha as f64) / (nr * n as f64),
                         _ => 0.0,
@@ -111,7 +114,7 @@ fn check(x: &PolicyLossInput, cfg: &PolicyLossCfg) -> Result<()> {
     );
     ensure!(x.adv.len() == if x.adv_per_token { n } else { x.n_seq }, "policy_loss: advantages");
     ensure!(x.ref_logp.is_none_or(|r| r.len() == n), "policy_loss: reference log-probs");
-    if matches!(cfg.agg, LossAgg::Srml { .. }) {
+    if cfg.agg == LossAgg::Srml {
         ensure!(x.seg.is_some_and(|s| s.len() == n), "policy_loss: srml needs segments");
     }
     Ok(())
@@ -125,7 +128,7 @@ pub fn policy_loss(
 ) -> Result<(PolicyLossStats, Vec<f32>)> {
     let n = x.n_seq * x.t;
     check(x, cfg)?;
-    let w = weights(x, cfg.agg);
+    let w = weights(x, cfg.agg, cfg.srml_alpha);
     let (mut loss, mut kl, mut clip, mut tok) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
     let mut grad = vec![0.0f32; n];
     for k in 0..n {
@@ -226,7 +229,7 @@ pub mod gpu {
     }
 
     fn args(x: &PolicyLossBuffers, counts: &GpuBuffer, cfg: &PolicyLossCfg) -> KernelArgs {
-        let (mode, alpha) = cfg.agg.code();
+        let (mode, alpha) = (cfg.agg.code(), cfg.srml_alpha);
         let mut a = KernelArgs::new();
         a.buf(x.logp)
             .buf(x.old_logp)
@@ -323,8 +326,8 @@ mod tests {
         let refl: Vec<f32> = (0..10).map(|i| -0.2 - 0.2 * i as f32).collect();
         let mask = [1., 1., 1., 0., 1., 1., 1., 1., 1., 0.];
         let seg = [1, 1, 2, 2, 2, 1, 2, 2, 2, 0];
-        for agg in [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml { alpha: 0.3 }] {
-            let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.05, agg };
+        for agg in [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml] {
+            let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.05, agg, srml_alpha: 0.3 };
             let input = |lp: &[f32]| -> f32 {
                 let x = PolicyLossInput {
                     logp: lp,

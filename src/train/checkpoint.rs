@@ -158,7 +158,7 @@ impl Start {
 
 /// Fields that may change between a run and its resumption: how long to train and how often
 /// to save or score. Any other difference changes what the resumed steps compute.
-const MAY_CHANGE_ON_RESUME: [&str; 4] = ["steps", "save_every", "eval_samples", "run_dir"];
+const MAY_CHANGE_ON_RESUME: [&str; 4] = ["run.steps", "run.save_every", "run.eval_samples", "run.run_dir"];
 
 /// Compares the config of a resumed run with `<run_dir>/config.toml` (written when the run
 /// started). A difference in any field but [`MAY_CHANGE_ON_RESUME`] is an error naming each
@@ -167,12 +167,15 @@ const MAY_CHANGE_ON_RESUME: [&str; 4] = ["steps", "save_every", "eval_samples", 
 pub fn check_resume_config<C: Serialize>(run_dir: &Path, cfg: &C, force: bool) -> Result<()> {
     let path = run_dir.join("config.toml");
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
-    let saved: toml::Table =
+    let mut saved: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+    // Run directories started before the `[run]` table have its fields at the top level.
+    crate::train::run_config::migrate_flat(&mut saved);
     // Through text, as config.toml was written: f32 fields then compare by their printed value.
     let now: toml::Table =
         toml::from_str(&toml::to_string_pretty(cfg).context("cannot serialize the config")?)
             .context("cannot re-read the config")?;
+    let (saved, now): (toml::Table, toml::Table) = (flat(&saved), flat(&now));
     let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -200,6 +203,11 @@ pub fn check_resume_config<C: Serialize>(run_dir: &Path, cfg: &C, force: bool) -
     )
 }
 
+/// `t` with every nested field as one dotted key (`run.steps`).
+fn flat(t: &toml::Table) -> toml::Table {
+    crate::train::run_config::leaves(t).into_iter().collect()
+}
+
 /// A resumed checkpoint must not be past the configured number of steps: that run is not the
 /// one configured, and there is nothing to continue.
 pub fn check_resume_step(dir: &Path, step: u64, steps: u64) -> Result<()> {
@@ -209,4 +217,27 @@ pub fn check_resume_step(dir: &Path, step: u64, steps: u64) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::sft::SftConfig;
+
+    #[test]
+    fn a_flat_config_of_an_older_run_is_compared_field_by_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SftConfig::default();
+        // The layout before the `[run]` table: every field at the top level.
+        let mut old: toml::Table = toml::from_str(&toml::to_string_pretty(&cfg).unwrap()).unwrap();
+        let run = old.remove("run").unwrap();
+        old.extend(run.as_table().unwrap().clone());
+        std::fs::write(dir.path().join("config.toml"), toml::to_string(&old).unwrap()).unwrap();
+        check_resume_config(dir.path(), &cfg, false).unwrap();
+        let mut other = cfg.clone();
+        other.run.seed = 7;
+        other.run.steps = 9999;
+        let e = check_resume_config(dir.path(), &other, false).unwrap_err().to_string();
+        assert!(e.contains("run.seed: 0 -> 7") && !e.contains("run.steps"), "{e}");
+    }
 }

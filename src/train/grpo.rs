@@ -28,6 +28,7 @@ use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout::{self, HeldOut};
 use crate::train::metrics::MetricsWriter;
 use crate::train::optim::{apply_step, AdamW, AdamWConfig, StepGrads};
+use crate::train::run_config::{self, RunConfig};
 use crate::train::schedule::Schedule;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -37,39 +38,17 @@ pub enum Granularity {
     Token,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum AggKind {
-    TokenMean,
-    SeqMean,
-    Srml,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpoConfig {
-    /// Policy to start from (HF layout). None: the embedded default after an SRML warm-up.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<PathBuf>,
-    /// Training prompts: fcgpu / xLAM JSONL, or a BFCL question file. None: the embedded task.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub eval_data: Option<PathBuf>,
-    pub run_dir: PathBuf,
-    pub steps: u64,
+    /// Model, data, run directory, optimizer, schedule, seed, checkpoints (`[run]`).
+    pub run: RunConfig,
     /// Prompts per step; each gets `group_size` samples.
     pub prompts_per_step: usize,
     pub group_size: usize,
     pub temperature: f32,
     pub top_p: f32,
     pub max_new_tokens: usize,
-    pub lr: f32,
-    pub warmup_steps: u64,
-    pub min_lr_ratio: f32,
-    pub weight_decay: f32,
-    pub max_grad_norm: f32,
-    pub seed: u64,
     pub reward: RewardKind,
     pub adv_scale: AdvScale,
     pub entropy_lambda: f32,
@@ -78,25 +57,15 @@ pub struct GrpoConfig {
     pub eps_low: f32,
     pub eps_high: f32,
     pub beta: f32,
-    pub loss_agg: AggKind,
+    pub loss_agg: LossAgg,
     /// SRML weight of think tokens in `--loss-agg srml`.
     pub srml_alpha: f32,
     pub ppo_epochs: usize,
     /// Sequences per forward/backward pass in the update (gradients accumulate).
     pub micro_batch: usize,
     pub style: PromptStyle,
-    pub save_every: u64,
-    /// Held-out prompts scored (greedy) before and after training; 0 skips.
-    pub eval_samples: usize,
     /// SRML warm-up steps when the embedded default has no SFT checkpoint yet.
     pub warmup_sft_steps: u64,
-    pub task_train: usize,
-    pub task_eval: usize,
-    /// Copy pre-training steps of the embedded model before its SRML warm-up (see SftConfig).
-    #[serde(default)]
-    pub copy_warmup_steps: u64,
-    /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
-    pub preset: String,
     /// DAPO dynamic sampling: a group whose G rewards are all equal (no gradient) is replaced
     /// by the group of a new prompt, for up to `max_resample` extra rollout rounds per step.
     pub dynamic_sampling: bool,
@@ -107,22 +76,12 @@ pub struct GrpoConfig {
 impl Default for GrpoConfig {
     fn default() -> Self {
         GrpoConfig {
-            model: None,
-            data: None,
-            eval_data: None,
-            run_dir: PathBuf::from("runs/train"),
-            steps: 30,
+            run: RunConfig::grpo(),
             prompts_per_step: 4,
             group_size: 8,
             temperature: 0.8,
             top_p: 1.0,
             max_new_tokens: 256,
-            lr: 5e-4,
-            warmup_steps: 2,
-            min_lr_ratio: 0.1,
-            weight_decay: 0.0,
-            max_grad_norm: 1.0,
-            seed: 0,
             reward: RewardKind::Binary,
             adv_scale: AdvScale::Group,
             entropy_lambda: 0.4,
@@ -131,18 +90,12 @@ impl Default for GrpoConfig {
             eps_low: 0.2,
             eps_high: 0.28,
             beta: 0.001,
-            loss_agg: AggKind::Srml,
+            loss_agg: LossAgg::Srml,
             srml_alpha: 0.5,
             ppo_epochs: 1,
             micro_batch: 16,
             style: PromptStyle::Compact,
-            save_every: 20,
-            eval_samples: 100,
             warmup_sft_steps: 400,
-            task_train: 4000,
-            task_eval: 200,
-            copy_warmup_steps: 0,
-            preset: "tiny".into(),
             dynamic_sampling: false,
             max_resample: 4,
         }
@@ -305,40 +258,41 @@ pub struct GrpoTrainer {
 }
 
 impl GrpoTrainer {
-    /// Sets up a run in `cfg.run_dir` with the policy (and reference) on `device`: rollouts
+    /// Sets up a run in `cfg.run.run_dir` with the policy (and reference) on `device`: rollouts
     /// decode there, the update runs there, the optimizer keeps f32 master weights there. The
     /// run directory is locked and its stale temporaries removed; with `start.resume` the newest
     /// loadable checkpoint is restored and its config checked against this one.
     pub fn new(cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
-        let lock = RunLock::acquire(&cfg.run_dir)?;
+        let lock = RunLock::acquire(&cfg.run.run_dir)?;
         // The warm-up's directory too: its own run only starts (and cleans) when it is not done.
-        for d in [cfg.run_dir.clone(), cfg.run_dir.join("sft"), cfg.run_dir.join("sft/task")] {
+        for d in [cfg.run.run_dir.clone(), cfg.run.run_dir.join("sft"), cfg.run.run_dir.join("sft/task")] {
             runfs::clean_stale_temps_noisy(&d);
         }
         ensure!(
             cfg.group_size >= 1 && cfg.prompts_per_step >= 1,
             "group size and prompts per step must be at least 1"
         );
-        let resume = start_mode.resume && !checkpoint::all(&cfg.run_dir).is_empty();
+        let resume = start_mode.resume && !checkpoint::all(&cfg.run.run_dir).is_empty();
         if resume {
-            checkpoint::check_resume_config(&cfg.run_dir, &cfg, start_mode.force)?;
+            checkpoint::check_resume_config(&cfg.run.run_dir, &cfg, start_mode.force)?;
         }
-        let (train, eval, start) = materialize_with(&cfg, device, start_mode.force)?;
+        let crate::train::embedded::Inputs { train, eval, model: start } =
+            crate::train::embedded::policy(&cfg.run, cfg.warmup_sft_steps, device, start_mode.force)?;
         ensure!(!train.is_empty(), "no training prompts");
         let tok = Tokenizer::load(&start)?;
         let schedule = Schedule {
-            lr: cfg.lr,
-            warmup_steps: cfg.warmup_steps,
-            total_steps: cfg.steps,
-            min_ratio: cfg.min_lr_ratio,
+            lr: cfg.run.lr,
+            warmup_steps: cfg.run.warmup_steps,
+            total_steps: cfg.run.steps,
+            min_ratio: cfg.run.min_lr_ratio,
         };
-        let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+        let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         // The reference policy is the starting point, also when resuming.
         let reference = if cfg.beta != 0.0 { Some(Model::load(&start)?.to_device(device)?) } else { None };
-        let resumed = if resume { checkpoint::load_latest_good(&cfg.run_dir)? } else { None };
+        let resumed = if resume { checkpoint::load_latest_good(&cfg.run.run_dir)? } else { None };
         let (model, opt, step, epoch, cursor) = match resumed {
             Some((dir, model, opt, st)) => {
-                checkpoint::check_resume_step(&dir, st.step, cfg.steps)?;
+                checkpoint::check_resume_step(&dir, st.step, cfg.run.steps)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
                 (model, opt, st.step, st.epoch, st.cursor)
             }
@@ -375,12 +329,12 @@ impl GrpoTrainer {
     /// `model` when `cfg.beta` is not 0; optimizer and schedule come from `cfg` as in `new`.
     pub fn with_model(cfg: GrpoConfig, mut model: Model, tok: Tokenizer) -> GrpoTrainer {
         let schedule = Schedule {
-            lr: cfg.lr,
-            warmup_steps: cfg.warmup_steps,
-            total_steps: cfg.steps,
-            min_ratio: cfg.min_lr_ratio,
+            lr: cfg.run.lr,
+            warmup_steps: cfg.run.warmup_steps,
+            total_steps: cfg.run.steps,
+            min_ratio: cfg.run.min_lr_ratio,
         };
-        let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+        let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         let reference = (cfg.beta != 0.0).then(|| model.clone());
         model.requires_grad();
         GrpoTrainer {
@@ -409,7 +363,7 @@ impl GrpoTrainer {
 
     fn epoch_order(&self, epoch: u64) -> Vec<usize> {
         let mut rng =
-            ChaCha8Rng::seed_from_u64(self.cfg.seed ^ 0x6772_706f ^ epoch.wrapping_mul(0x9E37_79B9));
+            ChaCha8Rng::seed_from_u64(self.cfg.run.seed ^ 0x6772_706f ^ epoch.wrapping_mul(0x9E37_79B9));
         let mut idx: Vec<usize> = (0..self.train.len()).collect();
         idx.shuffle(&mut rng);
         idx
@@ -435,7 +389,7 @@ impl GrpoTrainer {
             step: self.step,
             epoch: self.epoch,
             cursor: self.cursor,
-            seed: self.cfg.seed,
+            seed: self.cfg.run.seed,
             schedule: self.schedule,
             alpha_logit: 0.0,
             adam_step: self.opt.step,
@@ -494,7 +448,7 @@ impl GrpoTrainer {
     /// Rollout seed of a step's draw: round 0 is the first draw, rounds 1… dynamic sampling's
     /// re-draws. A function of (seed, step, round) only, so a resumed run samples the same.
     fn rollout_seed(&self, step: u64, round: usize) -> u64 {
-        let base = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(step);
+        let base = self.cfg.run.seed.wrapping_mul(1_000_003).wrapping_add(step);
         base.wrapping_add((round as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
@@ -638,7 +592,7 @@ impl GrpoTrainer {
             })?;
             ensure!(l.is_finite(), "loss is {l}; stopping before the update, weights unchanged");
             let norm = ranged("optimizer step", || {
-                apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.max_grad_norm)
+                apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.run.max_grad_norm)
             })?;
             st.epochs.push((l, k, c, norm));
         }
@@ -745,16 +699,12 @@ impl GrpoTrainer {
         } else {
             (adv, false)
         };
-        let agg = match self.cfg.loss_agg {
-            AggKind::TokenMean => LossAgg::TokenMean,
-            AggKind::SeqMean => LossAgg::SeqMean,
-            AggKind::Srml => LossAgg::Srml { alpha: self.cfg.srml_alpha },
-        };
         let cfg = PolicyLossCfg {
             eps_low: self.cfg.eps_low,
             eps_high: self.cfg.eps_high,
             beta: self.cfg.beta,
-            agg,
+            agg: self.cfg.loss_agg,
+            srml_alpha: self.cfg.srml_alpha,
         };
         let input = PolicyLossInput {
             logp: &x,
@@ -806,70 +756,21 @@ impl GrpoTrainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.cfg.run_dir, &self.model, &self.opt, &self.state())
+        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state())
     }
-}
-
-/// Training and eval prompts, and the starting policy. For the embedded default, this builds
-/// the task and tiny model and runs the SRML warm-up (`<run_dir>/sft`) unless it already ran.
-pub fn materialize(cfg: &GrpoConfig, device: Device) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
-    materialize_with(cfg, device, false)
-}
-
-/// [`materialize`]; `force` is passed to the warm-up's resume check.
-fn materialize_with(
-    cfg: &GrpoConfig,
-    device: Device,
-    force: bool,
-) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
-    let sft_cfg = crate::train::sft::SftConfig {
-        model: cfg.model.clone(),
-        data: cfg.data.clone(),
-        eval_data: cfg.eval_data.clone(),
-        run_dir: cfg.run_dir.join("sft"),
-        steps: cfg.warmup_sft_steps,
-        seed: cfg.seed,
-        task_train: cfg.task_train,
-        task_eval: cfg.task_eval,
-        copy_warmup_steps: cfg.copy_warmup_steps,
-        eval_samples: 0,
-        save_every: 0,
-        preset: cfg.preset.clone(),
-        ..Default::default()
-    };
-    let (train, eval, base) = crate::train::sft::materialize(&sft_cfg)?;
-    let start = match &cfg.model {
-        Some(m) => m.clone(),
-        None => {
-            let done = checkpoint::dir_for(&sft_cfg.run_dir, sft_cfg.steps);
-            if !done.join("trainer_state.json").exists() {
-                if sft_cfg.steps == 0 {
-                    return Ok((train, eval, base));
-                }
-                eprintln!(
-                    "SRML warm-up: {} SFT steps on the embedded task (once; kept in {})",
-                    sft_cfg.steps,
-                    sft_cfg.run_dir.display()
-                );
-                crate::train::sft::run(sft_cfg.clone(), Start { resume: true, force }, device)?;
-            }
-            done
-        }
-    };
-    Ok((train, eval, start))
 }
 
 /// The whole run on `device` (the SRML warm-up of the embedded default too): config.toml,
 /// metrics.jsonl, curves.svg, checkpoints, eval before and after (see [`GrpoTrainer::new`]).
 pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>, Option<f32>)> {
     let mut t = GrpoTrainer::new(cfg.clone(), start, device)?;
-    let run_dir = cfg.run_dir.clone();
+    let run_dir = cfg.run.run_dir.clone();
     runfs::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = MetricsWriter::open(&metrics_path, t.step)?;
     let mut before = None;
-    if cfg.eval_samples > 0 && t.step == 0 {
-        let h = t.evaluate(cfg.eval_samples)?;
+    if cfg.run.eval_samples > 0 && t.step == 0 {
+        let h = t.evaluate(cfg.run.eval_samples)?;
         eprintln!(
             "heldout_accuracy before GRPO (greedy; format and BFCL verdict): {:.1}% ({})",
             100.0 * h.accuracy,
@@ -886,13 +787,13 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
     } else if let Ok(lines) = crate::jsonl::read::<GrpoMetrics>(&metrics_path) {
         before = lines.iter().find(|l| l.step == 0).and_then(|l| l.heldout_accuracy);
     }
-    let pb = crate::train::step_bar(cfg.steps);
+    let pb = crate::train::step_bar(cfg.run.steps);
     pb.set_position(t.step);
     let mut after = None;
-    while t.step < cfg.steps {
+    while t.step < cfg.run.steps {
         let mut m = t.step()?;
-        if m.step == cfg.steps && cfg.eval_samples > 0 {
-            let h = t.evaluate(cfg.eval_samples)?;
+        if m.step == cfg.run.steps && cfg.run.eval_samples > 0 {
+            let h = t.evaluate(cfg.run.eval_samples)?;
             pb.suspend(|| {
                 eprintln!(
                     "heldout_accuracy after GRPO (greedy; format and BFCL verdict): {:.1}% ({})",
@@ -911,10 +812,10 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
             "reward {:.3} call_valid {:.3} zero_var {:.2} H {:.3} kl {:.4} {:.0} tok/s",
             m.reward_mean, m.rollout_call_valid, m.zero_var_groups, m.cot_entropy, m.kl, m.tokens_per_s
         ));
-        if !pb.is_hidden() || m.step % 5 == 0 || m.step == cfg.steps {
+        if !pb.is_hidden() || m.step % 5 == 0 || m.step == cfg.run.steps {
             let _ = crate::train::plot::curves(&metrics_path, &run_dir.join("curves.svg"));
         }
-        if (cfg.save_every > 0 && m.step % cfg.save_every == 0) || m.step == cfg.steps {
+        if (cfg.run.save_every > 0 && m.step % cfg.run.save_every == 0) || m.step == cfg.run.steps {
             t.save_checkpoint()?;
         }
     }
@@ -941,14 +842,9 @@ fn ranged<T>(name: &str, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// `fcgpu train`'s config: its defaults with the TOML file at `path` laid over them.
 pub fn load_config(path: Option<&Path>) -> Result<GrpoConfig> {
-    match path {
-        None => Ok(GrpoConfig::default()),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}: invalid train config", p.display()))
-        }
-    }
+    run_config::load(path, GrpoConfig::default(), "train")
 }
 
 /// Rejects settings that cannot work, with the option's name.
@@ -1050,18 +946,21 @@ mod tests {
 
     fn tiny_run(dir: &std::path::Path, dynamic_sampling: bool) -> Vec<GrpoMetrics> {
         let cfg = GrpoConfig {
-            run_dir: dir.to_path_buf(),
-            steps: 3,
+            run: RunConfig {
+                run_dir: dir.to_path_buf(),
+                steps: 3,
+                task_train: 60,
+                task_eval: 4,
+                eval_samples: 0,
+                preset: "micro".into(),
+                ..RunConfig::grpo()
+            },
             prompts_per_step: 4,
             group_size: 3,
             max_new_tokens: 12,
             warmup_sft_steps: 0,
-            task_train: 60,
-            task_eval: 4,
-            eval_samples: 0,
             beta: 0.0,
             micro_batch: 12,
-            preset: "micro".into(),
             dynamic_sampling,
             max_resample: 4,
             ..Default::default()

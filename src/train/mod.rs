@@ -2,12 +2,14 @@
 //! checkpoints, metrics and held-out evaluation, and the embedded tiny model (`tiny`).
 
 pub mod checkpoint;
+pub mod embedded;
 pub mod grpo;
 pub mod heldout;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod probe;
+pub mod run_config;
 pub mod schedule;
 pub mod sft;
 pub mod srml;

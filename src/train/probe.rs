@@ -14,6 +14,7 @@ use anyhow::Result;
 
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model, ModelConfig};
+use crate::train::run_config::RunConfig;
 use crate::train::sft::{SftConfig, Trainer};
 use crate::train::srml::LossKind;
 use crate::train::tiny::{self, TinySize};
@@ -60,12 +61,15 @@ pub fn probe_model(size: TinySize, seed: u64) -> Result<Model> {
 /// clipping at 1.0.
 pub fn probe_trainer(model: Model, lr: f32, steps: u64) -> Trainer {
     let cfg = SftConfig {
-        steps,
-        lr,
-        warmup_steps: 10,
-        min_lr_ratio: 0.1,
-        weight_decay: 0.01,
-        max_grad_norm: 1.0,
+        run: RunConfig {
+            steps,
+            lr,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            ..RunConfig::sft()
+        },
         loss: LossKind::Plain,
         ..Default::default()
     };

@@ -23,9 +23,10 @@ use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout;
 use crate::train::metrics::{MetricsWriter, SftMetrics};
 use crate::train::optim::{apply_gradients, apply_step, AdamW, AdamWConfig, StepGrads};
+use crate::train::run_config::{self, RunConfig};
 use crate::train::schedule::Schedule;
 use crate::train::srml::{self, AlphaMode, LossConfig, LossKind};
-use crate::train::tiny::{self, TinySize};
+use crate::train::tiny;
 
 const ALPHA_PARAM: &str = "srml.alpha_logit";
 /// Answer length limit of the held-out generation (the embedded task's answers are shorter).
@@ -34,82 +35,35 @@ const HELDOUT_MAX_NEW_TOKENS: usize = 256;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftConfig {
-    /// Model directory (HF layout). None: the tiny model, built in `<run_dir>/base-model`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<PathBuf>,
-    /// Training data (fcgpu JSONL). None: the embedded synthetic task.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<PathBuf>,
-    /// Held-out data. None: the task's eval split, or the last `eval_fraction` of `data`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub eval_data: Option<PathBuf>,
-    pub run_dir: PathBuf,
-    pub steps: u64,
+    /// Model, data, run directory, optimizer, schedule, seed, checkpoints (`[run]`).
+    pub run: RunConfig,
     pub batch_size: usize,
     pub grad_accum: usize,
-    pub lr: f32,
-    pub warmup_steps: u64,
-    pub min_lr_ratio: f32,
-    pub max_grad_norm: f32,
-    pub weight_decay: f32,
-    pub seed: u64,
     pub loss: LossKind,
     pub alpha_mode: AlphaMode,
     pub alpha: f32,
     pub pooled: bool,
-    /// Checkpoint every N steps (0: only at the end).
-    pub save_every: u64,
     /// Longer examples are dropped.
     pub max_len: usize,
     /// Examples per bucket: shuffled, then sorted by length within each window.
     pub bucket_window: usize,
-    /// Tiny model size when building the default model: tiny, small (2x compute) or micro.
-    pub preset: String,
-    pub task_train: usize,
-    pub task_eval: usize,
-    pub vocab_size: usize,
-    /// Copy pre-training of a freshly built embedded model: this many steps on random token
-    /// strings shown twice (the induction probe's data, loss on the second copy) before the
-    /// model is saved as `base-model`. Small transformers learn to copy in a sudden phase
-    /// change; doing it on cheap short sequences first is what lets the task's SFT copy
-    /// argument values it has never seen. 0 skips it.
-    #[serde(default)]
-    pub copy_warmup_steps: u64,
+    /// Share of `data` held out when no `eval_data` is given.
     pub eval_fraction: f32,
-    /// Held-out examples scored at the end (0: skip).
-    pub eval_samples: usize,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
         SftConfig {
-            model: None,
-            data: None,
-            eval_data: None,
-            run_dir: PathBuf::from("runs/sft"),
-            steps: 200,
+            run: RunConfig::sft(),
             batch_size: 8,
             grad_accum: 1,
-            lr: 3e-3,
-            warmup_steps: 10,
-            min_lr_ratio: 0.1,
-            max_grad_norm: 1.0,
-            weight_decay: 0.01,
-            seed: 0,
             loss: LossKind::Srml,
             alpha_mode: AlphaMode::Fixed,
             alpha: 0.7,
             pooled: false,
-            save_every: 100,
             max_len: 768,
             bucket_window: 64,
-            preset: "tiny".into(),
-            task_train: 4000,
-            task_eval: 200,
-            vocab_size: 1536,
-            copy_warmup_steps: 0,
             eval_fraction: 0.05,
-            eval_samples: 200,
         }
     }
 }
@@ -185,12 +139,12 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Sets up a run in `cfg.run_dir`: model (built or loaded) and optimizer on `device` (on a
+    /// Sets up a run in `cfg.run.run_dir`: model (built or loaded) and optimizer on `device` (on a
     /// GPU: bf16 weights, f32 master weights and moments), data, and with `start.resume` the
     /// newest loadable checkpoint, its config checked against this one. The run directory is
     /// locked and its stale temporaries removed.
     pub fn new(cfg: SftConfig, start: Start, device: Device) -> Result<Trainer> {
-        let run = cfg.run_dir.clone();
+        let run = cfg.run.run_dir.clone();
         let lock = RunLock::acquire(&run)?;
         for d in [run.clone(), run.join("task")] {
             runfs::clean_stale_temps_noisy(&d);
@@ -199,7 +153,8 @@ impl Trainer {
         if resume {
             checkpoint::check_resume_config(&run, &cfg, start.force)?;
         }
-        let (train_s, eval_s, model_dir) = materialize(&cfg)?;
+        let crate::train::embedded::Inputs { train: train_s, eval: eval_s, model: model_dir } =
+            crate::train::embedded::inputs(&cfg.run, cfg.eval_fraction)?;
         let tok = Tokenizer::load(&model_dir)?;
         let think_end =
             tok.token_id(tiny::THINK_END).context("tokenizer lacks </think> as a single token")?;
@@ -210,17 +165,17 @@ impl Trainer {
         anyhow::ensure!(!train.is_empty(), "no training examples");
         let (eval, _) = prepare(&tok, &eval_s, cfg.max_len)?;
         let schedule = Schedule {
-            lr: cfg.lr,
-            warmup_steps: cfg.warmup_steps,
-            total_steps: cfg.steps,
-            min_ratio: cfg.min_lr_ratio,
+            lr: cfg.run.lr,
+            warmup_steps: cfg.run.warmup_steps,
+            total_steps: cfg.run.steps,
+            min_ratio: cfg.run.min_lr_ratio,
         };
-        let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+        let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
         let resumed = if resume { checkpoint::load_latest_good(&run)? } else { None };
         let mut t = match resumed {
             Some((dir, model, opt, st)) => {
-                checkpoint::check_resume_step(&dir, st.step, cfg.steps)?;
+                checkpoint::check_resume_step(&dir, st.step, cfg.run.steps)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
                 Trainer {
                     cfg: cfg.clone(),
@@ -279,12 +234,12 @@ impl Trainer {
     /// that closes the think segment. Optimizer, schedule and α come from `cfg` as in `new`.
     pub fn from_model(cfg: SftConfig, mut model: Model, tok: Tokenizer, think_end: u32) -> Trainer {
         let schedule = Schedule {
-            lr: cfg.lr,
-            warmup_steps: cfg.warmup_steps,
-            total_steps: cfg.steps,
-            min_ratio: cfg.min_lr_ratio,
+            lr: cfg.run.lr,
+            warmup_steps: cfg.run.warmup_steps,
+            total_steps: cfg.run.steps,
+            min_ratio: cfg.run.min_lr_ratio,
         };
-        let adam = AdamWConfig { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+        let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
         let alpha_logit = srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4));
         model.requires_grad();
@@ -311,7 +266,7 @@ impl Trainer {
 
     fn epoch_order(&self, epoch: u64) -> Vec<Vec<usize>> {
         let lengths: Vec<usize> = self.train.iter().map(|e| e.ids.len()).collect();
-        epoch_batches(&lengths, self.cfg.batch_size, self.cfg.bucket_window, self.cfg.seed, epoch)
+        epoch_batches(&lengths, self.cfg.batch_size, self.cfg.bucket_window, self.cfg.run.seed, epoch)
     }
 
     fn next_batch(&mut self) -> Vec<usize> {
@@ -336,7 +291,7 @@ impl Trainer {
             step: self.step,
             epoch: self.epoch,
             cursor: self.cursor,
-            seed: self.cfg.seed,
+            seed: self.cfg.run.seed,
             schedule: self.schedule,
             alpha_logit: self.alpha_logit,
             adam_step: self.opt.step,
@@ -415,11 +370,18 @@ impl Trainer {
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
         }
         if on_gpu {
-            apply_step(&mut self.model, &mut self.opt, &self.adam, lr, dev_acc, self.cfg.max_grad_norm)?;
+            apply_step(&mut self.model, &mut self.opt, &self.adam, lr, dev_acc, self.cfg.run.max_grad_norm)?;
         } else {
             let by_name: std::collections::HashMap<String, Vec<f32>> =
                 params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
-            apply_gradients(&mut self.model, &mut self.opt, &self.adam, lr, by_name, self.cfg.max_grad_norm)?;
+            apply_gradients(
+                &mut self.model,
+                &mut self.opt,
+                &self.adam,
+                lr,
+                by_name,
+                self.cfg.run.max_grad_norm,
+            )?;
         }
         if self.cfg.loss == LossKind::Srml && self.cfg.alpha_mode == AlphaMode::Learnable {
             let a = srml::sigmoid(self.alpha_logit);
@@ -446,7 +408,7 @@ impl Trainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.cfg.run_dir, &self.model, &self.opt, &self.state())
+        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state())
     }
 
     /// Held-out accuracy over the first `limit` eval samples: greedy answers, well formed and
@@ -505,94 +467,6 @@ impl Trainer {
     }
 }
 
-/// Training and eval samples, and the model directory; builds the embedded default (task,
-/// tokenizer, tiny model) in the run directory when they are not given and not there yet.
-pub fn materialize(cfg: &SftConfig) -> Result<(Vec<Sample>, Vec<Sample>, PathBuf)> {
-    let run = &cfg.run_dir;
-    let task_dir = run.join("task");
-    let (train_p, eval_p) = (task_dir.join("train.jsonl"), task_dir.join("eval.jsonl"));
-    // Given data is read and checked first: a bad file fails before any task or model is built.
-    let given = match &cfg.data {
-        None => None,
-        Some(d) => {
-            let mut all: Vec<Sample> = crate::data::load_jsonl(d)?;
-            anyhow::ensure!(
-                !all.is_empty(),
-                "{}: no examples (the file is empty or only blank lines)",
-                d.display()
-            );
-            Some(match &cfg.eval_data {
-                Some(e) => (all, crate::data::load_jsonl(e)?),
-                None => {
-                    let n_eval =
-                        ((all.len() as f32 * cfg.eval_fraction) as usize).min(all.len().saturating_sub(1));
-                    let eval = all.split_off(all.len() - n_eval);
-                    (all, eval)
-                }
-            })
-        }
-    };
-    let need_task = cfg.data.is_none() || cfg.model.is_none();
-    if need_task && !(train_p.exists() && eval_p.exists()) {
-        // Checked before anything is generated: the task is built in memory.
-        anyhow::ensure!(
-            (1..=MAX_TASK_SAMPLES).contains(&cfg.task_train),
-            "task_train (--task-train) must be 1..={MAX_TASK_SAMPLES}, got {}",
-            cfg.task_train
-        );
-        anyhow::ensure!(
-            cfg.task_eval <= MAX_TASK_SAMPLES,
-            "task_eval must be at most {MAX_TASK_SAMPLES}, got {}",
-            cfg.task_eval
-        );
-        let (tr, ev) = synth::generate(cfg.seed, cfg.task_train, cfg.task_eval);
-        synth::write_jsonl(&eval_p, &ev)?;
-        synth::write_jsonl(&train_p, &tr)?;
-    }
-    let (train, eval) = match given {
-        None => (crate::data::load_jsonl(&train_p)?, crate::data::load_jsonl(&eval_p)?),
-        Some(te) => te,
-    };
-    let model_dir = match &cfg.model {
-        Some(m) => m.clone(),
-        None => {
-            let dir = run.join("base-model");
-            if !dir.join("model.safetensors").exists() {
-                let task: Vec<Sample> = crate::data::load_jsonl(&train_p)?;
-                let texts: Vec<String> = task
-                    .iter()
-                    .map(|s| {
-                        format!(
-                            "{}{}{}",
-                            synth::render_prompt(&s.messages, &s.functions),
-                            crate::fc::prompt::render_target(s),
-                            tiny::IM_END
-                        )
-                    })
-                    .collect();
-                let tok = tiny::train_tokenizer(&texts, cfg.vocab_size)?;
-                let mut m = tiny::build(&dir, &tok, TinySize::by_name(&cfg.preset)?, cfg.seed)?;
-                if cfg.copy_warmup_steps > 0 {
-                    m = crate::train::probe::copy_pretrain(m, &tok, cfg.copy_warmup_steps, cfg.seed)?;
-                    m.save(&dir, None)?;
-                }
-                eprintln!(
-                    "built the {} model ({} parameters, vocab {}) in {}",
-                    cfg.preset,
-                    m.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(),
-                    tok.vocab_size(),
-                    dir.display()
-                );
-            }
-            dir
-        }
-    };
-    Ok((train, eval, model_dir))
-}
-
-/// Most samples of the embedded task per split (about 1 KB each in memory).
-pub const MAX_TASK_SAMPLES: usize = 1_000_000;
-
 /// Summary of a run.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -611,13 +485,13 @@ pub struct RunSummary {
 pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSummary> {
     let start = Instant::now();
     let mut t = Trainer::new(cfg.clone(), start_mode, device)?;
-    let run = cfg.run_dir.clone();
+    let run = cfg.run.run_dir.clone();
     runfs::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;
-    let pb = crate::train::step_bar(cfg.steps);
+    let pb = crate::train::step_bar(cfg.run.steps);
     pb.set_position(t.step);
     let (mut first, mut last, mut ran) = (f32::NAN, f32::NAN, 0);
-    while t.step < cfg.steps {
+    while t.step < cfg.run.steps {
         let m = t.step()?;
         metrics.write(&m)?;
         if first.is_nan() {
@@ -630,14 +504,14 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
             "loss {:.4} think {:.3} result {:.3} α {:.3} lr {:.2e} {:.0} tok/s",
             m.loss, m.l_think, m.l_result, m.alpha, m.lr, m.tokens_per_s
         ));
-        if (cfg.save_every > 0 && m.step % cfg.save_every == 0) || m.step == cfg.steps {
+        if (cfg.run.save_every > 0 && m.step % cfg.run.save_every == 0) || m.step == cfg.run.steps {
             t.save_checkpoint()?;
         }
     }
     pb.finish_and_clear();
     let (mut acc, mut exact, mut accuracy) = (None, None, None);
-    if cfg.eval_samples > 0 && !t.eval.is_empty() {
-        let (a, e, n) = t.eval_result_accuracy(cfg.eval_samples)?;
+    if cfg.run.eval_samples > 0 && !t.eval.is_empty() {
+        let (a, e, n) = t.eval_result_accuracy(cfg.run.eval_samples)?;
         eprintln!(
             "held-out result segment (teacher-forced): token accuracy {:.4} over {n} tokens, exact {:.4}",
             a, e
@@ -647,7 +521,7 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
         )? + "\n";
         runfs::write_atomic(&run.join("eval.json"), json.as_bytes())?;
         (acc, exact) = (Some(a), Some(e));
-        let h = t.heldout(cfg.eval_samples)?;
+        let h = t.heldout(cfg.run.eval_samples)?;
         eprintln!(
             "heldout_accuracy (greedy; format and BFCL verdict): {:.1}% ({})",
             100.0 * h.accuracy,
@@ -668,12 +542,7 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
 }
 
 /// `SftConfig` from an optional TOML file.
+/// `fcgpu sft`'s config: its defaults with the TOML file at `path` laid over them.
 pub fn load_config(path: Option<&Path>) -> Result<SftConfig> {
-    match path {
-        None => Ok(SftConfig::default()),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}: invalid sft config", p.display()))
-        }
-    }
+    run_config::load(path, SftConfig::default(), "sft")
 }

@@ -650,9 +650,9 @@ pub fn policy_loss_matches_cpu(dev: &GpuDevice) {
         for per_tok in [false, true] {
             let adv = if per_tok { &adv_tok } else { &adv_seq };
             let ab = bufs(adv);
-            for agg in [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml { alpha: 0.5 }] {
+            for agg in [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml] {
                 for beta in [0.0f32, 0.04] {
-                    let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta, agg };
+                    let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta, agg, srml_alpha: 0.5 };
                     let x = PolicyLossInput {
                         logp: &logp,
                         old_logp: &old,

@@ -1,0 +1,149 @@
+//! The embedded default: what `fcgpu sft` and `fcgpu train` use when no model or data is
+//! given. It builds the synthetic task (`data::synth`), a byte-level BPE tokenizer trained on
+//! it and the tiny Qwen2 model (`train::tiny`) in the run directory, and for `train` the SRML
+//! warm-up that gives GRPO its starting policy. The trainers receive prepared [`Inputs`] and
+//! know nothing of how they were made.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::data::{synth, Sample};
+use crate::tensor::Device;
+use crate::train::checkpoint::{self, Start};
+use crate::train::run_config::RunConfig;
+use crate::train::sft::{self, SftConfig};
+use crate::train::tiny::{self, TinySize};
+
+/// What a trainer starts from: training and held-out samples and the model directory.
+pub struct Inputs {
+    pub train: Vec<Sample>,
+    pub eval: Vec<Sample>,
+    pub model: PathBuf,
+}
+
+/// Training and eval samples, and the model directory; builds the embedded default (task,
+/// tokenizer, tiny model) in the run directory when they are not given and not there yet.
+pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
+    let run = &run_cfg.run_dir;
+    let task_dir = run.join("task");
+    let (train_p, eval_p) = (task_dir.join("train.jsonl"), task_dir.join("eval.jsonl"));
+    // Given data is read and checked first: a bad file fails before any task or model is built.
+    let given = match &run_cfg.data {
+        None => None,
+        Some(d) => {
+            let mut all: Vec<Sample> = crate::data::load_jsonl(d)?;
+            anyhow::ensure!(
+                !all.is_empty(),
+                "{}: no examples (the file is empty or only blank lines)",
+                d.display()
+            );
+            Some(match &run_cfg.eval_data {
+                Some(e) => (all, crate::data::load_jsonl(e)?),
+                None => {
+                    let n_eval =
+                        ((all.len() as f32 * eval_fraction) as usize).min(all.len().saturating_sub(1));
+                    let eval = all.split_off(all.len() - n_eval);
+                    (all, eval)
+                }
+            })
+        }
+    };
+    let need_task = run_cfg.data.is_none() || run_cfg.model.is_none();
+    if need_task && !(train_p.exists() && eval_p.exists()) {
+        // Checked before anything is generated: the task is built in memory.
+        anyhow::ensure!(
+            (1..=MAX_TASK_SAMPLES).contains(&run_cfg.task_train),
+            "task_train (--task-train) must be 1..={MAX_TASK_SAMPLES}, got {}",
+            run_cfg.task_train
+        );
+        anyhow::ensure!(
+            run_cfg.task_eval <= MAX_TASK_SAMPLES,
+            "task_eval must be at most {MAX_TASK_SAMPLES}, got {}",
+            run_cfg.task_eval
+        );
+        let (tr, ev) = synth::generate(run_cfg.seed, run_cfg.task_train, run_cfg.task_eval);
+        synth::write_jsonl(&eval_p, &ev)?;
+        synth::write_jsonl(&train_p, &tr)?;
+    }
+    let (train, eval) = match given {
+        None => (crate::data::load_jsonl(&train_p)?, crate::data::load_jsonl(&eval_p)?),
+        Some(te) => te,
+    };
+    let model_dir = match &run_cfg.model {
+        Some(m) => m.clone(),
+        None => {
+            let dir = run.join("base-model");
+            if !dir.join("model.safetensors").exists() {
+                let task: Vec<Sample> = crate::data::load_jsonl(&train_p)?;
+                let texts: Vec<String> = task
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "{}{}{}",
+                            synth::render_prompt(&s.messages, &s.functions),
+                            crate::fc::prompt::render_target(s),
+                            tiny::IM_END
+                        )
+                    })
+                    .collect();
+                let tok = tiny::train_tokenizer(&texts, run_cfg.vocab_size)?;
+                let mut m = tiny::build(&dir, &tok, TinySize::by_name(&run_cfg.preset)?, run_cfg.seed)?;
+                if run_cfg.copy_warmup_steps > 0 {
+                    m = crate::train::probe::copy_pretrain(m, &tok, run_cfg.copy_warmup_steps, run_cfg.seed)?;
+                    m.save(&dir, None)?;
+                }
+                eprintln!(
+                    "built the {} model ({} parameters, vocab {}) in {}",
+                    run_cfg.preset,
+                    m.named_params().iter().map(|(_, t)| t.numel()).sum::<usize>(),
+                    tok.vocab_size(),
+                    dir.display()
+                );
+            }
+            dir
+        }
+    };
+    Ok(Inputs { train, eval, model: model_dir })
+}
+
+/// Most samples of the embedded task per split (about 1 KB each in memory).
+pub const MAX_TASK_SAMPLES: usize = 1_000_000;
+
+/// GRPO's inputs. Given a model, that model; for the embedded default, the tiny model after
+/// `warmup_steps` SRML SFT steps on the task (run once in `<run_dir>/sft`, with `sft`'s
+/// optimizer defaults and the run's seed and task options; `force` goes to its resume check).
+pub fn policy(run: &RunConfig, warmup_steps: u64, device: Device, force: bool) -> Result<Inputs> {
+    let warmup = SftConfig {
+        run: RunConfig {
+            model: run.model.clone(),
+            data: run.data.clone(),
+            eval_data: run.eval_data.clone(),
+            run_dir: run.run_dir.join("sft"),
+            steps: warmup_steps,
+            seed: run.seed,
+            task_train: run.task_train,
+            task_eval: run.task_eval,
+            vocab_size: run.vocab_size,
+            copy_warmup_steps: run.copy_warmup_steps,
+            eval_samples: 0,
+            save_every: 0,
+            preset: run.preset.clone(),
+            ..RunConfig::sft()
+        },
+        ..Default::default()
+    };
+    let base = inputs(&warmup.run, warmup.eval_fraction)?;
+    if run.model.is_some() || warmup_steps == 0 {
+        return Ok(base);
+    }
+    let done = checkpoint::dir_for(&warmup.run.run_dir, warmup_steps);
+    if !done.join("trainer_state.json").exists() {
+        eprintln!(
+            "SRML warm-up: {warmup_steps} SFT steps on the embedded task (once; kept in {})",
+            warmup.run.run_dir.display()
+        );
+        sft::run(warmup, Start { resume: true, force }, device)?;
+    }
+    Ok(Inputs { model: done, ..base })
+}

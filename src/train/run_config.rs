@@ -1,0 +1,252 @@
+//! The options every training command shares (`[run]` in a config file): model, data, run
+//! directory, optimizer, schedule, seed, checkpointing and the embedded default's size; and how
+//! config files are read: a file's values are laid over the command's defaults, table by
+//! table, so a `[run]` table may name only the fields it changes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Model directory (HF layout). None: the embedded tiny model, built in the run directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    /// Training data (fcgpu / xLAM JSONL; `train` also takes a BFCL question file). None: the
+    /// embedded synthetic task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// Held-out data. None: the task's eval split, or the last `eval_fraction` of `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_data: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub lr: f32,
+    pub warmup_steps: u64,
+    /// The cosine schedule ends at `min_lr_ratio · lr`.
+    pub min_lr_ratio: f32,
+    pub weight_decay: f32,
+    pub max_grad_norm: f32,
+    pub seed: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub save_every: u64,
+    /// Held-out examples scored (greedy) at the end, and for `train` also before (0: skip).
+    pub eval_samples: usize,
+    /// Embedded default: model size (tiny, small, micro).
+    pub preset: String,
+    /// Embedded default: training and held-out samples of the synthetic task.
+    pub task_train: usize,
+    pub task_eval: usize,
+    /// Embedded default: size of the byte-level BPE tokenizer trained on the task.
+    pub vocab_size: usize,
+    /// Embedded default: copy pre-training steps of a freshly built model (random token
+    /// strings shown twice, loss on the second copy) before it is saved. 0 skips it.
+    pub copy_warmup_steps: u64,
+}
+
+impl RunConfig {
+    /// `fcgpu sft`'s defaults.
+    pub fn sft() -> Self {
+        RunConfig {
+            run_dir: PathBuf::from("runs/sft"),
+            steps: 200,
+            lr: 3e-3,
+            warmup_steps: 10,
+            weight_decay: 0.01,
+            save_every: 100,
+            eval_samples: 200,
+            ..Self::common()
+        }
+    }
+
+    /// `fcgpu train`'s defaults.
+    pub fn grpo() -> Self {
+        RunConfig {
+            run_dir: PathBuf::from("runs/train"),
+            steps: 30,
+            lr: 5e-4,
+            warmup_steps: 2,
+            weight_decay: 0.0,
+            save_every: 20,
+            eval_samples: 100,
+            ..Self::common()
+        }
+    }
+
+    fn common() -> Self {
+        RunConfig {
+            model: None,
+            data: None,
+            eval_data: None,
+            run_dir: PathBuf::from("runs"),
+            steps: 0,
+            lr: 0.0,
+            warmup_steps: 0,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 0,
+            save_every: 0,
+            eval_samples: 0,
+            preset: "tiny".into(),
+            task_train: 4000,
+            task_eval: 200,
+            vocab_size: 1536,
+            copy_warmup_steps: 0,
+        }
+    }
+
+    /// True when the run builds the embedded default model (no `model` given).
+    pub fn embedded_model(&self) -> bool {
+        self.model.is_none()
+    }
+}
+
+/// Names of [`RunConfig`]'s fields: in a config file they belong in the `[run]` table.
+pub const RUN_FIELDS: [&str; 18] = [
+    "model",
+    "data",
+    "eval_data",
+    "run_dir",
+    "steps",
+    "lr",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "save_every",
+    "eval_samples",
+    "preset",
+    "task_train",
+    "task_eval",
+    "vocab_size",
+    "copy_warmup_steps",
+];
+
+/// Moves top-level keys that now live under `[run]` into that table: config files written
+/// before the `[run]` table existed (and the `config.toml` of older run directories) keep
+/// loading. Returns the keys moved.
+pub fn migrate_flat(table: &mut toml::Table) -> Vec<String> {
+    let moved: Vec<String> =
+        RUN_FIELDS.iter().filter(|k| table.contains_key(**k)).map(|k| k.to_string()).collect();
+    if moved.is_empty() {
+        return moved;
+    }
+    let flat: Vec<(String, toml::Value)> =
+        moved.iter().filter_map(|k| table.remove(k).map(|v| (k.clone(), v))).collect();
+    let run = table.entry("run").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(run) = run {
+        for (k, v) in flat {
+            // A key given both ways: the `[run]` table wins.
+            run.entry(k).or_insert(v);
+        }
+    }
+    moved
+}
+
+/// Lays `over` onto `base`: tables merge key by key, any other value replaces.
+fn overlay(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => overlay(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// A command's config: `defaults`, with the file at `path` (if any) laid over them. Unknown
+/// fields are errors naming the file; fields of an older flat layout are moved into `[run]`
+/// with a note on stderr.
+pub fn load<C: Serialize + DeserializeOwned>(path: Option<&Path>, defaults: C, what: &str) -> Result<C> {
+    let Some(p) = path else { return Ok(defaults) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let mut file: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: invalid {what} config", p.display()))?;
+    let moved = migrate_flat(&mut file);
+    if !moved.is_empty() {
+        eprintln!(
+            "note: {}: {} now belong in the [run] table; read as run.{} (write them under [run] to silence this)",
+            p.display(),
+            moved.join(", "),
+            moved.join(", run.")
+        );
+    }
+    let mut merged = toml::Table::try_from(&defaults).context("cannot serialize the default config")?;
+    overlay(&mut merged, file);
+    merged.try_into().with_context(|| format!("{}: invalid {what} config", p.display()))
+}
+
+/// Every leaf of `t` as (dotted key, value): `run.steps`, `beta`, ...
+pub fn leaves(t: &toml::Table) -> Vec<(String, toml::Value)> {
+    let mut out = Vec::new();
+    for (k, v) in t {
+        match v {
+            toml::Value::Table(sub) => {
+                out.extend(leaves(sub).into_iter().map(|(sk, sv)| (format!("{k}.{sk}"), sv)))
+            }
+            v => out.push((k.clone(), v.clone())),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Cmd {
+        run: RunConfig,
+        beta: f32,
+    }
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn a_partial_run_table_keeps_the_commands_other_defaults() {
+        let (_d, p) = write("beta = 0.5\n[run]\nsteps = 7\n");
+        let c = load(Some(&p), Cmd { run: RunConfig::grpo(), beta: 0.1 }, "test").unwrap();
+        assert_eq!(c.run.steps, 7);
+        assert_eq!(c.run.lr, RunConfig::grpo().lr);
+        assert_eq!(c.beta, 0.5);
+    }
+
+    #[test]
+    fn an_old_flat_file_still_loads() {
+        let (_d, p) = write("steps = 9\nlr = 0.25\nbeta = 0.5\n");
+        let c = load(Some(&p), Cmd { run: RunConfig::sft(), beta: 0.1 }, "test").unwrap();
+        assert_eq!((c.run.steps, c.run.lr, c.beta), (9, 0.25, 0.5));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_at_every_level() {
+        for text in ["bogus = 1\n", "[run]\nbogus = 1\n"] {
+            let (_d, p) = write(text);
+            let e = format!(
+                "{:#}",
+                load(Some(&p), Cmd { run: RunConfig::sft(), beta: 0.1 }, "test").unwrap_err()
+            );
+            assert!(e.contains("bogus") && e.contains("c.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn leaves_are_dotted() {
+        let t: toml::Table = toml::from_str("a = 1\n[run]\nsteps = 2\n").unwrap();
+        let mut l: Vec<String> = leaves(&t).into_iter().map(|(k, _)| k).collect();
+        l.sort();
+        assert_eq!(l, ["a", "run.steps"]);
+    }
+}
