@@ -88,7 +88,7 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
                     })
                     .collect();
                 let tok = tiny::train_tokenizer(&texts, run_cfg.vocab_size)?;
-                let mut m = tiny::build(&dir, &tok, TinySize::by_name(&run_cfg.preset)?, run_cfg.seed)?;
+                let mut m = tiny::build(&dir, &tok, TinySize::by_name(&run_cfg.preset)?, run_cfg.seed, run_cfg.copy_heads)?;
                 if run_cfg.copy_warmup_steps > 0 {
                     m = crate::train::probe::copy_pretrain(m, &tok, run_cfg.copy_warmup_steps, run_cfg.seed)?;
                     m.save(&dir, None)?;
@@ -126,6 +126,7 @@ pub fn policy(run: &RunConfig, warmup_steps: u64, device: Device, force: bool) -
             task_eval: run.task_eval,
             vocab_size: run.vocab_size,
             copy_warmup_steps: run.copy_warmup_steps,
+            copy_heads: run.copy_heads,
             eval_samples: 0,
             save_every: 0,
             preset: run.preset.clone(),

@@ -2,6 +2,7 @@
 //! checkpoints, metrics and held-out evaluation, and the embedded tiny model (`tiny`).
 
 pub mod checkpoint;
+pub mod copy_heads;
 pub mod embedded;
 pub mod grpo;
 pub mod heldout;

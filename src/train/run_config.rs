@@ -45,6 +45,9 @@ pub struct RunConfig {
     /// Embedded default: copy pre-training steps of a freshly built model (random token
     /// strings shown twice, loss on the second copy) before it is saved. 0 skips it.
     pub copy_warmup_steps: u64,
+    /// Embedded default: start the tiny model with a previous-token and an induction head
+    /// (`train::copy_heads`), so it can copy values from the request.
+    pub copy_heads: bool,
 }
 
 impl RunConfig {
@@ -96,6 +99,7 @@ impl RunConfig {
             task_eval: 200,
             vocab_size: 1536,
             copy_warmup_steps: 0,
+            copy_heads: true,
         }
     }
 
@@ -106,7 +110,7 @@ impl RunConfig {
 }
 
 /// Names of [`RunConfig`]'s fields: in a config file they belong in the `[run]` table.
-pub const RUN_FIELDS: [&str; 18] = [
+pub const RUN_FIELDS: [&str; 19] = [
     "model",
     "data",
     "eval_data",
@@ -125,6 +129,7 @@ pub const RUN_FIELDS: [&str; 18] = [
     "task_eval",
     "vocab_size",
     "copy_warmup_steps",
+    "copy_heads",
 ];
 
 /// Moves top-level keys that now live under `[run]` into that table: config files written

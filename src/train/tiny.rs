@@ -75,7 +75,7 @@ impl TinySize {
     /// The default: ~1M parameters, learns the task on 2 CPU cores in minutes.
     pub const TINY: TinySize = TinySize { hidden: 128, layers: 4, heads: 4, kv_heads: 2, intermediate: 352 };
     /// ~2M parameters: twice the compute of `tiny` per token.
-    pub const SMALL: TinySize = TinySize { hidden: 192, layers: 4, heads: 6, kv_heads: 2, intermediate: 512 };
+    pub const SMALL: TinySize = TinySize { hidden: 192, layers: 4, heads: 6, kv_heads: 3, intermediate: 512 };
     /// For tests: a few thousand parameters besides the embedding.
     pub const MICRO: TinySize = TinySize { hidden: 32, layers: 1, heads: 2, kv_heads: 1, intermediate: 64 };
 
@@ -91,6 +91,11 @@ impl TinySize {
 
 /// The Qwen2 `config.json` of the tiny model.
 pub fn config_json(size: TinySize, vocab_size: usize, eos: u32, bos: u32) -> serde_json::Value {
+    config_json_with(size, vocab_size, eos, bos, 10000.0)
+}
+
+/// [`config_json`] with RoPE θ `rope_theta`.
+fn config_json_with(size: TinySize, vocab_size: usize, eos: u32, bos: u32, rope_theta: f64) -> serde_json::Value {
     json!({
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -103,7 +108,7 @@ pub fn config_json(size: TinySize, vocab_size: usize, eos: u32, bos: u32) -> ser
         "hidden_act": "silu",
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
+        "rope_theta": rope_theta,
         "tie_word_embeddings": true,
         "torch_dtype": "float32",
         "bos_token_id": bos,
@@ -113,13 +118,20 @@ pub fn config_json(size: TinySize, vocab_size: usize, eos: u32, bos: u32) -> ser
 }
 
 /// Writes a fresh tiny model with `tokenizer` to `dir` (config, weights, tokenizer.json,
-/// tokenizer_config.json, generation_config.json with eos = `<|im_end|>`).
-pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64) -> Result<Model> {
+/// tokenizer_config.json, generation_config.json with eos = `<|im_end|>`). With `copy_heads`
+/// (and a shape that fits them) layers 0 and 1 start with a previous-token and an induction
+/// head (`train::copy_heads`).
+pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64, copy_heads: bool) -> Result<Model> {
     let id = |t: &str| tokenizer.token_id(t).with_context(|| format!("tokenizer lacks {t}"));
     let (eos, bos) = (id(IM_END)?, id(ENDOFTEXT)?);
-    let raw = config_json(size, tokenizer.vocab_size(), eos, bos);
+    let wire = copy_heads && crate::train::copy_heads::fits(size.hidden, size.layers, size.heads, size.kv_heads);
+    let theta = if wire { crate::train::copy_heads::ROPE_THETA } else { 10000.0 };
+    let raw = config_json_with(size, tokenizer.vocab_size(), eos, bos, theta);
     let config = ModelConfig::from_json(raw, &dir.join("config.json"))?;
     let mut model = Model::init_random(config, seed)?;
+    if wire {
+        crate::train::copy_heads::wire(&mut model)?;
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     tokenizer.save(&dir.join("tokenizer.json"))?;
     let gen = json!({"bos_token_id": bos, "eos_token_id": [eos, bos], "do_sample": false});
