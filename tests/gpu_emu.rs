@@ -71,3 +71,23 @@ suite_tests!(dev();
     sampling_matches_cpu_distribution,
     sampling_rows_without_mass_draw_token_zero,
 );
+
+/// The decoder's one-row wrapper refuses rows, cache ranges and length entries outside their
+/// buffers instead of launching on them.
+#[test]
+fn decode_attn_row_checks_every_range() {
+    use fcgpu::kernels::attention::{decode_attn_row, CacheRows};
+    let d = GpuDevice::emu();
+    let (nh, nkv, hd, max_len) = (2usize, 1usize, 16usize, 4usize);
+    let q = d.zeros(3 * nh * hd * 2).unwrap(); // 3 rows of bf16
+    let o = d.zeros(3 * nh * hd * 2).unwrap();
+    let kv = d.zeros(2 * max_len * nkv * hd * 2).unwrap(); // 2 layers
+    let lens = d.upload_i32(&[1, 2]).unwrap();
+    let cache = |at, entry| CacheRows { k: &kv, v: &kv, at, max_len, lens: &lens, entry };
+    let layer1 = max_len * nkv * hd * 2;
+    decode_attn_row(&d, &q, &o, 2, &cache(layer1, 1), (nh, nkv, hd)).unwrap();
+    let err = |r: anyhow::Result<()>| format!("{:#}", r.unwrap_err());
+    assert!(err(decode_attn_row(&d, &q, &o, 3, &cache(0, 0), (nh, nkv, hd))).contains("row 3"));
+    assert!(err(decode_attn_row(&d, &q, &o, 0, &cache(layer1 + 2, 0), (nh, nkv, hd))).contains("cache"));
+    assert!(err(decode_attn_row(&d, &q, &o, 0, &cache(0, 2), (nh, nkv, hd))).contains("entry 2"));
+}

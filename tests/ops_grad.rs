@@ -1,21 +1,52 @@
-//! Every CPU op: forward against a naive f64 reference, backward against finite differences.
+//! Every op: forward against a naive f64 reference, backward against finite differences, on the
+//! cpu and (the same backward rules, device arm) on the emu device.
 
 use fcgpu::ops::{
     self,
-    gradcheck::{check, rand_tensor, rand_vec},
+    gradcheck::{check, check_device, rand_tensor, rand_vec, to_device},
     RopeTable,
 };
-use fcgpu::Tensor;
+use fcgpu::{Device, Tensor};
+
+/// `#[test]`s running a check `fn(Device)` on the cpu and on emu.
+macro_rules! cpu_and_emu {
+    ($($check:ident => $cpu:ident, $emu:ident;)*) => {
+        $(
+            #[test]
+            fn $cpu() {
+                $check(Device::Cpu);
+            }
+            #[test]
+            fn $emu() {
+                $check(Device::Emu);
+            }
+        )*
+    };
+}
+
+cpu_and_emu! {
+    linear_grad_on => linear_grad, linear_grad_emu;
+    matmul_grad_on => matmul_grad, matmul_grad_emu;
+    elementwise_grads_on => elementwise_grads, elementwise_grads_emu;
+    embedding_grad_on => embedding_grad_accumulates_repeated_ids, embedding_grad_accumulates_repeated_ids_emu;
+    rms_norm_grad_on => rms_norm_grad, rms_norm_grad_emu;
+    swiglu_grad_on => swiglu_grad, swiglu_grad_emu;
+    rope_grad_on => rope_grad_and_norm_preserved, rope_grad_and_norm_preserved_emu;
+    logprob_entropy_grad_on => logprob_entropy_grad, logprob_entropy_grad_emu;
+}
+
+/// Random trainable tensors of `shapes` on `dev` (seeds `seed`, `seed + 1`, ...).
+fn inputs(dev: Device, shapes: &[&[usize]], seed: u64) -> Vec<Tensor> {
+    let ts: Vec<Tensor> = shapes.iter().zip(seed..).map(|(s, i)| rand_tensor(s, i)).collect();
+    to_device(&ts, dev).unwrap()
+}
 
 const EPS: f32 = 1e-2;
 const TOL: f32 = 2e-2;
 
-#[test]
-fn linear_grad() {
-    let x = rand_tensor(&[3, 5], 1);
-    let w = rand_tensor(&[4, 5], 2);
-    let b = rand_tensor(&[4], 3);
-    check(|t| ops::linear(&t[0], &t[1], Some(&t[2])), &[x, w, b], EPS, TOL, 64).unwrap();
+fn linear_grad_on(dev: Device) {
+    let xwb = inputs(dev, &[&[3, 5], &[4, 5], &[4]], 1);
+    check(|t| ops::linear(&t[0], &t[1], Some(&t[2])), &xwb, EPS, TOL, 64).unwrap();
 }
 
 #[test]
@@ -32,17 +63,13 @@ fn linear_forward_matches_naive() {
     }
 }
 
-#[test]
-fn matmul_grad() {
-    let a = rand_tensor(&[2, 3, 4], 6);
-    let b = rand_tensor(&[2, 4, 5], 7);
-    check(|t| ops::matmul(&t[0], &t[1]), &[a, b], EPS, TOL, 64).unwrap();
+fn matmul_grad_on(dev: Device) {
+    let ab = inputs(dev, &[&[2, 3, 4], &[2, 4, 5]], 6);
+    check(|t| ops::matmul(&t[0], &t[1]), &ab, EPS, TOL, 64).unwrap();
 }
 
-#[test]
-fn elementwise_grads() {
-    let a = rand_tensor(&[2, 6], 8);
-    let b = rand_tensor(&[2, 6], 9);
+fn elementwise_grads_on(dev: Device) {
+    let [a, b] = <[Tensor; 2]>::try_from(inputs(dev, &[&[2, 6], &[2, 6]], 8)).unwrap();
     check(|t| ops::add(&t[0], &t[1]), &[a.clone(), b.clone()], EPS, TOL, 64).unwrap();
     check(|t| ops::mul(&t[0], &t[1]), &[a.clone(), b.clone()], EPS, TOL, 64).unwrap();
     check(|t| ops::scale(&t[0], -1.7), &[a.clone()], EPS, TOL, 64).unwrap();
@@ -50,32 +77,26 @@ fn elementwise_grads() {
     check(|t| ops::sum(&ops::mul(&t[0], &t[1])?), &[a, b], EPS, TOL, 64).unwrap();
 }
 
-#[test]
-fn embedding_grad_accumulates_repeated_ids() {
-    let table = rand_tensor(&[5, 3], 10);
+fn embedding_grad_on(dev: Device) {
+    let table = inputs(dev, &[&[5, 3]], 10).remove(0);
     let ids = [1u32, 4, 1, 0];
     check(|t| ops::embedding(&t[0], &ids), &[table.clone()], EPS, TOL, 64).unwrap();
     assert!(ops::embedding(&table, &[5]).is_err(), "id outside the vocabulary must be an error");
 }
 
-#[test]
-fn rms_norm_grad() {
-    let x = rand_tensor(&[4, 8], 11);
-    let w = rand_tensor(&[8], 12);
-    check(|t| ops::rms_norm(&t[0], &t[1], 1e-6), &[x, w], EPS, TOL, 64).unwrap();
+fn rms_norm_grad_on(dev: Device) {
+    let xw = inputs(dev, &[&[4, 8], &[8]], 11);
+    check(|t| ops::rms_norm(&t[0], &t[1], 1e-6), &xw, EPS, TOL, 64).unwrap();
 }
 
-#[test]
-fn swiglu_grad() {
-    let g = rand_tensor(&[3, 7], 13);
-    let u = rand_tensor(&[3, 7], 14);
-    check(|t| ops::swiglu(&t[0], &t[1]), &[g, u], EPS, TOL, 64).unwrap();
+fn swiglu_grad_on(dev: Device) {
+    let gu = inputs(dev, &[&[3, 7], &[3, 7]], 13);
+    check(|t| ops::swiglu(&t[0], &t[1]), &gu, EPS, TOL, 64).unwrap();
 }
 
-#[test]
-fn rope_grad_and_norm_preserved() {
+fn rope_grad_on(dev: Device) {
     let table = RopeTable::new(8, 10000.0, None);
-    let x = rand_tensor(&[3, 2, 8], 15);
+    let x = inputs(dev, &[&[3, 2, 8]], 15).remove(0);
     let pos = [0u32, 5, 17];
     check(|t| ops::rope(&t[0], &pos, &table), &[x.clone()], EPS, TOL, 64).unwrap();
     let y = ops::rope(&x, &pos, &table).unwrap().to_vec();
@@ -144,6 +165,17 @@ fn attention_grad() {
     check(|t| ops::attention(&t[0], &t[1], &t[2], &seqs), &[q, k, v], EPS, TOL, 200).unwrap();
 }
 
+/// On emu the flash kernels compute in bf16, too coarse for finite differences: the device
+/// gradients are held to the cpu's, which `attention_grad` holds to finite differences.
+#[test]
+fn attention_grad_emu() {
+    let seqs = [(0, 5), (5, 1), (6, 3)];
+    let q = rand_tensor(&[9, 4, 4], 19);
+    let k = rand_tensor(&[9, 2, 4], 20);
+    let v = rand_tensor(&[9, 2, 4], 21);
+    check_device(|t| ops::attention(&t[0], &t[1], &t[2], &seqs), &[q, k, v], Device::Emu, 3e-2).unwrap();
+}
+
 #[test]
 fn attention_grad_long_sequence() {
     let seqs = [(0, 67)];
@@ -207,12 +239,10 @@ fn logprob_chunked_equals_row_by_row() {
     assert!(err < 1e-5, "dW max error {err}");
 }
 
-#[test]
-fn logprob_entropy_grad() {
-    let h = rand_tensor(&[5, 4], 27);
-    let w = rand_tensor(&[11, 4], 28);
+fn logprob_entropy_grad_on(dev: Device) {
+    let hw = inputs(dev, &[&[5, 4], &[11, 4]], 27);
     let targets = [3u32, 0, 10, 3, 7];
-    check(|t| ops::linear_logprob_entropy(&t[0], &t[1], &targets, 0.8), &[h, w], EPS, TOL, 64).unwrap();
+    check(|t| ops::linear_logprob_entropy(&t[0], &t[1], &targets, 0.8), &hw, EPS, TOL, 64).unwrap();
 }
 
 #[test]

@@ -396,3 +396,52 @@ pub unsafe fn decode_attn_at(
     let cfg = LaunchCfg { grid: (q_heads as u32, batch as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
     dev.launch(Kernel::new("decode_attn.cu", "decode_attn_bf16"), cfg, &mut a)
 }
+
+/// One sequence's token-major bf16 cache inside device buffers: `max_len` positions of one layer
+/// from byte `at` of `k`/`v`, of which `lens[entry]` (i32) are visible.
+pub struct CacheRows<'a> {
+    pub k: &'a GpuBuffer,
+    pub v: &'a GpuBuffer,
+    pub at: usize,
+    pub max_len: usize,
+    pub lens: &'a GpuBuffer,
+    pub entry: usize,
+}
+
+/// [`decode_attn_at`] for the one query token at row `row` of `q` and `o` (bf16 `[tokens,
+/// q_heads, head_dim]`) against one sequence's cache, every address checked against its buffer.
+pub fn decode_attn_row(
+    dev: &GpuDevice,
+    q: &GpuBuffer,
+    o: &GpuBuffer,
+    row: usize,
+    cache: &CacheRows,
+    (q_heads, kv_heads, head_dim): (usize, usize, usize),
+) -> Result<()> {
+    let q_bytes = q_heads * head_dim * 2;
+    let at_q = row * q_bytes;
+    ensure!(at_q + q_bytes <= q.bytes() && at_q + q_bytes <= o.bytes(), "decode_attn: row {row} outside q/o");
+    let cache_bytes = cache.max_len * kv_heads * head_dim * 2;
+    ensure!(
+        cache.at + cache_bytes <= cache.k.bytes() && cache.at + cache_bytes <= cache.v.bytes(),
+        "decode_attn: cache positions outside its buffers"
+    );
+    ensure!(4 * (cache.entry + 1) <= cache.lens.bytes(), "decode_attn: no length for entry {}", cache.entry);
+    // SAFETY: every range was checked above to lie inside its live buffer.
+    unsafe {
+        decode_attn_at(
+            dev,
+            q.ptr() + at_q as u64,
+            cache.k.ptr() + cache.at as u64,
+            cache.v.ptr() + cache.at as u64,
+            cache.lens.ptr() + 4 * cache.entry as u64,
+            o.ptr() + at_q as u64,
+            1,
+            q_heads,
+            kv_heads,
+            head_dim,
+            cache.max_len,
+            CacheLayout::token_major(cache.max_len, kv_heads, head_dim),
+        )
+    }
+}

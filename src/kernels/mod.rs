@@ -3,7 +3,7 @@
 //! `logprob_entropy.cu` and `sample.cu`; matmul: cuBLAS plus the bias kernels of
 //! `elementwise.cu`). Each builds a [`crate::backend::KernelArgs`] and calls
 //! [`crate::backend::GpuDevice::launch`], the same code for `cuda` and `emu`. The device ops
-//! (`crate::ops::*::on_gpu`) call these; the RL kernels' wrappers sit with their CPU reference
+//! (the device arms of `crate::ops::*`) call these; the RL kernels' wrappers sit with their CPU reference
 //! in `crate::rl::{advantage, policy_loss}::gpu`.
 
 pub mod adamw;

@@ -1,19 +1,24 @@
-//! Incremental forward over a KV cache, on plain f32 slices (no autograd).
+//! Incremental forward over a KV cache (no autograd), on the cpu or a GPU device.
 //!
 //! One call advances a set of sequences at once: each [`Step`] feeds some new tokens of one
 //! sequence (a whole prompt for a prefill, one token when decoding) after what its cache holds.
-//! The projections and the MLP of every new token of every sequence go through one gemm per
-//! weight (decode is matrix-matrix over the live batch); attention runs per (sequence, KV head)
-//! in parallel, against the cached keys of that sequence (shared prompt prefix + own tokens).
+//! Every new token of every step goes through the one transformer block (`block.rs`) as one
+//! batch (decode is matrix-matrix over the live batch); only attention differs, a strategy
+//! against the caches: on the cpu ([`CpuCache`]) it runs per (sequence, KV head) in parallel,
+//! against the cached keys of that sequence (shared prompt prefix + own tokens); on a GPU device
+//! see `decode_gpu.rs`.
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use super::block::Attention;
 use super::kv_cache::{KvShape, SeqCache};
-use super::{Linear, Model};
+use super::Model;
+use crate::autograd::no_grad;
 use crate::ops::attention::cpu::masked_softmax_rows;
-use crate::ops::matmul::cpu::{gemm, gemm_strided, Mat};
-use crate::ops::{rms_norm, rope, swiglu, SendPtr};
+use crate::ops::matmul::cpu::gemm_strided;
+use crate::ops::{self, SendPtr};
+use crate::tensor::Tensor;
 
 /// New tokens of one sequence, to run after what `cache` holds.
 pub struct Step<'a> {
@@ -23,26 +28,6 @@ pub struct Step<'a> {
 
 /// Query rows per attention task in a prefill (bounds the score tile to `BQ × context`).
 const BQ: usize = 64;
-
-fn linear(x: &[f32], rows: usize, lin: &Linear) -> Result<Vec<f32>> {
-    let w = lin.weight.f32s()?;
-    let (out_f, in_f) = (lin.weight.dim(0), lin.weight.dim(1));
-    let mut y = vec![0.0f32; rows * out_f];
-    if let Some(b) = &lin.bias {
-        let b = b.f32s()?;
-        for r in y.chunks_exact_mut(out_f) {
-            r.copy_from_slice(b);
-        }
-    }
-    gemm(Mat::new(x, rows, in_f), Mat::new(w, out_f, in_f).t(), &mut y, lin.bias.is_some());
-    Ok(y)
-}
-
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    x.par_chunks_mut(4096)
-        .zip(y.par_chunks(4096))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
-}
 
 /// One attention task: `rows` query rows against a sequence's keys.
 #[derive(Clone, Copy)]
@@ -54,6 +39,13 @@ struct Task {
     /// First query token (relative to the entry) and count.
     t0: usize,
     rows: usize,
+}
+
+/// The new tokens of a set of steps, packed: ids, positions, and each step's first row.
+pub(crate) struct Packed {
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub starts: Vec<usize>,
 }
 
 impl Model {
@@ -70,52 +62,53 @@ impl Model {
     /// Runs the new tokens of every step after its cache, appends their keys and values to the
     /// cache, and returns the logits `[steps, vocab]` of each step's last token.
     pub fn forward_cached(&self, steps: &mut [Step]) -> Result<Vec<f32>> {
-        if self.device().is_gpu() {
-            return self.forward_cached_gpu(steps, true);
-        }
-        let h = self.final_hidden_cached(steps, true)?;
-        let c = &self.config;
-        let e = steps.len();
-        let mut logits = vec![0.0f32; e * c.vocab_size];
-        gemm(
-            Mat::new(&h, e, c.hidden_size),
-            Mat::new(self.lm_head_weight().f32s()?, c.vocab_size, c.hidden_size).t(),
-            &mut logits,
-            false,
-        );
-        Ok(logits)
+        self.cached_logits(steps, true)
     }
 
     /// Like [`Model::forward_cached`], but the logits of every new token `[tokens, vocab]`
     /// (tests compare them with the full forward).
     pub fn forward_cached_all(&self, steps: &mut [Step]) -> Result<Vec<f32>> {
-        if self.device().is_gpu() {
-            return self.forward_cached_gpu(steps, false);
-        }
-        let h = self.final_hidden_cached(steps, false)?;
-        let c = &self.config;
-        let n = h.len() / c.hidden_size;
-        let mut logits = vec![0.0f32; n * c.vocab_size];
-        gemm(
-            Mat::new(&h, n, c.hidden_size),
-            Mat::new(self.lm_head_weight().f32s()?, c.vocab_size, c.hidden_size).t(),
-            &mut logits,
-            false,
-        );
-        Ok(logits)
+        self.cached_logits(steps, false)
     }
 
-    /// Final-norm hidden states of the last new token of each step (`last_only`) or of all.
-    fn final_hidden_cached(&self, steps: &mut [Step], last_only: bool) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let (hid, nh, nkv, hd) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
-        let (qs, ks) = (nh * hd, nkv * hd);
-        let group = nh / nkv;
-        let shape = self.kv_shape();
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut starts = Vec::with_capacity(steps.len());
-        for (i, s) in steps.iter().enumerate() {
+    /// Logits of each step's last new token (`last_only`) or of all, on the host.
+    pub(crate) fn cached_logits(&self, steps: &mut [Step], last_only: bool) -> Result<Vec<f32>> {
+        if self.device().is_gpu() && steps.iter().any(|s| s.tokens.len() > 1 && !s.cache.is_empty()) {
+            return self.forward_split_gpu(steps, last_only);
+        }
+        no_grad(|| {
+            let p = self.pack_steps(steps)?;
+            let x = if self.device().is_gpu() {
+                let mut attn = super::decode_gpu::GpuCache::new(self, steps, &p.starts)?;
+                self.layers_forward(&p.ids, &p.positions, &mut attn)?
+            } else {
+                let mut attn = CpuCache::new(self, steps, &p.starts);
+                self.layers_forward(&p.ids, &p.positions, &mut attn)?
+            };
+            for s in steps.iter_mut() {
+                s.cache.own.commit(s.tokens.len());
+            }
+            let x = if last_only {
+                // Each step's last row (an embedding lookup into the hidden states).
+                let last: Vec<u32> =
+                    steps.iter().zip(&p.starts).map(|(s, &r0)| (r0 + s.tokens.len() - 1) as u32).collect();
+                ops::embedding(&x, &last)?
+            } else {
+                x
+            };
+            let h = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+            let logits = ops::linear(&h, self.lm_head_weight(), None)?;
+            Ok(logits.host_f32()?.into_owned())
+        })
+    }
+
+    /// Checks the steps against the model and packs their new tokens (a GPU cache also gets
+    /// room for them).
+    fn pack_steps(&self, steps: &mut [Step]) -> Result<Packed> {
+        let (c, shape) = (&self.config, self.kv_shape());
+        let mut p =
+            Packed { ids: Vec::new(), positions: Vec::new(), starts: Vec::with_capacity(steps.len()) };
+        for (i, s) in steps.iter_mut().enumerate() {
             ensure!(!s.tokens.is_empty(), "decode step {i} has no tokens");
             ensure!(
                 s.cache.own.shape == shape,
@@ -126,12 +119,33 @@ impl Model {
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
             }
-            starts.push(ids.len());
+            if shape.device.is_gpu() {
+                s.cache.gpu_prepare(s.tokens.len())?;
+            }
+            p.starts.push(p.ids.len());
             let p0 = s.cache.len() as u32;
-            ids.extend_from_slice(s.tokens);
-            positions.extend(p0..p0 + s.tokens.len() as u32);
+            p.ids.extend_from_slice(s.tokens);
+            p.positions.extend(p0..p0 + s.tokens.len() as u32);
         }
-        let n = ids.len();
+        Ok(p)
+    }
+}
+
+/// Attention against the cpu caches: each layer's new keys and values are appended (committed
+/// after the last layer), then every [`Task`] runs in parallel.
+struct CpuCache<'s, 'a> {
+    steps: &'s mut [Step<'a>],
+    starts: &'s [usize],
+    tasks: Vec<Task>,
+    /// q heads, kv heads, head dim.
+    dims: (usize, usize, usize),
+}
+
+impl<'s, 'a> CpuCache<'s, 'a> {
+    fn new(model: &Model, steps: &'s mut [Step<'a>], starts: &'s [usize]) -> CpuCache<'s, 'a> {
+        let c = &model.config;
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let group = nh / nkv;
         let mut tasks = Vec::new();
         for (e, s) in steps.iter().enumerate() {
             let len = s.tokens.len();
@@ -145,78 +159,54 @@ impl Model {
                 }
             }
         }
+        CpuCache { steps, starts, tasks, dims: (nh, nkv, c.head_dim) }
+    }
+}
 
-        let mut x = crate::ops::embedding::cpu::forward(self.embed.f32s()?, hid, &ids);
-        let eps = c.rms_norm_eps;
+impl Attention for CpuCache<'_, '_> {
+    fn attend(&mut self, li: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (nh, nkv, hd) = self.dims;
+        let (qs, ks, group, n) = (nh * hd, nkv * hd, nh / nkv, q.dim(0));
         let scale = 1.0 / (hd as f32).sqrt();
-        for (li, l) in self.layers.iter().enumerate() {
-            let hn = rms_norm::cpu::forward(&x, l.input_norm.f32s()?, eps);
-            let mut q = linear(&hn, n, &l.q_proj)?;
-            let mut k = linear(&hn, n, &l.k_proj)?;
-            let v = linear(&hn, n, &l.v_proj)?;
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                q = rms_norm::cpu::forward(&q, qn.f32s()?, eps);
-                k = rms_norm::cpu::forward(&k, kn.f32s()?, eps);
-            }
-            let q = rope::cpu::apply(&q, nh, hd, &positions, &self.rope, false);
-            let k = rope::cpu::apply(&k, nkv, hd, &positions, &self.rope, false);
-            for (s, &r0) in steps.iter_mut().zip(&starts) {
-                s.cache.own.write(li, s.tokens.len(), &k[r0 * ks..], &v[r0 * ks..], ks);
-            }
-            let mut a = vec![0.0f32; n * qs];
-            let ap = SendPtr(a.as_mut_ptr());
-            let views: Vec<(&SeqCache, usize, usize)> =
-                steps.iter().zip(&starts).map(|(s, &r0)| (&*s.cache, r0, s.tokens.len())).collect();
-            tasks.par_iter().for_each(|t| {
-                let (cache, r0, len) = views[t.entry];
-                let (prefix_len, own_len) = (cache.prefix_len(), cache.own.len() + len);
-                let past = cache.len(); // positions before this step's tokens
-                let (head0, rows, q_rs, ones) = if t.head == usize::MAX {
-                    (t.kvh * group, group, hd, true)
-                } else {
-                    (t.head, t.rows, qs, false)
-                };
-                let qoff = (r0 + t.t0) * qs + head0 * hd;
-                // Query row r sees every cached key, plus this step's keys up to its own.
-                let visible = |r: usize| if ones { past + 1 } else { past + t.t0 + r + 1 };
-                let own = (cache.own.keys(li, t.kvh), cache.own.values(li, t.kvh), own_len);
-                let pre = cache.prefix.as_ref().map(|p| (p.keys(li, t.kvh), p.values(li, t.kvh), prefix_len));
-                // SAFETY: each task writes only its own query rows (head, tokens) of `a`.
-                unsafe {
-                    attend(
-                        q.as_ptr().add(qoff),
-                        q_rs,
-                        rows,
-                        hd,
-                        scale,
-                        pre,
-                        own,
-                        &visible,
-                        { ap }.0.add(qoff),
-                        q_rs,
-                    );
-                }
-            });
-            let o = linear(&a, n, &l.o_proj)?;
-            add_in_place(&mut x, &o);
-            let hn = rms_norm::cpu::forward(&x, l.post_norm.f32s()?, eps);
-            let m = swiglu::cpu::forward(&linear(&hn, n, &l.gate_proj)?, &linear(&hn, n, &l.up_proj)?);
-            add_in_place(&mut x, &linear(&m, n, &l.down_proj)?);
+        let (q, k, v) = (q.f32s()?, k.f32s()?, v.f32s()?);
+        for (s, &r0) in self.steps.iter_mut().zip(self.starts) {
+            s.cache.own.write(li, s.tokens.len(), &k[r0 * ks..], &v[r0 * ks..], ks);
         }
-        for s in steps.iter_mut() {
-            s.cache.own.commit(s.tokens.len());
-        }
-        let x = if last_only {
-            let mut last = Vec::with_capacity(steps.len() * hid);
-            for (s, &r0) in steps.iter().zip(&starts) {
-                let r = r0 + s.tokens.len() - 1;
-                last.extend_from_slice(&x[r * hid..(r + 1) * hid]);
+        let mut a = vec![0.0f32; n * qs];
+        let ap = SendPtr(a.as_mut_ptr());
+        let views: Vec<(&SeqCache, usize, usize)> =
+            self.steps.iter().zip(self.starts).map(|(s, &r0)| (&*s.cache, r0, s.tokens.len())).collect();
+        self.tasks.par_iter().for_each(|t| {
+            let (cache, r0, len) = views[t.entry];
+            let (prefix_len, own_len) = (cache.prefix_len(), cache.own.len() + len);
+            let past = cache.len(); // positions before this step's tokens
+            let (head0, rows, q_rs, ones) = if t.head == usize::MAX {
+                (t.kvh * group, group, hd, true)
+            } else {
+                (t.head, t.rows, qs, false)
+            };
+            let qoff = (r0 + t.t0) * qs + head0 * hd;
+            // Query row r sees every cached key, plus this step's keys up to its own.
+            let visible = |r: usize| if ones { past + 1 } else { past + t.t0 + r + 1 };
+            let own = (cache.own.keys(li, t.kvh), cache.own.values(li, t.kvh), own_len);
+            let pre = cache.prefix.as_ref().map(|p| (p.keys(li, t.kvh), p.values(li, t.kvh), prefix_len));
+            // SAFETY: each task writes only its own query rows (head, tokens) of `a`.
+            unsafe {
+                attend(
+                    q.as_ptr().add(qoff),
+                    q_rs,
+                    rows,
+                    hd,
+                    scale,
+                    pre,
+                    own,
+                    &visible,
+                    { ap }.0.add(qoff),
+                    q_rs,
+                );
             }
-            last
-        } else {
-            x
-        };
-        Ok(rms_norm::cpu::forward(&x, self.norm.f32s()?, eps))
+        });
+        Tensor::from_vec(a, &[n, nh, hd])
     }
 }
 

@@ -1,5 +1,6 @@
 //! Transformer models from Hugging Face checkpoints: Qwen2/2.5, Qwen3 and Llama 3.
 
+mod block;
 pub mod config;
 pub mod decode;
 mod decode_gpu;
@@ -310,25 +311,7 @@ impl Model {
                 c.max_position_embeddings
             );
         }
-        let n = batch.ids.len();
-        let mut x = ops::embedding(&self.embed, &batch.ids)?;
-        for l in &self.layers {
-            let h = ops::rms_norm(&x, &l.input_norm, c.rms_norm_eps)?;
-            let mut q = l.q_proj.forward(&h)?.reshape(&[n, c.num_heads, c.head_dim])?;
-            let mut k = l.k_proj.forward(&h)?.reshape(&[n, c.num_kv_heads, c.head_dim])?;
-            let v = l.v_proj.forward(&h)?.reshape(&[n, c.num_kv_heads, c.head_dim])?;
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                q = ops::rms_norm(&q, qn, c.rms_norm_eps)?;
-                k = ops::rms_norm(&k, kn, c.rms_norm_eps)?;
-            }
-            let q = ops::rope(&q, &batch.positions, &self.rope)?;
-            let k = ops::rope(&k, &batch.positions, &self.rope)?;
-            let a = ops::attention(&q, &k, &v, &batch.seqs)?.reshape(&[n, c.num_heads * c.head_dim])?;
-            x = ops::add(&x, &l.o_proj.forward(&a)?)?;
-            let h = ops::rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
-            let m = ops::swiglu(&l.gate_proj.forward(&h)?, &l.up_proj.forward(&h)?)?;
-            x = ops::add(&x, &l.down_proj.forward(&m)?)?;
-        }
+        let x = self.layers_forward(&batch.ids, &batch.positions, &mut block::Packed(&batch.seqs))?;
         ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 

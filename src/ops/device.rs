@@ -1,8 +1,9 @@
 //! Shared pieces of the ops' GPU paths: which device the inputs live on (mixed devices are an
 //! error naming the op), dtype casts, device allocations, copies inside buffers, and gradient
-//! accumulation. Every op checks its inputs with [`on_gpu`] first: `None` sends it down the
-//! unchanged CPU path, `Some(dev)` to its `on_gpu.rs`, which launches the kernel wrappers of
-//! `gpu.rs` (bf16 or f32 storage, f32 accumulation inside the kernels).
+//! accumulation. Every op checks its inputs with [`on_gpu`] first: `None` sends it down the CPU
+//! kernel of its `cpu.rs`, `Some(dev)` to the launch wrappers of `crate::kernels` (bf16 or f32
+//! storage, f32 accumulation inside the kernels). Each op has one backward rule; what it saved
+//! says which device it runs on.
 
 use anyhow::{bail, ensure, Result};
 

@@ -1,5 +1,7 @@
-//! Ops. Each lives in its own folder: `mod.rs` has the tensor-level op and its backward rule,
+//! Ops. Each lives in its own folder: `mod.rs` has the tensor-level op and its one backward rule,
 //! `cpu.rs` the f32 CPU kernel on slices (the reference every other device is tested against).
+//! Forward and backward both dispatch below autograd on the device of their tensors: the CPU
+//! kernel, or the launch wrappers of `crate::kernels` on a GPU device (cuda or emu).
 
 pub mod attention;
 pub(crate) mod device;

@@ -6,14 +6,19 @@
 //! recomputes probabilities from the saved log-sum-exp instead of keeping them.
 
 pub mod cpu;
-mod on_gpu;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
-use super::device::on_gpu;
+use super::device::{backward_device, buf, cast, on_gpu, zeros};
 use super::grad_fn;
 use crate::autograd::GradFn;
-use crate::tensor::Tensor;
+use crate::backend::storage::GpuStorage;
+use crate::backend::{GpuBuffer, GpuDevice};
+use crate::kernels::attention::{
+    cu_seqlens, flash_attn_bwd_scaled, flash_attn_fwd_scaled, padded_head_dim, FlashDims,
+};
+use crate::kernels::elementwise::copy_2d;
+use crate::tensor::{DType, Tensor};
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -41,30 +46,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)]) ->
     for &(s, l) in seqs {
         ensure!(s + l <= n, "attention: sequence {}..{} beyond {} tokens", s, s + l, n);
     }
+    let back = |saved| grad_fn(AttentionBack { q: q.clone(), k: k.clone(), v: v.clone(), saved });
     if let Some(dev) = on_gpu("attention", &[q, k, v])? {
-        return on_gpu::attention(&dev, q, k, v, dims, seqs);
+        let (y, saved) = forward_gpu(&dev, q, k, v, dims, seqs)?;
+        return Ok(y.with_grad_fn(back(saved)));
     }
     let (out, lse) = cpu::forward(q.f32s()?, k.f32s()?, v.f32s()?, dims, seqs);
-    let back = AttentionBack {
-        q: q.clone(),
-        k: k.clone(),
-        v: v.clone(),
-        seqs: seqs.to_vec(),
-        dims,
-        out: out.clone(),
-        lse,
-    };
-    Ok(Tensor::from_op(out, q.shape(), grad_fn(back)))
+    let saved = Saved::Cpu { seqs: seqs.to_vec(), dims, out: out.clone(), lse };
+    Ok(Tensor::from_op(out, q.shape(), back(saved)))
+}
+
+/// What the backward recomputes the probabilities from, on the device the forward ran on.
+enum Saved {
+    Cpu { seqs: Vec<(usize, usize)>, dims: Dims, out: Vec<f32>, lse: Vec<f32> },
+    Gpu(Box<FlashSaved>),
 }
 
 struct AttentionBack {
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    seqs: Vec<(usize, usize)>,
-    dims: Dims,
-    out: Vec<f32>,
-    lse: Vec<f32>,
+    saved: Saved,
 }
 
 impl GradFn for AttentionBack {
@@ -75,20 +77,123 @@ impl GradFn for AttentionBack {
         vec![self.q.clone(), self.k.clone(), self.v.clone()]
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let saved = cpu::Saved { out: &self.out, lse: &self.lse };
-        let (dq, dk, dv) = cpu::backward(
-            self.q.f32s()?,
-            self.k.f32s()?,
-            self.v.f32s()?,
-            saved,
-            g.f32s()?,
-            self.dims,
-            &self.seqs,
-        );
+        let (seqs, dims, out, lse) = match &self.saved {
+            Saved::Cpu { seqs, dims, out, lse } => (seqs, dims, out, lse),
+            Saved::Gpu(f) => return self.backward_gpu(g, f),
+        };
+        let saved = cpu::Saved { out, lse };
+        let (dq, dk, dv) =
+            cpu::backward(self.q.f32s()?, self.k.f32s()?, self.v.f32s()?, saved, g.f32s()?, *dims, seqs);
         Ok(vec![
             Some(Tensor::from_vec(dq, self.q.shape())?),
             Some(Tensor::from_vec(dk, self.k.shape())?),
             Some(Tensor::from_vec(dv, self.v.shape())?),
         ])
+    }
+}
+
+// On a device: FlashAttention-2 forward/backward kernels on bf16 q/k/v over the packed
+// sequences (`cu_seqlens`). A head dim the kernels are not built for is zero-padded to the next
+// one (8 → 16, 48 → 64, ...) around the calls, keeping the real dim's softmax scale.
+
+const BF: DType = DType::BF16;
+
+/// `rows` rows of `from` bf16 values copied into rows of `to` (the rest of a wider row is zero).
+fn repad(dev: &GpuDevice, x: &GpuBuffer, rows: usize, from: usize, to: usize) -> Result<GpuStorage> {
+    let y = zeros(dev, BF, rows * to)?;
+    copy_2d(dev, BF, x, 0, from, &y.buf, 0, to, rows, from.min(to))?;
+    Ok(y)
+}
+
+/// A bf16 copy of `t` (`[tokens, heads, hd]`) with rows padded to `hp` (no copy when equal).
+fn padded(dev: &GpuDevice, t: &Tensor, hp: usize) -> Result<Tensor> {
+    let t = cast(t, BF)?;
+    let (rows, hd) = (t.dim(0) * t.dim(1), t.dim(2));
+    if hd == hp {
+        return Ok(t);
+    }
+    Tensor::from_gpu(repad(dev, buf(&t), rows, hd, hp)?, &[t.dim(0), t.dim(1), hp])
+}
+
+/// Saved for the device backward: padded inputs and output, log-sum-exp, sequence offsets.
+struct FlashSaved {
+    qp: Tensor,
+    kp: Tensor,
+    vp: Tensor,
+    o: Tensor,
+    lse: GpuStorage,
+    fd: FlashDims,
+    scale: f32,
+    cu: GpuBuffer,
+    hd: usize,
+}
+
+fn forward_gpu(
+    dev: &GpuDevice,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: Dims,
+    seqs: &[(usize, usize)],
+) -> Result<(Tensor, Saved)> {
+    let n = q.dim(0);
+    let hd = dims.head_dim;
+    let hp = padded_head_dim(hd)
+        .with_context(|| format!("attention on a GPU supports head_dim up to 128, not {hd}"))?;
+    let (cu, max_len) = cu_seqlens(seqs).context("attention on a GPU")?;
+    let fd = FlashDims {
+        tokens: n,
+        n_seq: seqs.len(),
+        max_len,
+        q_heads: dims.q_heads,
+        kv_heads: dims.kv_heads,
+        head_dim: hp,
+    };
+    let (scale, cu) = (1.0 / (hd as f32).sqrt(), dev.upload_i32(&cu)?);
+    let (qp, kp, vp) = (padded(dev, q, hp)?, padded(dev, k, hp)?, padded(dev, v, hp)?);
+    // Zeroed: rows outside every sequence stay 0, as on the cpu.
+    let o = Tensor::from_gpu(zeros(dev, BF, n * dims.q_heads * hp)?, &[n, dims.q_heads, hp])?;
+    let lse = zeros(dev, DType::F32, n * dims.q_heads)?;
+    flash_attn_fwd_scaled(dev, &fd, buf(&qp), buf(&kp), buf(&vp), &cu, buf(&o), &lse.buf, scale)?;
+    // Unpadded, the output and the saved o are one buffer.
+    let y = if hp == hd {
+        o.clone()
+    } else {
+        Tensor::from_gpu(repad(dev, buf(&o), n * dims.q_heads, hp, hd)?, q.shape())?
+    };
+    Ok((y, Saved::Gpu(Box::new(FlashSaved { qp, kp, vp, o, lse, fd, scale, cu, hd }))))
+}
+
+impl AttentionBack {
+    fn backward_gpu(&self, g: &Tensor, f: &FlashSaved) -> Result<Vec<Option<Tensor>>> {
+        let dev = backward_device("attention", g, &self.q)?;
+        let (fd, hd, hp) = (f.fd, f.hd, f.fd.head_dim);
+        ensure!(g.shape() == self.q.shape(), "attention backward: gradient {:?}", g.shape());
+        let gp = padded(&dev, g, hp)?;
+        let (nq, nk) = (fd.tokens * fd.q_heads, fd.tokens * fd.kv_heads);
+        let dq = zeros(&dev, BF, nq * hp)?;
+        let (dk, dv) = (zeros(&dev, BF, nk * hp)?, zeros(&dev, BF, nk * hp)?);
+        let (qp, kp, vp, o) = (buf(&f.qp), buf(&f.kp), buf(&f.vp), buf(&f.o));
+        let grads = (&dq.buf, &dk.buf, &dv.buf);
+        flash_attn_bwd_scaled(
+            &dev,
+            &fd,
+            qp,
+            kp,
+            vp,
+            &f.cu,
+            o,
+            &f.lse.buf,
+            buf(&gp),
+            grads.0,
+            grads.1,
+            grads.2,
+            f.scale,
+        )?;
+        let unpad = |s: GpuStorage, rows: usize, like: &Tensor| -> Result<Option<Tensor>> {
+            let s = if hp == hd { s } else { repad(&dev, &s.buf, rows, hp, hd)? };
+            Ok(Some(Tensor::from_gpu(s, like.shape())?))
+        };
+        Ok(vec![unpad(dq, nq, &self.q)?, unpad(dk, nk, &self.k)?, unpad(dv, nk, &self.v)?])
     }
 }

@@ -1,13 +1,14 @@
 //! Element-wise ops and the reductions losses need: add, mul, scale, sum, weighted_sum, narrow.
 
-mod on_gpu;
-
 use anyhow::{ensure, Result};
 
-use super::device::on_gpu;
+use super::device::{alloc, buf, cast, kernel_dtype, on_gpu, zeros};
 use super::grad_fn;
 use crate::autograd::GradFn;
-use crate::tensor::Tensor;
+use crate::backend::storage::GpuStorage;
+use crate::backend::{GpuDevice, Kernel, KernelArgs, LaunchCfg};
+use crate::kernels::elementwise as ew;
+use crate::tensor::{DType, Tensor};
 
 fn same_shape(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     ensure!(a.shape() == b.shape(), "{op}: shapes differ: {:?} vs {:?}", a.shape(), b.shape());
@@ -20,7 +21,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(dev) = on_gpu("add", &[a, b])? {
         // The backward (the gradient, twice) is device-independent.
         return Ok(Tensor::from_gpu_op(
-            on_gpu::binary(&dev, false, a, b)?,
+            binary_gpu(&dev, false, a, b)?,
             a.shape(),
             grad_fn(AddBack(a.clone(), b.clone())),
         ));
@@ -47,7 +48,7 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_shape("mul", a, b)?;
     if let Some(dev) = on_gpu("mul", &[a, b])? {
         return Ok(Tensor::from_gpu_op(
-            on_gpu::binary(&dev, true, a, b)?,
+            binary_gpu(&dev, true, a, b)?,
             a.shape(),
             grad_fn(MulBack(a.clone(), b.clone())),
         ));
@@ -66,7 +67,7 @@ impl GradFn for MulBack {
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         if let Some(dev) = on_gpu("mul backward", &[g, &self.0, &self.1])? {
-            let (da, db) = on_gpu::mul_back(&dev, g, &self.0, &self.1)?;
+            let (da, db) = mul_back_gpu(&dev, g, &self.0, &self.1)?;
             return Ok(vec![Some(da), Some(db)]);
         }
         let gv = g.f32s()?;
@@ -79,11 +80,7 @@ impl GradFn for MulBack {
 /// `s · a` for a constant s.
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     if let Some(dev) = on_gpu("scale", &[a])? {
-        return Ok(Tensor::from_gpu_op(
-            on_gpu::scale(&dev, a, s)?,
-            a.shape(),
-            grad_fn(ScaleBack(a.clone(), s)),
-        ));
+        return Ok(Tensor::from_gpu_op(scale_gpu(&dev, a, s)?, a.shape(), grad_fn(ScaleBack(a.clone(), s))));
     }
     let y: Vec<f32> = a.f32s()?.iter().map(|x| x * s).collect();
     Ok(Tensor::from_op(y, a.shape(), grad_fn(ScaleBack(a.clone(), s))))
@@ -114,7 +111,7 @@ pub fn weighted_sum(a: &Tensor, w: &[f32]) -> Result<Tensor> {
     ensure!(w.len() == a.numel(), "weighted_sum: {} weights for {} elements", w.len(), a.numel());
     if let Some(dev) = on_gpu("weighted_sum", &[a])? {
         return Ok(Tensor::from_gpu_op(
-            on_gpu::weighted_sum(&dev, a, w)?,
+            weighted_sum_gpu(&dev, a, w)?,
             &[],
             grad_fn(WeightedSumBack(a.clone(), w.to_vec())),
         ));
@@ -154,7 +151,7 @@ pub fn narrow(a: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor
     let mut shape = a.shape().to_vec();
     shape[dim] = len;
     if let Some(dev) = on_gpu("narrow", &[a])? {
-        let y = on_gpu::narrow_copy(&dev, a, outer, full, start, len, inner, false)?;
+        let y = narrow_copy_gpu(&dev, a, outer, full, start, len, inner, false)?;
         return Ok(Tensor::from_gpu_op(y, &shape, grad_fn(NarrowBack { a: a.clone(), dim, start, len })));
     }
     let src = a.f32s()?;
@@ -184,7 +181,7 @@ impl GradFn for NarrowBack {
         let inner: usize = shape[self.dim + 1..].iter().product();
         let full = shape[self.dim] * inner;
         if let Some(dev) = on_gpu("narrow backward", &[g, &self.a])? {
-            let d = on_gpu::narrow_copy(&dev, g, outer, full, self.start, self.len, inner, true)?;
+            let d = narrow_copy_gpu(&dev, g, outer, full, self.start, self.len, inner, true)?;
             return Ok(vec![Some(Tensor::from_gpu(d, shape)?)]);
         }
         let gv = g.f32s()?;
@@ -224,5 +221,76 @@ impl GradFn for KnownGradBack {
             self.0.shape(),
             &self.0,
         )?)])
+    }
+}
+
+// On a device: `kernels/elementwise.cu` and `kernels/cast.cu`, in the first operand's dtype.
+
+/// `a ⊙ b` or `a + b` into new storage (no graph).
+fn binary_gpu(dev: &GpuDevice, mul: bool, a: &Tensor, b: &Tensor) -> Result<GpuStorage> {
+    let dt = kernel_dtype(a);
+    let (a, b) = (cast(a, dt)?, cast(b, dt)?);
+    let y = alloc(dev, dt, a.numel())?;
+    if mul {
+        ew::mul(dev, dt, buf(&a), buf(&b), &y.buf, a.numel())?;
+    } else {
+        ew::add(dev, dt, buf(&a), buf(&b), &y.buf, a.numel())?;
+    }
+    Ok(y)
+}
+
+/// Gradients of `a ⊙ b`: `(g ⊙ b, g ⊙ a)`, each in its input's dtype.
+fn mul_back_gpu(dev: &GpuDevice, g: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let da = binary_gpu(dev, true, &cast(g, kernel_dtype(a))?, b)?;
+    let db = binary_gpu(dev, true, &cast(g, kernel_dtype(b))?, a)?;
+    Ok((Tensor::from_gpu(da, a.shape())?, Tensor::from_gpu(db, b.shape())?))
+}
+
+fn scale_gpu(dev: &GpuDevice, a: &Tensor, s: f32) -> Result<GpuStorage> {
+    let dt = kernel_dtype(a);
+    let a = cast(a, dt)?;
+    let y = alloc(dev, dt, a.numel())?;
+    ew::scale(dev, dt, buf(&a), s, &y.buf, a.numel())?;
+    Ok(y)
+}
+
+/// `Σ aᵢ·wᵢ` (f32 scalar): products, then one block's fixed-order sum (deterministic).
+fn weighted_sum_gpu(dev: &GpuDevice, a: &Tensor, w: &[f32]) -> Result<GpuStorage> {
+    let n = a.numel();
+    let a = cast(a, DType::F32)?;
+    let wb = dev.upload_f32(w)?;
+    let prod = alloc(dev, DType::F32, n)?;
+    ew::mul(dev, DType::F32, buf(&a), &wb, &prod.buf, n)?;
+    let out = zeros(dev, DType::F32, 1)?;
+    let mut k = KernelArgs::new();
+    k.buf(&prod.buf).i32(n as i32).buf(&out.buf).i32(0);
+    dev.launch(Kernel::new("cast.cu", "sum_f32"), LaunchCfg::linear(1, 256), &mut k)?;
+    Ok(out)
+}
+
+/// Rows `outer` of `full` elements; the block `start..start+len` of each (`inner`-sized items)
+/// copied out (`back` = false) or into a zeroed full-size tensor (`back` = true).
+#[allow(clippy::too_many_arguments)]
+fn narrow_copy_gpu(
+    dev: &GpuDevice,
+    x: &Tensor,
+    outer: usize,
+    full: usize,
+    start: usize,
+    len: usize,
+    inner: usize,
+    back: bool,
+) -> Result<GpuStorage> {
+    let dt = kernel_dtype(x);
+    let x = cast(x, dt)?;
+    let cols = len * inner;
+    if back {
+        let y = zeros(dev, dt, outer * full)?;
+        ew::copy_2d(dev, dt, buf(&x), 0, cols, &y.buf, start * inner, full, outer, cols)?;
+        Ok(y)
+    } else {
+        let y = alloc(dev, dt, outer * cols)?;
+        ew::copy_2d(dev, dt, buf(&x), start * inner, full, &y.buf, 0, cols, outer, cols)?;
+        Ok(y)
     }
 }

@@ -1,15 +1,17 @@
 //! `linear` (x·Wᵀ + b, the layout of Hugging Face weights) and batched `matmul`.
 
 pub mod cpu;
-mod on_gpu;
 
 use anyhow::{ensure, Result};
 
 use self::cpu::{gemm, Mat};
-use super::device::on_gpu;
+use super::device::{alloc, buf, cast, kernel_dtype, on_gpu, zeros};
 use super::grad_fn;
 use crate::autograd::GradFn;
-use crate::tensor::Tensor;
+use crate::backend::storage::GpuStorage;
+use crate::backend::{Gemm, GpuDevice};
+use crate::kernels::matmul::{linear_bwd, linear_fwd, LinearDims};
+use crate::tensor::{DType, Tensor};
 
 /// `y = x·Wᵀ + b` for x `[.., in]`, W `[out, in]`, b `[out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -28,8 +30,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => on_gpu("linear", &[x, w, b])?,
         None => on_gpu("linear", &[x, w])?,
     };
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = out_f;
+    let back = grad_fn(LinearBack { x: x.clone(), w: w.clone(), b: b.cloned() });
     if let Some(dev) = dev {
-        return on_gpu::linear(&dev, x, w, b);
+        return Ok(Tensor::from_gpu_op(linear_gpu(&dev, x, w, b)?, &shape, back));
     }
     let rows = x.numel() / in_f;
     let mut y = vec![0.0f32; rows * out_f];
@@ -40,10 +45,21 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         }
     }
     gemm(Mat::new(x.f32s()?, rows, in_f), Mat::new(w.f32s()?, out_f, in_f).t(), &mut y, b.is_some());
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = out_f;
-    let back = LinearBack { x: x.clone(), w: w.clone(), b: b.cloned() };
-    Ok(Tensor::from_op(y, &shape, grad_fn(back)))
+    Ok(Tensor::from_op(y, &shape, back))
+}
+
+/// The device GEMM (cuBLAS / the emu's CPU gemm) in the weight's dtype with f32 accumulation
+/// (x and b are cast to it), bias through `kernels/elementwise.cu`.
+fn linear_gpu(dev: &GpuDevice, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<GpuStorage> {
+    let (dt, d) = (kernel_dtype(w), linear_dims(x, w));
+    let (xc, wc, bc) = (cast(x, dt)?, cast(w, dt)?, b.map(|b| cast(b, dt)).transpose()?);
+    let y = alloc(dev, dt, d.rows * d.out_f)?;
+    linear_fwd(dev, dt, d, buf(&xc), buf(&wc), bc.as_ref().map(buf), &y.buf)?;
+    Ok(y)
+}
+
+fn linear_dims(x: &Tensor, w: &Tensor) -> LinearDims {
+    LinearDims { rows: x.numel() / w.dim(1), in_f: w.dim(1), out_f: w.dim(0) }
 }
 
 struct LinearBack {
@@ -62,6 +78,15 @@ impl GradFn for LinearBack {
         v
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        match on_gpu("linear backward", &[g, &self.x, &self.w])? {
+            None => self.backward_cpu(g),
+            Some(dev) => self.backward_gpu(&dev, g),
+        }
+    }
+}
+
+impl LinearBack {
+    fn backward_cpu(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (out_f, in_f) = (self.w.dim(0), self.w.dim(1));
         let rows = self.x.numel() / in_f;
         let gv = g.f32s()?;
@@ -104,6 +129,40 @@ impl GradFn for LinearBack {
         }
         Ok(out)
     }
+
+    /// On a device: in the weight's dtype like the forward; db in f32.
+    fn backward_gpu(&self, dev: &GpuDevice, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (dt, d) = (kernel_dtype(&self.w), linear_dims(&self.x, &self.w));
+        let (g, x, w) = (cast(g, dt)?, cast(&self.x, dt)?, cast(&self.w, dt)?);
+        let dx = self.x.tracks_grad().then(|| alloc(dev, dt, d.rows * d.in_f)).transpose()?;
+        // dw and db accumulate (beta = 1), so they start at zero; db is f32.
+        let dw = self.w.tracks_grad().then(|| zeros(dev, dt, d.out_f * d.in_f)).transpose()?;
+        let db = self
+            .b
+            .as_ref()
+            .filter(|b| b.tracks_grad())
+            .map(|_| zeros(dev, DType::F32, d.out_f))
+            .transpose()?;
+        linear_bwd(
+            dev,
+            dt,
+            d,
+            buf(&x),
+            buf(&w),
+            buf(&g),
+            dx.as_ref().map(|s| &s.buf),
+            dw.as_ref().map(|s| &s.buf),
+            db.as_ref().map(|s| &s.buf),
+        )?;
+        let mut out = vec![
+            dx.map(|s| Tensor::from_gpu(s, self.x.shape())).transpose()?,
+            dw.map(|s| Tensor::from_gpu(s, self.w.shape())).transpose()?,
+        ];
+        if let Some(b) = &self.b {
+            out.push(db.map(|s| Tensor::from_gpu(s, b.shape())).transpose()?);
+        }
+        Ok(out)
+    }
 }
 
 /// Batched `a·b` for a `[.., m, k]` and b `[.., k, n]` with equal leading dimensions.
@@ -118,13 +177,17 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     );
     let (m, k, n) = (a.dim(d - 2), a.dim(d - 1), b.dim(d - 1));
     ensure!(b.dim(d - 2) == k, "matmul: inner dimensions differ: {:?} vs {:?}", a.shape(), b.shape());
-    if let Some(dev) = on_gpu("matmul", &[a, b])? {
-        return on_gpu::matmul(&dev, a, b);
-    }
-    let y = bmm(a.f32s()?, false, b.f32s()?, false, m, k, n);
     let mut shape = a.shape().to_vec();
     shape[d - 1] = n;
-    Ok(Tensor::from_op(y, &shape, grad_fn(MatmulBack { a: a.clone(), b: b.clone() })))
+    let back = grad_fn(MatmulBack { a: a.clone(), b: b.clone() });
+    if let Some(dev) = on_gpu("matmul", &[a, b])? {
+        let dt = kernel_dtype(a);
+        let batch = a.numel() / (m * k).max(1);
+        let y = bmm_gpu(&dev, dt, (&cast(a, dt)?, false), (&cast(b, dt)?, false), (m, k, n), batch)?;
+        return Ok(Tensor::from_gpu_op(y, &shape, back));
+    }
+    let y = bmm(a.f32s()?, false, b.f32s()?, false, m, k, n);
+    Ok(Tensor::from_op(y, &shape, back))
 }
 
 /// Batched product of `[batch, m, k]` (or its transpose) by `[batch, k, n]` (or transpose).
@@ -162,10 +225,59 @@ impl GradFn for MatmulBack {
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = self.a.dims();
         let (m, k, n) = (self.a.dim(d - 2), self.a.dim(d - 1), self.b.dim(d - 1));
-        let gv = g.f32s()?;
         // da = g·bᵀ  ([m,n]·[n,k]),  db = aᵀ·g  ([k,m]·[m,n])
-        let da = Tensor::from_vec(bmm(gv, false, self.b.f32s()?, true, m, n, k), self.a.shape())?;
-        let db = Tensor::from_vec(bmm(self.a.f32s()?, true, gv, false, k, m, n), self.b.shape())?;
-        Ok(vec![Some(da), Some(db)])
+        let Some(dev) = on_gpu("matmul backward", &[g, &self.a, &self.b])? else {
+            let gv = g.f32s()?;
+            let da = Tensor::from_vec(bmm(gv, false, self.b.f32s()?, true, m, n, k), self.a.shape())?;
+            let db = Tensor::from_vec(bmm(self.a.f32s()?, true, gv, false, k, m, n), self.b.shape())?;
+            return Ok(vec![Some(da), Some(db)]);
+        };
+        let dt = kernel_dtype(&self.a);
+        let batch = self.a.numel() / (m * k).max(1);
+        let (g, a, b) = (cast(g, dt)?, cast(&self.a, dt)?, cast(&self.b, dt)?);
+        let da = bmm_gpu(&dev, dt, (&g, false), (&b, true), (m, n, k), batch)?;
+        let db = bmm_gpu(&dev, dt, (&a, true), (&g, false), (k, m, n), batch)?;
+        Ok(vec![Some(Tensor::from_gpu(da, self.a.shape())?), Some(Tensor::from_gpu(db, self.b.shape())?)])
     }
+}
+
+/// On a device: batched `[batch, m, k]·[batch, k, n]` (operands optionally transposed) into `c`.
+fn bmm_gpu(
+    dev: &GpuDevice,
+    dt: DType,
+    (a, ta): (&Tensor, bool),
+    (b, tb): (&Tensor, bool),
+    (m, k, n): (usize, usize, usize),
+    batch: usize,
+) -> Result<GpuStorage> {
+    let c = alloc(dev, dt, batch * m * n)?;
+    if batch * m * n == 0 {
+        return Ok(c);
+    }
+    if k == 0 {
+        c.buf.zero()?;
+        return Ok(c);
+    }
+    let g = Gemm {
+        dtype: dt,
+        m,
+        n,
+        k,
+        a: buf(a).ptr(),
+        lda: if ta { m } else { k },
+        trans_a: ta,
+        b: buf(b).ptr(),
+        ldb: if tb { k } else { n },
+        trans_b: tb,
+        c: c.buf.ptr(),
+        ldc: n,
+        alpha: 1.0,
+        beta: 0.0,
+        batch,
+        stride_a: m * k,
+        stride_b: k * n,
+        stride_c: m * n,
+    };
+    dev.gemm(&g)?;
+    Ok(c)
 }

@@ -2,14 +2,18 @@
 //! each head are the two coordinates of each rotated pair.
 
 pub mod cpu;
-pub(crate) mod on_gpu;
 
 use anyhow::{ensure, Result};
 
-use super::device::on_gpu;
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use super::device::{alloc, backward_device, buf, cast, kernel_dtype, on_gpu};
 use super::grad_fn;
 use crate::autograd::GradFn;
-use crate::tensor::Tensor;
+use crate::backend::{GpuBuffer, GpuDevice};
+use crate::kernels::rope::rope as rope_kernel;
+use crate::tensor::{DType, Tensor};
 
 /// Inverse frequencies of one head (`head_dim / 2` of them), with any scaling applied.
 #[derive(Clone, Debug)]
@@ -81,21 +85,32 @@ pub fn rope(x: &Tensor, positions: &[u32], table: &RopeTable) -> Result<Tensor> 
         x.dim(2),
         2 * table.inv_freq.len()
     );
-    if let Some(dev) = on_gpu("rope", &[x])? {
-        return on_gpu::rope(&dev, x, positions, table);
-    }
-    let y = cpu::apply(x.f32s()?, x.dim(1), x.dim(2), positions, table, false);
-    Ok(Tensor::from_op(
-        y,
-        x.shape(),
-        grad_fn(RopeBack { x: x.clone(), positions: positions.to_vec(), table: table.clone() }),
-    ))
+    let back = |saved| grad_fn(RopeBack { x: x.clone(), saved });
+    let Some(dev) = on_gpu("rope", &[x])? else {
+        let y = cpu::apply(x.f32s()?, x.dim(1), x.dim(2), positions, table, false);
+        return Ok(Tensor::from_op(
+            y,
+            x.shape(),
+            back(Saved::Cpu { positions: positions.to_vec(), table: table.clone() }),
+        ));
+    };
+    let dt = kernel_dtype(x);
+    let xc = cast(x, dt)?;
+    let t = device_tables(&dev, positions, table)?;
+    let y = alloc(&dev, dt, x.numel())?;
+    rope_kernel(&dev, dt, buf(&xc), &t.0, &t.1, &y.buf, x.dim(0), x.dim(1), x.dim(2), false)?;
+    Ok(Tensor::from_gpu_op(y, x.shape(), back(Saved::Gpu { tables: t, dt })))
+}
+
+/// The rotation, as the device the forward ran on holds it.
+enum Saved {
+    Cpu { positions: Vec<u32>, table: RopeTable },
+    Gpu { tables: Tables, dt: DType },
 }
 
 struct RopeBack {
     x: Tensor,
-    positions: Vec<u32>,
-    table: RopeTable,
+    saved: Saved,
 }
 
 impl GradFn for RopeBack {
@@ -107,7 +122,76 @@ impl GradFn for RopeBack {
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         // A rotation's transpose is the rotation by the opposite angle.
-        let d = cpu::apply(g.f32s()?, self.x.dim(1), self.x.dim(2), &self.positions, &self.table, true);
-        Ok(vec![Some(Tensor::from_vec(d, self.x.shape())?)])
+        let (tokens, heads, hd) = (self.x.dim(0), self.x.dim(1), self.x.dim(2));
+        let d = match &self.saved {
+            Saved::Cpu { positions, table } => {
+                Tensor::from_vec(cpu::apply(g.f32s()?, heads, hd, positions, table, true), self.x.shape())?
+            }
+            &Saved::Gpu { ref tables, dt } => {
+                let dev = backward_device("rope", g, &self.x)?;
+                let g = cast(g, dt)?;
+                let d = alloc(&dev, dt, self.x.numel())?;
+                rope_kernel(&dev, dt, buf(&g), &tables.0, &tables.1, &d.buf, tokens, heads, hd, true)?;
+                Tensor::from_gpu(d, self.x.shape())?
+            }
+        };
+        Ok(vec![Some(d)])
     }
+}
+
+// On a device the per-token cos/sin are computed on the host exactly as the CPU op does
+// (`RopeTable::cos_sin`), uploaded, reused by the following calls at the same positions, and
+// kept for the backward.
+
+/// `[tokens, head_dim/2]` cos and sin tables (f32) on a device.
+type Tables = Arc<(GpuBuffer, GpuBuffer)>;
+
+/// The tables of the last call on this thread: a forward rotates q and k of every layer at the
+/// same positions, so all but the first call of a forward reuse them (no host trig, no upload).
+struct Last {
+    dev: GpuDevice,
+    positions: Vec<u32>,
+    inv_freq: Vec<f32>,
+    scaling: f32,
+    tables: Tables,
+}
+
+thread_local! {
+    static LAST: RefCell<Option<Last>> = const { RefCell::new(None) };
+}
+
+/// cos/sin of every position, computed on the host exactly as the CPU op does.
+fn device_tables(dev: &GpuDevice, positions: &[u32], table: &RopeTable) -> Result<Tables> {
+    let hit = LAST.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|c| {
+                c.dev.same(dev)
+                    && c.positions == positions
+                    && c.inv_freq == table.inv_freq
+                    && c.scaling == table.attention_scaling
+            })
+            .map(|c| c.tables.clone())
+    });
+    if let Some(t) = hit {
+        return Ok(t);
+    }
+    let half = table.inv_freq.len();
+    let (mut cos, mut sin) =
+        (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+    for &p in positions {
+        let (c, s) = table.cos_sin(p);
+        cos.extend(c);
+        sin.extend(s);
+    }
+    let tables: Tables = Arc::new((dev.upload_f32(&cos)?, dev.upload_f32(&sin)?));
+    let last = Last {
+        dev: dev.clone(),
+        positions: positions.to_vec(),
+        inv_freq: table.inv_freq.clone(),
+        scaling: table.attention_scaling,
+        tables: tables.clone(),
+    };
+    LAST.with(|l| *l.borrow_mut() = Some(last));
+    Ok(tables)
 }
