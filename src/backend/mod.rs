@@ -246,6 +246,11 @@ impl GpuDevice {
         GpuDevice(Arc::new(emu::EmuDriver::new()))
     }
 
+    /// An emu device running the sanitizer checks `checks` (whatever `FCGPU_EMU_CHECK` says).
+    pub fn emu_checked(checks: emu::EmuChecks) -> GpuDevice {
+        GpuDevice(Arc::new(emu::EmuDriver::with_checks(checks)))
+    }
+
     /// CUDA device `ordinal`. A clear error (never a panic) when there is no driver or GPU.
     pub fn cuda(ordinal: usize) -> Result<GpuDevice> {
         Ok(GpuDevice(Arc::new(cuda::CudaDriver::new(ordinal)?)))
