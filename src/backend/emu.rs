@@ -267,6 +267,13 @@ impl Driver for EmuDriver {
     fn name(&self) -> String {
         "emu (CUDA execution model on the CPU)".into()
     }
+    fn versions(&self) -> Vec<(&'static str, String)> {
+        let checks: Vec<&str> = EmuChecks::names().into_iter().filter(|n| self.checks.has(n)).collect();
+        vec![
+            ("fcgpu", env!("CARGO_PKG_VERSION").to_string()),
+            ("emu_checks", if checks.is_empty() { "none".into() } else { checks.join(",") }),
+        ]
+    }
     fn alloc(&self, bytes: usize) -> Result<u64> {
         if self.checks.instrumented() {
             let p = unsafe { fcemu_chk_alloc(bytes) };

@@ -203,6 +203,11 @@ pub trait Driver: Send + Sync {
     }
     /// Human-readable name: GPU model and arch, or "emu".
     fn name(&self) -> String;
+    /// (name, version) of what the device runs on (driver, NVRTC, cuBLAS, arch), for
+    /// `fcgpu doctor`.
+    fn versions(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
     fn alloc(&self, bytes: usize) -> Result<u64>;
     /// # Safety
     /// `ptr` came from `alloc` of this driver with the same `bytes`, and is not used again.
