@@ -68,7 +68,7 @@ ln -sf "$BIN/fcgpu" target/accept/release/fcgpu
 # NVRTC and cuBLAS from the machine's Python packages (cudarc loads them by name).
 for d in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
   for lib in "$d"/nvidia/*/lib "$d"/nvidia/cu*/lib; do
-    [ -d "$lib" ] && LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    if [ -d "$lib" ]; then LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
   done
 done
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
@@ -81,11 +81,11 @@ step() {
   local t0=$SECONDS rc=0
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
   local verdict=ok
-  [ $rc -eq 0 ] || verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ', timed out'))"
-  printf '%-22s %-28s %4d s  %s\n' "$name" "$verdict" $((SECONDS - t0)) "$(grep -E 'test result|passed|failed' "$OUT/$name.log" | tail -n 1)" | tee -a "$SUMMARY"
+  if [ $rc -eq 124 ]; then verdict="FAIL (timed out)"; elif [ $rc -ne 0 ]; then verdict="FAIL (exit $rc)"; fi
+  printf '%-22s %-28s %4d s  %s\n' "$name" "$verdict" $((SECONDS - t0)) "$(grep -E 'test result|passed|failed' "$OUT/$name.log" | tail -n 1 || true)" | tee -a "$SUMMARY"
 }
 
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; } >"$OUT/machine.txt"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; } >"$OUT/machine.txt"
 # Time caps add up to < 8 min (475 s); each step usually takes far less.
 step doctor 60 "$BIN/fcgpu" doctor --device cuda
 step gpu_cuda 90 "$BIN/gpu_cuda" --test-threads 1
