@@ -1,10 +1,12 @@
 // The emu device's scheduler: cooperative fibers (one per CUDA thread) per block, blocks spread
-// over OS threads. See cuda_emu.h for the model.
+// over OS threads. See cuda_emu.h for the model, check.cpp for the sanitizer (FCGPU_EMU_CHECK).
 #include "cuda_emu.h"
+#include "check.h"
 
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <thread>
@@ -51,8 +53,17 @@ struct Warp {
     int arrived = 0, live = 0;
     unsigned gen = 0;
     unsigned live_mask = 0;
+    unsigned mask = 0;          // synccheck: mask and collective of the first lane to arrive
+    const char* what = nullptr;
     unsigned long long slots[32];
     alignas(16) unsigned char scratch[32 * 128];
+};
+
+// Where a thread waits (synccheck): a __syncthreads at file:line, or a warp collective.
+struct Wait {
+    const char* what = "";
+    const char* file = nullptr;
+    int line = 0;
 };
 
 struct Worker {
@@ -65,6 +76,8 @@ struct Worker {
 #endif
     std::vector<ThreadCtx> th;
     std::vector<char> done;
+    std::vector<Wait> waits;          // synccheck: where each waiting thread waits
+    std::vector<unsigned> order;      // the order fibers are resumed in (shuffled when fuzzing)
     std::vector<Warp> warps;
     char* stacks = nullptr;
     size_t nstacks = 0;
@@ -77,6 +90,10 @@ struct Worker {
     void** args = nullptr;
     const char* name = "";
     int current = -1;
+    unsigned flags = 0;               // chk:: bits of this launch
+    unsigned long long rng = 0;       // schedule fuzzing
+    const char* bar_file = nullptr;   // synccheck: site of the first arrival at the open barrier
+    int bar_line = 0;
     ~Worker() {
         if (stacks) munmap(stacks, nstacks * kStack);
     }
@@ -92,11 +109,50 @@ void yield() {
 #endif
 }
 
-void release_if_complete(Warp& w) {
-    if (w.arrived > 0 && w.arrived >= w.live) {
-        w.arrived = 0;
-        w.gen++;
+std::string site(const char* file, int line) {
+    const char* slash = std::strrchr(file, '/');
+    return std::string(slash ? slash + 1 : file) + ":" + std::to_string(line);
+}
+
+void warp_released(Worker& w, Warp& wp) {
+    wp.arrived = 0;
+    wp.gen++;
+    wp.what = nullptr;
+    if (w.flags & chk::RACECHECK) chk::warp_release((unsigned)(&wp - w.warps.data()));
+}
+
+void block_released(Worker& w) {
+    w.bar_arrived = 0;
+    w.bar_gen++;
+    w.bar_file = nullptr;
+    if (w.flags & chk::RACECHECK) chk::block_barrier();
+}
+
+void release_if_complete(Worker& w, Warp& wp) {
+    if (wp.arrived > 0 && wp.arrived >= wp.live) warp_released(w, wp);
+}
+
+unsigned long long next_random(unsigned long long& s) {   // splitmix64
+    unsigned long long z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// synccheck: the block cannot go on (no fiber made progress); say where every thread is.
+std::string deadlock_report(Worker& w, unsigned n) {
+    std::string s = "deadlock: no thread can go on;";
+    int shown = 0;
+    for (unsigned i = 0; i < n && shown < 8; i++) {
+        if (w.done[i]) continue;
+        const Wait& wt = w.waits[i];
+        s += " thread " + chk::thread_name(i) + " waits at " + wt.what;
+        if (wt.file) s += " " + site(wt.file, wt.line);
+        s += ";";
+        shown++;
     }
+    s += " (a barrier or warp collective that not every live thread reaches)";
+    return s;
 }
 
 void fiber_entry(int i) {
@@ -108,11 +164,8 @@ void fiber_entry(int i) {
     Warp& wp = w->warps[w->th[i].warp];
     wp.live--;
     wp.live_mask &= ~(1u << w->th[i].lane);
-    release_if_complete(wp);
-    if (w->bar_arrived > 0 && w->bar_arrived >= w->live) {
-        w->bar_arrived = 0;
-        w->bar_gen++;
-    }
+    release_if_complete(*w, wp);
+    if (w->bar_arrived > 0 && w->bar_arrived >= w->live) block_released(*w);
 #ifdef FCEMU_ASM_SWITCH
     void* dead;
     fcemu_switch(&dead, w->sched_sp);   // never resumed
@@ -135,9 +188,12 @@ void run_block(Worker& w, unsigned bx, unsigned by, unsigned bz) {
         wp.gen = 0;
         wp.live = (int)std::min(32u, n - 32 * i);
         wp.live_mask = wp.live == 32 ? 0xffffffffu : ((1u << wp.live) - 1);
+        wp.what = nullptr;
     }
     w.live = (int)n;
     w.bar_arrived = 0;
+    w.bar_file = nullptr;
+    if (w.flags & chk::RACECHECK) chk::block_begin(nwarps);
     for (unsigned i = 0; i < n; i++) {
         w.done[i] = 0;
 #ifdef FCEMU_ASM_SWITCH
@@ -157,9 +213,14 @@ void run_block(Worker& w, unsigned bx, unsigned by, unsigned bz) {
         makecontext(&c, (void (*)())fiber_entry, 1, (int)i);
 #endif
     }
+    w.order.resize(n);
+    for (unsigned i = 0; i < n; i++) w.order[i] = i;
     while (w.live > 0) {
         unsigned long long before = w.progress;
-        for (unsigned i = 0; i < n; i++) {
+        if (w.flags & chk::SHUFFLE)
+            for (unsigned i = n; i > 1; i--) std::swap(w.order[i - 1], w.order[next_random(w.rng) % i]);
+        for (unsigned k = 0; k < n; k++) {
+            unsigned i = w.order[k];
             if (w.done[i]) continue;
             w.current = (int)i;
             cur = &w.th[i];
@@ -168,6 +229,16 @@ void run_block(Worker& w, unsigned bx, unsigned by, unsigned bz) {
 #else
             swapcontext(&w.sched, &w.ctx[i]);
 #endif
+        }
+        if (w.live > 0 && w.progress == before && (w.flags & chk::SYNCCHECK)) {
+            // Report, and abandon the block's fibers (their stacks are re-initialised next block).
+            for (unsigned i = 0; i < n; i++)
+                if (!w.done[i]) {
+                    cur = &w.th[i];
+                    chk::report("synccheck", std::string(w.name) + "/deadlock", deadlock_report(w, n));
+                    break;
+                }
+            break;
         }
         if (w.live > 0 && w.progress == before) {
             std::string msg = std::string("deadlock in kernel ") + w.name +
@@ -180,26 +251,62 @@ void run_block(Worker& w, unsigned bx, unsigned by, unsigned bz) {
 
 }  // namespace
 
-void syncthreads() {
+void syncthreads(const char* file, int line) {
     Worker* w = W;
     w->progress++;
+    if (w->flags & chk::SYNCCHECK) {
+        // Threads that wait at different __syncthreads calls: UB on a GPU, merged by the emu.
+        if (!w->bar_file) {
+            w->bar_file = file;
+            w->bar_line = line;
+        } else if (w->bar_line != line || std::strcmp(w->bar_file, file) != 0) {
+            chk::report("synccheck", std::string(w->name) + "/divergent-barrier/" + site(file, line),
+                        "divergent __syncthreads: this thread is at " + site(file, line) +
+                            " while other threads of the block wait at " + site(w->bar_file, w->bar_line));
+        }
+        w->waits[cur->linear] = Wait{"__syncthreads", file, line};
+    }
     unsigned g = w->bar_gen;
     if (++w->bar_arrived >= w->live) {
-        w->bar_arrived = 0;
-        w->bar_gen++;
+        block_released(*w);
         return;
     }
     while (w->bar_gen == g) yield();
 }
 
-void warp_barrier() {
+namespace {
+std::string mask_hex(unsigned m) {
+    char b[16];
+    std::snprintf(b, sizeof b, "0x%08x", m);
+    return b;
+}
+
+void check_collective(Worker& w, Warp& wp, unsigned mask, const char* what) {
+    auto key = [&] { return std::string(w.name) + "/" + what; };   // only for a fault
+    if (mask & ~wp.live_mask)
+        chk::report("synccheck", key() + "/exited",
+                    std::string(what) + " with mask " + mask_hex(mask) + " names lanes that exited (live lanes " +
+                        mask_hex(wp.live_mask) + ")");
+    if (!wp.what) {
+        wp.what = what;
+        wp.mask = mask;
+    } else if (wp.mask != mask || std::strcmp(wp.what, what) != 0) {
+        chk::report("synccheck", key() + "/diverged",
+                    std::string("diverged warp: this lane calls ") + what + " (mask " + mask_hex(mask) +
+                        ") while other lanes of its warp are in " + wp.what + " (mask " + mask_hex(wp.mask) + ")");
+    }
+    w.waits[cur->linear] = Wait{what, nullptr, 0};
+}
+}  // namespace
+
+void warp_barrier(unsigned mask, const char* what) {
     Worker* w = W;
     Warp& wp = w->warps[cur->warp];
     w->progress++;
+    if (w->flags & chk::SYNCCHECK) check_collective(*w, wp, mask, what);
     unsigned g = wp.gen;
     if (++wp.arrived >= wp.live) {
-        wp.arrived = 0;
-        wp.gen++;
+        warp_released(*w, wp);
         return;
     }
     while (wp.gen == g) yield();
@@ -225,8 +332,11 @@ struct fcemu_kernel {
 };
 
 // Runs one kernel launch to completion. Returns 0, or a negative code for a bad configuration.
+// `flags`: chk:: bits (0 for a plain launch); `seed`: schedule fuzzing. Returns -2 when a check
+// found faults, with their report (NUL-terminated, truncated to `cap`) in `report`.
 extern "C" int fcemu_launch(const fcemu_kernel* k, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                            unsigned by, unsigned bz, unsigned smem_bytes, void** args, unsigned max_threads) {
+                            unsigned by, unsigned bz, unsigned smem_bytes, void** args, unsigned max_threads,
+                            unsigned flags, unsigned long long seed, char* report, size_t cap) {
     unsigned n = bx * by * bz;
     if (n == 0 || n > 1024 || gx == 0 || gy == 0 || gz == 0) return -1;
     unsigned long long nblocks = (unsigned long long)gx * gy * gz;
@@ -235,8 +345,11 @@ extern "C" int fcemu_launch(const fcemu_kernel* k, unsigned gx, unsigned gy, uns
     if (max_threads > 0 && max_threads < hw) hw = max_threads;
     unsigned nw = (unsigned)std::min<unsigned long long>(hw, nblocks);
     std::atomic<unsigned long long> next(0);
+    chk::Sink sink;
     auto work = [&]() {
         Worker w;
+        w.flags = flags;
+        w.waits.resize(flags & chk::SYNCCHECK ? n : 0);
         w.fn = k->fn;
         w.args = args;
         w.name = k->name;
@@ -264,16 +377,23 @@ extern "C" int fcemu_launch(const fcemu_kernel* k, unsigned gx, unsigned gy, uns
             t.blk = &w.blk;
         }
         W = &w;
+        if (flags)
+            chk::worker_begin(&sink, flags, k->name, w.stacks, w.stacks + n * kStack, w.th.data(), w.th.data() + n,
+                              w.warps.data(), w.warps.data() + w.warps.size());
         for (;;) {
             unsigned long long b = next.fetch_add(1);
             if (b >= nblocks) break;
+            w.rng = seed ^ (b * 0x2545f4914f6cdd1dull);
             run_block(w, (unsigned)(b % gx), (unsigned)((b / gx) % gy), (unsigned)(b / ((unsigned long long)gx * gy)));
         }
+        if (flags) chk::worker_end();
         W = nullptr;
     };
     std::vector<std::thread> pool;
     for (unsigned i = 1; i < nw; i++) pool.emplace_back(work);
     work();
     for (auto& t : pool) t.join();
-    return 0;
+    if (sink.count == 0) return 0;
+    if (cap > 0) std::snprintf(report, cap, "%s", sink.text().c_str());
+    return -2;
 }

@@ -165,6 +165,10 @@ pub struct CudaDriver {
     h: Handles,
     arch: String,
     name: String,
+    /// (driver CUDA version, NVRTC version, cuBLAS version) as numbers, for `fcgpu doctor`.
+    driver_version: i32,
+    nvrtc_version: (i32, i32),
+    blas_version: i32,
     modules: Mutex<HashMap<&'static str, usize>>,
     functions: Mutex<HashMap<&'static str, (usize, u32)>>,
 }
@@ -218,7 +222,8 @@ impl CudaDriver {
             let (mut driver, mut blas_version) = (0, 0);
             cu_check(cu::cuDriverGetVersion(&mut driver), "cuDriverGetVersion")?;
             cublas_check(cublas::cublasGetVersion_v2(blas, &mut blas_version), "cublasGetVersion")?;
-            let problems = version_problems(driver, nvrtc::version()?, Some(blas_version));
+            let nvrtc_version = nvrtc::version()?;
+            let problems = version_problems(driver, nvrtc_version, Some(blas_version));
             if !problems.is_empty() {
                 bail!("{}", problems.join("\n"));
             }
@@ -233,6 +238,9 @@ impl CudaDriver {
                 h: Handles { ctx, stream, blas },
                 name: format!("{gpu} ({arch}, cuda:{ordinal})"),
                 arch,
+                driver_version: driver,
+                nvrtc_version,
+                blas_version,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
             })
@@ -296,6 +304,16 @@ impl Driver for CudaDriver {
     }
     fn name(&self) -> String {
         self.name.clone()
+    }
+    fn versions(&self) -> Vec<(&'static str, String)> {
+        let (d, b) = (self.driver_version, self.blas_version);
+        vec![
+            ("driver_cuda", format!("{}.{}", d / 1000, (d % 1000) / 10)),
+            ("nvrtc", format!("{}.{}", self.nvrtc_version.0, self.nvrtc_version.1)),
+            ("cublas", format!("{}.{}.{}", b / 10000, (b % 10000) / 100, b % 100)),
+            ("arch", self.arch.clone()),
+            ("pairing", "ok (NVRTC and cuBLAS are not newer than the driver's CUDA major)".into()),
+        ]
     }
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.bind()?;

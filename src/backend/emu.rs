@@ -1,6 +1,11 @@
 //! The emu device: "device" memory is host memory, kernels are the `kernels/*.cu` sources
 //! compiled as C++ by build.rs and run with the CUDA execution model emulated
 //! (`kernels/emu/runtime.cpp`), GEMMs run on the CPU (gemm crate). Launches are synchronous.
+//!
+//! `FCGPU_EMU_CHECK=1` (or a comma list of `memcheck,initcheck,racecheck,synccheck,shuffle`) turns
+//! on the sanitizer (kernels/emu/check.cpp): launches run the instrumented copy of the kernels,
+//! device memory comes from a never-reused, poisoned arena, and a launch whose checks found faults
+//! fails with their report. `FCGPU_EMU_SEED` seeds the schedule fuzzing (`shuffle`).
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::HashMap;
@@ -21,6 +26,20 @@ struct FcemuKernel {
 
 extern "C" {
     static fcemu_registry: [*const FcemuKernel; 0];
+    static fcemu_chk_registry: [*const FcemuKernel; 0];
+    fn fcemu_chk_alloc(bytes: usize) -> *mut c_void;
+    fn fcemu_chk_free(p: *mut c_void);
+    fn fcemu_chk_mark(p: *const c_void, n: usize);
+    fn fcemu_chk_copy_shadow(src: *const c_void, dst: *mut c_void, n: usize);
+    fn fcemu_chk_range(
+        p: *const c_void,
+        n: usize,
+        read: i32,
+        write: i32,
+        flags: u32,
+        msg: *mut c_char,
+        cap: usize,
+    ) -> i32;
     fn fcemu_launch(
         k: *const FcemuKernel,
         gx: u32,
@@ -32,18 +51,97 @@ extern "C" {
         smem: u32,
         args: *mut *mut c_void,
         max_threads: u32,
+        flags: u32,
+        seed: u64,
+        report: *mut c_char,
+        cap: usize,
     ) -> i32;
+}
+
+/// Which sanitizer checks an emu device runs (`FCGPU_EMU_CHECK`); bits as in kernels/emu/check.h.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmuChecks {
+    pub flags: u32,
+    /// Seed of the schedule fuzzing (`FCGPU_EMU_SEED`, default 1).
+    pub seed: u64,
+}
+
+const CHECK_NAMES: [(&str, u32); 5] =
+    [("memcheck", 1), ("initcheck", 2), ("racecheck", 4), ("synccheck", 8), ("shuffle", 16)];
+/// The checks that need the instrumented copy of the kernels and the checked arena.
+const INSTRUMENTED: u32 = 1 | 2 | 4;
+
+impl EmuChecks {
+    pub const NONE: EmuChecks = EmuChecks { flags: 0, seed: 1 };
+    pub const ALL: EmuChecks = EmuChecks { flags: 31, seed: 1 };
+
+    /// `1`/`all` (every check), `0`/empty (none), or a comma list of check names.
+    pub fn parse(spec: &str) -> Result<EmuChecks> {
+        let spec = spec.trim();
+        match spec {
+            "" | "0" => return Ok(EmuChecks::NONE),
+            "1" | "all" => return Ok(EmuChecks::ALL),
+            _ => {}
+        }
+        let mut flags = 0;
+        for name in spec.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let bit = CHECK_NAMES.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).ok_or_else(|| {
+                anyhow!(
+                    "FCGPU_EMU_CHECK: unknown check `{name}` (expected 1, all, or a comma list of {})",
+                    Self::names().join(", ")
+                )
+            })?;
+            flags |= bit;
+        }
+        Ok(EmuChecks { flags, seed: 1 })
+    }
+
+    /// Every check's name.
+    pub fn names() -> Vec<&'static str> {
+        CHECK_NAMES.iter().map(|(n, _)| *n).collect()
+    }
+
+    /// `FCGPU_EMU_CHECK` and `FCGPU_EMU_SEED` of this process.
+    pub fn from_env() -> Result<EmuChecks> {
+        let mut c = EmuChecks::parse(&std::env::var("FCGPU_EMU_CHECK").unwrap_or_default())?;
+        if let Ok(s) = std::env::var("FCGPU_EMU_SEED") {
+            c.seed =
+                s.trim().parse().map_err(|_| anyhow!("FCGPU_EMU_SEED={s:?} is not an unsigned integer"))?;
+        }
+        Ok(c)
+    }
+
+    pub fn with_seed(mut self, seed: u64) -> EmuChecks {
+        self.seed = seed;
+        self
+    }
+
+    /// Whether check `name` is on.
+    pub fn has(&self, name: &str) -> bool {
+        CHECK_NAMES.iter().any(|(n, b)| *n == name && self.flags & b != 0)
+    }
+
+    fn instrumented(&self) -> bool {
+        self.flags & INSTRUMENTED != 0
+    }
 }
 
 struct Table(HashMap<&'static str, usize>);
 
-/// name -> address of the kernel's `FcemuKernel` entry.
-fn table() -> &'static Table {
-    static T: OnceLock<Table> = OnceLock::new();
-    T.get_or_init(|| {
+/// name -> address of the kernel's `FcemuKernel` entry: the plain copy, or (`checked`) the
+/// instrumented one.
+fn table(checked: bool) -> &'static Table {
+    static PLAIN: OnceLock<Table> = OnceLock::new();
+    static CHECKED: OnceLock<Table> = OnceLock::new();
+    let cell = if checked { &CHECKED } else { &PLAIN };
+    cell.get_or_init(|| {
         let mut m = HashMap::new();
         unsafe {
-            let mut t = std::ptr::addr_of!(fcemu_registry) as *const *const FcemuKernel;
+            let mut t = if checked {
+                std::ptr::addr_of!(fcemu_chk_registry) as *const *const FcemuKernel
+            } else {
+                std::ptr::addr_of!(fcemu_registry) as *const *const FcemuKernel
+            };
             while !(*t).is_null() {
                 let mut e = *t;
                 while !(*e).name.is_null() {
@@ -58,9 +156,13 @@ fn table() -> &'static Table {
     })
 }
 
+/// Prefix of the planted-bug kernels of tests/kernels/ (in the emu registry for the sanitizer's
+/// tests, not fcgpu kernels).
+pub const PLANTED_PREFIX: &str = "planted_";
+
 /// Names of every kernel compiled into the emu device.
 pub fn kernel_names() -> Vec<&'static str> {
-    let mut v: Vec<_> = table().0.keys().copied().collect();
+    let mut v: Vec<_> = table(false).0.keys().copied().filter(|n| !n.starts_with(PLANTED_PREFIX)).collect();
     v.sort();
     v
 }
@@ -69,6 +171,9 @@ const ALIGN: usize = 256;
 
 pub struct EmuDriver {
     max_threads: u32,
+    checks: EmuChecks,
+    /// A bad `FCGPU_EMU_CHECK`: every launch fails with it (opening the device cannot fail).
+    bad_env: Option<String>,
 }
 
 impl Default for EmuDriver {
@@ -78,10 +183,66 @@ impl Default for EmuDriver {
 }
 
 impl EmuDriver {
-    /// OS threads per launch: all cores, or `FCGPU_EMU_THREADS`.
+    /// OS threads per launch: all cores, or `FCGPU_EMU_THREADS`; checks from `FCGPU_EMU_CHECK`.
     pub fn new() -> EmuDriver {
+        let (checks, bad_env) = match EmuChecks::from_env() {
+            Ok(c) => (c, None),
+            Err(e) => (EmuChecks::NONE, Some(format!("{e:#}"))),
+        };
+        EmuDriver { bad_env, ..EmuDriver::with_checks(checks) }
+    }
+
+    /// A device running `checks`, whatever the environment says.
+    pub fn with_checks(checks: EmuChecks) -> EmuDriver {
         let max_threads = std::env::var("FCGPU_EMU_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        EmuDriver { max_threads }
+        EmuDriver { max_threads, checks, bad_env: None }
+    }
+
+    pub fn checks(&self) -> EmuChecks {
+        self.checks
+    }
+
+    /// memcheck/initcheck of a range the CPU GEMM reads (`read`) or writes.
+    fn check_range(&self, what: &str, p: u64, bytes: usize, read: bool, write: bool) -> Result<()> {
+        let mut msg = [0 as c_char; 512];
+        let bad = unsafe {
+            fcemu_chk_range(
+                p as *const c_void,
+                bytes,
+                read as i32,
+                write as i32,
+                self.checks.flags,
+                msg.as_mut_ptr(),
+                msg.len(),
+            )
+        };
+        if bad != 0 {
+            let m = unsafe { CStr::from_ptr(msg.as_ptr()) }.to_string_lossy();
+            let check = if m.contains("uninitialized") { "initcheck" } else { "memcheck" };
+            bail!("{check}: emu gemm {what}: {bytes} bytes {m}");
+        }
+        Ok(())
+    }
+
+    /// The checks of one GEMM's operands, row by row (rows of `cols` elements `ld` apart).
+    fn check_gemm(&self, g: &Gemm) -> Result<()> {
+        let es = g.dtype.size();
+        let (a_rows, a_cols) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
+        let (b_rows, b_cols) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+        for b in 0..g.batch {
+            let rows =
+                |base: u64, stride: usize, ld: usize, r: usize| base + ((b * stride + r * ld) * es) as u64;
+            for r in 0..a_rows {
+                self.check_range("reads A", rows(g.a, g.stride_a, g.lda, r), a_cols * es, true, false)?;
+            }
+            for r in 0..b_rows {
+                self.check_range("reads B", rows(g.b, g.stride_b, g.ldb, r), b_cols * es, true, false)?;
+            }
+            for r in 0..g.m {
+                self.check_range("writes C", rows(g.c, g.stride_c, g.ldc, r), g.n * es, g.beta != 0.0, true)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -106,7 +267,21 @@ impl Driver for EmuDriver {
     fn name(&self) -> String {
         "emu (CUDA execution model on the CPU)".into()
     }
+    fn versions(&self) -> Vec<(&'static str, String)> {
+        let checks: Vec<&str> = EmuChecks::names().into_iter().filter(|n| self.checks.has(n)).collect();
+        vec![
+            ("fcgpu", env!("CARGO_PKG_VERSION").to_string()),
+            ("emu_checks", if checks.is_empty() { "none".into() } else { checks.join(",") }),
+        ]
+    }
     fn alloc(&self, bytes: usize) -> Result<u64> {
+        if self.checks.instrumented() {
+            let p = unsafe { fcemu_chk_alloc(bytes) };
+            if p.is_null() {
+                bail!("emu (FCGPU_EMU_CHECK): the checked arena (256 GiB of address space, never reused so that a use after free is caught) is exhausted allocating {bytes} bytes");
+            }
+            return Ok(p as u64);
+        }
         // Zeroed so that a kernel reading uninitialised memory is at least deterministic.
         let p = unsafe { alloc_zeroed(layout(bytes)) };
         if p.is_null() {
@@ -115,10 +290,17 @@ impl Driver for EmuDriver {
         Ok(p as u64)
     }
     unsafe fn free(&self, ptr: u64, bytes: usize) {
-        dealloc(ptr as *mut u8, layout(bytes))
+        if self.checks.instrumented() {
+            fcemu_chk_free(ptr as *mut c_void);
+        } else {
+            dealloc(ptr as *mut u8, layout(bytes))
+        }
     }
     unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()> {
         std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
+        if self.checks.instrumented() {
+            fcemu_chk_mark(dst as *const c_void, src.len());
+        }
         Ok(())
     }
     unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
@@ -127,19 +309,29 @@ impl Driver for EmuDriver {
     }
     unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
         std::ptr::copy(src as *const u8, dst as *mut u8, bytes);
+        if self.checks.instrumented() {
+            fcemu_chk_copy_shadow(src as *const c_void, dst as *mut c_void, bytes);
+        }
         Ok(())
     }
     unsafe fn memset_zero(&self, dst: u64, bytes: usize) -> Result<()> {
         std::ptr::write_bytes(dst as *mut u8, 0, bytes);
+        if self.checks.instrumented() {
+            fcemu_chk_mark(dst as *const c_void, bytes);
+        }
         Ok(())
     }
     unsafe fn launch(&self, k: Kernel, cfg: LaunchCfg, params: &mut [*mut c_void]) -> Result<()> {
-        let e = *table()
+        if let Some(e) = &self.bad_env {
+            bail!("{e}");
+        }
+        let e = *table(self.checks.instrumented())
             .0
             .get(k.name)
             .ok_or_else(|| anyhow!("emu: no kernel named {} (in {})", k.name, k.file))?;
         let (gx, gy, gz) = cfg.grid;
         let (bx, by, bz) = cfg.block;
+        let mut report = vec![0 as c_char; 8192];
         let rc = fcemu_launch(
             e as *const FcemuKernel,
             gx,
@@ -151,13 +343,24 @@ impl Driver for EmuDriver {
             cfg.shared_bytes,
             params.as_mut_ptr(),
             self.max_threads,
+            self.checks.flags,
+            self.checks.seed,
+            report.as_mut_ptr(),
+            report.len(),
         );
+        if rc == -2 {
+            let r = CStr::from_ptr(report.as_ptr()).to_string_lossy();
+            bail!("FCGPU_EMU_CHECK found faults in {} with {:?}:\n{}", k.name, cfg, r.trim_end());
+        }
         if rc != 0 {
             bail!("emu: launch of {} with {:?} failed ({rc})", k.name, cfg);
         }
         Ok(())
     }
     unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        if self.checks.instrumented() {
+            self.check_gemm(g)?;
+        }
         let es = g.dtype.size() as u64;
         for b in 0..g.batch {
             let (a, bb, c) = (

@@ -203,6 +203,11 @@ pub trait Driver: Send + Sync {
     }
     /// Human-readable name: GPU model and arch, or "emu".
     fn name(&self) -> String;
+    /// (name, version) of what the device runs on (driver, NVRTC, cuBLAS, arch), for
+    /// `fcgpu doctor`.
+    fn versions(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
     fn alloc(&self, bytes: usize) -> Result<u64>;
     /// # Safety
     /// `ptr` came from `alloc` of this driver with the same `bytes`, and is not used again.
@@ -244,6 +249,11 @@ impl GpuDevice {
     /// The emulated device (always available).
     pub fn emu() -> GpuDevice {
         GpuDevice(Arc::new(emu::EmuDriver::new()))
+    }
+
+    /// An emu device running the sanitizer checks `checks` (whatever `FCGPU_EMU_CHECK` says).
+    pub fn emu_checked(checks: emu::EmuChecks) -> GpuDevice {
+        GpuDevice(Arc::new(emu::EmuDriver::with_checks(checks)))
     }
 
     /// CUDA device `ordinal`. A clear error (never a panic) when there is no driver or GPU.

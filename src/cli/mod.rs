@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use crate::model::Model;
 use crate::tensor::{DType, Device};
 
+pub mod doctor;
 pub mod eval;
 pub mod generate;
 pub mod init;
@@ -36,6 +37,8 @@ pub enum Command {
     Eval(eval::Args),
     /// GPU kernels: `kernels check` compiles each with NVRTC and reports registers/spills.
     Kernels(kernels::Args),
+    /// Check a GPU device: versions, kernel compiles, every kernel family against the CPU, speed.
+    Doctor(doctor::Args),
     /// GRPO with entropy-enhanced advantages (default: the embedded task end to end).
     Train(train::Args),
     /// Supervised fine-tuning with SRML (default: the tiny model on the embedded task).
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prompt(a) => prompt::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Kernels(a) => kernels::run(a),
+        Command::Doctor(a) => doctor::run(a),
         Command::Sft(a) => sft::run(a),
         Command::Train(a) => train::run(a),
     }
