@@ -9,6 +9,7 @@
 //! and the batch is empty, so dropping the [`EngineHandle`] drains in-flight work.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
@@ -52,10 +53,22 @@ pub enum Event {
     Failed(String),
 }
 
+/// Counters the decode loop keeps, shown by `GET /health`.
+#[derive(Default, Debug)]
+pub struct Stats {
+    /// Samples in the running batch.
+    pub running: AtomicUsize,
+    /// Samples ended early because their client went away.
+    pub cancelled: AtomicU64,
+    /// Samples finished.
+    pub finished: AtomicU64,
+}
+
 /// The submitting side of the queue.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: SyncSender<Job>,
+    pub stats: Arc<Stats>,
 }
 
 /// Why a job was not queued.
@@ -76,7 +89,7 @@ impl EngineHandle {
 /// A bounded queue of `max_queue` waiting jobs and its receiving end for [`run`].
 pub fn queue(max_queue: usize) -> (EngineHandle, Receiver<Job>) {
     let (tx, rx) = std::sync::mpsc::sync_channel(max_queue.max(1));
-    (EngineHandle { tx }, rx)
+    (EngineHandle { tx, stats: Arc::default() }, rx)
 }
 
 /// One running sample.
@@ -102,7 +115,7 @@ struct JobShared {
 }
 
 /// Runs the continuous batch until the queue is closed and drained.
-pub fn run(model: &Model, tok: &Tokenizer, jobs: Receiver<Job>, max_batch: usize) {
+pub fn run(model: &Model, tok: &Tokenizer, jobs: Receiver<Job>, max_batch: usize, stats: &Stats) {
     let mut live: Vec<Live> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut closed = false;
@@ -126,12 +139,17 @@ pub fn run(model: &Model, tok: &Tokenizer, jobs: Receiver<Job>, max_batch: usize
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => closed = true,
             }
         }
-        let admitted = admit(&mut waiting, live.len(), max_batch);
+        let admitted = admit(&mut waiting, live.len(), max_batch, stats);
+        let before = live.len();
         live.retain(|s| !s.job.events.is_closed());
+        stats.cancelled.fetch_add((before - live.len()) as u64, Ordering::Relaxed);
+        stats.running.store(live.len(), Ordering::Relaxed);
         if live.is_empty() && admitted.is_empty() {
             continue;
         }
-        if let Err(e) = step(model, tok, &mut live, admitted) {
+        let result = step(model, tok, &mut live, admitted, stats);
+        stats.running.store(live.len(), Ordering::Relaxed);
+        if let Err(e) = result {
             let msg = format!("{e:#}");
             for s in live.drain(..) {
                 let _ = s.job.events.send(Event::Failed(msg.clone()));
@@ -142,12 +160,13 @@ pub fn run(model: &Model, tok: &Tokenizer, jobs: Receiver<Job>, max_batch: usize
 
 /// Waiting jobs that fit next to `running` samples (always one when nothing runs, even if its
 /// `n` exceeds the batch). Jobs whose client is gone are dropped here.
-fn admit(waiting: &mut VecDeque<Job>, running: usize, max_batch: usize) -> Vec<Job> {
+fn admit(waiting: &mut VecDeque<Job>, running: usize, max_batch: usize, stats: &Stats) -> Vec<Job> {
     let mut out: Vec<Job> = Vec::new();
     let mut slots = running;
     let mut prefill = 0;
     while let Some(j) = waiting.front() {
         if j.events.is_closed() {
+            stats.cancelled.fetch_add(j.n as u64, Ordering::Relaxed);
             waiting.pop_front();
             continue;
         }
@@ -165,7 +184,13 @@ fn admit(waiting: &mut VecDeque<Job>, running: usize, max_batch: usize) -> Vec<J
 }
 
 /// One forward pass: the next token of every live sample and the prefill of admitted jobs.
-fn step(model: &Model, tok: &Tokenizer, live: &mut Vec<Live>, admitted: Vec<Job>) -> Result<()> {
+fn step(
+    model: &Model,
+    tok: &Tokenizer,
+    live: &mut Vec<Live>,
+    admitted: Vec<Job>,
+    stats: &Stats,
+) -> Result<()> {
     let vocab = model.config.vocab_size;
     let mut prefills: Vec<SeqCache> =
         admitted.iter().map(|j| SeqCache::new(model.kv_shape(), j.prompt.len())).collect();
@@ -230,6 +255,7 @@ fn step(model: &Model, tok: &Tokenizer, live: &mut Vec<Live>, admitted: Vec<Job>
         }
         match finish {
             Some(finish) => {
+                stats.finished.fetch_add(1, Ordering::Relaxed);
                 let _ = s.job.events.send(Event::Done { sample: s.sample, finish, tokens: s.ids.len() });
             }
             None => still.push(s),

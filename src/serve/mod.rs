@@ -36,6 +36,7 @@ where
     let (handle, jobs) = engine::queue(cfg.max_queue);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let max_batch = cfg.max_batch.max(1);
+    let stats = handle.stats.clone();
     let decode = std::thread::Builder::new().name("fcgpu-decode".into()).spawn(move || {
         let (mut model, tok) = match load() {
             Ok(x) => x,
@@ -49,7 +50,7 @@ where
         let info =
             (ChatFormat::for_model(&model), model.config.max_position_embeddings, model.config.vocab_size);
         let _ = ready_tx.send(Ok((info, tok.clone())));
-        engine::run(&model, &tok, jobs, max_batch);
+        engine::run(&model, &tok, jobs, max_batch, &stats);
     })?;
     let ((format, ctx, vocab), tok) = ready_rx.recv().context("the decode thread ended while loading")??;
     let state = Arc::new(routes::AppState {

@@ -44,8 +44,15 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-async fn health() -> &'static str {
-    "ok"
+/// 200 while the server runs, with the decode loop's counters.
+async fn health(State(s): State<Shared>) -> Json<Json_> {
+    let st = &s.engine.stats;
+    Json(json!({
+        "status": "ok",
+        "running": st.running.load(Ordering::Relaxed),
+        "finished": st.finished.load(Ordering::Relaxed),
+        "cancelled": st.cancelled.load(Ordering::Relaxed),
+    }))
 }
 
 async fn models(State(s): State<Shared>) -> Json<Json_> {
