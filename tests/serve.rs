@@ -277,3 +277,66 @@ fn a_client_that_disconnects_mid_stream_frees_its_slots() {
     let (status, v) = s.post("/v1/completions", json!({"prompt": "a", "max_tokens": 2}));
     assert_eq!(status, 200, "{v}");
 }
+
+fn fcgpu(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(args).output().unwrap();
+    assert!(out.status.success(), "fcgpu {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// BFCL prompting mode through the route scores as `fcgpu eval --model`: the same system
+/// prompt and messages sent to /v1/chat/completions (greedy) give the same answer texts, and
+/// `fcgpu eval --results` gives them the same verdicts.
+#[test]
+fn the_served_route_and_eval_score_the_same_answers_the_same_way() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bfcl = root.join("tests/data/bfcl/v4");
+    let tmp = tempfile::tempdir().unwrap();
+    // BFCL prompts exceed the fixture's 512 positions (as in tests/generate_eval.rs).
+    let model = tmp.path().join("qwen2-tiny");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(fixture("qwen2-tiny")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(4096);
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let (m, b) = (model.to_str().unwrap(), bfcl.to_str().unwrap());
+    let common = ["eval", "--bfcl-dir", b, "--category", "simple_python", "--limit", "3"];
+    let eval_args =
+        [&common[..], &["--model", m, "--device", "cpu", "--batch-size", "1", "--max-new-tokens", "6"]]
+            .concat();
+    let (saved, v1) = (p("eval.jsonl"), p("v1.jsonl"));
+    fcgpu(&[&eval_args[..], &["--save-results", &saved, "--verdicts", &v1]].concat());
+
+    let s = Server::start(&model, &[]);
+    let samples = fcgpu::data::load_bfcl_category(&bfcl, "simple_python").unwrap();
+    let mut served = String::new();
+    for smp in samples.iter().take(3) {
+        let fns = fcgpu::fc::prompt::functions_with_hints(&smp.functions, &smp.category);
+        let mut system = fcgpu::fc::prompt::bfcl_system_prompt(&fns);
+        let mut msgs: Vec<Value> =
+            smp.messages.iter().map(|x| json!({"role": x.role, "content": x.content})).collect();
+        if msgs[0]["role"] == "system" {
+            system = format!("{system}\n\n{}", msgs[0]["content"].as_str().unwrap());
+            msgs.remove(0);
+        }
+        msgs.insert(0, json!({"role": "system", "content": system}));
+        let (status, r) =
+            s.post("/v1/chat/completions", json!({"messages": msgs, "temperature": 0, "max_tokens": 6}));
+        assert_eq!(status, 200, "{r}");
+        let text = r["choices"][0]["message"]["content"].as_str().unwrap();
+        served.push_str(&format!("{}\n", json!({"id": smp.id, "result": text})));
+    }
+    let (route, v2) = (p("route.jsonl"), p("v2.jsonl"));
+    std::fs::write(&route, &served).unwrap();
+    fcgpu(&[&common[..], &["--results", &route, "--verdicts", &v2]].concat());
+    let lines = |f: &str| -> Vec<Value> {
+        std::fs::read_to_string(f).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    assert_eq!(lines(&saved), lines(&route), "the route's answers differ from eval's");
+    assert_eq!(lines(&v1), lines(&v2), "the same answers were scored differently");
+    assert_eq!(lines(&v1).len(), 3);
+}
