@@ -37,3 +37,15 @@ NVRTC_LIB="$(dirname "$(ls .venv-nvrtc/lib/python3*/site-packages/nvidia/cu*/lib
 export LD_LIBRARY_PATH="$PWD/$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --quiet --test gpu_kernels_check
 cargo run --quiet -- kernels check --arch sm_80,sm_90
+
+# fcgpu serve with the official `openai` Python client (chat, tools, streaming, n > 1, seeds,
+# error types, a 32 x 10 loopback load test with flat RSS) on the qwen2-tiny fixture; the client
+# comes from pip, in a git-ignored venv.
+if [ ! -x .venv-openai/bin/python ]; then
+  python3 -m venv .venv-openai
+fi
+if ! .venv-openai/bin/python -c "import openai" 2>/dev/null; then
+  .venv-openai/bin/pip install --quiet openai
+fi
+cargo build --quiet --bin fcgpu
+.venv-openai/bin/python tools/serve_openai_test.py target/debug/fcgpu tests/fixtures/models/qwen2-tiny

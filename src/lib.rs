@@ -21,6 +21,7 @@ pub mod rl;
 pub mod rollout;
 pub mod roofline;
 pub mod runfs;
+pub mod serve;
 pub mod storage;
 pub mod tensor;
 pub mod train;

@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod logprobs;
 pub mod prompt;
 pub mod run_args;
+pub mod serve;
 pub mod sft;
 pub mod train;
 
@@ -43,6 +44,8 @@ pub enum Command {
     Train(train::Args),
     /// Supervised fine-tuning with SRML (default: the tiny model on the embedded task).
     Sft(sft::Args),
+    /// An OpenAI-compatible HTTP server for a model (chat, tool calls, streaming).
+    Serve(serve::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor(a) => doctor::run(a),
         Command::Sft(a) => sft::run(a),
         Command::Train(a) => train::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -1,0 +1,104 @@
+//! `fcgpu serve`: an OpenAI-compatible HTTP server (axum on tokio) in front of the KV-cache
+//! decoder, with continuous batching ([`engine`]), tool calls parsed by the BFCL decoders
+//! ([`output`]) and SSE streaming ([`stream`]). See docs/serve.md.
+
+pub mod engine;
+pub mod errors;
+pub mod output;
+pub mod routes;
+pub mod stream;
+pub mod types;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::model::tokenizer::Tokenizer;
+use crate::model::Model;
+use crate::rollout::chat::ChatFormat;
+
+pub struct ServeConfig {
+    pub addr: SocketAddr,
+    pub model_name: String,
+    pub max_batch: usize,
+    pub max_queue: usize,
+}
+
+/// Serves `model` until Ctrl-C / SIGTERM, then lets in-flight requests finish and returns.
+/// `load` runs on the decode thread (the model stays there); it returns the model and its
+/// tokenizer.
+pub fn run<F>(cfg: ServeConfig, load: F) -> Result<()>
+where
+    F: FnOnce() -> Result<(Model, Tokenizer)> + Send + 'static,
+{
+    let (handle, jobs) = engine::queue(cfg.max_queue);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let max_batch = cfg.max_batch.max(1);
+    let stats = handle.stats.clone();
+    let decode = std::thread::Builder::new().name("fcgpu-decode".into()).spawn(move || {
+        let (mut model, tok) = match load() {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        model.config.eos_token_ids = crate::rollout::chat_eos_ids(&model, Some(&tok));
+        let tok = Arc::new(tok);
+        let info =
+            (ChatFormat::for_model(&model), model.config.max_position_embeddings, model.config.vocab_size);
+        let _ = ready_tx.send(Ok((info, tok.clone())));
+        engine::run(&model, &tok, jobs, max_batch, &stats);
+    })?;
+    let ((format, ctx, vocab), tok) = ready_rx.recv().context("the decode thread ended while loading")??;
+    let state = Arc::new(routes::AppState {
+        engine: handle,
+        tok,
+        format,
+        model_name: cfg.model_name.clone(),
+        ctx,
+        vocab,
+        max_queue: cfg.max_queue,
+        created: routes::now(),
+        next_id: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(serve(cfg, state))?;
+    drop(rt);
+    // Every handle is gone with the runtime's tasks: the decode loop drains and ends.
+    decode.join().map_err(|_| anyhow::anyhow!("the decode thread panicked"))?;
+    eprintln!("fcgpu serve: stopped");
+    Ok(())
+}
+
+async fn serve(cfg: ServeConfig, state: routes::Shared) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .with_context(|| format!("fcgpu serve: cannot listen on {}", cfg.addr))?;
+    // Tests and scripts read the bound address (port 0 picks a free one) from this line.
+    eprintln!("fcgpu serve: model `{}` listening on http://{}", cfg.model_name, listener.local_addr()?);
+    axum::serve(listener, routes::router(state)).with_graceful_shutdown(shutdown()).await?;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM: stop accepting; axum then waits for in-flight requests.
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    eprintln!("fcgpu serve: shutting down; finishing in-flight requests");
+}
