@@ -64,18 +64,29 @@ fn inv_freq(d: usize, theta: f64) -> Vec<f64> {
 pub fn wire(model: &mut Model) -> Result<()> {
     let c = &model.config;
     let (h, nh, nkv, d) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
-    ensure!(fits(h, c.num_layers, nh, nkv) && d * nh == h, "copy heads need ≥ 2 layers and kv_heads·head_dim = hidden/2");
+    ensure!(
+        fits(h, c.num_layers, nh, nkv) && d * nh == h,
+        "copy heads need ≥ 2 layers and kv_heads·head_dim = hidden/2"
+    );
     let group = nh / nkv;
     let inv = inv_freq(d, c.rope_theta);
     let fast: Vec<usize> = (0..d / 2).filter(|&k| inv[k] > FAST_RAD).collect();
     let slow: Vec<usize> = (0..d / 2).filter(|&k| inv[k] * SLOW_SPAN < SLOW_TURN).collect();
-    ensure!(!fast.is_empty() && slow.len() >= 4, "rope_theta {} leaves too few fast or slow rotary pairs", c.rope_theta);
+    ensure!(
+        !fast.is_empty() && slow.len() >= 4,
+        "rope_theta {} leaves too few fast or slow rotary pairs",
+        c.rope_theta
+    );
     let slow_dims: Vec<usize> = slow.iter().copied().chain(slow.iter().map(|k| k + d / 2)).collect();
     // RMSNorm scales the residual to norm √h; the copies are brought back to embedding size.
     let unit = 1.0 / (h as f32).sqrt();
     let mut first_err = None;
     model.visit_mut(&mut |name, t| {
-        let r = set_param(name, t, &Layout { h, d, nkv, group, fast: &fast, slow_dims: &slow_dims, inv: &inv, unit });
+        let r = set_param(
+            name,
+            t,
+            &Layout { h, d, nkv, group, fast: &fast, slow_dims: &slow_dims, inv: &inv, unit },
+        );
         if let Err(e) = r {
             first_err.get_or_insert(e);
         }

@@ -88,7 +88,13 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
                     })
                     .collect();
                 let tok = tiny::train_tokenizer(&texts, run_cfg.vocab_size)?;
-                let mut m = tiny::build(&dir, &tok, TinySize::by_name(&run_cfg.preset)?, run_cfg.seed, run_cfg.copy_heads)?;
+                let mut m = tiny::build(
+                    &dir,
+                    &tok,
+                    TinySize::by_name(&run_cfg.preset)?,
+                    run_cfg.seed,
+                    run_cfg.copy_heads,
+                )?;
                 if run_cfg.copy_warmup_steps > 0 {
                     m = crate::train::probe::copy_pretrain(m, &tok, run_cfg.copy_warmup_steps, run_cfg.seed)?;
                     m.save(&dir, None)?;

@@ -95,8 +95,8 @@ impl Default for GrpoConfig {
             ppo_epochs: 1,
             micro_batch: 16,
             style: PromptStyle::Compact,
-            warmup_sft_steps: 400,
-            dynamic_sampling: false,
+            warmup_sft_steps: 800,
+            dynamic_sampling: true,
             max_resample: 4,
         }
     }

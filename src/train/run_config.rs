@@ -70,7 +70,7 @@ impl RunConfig {
         RunConfig {
             run_dir: PathBuf::from("runs/train"),
             steps: 30,
-            lr: 5e-4,
+            lr: 1e-4,
             warmup_steps: 2,
             weight_decay: 0.0,
             save_every: 20,
@@ -95,7 +95,7 @@ impl RunConfig {
             save_every: 0,
             eval_samples: 0,
             preset: "tiny".into(),
-            task_train: 4000,
+            task_train: 20000,
             task_eval: 200,
             vocab_size: 1536,
             copy_warmup_steps: 0,

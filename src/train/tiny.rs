@@ -95,7 +95,13 @@ pub fn config_json(size: TinySize, vocab_size: usize, eos: u32, bos: u32) -> ser
 }
 
 /// [`config_json`] with RoPE θ `rope_theta`.
-fn config_json_with(size: TinySize, vocab_size: usize, eos: u32, bos: u32, rope_theta: f64) -> serde_json::Value {
+fn config_json_with(
+    size: TinySize,
+    vocab_size: usize,
+    eos: u32,
+    bos: u32,
+    rope_theta: f64,
+) -> serde_json::Value {
     json!({
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -121,10 +127,17 @@ fn config_json_with(size: TinySize, vocab_size: usize, eos: u32, bos: u32, rope_
 /// tokenizer_config.json, generation_config.json with eos = `<|im_end|>`). With `copy_heads`
 /// (and a shape that fits them) layers 0 and 1 start with a previous-token and an induction
 /// head (`train::copy_heads`).
-pub fn build(dir: &Path, tokenizer: &Tokenizer, size: TinySize, seed: u64, copy_heads: bool) -> Result<Model> {
+pub fn build(
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    size: TinySize,
+    seed: u64,
+    copy_heads: bool,
+) -> Result<Model> {
     let id = |t: &str| tokenizer.token_id(t).with_context(|| format!("tokenizer lacks {t}"));
     let (eos, bos) = (id(IM_END)?, id(ENDOFTEXT)?);
-    let wire = copy_heads && crate::train::copy_heads::fits(size.hidden, size.layers, size.heads, size.kv_heads);
+    let wire =
+        copy_heads && crate::train::copy_heads::fits(size.hidden, size.layers, size.heads, size.kv_heads);
     let theta = if wire { crate::train::copy_heads::ROPE_THETA } else { 10000.0 };
     let raw = config_json_with(size, tokenizer.vocab_size(), eos, bos, theta);
     let config = ModelConfig::from_json(raw, &dir.join("config.json"))?;
