@@ -1011,10 +1011,12 @@ mod tests {
             (0.25, 0.75, Some(0.125))
         );
         assert_eq!((m.resampled_groups, m.resample_rounds), (0, 0));
-        let cfg: GrpoConfig = toml::from_str("steps = 3\n").unwrap();
-        assert!(
-            !cfg.dynamic_sampling && cfg.max_resample == GrpoConfig::default().max_resample,
-            "old config files load"
-        );
+        // A config file of the flat layout, from before dynamic sampling existed.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.toml");
+        std::fs::write(&p, "steps = 3\nbeta = 0.5\n").unwrap();
+        let cfg = load_config(Some(&p)).unwrap();
+        assert_eq!((cfg.run.steps, cfg.beta), (3, 0.5), "old config files load");
+        assert_eq!(cfg.max_resample, GrpoConfig::default().max_resample);
     }
 }
