@@ -61,23 +61,24 @@ fn bad_options_are_named() {
 fn dynamic_sampling_flags_parse_and_show_in_print_config() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("dyn.toml");
-    std::fs::write(&cfg, "dynamic_sampling = true\nmax_resample = 7\n").unwrap();
+    std::fs::write(&cfg, "dynamic_sampling = false\nmax_resample = 7\n").unwrap();
     let print = |args: &[&str]| -> toml::Table {
         let out = fcgpu(&[&["train", "--print-config"], args].concat());
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap()
     };
-    let off = print(&[]);
-    assert_eq!((off["dynamic_sampling"].as_bool(), off["max_resample"].as_integer()), (Some(false), Some(4)));
-    let on = print(&["--dynamic-sampling", "--max-resample", "2"]);
-    assert_eq!((on["dynamic_sampling"].as_bool(), on["max_resample"].as_integer()), (Some(true), Some(2)));
+    // On by default.
+    let on = print(&[]);
+    assert_eq!((on["dynamic_sampling"].as_bool(), on["max_resample"].as_integer()), (Some(true), Some(4)));
+    let off = print(&["--dynamic-sampling", "false", "--max-resample", "2"]);
+    assert_eq!((off["dynamic_sampling"].as_bool(), off["max_resample"].as_integer()), (Some(false), Some(2)));
     let file = print(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(
         (file["dynamic_sampling"].as_bool(), file["max_resample"].as_integer()),
-        (Some(true), Some(7))
+        (Some(false), Some(7))
     );
-    let file_off = print(&["--config", cfg.to_str().unwrap(), "--dynamic-sampling", "false"]);
-    assert_eq!(file_off["dynamic_sampling"].as_bool(), Some(false), "the flag overrides the file");
+    let file_on = print(&["--config", cfg.to_str().unwrap(), "--dynamic-sampling"]);
+    assert_eq!(file_on["dynamic_sampling"].as_bool(), Some(true), "the flag overrides the file");
     let out = fcgpu(&["train", "--print-config", "--dynamic-sampling", "--max-resample", "0"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--max-resample"));
 }
