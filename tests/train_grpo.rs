@@ -72,6 +72,8 @@ fn micro(run_dir: &Path) -> GrpoConfig {
         warmup_sft_steps: 0,
         beta: 0.01,
         micro_batch: 4,
+        // The resume test checks that nothing is re-drawn; dynamic sampling has its own test.
+        dynamic_sampling: false,
         ..Default::default()
     }
 }
