@@ -100,6 +100,7 @@ else
 fi
 step bench_kernels 45 "$BIN/kernels" --bench --warm-up-time 0.2 --measurement-time 0.5 --sample-size 10
 TRAIN_DIR="$(mktemp -d)"
-step train_micro 60 "$BIN/fcgpu" train --device cuda --preset micro --steps 2 --run-dir "$TRAIN_DIR/run"
+step train_micro 60 "$BIN/fcgpu" train --device cuda --base scratch --preset micro --warmup-sft-steps 2 --steps 2 --run-dir "$TRAIN_DIR/run"
+step train_fc_tiny 120 "$BIN/fcgpu" train --device cuda --steps 5 --eval-samples 20 --run-dir "$TRAIN_DIR/fc-tiny"
 cat "$SUMMARY"
 ! grep -q FAIL "$SUMMARY"

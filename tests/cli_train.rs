@@ -12,7 +12,7 @@ fn train_runs_from_a_config_file_with_flag_overrides() {
     let cfg = dir.path().join("micro.toml");
     std::fs::write(
         &cfg,
-        "preset = \"micro\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\nsteps = 1\n\
+        "preset = \"micro\"\nbase = \"scratch\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\nsteps = 1\n\
         group_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\neval_samples = 2\nseed = 1\n",
     )
     .unwrap();
@@ -81,4 +81,20 @@ fn dynamic_sampling_flags_parse_and_show_in_print_config() {
     assert_eq!(file_on["dynamic_sampling"].as_bool(), Some(true), "the flag overrides the file");
     let out = fcgpu(&["train", "--print-config", "--dynamic-sampling", "--max-resample", "0"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--max-resample"));
+}
+
+#[test]
+fn fresh_model_options_with_the_shipped_base_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = fcgpu(&["train", "--preset", "small", "--run-dir", run.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("preset") && err.contains("--base scratch"), "{err}");
+    let out = fcgpu(&["train", "--base", "fc-huge", "--run-dir", run.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("fc-huge") && err.contains("fc-tiny"), "{err}");
+    assert!(
+        !run.join("sft/base-model").exists() && !run.join("sft/task").exists(),
+        "work done before the options were checked"
+    );
 }

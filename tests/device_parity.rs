@@ -304,7 +304,7 @@ pub fn train_command_runs_on_device(dev: Device) {
     let cfg = dir.path().join("micro.toml");
     std::fs::write(
         &cfg,
-        "preset = \"micro\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\n\
+        "preset = \"micro\"\nbase = \"scratch\"\ntask_train = 40\ntask_eval = 4\nwarmup_sft_steps = 2\n\
         group_size = 2\nprompts_per_step = 2\nmax_new_tokens = 8\neval_samples = 2\nseed = 1\n",
     )
     .unwrap();

@@ -253,6 +253,8 @@ fn empty_training_data_fails_before_any_training() {
     std::fs::write(&data, "\n\n").unwrap();
     let o = fcgpu(&[
         "train",
+        "--base",
+        "scratch",
         "--preset",
         "micro",
         "--steps",

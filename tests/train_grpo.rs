@@ -64,6 +64,7 @@ fn micro(run_dir: &Path) -> GrpoConfig {
             weight_decay: 0.1,
             save_every: 1,
             preset: "micro".into(),
+            base: "scratch".into(),
             ..RunConfig::grpo()
         },
         prompts_per_step: 2,

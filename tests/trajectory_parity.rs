@@ -152,6 +152,19 @@ fn dump(label: &str, ours: &[(f64, f64)]) {
     }
 }
 
+/// `base` with the fixture's step count, schedule, weight decay and clipping.
+fn optimizer_run(fx: &Value, base: RunConfig) -> RunConfig {
+    RunConfig {
+        steps: f(fx, "steps") as u64,
+        lr: f(fx, "lr") as f32,
+        warmup_steps: f(fx, "warmup") as u64,
+        min_lr_ratio: f(fx, "min_ratio") as f32,
+        weight_decay: f(fx, "weight_decay") as f32,
+        max_grad_norm: f(fx, "max_grad_norm") as f32,
+        ..base
+    }
+}
+
 fn sft_run(mode: &str) {
     let fx = fixture("sft.json");
     let (model, tok) = load(&fx);
@@ -164,15 +177,7 @@ fn sft_run(mode: &str) {
     };
     let steps = f(&fx, "steps") as u64;
     let cfg = SftConfig {
-        run: RunConfig {
-            steps,
-            lr: f(&fx, "lr") as f32,
-            warmup_steps: f(&fx, "warmup") as u64,
-            min_lr_ratio: f(&fx, "min_ratio") as f32,
-            weight_decay: f(&fx, "weight_decay") as f32,
-            max_grad_norm: f(&fx, "max_grad_norm") as f32,
-            ..RunConfig::sft()
-        },
+        run: optimizer_run(&fx, RunConfig::sft()),
         alpha: f(&fx, "alpha") as f32,
         loss,
         alpha_mode,
@@ -233,17 +238,10 @@ fn sft_srml_loss_ratio_matches_torch() {
 fn grpo_run(agg: LossAgg, gran: Granularity, key: &str) {
     let fx = fixture("grpo.json");
     let (model, tok) = load(&fx);
-    let steps = f(&fx, "steps") as u64;
     let cfg = GrpoConfig {
         run: RunConfig {
             run_dir: Path::new("unused").to_path_buf(),
-            steps,
-            lr: f(&fx, "lr") as f32,
-            warmup_steps: f(&fx, "warmup") as u64,
-            min_lr_ratio: f(&fx, "min_ratio") as f32,
-            weight_decay: f(&fx, "weight_decay") as f32,
-            max_grad_norm: f(&fx, "max_grad_norm") as f32,
-            ..RunConfig::grpo()
+            ..optimizer_run(&fx, RunConfig::grpo())
         },
         temperature: f(&fx, "temperature") as f32,
         group_size: f(&fx, "group_size") as usize,

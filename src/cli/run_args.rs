@@ -35,9 +35,13 @@ pub struct RunArgs {
     /// Tiny model size when building the embedded default: tiny, small (2x compute) or micro.
     #[arg(long)]
     pub preset: Option<String>,
-    /// Training samples of the embedded task (default 4000).
+    /// Training samples of the embedded task.
     #[arg(long)]
     pub task_train: Option<usize>,
+    /// Embedded default's starting model: fc-tiny (the shipped base checkpoint) or scratch (a
+    /// fresh tiny model built from --preset).
+    #[arg(long)]
+    pub base: Option<String>,
     /// Held-out examples scored at the end (0: skip).
     #[arg(long)]
     pub eval_samples: Option<usize>,
@@ -84,6 +88,7 @@ impl RunArgs {
         set_given(&mut c.eval_samples, &self.eval_samples);
         set_given(&mut c.preset, &self.preset);
         set_given(&mut c.task_train, &self.task_train);
+        set_given(&mut c.base, &self.base);
     }
 }
 

@@ -58,7 +58,8 @@ pub struct Args {
     /// Prompt style: compact (embedded task), bfcl, reasoning, qwen-fc.
     #[arg(long, value_enum)]
     pub style: Option<PromptStyle>,
-    /// SFT warm-up steps for the embedded default.
+    /// SRML SFT steps on the embedded task before GRPO, from the base (default 0; a
+    /// --base scratch model needs about 800).
     #[arg(long)]
     pub warmup_sft_steps: Option<u64>,
     /// Dynamic sampling (DAPO): re-draw groups whose rewards are all equal from new prompts

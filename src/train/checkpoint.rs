@@ -170,7 +170,7 @@ pub fn check_resume_config<C: Serialize>(run_dir: &Path, cfg: &C, force: bool) -
     let mut saved: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
     // Run directories started before the `[run]` table have its fields at the top level.
-    crate::train::run_config::migrate_flat(&mut saved);
+    crate::train::run_config::migrate_flat(&mut saved).with_context(|| format!("{}", path.display()))?;
     // Through text, as config.toml was written: f32 fields then compare by their printed value.
     let now: toml::Table =
         toml::from_str(&toml::to_string_pretty(cfg).context("cannot serialize the config")?)

@@ -10,6 +10,7 @@ use anyhow::Result;
 
 use crate::data::{synth, Sample};
 use crate::tensor::Device;
+use crate::train::base;
 use crate::train::checkpoint::{self, Start};
 use crate::train::run_config::RunConfig;
 use crate::train::sft::{self, SftConfig};
@@ -49,6 +50,7 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
             })
         }
     };
+    check_base(run_cfg)?;
     let need_task = run_cfg.data.is_none() || run_cfg.model.is_none();
     if need_task && !(train_p.exists() && eval_p.exists()) {
         // Checked before anything is generated: the task is built in memory.
@@ -72,6 +74,11 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
     };
     let model_dir = match &run_cfg.model {
         Some(m) => m.clone(),
+        None if run_cfg.base == base::SHIPPED => {
+            let dir = run.join("base-model");
+            base::write(&dir)?;
+            dir
+        }
         None => {
             let dir = run.join("base-model");
             if !dir.join("model.safetensors").exists() {
@@ -113,6 +120,35 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
     Ok(Inputs { train, eval, model: model_dir })
 }
 
+/// The `base` option names a known start, and the options that shape a fresh model are not
+/// set when the shipped checkpoint is used instead (they would be silently ignored).
+fn check_base(run: &RunConfig) -> Result<()> {
+    base::check(&run.base)?;
+    if run.model.is_some() || run.base == base::SCRATCH {
+        return Ok(());
+    }
+    let fresh = RunConfig::sft();
+    let set: Vec<&str> = [
+        ("preset", run.preset != fresh.preset),
+        ("vocab_size", run.vocab_size != fresh.vocab_size),
+        ("copy_heads", run.copy_heads != fresh.copy_heads),
+        ("copy_warmup_steps", run.copy_warmup_steps != fresh.copy_warmup_steps),
+    ]
+    .into_iter()
+    .filter_map(|(k, differs)| differs.then_some(k))
+    .collect();
+    anyhow::ensure!(
+        set.is_empty(),
+        "{} shape a fresh tiny model, but base = `{}` starts from the shipped checkpoint; \
+         set base = `{}` (--base {}) to build one",
+        set.join(", "),
+        run.base,
+        base::SCRATCH,
+        base::SCRATCH
+    );
+    Ok(())
+}
+
 /// Most samples of the embedded task per split (about 1 KB each in memory).
 pub const MAX_TASK_SAMPLES: usize = 1_000_000;
 
@@ -133,6 +169,7 @@ pub fn policy(run: &RunConfig, warmup_steps: u64, device: Device, force: bool) -
             vocab_size: run.vocab_size,
             copy_warmup_steps: run.copy_warmup_steps,
             copy_heads: run.copy_heads,
+            base: run.base.clone(),
             eval_samples: 0,
             save_every: 0,
             preset: run.preset.clone(),

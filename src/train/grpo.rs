@@ -64,7 +64,9 @@ pub struct GrpoConfig {
     /// Sequences per forward/backward pass in the update (gradients accumulate).
     pub micro_batch: usize,
     pub style: PromptStyle,
-    /// SRML warm-up steps when the embedded default has no SFT checkpoint yet.
+    /// SRML SFT steps on the embedded task before GRPO (run once, in `<run_dir>/sft`), from the
+    /// `base` model. 0 (the default) starts GRPO from the base itself: the shipped `fc-tiny`
+    /// already had its SFT; a `scratch` base needs some (about 800 steps).
     pub warmup_sft_steps: u64,
     /// DAPO dynamic sampling: a group whose G rewards are all equal (no gradient) is replaced
     /// by the group of a new prompt, for up to `max_resample` extra rollout rounds per step.
@@ -95,7 +97,7 @@ impl Default for GrpoConfig {
             ppo_epochs: 1,
             micro_batch: 16,
             style: PromptStyle::Compact,
-            warmup_sft_steps: 800,
+            warmup_sft_steps: 0,
             dynamic_sampling: true,
             max_resample: 4,
         }
@@ -953,6 +955,7 @@ mod tests {
                 task_eval: 4,
                 eval_samples: 0,
                 preset: "micro".into(),
+                base: "scratch".into(),
                 ..RunConfig::grpo()
             },
             prompts_per_step: 4,

@@ -1,6 +1,7 @@
 //! Training: the SFT (`sft`, `srml`) and GRPO (`grpo`) trainers, their optimizer, schedule,
 //! checkpoints, metrics and held-out evaluation, and the embedded tiny model (`tiny`).
 
+pub mod base;
 pub mod checkpoint;
 pub mod copy_heads;
 pub mod embedded;

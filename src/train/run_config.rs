@@ -48,6 +48,10 @@ pub struct RunConfig {
     /// Embedded default: start the tiny model with a previous-token and an induction head
     /// (`train::copy_heads`), so it can copy values from the request.
     pub copy_heads: bool,
+    /// Embedded default: what the model starts from: `fc-tiny`, the shipped base checkpoint
+    /// (`train::base`), or `scratch`, a fresh tiny model built from `preset`, `vocab_size` and
+    /// `copy_heads`.
+    pub base: String,
 }
 
 impl RunConfig {
@@ -61,6 +65,7 @@ impl RunConfig {
             weight_decay: 0.01,
             save_every: 100,
             eval_samples: 200,
+            base: crate::train::base::SCRATCH.into(),
             ..Self::common()
         }
     }
@@ -69,12 +74,13 @@ impl RunConfig {
     pub fn grpo() -> Self {
         RunConfig {
             run_dir: PathBuf::from("runs/train"),
-            steps: 30,
-            lr: 1e-4,
+            steps: 100,
+            lr: 3e-4,
             warmup_steps: 2,
             weight_decay: 0.0,
-            save_every: 20,
-            eval_samples: 100,
+            save_every: 50,
+            eval_samples: 200,
+            base: crate::train::base::SHIPPED.into(),
             ..Self::common()
         }
     }
@@ -97,9 +103,10 @@ impl RunConfig {
             preset: "tiny".into(),
             task_train: 20000,
             task_eval: 200,
-            vocab_size: 1536,
+            vocab_size: 512,
             copy_warmup_steps: 0,
             copy_heads: true,
+            base: crate::train::base::SCRATCH.into(),
         }
     }
 
@@ -110,7 +117,7 @@ impl RunConfig {
 }
 
 /// Names of [`RunConfig`]'s fields: in a config file they belong in the `[run]` table.
-pub const RUN_FIELDS: [&str; 19] = [
+pub const RUN_FIELDS: [&str; 20] = [
     "model",
     "data",
     "eval_data",
@@ -130,27 +137,33 @@ pub const RUN_FIELDS: [&str; 19] = [
     "vocab_size",
     "copy_warmup_steps",
     "copy_heads",
+    "base",
 ];
 
 /// Moves top-level keys that now live under `[run]` into that table: config files written
 /// before the `[run]` table existed (and the `config.toml` of older run directories) keep
-/// loading. Returns the keys moved.
-pub fn migrate_flat(table: &mut toml::Table) -> Vec<String> {
+/// loading. Returns the keys moved; a key given both at the top level and under `[run]` is an
+/// error naming both, since either reading would silently drop the other.
+pub fn migrate_flat(table: &mut toml::Table) -> Result<Vec<String>> {
     let moved: Vec<String> =
         RUN_FIELDS.iter().filter(|k| table.contains_key(**k)).map(|k| k.to_string()).collect();
     if moved.is_empty() {
-        return moved;
+        return Ok(moved);
+    }
+    if let Some(toml::Value::Table(run)) = table.get("run") {
+        if let Some(k) = moved.iter().find(|k| run.contains_key(k.as_str())) {
+            anyhow::bail!("`{k}` is given both at the top level and as `run.{k}`; keep only `run.{k}`");
+        }
     }
     let flat: Vec<(String, toml::Value)> =
         moved.iter().filter_map(|k| table.remove(k).map(|v| (k.clone(), v))).collect();
     let run = table.entry("run").or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if let toml::Value::Table(run) = run {
-        for (k, v) in flat {
-            // A key given both ways: the `[run]` table wins.
-            run.entry(k).or_insert(v);
-        }
+        run.extend(flat);
+    } else {
+        anyhow::bail!("`run` must be a table ([run])");
     }
-    moved
+    Ok(moved)
 }
 
 /// Lays `over` onto `base`: tables merge key by key, any other value replaces.
@@ -173,7 +186,7 @@ pub fn load<C: Serialize + DeserializeOwned>(path: Option<&Path>, defaults: C, w
     let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
     let mut file: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: invalid {what} config", p.display()))?;
-    let moved = migrate_flat(&mut file);
+    let moved = migrate_flat(&mut file).with_context(|| format!("{}: invalid {what} config", p.display()))?;
     if !moved.is_empty() {
         eprintln!(
             "note: {}: {} now belong in the [run] table; read as run.{} (write them under [run] to silence this)",
@@ -233,6 +246,14 @@ mod tests {
         let (_d, p) = write("steps = 9\nlr = 0.25\nbeta = 0.5\n");
         let c = load(Some(&p), Cmd { run: RunConfig::sft(), beta: 0.1 }, "test").unwrap();
         assert_eq!((c.run.steps, c.run.lr, c.beta), (9, 0.25, 0.5));
+    }
+
+    #[test]
+    fn a_field_given_flat_and_under_run_is_an_error_naming_both() {
+        let (_d, p) = write("steps = 9\n[run]\nsteps = 7\n");
+        let e =
+            format!("{:#}", load(Some(&p), Cmd { run: RunConfig::sft(), beta: 0.1 }, "test").unwrap_err());
+        assert!(e.contains("c.toml") && e.contains("`steps`") && e.contains("run.steps"), "{e}");
     }
 
     #[test]
