@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
 """Ablation of fcgpu's training choices on the embedded task, with several seeds.
 
-For each seed it runs, with the defaults of `fcgpu train` everywhere else:
-  sft-plain   `fcgpu sft --loss plain`                 (cross-entropy warm-up)
-  sft-srml    `fcgpu sft --loss srml`                  (SRML warm-up: the default)
-and, from the seed's SRML warm-up checkpoint:
-  grpo-l0     `fcgpu train --entropy-lambda 0`          (plain GRPO)
-  grpo        `fcgpu train`                             (entropy-enhanced GRPO, SRML aggregation)
-  grpo-tm     `fcgpu train --loss-agg token-mean`       (entropy-enhanced, token-mean)
-Every run scores the same held-out prompts greedily (`eval-sft.json`, `eval-after.json` in its
-run directory; key `accuracy`: answers well formed AND accepted by the BFCL checker, see
-docs/metrics.md); this prints that held-out accuracy per category as
-mean ± std over the seeds, as a Markdown table. Finished runs are reused, so an interrupted
-ablation resumes where it stopped.
+For each seed it runs, with the defaults everywhere else:
+  sft-plain   `fcgpu sft --config configs/base-fc-tiny.toml --loss plain`   (cross-entropy)
+  sft-srml    `fcgpu sft --config configs/base-fc-tiny.toml`                (SRML: the base recipe)
+(a fresh model each, with the seed's task; `--sft-steps` shortens the recipe's 4,000 steps,
+about 20 minutes each on 2 cores) and, from the shipped base `fc-tiny` as `fcgpu train` starts:
+  grpo        `fcgpu train`                             (the default: entropy bonus, srml, dynamic sampling)
+  grpo-l0     `fcgpu train --entropy-lambda 0`          (plain GRPO advantages)
+  grpo-tm     `fcgpu train --loss-agg token-mean`       (token-mean aggregation)
+  grpo-nods   `fcgpu train --dynamic-sampling false`    (no re-drawing of all-equal groups)
+Every run scores the same held-out prompts greedily (`eval-sft.json`, `eval-before.json`,
+`eval-after.json` in its run directory; key `accuracy`: answers well formed AND accepted by
+the BFCL checker, see docs/metrics.md); this prints that held-out accuracy per category as
+mean ± std over the seeds, and each GRPO variant's difference from the default paired by seed,
+as Markdown. Finished runs are reused, so an interrupted ablation resumes where it stopped.
 
-    python3 tools/ablation.py --seeds 0 1 2 [--bin target/release/fcgpu] [--out runs/ablation]
+    python3 tools/ablation.py --seeds 0 1 2 [--skip-sft | --sft-steps N] [--bin target/release/fcgpu] [--out runs/ablation]
 
 Only the standard library is needed. Build fcgpu first (`cargo build --release`).
 """
@@ -30,19 +32,23 @@ import tomllib
 
 CATEGORIES = ["simple", "multiple", "parallel", "parallel_multiple", "irrelevance"]
 
-SFT_RUNS = {"sft-plain": ["--loss", "plain"], "sft-srml": ["--loss", "srml"]}
+SFT_RUNS = {"sft-plain": ["--loss", "plain"], "sft-srml": []}
 GRPO_RUNS = {
-    "grpo-l0": ["--entropy-lambda", "0"],
     "grpo": [],
+    "grpo-l0": ["--entropy-lambda", "0"],
     "grpo-tm": ["--loss-agg", "token-mean"],
+    "grpo-nods": ["--dynamic-sampling", "false"],
 }
 ROWS = [
     ("SFT, plain cross-entropy", "sft-plain", "eval-sft.json"),
-    ("SFT, SRML (default warm-up)", "sft-srml", "eval-sft.json"),
-    ("GRPO λ = 0, srml aggregation", "grpo-l0", "eval-after.json"),
-    ("GRPO + entropy bonus, srml (default)", "grpo", "eval-after.json"),
-    ("GRPO + entropy bonus, token-mean", "grpo-tm", "eval-after.json"),
+    ("SFT, SRML (the base recipe)", "sft-srml", "eval-sft.json"),
+    ("the shipped base fc-tiny (GRPO's start)", "grpo", "eval-before.json"),
+    ("GRPO, default (λ = 0.4, srml, dynamic sampling)", "grpo", "eval-after.json"),
+    ("GRPO, λ = 0", "grpo-l0", "eval-after.json"),
+    ("GRPO, token-mean aggregation", "grpo-tm", "eval-after.json"),
+    ("GRPO, no dynamic sampling", "grpo-nods", "eval-after.json"),
 ]
+BASE_RECIPE = "configs/base-fc-tiny.toml"
 
 
 def run(cmd, log):
@@ -61,7 +67,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--bin", default="target/release/fcgpu")
     ap.add_argument("--out", default="runs/ablation")
-    ap.add_argument("--sft-steps", type=int, help="warm-up steps (default: fcgpu train's)")
+    ap.add_argument("--sft-steps", type=int, help="SFT steps (default: the base recipe's)")
+    ap.add_argument("--skip-sft", action="store_true", help="run only the GRPO variants")
     ap.add_argument("--grpo-steps", type=int, help="GRPO steps (default: fcgpu train's)")
     ap.add_argument("--eval-samples", type=int, default=200)
     ap.add_argument("--table-only", action="store_true", help="print the table of finished runs")
@@ -73,30 +80,23 @@ def main():
 
 
 def run_seed(a, seed):
-    sft_steps = a.sft_steps or default_of(a, "warmup_sft_steps")
-    for name, extra in SFT_RUNS.items():
-        d = os.path.join(a.out, f"{name}-s{seed}")
-        if not os.path.exists(os.path.join(d, "eval-sft.json")):
-            run([a.bin, "sft", "--run-dir", d, "--seed", str(seed), "--steps", str(sft_steps),
-                 "--save-every", "0", "--eval-samples", str(a.eval_samples)] + extra, d + ".log")
-    base = os.path.join(a.out, f"sft-srml-s{seed}")
-    start = os.path.join(base, f"checkpoint-{sft_steps}")
+    if not a.skip_sft:
+        for name, extra in SFT_RUNS.items():
+            d = os.path.join(a.out, f"{name}-s{seed}")
+            if not os.path.exists(os.path.join(d, "eval-sft.json")):
+                cmd = [a.bin, "sft", "--config", BASE_RECIPE, "--run-dir", d, "--seed", str(seed),
+                       "--save-every", "0", "--eval-samples", str(a.eval_samples)] + extra
+                if a.sft_steps:
+                    cmd += ["--steps", str(a.sft_steps)]
+                run(cmd, d + ".log")
     for name, extra in GRPO_RUNS.items():
         d = os.path.join(a.out, f"{name}-s{seed}")
         if os.path.exists(os.path.join(d, "eval-after.json")):
             continue
-        cmd = [a.bin, "train", "--run-dir", d, "--seed", str(seed), "--model", start,
-               "--data", os.path.join(base, "task", "train.jsonl"), "--eval-data", os.path.join(base, "task", "eval.jsonl"),
-               "--eval-samples", str(a.eval_samples)] + extra
+        cmd = [a.bin, "train", "--run-dir", d, "--seed", str(seed), "--eval-samples", str(a.eval_samples)] + extra
         if a.grpo_steps:
             cmd += ["--steps", str(a.grpo_steps)]
         run(cmd, d + ".log")
-
-
-def default_of(a, key):
-    """A default of `fcgpu train` (kept in one place: the binary)."""
-    out = subprocess.run([a.bin, "train", "--print-config"], capture_output=True, text=True, check=True).stdout
-    return tomllib.loads(out)[key]
 
 
 def scores(a, run_name, seed, file):
@@ -106,6 +106,7 @@ def scores(a, run_name, seed, file):
     h = json.load(open(p))
     cats = {c["category"]: c["accuracy"] for c in h["categories"]}
     cats["all"] = h["accuracy"]
+    cats["calls"] = h.get("calls_accuracy", float("nan"))
     return cats
 
 
@@ -130,7 +131,7 @@ def late_reward(a, run_name, seed):
 
 
 def print_table(a):
-    cols = CATEGORIES + ["all"]
+    cols = CATEGORIES + ["calls", "all"]
     print(f"\nHeld-out accuracy (%), greedy, format and BFCL verdict; mean ± std over seeds {a.seeds}\n")
     print("| run | " + " | ".join(cols) + " | rollout reward, last 10% of steps | seeds |")
     print("|---|" + "---:|" * (len(cols) + 2))
@@ -140,6 +141,18 @@ def print_table(a):
         rewards = [r for r in (late_reward(a, name, seed) for seed in a.seeds) if r is not None]
         reward = f"{statistics.mean(rewards):.3f}" if rewards else "–"
         print(f"| {label} | " + " | ".join(cells) + f" | {reward} | {len(per_seed)} |")
+    print("\nGRPO variant − default, paired by seed (points; `calls` pools the four call categories)\n")
+    print("| variant | all | calls | seeds |")
+    print("|---|---:|---:|---|")
+    for label, name, file in ROWS[4:]:
+        diffs = {"all": [], "calls": []}
+        for seed in a.seeds:
+            v, d = scores(a, name, seed, file), scores(a, "grpo", seed, "eval-after.json")
+            if v and d:
+                for k in diffs:
+                    diffs[k].append(v[k] - d[k])
+        cells = [fmt(diffs[k]) for k in ("all", "calls")]
+        print(f"| {label} | " + " | ".join(cells) + f" | {len(diffs['all'])} |")
 
 
 if __name__ == "__main__":
