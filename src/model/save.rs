@@ -23,17 +23,7 @@ impl Model {
     /// temporary sibling directory first, which is renamed over `dir` only once complete.
     pub fn save(&self, dir: &Path, dtype: Option<DType>) -> Result<()> {
         let dtype = dtype.unwrap_or(self.config.dtype);
-        let tmp = sibling(dir, "tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
-        }
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        // A failed write (full disk, bad side file) leaves nothing behind.
-        let done = self.write_files(&tmp, dtype).and_then(|_| replace_dir(&tmp, dir));
-        if done.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        done
+        write_dir(dir, |tmp| self.write_files(tmp, dtype))
     }
 
     fn write_files(&self, dir: &Path, dtype: DType) -> Result<()> {
@@ -61,6 +51,21 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Fills a temporary sibling of `dir` with `fill`, then puts it at `dir`, replacing what was
+/// there. A failed fill (full disk, bad side file) leaves nothing behind and `dir` untouched.
+pub fn write_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = sibling(dir, "tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let done = fill(&tmp).and_then(|_| replace_dir(&tmp, dir));
+    if done.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    done
 }
 
 /// `.<name>.<tag>-<pid>`: a temporary name that `runfs::clean_stale_temps` recognises.

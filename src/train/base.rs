@@ -35,31 +35,17 @@ pub fn check(base: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes the shipped checkpoint to `dir` unless a complete copy is there. The files go to a
-/// temporary sibling first, renamed into place once all are written.
+/// Writes the shipped checkpoint to `dir` unless a complete copy is there, atomically.
 pub fn write(dir: &Path) -> Result<()> {
-    if FILES
-        .iter()
-        .all(|(name, bytes)| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == bytes.len() as u64))
-    {
+    if FILES.iter().all(|(name, bytes)| std::fs::read(dir.join(name)).is_ok_and(|b| b == *bytes)) {
         return Ok(());
     }
-    let tmp = crate::runfs::temp_sibling(dir, "tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let done = FILES
-        .iter()
-        .try_for_each(|(name, bytes)| {
+    crate::model::save::write_dir(dir, |tmp| {
+        FILES.iter().try_for_each(|(name, bytes)| {
             std::fs::write(tmp.join(name), bytes)
                 .with_context(|| format!("cannot write {}", tmp.join(name).display()))
         })
-        .and_then(|_| crate::model::save::replace_dir(&tmp, dir));
-    if done.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    done
+    })
 }
 
 #[cfg(test)]
@@ -74,7 +60,10 @@ mod tests {
         let m = crate::model::Model::load(&dir).unwrap();
         let tok = crate::model::tokenizer::Tokenizer::load(&dir).unwrap();
         assert_eq!(m.config.vocab_size, tok.vocab_size());
-        // A second write over a complete copy is a no-op.
+        // A damaged copy is replaced; a complete one is left as it is.
+        std::fs::write(dir.join("model.safetensors"), b"damaged").unwrap();
+        write(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), FILES[2].1);
         write(&dir).unwrap();
     }
 
