@@ -138,7 +138,8 @@ def print_table(a):
     for label, name, file in ROWS:
         per_seed = [s for s in (scores(a, name, seed, file) for seed in a.seeds) if s]
         cells = [fmt([s[c] for s in per_seed if c in s]) for c in cols]
-        rewards = [r for r in (late_reward(a, name, seed) for seed in a.seeds) if r is not None]
+        after = file == "eval-after.json"
+        rewards = [r for r in (late_reward(a, name, seed) for seed in a.seeds) if after and r is not None]
         reward = f"{statistics.mean(rewards):.3f}" if rewards else "–"
         print(f"| {label} | " + " | ".join(cells) + f" | {reward} | {len(per_seed)} |")
     print("\nGRPO variant − default, paired by seed (points; `calls` pools the four call categories)\n")
