@@ -86,8 +86,14 @@ pub fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
         }
         return Err(e).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()));
     }
-    if old.exists() {
-        std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
-    }
+    // What was moved aside may be a stray file where the directory belongs.
+    let removed = if old.is_dir() {
+        std::fs::remove_dir_all(&old)
+    } else if old.exists() {
+        std::fs::remove_file(&old)
+    } else {
+        Ok(())
+    };
+    removed.with_context(|| format!("cannot remove {}", old.display()))?;
     Ok(())
 }

@@ -68,6 +68,20 @@ mod tests {
     }
 
     #[test]
+    fn a_stray_file_where_the_base_belongs_is_replaced_without_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("base-model");
+        std::fs::write(&dir, b"junk").unwrap();
+        write(&dir).unwrap();
+        assert!(dir.join("model.safetensors").is_file());
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "a temporary or moved-aside file was left"
+        );
+    }
+
+    #[test]
     fn an_unknown_base_is_refused_by_name() {
         let e = check("fc-huge").unwrap_err().to_string();
         assert!(e.contains("fc-huge") && e.contains(SHIPPED) && e.contains(SCRATCH), "{e}");
