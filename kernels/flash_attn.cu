@@ -351,3 +351,152 @@ extern "C" __global__ void __launch_bounds__(128) fa_bwd_d128(const bf16* q, con
                                                               float scale) {
     fa_bwd_impl<128, 16>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The f32 path (`--dtype f32`): the same attention on f32 q/k/v with f32 arithmetic throughout,
+// on CUDA cores. It exists for parity with the cpu (the bf16 tensor-core kernels above round
+// q, k, v, P and dS to bf16), not for speed. Any head dim up to 256, no padding: lanes split D.
+//
+// fa_fwd_f32: grid = (ceil(max_len / 4), q_heads, n_seq), block = 128; warp w owns query row
+//   blockIdx.x·4 + w and walks keys 0..row with an online softmax (natural exp). Writes o and lse.
+// fa_bwd_dot_f32: delta[t, h] = Σ_d O·dO; one warp per (token, head), block 256.
+// fa_bwd_dq_f32: grid as the forward; warp per query row: dq_i = scale · Σ_j dS_ij · k_j.
+// fa_bwd_dkdv_f32: grid = (ceil(max_len / 4), kv_heads, n_seq), block = 128; warp per key row j
+//   of one kv head: over the group's q heads and queries i >= j, dk_j = scale · Σ dS_ij · q_i and
+//   dv_j = Σ P_ij · dO_i. With P_ij = exp(scale·q_i·k_j − lse_i), dS_ij = P_ij (dO_i·v_j − delta_i).
+//   No atomics: every output element has one writer, so the result is deterministic.
+// Roofline: ≈ 2·L²·D FLOPs per (sequence, head) forward and ≈ 3× that backward, at CUDA-core rate.
+#define FA32_PER 8  // D / 32 rounded up, at most
+
+__device__ __forceinline__ void fa32_load(float* r, const float* src, int D, int lane, float mul) {
+#pragma unroll
+    for (int e = 0; e < FA32_PER; e++) {
+        const int d = lane + 32 * e;
+        r[e] = d < D ? src[d] * mul : 0.0f;
+    }
+}
+
+__device__ __forceinline__ float fa32_dot(const float* r, const float* src, int D, int lane) {
+    float s = 0.0f;
+#pragma unroll
+    for (int e = 0; e < FA32_PER; e++) {
+        const int d = lane + 32 * e;
+        if (d < D) s += r[e] * src[d];
+    }
+    return warp_sum(s);
+}
+
+__device__ __forceinline__ void fa32_store(float* dst, const float* r, int D, int lane, float mul) {
+#pragma unroll
+    for (int e = 0; e < FA32_PER; e++) {
+        const int d = lane + 32 * e;
+        if (d < D) dst[d] = r[e] * mul;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) fa_fwd_f32(const float* q, const float* k, const float* v, float* o,
+                                                             float* lse, const int* cu_seqlens, int q_heads,
+                                                             int kv_heads, int D, float scale) {
+    const int seq = blockIdx.z, h = blockIdx.y, lane = threadIdx.x & 31;
+    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
+    const int i = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (i >= len) return;  // whole warps; no block barrier below
+    const int kvh = h / (q_heads / kv_heads);
+    const long long qs = (long long)q_heads * D, ks = (long long)kv_heads * D;
+    float qv[FA32_PER], acc[FA32_PER];
+    fa32_load(qv, q + (start + i) * qs + (long long)h * D, D, lane, scale);
+#pragma unroll
+    for (int e = 0; e < FA32_PER; e++) acc[e] = 0.0f;
+    float m = -FC_INF, l = 0.0f;
+    for (int j = 0; j <= i; j++) {
+        const long long kr = (start + j) * ks + (long long)kvh * D;
+        const float s = fa32_dot(qv, k + kr, D, lane);
+        const float mn = fmaxf(m, s);
+        const float corr = expf(m - mn), p = expf(s - mn);  // m = -inf at j = 0: corr = 0
+        l = l * corr + p;
+#pragma unroll
+        for (int e = 0; e < FA32_PER; e++) {
+            const int d = lane + 32 * e;
+            acc[e] = acc[e] * corr + (d < D ? p * v[kr + d] : 0.0f);
+        }
+        m = mn;
+    }
+    fa32_store(o + (start + i) * qs + (long long)h * D, acc, D, lane, 1.0f / l);
+    if (lane == 0) lse[(long long)(start + i) * q_heads + h] = m + logf(l);
+}
+
+extern "C" __global__ void fa_bwd_dot_f32(const float* o, const float* dout, float* delta, long long rows, int D) {
+    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (w >= rows) return;  // whole warps exit together
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += o[w * D + d] * dout[w * D + d];
+    s = warp_sum(s);
+    if (lane == 0) delta[w] = s;
+}
+
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dq_f32(const float* q, const float* k, const float* v,
+                                                                const float* dout, const float* lse, const float* delta,
+                                                                float* dq, const int* cu_seqlens, int q_heads,
+                                                                int kv_heads, int D, float scale) {
+    const int seq = blockIdx.z, h = blockIdx.y, lane = threadIdx.x & 31;
+    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
+    const int i = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (i >= len) return;
+    const int kvh = h / (q_heads / kv_heads);
+    const long long qs = (long long)q_heads * D, ks = (long long)kv_heads * D, qr = (start + i) * qs + (long long)h * D;
+    const long long row = (long long)(start + i) * q_heads + h;
+    const float li = lse[row], di = delta[row];
+    float qv[FA32_PER], go[FA32_PER], acc[FA32_PER];
+    fa32_load(qv, q + qr, D, lane, scale);
+    fa32_load(go, dout + qr, D, lane, 1.0f);
+#pragma unroll
+    for (int e = 0; e < FA32_PER; e++) acc[e] = 0.0f;
+    for (int j = 0; j <= i; j++) {
+        const long long kr = (start + j) * ks + (long long)kvh * D;
+        const float p = expf(fa32_dot(qv, k + kr, D, lane) - li);
+        const float ds = p * (fa32_dot(go, v + kr, D, lane) - di);
+#pragma unroll
+        for (int e = 0; e < FA32_PER; e++) {
+            const int d = lane + 32 * e;
+            if (d < D) acc[e] += ds * k[kr + d];
+        }
+    }
+    fa32_store(dq + qr, acc, D, lane, scale);
+}
+
+// (128, 1): without the occupancy hint ptxas caps this kernel at 64 registers on sm_90 and spills.
+extern "C" __global__ void __launch_bounds__(128, 1) fa_bwd_dkdv_f32(const float* q, const float* k, const float* v,
+                                                                  const float* dout, const float* lse,
+                                                                  const float* delta, float* dk, float* dv,
+                                                                  const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                  int D, float scale) {
+    const int seq = blockIdx.z, kvh = blockIdx.y, lane = threadIdx.x & 31;
+    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
+    const int j = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (j >= len) return;
+    const int group = q_heads / kv_heads;
+    const long long qs = (long long)q_heads * D, ks = (long long)kv_heads * D, kr = (start + j) * ks + (long long)kvh * D;
+    float kv[FA32_PER], vv[FA32_PER], ak[FA32_PER], av[FA32_PER];
+    fa32_load(kv, k + kr, D, lane, scale);
+    fa32_load(vv, v + kr, D, lane, 1.0f);
+#pragma unroll
+    for (int e = 0; e < FA32_PER; e++) { ak[e] = 0.0f; av[e] = 0.0f; }
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int i = j; i < len; i++) {
+            const long long qr = (start + i) * qs + (long long)h * D, row = (long long)(start + i) * q_heads + h;
+            const float p = expf(fa32_dot(kv, q + qr, D, lane) - lse[row]);
+            const float ds = p * (fa32_dot(vv, dout + qr, D, lane) - delta[row]);
+#pragma unroll
+            for (int e = 0; e < FA32_PER; e++) {
+                const int d = lane + 32 * e;
+                if (d < D) {
+                    ak[e] += ds * q[qr + d];
+                    av[e] += p * dout[qr + d];
+                }
+            }
+        }
+    }
+    fa32_store(dk + kr, ak, D, lane, scale);
+    fa32_store(dv + kr, av, D, lane, 1.0f);
+}

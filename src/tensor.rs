@@ -34,6 +34,25 @@ impl Storage {
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
+thread_local! {
+    static ROUND_BF16: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the output of every cpu op that a GPU stores in bf16 rounded to bf16 (round to
+/// nearest even): the GPU path computes each op in f32 and stores its result in bf16, so this is
+/// a cpu simulation of that rounding (not of the kernels' summation order). Tests use it to size
+/// their bf16 tolerances per model; nothing else does. Affects only the calling thread.
+pub fn with_bf16_rounding<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ROUND_BF16.with(|r| r.set(self.0));
+        }
+    }
+    let _reset = Reset(ROUND_BF16.with(|r| r.replace(true)));
+    f()
+}
+
 pub(crate) struct Inner {
     pub(crate) id: usize,
     pub(crate) storage: Arc<Storage>,
@@ -99,7 +118,17 @@ impl Tensor {
     }
 
     /// A result of an op: records `grad_fn` when autograd is on and an input tracks gradients.
-    pub(crate) fn from_op(data: Vec<f32>, shape: &[usize], grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
+    /// Under [`with_bf16_rounding`] the values are rounded to bf16, as a GPU stores them.
+    pub(crate) fn from_op(mut data: Vec<f32>, shape: &[usize], grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
+        if ROUND_BF16.with(|r| r.get()) {
+            data.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        }
+        Self::from_op_f32(data, shape, grad_fn)
+    }
+
+    /// [`Tensor::from_op`] for ops whose GPU output is f32 whatever the compute dtype (log-probs,
+    /// losses): never rounded.
+    pub(crate) fn from_op_f32(data: Vec<f32>, shape: &[usize], grad_fn: Option<Arc<dyn GradFn>>) -> Tensor {
         debug_assert_eq!(data.len(), numel(shape));
         let grad_fn =
             grad_fn.filter(|g| autograd::is_enabled() && g.inputs().iter().any(|t| t.tracks_grad()));

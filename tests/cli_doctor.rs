@@ -1,4 +1,5 @@
-//! `fcgpu doctor`: passes on emu (every kernel family at two shapes, JSON as documented), and
+//! `fcgpu doctor`: passes on emu (every kernel family at two shapes, the optimizer, RL, sampling
+//! and decode kernels included; JSON as documented), and
 //! `--device cuda` without a GPU fails with a clear message.
 
 use std::process::Command;
@@ -22,9 +23,23 @@ fn doctor_on_emu_passes_and_prints_the_json_schema() {
         assert_eq!(k["ok"], true, "{k}");
     }
     // every family at two shapes, one of them awkward
-    for family in
-        ["rms_norm", "swiglu", "elementwise", "matmul", "logprob", "embedding", "rope", "attention", "cast"]
-    {
+    for family in [
+        "rms_norm",
+        "swiglu",
+        "elementwise",
+        "matmul",
+        "logprob",
+        "embedding",
+        "rope",
+        "attention",
+        "attention_f32",
+        "cast",
+        "adamw",
+        "advantage",
+        "policy_loss",
+        "sampling",
+        "decode_attn",
+    ] {
         let shapes: std::collections::BTreeSet<&str> =
             kernels.iter().filter(|k| k["family"] == family).map(|k| k["shape"].as_str().unwrap()).collect();
         assert_eq!(shapes.len(), 2, "{family}: {shapes:?}");

@@ -64,6 +64,7 @@ suite_tests!(needs_gpu cuda();
     policy_loss_matches_cpu,
     gemm_row_major,
     flash_attention_fwd_bwd,
+    flash_attention_f32_matches_cpu,
     decode_attention,
     elementwise_ops,
     storage_round_trip,

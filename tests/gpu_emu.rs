@@ -63,6 +63,7 @@ suite_tests!(dev();
     policy_loss_matches_cpu,
     gemm_row_major,
     flash_attention_fwd_bwd,
+    flash_attention_f32_matches_cpu,
     decode_attention,
     elementwise_ops,
     storage_round_trip,
@@ -83,7 +84,8 @@ fn decode_attn_row_checks_every_range() {
     let o = d.zeros(3 * nh * hd * 2).unwrap();
     let kv = d.zeros(2 * max_len * nkv * hd * 2).unwrap(); // 2 layers
     let lens = d.upload_i32(&[1, 2]).unwrap();
-    let cache = |at, entry| CacheRows { k: &kv, v: &kv, at, max_len, lens: &lens, entry };
+    let cache =
+        |at, entry| CacheRows { k: &kv, v: &kv, at, max_len, lens: &lens, entry, dtype: fcgpu::DType::BF16 };
     let layer1 = max_len * nkv * hd * 2;
     decode_attn_row(&d, &q, &o, 2, &cache(layer1, 1), (nh, nkv, hd)).unwrap();
     let err = |r: anyhow::Result<()>| format!("{:#}", r.unwrap_err());

@@ -24,12 +24,12 @@ pub struct Args {
 }
 
 /// One kernel family compared with the CPU op at one shape.
-struct Probe {
-    kernel: &'static str,
-    family: &'static str,
-    shape: String,
-    max_abs_err: f64,
-    tol: f64,
+pub(super) struct Probe {
+    pub(super) kernel: &'static str,
+    pub(super) family: &'static str,
+    pub(super) shape: String,
+    pub(super) max_abs_err: f64,
+    pub(super) tol: f64,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -57,7 +57,8 @@ pub fn run(a: Args) -> Result<()> {
     if !a.json {
         println!("kernels compiled: {compiled} files");
     }
-    let probes = run_probes(tag, &mut failures);
+    let mut probes = run_probes(tag, &mut failures);
+    probes.extend(super::doctor_kernels::run(&dev, &mut failures));
     if !a.json {
         println!("{:<28} {:<12} {:<26} {:>11} {:>9}  ok", "kernel", "family", "shape", "max_abs_err", "tol");
         for p in &probes {
@@ -133,7 +134,7 @@ fn compile_all(dev: &GpuDevice, failures: &mut Vec<String>) -> usize {
 }
 
 /// Deterministic values in [-scale, scale).
-fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+pub(super) fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let h = (i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 8;
@@ -142,7 +143,7 @@ fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+pub(super) fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() {
         return f64::INFINITY;
     }
@@ -158,10 +159,18 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 /// An op's forward output and the gradients of `Σ out·w` with respect to its inputs, on `device`.
 type OpFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
 
-fn forward_backward(device: Device, inputs: &[(Vec<f32>, Vec<usize>)], op: &OpFn) -> Result<Vec<Vec<f32>>> {
+/// Leaves on a GPU are stored as `dtype` (the op's kernels follow their inputs' dtype); cpu leaves
+/// stay f32 (the cpu ops are f32 only).
+fn forward_backward(
+    device: Device,
+    dtype: DType,
+    inputs: &[(Vec<f32>, Vec<usize>)],
+    op: &OpFn,
+) -> Result<Vec<Vec<f32>>> {
+    let dtype = if device.is_gpu() { dtype } else { DType::F32 };
     let leaves: Vec<Tensor> = inputs
         .iter()
-        .map(|(v, s)| Ok(Tensor::from_vec(v.clone(), s)?.to_device(device)?.requires_grad()))
+        .map(|(v, s)| Ok(Tensor::from_vec(v.clone(), s)?.to_dtype(dtype)?.to_device(device)?.requires_grad()))
         .collect::<Result<_>>()?;
     let out = op(&leaves)?;
     let w = values(out.numel(), 99, 1.0);
@@ -188,9 +197,34 @@ fn compare(
     out: &mut Vec<Probe>,
     failures: &mut Vec<String>,
 ) {
+    compare_as((device, DType::F32), family, kernels, shape, inputs, tol, op, out, failures)
+}
+
+/// [`compare`] with the device's leaves stored as `dtype`; the inputs are rounded to it first, so
+/// the cpu computes on the same values.
+#[allow(clippy::too_many_arguments)]
+fn compare_as(
+    (device, dtype): (Device, DType),
+    family: &'static str,
+    kernels: &[&'static str],
+    shape: String,
+    mut inputs: Vec<(Vec<f32>, Vec<usize>)>,
+    tol: f64,
+    op: &OpFn,
+    out: &mut Vec<Probe>,
+    failures: &mut Vec<String>,
+) {
+    if dtype == DType::BF16 {
+        for (v, _) in &mut inputs {
+            v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+        }
+    }
     type Outputs = Vec<Vec<f32>>;
     let run = || -> Result<(Outputs, Outputs)> {
-        Ok((forward_backward(Device::Cpu, &inputs, op)?, forward_backward(device, &inputs, op)?))
+        Ok((
+            forward_backward(Device::Cpu, dtype, &inputs, op)?,
+            forward_backward(device, dtype, &inputs, op)?,
+        ))
     };
     match run() {
         Ok((cpu, dev)) => {
@@ -306,13 +340,25 @@ fn run_probes(device: Device, failures: &mut Vec<String>) -> Vec<Probe> {
             &mut out,
             failures,
         );
-        c(
+        let seqs32 = seqs.clone();
+        compare_as(
+            (device, DType::BF16),
             "attention",
             &["flash_attn_fwd", "flash_attn_bwd (dq)", "flash_attn_bwd (dk)", "flash_attn_bwd (dv)"],
             format!("{rows} tokens x{heads}x{hd}, seqs {seqs:?}{tag}"),
             vec![qkv(9), qkv(10), qkv(11)],
             3e-2,
             &move |t| ops::attention(&t[0], &t[1], &t[2], &seqs),
+            &mut out,
+            failures,
+        );
+        c(
+            "attention_f32",
+            &["fa_fwd_f32", "fa_bwd_dq_f32", "fa_bwd_dkdv_f32 (dk)", "fa_bwd_dkdv_f32 (dv)"],
+            format!("{rows} tokens x{heads}x{hd}, seqs {seqs32:?}{tag}"),
+            vec![qkv(9), qkv(10), qkv(11)],
+            1e-5,
+            &move |t| ops::attention(&t[0], &t[1], &t[2], &seqs32),
             &mut out,
             failures,
         );

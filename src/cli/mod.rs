@@ -6,6 +6,7 @@ use crate::model::Model;
 use crate::tensor::{DType, Device};
 
 pub mod doctor;
+mod doctor_kernels;
 pub mod eval;
 pub mod generate;
 pub mod init;

@@ -244,6 +244,112 @@ pub fn flash_attn_bwd_scaled(
     cast(dev, &dq32, DType::F32, dq, DType::BF16, nq)
 }
 
+/// Largest head dim of the f32 kernels (lanes split it, 8 elements each).
+pub const F32_MAX_HEAD_DIM: usize = 256;
+
+/// Checks shapes and buffer sizes of an f32 call: q-shaped buffers `qlike`, k-shaped `klike`.
+fn check_f32(d: &FlashDims, qlike: &[&GpuBuffer], klike: &[&GpuBuffer], what: &str) -> Result<()> {
+    ensure!(
+        d.kv_heads > 0 && d.q_heads.is_multiple_of(d.kv_heads),
+        "q_heads {} not a multiple of kv_heads {}",
+        d.q_heads,
+        d.kv_heads
+    );
+    ensure!(d.q_heads <= 65535 && d.n_seq <= 65535, "too many heads or sequences for one launch");
+    ensure!(
+        (1..=F32_MAX_HEAD_DIM).contains(&d.head_dim),
+        "f32 attention supports head_dim 1..={F32_MAX_HEAD_DIM}, not {}",
+        d.head_dim
+    );
+    let (nq, nk) = (d.tokens * d.q_heads * d.head_dim * 4, d.tokens * d.kv_heads * d.head_dim * 4);
+    ensure!(qlike.iter().all(|b| b.bytes() >= nq), "{what}: a q-shaped f32 buffer is too small");
+    ensure!(klike.iter().all(|b| b.bytes() >= nk), "{what}: a k-shaped f32 buffer is too small");
+    Ok(())
+}
+
+/// Grid of the f32 kernels: 4 rows (one per warp) of `heads` heads of every sequence.
+fn f32_grid(d: &FlashDims, heads: usize) -> LaunchCfg {
+    LaunchCfg {
+        grid: (d.max_len.div_ceil(4) as u32, heads as u32, d.n_seq as u32),
+        block: (128, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// Causal GQA forward on f32 q/k/v (`fa_fwd_f32`): `o` (f32, like q) and `lse` (f32
+/// `[tokens, q_heads]`), computed in f32 throughout. Any head dim up to 256, no padding.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_fwd_f32(
+    dev: &GpuDevice,
+    d: &FlashDims,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    cu_seqlens: &GpuBuffer,
+    o: &GpuBuffer,
+    lse: &GpuBuffer,
+    scale: f32,
+) -> Result<()> {
+    check_f32(d, &[q, o], &[k, v], "flash_attn_fwd_f32")?;
+    ensure!(
+        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4,
+        "flash_attn_fwd_f32: lse/cu_seqlens too small"
+    );
+    if d.n_seq == 0 || d.max_len == 0 {
+        return Ok(());
+    }
+    let mut a = KernelArgs::new();
+    a.buf(q).buf(k).buf(v).buf(o).buf(lse).buf(cu_seqlens);
+    a.i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32).f32(scale);
+    dev.launch(Kernel::new("flash_attn.cu", "fa_fwd_f32"), f32_grid(d, d.q_heads), &mut a)
+}
+
+/// Backward of [`flash_attn_fwd_f32`]: `dq`, `dk`, `dv` (f32) from `dout`, the forward's `o`
+/// and `lse`. Deterministic: every gradient element is written by one warp, no atomics.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_bwd_f32(
+    dev: &GpuDevice,
+    d: &FlashDims,
+    q: &GpuBuffer,
+    k: &GpuBuffer,
+    v: &GpuBuffer,
+    cu_seqlens: &GpuBuffer,
+    o: &GpuBuffer,
+    lse: &GpuBuffer,
+    dout: &GpuBuffer,
+    (dq, dk, dv): (&GpuBuffer, &GpuBuffer, &GpuBuffer),
+    scale: f32,
+) -> Result<()> {
+    check_f32(d, &[q, o, dout, dq], &[k, v, dk, dv], "flash_attn_bwd_f32")?;
+    ensure!(
+        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4,
+        "flash_attn_bwd_f32: lse/cu_seqlens too small"
+    );
+    if d.n_seq == 0 || d.max_len == 0 {
+        return Ok(());
+    }
+    let rows = d.tokens * d.q_heads;
+    let delta = dev.alloc(rows * 4)?;
+    let mut a = KernelArgs::new();
+    a.buf(o).buf(dout).buf(&delta).i64(rows as i64).i32(d.head_dim as i32);
+    dev.launch(
+        Kernel::new("flash_attn.cu", "fa_bwd_dot_f32"),
+        LaunchCfg::linear(rows.div_ceil(8) as u32, 256),
+        &mut a,
+    )?;
+    let dims = |a: &mut KernelArgs| {
+        a.buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32).f32(scale);
+    };
+    let mut a = KernelArgs::new();
+    a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(dq);
+    dims(&mut a);
+    dev.launch(Kernel::new("flash_attn.cu", "fa_bwd_dq_f32"), f32_grid(d, d.q_heads), &mut a)?;
+    let mut a = KernelArgs::new();
+    a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(dk).buf(dv);
+    dims(&mut a);
+    dev.launch(Kernel::new("flash_attn.cu", "fa_bwd_dkdv_f32"), f32_grid(d, d.kv_heads), &mut a)
+}
+
 /// Layout of a KV cache: element strides of a batch entry, a position and a kv head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheLayout {
@@ -300,10 +406,12 @@ pub fn decode_attn(
         head_dim,
         max_len,
         CacheLayout::token_major(max_len, kv_heads, head_dim),
+        DType::BF16,
     )
 }
 
-/// [`decode_attn`] with any cache layout (see [`CacheLayout`]).
+/// [`decode_attn`] with any cache layout (see [`CacheLayout`]) and element dtype (bf16, or f32
+/// for `--dtype f32`; q, caches and o share it).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attn_strided(
     dev: &GpuDevice,
@@ -318,15 +426,17 @@ pub fn decode_attn_strided(
     head_dim: usize,
     max_len: usize,
     layout: CacheLayout,
+    dtype: DType,
 ) -> Result<()> {
+    let es = dtype.size();
     ensure!(
-        k_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2
-            && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * 2,
+        k_cache.bytes() >= batch * max_len * kv_heads * head_dim * es
+            && v_cache.bytes() >= batch * max_len * kv_heads * head_dim * es,
         "decode_attn: cache too small"
     );
     ensure!(
-        q.bytes() >= batch * q_heads * head_dim * 2
-            && o.bytes() >= batch * q_heads * head_dim * 2
+        q.bytes() >= batch * q_heads * head_dim * es
+            && o.bytes() >= batch * q_heads * head_dim * es
             && lens.bytes() >= batch * 4,
         "decode_attn: buffers too small"
     );
@@ -345,6 +455,7 @@ pub fn decode_attn_strided(
             head_dim,
             max_len,
             layout,
+            dtype,
         )
     }
 }
@@ -354,7 +465,7 @@ pub fn decode_attn_strided(
 ///
 /// # Safety
 /// Every address lies in a live allocation of `dev` holding what the layout and sizes imply:
-/// `q`/`o` `batch × q_heads × head_dim` bf16, `lens` `batch` i32, the caches `batch` entries of
+/// `q`/`o` `batch × q_heads × head_dim` of `dtype`, `lens` `batch` i32, the caches `batch` entries of
 /// `max_len` positions under `layout`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn decode_attn_at(
@@ -370,8 +481,14 @@ pub unsafe fn decode_attn_at(
     head_dim: usize,
     max_len: usize,
     layout: CacheLayout,
+    dtype: DType,
 ) -> Result<()> {
     ensure!(head_dim <= 256 && head_dim > 0, "decode attention supports head_dim up to 256");
+    let kernel = match dtype {
+        DType::BF16 => "decode_attn_bf16",
+        DType::F32 => "decode_attn_f32",
+        other => anyhow::bail!("decode attention runs on bf16 or f32, not {other:?}"),
+    };
     ensure!(
         kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
         "q_heads {q_heads} not a multiple of kv_heads {kv_heads}"
@@ -394,11 +511,11 @@ pub unsafe fn decode_attn_at(
         .i64(layout.head_stride as i64)
         .f32(1.0 / (head_dim as f32).sqrt());
     let cfg = LaunchCfg { grid: (q_heads as u32, batch as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
-    dev.launch(Kernel::new("decode_attn.cu", "decode_attn_bf16"), cfg, &mut a)
+    dev.launch(Kernel::new("decode_attn.cu", kernel), cfg, &mut a)
 }
 
-/// One sequence's token-major bf16 cache inside device buffers: `max_len` positions of one layer
-/// from byte `at` of `k`/`v`, of which `lens[entry]` (i32) are visible.
+/// One sequence's token-major cache inside device buffers: `max_len` positions of one layer
+/// from byte `at` of `k`/`v`, of which `lens[entry]` (i32) are visible; elements of `dtype`.
 pub struct CacheRows<'a> {
     pub k: &'a GpuBuffer,
     pub v: &'a GpuBuffer,
@@ -406,10 +523,12 @@ pub struct CacheRows<'a> {
     pub max_len: usize,
     pub lens: &'a GpuBuffer,
     pub entry: usize,
+    pub dtype: DType,
 }
 
-/// [`decode_attn_at`] for the one query token at row `row` of `q` and `o` (bf16 `[tokens,
-/// q_heads, head_dim]`) against one sequence's cache, every address checked against its buffer.
+/// [`decode_attn_at`] for the one query token at row `row` of `q` and `o` (`[tokens, q_heads,
+/// head_dim]` of the cache's dtype) against one sequence's cache, every address checked against
+/// its buffer.
 pub fn decode_attn_row(
     dev: &GpuDevice,
     q: &GpuBuffer,
@@ -418,10 +537,11 @@ pub fn decode_attn_row(
     cache: &CacheRows,
     (q_heads, kv_heads, head_dim): (usize, usize, usize),
 ) -> Result<()> {
-    let q_bytes = q_heads * head_dim * 2;
+    let es = cache.dtype.size();
+    let q_bytes = q_heads * head_dim * es;
     let at_q = row * q_bytes;
     ensure!(at_q + q_bytes <= q.bytes() && at_q + q_bytes <= o.bytes(), "decode_attn: row {row} outside q/o");
-    let cache_bytes = cache.max_len * kv_heads * head_dim * 2;
+    let cache_bytes = cache.max_len * kv_heads * head_dim * es;
     ensure!(
         cache.at + cache_bytes <= cache.k.bytes() && cache.at + cache_bytes <= cache.v.bytes(),
         "decode_attn: cache positions outside its buffers"
@@ -442,6 +562,7 @@ pub fn decode_attn_row(
             head_dim,
             cache.max_len,
             CacheLayout::token_major(cache.max_len, kv_heads, head_dim),
+            cache.dtype,
         )
     }
 }

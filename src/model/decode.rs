@@ -56,6 +56,7 @@ impl Model {
             kv_heads: self.config.num_kv_heads,
             head_dim: self.config.head_dim,
             device: self.device(),
+            dtype: self.embed.dtype(),
         }
     }
 

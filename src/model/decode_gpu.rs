@@ -1,7 +1,8 @@
 //! Attention over KV caches on a GPU device (the rollout engine's decoder there), the strategy
 //! the one transformer block (`block.rs`) calls for every layer.
 //!
-//! Keys and values go into each sequence's device cache (bf16, one copy per step and layer).
+//! Keys and values go into each sequence's device cache (in the model's activation dtype, bf16
+//! or f32; one copy per step and layer).
 //! The new tokens of steps that start from an empty cache (prefills) go through flash attention
 //! together, as packed sequences; a single new token after a cache goes through the
 //! decode-attention kernel against its cache. A step of several tokens after a cache runs one
@@ -18,8 +19,6 @@ use crate::ops::device::{buf, cast, copy_bytes, zeros};
 use crate::ops::{self};
 use crate::tensor::{DType, Tensor};
 
-const BF: DType = DType::BF16;
-
 /// Attention against the device caches of `steps` (room made by `SeqCache::gpu_prepare`).
 pub(crate) struct GpuCache<'s, 'a> {
     dev: GpuDevice,
@@ -29,6 +28,8 @@ pub(crate) struct GpuCache<'s, 'a> {
     seqs: Vec<(usize, usize)>,
     /// Keys visible to each decode token (its own included, written before attention runs).
     lens: GpuBuffer,
+    /// Element dtype of the caches, and of q/k/v and the output here.
+    dt: DType,
     prefill: bool,
 }
 
@@ -43,15 +44,16 @@ impl<'s, 'a> GpuCache<'s, 'a> {
         let lens: Vec<i32> = steps.iter().map(|s| s.cache.len() as i32 + 1).collect();
         let lens = dev.upload_i32(&lens)?;
         let prefill = steps.iter().any(|s| s.tokens.len() > 1);
-        Ok(GpuCache { dev, steps, starts, seqs, lens, prefill })
+        Ok(GpuCache { dev, steps, starts, seqs, lens, dt: model.kv_shape().dtype, prefill })
     }
 }
 
 impl Attention for GpuCache<'_, '_> {
     fn attend(&mut self, li: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (n, nh, nkv, hd) = (q.dim(0), q.dim(1), k.dim(1), q.dim(2));
-        let (q, k, v) = (cast(q, BF)?, cast(k, BF)?, cast(v, BF)?);
-        let row = nkv * hd * BF.size();
+        let dt = self.dt;
+        let (q, k, v) = (cast(q, dt)?, cast(k, dt)?, cast(v, dt)?);
+        let row = nkv * hd * dt.size();
         for (s, &r0) in self.steps.iter_mut().zip(self.starts) {
             let at = s.cache.own.gpu_offset(li, s.cache.own.len());
             let g = s.cache.own.gpu_buffers()?;
@@ -62,9 +64,9 @@ impl Attention for GpuCache<'_, '_> {
         // them); decode attention against the cache for every single new token (its rows of the
         // flash output, if any, are overwritten).
         let a = if self.prefill {
-            cast(&ops::attention(&q, &k, &v, &self.seqs)?, BF)?
+            cast(&ops::attention(&q, &k, &v, &self.seqs)?, dt)?
         } else {
-            Tensor::from_gpu(zeros(&self.dev, BF, n * nh * hd)?, &[n, nh, hd])?
+            Tensor::from_gpu(zeros(&self.dev, dt, n * nh * hd)?, &[n, nh, hd])?
         };
         for (e, s) in self.steps.iter_mut().enumerate() {
             if s.tokens.len() > 1 {
@@ -73,7 +75,7 @@ impl Attention for GpuCache<'_, '_> {
             let own = &mut s.cache.own;
             let (max_len, at) = (own.capacity(), own.gpu_offset(li, 0));
             let g = own.gpu_buffers()?;
-            let cache = CacheRows { k: &g.k, v: &g.v, at, max_len, lens: &self.lens, entry: e };
+            let cache = CacheRows { k: &g.k, v: &g.v, at, max_len, lens: &self.lens, entry: e, dtype: dt };
             decode_attn_row(&self.dev, buf(&q), buf(&a), self.starts[e], &cache, (nh, nkv, hd))?;
         }
         Ok(a)

@@ -31,6 +31,9 @@ pub struct KvShape {
     pub head_dim: usize,
     /// Where the keys and values live (the model's device).
     pub device: Device,
+    /// Element dtype of the device buffers (the model's activation dtype there: bf16, or f32
+    /// with `--dtype f32`); cpu caches are f32 whatever this says.
+    pub dtype: DType,
 }
 
 impl KvShape {
@@ -159,7 +162,7 @@ impl KvBlock {
 
     /// Bytes of one position of one layer, and of one layer at full capacity.
     fn gpu_row_bytes(&self) -> usize {
-        self.shape.row() * DType::BF16.size()
+        self.shape.row() * self.shape.dtype.size()
     }
 
     /// Byte offset of position `pos` of `layer` in the device buffers.

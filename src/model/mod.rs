@@ -161,8 +161,8 @@ impl Model {
     }
 
     /// [`Model::to_device`] with parameters stored as `dtype`. The GPU ops compute in their
-    /// inputs' dtype, so f32 weights on a GPU run every op in f32 except attention (the flash and
-    /// decode kernels take bf16 q/k/v): slower, closer to the cpu.
+    /// inputs' dtype, so f32 weights on a GPU run every op in f32, attention and the KV cache
+    /// included: slower, and equal to the cpu up to f32 rounding.
     pub fn to_device_as(&self, device: Device, dtype: crate::tensor::DType) -> Result<Model> {
         let mut m = self.clone();
         let mut err = None;

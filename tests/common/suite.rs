@@ -783,14 +783,84 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
     }
 }
 
+/// The f32 attention kernels against the cpu op, to f32 rounding: head dims the bf16 kernels
+/// would pad (8, 48) and one they have (64), GQA, a one-token sequence, a sequence longer than
+/// one 4-row block, and the gradients of the op through autograd.
+pub fn flash_attention_f32_matches_cpu(d: &GpuDevice) {
+    use fcgpu::kernels::attention::{cu_seqlens, flash_attn_bwd_f32, flash_attn_fwd_f32, FlashDims};
+    use fcgpu::ops::attention::{cpu, Dims};
+    let f = DType::F32;
+    for &(q_heads, kv_heads, hd, ref seqs) in &[
+        (4usize, 2usize, 8usize, vec![(0usize, 1usize), (1, 37), (38, 6)]),
+        (2, 1, 48, vec![(0, 21), (21, 1)]),
+        (2, 2, 64, vec![(0, 9)]),
+    ] {
+        let tokens: usize = seqs.iter().map(|s| s.1).sum();
+        let (cu, max_len) = cu_seqlens(seqs).unwrap();
+        let q = randn(tokens * q_heads * hd, 50, 1.0);
+        let k = randn(tokens * kv_heads * hd, 51, 1.0);
+        let v = randn(tokens * kv_heads * hd, 52, 1.0);
+        let dout = randn(tokens * q_heads * hd, 53, 1.0);
+        let dims = Dims { q_heads, kv_heads, head_dim: hd };
+        let (want_o, want_lse) = cpu::forward(&q, &k, &v, dims, seqs);
+        let fd = FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd };
+        let (qb, kb, vb) = (up(d, &q, f), up(d, &k, f), up(d, &v, f));
+        let cub = d.upload_i32(&cu).unwrap();
+        let ob = d.zeros(q.len() * 4).unwrap();
+        let lseb = d.zeros(tokens * q_heads * 4).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        flash_attn_fwd_f32(d, &fd, &qb, &kb, &vb, &cub, &ob, &lseb, scale).unwrap();
+        let what = format!("hd={hd} heads={q_heads}/{kv_heads}");
+        assert_close(&down(&ob, f), &want_o, 1e-5, &format!("f32 attention out {what}"));
+        assert_close(&lseb.download_f32().unwrap(), &want_lse, 1e-5, &format!("f32 attention lse {what}"));
+        let saved = cpu::Saved { out: &want_o, lse: &want_lse };
+        let (wdq, wdk, wdv) = cpu::backward(&q, &k, &v, saved, &dout, dims, seqs);
+        let (dqb, dkb, dvb) =
+            (d.zeros(q.len() * 4).unwrap(), d.zeros(k.len() * 4).unwrap(), d.zeros(v.len() * 4).unwrap());
+        let grads = (&dqb, &dkb, &dvb);
+        flash_attn_bwd_f32(d, &fd, &qb, &kb, &vb, &cub, &ob, &lseb, &up(d, &dout, f), grads, scale).unwrap();
+        assert_close(&down(&dvb, f), &wdv, 1e-5, &format!("f32 attention dv {what}"));
+        assert_close(&down(&dkb, f), &wdk, 1e-5, &format!("f32 attention dk {what}"));
+        assert_close(&down(&dqb, f), &wdq, 1e-5, &format!("f32 attention dq {what}"));
+        // Through the op: f32 tensors on the device select these kernels; the gradients match
+        // the cpu op's.
+        let dev = d.tag();
+        let t = |x: &[f32], h: usize| fcgpu::Tensor::from_vec(x.to_vec(), &[tokens, h, hd]).unwrap();
+        let (qc, kc, vc) = (
+            t(&q, q_heads).requires_grad(),
+            t(&k, kv_heads).requires_grad(),
+            t(&v, kv_heads).requires_grad(),
+        );
+        let (qg, kg, vg) = (
+            t(&q, q_heads).to_device(dev).unwrap().requires_grad(),
+            t(&k, kv_heads).to_device(dev).unwrap().requires_grad(),
+            t(&v, kv_heads).to_device(dev).unwrap().requires_grad(),
+        );
+        let w = fcgpu::Tensor::from_vec(dout.clone(), &[tokens, q_heads, hd]).unwrap();
+        let loss = |q: &fcgpu::Tensor, k: &fcgpu::Tensor, v: &fcgpu::Tensor, w: &fcgpu::Tensor| {
+            let y = fcgpu::ops::attention(q, k, v, seqs).unwrap();
+            assert_eq!(y.dtype(), DType::F32, "f32 in, f32 out");
+            fcgpu::ops::sum(&fcgpu::ops::mul(&y, w).unwrap()).unwrap()
+        };
+        let gc = loss(&qc, &kc, &vc, &w).backward().unwrap();
+        let gg = loss(&qg, &kg, &vg, &w.to_device(dev).unwrap()).backward().unwrap();
+        for (a, b, name) in [(&qc, &qg, "q"), (&kc, &kg, "k"), (&vc, &vg, "v")] {
+            let (a, b) = (gc.get(a).unwrap().to_vec(), gg.get(b).unwrap().to_vec());
+            assert_close(&b, &a, 1e-5, &format!("op gradient of {name} {what}"));
+        }
+    }
+}
+
 /// Decode attention against a straightforward f64 reference: GQA, a length-1 cache, a cache
-/// shorter than its capacity, head dims 64 and 128, token-major and head-major cache layouts.
+/// shorter than its capacity, head dims 64, 128 and an odd 40, token-major and head-major cache
+/// layouts; bf16 (within bf16 rounding) and f32 (within f32 rounding) caches.
 pub fn decode_attention(d: &GpuDevice) {
     use fcgpu::kernels::attention::{decode_attn_strided, CacheLayout};
-    let bf = DType::BF16;
-    for &(batch, q_heads, kv_heads, hd, max_len) in
-        &[(3usize, 4usize, 2usize, 64usize, 37usize), (2, 2, 1, 128, 5)]
-    {
+    for &(bf, batch, q_heads, kv_heads, hd, max_len) in &[
+        (DType::BF16, 3usize, 4usize, 2usize, 64usize, 37usize),
+        (DType::BF16, 2, 2, 1, 128, 5),
+        (DType::F32, 3, 4, 2, 40, 37),
+    ] {
         for head_major in [false, true] {
             let layout = if head_major {
                 CacheLayout::head_major(max_len, kv_heads, hd)
@@ -802,7 +872,7 @@ pub fn decode_attention(d: &GpuDevice) {
             let q = quant(&randn(batch * q_heads * hd, 44, 1.0), bf);
             let kc = quant(&randn(batch * max_len * kv_heads * hd, 45, 1.0), bf);
             let vc = quant(&randn(batch * max_len * kv_heads * hd, 46, 1.0), bf);
-            let ob = d.zeros(q.len() * 2).unwrap();
+            let ob = d.zeros(q.len() * bf.size()).unwrap();
             decode_attn_strided(
                 d,
                 &up(d, &q, bf),
@@ -816,6 +886,7 @@ pub fn decode_attention(d: &GpuDevice) {
                 hd,
                 max_len,
                 layout,
+                bf,
             )
             .unwrap();
             let mut want = vec![0f64; q.len()];
@@ -843,11 +914,12 @@ pub fn decode_attention(d: &GpuDevice) {
                     }
                 }
             }
+            let tol = if bf == DType::F32 { 1e-5 } else { 2e-2 };
             assert_close(
                 &down(&ob, bf),
                 &want,
-                2e-2,
-                &format!("decode attention hd={hd} head_major={head_major}"),
+                tol,
+                &format!("decode attention {bf:?} hd={hd} head_major={head_major}"),
             );
         }
     }

@@ -15,7 +15,8 @@ use crate::autograd::GradFn;
 use crate::backend::storage::GpuStorage;
 use crate::backend::{GpuBuffer, GpuDevice};
 use crate::kernels::attention::{
-    cu_seqlens, flash_attn_bwd_scaled, flash_attn_fwd_scaled, padded_head_dim, FlashDims,
+    cu_seqlens, flash_attn_bwd_f32, flash_attn_bwd_scaled, flash_attn_fwd_f32, flash_attn_fwd_scaled,
+    padded_head_dim, FlashDims,
 };
 use crate::kernels::elementwise::copy_2d;
 use crate::tensor::{DType, Tensor};
@@ -48,7 +49,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)]) ->
     }
     let back = |saved| grad_fn(AttentionBack { q: q.clone(), k: k.clone(), v: v.clone(), saved });
     if let Some(dev) = on_gpu("attention", &[q, k, v])? {
-        let (y, saved) = forward_gpu(&dev, q, k, v, dims, seqs)?;
+        let (y, saved) = if q.dtype() == DType::F32 {
+            forward_gpu_f32(&dev, q, k, v, dims, seqs)?
+        } else {
+            forward_gpu(&dev, q, k, v, dims, seqs)?
+        };
         return Ok(y.with_grad_fn(back(saved)));
     }
     let (out, lse) = cpu::forward(q.f32s()?, k.f32s()?, v.f32s()?, dims, seqs);
@@ -60,6 +65,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)]) ->
 enum Saved {
     Cpu { seqs: Vec<(usize, usize)>, dims: Dims, out: Vec<f32>, lse: Vec<f32> },
     Gpu(Box<FlashSaved>),
+    GpuF32(Box<F32Saved>),
 }
 
 struct AttentionBack {
@@ -80,6 +86,7 @@ impl GradFn for AttentionBack {
         let (seqs, dims, out, lse) = match &self.saved {
             Saved::Cpu { seqs, dims, out, lse } => (seqs, dims, out, lse),
             Saved::Gpu(f) => return self.backward_gpu(g, f),
+            Saved::GpuF32(f) => return self.backward_gpu_f32(g, f),
         };
         let saved = cpu::Saved { out, lse };
         let (dq, dk, dv) =
@@ -195,5 +202,78 @@ impl AttentionBack {
             Ok(Some(Tensor::from_gpu(s, like.shape())?))
         };
         Ok(vec![unpad(dq, nq, &self.q)?, unpad(dk, nk, &self.k)?, unpad(dv, nk, &self.v)?])
+    }
+}
+
+// The f32 path (`--dtype f32`): q in f32 selects f32 kernels that compute in f32 throughout
+// (k and v are cast to f32 if they are not), for agreement with the cpu op to f32 rounding.
+
+/// Saved for the f32 backward: the f32 inputs, output and log-sum-exp, sequence offsets.
+struct F32Saved {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: GpuStorage,
+    fd: FlashDims,
+    scale: f32,
+    cu: GpuBuffer,
+}
+
+fn forward_gpu_f32(
+    dev: &GpuDevice,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: Dims,
+    seqs: &[(usize, usize)],
+) -> Result<(Tensor, Saved)> {
+    let n = q.dim(0);
+    let (cu, max_len) = cu_seqlens(seqs).context("attention on a GPU")?;
+    let fd = FlashDims {
+        tokens: n,
+        n_seq: seqs.len(),
+        max_len,
+        q_heads: dims.q_heads,
+        kv_heads: dims.kv_heads,
+        head_dim: dims.head_dim,
+    };
+    let (scale, cu) = (1.0 / (dims.head_dim as f32).sqrt(), dev.upload_i32(&cu)?);
+    let (q, k, v) = (cast(q, DType::F32)?, cast(k, DType::F32)?, cast(v, DType::F32)?);
+    // Zeroed: rows outside every sequence stay 0, as on the cpu.
+    let o = Tensor::from_gpu(zeros(dev, DType::F32, n * dims.q_heads * dims.head_dim)?, q.shape())?;
+    let lse = zeros(dev, DType::F32, n * dims.q_heads)?;
+    flash_attn_fwd_f32(dev, &fd, buf(&q), buf(&k), buf(&v), &cu, buf(&o), &lse.buf, scale)?;
+    Ok((o.clone(), Saved::GpuF32(Box::new(F32Saved { q, k, v, o, lse, fd, scale, cu }))))
+}
+
+impl AttentionBack {
+    fn backward_gpu_f32(&self, g: &Tensor, f: &F32Saved) -> Result<Vec<Option<Tensor>>> {
+        let dev = backward_device("attention", g, &self.q)?;
+        ensure!(g.shape() == self.q.shape(), "attention backward: gradient {:?}", g.shape());
+        let g = cast(g, DType::F32)?;
+        let fd = f.fd;
+        let (nq, nk) = (fd.tokens * fd.q_heads * fd.head_dim, fd.tokens * fd.kv_heads * fd.head_dim);
+        // Zeroed: rows outside every sequence get no gradient, as on the cpu.
+        let (dq, dk, dv) =
+            (zeros(&dev, DType::F32, nq)?, zeros(&dev, DType::F32, nk)?, zeros(&dev, DType::F32, nk)?);
+        flash_attn_bwd_f32(
+            &dev,
+            &fd,
+            buf(&f.q),
+            buf(&f.k),
+            buf(&f.v),
+            &f.cu,
+            buf(&f.o),
+            &f.lse.buf,
+            buf(&g),
+            (&dq.buf, &dk.buf, &dv.buf),
+            f.scale,
+        )?;
+        // Gradients in the dtype of the inputs they belong to.
+        let out = |s: GpuStorage, like: &Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(cast(&Tensor::from_gpu(s, like.shape())?, like.dtype())?))
+        };
+        Ok(vec![out(dq, &self.q)?, out(dk, &self.k)?, out(dv, &self.v)?])
     }
 }

@@ -117,7 +117,7 @@ pub fn weighted_sum(a: &Tensor, w: &[f32]) -> Result<Tensor> {
         ));
     }
     let s: f64 = a.f32s()?.iter().zip(w).map(|(&x, &w)| x as f64 * w as f64).sum();
-    Ok(Tensor::from_op(vec![s as f32], &[], grad_fn(WeightedSumBack(a.clone(), w.to_vec()))))
+    Ok(Tensor::from_op_f32(vec![s as f32], &[], grad_fn(WeightedSumBack(a.clone(), w.to_vec()))))
 }
 
 struct WeightedSumBack(Tensor, Vec<f32>);
@@ -203,7 +203,7 @@ pub fn scalar_with_grad(x: &Tensor, value: f32, dx: Vec<f32>) -> Result<Tensor> 
             Tensor::from_vec_like(vec![value], &[], x)?.with_grad_fn(grad_fn(KnownGradBack(x.clone(), dx)))
         );
     }
-    Ok(Tensor::from_op(vec![value], &[], grad_fn(KnownGradBack(x.clone(), dx))))
+    Ok(Tensor::from_op_f32(vec![value], &[], grad_fn(KnownGradBack(x.clone(), dx))))
 }
 
 struct KnownGradBack(Tensor, Vec<f32>);

@@ -46,7 +46,7 @@ pub fn linear_logprob_entropy(h: &Tensor, w: &Tensor, targets: &[u32], temperatu
     out.extend(stats.iter().map(|s| s.logp));
     out.extend(stats.iter().map(|s| s.entropy));
     let saved = Saved::Cpu { targets: targets.to_vec(), stats, logits: Mutex::new(logits) };
-    Ok(Tensor::from_op(out, &[2, n], back(saved)))
+    Ok(Tensor::from_op_f32(out, &[2, n], back(saved)))
 }
 
 /// On a device: logits chunk by chunk through the device GEMM in the head's dtype, then the
