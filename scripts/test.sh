@@ -19,10 +19,9 @@ cargo fmt --all -- --check
 # then each criterion benchmark once in test mode (so they keep compiling and running).
 cargo test --lib --bins --tests -- --test-threads 2
 # The emu sanitizer (FCGPU_EMU_CHECK, docs/devices.md): the emu kernel suite and the
-# device-parity tests again under every check (memcheck, initcheck, racecheck, synccheck,
-# schedule fuzzing). `fcgpu train` under the checks (~3 min of 2 cores) is left to the plain run.
-FCGPU_EMU_CHECK=1 cargo test --test gpu_emu --test device_parity -- --test-threads 2 \
-  --skip train_command_runs_on_device
+# device-parity tests (`fcgpu train --device emu` included, ~1 min) again under every check
+# (memcheck, initcheck, racecheck, synccheck, schedule fuzzing).
+FCGPU_EMU_CHECK=1 cargo test --test gpu_emu --test device_parity -- --test-threads 2
 cargo test --benches
 
 # GPU kernels: NVRTC compiles every kernels/*.cu to CUBIN for sm_80 and sm_90 (no GPU needed);

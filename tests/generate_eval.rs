@@ -78,3 +78,42 @@ fn eval_with_a_model_generates_then_scores() {
         assert_eq!(table, again);
     }
 }
+
+/// `--data` with the shipped base on held-out prompts of the embedded task: the greedy table,
+/// then pass@1 / pass@K from K sampled answers (pass@1 ≤ pass@K in every row; the same seed gives
+/// the same table), and the flag combinations that make no sense are refused.
+#[test]
+fn eval_on_own_data_reports_pass_at_k() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("assets/fc-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("eval.jsonl");
+    let (_, eval) = fcgpu::data::synth::generate(3, 0, 12);
+    fcgpu::data::synth::write_jsonl(&data, &eval).unwrap();
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let base = ["eval", "--model", m, "--data", d, "--style", "compact", "--device", "cpu"];
+    let greedy = fcgpu(&base);
+    assert!(greedy.contains("bfcl_accuracy") && !greedy.contains("Overall"), "{greedy}");
+    let sampled = [&base[..], &["--samples", "4", "--temperature", "1.0", "--seed", "5"]].concat();
+    let table = fcgpu(&sampled);
+    assert!(table.starts_with("category") && table.contains("pass@4"), "{table}");
+    let mut rows = 0;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let pct = |s: &str| s.trim_end_matches('%').parse::<f64>().unwrap();
+        assert!(pct(f[1]) <= pct(f[2]) + 1e-9, "pass@1 above pass@4: {line}");
+        rows += 1;
+    }
+    assert!(rows >= 2 && table.lines().last().unwrap().starts_with("all"), "{table}");
+    assert_eq!(table, fcgpu(&sampled), "the same seed draws the same answers");
+    for bad in
+        [&["--samples", "4"][..], &["--samples", "0", "--temperature", "1.0"][..], &["--temperature=-1"][..]]
+    {
+        let out = Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(base).args(bad).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && (err.contains("--samples") || err.contains("--temperature")),
+            "{bad:?}: {err}"
+        );
+    }
+}

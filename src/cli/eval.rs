@@ -22,6 +22,10 @@ pub struct Args {
     /// BFCL v4 data directory (falls back to $FCGPU_BFCL_DIR).
     #[arg(long)]
     pub bfcl_dir: Option<PathBuf>,
+    /// Score this data set instead of BFCL's: fcgpu or xLAM JSON lines with ground truth (for
+    /// example a run's `sft/task/eval.jsonl` with `--style compact`).
+    #[arg(long, conflicts_with = "bfcl_dir")]
+    pub data: Option<PathBuf>,
     /// A category name, or `all`.
     #[arg(long, default_value = "all")]
     pub category: String,
@@ -59,6 +63,17 @@ pub struct Args {
     /// Write one line per entry: `{"id", "category", "valid", "error_type"}`.
     #[arg(long)]
     pub verdicts: Option<PathBuf>,
+    /// With `--model`: answers drawn per entry. Above 1 (with `--temperature` > 0), the report
+    /// is pass@1 (the mean over the draws) and pass@k (any draw right) per category: how much
+    /// sampling finds that greedy decoding misses, the headroom of RL.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// With `--model`: sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// With `--model` and `--temperature` > 0: the sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 impl Default for Args {
@@ -78,6 +93,10 @@ impl Default for Args {
             save_results: None,
             device: "auto".into(),
             dtype: None,
+            data: None,
+            samples: 1,
+            temperature: 0.0,
+            seed: 0,
         }
     }
 }
@@ -185,8 +204,9 @@ fn limit_per_category(samples: Vec<Sample>, limit: usize) -> Vec<Sample> {
         .collect()
 }
 
-/// Greedy answers of the model in `dir` to every sample, as id → raw text.
-fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<HashMap<String, String>> {
+/// The model's answers in `dir` to every sample, `a.samples` per entry (greedy at temperature
+/// 0): one id → raw text map per draw.
+fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<Vec<HashMap<String, String>>> {
     use crate::model::tokenizer::Tokenizer;
     use crate::rollout::{self, SamplingConfig};
     let device = crate::cli::device(&a.device, "eval")?;
@@ -198,44 +218,131 @@ fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<HashMap<
         .map(|s| tok.encode(&render_prompt(s, a.style), false).with_context(|| format!("entry {}", s.id)))
         .collect::<Result<_>>()?;
     let cfg = SamplingConfig {
-        n: 1,
+        n: a.samples,
         max_new_tokens: a.max_new_tokens,
-        temperature: 0.0,
+        temperature: a.temperature,
+        seed: a.seed,
         max_batch: a.batch_size.max(1),
         progress: true,
         ..Default::default()
     };
     let out = rollout::generate(&model, &prompts, &cfg, Some(&tok))?;
-    let mut results = HashMap::new();
+    let mut draws = vec![HashMap::new(); a.samples];
+    let mut next = vec![0usize; samples.len()];
     for c in &out {
-        results.insert(samples[c.prompt_index].id.clone(), c.text(&tok)?);
+        let k = &mut next[c.prompt_index];
+        draws[*k].insert(samples[c.prompt_index].id.clone(), c.text(&tok)?);
+        *k += 1;
     }
     if let Some(p) = &a.save_results {
         let mut f = Vec::new();
-        for s in samples {
-            serde_json::to_writer(&mut f, &serde_json::json!({"id": s.id, "result": results[&s.id]}))?;
-            f.write_all(b"\n")?;
+        for (k, results) in draws.iter().enumerate() {
+            for s in samples {
+                let mut line = serde_json::json!({"id": s.id, "result": results[&s.id]});
+                if a.samples > 1 {
+                    line["sample"] = serde_json::json!(k);
+                }
+                serde_json::to_writer(&mut f, &line)?;
+                f.write_all(b"\n")?;
+            }
         }
         crate::runfs::write_atomic(p, &f)?;
     }
-    Ok(results)
+    Ok(draws)
 }
 
-pub fn run(a: Args) -> Result<()> {
+/// pass@1 (mean over draws) and pass@k (any draw right) per category, and pooled.
+fn pass_at_k_table(samples: &[Sample], reports: &[crate::fc::score::Report]) -> String {
+    let k = reports.len();
+    let mut per: std::collections::BTreeMap<&str, (usize, usize, usize)> = Default::default();
+    for (i, s) in samples.iter().enumerate() {
+        let right = reports.iter().filter(|r| r.verdicts[i].valid).count();
+        for key in [s.category.as_str(), "all"] {
+            let e = per.entry(key).or_default();
+            e.0 += 1;
+            e.1 += right;
+            e.2 += (right > 0) as usize;
+        }
+    }
+    let mut out = format!("{:<26} {:>8} {:>9} {:>7}\n", "category", "pass@1", format!("pass@{k}"), "count");
+    let order = |c: &str| BFCL_CATEGORIES.iter().position(|x| *x == c).unwrap_or(usize::MAX);
+    let mut cats: Vec<&&str> = per.keys().collect();
+    cats.sort_by_key(|c| (**c == "all", order(c), c.to_string()));
+    for c in cats {
+        let (n, right, any) = per[*c];
+        let p1 = 100.0 * right as f64 / (n * k) as f64;
+        out.push_str(&format!("{:<26} {:>7.2}% {:>8.2}% {:>7}\n", c, p1, 100.0 * any as f64 / n as f64, n));
+    }
+    out
+}
+
+/// The entries to score: `--data`, or BFCL's categories from `--bfcl-dir`.
+fn entries(a: &Args) -> Result<Vec<Sample>> {
+    if let Some(p) = &a.data {
+        let all = crate::data::load_jsonl(p)?;
+        if a.category == "all" {
+            return Ok(all);
+        }
+        let picked: Vec<Sample> = all.into_iter().filter(|s| s.category == a.category).collect();
+        if picked.is_empty() {
+            bail!("--data {}: no entry of category {:?}", p.display(), a.category);
+        }
+        return Ok(picked);
+    }
     let bfcl_dir = crate::cli::eval::resolve_bfcl_dir(a.bfcl_dir.clone())?;
     if !bfcl_dir.is_dir() {
         bail!("--bfcl-dir {}: no such directory", bfcl_dir.display());
     }
-    let all_samples = load_samples(&bfcl_dir, &a.category)?;
+    load_samples(&bfcl_dir, &a.category)
+}
+
+fn check_sampling(a: &Args) -> Result<()> {
+    if a.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature must be a finite number ≥ 0, got {}", a.temperature);
+    }
+    if a.samples > 1 && a.temperature == 0.0 {
+        bail!("--samples {} needs --temperature > 0 (greedy draws are all the same)", a.samples);
+    }
+    if a.model.is_none() && (a.samples > 1 || a.temperature > 0.0) {
+        bail!("--samples and --temperature need --model (they say how to generate the answers)");
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    check_sampling(&a)?;
+    let all_samples = entries(&a)?;
     let samples = match a.limit {
         Some(n) => limit_per_category(all_samples.clone(), n),
         None => all_samples.clone(),
     };
-    let results = match (&a.model, &a.results) {
+    let mut draws = match (&a.model, &a.results) {
         (Some(dir), _) => generate_results(dir, &samples, &a)?,
-        (None, Some(r)) => load_results(r)?,
+        (None, Some(r)) => vec![load_results(r)?],
         (None, None) => bail!("give --results or --model"),
     };
+    if draws.len() > 1 {
+        let fmt = answer_format(&a);
+        let reports: Vec<_> = draws.iter().map(|r| score(&samples, r, fmt)).collect();
+        print!("{}", pass_at_k_table(&samples, &reports));
+        if let Some(p) = &a.verdicts {
+            let mut f = Vec::new();
+            for (k, r) in reports.iter().enumerate() {
+                for v in &r.verdicts {
+                    let mut line = serde_json::to_value(v)?;
+                    line["sample"] = serde_json::json!(k);
+                    serde_json::to_writer(&mut f, &line)?;
+                    f.write_all(b"\n")?;
+                }
+            }
+            crate::runfs::write_atomic(p, &f)?;
+        }
+        return Ok(());
+    }
+    let results = draws.remove(0);
     let unknown = unknown_ids(&results, &all_samples);
     if !unknown.is_empty() {
         let shown: Vec<&str> = unknown.iter().take(5).map(String::as_str).collect();
@@ -246,12 +353,7 @@ pub fn run(a: Args) -> Result<()> {
             if unknown.len() > 5 { ", ..." } else { "" }
         );
     }
-    let default_format = if a.style == PromptStyle::QwenFc { Format::Json } else { Format::Python };
-    let fmt = match a.format.unwrap_or(default_format) {
-        Format::Python => AnswerFormat::Python,
-        Format::Json => AnswerFormat::Json,
-    };
-    let report = score(&samples, &results, fmt);
+    let report = score(&samples, &results, answer_format(&a));
     print!("{}", report.table());
     if !unknown.is_empty() {
         println!("unknown ids (not scored): {}", unknown.len());
@@ -265,4 +367,13 @@ pub fn run(a: Args) -> Result<()> {
         crate::runfs::write_atomic(p, &f)?;
     }
     Ok(())
+}
+
+/// `--format`, or the style's own: JSON for `qwen-fc`, Python otherwise.
+fn answer_format(a: &Args) -> AnswerFormat {
+    let default_format = if a.style == PromptStyle::QwenFc { Format::Json } else { Format::Python };
+    match a.format.unwrap_or(default_format) {
+        Format::Python => AnswerFormat::Python,
+        Format::Json => AnswerFormat::Json,
+    }
 }

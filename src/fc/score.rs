@@ -145,6 +145,10 @@ impl Report {
             out.push_str(&format!("{:<26} {:>12.2}% {:>7}\n", c, 100.0 * s.accuracy(), s.total));
         }
         let sm = self.summary();
+        let rows = [sm.simple_ast, sm.non_live_ast, sm.live, sm.irrelevance, sm.overall];
+        if rows.iter().all(Option::is_none) {
+            return out; // no BFCL category names (a data set of its own): no BFCL summary
+        }
         let fmt = |v: Option<f64>| {
             v.map(|x| format!("{:>12.2}%", 100.0 * x)).unwrap_or_else(|| format!("{:>13}", "n/a"))
         };
