@@ -38,7 +38,8 @@ cargo test --quiet --test gpu_kernels_check
 cargo run --quiet -- kernels check --arch sm_80,sm_90
 
 # fcgpu serve with the official `openai` Python client (chat, tools, streaming, n > 1, seeds,
-# error types, a 32 x 10 loopback load test with flat RSS) on the qwen2-tiny fixture; the client
+# error types, a 32 x 10 loopback load test with flat RSS) on the qwen2-tiny fixture, then tool
+# calls, a forced tool_choice and tool-call streaming on the shipped base fc-tiny; the client
 # comes from pip, in a git-ignored venv.
 if [ ! -x .venv-openai/bin/python ]; then
   python3 -m venv .venv-openai
@@ -47,4 +48,5 @@ if ! .venv-openai/bin/python -c "import openai" 2>/dev/null; then
   .venv-openai/bin/pip install --quiet openai
 fi
 cargo build --quiet --bin fcgpu
-.venv-openai/bin/python tools/serve_openai_test.py target/debug/fcgpu tests/fixtures/models/qwen2-tiny
+.venv-openai/bin/python tools/serve_openai_test.py target/debug/fcgpu tests/fixtures/models/qwen2-tiny \
+  assets/fc-tiny

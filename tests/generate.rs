@@ -462,6 +462,40 @@ fn chat_templates_render_like_the_families() {
     assert_eq!(tojson(&json!({"a": []}), Some(2)), "{\n  \"a\": []\n}");
 }
 
+/// The embedded task's compact prompt for a chat: OpenAI tools as signature lines, an earlier
+/// call as the Python list the model answers with; and how each format forces a call.
+#[test]
+fn compact_chat_format_and_forced_calls() {
+    let tools = vec![json!({"type": "function", "function": {"name": "add", "description": "Add ints.",
+        "parameters": {"type": "dict", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]}}})];
+    let convo = vec![
+        json!({"role": "user", "content": "Add 2."}),
+        json!({"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": \"it's\"}"}}]}),
+        json!({"role": "tool", "content": "4"}),
+    ];
+    let text = ChatFormat::Compact.render(&convo, Some(&tools)).unwrap();
+    assert!(
+        text.starts_with(
+            "<|im_start|>system\nYou can call these functions:\n- add(a: int, b: str = None): Add ints.\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("<|im_start|>user\nAdd 2.<|im_end|>\n<|im_start|>assistant\n[add(a=2, b='it\\'s')]<|im_end|>\n<|im_start|>tool\n4<|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
+    let qwen = ChatFormat::ChatMl { default_system: None };
+    assert_eq!(
+        qwen.forced_call(Some("add")),
+        ("<tool_call>\n{\"name\": \"add\", \"arguments\": ".into(), None)
+    );
+    assert_eq!(ChatFormat::Llama3 { dated: true }.forced_call(None), ("{\"name\": \"".into(), None));
+    assert_eq!(
+        ChatFormat::Compact.forced_call(Some("add")),
+        ("<think>".into(), Some(("</think>".into(), "\n\n[add(".into())))
+    );
+}
+
 #[test]
 fn generate_command_writes_one_line_per_sample() {
     let m = model("qwen2", 9);

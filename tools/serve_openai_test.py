@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """`fcgpu serve` driven by the official `openai` client (a client fcgpu did not write).
 
-Usage: serve_openai_test.py FCGPU_BINARY MODEL_DIR            (the checks; exit 1 on a failure)
+Usage: serve_openai_test.py FCGPU_BINARY MODEL_DIR [FC_MODEL_DIR]  (the checks; exit 1 on a failure)
        serve_openai_test.py FCGPU_BINARY MODEL_DIR --bench    (requests/s and time to first token)
 
 Starts the server on a free loopback port, runs chat, tools, streaming, n > 1, seed
 reproducibility, errors as the client's exception types, and a bounded load test (32 concurrent
 clients x 10 requests: every request answered, resident memory flat), then stops the server with
-SIGINT and checks that it exits cleanly.
+SIGINT and checks that it exits cleanly. With FC_MODEL_DIR (a model trained on the embedded task,
+such as assets/fc-tiny), a second server with `--style compact` shows tool calls coming back as
+OpenAI `tool_calls`, a named `tool_choice` forcing its function, and tool-call streaming.
 """
 import os
 import re
@@ -132,6 +134,97 @@ def check_errors(client, model):
     assert client.models.list().data[0].id == model
 
 
+# The embedded task's tools, as `fcgpu train` trains on them; served with `--style compact`, the
+# shipped base `assets/fc-tiny` answers these with calls (the values copied from the request).
+FC_TOOLS = {t["name"]: {"type": "function", "function": t} for t in [
+    {"name": "calculate_tip", "description": "Calculate the tip for a bill.", "parameters": {
+        "type": "dict", "properties": {
+            "bill_amount": {"type": "float", "description": "Bill total"},
+            "tip_percent": {"type": "integer", "description": "Tip percentage"},
+            "split": {"type": "integer", "description": "Number of people"}},
+        "required": ["bill_amount", "tip_percent"]}},
+    {"name": "find_restaurants", "description": "Find restaurants in a city.", "parameters": {
+        "type": "dict", "properties": {
+            "city": {"type": "string", "description": "City name"},
+            "cuisine": {"type": "string", "description": "Type of food",
+                        "enum": ["Italian", "Japanese", "Mexican", "Indian", "Thai", "French"]},
+            "max_price": {"type": "integer", "description": "Price level 1-4"}},
+        "required": ["city", "cuisine"]}},
+    {"name": "search_flights", "description": "Search for flights between two cities on a date.", "parameters": {
+        "type": "dict", "properties": {
+            "origin": {"type": "string", "description": "Departure city"},
+            "destination": {"type": "string", "description": "Arrival city"},
+            "date": {"type": "string", "description": "Date, YYYY-MM-DD"},
+            "cabin": {"type": "string", "description": "Cabin class", "enum": ["economy", "business", "first"]}},
+        "required": ["origin", "destination", "date"]}},
+]}
+TIP = "Calculate a 14% tip on a bill of 1729.39."
+FLIGHTS = "Find flights from Kavin to Corsel on 2026-02-20 in first class."
+
+
+def fc_chat(client, model, text, tools, **kw):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], tools=[FC_TOOLS[t] for t in tools],
+        max_tokens=kw.pop("max_tokens", 96), temperature=0, **kw)
+
+
+def check_fc_tool_calls(client, model):
+    """Calls come back as OpenAI tool_calls, reasoning as reasoning_content."""
+    import json
+    for text, tools, name, args in [
+        (TIP, ["calculate_tip"], "calculate_tip", {"bill_amount": 1729.39, "tip_percent": 14}),
+        (FLIGHTS, ["find_restaurants", "search_flights"], "search_flights",
+         {"origin": "Kavin", "destination": "Corsel", "date": "2026-02-20", "cabin": "first"}),
+    ]:
+        c = fc_chat(client, model, text, tools).choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None, c
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == name, c
+        assert json.loads(call.function.arguments) == args, call.function.arguments
+        assert name in getattr(c.message, "reasoning_content", ""), c.message
+
+
+def check_fc_named_choice(client, model):
+    """A named tool_choice makes the answer a call of that function, even the wrong one."""
+    for name in ["search_flights", "find_restaurants"]:
+        c = fc_chat(client, model, FLIGHTS, ["find_restaurants", "search_flights"],
+                    tool_choice={"type": "function", "function": {"name": name}}).choices[0]
+        if c.message.tool_calls:
+            assert [t.function.name for t in c.message.tool_calls] == [name], c
+        else:  # the tiny model's arguments did not parse: still a call of `name` in the text
+            assert c.message.content.lstrip().startswith(f"[{name}("), c
+    c = fc_chat(client, model, "Tell me a joke about penguins.", ["calculate_tip"], tool_choice="required",
+                max_tokens=48).choices[0]
+    assert c.message.tool_calls or c.message.content.lstrip().startswith("["), c
+
+
+def check_fc_stream(client, model):
+    """Streamed: reasoning arrives in pieces before the calls; a text answer with tools offered
+    streams as content deltas; both assemble to the non-streamed answer."""
+    want = fc_chat(client, model, TIP, ["calculate_tip"]).choices[0]
+    reasoning, calls, finish, call_chunk, last_reasoning_chunk = [], {}, None, None, None
+    for i, ch in enumerate(fc_chat(client, model, TIP, ["calculate_tip"], stream=True)):
+        for c in ch.choices:
+            r = getattr(c.delta, "reasoning_content", None)
+            if r:
+                reasoning.append(r)
+                last_reasoning_chunk = i
+            for t in c.delta.tool_calls or []:
+                calls[t.index] = (t.function.name, t.function.arguments)
+                call_chunk = i
+            finish = c.finish_reason or finish
+    assert len(reasoning) > 3 and "".join(reasoning) == want.message.reasoning_content, reasoning
+    assert call_chunk is not None and last_reasoning_chunk < call_chunk, (last_reasoning_chunk, call_chunk)
+    assert calls == {0: (want.message.tool_calls[0].function.name, want.message.tool_calls[0].function.arguments)}
+    assert finish == "tool_calls"
+    text = "Tell me a joke about penguins."
+    want = fc_chat(client, model, text, ["calculate_tip"]).choices[0]
+    assert want.message.tool_calls is None and want.message.content, want
+    pieces = [c.delta.content for ch in fc_chat(client, model, text, ["calculate_tip"], stream=True)
+              for c in ch.choices if c.delta.content]
+    assert len(pieces) > 3 and "".join(pieces) == want.message.content, pieces
+
+
 def load(client, model, clients, per_client, stream=False):
     """Every client sends `per_client` requests; returns (errors, seconds, first-token times)."""
     errors, ttft = [], []
@@ -208,6 +301,18 @@ def main():
         p.send_signal(signal.SIGINT)
         code = p.wait(timeout=60)
     assert code == 0, f"the server exited with {code} after SIGINT"
+    if is_bench or len(sys.argv) < 4 or sys.argv[3].startswith("--"):
+        return
+    # A model that calls functions: the shipped base, with the prompt it was trained on.
+    p, client = start(binary, sys.argv[3], "--served-model-name", "fc-tiny", "--style", "compact")
+    try:
+        for check in [check_fc_tool_calls, check_fc_named_choice, check_fc_stream]:
+            check(client, "fc-tiny")
+            print(f"ok {check.__name__}")
+    finally:
+        p.send_signal(signal.SIGINT)
+        code = p.wait(timeout=60)
+    assert code == 0, f"the fc-tiny server exited with {code} after SIGINT"
 
 
 if __name__ == "__main__":

@@ -33,6 +33,20 @@ pub struct Args {
     /// The model name clients send (default: the model directory's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// How chat requests become prompts.
+    #[arg(long, value_enum, default_value = "template")]
+    pub style: ServeStyle,
+}
+
+/// `--style` of `fcgpu serve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeStyle {
+    /// The model family's chat template (Qwen ChatML with JSON `<tool_call>`s, Llama 3).
+    Template,
+    /// The embedded task's compact prompt, for models trained by `fcgpu train` / `sft` on it
+    /// (the shipped base `assets/fc-tiny` included): one signature line per tool, calls
+    /// answered as a Python list.
+    Compact,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -55,6 +69,7 @@ pub fn run(a: Args) -> Result<()> {
         model_name: name,
         max_batch: a.max_batch,
         max_queue: a.max_queue,
+        compact: a.style == ServeStyle::Compact,
     };
     let (dir, dtype) = (a.model.clone(), a.dtype.clone());
     serve::run(cfg, move || {

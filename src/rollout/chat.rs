@@ -1,6 +1,8 @@
 //! Chat prompts rendered as the model families' chat templates do, ending with the assistant
 //! generation prompt: Qwen ChatML (Qwen2.5 / Qwen3 templates, tools as the `# Tools` system
-//! block) and Llama 3 headers (3.1 templates: tools in the first user message).
+//! block) and Llama 3 headers (3.1 templates: tools in the first user message); and the
+//! embedded task's compact prompt (one signature line per tool, calls as a Python list), which
+//! models trained by `fcgpu train` on that task answer.
 //!
 //! Not a Jinja engine: the two templates are written out by hand. JSON inside prompts is written
 //! as transformers' `tojson` filter writes it (`json.dumps(ensure_ascii=False)`: `", "` and
@@ -21,6 +23,9 @@ pub enum ChatFormat {
     /// `<|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|>`; `dated` adds the Llama 3.1
     /// system preamble ("Cutting Knowledge Date: …").
     Llama3 { dated: bool },
+    /// The embedded task's prompt (`data::synth::render_prompt`): ChatML with one signature line
+    /// per tool; the model thinks in `<think></think>`, then answers with a Python call list.
+    Compact,
 }
 
 const QWEN25_SYSTEM: &str = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
@@ -72,8 +77,73 @@ impl ChatFormat {
                 Ok(render_chatml(&msgs, tools, default_system.as_deref()))
             }
             ChatFormat::Llama3 { dated } => render_llama3(&msgs, tools, *dated),
+            ChatFormat::Compact => Ok(render_compact(&msgs, tools.unwrap_or(&[]))),
         }
     }
+
+    /// How to make an answer call `name` (any tool when None), in this format's call syntax:
+    /// the text to append to the prompt, and, for a format whose model reasons first, the text
+    /// that ends the reasoning and what to write after it. The function and the call's opening
+    /// are forced; the arguments are still the model's own (no grammar-constrained decoding).
+    pub fn forced_call(&self, name: Option<&str>) -> (String, Option<(String, String)>) {
+        let quoted = |n: &str| tojson(&Value::from(n), None);
+        match (self, name) {
+            (ChatFormat::ChatMl { .. }, Some(n)) => {
+                (format!("<tool_call>\n{{\"name\": {}, \"arguments\": ", quoted(n)), None)
+            }
+            (ChatFormat::ChatMl { .. }, None) => ("<tool_call>\n{\"name\": \"".into(), None),
+            (ChatFormat::Llama3 { .. }, Some(n)) => {
+                (format!("{{\"name\": {}, \"parameters\": ", quoted(n)), None)
+            }
+            (ChatFormat::Llama3 { .. }, None) => ("{\"name\": \"".into(), None),
+            // The compact model reasons before it answers: let it, then start the call.
+            (ChatFormat::Compact, n) => {
+                let call = n.map_or("\n\n[".to_string(), |n| format!("\n\n[{n}("));
+                ("<think>".into(), Some(("</think>".into(), call)))
+            }
+        }
+    }
+}
+
+/// The compact prompt of the embedded task for a chat: OpenAI-style tools (`{"type":
+/// "function", "function": {...}}`) or bare function docs; earlier assistant calls written as
+/// the Python call list the model answers with.
+fn render_compact(msgs: &[Msg], tools: &[Value]) -> String {
+    let docs: Vec<Value> = tools.iter().map(|t| t.get("function").unwrap_or(t).clone()).collect();
+    let messages: Vec<crate::data::Message> = msgs
+        .iter()
+        .map(|m| {
+            let mut content = m.content.clone();
+            if !m.tool_calls.is_empty() {
+                let calls: Vec<String> = m.tool_calls.iter().map(|(n, a)| python_call(n, a)).collect();
+                if !content.is_empty() {
+                    content.push_str("\n\n");
+                }
+                content.push_str(&format!("[{}]", calls.join(", ")));
+            }
+            crate::data::Message { role: m.role.to_string(), content }
+        })
+        .collect();
+    crate::data::synth::render_prompt(&messages, &docs)
+}
+
+/// `name(k=v, ...)` with Python literals; `args` is an object or a JSON string of one.
+fn python_call(name: &str, args: &Value) -> String {
+    let parsed;
+    let obj = match args {
+        Value::String(s) => {
+            parsed = serde_json::from_str::<Value>(s).unwrap_or(Value::Null);
+            &parsed
+        }
+        other => other,
+    };
+    let kv: Vec<String> = obj
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", crate::data::synth::py(v)))
+        .collect();
+    format!("{name}({})", kv.join(", "))
 }
 
 /// The chat template: `chat_template.jinja` (transformers ≥ 4.56) or the `chat_template` of

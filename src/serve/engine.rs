@@ -32,6 +32,10 @@ pub struct Job {
     pub params: SamplerParams,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Once a sample's text contains `.0`, the tokens `.1` are appended to it (fed to the model,
+    /// sent as its text) and sampling goes on: how a forced tool call starts after the model's
+    /// reasoning.
+    pub then: Option<(String, Vec<u32>)>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -103,6 +107,10 @@ struct Live {
     ids: Vec<u32>,
     /// Bytes of the decoded text already sent.
     sent: usize,
+    /// Forced tokens to feed after `last` at the next step (see [`Job::then`]).
+    pending: Vec<u32>,
+    /// `then` has been applied (once per sample).
+    forced: bool,
 }
 
 /// The parts of a job its samples share.
@@ -111,6 +119,7 @@ struct JobShared {
     max_tokens: usize,
     params: SamplerParams,
     stop: Vec<String>,
+    then: Option<(String, Vec<u32>)>,
     events: UnboundedSender<Event>,
 }
 
@@ -194,10 +203,12 @@ fn step(
     let vocab = model.config.vocab_size;
     let mut prefills: Vec<SeqCache> =
         admitted.iter().map(|j| SeqCache::new(model.kv_shape(), j.prompt.len())).collect();
-    let lasts: Vec<[u32; 1]> = live.iter().map(|s| [s.last]).collect();
+    // Each sample's last token, then any forced tokens (the logits are those of the last fed).
+    let feeds: Vec<Vec<u32>> =
+        live.iter_mut().map(|s| std::iter::once(s.last).chain(s.pending.drain(..)).collect()).collect();
     let logits = {
         let mut steps: Vec<Step> = Vec::with_capacity(live.len() + admitted.len());
-        for (s, t) in live.iter_mut().zip(&lasts) {
+        for (s, t) in live.iter_mut().zip(&feeds) {
             steps.push(Step { cache: &mut s.cache, tokens: t });
         }
         for (c, j) in prefills.iter_mut().zip(&admitted) {
@@ -216,6 +227,7 @@ fn step(
             max_tokens: j.max_tokens,
             params: j.params,
             stop: j.stop,
+            then: j.then,
             events: j.events,
         });
         for sample in 0..j.n {
@@ -228,6 +240,8 @@ fn step(
                 row: base + k,
                 ids: Vec::new(),
                 sent: 0,
+                pending: Vec::new(),
+                forced: false,
             });
         }
     }
@@ -239,7 +253,15 @@ fn step(
         s.ids.push(d.token);
         s.last = d.token;
         let mut finish = eos.contains(&d.token).then_some(Finish::Stop);
-        let text = tok.decode(&s.ids, true)?;
+        let mut text = tok.decode(&s.ids, true)?;
+        if let (Some((trigger, forced)), false, None) = (&s.job.then, s.forced, finish) {
+            if text.contains(trigger.as_str()) {
+                s.forced = true;
+                s.pending = forced.clone();
+                s.ids.extend_from_slice(forced);
+                text = tok.decode(&s.ids, true)?;
+            }
+        }
         let (end, hit) = sendable(&text, &s.job.stop, finish.is_some());
         if hit {
             finish = Some(Finish::Stop);

@@ -24,6 +24,8 @@ pub struct ServeConfig {
     pub model_name: String,
     pub max_batch: usize,
     pub max_queue: usize,
+    /// Render chats with the embedded task's compact prompt instead of the model's template.
+    pub compact: bool,
 }
 
 /// Serves `model` until Ctrl-C / SIGTERM, then lets in-flight requests finish and returns.
@@ -35,7 +37,7 @@ where
 {
     let (handle, jobs) = engine::queue(cfg.max_queue);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let max_batch = cfg.max_batch.max(1);
+    let (max_batch, compact) = (cfg.max_batch.max(1), cfg.compact);
     let stats = handle.stats.clone();
     let decode = std::thread::Builder::new().name("fcgpu-decode".into()).spawn(move || {
         let (mut model, tok) = match load() {
@@ -47,8 +49,8 @@ where
         };
         model.config.eos_token_ids = crate::rollout::chat_eos_ids(&model, Some(&tok));
         let tok = Arc::new(tok);
-        let info =
-            (ChatFormat::for_model(&model), model.config.max_position_embeddings, model.config.vocab_size);
+        let format = if compact { ChatFormat::Compact } else { ChatFormat::for_model(&model) };
+        let info = (format, model.config.max_position_embeddings, model.config.vocab_size);
         let _ = ready_tx.send(Ok((info, tok.clone())));
         engine::run(&model, &tok, jobs, max_batch, &stats);
     })?;

@@ -68,6 +68,9 @@ pub struct Prepared {
     pub prompt_tokens: usize,
     pub gen: Gen,
     pub events: UnboundedReceiver<Event>,
+    /// The start of every answer, written into the prompt by the server (a forced tool call's
+    /// opening): each sample's text is this followed by what the model generates.
+    pub forced: String,
 }
 
 impl AppState {
@@ -79,7 +82,14 @@ impl AppState {
     }
 
     /// Checks the prompt against the context and queues the job.
-    fn submit(&self, prompt: Vec<u32>, mut gen: Gen, kind: &str) -> Result<Prepared, ApiError> {
+    /// `then`: text that, once in a sample, is followed by forced tokens ([`Job::then`]).
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        mut gen: Gen,
+        kind: &str,
+        then: Option<(String, Vec<u32>)>,
+    ) -> Result<Prepared, ApiError> {
         let len = prompt.len();
         if len == 0 {
             return Err(ApiError::bad_request("The prompt has no tokens", None));
@@ -115,13 +125,14 @@ impl AppState {
             params: gen.params,
             seed,
             stop: gen.stop.clone(),
+            then,
             events: tx,
         };
         self.engine.submit(job).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::queue_full(self.max_queue),
             SubmitError::ShuttingDown => ApiError::unavailable(),
         })?;
-        Ok(Prepared { id: format!("{n:x}"), prompt_tokens: len, gen, events: rx })
+        Ok(Prepared { id: format!("{n:x}"), prompt_tokens: len, gen, events: rx, forced: String::new() })
     }
 }
 
@@ -135,7 +146,7 @@ pub struct Sample {
 /// Waits for every sample of a request.
 async fn collect(p: &mut Prepared) -> Result<Vec<Sample>, ApiError> {
     let mut out: Vec<Sample> =
-        (0..p.gen.n).map(|_| Sample { text: String::new(), finish: Finish::Length, tokens: 0 }).collect();
+        (0..p.gen.n).map(|_| Sample { text: p.forced.clone(), finish: Finish::Length, tokens: 0 }).collect();
     let mut left = p.gen.n;
     while left > 0 {
         match p.events.recv().await {
@@ -172,6 +183,10 @@ fn offered(tools: Vec<Json_>, choice: &ToolChoice) -> Result<Vec<Json_>, ApiErro
     match choice {
         ToolChoice::Auto => Ok(tools),
         ToolChoice::None => Ok(vec![]),
+        ToolChoice::Required if tools.is_empty() => {
+            Err(ApiError::bad_request("`tool_choice` \"required\" needs `tools`", Some("tool_choice")))
+        }
+        ToolChoice::Required => Ok(tools),
         ToolChoice::Named(name) => {
             let t: Vec<Json_> =
                 tools.into_iter().filter(|t| t["function"]["name"] == name.as_str()).collect();
@@ -191,13 +206,27 @@ async fn chat(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError
     let gen = Gen::parse(&o, &["max_completion_tokens", "max_tokens"], None)?;
     s.check_model(&gen)?;
     let messages = types::messages(&o)?;
-    let tools = offered(types::tools(&o)?, &types::tool_choice(&o)?)?;
-    let text = s
+    let choice = types::tool_choice(&o)?;
+    let tools = offered(types::tools(&o)?, &choice)?;
+    let mut text = s
         .format
         .render(&messages, Some(&tools))
         .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
-    let ids = s.tok.encode(&text, false).map_err(|e| ApiError::internal(format!("{e:#}")))?;
-    let mut p = s.submit(ids, gen, "messages")?;
+    // A call that must be made is started for the model (no grammar: the arguments are its own).
+    let (forced, then) = match &choice {
+        ToolChoice::Named(name) => s.format.forced_call(Some(name)),
+        ToolChoice::Required => s.format.forced_call(None),
+        ToolChoice::Auto | ToolChoice::None => (String::new(), None),
+    };
+    text.push_str(&forced);
+    let encode = |t: &str| s.tok.encode(t, false).map_err(|e| ApiError::internal(format!("{e:#}")));
+    let ids = encode(&text)?;
+    let then = match then {
+        Some((trigger, after)) => Some((trigger, encode(&after)?)),
+        None => None,
+    };
+    let mut p = s.submit(ids, gen, "messages", then)?;
+    p.forced = forced;
     let calls = !tools.is_empty();
     if p.gen.stream {
         return Ok(stream::chat(s.clone(), p, calls).into_response());
@@ -247,7 +276,7 @@ async fn completions(State(s): State<Shared>, body: Bytes) -> Result<Response, A
         Prompt::Text(t) => s.tok.encode(&t, true).map_err(|e| ApiError::internal(format!("{e:#}")))?,
         Prompt::Ids(ids) => ids,
     };
-    let mut p = s.submit(ids, gen, "prompt")?;
+    let mut p = s.submit(ids, gen, "prompt", None)?;
     if p.gen.stream {
         return Ok(stream::completion(s.clone(), p).into_response());
     }

@@ -12,7 +12,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::mpsc::{channel, Receiver};
 
 use super::engine::{Event, Finish};
-use super::output::split_reasoning;
+use super::output::{parse_tool_calls, split_reasoning, tool_calls_json};
 use super::routes::{finish_name, message_fields, now, usage, Prepared, Shared};
 
 /// The SSE response reading chunks from `rx`.
@@ -30,6 +30,57 @@ struct Progress {
     text: String,
     sent_reasoning: usize,
     sent_content: usize,
+    /// With tools offered: what the answer (after any reasoning) turned out to be.
+    kind: AnswerKind,
+    /// Tool calls already sent.
+    sent_calls: usize,
+}
+
+/// With tools offered, an answer is held back until its start shows whether it is calls.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum AnswerKind {
+    #[default]
+    Undecided,
+    /// Plain text: streamed as `content` deltas.
+    Content,
+    /// Calls: `<tool_call>` blocks go out one by one as each closes; a Python call list whole,
+    /// once the sample ends.
+    Calls,
+}
+
+/// What the start of an answer says it is (None: too little of it yet).
+fn answer_kind(content: &str) -> Option<AnswerKind> {
+    let t = content.trim_start();
+    if t.is_empty() || (TOOL_CALL.starts_with(t) && t.len() < TOOL_CALL.len()) {
+        return None;
+    }
+    Some(if t.starts_with(TOOL_CALL) || t.starts_with('[') { AnswerKind::Calls } else { AnswerKind::Content })
+}
+
+const TOOL_CALL: &str = "<tool_call>";
+
+/// The `<tool_call>` blocks of `content` that are complete, as OpenAI tool calls.
+fn closed_json_calls(id: &str, sample: usize, content: &str) -> Vec<Json> {
+    let Some(end) = content.rfind("</tool_call>") else { return vec![] };
+    let done = &content[..end + "</tool_call>".len()];
+    match parse_tool_calls(done.trim()) {
+        Some(calls) => tool_calls_json(&calls, &format!("{id}_{sample}")),
+        None => vec![],
+    }
+}
+
+/// Tool-call deltas for `calls[from..]`, each with its index.
+fn call_deltas(calls: &[Json], from: usize) -> Vec<Json> {
+    calls
+        .iter()
+        .enumerate()
+        .skip(from)
+        .map(|(k, t)| {
+            let mut t = t.clone();
+            t["index"] = k.into();
+            t
+        })
+        .collect()
 }
 
 /// The not yet sent tail of `now`, given `sent` bytes already out.
@@ -51,7 +102,7 @@ pub fn chat(s: Shared, mut p: Prepared, calls: bool) -> impl IntoResponse {
                 "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]})
             .to_string()
         };
-        let mut prog = vec![Progress::default(); p.gen.n];
+        let mut prog = vec![Progress { text: p.forced.clone(), ..Progress::default() }; p.gen.n];
         for i in 0..p.gen.n {
             if tx.send(chunk(i, json!({"role": "assistant", "content": ""}), None)).await.is_err() {
                 return;
@@ -71,10 +122,19 @@ pub fn chat(s: Shared, mut p: Prepared, calls: bool) -> impl IntoResponse {
                     if !r.is_empty() {
                         delta.insert("reasoning_content".into(), r.into());
                     }
-                    // With tools offered the content may be calls: it goes out once complete.
-                    if !calls && !c.is_empty() {
+                    if calls && g.kind == AnswerKind::Undecided {
+                        g.kind = answer_kind(split_reasoning(&g.text, false).1).unwrap_or(AnswerKind::Undecided);
+                    }
+                    if (!calls || g.kind == AnswerKind::Content) && !c.is_empty() {
                         g.sent_content += c.len();
                         delta.insert("content".into(), c.into());
+                    }
+                    if g.kind == AnswerKind::Calls {
+                        let done = closed_json_calls(&p.id, sample, split_reasoning(&g.text, false).1);
+                        if done.len() > g.sent_calls {
+                            delta.insert("tool_calls".into(), call_deltas(&done, g.sent_calls).into());
+                            g.sent_calls = done.len();
+                        }
                     }
                     if delta.is_empty() {
                         continue;
@@ -114,27 +174,28 @@ fn last_chunks(
     calls: bool,
     chunk: &dyn Fn(usize, Json, Option<&str>) -> String,
 ) -> Vec<String> {
-    let (message, reason) = message_fields(id, sample, &g.text, finish, calls);
+    let (message, mut reason) = message_fields(id, sample, &g.text, finish, calls);
     let mut delta = serde_json::Map::new();
     let (r, c) = split_reasoning(&g.text, true);
     if !tail(r, g.sent_reasoning).is_empty() {
         delta.insert("reasoning_content".into(), tail(r, g.sent_reasoning).into());
     }
-    if let Some(tc) = message.get("tool_calls") {
-        let indexed: Vec<Json> = tc
-            .as_array()
-            .into_iter()
-            .flatten()
-            .enumerate()
-            .map(|(k, t)| {
-                let mut t = t.clone();
-                t["index"] = k.into();
-                t
-            })
-            .collect();
-        delta.insert("tool_calls".into(), indexed.into());
-    } else if !tail(c, g.sent_content).is_empty() {
-        delta.insert("content".into(), tail(c, g.sent_content).into());
+    match message.get("tool_calls").and_then(Json::as_array) {
+        // Content already streamed stays content, whatever its end parses as.
+        Some(tc) if g.sent_content == 0 => {
+            if tc.len() > g.sent_calls {
+                delta.insert("tool_calls".into(), call_deltas(tc, g.sent_calls).into());
+            }
+        }
+        _ if g.sent_calls > 0 => reason = "tool_calls", // calls went out; the rest did not parse
+        _ => {
+            if message.get("tool_calls").is_some() {
+                reason = finish_name(finish);
+            }
+            if !tail(c, g.sent_content).is_empty() {
+                delta.insert("content".into(), tail(c, g.sent_content).into());
+            }
+        }
     }
     let mut out = Vec::new();
     if !delta.is_empty() {

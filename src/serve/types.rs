@@ -131,7 +131,9 @@ impl Gen {
 pub enum ToolChoice {
     Auto,
     None,
-    /// Only this function is offered to the model.
+    /// The answer must call one of the tools: it is started with the format's call opening.
+    Required,
+    /// Only this function is offered, and the answer is started with a call of it.
     Named(String),
 }
 
@@ -145,7 +147,8 @@ pub fn tool_choice(o: &Map<String, Json>) -> Result<ToolChoice, ApiError> {
     match o.get("tool_choice") {
         None | Some(Json::Null) => Ok(ToolChoice::Auto),
         Some(Json::String(s)) => match s.as_str() {
-            "auto" | "required" => Ok(ToolChoice::Auto),
+            "auto" => Ok(ToolChoice::Auto),
+            "required" => Ok(ToolChoice::Required),
             "none" => Ok(ToolChoice::None),
             _ => Err(bad()),
         },
