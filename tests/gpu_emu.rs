@@ -93,3 +93,69 @@ fn decode_attn_row_checks_every_range() {
     assert!(err(decode_attn_row(&d, &q, &o, 0, &cache(layer1 + 2, 0), (nh, nkv, hd))).contains("cache"));
     assert!(err(decode_attn_row(&d, &q, &o, 0, &cache(0, 2), (nh, nkv, hd))).contains("entry 2"));
 }
+
+/// The device counters count each kind of work exactly: an allocation, an upload's bytes and its
+/// synchronisation, a memset and a kernel launch, a download.
+#[test]
+fn counters_count_each_kind_of_device_work() {
+    use fcgpu::backend::counters::Counts;
+    use fcgpu::backend::{Kernel, KernelArgs, LaunchCfg};
+    let d = GpuDevice::emu();
+    let c0 = d.counts();
+    let x = d.upload_f32(&[1.0; 25]).unwrap();
+    assert_eq!(d.counts() - c0, Counts { launches: 0, h2d_bytes: 100, d2h_bytes: 0, syncs: 1, allocs: 1 });
+    let c1 = d.counts();
+    let y = d.zeros(100).unwrap();
+    let mut a = KernelArgs::new();
+    a.buf(&x).buf(&x).buf(&y).i64(25);
+    d.launch(Kernel::new("swiglu.cu", "swiglu_fwd_f32"), LaunchCfg::elementwise(25), &mut a).unwrap();
+    let _ = y.download_f32().unwrap();
+    d.synchronize().unwrap();
+    assert_eq!(d.counts() - c1, Counts { launches: 2, h2d_bytes: 0, d2h_bytes: 100, syncs: 2, allocs: 1 });
+}
+
+/// `fcgpu generate --counters` on emu: one entry per decode step with its batch, the prefill
+/// steps summed. Today's decoder samples on the host, so every decode step downloads the whole
+/// logits block (batch × vocab, bf16) and allocates; issue 14's budgets (≤ 16 bytes down per
+/// sequence, no allocation) are what device sampling and batched decode must bring these to.
+#[test]
+fn generate_counters_record_every_decode_step() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("tests/fixtures/models/qwen2-tiny");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let vocab = cfg["vocab_size"].as_u64().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, counters) = (tmp.path().join("in.jsonl"), tmp.path().join("c.json"));
+    std::fs::write(&input, "{\"prompt_ids\": [1, 2, 3, 4, 5]}\n{\"prompt_ids\": [7, 8, 9]}\n").unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+            .args(["generate", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()])
+            .args([
+                "--n",
+                "2",
+                "--max-new-tokens",
+                "5",
+                "--ignore-eos",
+                "--counters",
+                counters.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--device", "emu"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    assert_eq!(c["prefill_steps"], 1, "{c}");
+    assert!(c["prefill"]["launches"].as_u64().unwrap() > 0, "{c}");
+    let steps = c["decode_steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 4, "5 new tokens: the prefill step samples the first, 4 decode steps the rest");
+    for s in steps {
+        assert_eq!(s["batch"], 4, "{s}");
+        assert_eq!(s["d2h_bytes"].as_u64().unwrap(), 4 * vocab * 2, "the bf16 logits block comes back: {s}");
+        assert!(s["launches"].as_u64().unwrap() > 0 && s["syncs"].as_u64().unwrap() >= 1, "{s}");
+    }
+    let out = run(&["--device", "cpu"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--counters"));
+}

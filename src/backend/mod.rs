@@ -14,6 +14,7 @@ use half::bf16;
 use crate::device::Device;
 use crate::dtype::DType;
 
+pub mod counters;
 pub mod cuda;
 pub mod emu;
 pub mod nvrtc;
@@ -235,30 +236,42 @@ pub trait Driver: Send + Sync {
     fn synchronize(&self) -> Result<()>;
 }
 
-/// A GPU device (cuda or emu). Cheap to clone.
+/// A GPU device (cuda or emu) and its [`counters::Counters`]. Cheap to clone.
 #[derive(Clone)]
-pub struct GpuDevice(Arc<dyn Driver>);
+pub struct GpuDevice {
+    drv: Arc<dyn Driver>,
+    counters: Arc<counters::Counters>,
+}
 
 impl fmt::Debug for GpuDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GpuDevice({:?}: {})", self.kind(), self.0.name())
+        write!(f, "GpuDevice({:?}: {})", self.kind(), self.drv.name())
     }
 }
 
 impl GpuDevice {
+    fn wrap(drv: Arc<dyn Driver>) -> GpuDevice {
+        GpuDevice { drv, counters: Arc::default() }
+    }
+
+    /// What this device has been asked to do so far (see [`counters`]).
+    pub fn counts(&self) -> counters::Counts {
+        self.counters.snapshot()
+    }
+
     /// The emulated device (always available).
     pub fn emu() -> GpuDevice {
-        GpuDevice(Arc::new(emu::EmuDriver::new()))
+        GpuDevice::wrap(Arc::new(emu::EmuDriver::new()))
     }
 
     /// An emu device running the sanitizer checks `checks` (whatever `FCGPU_EMU_CHECK` says).
     pub fn emu_checked(checks: emu::EmuChecks) -> GpuDevice {
-        GpuDevice(Arc::new(emu::EmuDriver::with_checks(checks)))
+        GpuDevice::wrap(Arc::new(emu::EmuDriver::with_checks(checks)))
     }
 
     /// CUDA device `ordinal`. A clear error (never a panic) when there is no driver or GPU.
     pub fn cuda(ordinal: usize) -> Result<GpuDevice> {
-        Ok(GpuDevice(Arc::new(cuda::CudaDriver::new(ordinal)?)))
+        Ok(GpuDevice::wrap(Arc::new(cuda::CudaDriver::new(ordinal)?)))
     }
 
     /// Open a device by name: `emu`, `cuda` (= `cuda:0`) or `cuda:N`. For `cuda` without a
@@ -296,7 +309,7 @@ impl GpuDevice {
 
     /// Whether two handles are the same device (same driver instance).
     pub fn same(&self, other: &GpuDevice) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.drv, &other.drv)
     }
 
     /// Whether `cuda(0)` can work here: libcuda, libnvrtc and libcublas load and a GPU exists.
@@ -305,20 +318,37 @@ impl GpuDevice {
     }
 
     pub fn kind(&self) -> GpuKind {
-        self.0.kind()
+        self.drv.kind()
     }
     /// The `Copy` tag tensors carry for this device (`Device::Emu` or `Device::Cuda(n)`).
     pub fn tag(&self) -> Device {
         match self.kind() {
             GpuKind::Emu => Device::Emu,
-            GpuKind::Cuda => Device::Cuda(self.0.ordinal() as u32),
+            GpuKind::Cuda => Device::Cuda(self.drv.ordinal() as u32),
         }
     }
     pub fn name(&self) -> String {
-        self.0.name()
+        self.drv.name()
     }
+    /// The raw driver: its calls are not counted (use the device's methods).
     pub fn driver(&self) -> &dyn Driver {
-        &*self.0
+        &*self.drv
+    }
+
+    /// Device-to-device copy of `bytes` bytes (counted as a launch).
+    /// # Safety
+    /// Both ranges lie in live allocations of this device.
+    pub unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        self.counters.launch();
+        self.drv.dtod(src, dst, bytes)
+    }
+
+    /// Blocking device→host copy into `dst` (counted).
+    /// # Safety
+    /// `src..src+dst.len()` lies in a live allocation of this device.
+    pub unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.counters.d2h(dst.len());
+        self.drv.dtoh(src, dst)
     }
 
     /// The one launch path: NVTX range named after the kernel, then the driver launch.
@@ -348,13 +378,15 @@ impl GpuDevice {
         );
         let _range = nvtx_range(k.name);
         let mut params = args.as_params();
-        unsafe { self.0.launch(k, cfg, &mut params) }.with_context(|| {
+        self.counters.launch();
+        unsafe { self.drv.launch(k, cfg, &mut params) }.with_context(|| {
             format!("launching {} ({}), grid {:?} block {:?}", k.name, k.file, cfg.grid, cfg.block)
         })?;
         if sync_launches() {
             // A fault is reported by the next call on the stream, far from the kernel that made
             // it; synchronising here names the kernel (at the cost of all overlap).
-            self.0.synchronize().with_context(|| {
+            self.counters.sync();
+            self.drv.synchronize().with_context(|| {
                 format!(
                     "kernel {} ({}) failed, grid {:?} block {:?} (FCGPU_SYNC_LAUNCH=1)",
                     k.name, k.file, cfg.grid, cfg.block
@@ -368,26 +400,29 @@ impl GpuDevice {
         ensure!(matches!(g.dtype, DType::F32 | DType::BF16), "gemm: dtype {:?} is not supported", g.dtype);
         ensure!(g.batch >= 1, "gemm: batch 0");
         let _range = nvtx_range("gemm");
-        unsafe { self.0.gemm(g) }
+        self.counters.launch();
+        unsafe { self.drv.gemm(g) }
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.0.synchronize()
+        self.counters.sync();
+        self.drv.synchronize()
     }
 
     /// Uninitialised buffer of `bytes` bytes.
     pub fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
-        let ptr = self.0.alloc(bytes.max(1))?;
+        self.counters.alloc();
+        let ptr = self.drv.alloc(bytes.max(1))?;
         Ok(GpuBuffer { ptr, bytes, dev: self.clone() })
     }
     pub fn zeros(&self, bytes: usize) -> Result<GpuBuffer> {
         let b = self.alloc(bytes)?;
-        unsafe { self.0.memset_zero(b.ptr, bytes)? };
+        b.zero()?;
         Ok(b)
     }
     pub fn upload_bytes(&self, data: &[u8]) -> Result<GpuBuffer> {
         let b = self.alloc(data.len())?;
-        unsafe { self.0.htod(data, b.ptr)? };
+        b.write_bytes(data)?;
         Ok(b)
     }
     pub fn upload_f32(&self, data: &[f32]) -> Result<GpuBuffer> {
@@ -438,25 +473,25 @@ impl GpuBuffer {
     }
     pub fn download_bytes(&self) -> Result<Vec<u8>> {
         let mut v = vec![0u8; self.bytes];
-        unsafe { self.dev.0.dtoh(self.ptr, &mut v)? };
+        unsafe { self.dev.dtoh(self.ptr, &mut v)? };
         Ok(v)
     }
     pub fn download_f32(&self) -> Result<Vec<f32>> {
         ensure!(self.bytes.is_multiple_of(4), "download_f32 of {} bytes", self.bytes);
         let mut v = vec![0f32; self.bytes / 4];
-        unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
+        unsafe { self.dev.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)
     }
     pub fn download_i32(&self) -> Result<Vec<i32>> {
         ensure!(self.bytes.is_multiple_of(4), "download_i32 of {} bytes", self.bytes);
         let mut v = vec![0i32; self.bytes / 4];
-        unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
+        unsafe { self.dev.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)
     }
     pub fn download_bf16(&self) -> Result<Vec<bf16>> {
         ensure!(self.bytes.is_multiple_of(2), "download_bf16 of {} bytes", self.bytes);
         let mut v = vec![bf16::ZERO; self.bytes / 2];
-        unsafe { self.dev.0.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
+        unsafe { self.dev.dtoh(self.ptr, bytemuck::cast_slice_mut(&mut v))? };
         Ok(v)
     }
     /// Values stored as `dtype`, widened to f32.
@@ -474,16 +509,18 @@ impl GpuBuffer {
     /// Overwrite the buffer from host bytes (same length).
     pub fn write_bytes(&self, data: &[u8]) -> Result<()> {
         ensure!(data.len() == self.bytes, "write of {} bytes into a buffer of {}", data.len(), self.bytes);
-        unsafe { self.dev.0.htod(data, self.ptr) }
+        self.dev.counters.h2d(data.len());
+        unsafe { self.dev.drv.htod(data, self.ptr) }
     }
     pub fn zero(&self) -> Result<()> {
-        unsafe { self.dev.0.memset_zero(self.ptr, self.bytes) }
+        self.dev.counters.launch();
+        unsafe { self.dev.drv.memset_zero(self.ptr, self.bytes) }
     }
 }
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
-        unsafe { self.dev.0.free(self.ptr, self.bytes.max(1)) }
+        unsafe { self.dev.drv.free(self.ptr, self.bytes.max(1)) }
     }
 }
 

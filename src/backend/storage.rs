@@ -44,7 +44,7 @@ impl GpuStorage {
         );
         fn read<T: bytemuck::Pod + bytemuck::Zeroable>(s: &GpuStorage) -> Result<Vec<T>> {
             let mut v = vec![T::zeroed(); s.len];
-            unsafe { s.device().driver().dtoh(s.buf.ptr(), bytemuck::cast_slice_mut(&mut v))? };
+            unsafe { s.device().dtoh(s.buf.ptr(), bytemuck::cast_slice_mut(&mut v))? };
             Ok(v)
         }
         Ok(match self.dtype {

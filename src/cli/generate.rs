@@ -50,6 +50,11 @@ pub struct Args {
     /// Most sequences decoded at once (finished ones are replaced by waiting prompts).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// On a GPU device: write what each step asked of the device (kernel launches, bytes each
+    /// way, synchronisations, allocations) as JSON: `{"prefill": {...}, "prefill_steps": n,
+    /// "decode_steps": [{"batch", "launches", "h2d_bytes", "d2h_bytes", "syncs", "allocs"}, ...]}`.
+    #[arg(long)]
+    pub counters: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -112,6 +117,9 @@ fn check_stops(stop: &[String]) -> Result<()> {
 pub fn run(a: Args) -> Result<()> {
     check_stops(&a.stop)?;
     let device = super::device(&a.device, "generate")?;
+    if a.counters.is_some() && !device.is_gpu() {
+        bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
+    }
     let mut model = super::load_model(&a.model, device, a.dtype.as_deref())?;
     let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };
     if !a.stop.is_empty() && tok.is_none() {
@@ -137,8 +145,10 @@ pub fn run(a: Args) -> Result<()> {
     // Chunks of prompts so output streams; RNG streams follow global prompt numbers, so the
     // chunking does not change what is sampled.
     let chunk = (a.batch_size.max(1) * 4).div_ceil(a.n.max(1)).max(1);
+    let mut log = rollout::StepCounts::default();
     for (c, ps) in prompts.chunks(chunk).enumerate() {
-        for comp in rollout::generate_indexed(&model, ps, c * chunk, &cfg, tok.as_ref())? {
+        let counted = a.counters.is_some().then_some(&mut log);
+        for comp in rollout::generate_counted(&model, ps, c * chunk, &cfg, tok.as_ref(), counted)? {
             let text = tok.as_ref().map(|t| comp.text(t)).transpose()?;
             let o = Out {
                 index: comp.prompt_index,
@@ -153,6 +163,9 @@ pub fn run(a: Args) -> Result<()> {
             out.write_all(b"\n")?;
         }
         out.flush()?;
+    }
+    if let Some(p) = &a.counters {
+        crate::runfs::write_atomic(p, &serde_json::to_vec_pretty(&log)?)?;
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ pub fn cast(
         (DType::BF16, DType::F16) => "cast_bf16_f16",
         (DType::F16, DType::BF16) => "cast_f16_bf16",
         _ => {
-            return unsafe { dev.driver().dtod(input.ptr(), out.ptr(), n * from.size()) };
+            return unsafe { dev.dtod(input.ptr(), out.ptr(), n * from.size()) };
         }
     };
     let mut a = KernelArgs::new();

@@ -72,7 +72,7 @@ pub(crate) fn copy_bytes(
         return Ok(());
     }
     // SAFETY: both ranges were checked to lie inside live allocations.
-    unsafe { dst.device().driver().dtod(src.ptr() + src_off as u64, dst.ptr() + dst_off as u64, bytes) }
+    unsafe { dst.device().dtod(src.ptr() + src_off as u64, dst.ptr() + dst_off as u64, bytes) }
 }
 
 /// `prev + g` as a new f32 tensor on their device: gradient accumulation (never in place: one

@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::backend::counters::Counts;
 use crate::model::decode::Step;
 use crate::model::kv_cache::SeqCache;
 use crate::model::tokenizer::Tokenizer;
@@ -159,6 +160,23 @@ struct Live {
     entropy: Vec<f32>,
 }
 
+/// Device work of each generation step (`--counters`), from the device's counters: the steps
+/// that prefilled prompts (and decoded the running sequences with them) summed, then every other
+/// step, a pure decode step of `batch` sequences, on its own.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StepCounts {
+    pub prefill: Counts,
+    pub prefill_steps: usize,
+    pub decode_steps: Vec<DecodeStepCounts>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DecodeStepCounts {
+    pub batch: usize,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
 /// [`generate`] for prompts numbered from `first_index` (RNG streams follow the numbers, so a
 /// file split into chunks samples exactly as in one call). Completions come back ordered by
 /// (prompt, sample).
@@ -169,6 +187,20 @@ pub fn generate_indexed(
     cfg: &SamplingConfig,
     tok: Option<&Tokenizer>,
 ) -> Result<Vec<Completion>> {
+    generate_counted(model, prompts, first_index, cfg, tok, None)
+}
+
+/// [`generate_indexed`] that adds each step's device work to `log` (a model on a GPU device;
+/// on the cpu there is nothing to count and `log` is left as it is).
+pub fn generate_counted(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    first_index: usize,
+    cfg: &SamplingConfig,
+    tok: Option<&Tokenizer>,
+    mut log: Option<&mut StepCounts>,
+) -> Result<Vec<Completion>> {
+    let counted = model.device().gpu().ok().filter(|_| log.is_some());
     ensure!(cfg.n >= 1, "n (samples per prompt) must be at least 1");
     ensure!(
         cfg.temperature >= 0.0 && cfg.temperature.is_finite(),
@@ -238,6 +270,7 @@ pub fn generate_indexed(
         if live.is_empty() && admitted.is_empty() {
             break;
         }
+        let before = counted.as_ref().map(|d| (d.counts(), live.len(), !admitted.is_empty()));
         let lasts: Vec<[u32; 1]> = live.iter().map(|s| [s.last]).collect();
         let logits = {
             let mut steps: Vec<Step> = Vec::with_capacity(live.len() + admitted.len());
@@ -319,6 +352,15 @@ pub fn generate_indexed(
             }
         }
         live = still;
+        if let (Some(d), Some((c0, batch, prefill)), Some(log)) = (&counted, before, log.as_deref_mut()) {
+            let counts = d.counts() - c0;
+            if prefill {
+                log.prefill += counts;
+                log.prefill_steps += 1;
+            } else {
+                log.decode_steps.push(DecodeStepCounts { batch, counts });
+            }
+        }
     }
     bar.finish_and_clear();
     Ok(out.into_iter().map(|c| c.expect("every sample finishes")).collect())
