@@ -80,3 +80,23 @@ fn bad_input_names_file_and_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("/nonexistent/model"), "{err}");
 }
+
+/// `--counters` on emu: one entry per batch of sequences with the forward pass's device work;
+/// refused on the cpu.
+#[test]
+fn counters_record_each_batch_on_a_gpu_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c.json");
+    let input = "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [4, 5]}\n{\"input_ids\": [6, 7, 8, 9]}\n";
+    let m = fixture("qwen2-tiny");
+    let args = ["--device", "emu", "--batch-size", "2", "--counters", c.to_str().unwrap()];
+    let out = run(&m, input, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+    let b = v["batches"].as_array().unwrap();
+    assert_eq!(b.iter().map(|x| x["sequences"].as_u64().unwrap()).collect::<Vec<_>>(), vec![2, 1]);
+    assert_eq!(b.iter().map(|x| x["tokens"].as_u64().unwrap()).collect::<Vec<_>>(), vec![5, 4]);
+    assert!(b.iter().all(|x| x["launches"].as_u64().unwrap() > 0 && x["d2h_bytes"].as_u64().unwrap() > 0));
+    let out = run(&m, input, &["--device", "cpu", "--counters", c.to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--counters"));
+}

@@ -408,11 +408,22 @@ pub fn train_command_runs_on_device(dev: Device) {
             &flag(dev),
             "--steps",
             "2",
+            "--counters",
+            dir.path().join("counters.jsonl").to_str().unwrap(),
         ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     eprintln!("fcgpu train --device {dev} --steps 2 (micro): {:.1} s", t0.elapsed().as_secs_f32());
+    // --counters: one line per GRPO step, the device work of each phase.
+    let counts: Vec<serde_json::Value> = fcgpu::jsonl::read(&dir.path().join("counters.jsonl")).unwrap();
+    assert_eq!(counts.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2]);
+    for l in &counts {
+        for phase in ["rollout", "reference pass", "update", "optimizer"] {
+            assert!(l["phases"][phase]["launches"].as_u64().unwrap() > 0, "{phase}: {l}");
+        }
+        assert!(l["phases"]["rollout"]["d2h_bytes"].as_u64().unwrap() > 0, "{l}");
+    }
     let lines: Vec<serde_json::Value> = fcgpu::jsonl::read(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
     assert!(lines[1..].iter().all(

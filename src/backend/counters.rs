@@ -80,3 +80,29 @@ impl Counters {
         self.sync();
     }
 }
+
+thread_local! {
+    static PHASES: std::cell::RefCell<std::collections::BTreeMap<&'static str, Counts>> =
+        std::cell::RefCell::default();
+}
+
+/// Runs `f` as phase `name` of this thread's work on `dev` (nothing is counted without a
+/// device): its counts are added to the phase's total until [`take_phases`].
+pub fn phase<T>(dev: Option<&super::GpuDevice>, name: &'static str, f: impl FnOnce() -> T) -> T {
+    let Some(dev) = dev else { return f() };
+    let c0 = dev.counts();
+    let out = f();
+    add_phase(name, dev.counts() - c0);
+    out
+}
+
+/// Adds `counts` to phase `name` (for a phase that is not one closure: snapshot, then add the
+/// difference).
+pub fn add_phase(name: &'static str, counts: Counts) {
+    PHASES.with(|p| *p.borrow_mut().entry(name).or_default() += counts);
+}
+
+/// This thread's phase totals since the last call, by phase name.
+pub fn take_phases() -> std::collections::BTreeMap<&'static str, Counts> {
+    PHASES.with(|p| std::mem::take(&mut *p.borrow_mut()))
+}

@@ -27,6 +27,11 @@ pub struct Args {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// On a GPU device (cuda, emu): write what each batch's forward pass asked of the device
+    /// (kernel launches, bytes each way, synchronisations, allocations) as JSON:
+    /// `{"batches": [{"sequences", "tokens", "launches", "h2d_bytes", "d2h_bytes", "syncs", "allocs"}, ...]}`.
+    #[arg(long)]
+    pub counters: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -91,14 +96,25 @@ fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device(&a.device, "logprobs")?;
+    if a.counters.is_some() && !device.is_gpu() {
+        bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
+    }
     let model = super::load_model(&a.model, device, a.dtype.as_deref())?;
     let seqs = sequences(&a.input, &model)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let (gpu, mut batches) = (device.gpu().ok(), Vec::new());
     for chunk in seqs.chunks(a.batch_size.max(1)) {
         let batch = Batch::from_sequences(chunk);
+        let c0 = gpu.as_ref().map(|d| d.counts());
         let lp = autograd::no_grad(|| model.token_logprobs(&batch, 1.0))?;
         let v = lp.host_f32()?;
+        if let (Some(d), Some(c0)) = (&gpu, c0) {
+            let mut e = serde_json::to_value(d.counts() - c0)?;
+            e["sequences"] = chunk.len().into();
+            e["tokens"] = batch.ids.len().into();
+            batches.push(e);
+        }
         let n = batch.ids.len();
         for &(s, l) in &batch.seqs {
             let m = l.saturating_sub(1);
@@ -106,6 +122,9 @@ pub fn run(a: Args) -> Result<()> {
             out.write_all(b"\n")?;
         }
         out.flush()?;
+    }
+    if let Some(p) = &a.counters {
+        crate::runfs::write_atomic(p, &serde_json::to_vec_pretty(&serde_json::json!({"batches": batches}))?)?;
     }
     Ok(())
 }

@@ -45,6 +45,10 @@ pub struct RunArgs {
     /// Held-out examples scored at the end (0: skip).
     #[arg(long)]
     pub eval_samples: Option<usize>,
+    /// On a GPU device (cuda, emu): append each step's device work by phase (kernel launches,
+    /// bytes each way, synchronisations, allocations) to this file as JSON lines.
+    #[arg(long)]
+    pub counters: Option<PathBuf>,
     /// Continue from the latest checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
@@ -86,6 +90,7 @@ impl RunArgs {
         set_given(&mut c.seed, &self.seed);
         set_given(&mut c.save_every, &self.save_every);
         set_given(&mut c.eval_samples, &self.eval_samples);
+        c.counters = self.counters.clone();
         set_given(&mut c.preset, &self.preset);
         set_given(&mut c.task_train, &self.task_train);
         set_given(&mut c.base, &self.base);

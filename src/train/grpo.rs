@@ -461,7 +461,8 @@ impl GrpoTrainer {
         let g = self.cfg.group_size;
         let prompts: Vec<Vec<u32>> =
             picks.iter().map(|&i| self.prompt_ids(&self.train[i])).collect::<Result<_>>()?;
-        let completions = ranged("rollout", || {
+        let dev = self.model.device().gpu().ok();
+        let completions = ranged(dev.as_ref(), "rollout", || {
             no_grad(|| {
                 rollout::generate(
                     &self.model,
@@ -582,18 +583,19 @@ impl GrpoTrainer {
         let adv = group_advantages(rewards, g, scale, per_response.then_some(h_seq.as_slice()), bonus)?;
         st.zero_var_groups = adv.zero_var.iter().filter(|&&z| z).count() as f32 / adv.zero_var.len() as f32;
         let t1 = Instant::now();
+        let dev = self.model.device().gpu().ok();
         let ref_lp = match &self.reference {
-            Some(r) => Some(ranged("reference pass", || self.logps(r, rollouts))?),
+            Some(r) => Some(ranged(dev.as_ref(), "reference pass", || self.logps(r, rollouts))?),
             None => None,
         };
         st.seconds_reference = t1.elapsed().as_secs_f32();
         let t2 = Instant::now();
         for epoch in 0..self.cfg.ppo_epochs.max(1) {
-            let (l, k, c, grads) = ranged("update", || {
+            let (l, k, c, grads) = ranged(dev.as_ref(), "update", || {
                 self.policy_gradient(rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0)
             })?;
             ensure!(l.is_finite(), "loss is {l}; stopping before the update, weights unchanged");
-            let norm = ranged("optimizer step", || {
+            let norm = ranged(dev.as_ref(), "optimizer", || {
                 apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.run.max_grad_norm)
             })?;
             st.epochs.push((l, k, c, norm));
@@ -765,6 +767,7 @@ impl GrpoTrainer {
 /// The whole run on `device` (the SRML warm-up of the embedded default too): config.toml,
 /// metrics.jsonl, curves.svg, checkpoints, eval before and after (see [`GrpoTrainer::new`]).
 pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>, Option<f32>)> {
+    crate::train::metrics::check_counters(cfg.run.counters.as_deref(), device)?;
     let mut t = GrpoTrainer::new(cfg.clone(), start, device)?;
     let run_dir = cfg.run.run_dir.clone();
     runfs::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
@@ -792,8 +795,12 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
     let pb = crate::train::step_bar(cfg.run.steps);
     pb.set_position(t.step);
     let mut after = None;
+    crate::backend::counters::take_phases(); // the held-out eval is not a training phase
     while t.step < cfg.run.steps {
         let mut m = t.step()?;
+        if let Some(p) = &cfg.run.counters {
+            crate::train::metrics::append_counters(p, m.step)?;
+        }
         if m.step == cfg.run.steps && cfg.run.eval_samples > 0 {
             let h = t.evaluate(cfg.run.eval_samples)?;
             pb.suspend(|| {
@@ -838,10 +845,11 @@ fn tokens_of(groups: &[Group]) -> usize {
     groups.iter().flat_map(|grp| &grp.rollouts).map(|r| r.ids.len() - r.prompt_len).sum()
 }
 
-/// Runs `f` inside an NVTX range, so an Nsight Systems timeline shows the training phases.
-fn ranged<T>(name: &str, f: impl FnOnce() -> T) -> T {
+/// Runs `f` inside an NVTX range, so an Nsight Systems timeline shows the training phases, and
+/// as a counted phase of the device's work (`--counters`).
+fn ranged<T>(dev: Option<&crate::backend::GpuDevice>, name: &'static str, f: impl FnOnce() -> T) -> T {
     let _r = crate::backend::nvtx_range(name);
-    f()
+    crate::backend::counters::phase(dev, name, f)
 }
 
 /// `fcgpu train`'s config: its defaults with the TOML file at `path` laid over them.

@@ -64,3 +64,27 @@ impl MetricsWriter {
 pub fn read(path: &Path) -> Result<Vec<SftMetrics>> {
     crate::jsonl::read(path)
 }
+
+/// Appends one step's device work by phase to `path` (`--counters`): this thread's phase
+/// totals since the last step (`backend::counters::take_phases`), as one JSON line
+/// `{"step": n, "phases": {"rollout": {"launches", "h2d_bytes", "d2h_bytes", "syncs", "allocs"}, ...}}`.
+pub fn append_counters(path: &std::path::Path, step: u64) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let line = serde_json::json!({"step": step, "phases": crate::backend::counters::take_phases()});
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("--counters {}: cannot open for appending", path.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("--counters {}: cannot write", path.display()))
+}
+
+/// `--counters` counts what a GPU device is asked to do: refused on the cpu.
+pub fn check_counters(path: Option<&std::path::Path>, device: crate::tensor::Device) -> anyhow::Result<()> {
+    if path.is_some() && !device.is_gpu() {
+        anyhow::bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
+    }
+    crate::backend::counters::take_phases(); // start from this run's first step
+    Ok(())
+}

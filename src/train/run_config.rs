@@ -52,6 +52,11 @@ pub struct RunConfig {
     /// (`train::base`), or `scratch`, a fresh tiny model built from `preset`, `vocab_size` and
     /// `copy_heads`.
     pub base: String,
+    /// On a GPU device: each step's device work by phase (`backend::counters`), one JSON line
+    /// per step appended to this file (`--counters`). An output, not a setting: not saved in
+    /// config.toml, not compared on resume.
+    #[serde(skip)]
+    pub counters: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -107,6 +112,7 @@ impl RunConfig {
             copy_warmup_steps: 0,
             copy_heads: true,
             base: crate::train::base::SCRATCH.into(),
+            counters: None,
         }
     }
 

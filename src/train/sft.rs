@@ -334,6 +334,9 @@ impl Trainer {
         let ga = micro.len();
         let (mut loss_sum, mut lt_sum, mut lr_sum, mut a_sum, mut da_sum, mut tokens) =
             (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32, 0usize);
+        // Device work of the forward/backward passes ("update") and of the step ("optimizer").
+        let dev = self.model.device().gpu().ok();
+        let c0 = dev.as_ref().map(|d| d.counts());
         for (batch, pls) in micro {
             tokens += batch.ids.len();
             let spans = srml::spans(batch, pls, self.think_end)?;
@@ -360,6 +363,10 @@ impl Trainer {
             a_sum += out.alpha;
             da_sum += out.dl_dalpha;
         }
+        let c1 = dev.as_ref().map(|d| d.counts());
+        if let (Some(c0), Some(c1)) = (c0, c1) {
+            crate::backend::counters::add_phase("update", c1 - c0);
+        }
         let gaf = ga as f32;
         let norm = if on_gpu {
             dev_acc.norm()?
@@ -369,8 +376,17 @@ impl Trainer {
         if !norm.is_finite() {
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
         }
-        if on_gpu {
-            apply_step(&mut self.model, &mut self.opt, &self.adam, lr, dev_acc, self.cfg.run.max_grad_norm)?;
+        if let Some(d) = dev.as_ref() {
+            crate::backend::counters::phase(Some(d), "optimizer", || {
+                apply_step(
+                    &mut self.model,
+                    &mut self.opt,
+                    &self.adam,
+                    lr,
+                    dev_acc,
+                    self.cfg.run.max_grad_norm,
+                )
+            })?;
         } else {
             let by_name: std::collections::HashMap<String, Vec<f32>> =
                 params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
@@ -483,6 +499,7 @@ pub struct RunSummary {
 /// The whole run on `device`: config.toml, metrics.jsonl, checkpoints, final eval (see
 /// [`Trainer::new`]).
 pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSummary> {
+    crate::train::metrics::check_counters(cfg.run.counters.as_deref(), device)?;
     let start = Instant::now();
     let mut t = Trainer::new(cfg.clone(), start_mode, device)?;
     let run = cfg.run.run_dir.clone();
@@ -491,8 +508,12 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
     let pb = crate::train::step_bar(cfg.run.steps);
     pb.set_position(t.step);
     let (mut first, mut last, mut ran) = (f32::NAN, f32::NAN, 0);
+    crate::backend::counters::take_phases(); // setup is not a training phase
     while t.step < cfg.run.steps {
         let m = t.step()?;
+        if let Some(p) = &cfg.run.counters {
+            crate::train::metrics::append_counters(p, m.step)?;
+        }
         metrics.write(&m)?;
         if first.is_nan() {
             first = m.loss;
