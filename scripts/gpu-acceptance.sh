@@ -102,5 +102,14 @@ step bench_kernels 45 "$BIN/kernels" --bench --warm-up-time 0.2 --measurement-ti
 TRAIN_DIR="$(mktemp -d)"
 step train_micro 60 "$BIN/fcgpu" train --device cuda --base scratch --preset micro --warmup-sft-steps 2 --steps 2 --run-dir "$TRAIN_DIR/run"
 step train_fc_tiny 120 "$BIN/fcgpu" train --device cuda --steps 5 --eval-samples 20 --run-dir "$TRAIN_DIR/fc-tiny"
+# The device counters (launches, bytes, syncs, allocations per decode step) must be the same on
+# cuda as on emu, where CI holds them to budgets.
+printf '{"prompt_ids": [1, 2, 3, 4, 5]}\n{"prompt_ids": [7, 8, 9]}\n' >"$TRAIN_DIR/prompts.jsonl"
+count_on() {
+  "$BIN/fcgpu" generate --model tests/fixtures/models/qwen2-tiny --input "$TRAIN_DIR/prompts.jsonl" --n 2 \
+    --max-new-tokens 6 --ignore-eos --temperature 0 --device "$1" --counters "$OUT/counters-$1.json" >/dev/null
+}
+step counters_cuda_vs_emu 30 bash -c "$(declare -f count_on); BIN='$BIN' TRAIN_DIR='$TRAIN_DIR' OUT='$OUT'; \
+  count_on cuda && count_on emu && diff '$OUT/counters-cuda.json' '$OUT/counters-emu.json' && echo 'counters: passed'"
 cat "$SUMMARY"
 ! grep -q FAIL "$SUMMARY"
