@@ -128,6 +128,30 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(t);
 }
 
+// Column sums over many rows, first pass (a 2-D grid, so a narrow matrix still fills the GPU):
+// block (32, 8) sums columns blockIdx.x·32 + threadIdx.x over row chunk blockIdx.y
+// (rows [y·chunk, (y+1)·chunk)); each of the 8 row lanes walks every 8th row of the chunk, then
+// lane 0 adds the 8 lane sums in order and writes partial[blockIdx.y·cols + c]. `term(r, c)` is
+// the value summed. Fixed order everywhere, so the result is deterministic; the second pass
+// (`col_reduce_f32` in elementwise.cu) adds the partials of a column in chunk order.
+#define COL_LANES 8
+template <class F>
+__device__ __forceinline__ void col_partial(F term, float* __restrict__ partial, long long rows, int cols, int chunk) {
+    __shared__ float acc[COL_LANES][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    const long long r0 = (long long)blockIdx.y * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+    float s = 0.0f;
+    if (c < cols)
+        for (long long r = r0 + threadIdx.y; r < r1; r += COL_LANES) s += term(r, c);
+    acc[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        float t = 0.0f;
+        for (int k = 0; k < COL_LANES; k++) t += acc[k][threadIdx.x];
+        partial[(long long)blockIdx.y * cols + c] = t;
+    }
+}
+
 // Dynamic shared memory: `FC_DYN_SMEM(float, smem);` declares `float* smem`.
 #ifdef FCGPU_EMU
 #define FC_DYN_SMEM(T, name) T* name = (T*)fcemu::dyn_smem()

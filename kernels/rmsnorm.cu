@@ -4,8 +4,10 @@
 // rmsnorm_fwd_*: grid = rows, block = 256; saves rstd (f32) per row.
 //   Roofline: reads D·(sizeof(T)) per row + D weights (cached), writes D: ~4·D bytes (bf16), 4D FLOPs.
 // rmsnorm_bwd_dx_*: grid = rows, block = 256. Reads x, dy (and w), writes dx: ~6·D bytes (bf16).
-// rmsnorm_bwd_dw_*: grid = ceil(D/256), block = 256: each thread owns one column and walks the rows
-//   in order (coalesced, deterministic); writes dw in f32 (accumulate = 1 adds to it).
+// rmsnorm_bwd_dw_*: the first pass of a column sum (common.cuh's col_partial): grid (ceil(D/32),
+//   chunks), block (32, 8), partial sums per row chunk in f32; elementwise.cu's col_reduce_f32 adds
+//   them per column in chunk order (accumulate = 1 adds to dw). Deterministic, and a narrow D
+//   (Qwen3's q/k norms: 128) still spreads over rows/chunk blocks.
 #include "common.cuh"
 
 template <class T>
@@ -39,12 +41,9 @@ __device__ __forceinline__ void rms_bwd_dx(const T* __restrict__ x, const T* __r
 
 template <class T>
 __device__ __forceinline__ void rms_bwd_dw(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ rstd,
-                                           float* __restrict__ dw, int rows, int D, int accumulate) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= D) return;
-    float s = 0.0f;
-    for (long long r = 0; r < rows; r++) s += to_f32(dy[r * D + j]) * to_f32(x[r * D + j]) * rstd[r];
-    dw[j] = accumulate ? dw[j] + s : s;
+                                           float* __restrict__ partial, long long rows, int D, int chunk) {
+    col_partial([=](long long r, int j) { return to_f32(dy[r * D + j]) * to_f32(x[r * D + j]) * rstd[r]; }, partial, rows, D,
+                chunk);
 }
 
 extern "C" __global__ void rmsnorm_fwd_bf16(const bf16* x, const bf16* w, bf16* y, float* rstd, int D, float eps) {
@@ -59,11 +58,11 @@ extern "C" __global__ void rmsnorm_bwd_dx_bf16(const bf16* x, const bf16* w, con
 extern "C" __global__ void rmsnorm_bwd_dx_f32(const float* x, const float* w, const float* dy, const float* rstd, float* dx, int D) {
     rms_bwd_dx(x, w, dy, rstd, dx, D);
 }
-extern "C" __global__ void rmsnorm_bwd_dw_bf16(const bf16* x, const bf16* dy, const float* rstd, float* dw, int rows, int D,
-                                               int accumulate) {
-    rms_bwd_dw(x, dy, rstd, dw, rows, D, accumulate);
+extern "C" __global__ void rmsnorm_bwd_dw_bf16(const bf16* x, const bf16* dy, const float* rstd, float* partial, long long rows,
+                                               int D, int chunk) {
+    rms_bwd_dw(x, dy, rstd, partial, rows, D, chunk);
 }
-extern "C" __global__ void rmsnorm_bwd_dw_f32(const float* x, const float* dy, const float* rstd, float* dw, int rows, int D,
-                                              int accumulate) {
-    rms_bwd_dw(x, dy, rstd, dw, rows, D, accumulate);
+extern "C" __global__ void rmsnorm_bwd_dw_f32(const float* x, const float* dy, const float* rstd, float* partial, long long rows,
+                                              int D, int chunk) {
+    rms_bwd_dw(x, dy, rstd, partial, rows, D, chunk);
 }

@@ -66,6 +66,7 @@ suite_tests!(dev();
     flash_attention_f32_matches_cpu,
     decode_attention,
     elementwise_ops,
+    col_sum_is_exactish_over_many_rows_and_deterministic,
     storage_round_trip,
     grad_clip_on_device,
     linear_matches_cpu_op,

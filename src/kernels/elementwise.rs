@@ -98,7 +98,36 @@ pub fn bias_add(
     launch_n(dev, name("bias", dtype)?, rows * cols, &mut k)
 }
 
-/// `out[c] (f32) = Σ_r x[r, c]` (`+=` with `accumulate`): the bias gradient. Deterministic.
+/// Row chunk and chunk count of a two-pass column sum over `rows` rows: chunks of at least 64
+/// rows, at most 1,024 of them (the second pass walks them per column).
+pub(crate) fn col_chunks(rows: usize) -> (usize, usize) {
+    let chunk = rows.div_ceil(1024).max(64);
+    (chunk, rows.div_ceil(chunk).max(1))
+}
+
+/// The first pass's grid: 32 columns × one row chunk per block of (32, 8) threads.
+pub(crate) fn col_grid(cols: usize, chunks: usize) -> LaunchCfg {
+    LaunchCfg { grid: (cols.div_ceil(32) as u32, chunks as u32, 1), block: (32, 8, 1), shared_bytes: 0 }
+}
+
+/// The second pass: `out[c] = Σ_k partial[k, c]` over the chunks in order (`+=` with `accumulate`).
+pub(crate) fn col_reduce(
+    dev: &GpuDevice,
+    partial: &GpuBuffer,
+    out: &GpuBuffer,
+    chunks: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let mut k = KernelArgs::new();
+    k.buf(partial).buf(out).i32(chunks as i32).i32(cols as i32).i32(accumulate as i32);
+    let cfg = LaunchCfg::linear(cols.div_ceil(256) as u32, 256);
+    dev.launch(Kernel::new("elementwise.cu", "col_reduce_f32"), cfg, &mut k)
+}
+
+/// `out[c] (f32) = Σ_r x[r, c]` (`+=` with `accumulate`): the bias gradient. Two passes (partial
+/// sums per row chunk on a 2-D grid, then per column in chunk order): deterministic, and a few
+/// columns over many rows still use many blocks.
 pub fn col_sum(
     dev: &GpuDevice,
     dtype: DType,
@@ -113,13 +142,14 @@ pub fn col_sum(
     if cols == 0 {
         return Ok(());
     }
-    let mut k = KernelArgs::new();
-    k.buf(x).buf(out).i32(rows as i32).i32(cols as i32).i32(accumulate as i32);
-    dev.launch(
-        Kernel::new("elementwise.cu", name("colsum", dtype)?),
-        LaunchCfg::linear(cols.div_ceil(256) as u32, 256),
-        &mut k,
-    )
+    let (chunk, chunks) = col_chunks(rows);
+    let partial = dev.zeros(chunks * cols * 4)?;
+    if rows > 0 {
+        let mut k = KernelArgs::new();
+        k.buf(x).buf(&partial).i64(rows as i64).i32(cols as i32).i32(chunk as i32);
+        dev.launch(Kernel::new("elementwise.cu", name("colsum", dtype)?), col_grid(cols, chunks), &mut k)?;
+    }
+    col_reduce(dev, &partial, out, chunks, cols, accumulate)
 }
 
 /// Strided block copy: `y[y_off + r·ldy + c] = x[x_off + r·ldx + c]` for `r < rows`, `c < cols`

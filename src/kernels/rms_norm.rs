@@ -4,6 +4,7 @@ use anyhow::{ensure, Result};
 
 use crate::backend::{dtype_suffix, GpuBuffer, GpuDevice, Kernel, KernelArgs, LaunchCfg};
 use crate::dtype::DType;
+use crate::kernels::elementwise::{col_chunks, col_grid, col_reduce};
 
 fn k(stem: &str, dtype: DType) -> Result<Kernel> {
     let name: &'static str = match (stem, dtype_suffix(dtype)?) {
@@ -72,7 +73,11 @@ pub fn rms_norm_bwd(
     let mut a = KernelArgs::new();
     a.buf(x).buf(w).buf(dy).buf(rstd).buf(dx).i32(d as i32);
     dev.launch(k("dx", dtype)?, LaunchCfg::linear(rows as u32, row_block(d)), &mut a)?;
+    // dw: a two-pass column sum of dy·x·rstd (see `elementwise::col_sum`), deterministic.
+    let (chunk, chunks) = col_chunks(rows);
+    let partial = dev.alloc(chunks * d * 4)?;
     let mut a = KernelArgs::new();
-    a.buf(x).buf(dy).buf(rstd).buf(dw).i32(rows as i32).i32(d as i32).i32(accumulate as i32);
-    dev.launch(k("dw", dtype)?, LaunchCfg::linear(d.div_ceil(256) as u32, 256), &mut a)
+    a.buf(x).buf(dy).buf(rstd).buf(&partial).i64(rows as i64).i32(d as i32).i32(chunk as i32);
+    dev.launch(k("dw", dtype)?, col_grid(d, chunks), &mut a)?;
+    col_reduce(dev, &partial, dw, chunks, d, accumulate)
 }

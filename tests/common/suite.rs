@@ -167,7 +167,8 @@ pub fn rms_norm_matches_cpu_op(dev: &GpuDevice) {
     let d = dev.clone();
     use fcgpu::kernels::rms_norm::{rms_norm_bwd, rms_norm_fwd};
     use fcgpu::ops::rms_norm::cpu;
-    for &(rows, dim) in &[(1usize, 1usize), (3, 257), (5, 64)] {
+    // 700 × 128: Qwen3's q/k-norm width over rows spanning 11 row chunks of the dw reduction.
+    for &(rows, dim) in &[(1usize, 1usize), (3, 257), (5, 64), (700, 128)] {
         for (dt, tol) in DTS {
             let x = quant(&randn(rows * dim, 7, 1.5), dt);
             let w = quant(&randn(dim, 8, 1.0).iter().map(|v| v + 1.0).collect::<Vec<_>>(), dt);
@@ -847,6 +848,33 @@ pub fn flash_attention_f32_matches_cpu(d: &GpuDevice) {
         for (a, b, name) in [(&qc, &qg, "q"), (&kc, &kg, "k"), (&vc, &vg, "v")] {
             let (a, b) = (gc.get(a).unwrap().to_vec(), gg.get(b).unwrap().to_vec());
             assert_close(&b, &a, 1e-5, &format!("op gradient of {name} {what}"));
+        }
+    }
+}
+
+/// Column sums (bias gradients) over many rows: the two-pass reduction against an f64 sum, the
+/// same bits on a second run, and `accumulate` adding to what is there.
+pub fn col_sum_is_exactish_over_many_rows_and_deterministic(d: &GpuDevice) {
+    use fcgpu::kernels::elementwise::col_sum;
+    for &(rows, cols) in &[(5000usize, 37usize), (64, 1), (65, 300), (1, 5)] {
+        for dt in [DType::F32, DType::BF16] {
+            let x = quant(&randn(rows * cols, 60, 1.0), dt);
+            let want: Vec<f64> = (0..cols).map(|c| (0..rows).map(|r| x[r * cols + c] as f64).sum()).collect();
+            let xb = up(d, &x, dt);
+            let (a, b) = (d.zeros(cols * 4).unwrap(), d.zeros(cols * 4).unwrap());
+            col_sum(d, dt, &xb, &a, rows, cols, false).unwrap();
+            col_sum(d, dt, &xb, &b, rows, cols, false).unwrap();
+            let (ga, gb) = (a.download_f32().unwrap(), b.download_f32().unwrap());
+            let what = format!("col_sum {rows}x{cols} {dt:?}");
+            assert_close(&ga, &want, 1e-5, &what);
+            assert_eq!(
+                ga.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                gb.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{what}: not deterministic"
+            );
+            col_sum(d, dt, &xb, &a, rows, cols, true).unwrap();
+            let twice: Vec<f64> = want.iter().map(|w| 2.0 * w).collect();
+            assert_close(&a.download_f32().unwrap(), &twice, 1e-5, &format!("{what} accumulate"));
         }
     }
 }
