@@ -8,7 +8,9 @@
 //! * Opening a device checks that NVRTC and cuBLAS are not from a newer CUDA major release than
 //!   the driver ([`version_problems`]).
 //! * Launches take the same `void**` argument list as the emu device (`cuLaunchKernel`).
-//! * Memory is stream-ordered (`cuMemAllocAsync` / `cuMemFreeAsync` on the device's stream);
+//! * Memory is stream-ordered (`cuMemAllocAsync` / `cuMemFreeAsync` on the device's stream,
+//!   from the default pool, which keeps freed memory: `keep_pool_memory`; plain `cuMemAlloc`
+//!   where the device has no pools);
 //!   GEMMs go to cuBLAS (`cublasGemmStridedBatchedEx`, bf16/f32 in, f32 compute), row-major
 //!   through the column-major (B, A) trick.
 
@@ -153,6 +155,26 @@ pub fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
     Ok(c.cubin)
 }
 
+/// Whether `dev` has stream-ordered memory pools; if so, its default pool is told to keep freed
+/// memory (release threshold: unlimited) instead of handing it back to the driver at every
+/// synchronisation (the default threshold 0), so a steady state of same-sized allocations is
+/// served from the pool.
+unsafe fn keep_pool_memory(dev: cu::CUdevice) -> bool {
+    let mut supported = 0;
+    let attr = cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED;
+    if cu::cuDeviceGetAttribute(&mut supported, attr, dev) != cu::CUresult::CUDA_SUCCESS || supported == 0 {
+        return false;
+    }
+    let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
+    if cu::cuDeviceGetDefaultMemPool(&mut pool, dev) == cu::CUresult::CUDA_SUCCESS {
+        let mut threshold: u64 = u64::MAX;
+        let attr = cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        // A failure here only costs speed: the pool then releases at synchronisations as before.
+        let _ = cu::cuMemPoolSetAttribute(pool, attr, &mut threshold as *mut u64 as *mut c_void);
+    }
+    true
+}
+
 struct Handles {
     ctx: cu::CUcontext,
     stream: cu::CUstream,
@@ -171,6 +193,9 @@ pub struct CudaDriver {
     blas_version: i32,
     modules: Mutex<HashMap<&'static str, usize>>,
     functions: Mutex<HashMap<&'static str, (usize, u32)>>,
+    /// Stream-ordered allocation (`cuMemAllocAsync` from the device's default pool, which keeps
+    /// freed memory); false where the device has no memory pools: plain `cuMemAlloc`.
+    pools: bool,
 }
 
 // The raw handles are used only with the context bound, and cuBLAS / the stream are guarded by
@@ -232,6 +257,7 @@ impl CudaDriver {
                 "cublasSetStream",
             )?;
             let arch = format!("sm_{major}{minor}");
+            let pools = keep_pool_memory(dev);
             Ok(CudaDriver {
                 ordinal,
                 dev,
@@ -243,6 +269,7 @@ impl CudaDriver {
                 blas_version,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
+                pools,
             })
         }
     }
@@ -318,15 +345,25 @@ impl Driver for CudaDriver {
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.bind()?;
         let mut p: cu::CUdeviceptr = 0;
-        cu_check(
-            unsafe { cu::cuMemAllocAsync(&mut p, bytes, self.h.stream) },
-            &format!("cuMemAllocAsync({bytes} bytes)"),
-        )?;
+        if self.pools {
+            cu_check(
+                unsafe { cu::cuMemAllocAsync(&mut p, bytes, self.h.stream) },
+                &format!("cuMemAllocAsync({bytes} bytes)"),
+            )?;
+        } else {
+            cu_check(unsafe { cu::cuMemAlloc_v2(&mut p, bytes) }, &format!("cuMemAlloc({bytes} bytes)"))?;
+        }
         Ok(p)
     }
     unsafe fn free(&self, ptr: u64, _bytes: usize) {
         if self.bind().is_ok() {
-            let _ = cu::cuMemFreeAsync(ptr, self.h.stream);
+            if self.pools {
+                let _ = cu::cuMemFreeAsync(ptr, self.h.stream);
+            } else {
+                // Not stream-ordered: the memory may still be in use by queued work.
+                let _ = cu::cuStreamSynchronize(self.h.stream);
+                let _ = cu::cuMemFree_v2(ptr);
+            }
         }
     }
     unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()> {
