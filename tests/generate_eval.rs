@@ -106,9 +106,19 @@ fn eval_on_own_data_reports_pass_at_k() {
     }
     assert!(rows >= 2 && table.lines().last().unwrap().starts_with("all"), "{table}");
     assert_eq!(table, fcgpu(&sampled), "the same seed draws the same answers");
-    for bad in
-        [&["--samples", "4"][..], &["--samples", "0", "--temperature", "1.0"][..], &["--temperature=-1"][..]]
-    {
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["eval", "--model", m, "--data", empty.to_str().unwrap(), "--style", "compact"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no entries"));
+    for bad in [
+        &["--samples", "4"][..],
+        &["--samples", "0", "--temperature", "1.0"][..],
+        &["--samples", "100000000", "--temperature", "1.0"][..],
+        &["--temperature=-1"][..],
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(base).args(bad).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(

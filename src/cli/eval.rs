@@ -280,6 +280,9 @@ fn pass_at_k_table(samples: &[Sample], reports: &[crate::fc::score::Report]) -> 
 fn entries(a: &Args) -> Result<Vec<Sample>> {
     if let Some(p) = &a.data {
         let all = crate::data::load_jsonl(p)?;
+        if all.is_empty() {
+            bail!("--data {}: no entries to score", p.display());
+        }
         if a.category == "all" {
             return Ok(all);
         }
@@ -296,9 +299,13 @@ fn entries(a: &Args) -> Result<Vec<Sample>> {
     load_samples(&bfcl_dir, &a.category)
 }
 
+/// Most answers drawn per entry (`--samples`).
+const MAX_SAMPLES: usize = 1024;
+
 fn check_sampling(a: &Args) -> Result<()> {
-    if a.samples == 0 {
-        bail!("--samples must be at least 1");
+    // Every draw of every entry is kept until scoring: bound the memory a typo can ask for.
+    if a.samples == 0 || a.samples > MAX_SAMPLES {
+        bail!("--samples must be between 1 and {MAX_SAMPLES}, got {}", a.samples);
     }
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
         bail!("--temperature must be a finite number ≥ 0, got {}", a.temperature);

@@ -211,15 +211,7 @@ pub fn flash_attn_bwd_scaled(
     if d.n_seq == 0 || d.max_len == 0 {
         return Ok(());
     }
-    let rows = d.tokens * d.q_heads;
-    let delta = dev.alloc(rows * 4)?;
-    let mut a = KernelArgs::new();
-    a.buf(o).buf(dout).buf(&delta).i64(rows as i64).i32(d.head_dim as i32);
-    dev.launch(
-        Kernel::new("flash_attn.cu", "fa_bwd_dot"),
-        LaunchCfg::linear(rows.div_ceil(8) as u32, 256),
-        &mut a,
-    )?;
+    let delta = bwd_delta(dev, d, "fa_bwd_dot", o, dout)?;
     let dq32 = dev.zeros(nq * 4)?;
     let cfg = LaunchCfg {
         grid: (d.max_len.div_ceil(BN) as u32, d.kv_heads as u32, d.n_seq as u32),
@@ -242,6 +234,27 @@ pub fn flash_attn_bwd_scaled(
         .f32(scale);
     dev.launch(Kernel::new("flash_attn.cu", d.kernels().1), cfg, &mut a)?;
     cast(dev, &dq32, DType::F32, dq, DType::BF16, nq)
+}
+
+/// `delta[t, h] = Σ_d O·dO` (f32) with `kernel` (`fa_bwd_dot` for bf16, `fa_bwd_dot_f32`): the
+/// first step of both backwards, one warp per (token, head).
+fn bwd_delta(
+    dev: &GpuDevice,
+    d: &FlashDims,
+    kernel: &'static str,
+    o: &GpuBuffer,
+    dout: &GpuBuffer,
+) -> Result<GpuBuffer> {
+    let rows = d.tokens * d.q_heads;
+    let delta = dev.alloc(rows * 4)?;
+    let mut a = KernelArgs::new();
+    a.buf(o).buf(dout).buf(&delta).i64(rows as i64).i32(d.head_dim as i32);
+    dev.launch(
+        Kernel::new("flash_attn.cu", kernel),
+        LaunchCfg::linear(rows.div_ceil(8) as u32, 256),
+        &mut a,
+    )?;
+    Ok(delta)
 }
 
 /// Largest head dim of the f32 kernels (lanes split it, 8 elements each).
@@ -328,15 +341,7 @@ pub fn flash_attn_bwd_f32(
     if d.n_seq == 0 || d.max_len == 0 {
         return Ok(());
     }
-    let rows = d.tokens * d.q_heads;
-    let delta = dev.alloc(rows * 4)?;
-    let mut a = KernelArgs::new();
-    a.buf(o).buf(dout).buf(&delta).i64(rows as i64).i32(d.head_dim as i32);
-    dev.launch(
-        Kernel::new("flash_attn.cu", "fa_bwd_dot_f32"),
-        LaunchCfg::linear(rows.div_ceil(8) as u32, 256),
-        &mut a,
-    )?;
+    let delta = bwd_delta(dev, d, "fa_bwd_dot_f32", o, dout)?;
     let dims = |a: &mut KernelArgs| {
         a.buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32).f32(scale);
     };
