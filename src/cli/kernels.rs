@@ -28,13 +28,22 @@ pub enum KernelsCommand {
         file: Option<String>,
     },
     /// Print the roofline table (bytes, FLOPs, time at H100 peak) at Qwen2.5-7B shapes (Markdown).
-    Roofline,
+    Roofline {
+        /// Instead: project whole GRPO steps (rollout, reference pass, update) at Qwen2.5-1.5B and
+        /// 7B shapes on H100 and H200, from the roofline and the decode loop's host counts.
+        #[arg(long)]
+        grpo: bool,
+    },
 }
 
 pub fn run(a: Args) -> Result<()> {
     match a.command {
         KernelsCommand::Check { arch, json, file } => check(&arch, json, file.as_deref()),
-        KernelsCommand::Roofline => {
+        KernelsCommand::Roofline { grpo: true } => {
+            print!("{}", crate::roofline::step::markdown());
+            Ok(())
+        }
+        KernelsCommand::Roofline { grpo: false } => {
             print!("{}", crate::roofline::markdown(&crate::roofline::Shapes::qwen25_7b()));
             Ok(())
         }

@@ -1,7 +1,9 @@
 //! Roofline model of every kernel at Qwen2.5-7B shapes: bytes moved and FLOPs per call, and the
 //! time they imply at H100 SXM peak (3.35 TB/s HBM3, 989 dense bf16 TFLOP/s). Printed by
 //! `fcgpu kernels roofline` (that output is `kernels/ROOFLINE.md`) and used by the benchmarks to
-//! report the fraction of peak a measured time reaches.
+//! report the fraction of peak a measured time reaches. [`step`] projects whole GRPO steps.
+
+pub mod step;
 
 /// H100 SXM peak memory bandwidth, bytes/s.
 pub const H100_BW: f64 = 3.35e12;
@@ -205,7 +207,7 @@ mod tests {
     #[test]
     fn committed_roofline_is_current() {
         let want = markdown(&Shapes::qwen25_7b());
-        let have = include_str!("../kernels/ROOFLINE.md");
+        let have = include_str!("../../kernels/ROOFLINE.md");
         assert_eq!(
             have, want,
             "kernels/ROOFLINE.md is stale: regenerate with `fcgpu kernels roofline > kernels/ROOFLINE.md`"
