@@ -85,6 +85,49 @@ fn ast_stage_on_xlam_writes_the_three_outputs() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     ok(&prepare(&["--input", xlam().to_str().unwrap(), "--out", o, "--grounding", "--force"]));
     assert_eq!(reasons_by_line(&out)[&13], "ungrounded_value");
+
+    // accepted.jsonl trains with `fcgpu sft` as it is.
+    let run = d.path().join("sft");
+    let model = root().join("assets/fc-tiny");
+    let o = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["sft", "--model", model.to_str().unwrap(), "--data"])
+        .arg(out.join("accepted.jsonl"))
+        .args(["--run-dir", run.to_str().unwrap(), "--steps", "2", "--batch-size", "2", "--grad-accum", "1"])
+        .args(["--eval-samples", "0", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sft: 2 steps"));
+}
+
+#[test]
+fn judge_local_runs_the_model_in_process() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let model = root().join("assets/fc-tiny");
+    ok(&prepare(&[
+        "--input",
+        xlam().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--stage",
+        "all",
+        "--judge-local",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--judge-max-tokens",
+        "3",
+        "--judge-retries",
+        "0",
+    ]));
+    let s = summary(&out);
+    assert_eq!(s["judge"]["model"], "local:fc-tiny");
+    // Lines 1, 2, 3 and 13 pass stage 2 and reach the judge, whose 3 tokens hold no verdict.
+    assert_eq!(s["reasons"]["judge_unparsed"], 4, "{s}");
+    // Stage-2 failures sent for correction keep their reason when none comes.
+    assert_eq!(s["reasons"]["enum_violation"], 1, "{s}");
+    assert_eq!(s["judge"]["requests"], 9, "{s}");
 }
 
 #[test]
@@ -103,8 +146,7 @@ fn ast_stage_on_bfcl_files() {
     let loaded = fcgpu::data::load_jsonl(&out.join("accepted.jsonl")).unwrap();
     assert_eq!(loaded.len(), acc.len());
     assert!(loaded[0].id.starts_with("live_parallel_"));
-    // A whole directory: categories without a possible-answer file are rejected
-    // (`parse_error`) unless they expect no call.
+    // A whole directory: every category; irrelevance ones have no answer file, by design.
     let out2 = d.path().join("all");
     ok(&prepare(&[
         "--input",
@@ -113,8 +155,12 @@ fn ast_stage_on_bfcl_files() {
         out2.to_str().unwrap(),
     ]));
     let s = summary(&out2);
+    assert_eq!(s["categories"].as_object().unwrap().len(), 13, "{s}");
     assert!(s["categories"]["irrelevance"]["accepted"].as_u64().unwrap() > 0, "{s}");
-    assert!(s["reasons"]["parse_error"].as_u64().unwrap() > 0, "{s}");
+    // The test data's edge cases include gold answers outside their schema's enums.
+    assert!(s["reasons"]["enum_violation"].as_u64().unwrap() > 0, "{s}");
+    let rejected = lines(&out2.join("rejected.jsonl"));
+    assert!(rejected.iter().all(|r| r["stage"] == "ast" && r["sample"]["ground_truth"].is_array()));
 }
 
 /// `fcgpu serve` on the shipped tiny model, on a free loopback port.
@@ -327,7 +373,8 @@ fn scripted_judge_corrects_over_rounds_and_writes_reasoning() {
     let mut args = judge_args(&url, out.to_str().unwrap(), "scripted");
     args[1] = input.to_str().unwrap();
     args[5] = "all";
-    args.extend(["--rounds", "3"]);
+    let i = args.iter().position(|a| *a == "--rounds").unwrap();
+    args[i + 1] = "3";
     ok(&prepare(&args));
     let acc = lines(&out.join("accepted.jsonl"));
     let by_id: BTreeMap<&str, &Value> = acc.iter().map(|a| (a["id"].as_str().unwrap(), a)).collect();
@@ -339,10 +386,13 @@ fn scripted_judge_corrects_over_rounds_and_writes_reasoning() {
     let rej = lines(&out.join("rejected.jsonl"));
     let find = |line: u64| rej.iter().find(|r| r["line"] == line).unwrap();
     assert_eq!(find(1)["reason"], "judge_unsolvable");
-    // The judge's correction of line 6 fails stage 2 again: after 3 rounds, rejected.
-    assert_eq!(find(6)["reason"], "judge_call");
-    assert_eq!(find(6)["round"], 3);
-    assert!(find(6)["message"].as_str().unwrap().contains("type_mismatch"));
+    // The judge's correction of line 6 fails stage 2 again: after 3 rounds, rejected with
+    // its stage-2 reason, the judge's verdict in the message.
+    assert_eq!(
+        (&find(6)["reason"], &find(6)["stage"], &find(6)["round"]),
+        (&json!("type_mismatch"), &json!("ast"), &json!(3))
+    );
+    assert!(find(6)["message"].as_str().unwrap().contains("judge_call"), "{}", find(6));
     // Stage-2 failures the judge passed as right keep their stage-2 reason.
     assert_eq!(find(4)["reason"], "unknown_function");
     assert_eq!(find(9)["reason"], "duplicate");

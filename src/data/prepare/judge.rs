@@ -491,8 +491,15 @@ fn finish(jobs: Vec<Job>, mut stats: Stats) -> Judged {
                 out.accepted.push(j.rec);
             }
             Err(reject) => {
-                // A stage-2 failure the judge could not fix keeps its stage-2 reason.
-                let stage = if ast::correctable(reject.reason) { "ast" } else { "judge" };
+                // A stage-2 failure the judge did not fix keeps its stage-2 reason.
+                let (stage, reject) = match j.note {
+                    Some(n) if n.reason != reject.reason => {
+                        let m = format!("{} (judge: {}: {})", n.message, reject.reason, reject.message);
+                        ("ast", Reject::new(n.reason, m))
+                    }
+                    Some(n) => ("ast", n),
+                    None => ("judge", reject),
+                };
                 out.rejected.push(Rejection::of(&j.rec, stage, j.round, reject));
             }
         }
