@@ -98,8 +98,10 @@ fn check_out(a: &PrepareArgs) -> Result<()> {
         return Ok(());
     }
     if a.force {
-        for n in old {
-            let p = a.out.join(n);
+        // The outputs are replaced atomically at the end (the input may even be one of them);
+        // only the cache must go now, or its answers would be reused.
+        let p = a.out.join(cache::CACHE_FILE);
+        if p.exists() {
             std::fs::remove_file(&p).with_context(|| format!("--force: cannot remove {}", p.display()))?;
         }
         return Ok(());
@@ -130,7 +132,8 @@ fn backend(a: &PrepareArgs) -> Result<Box<dyn client::Backend>> {
         l.max_batch = a.concurrency.max(1);
         return Ok(Box::new(l));
     }
-    bail!("--stage {:?} needs a judge: --judge-url URL --judge-model NAME, or --judge-local DIR", a.stage)
+    let stage = format!("{:?}", a.stage).to_lowercase();
+    bail!("--stage {stage} needs a judge: --judge-url URL --judge-model NAME, or --judge-local DIR")
 }
 
 fn config(a: &PrepareArgs) -> Result<prepare::Config> {
@@ -157,13 +160,18 @@ fn prepare_cmd(a: PrepareArgs) -> Result<()> {
         bail!("--input {}: no such file or directory", a.input.display());
     }
     let cfg = config(&a)?;
-    check_out(&a)?;
+    // The backend first: a missing judge is an error before the output directory is touched.
+    let backend = match a.stage {
+        Stage::Ast => None,
+        _ => Some(backend(&a)?),
+    };
     crate::runfs::ensure_not_cwd(&a.out, "--out")?;
     let _lock = crate::runfs::RunLock::acquire(&a.out)?;
+    check_out(&a)?;
     crate::runfs::clean_stale_temps_noisy(&a.out);
-    let judge = match a.stage {
-        Stage::Ast => None,
-        _ => Some(open_judge(&a.out, backend(&a)?, cfg.judge.clone())?),
+    let judge = match backend {
+        None => None,
+        Some(b) => Some(open_judge(&a.out, b, cfg.judge.clone())?),
     };
     let out = prepare::prepare(&cfg, judge.as_ref())?;
     let summary = report::summary(&cfg, &out);
