@@ -406,3 +406,21 @@ fn scripted_judge_corrects_over_rounds_and_writes_reasoning() {
     ok(&prepare(&args));
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), asked);
 }
+
+#[test]
+fn xlam_60k_json_array_is_read_item_by_item() {
+    let d = tempfile::tempdir().unwrap();
+    let items: Vec<Value> = std::fs::read_to_string(xlam())
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let input = d.path().join("xlam60k.json");
+    std::fs::write(&input, serde_json::to_string_pretty(&items).unwrap()).unwrap();
+    let out = d.path().join("out");
+    ok(&prepare(&["--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", "xlam"]));
+    let s = summary(&out);
+    // The file's 12 JSON records (line 7 is cut): the same 4 accepted, item numbers for lines.
+    assert_eq!((s["total"].as_u64(), s["accepted"].as_u64()), (Some(12), Some(4)), "{s}");
+    assert_eq!(reasons_by_line(&out).get(&7).map(String::as_str), Some("parse_error"));
+}

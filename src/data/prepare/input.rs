@@ -124,7 +124,7 @@ fn parse_jsonl_record(v: &Json, format: Format, default_id: &str) -> Result<Samp
     } else {
         let calls = v.get("calls").or_else(|| v.get("ground_truth"));
         if let Some(c) = calls {
-            super::ast::check_shape(c.as_array().map(Vec::as_slice).unwrap_or(&[c.clone()]))
+            super::ast::check_shape(c.as_array().map(Vec::as_slice).unwrap_or(std::slice::from_ref(c)))
                 .map_err(|r| (r, v.clone()))?;
         }
         parse_fcgpu_line(v, default_id).map_err(|m| bad("malformed_line", m))
