@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use crate::model::Model;
 use crate::tensor::{DType, Device};
 
+pub mod data;
 pub mod doctor;
 mod doctor_kernels;
 pub mod eval;
@@ -47,6 +48,8 @@ pub enum Command {
     Sft(sft::Args),
     /// An OpenAI-compatible HTTP server for a model (chat, tool calls, streaming).
     Serve(serve::Args),
+    /// Data preparation: `data prepare` refines a data set (LLM judge, AST validation).
+    Data(data::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -61,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sft(a) => sft::run(a),
         Command::Train(a) => train::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Data(a) => data::run(a),
     }
 }
 

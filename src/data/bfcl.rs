@@ -47,28 +47,22 @@ fn read_lines(path: &Path) -> Result<Vec<(usize, Json)>> {
 }
 
 fn parse_question(path: &Path, line: usize, v: &Json, cat: &str) -> Result<Sample> {
-    let id = v
-        .get("id")
-        .and_then(Json::as_str)
-        .ok_or_else(|| data_err(path, line, "missing string field \"id\""))?;
-    let turns = v
-        .get("question")
-        .and_then(Json::as_array)
-        .ok_or_else(|| data_err(path, line, "missing array field \"question\""))?;
-    let first = turns
-        .first()
-        .and_then(Json::as_array)
-        .ok_or_else(|| data_err(path, line, "\"question\" has no turn"))?;
+    parse_bfcl_question(v, cat).map_err(|m| data_err(path, line, m))
+}
+
+/// One BFCL question record (`id`, `question`, `function`) as a sample of category `cat`,
+/// without its answer; the error says which field is wrong.
+pub fn parse_bfcl_question(v: &Json, cat: &str) -> Result<Sample, String> {
+    let id = v.get("id").and_then(Json::as_str).ok_or("missing string field \"id\"")?;
+    let turns = v.get("question").and_then(Json::as_array).ok_or("missing array field \"question\"")?;
+    let first = turns.first().and_then(Json::as_array).ok_or("\"question\" has no turn")?;
     let messages = first
         .iter()
         .map(|m| serde_json::from_value::<Message>(m.clone()))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| data_err(path, line, format!("bad message: {e}")))?;
-    let functions = v
-        .get("function")
-        .and_then(Json::as_array)
-        .cloned()
-        .ok_or_else(|| data_err(path, line, "missing array field \"function\""))?;
+        .map_err(|e| format!("bad message: {e}"))?;
+    let functions =
+        v.get("function").and_then(Json::as_array).cloned().ok_or("missing array field \"function\"")?;
     Ok(Sample {
         id: id.to_string(),
         category: cat.to_string(),

@@ -69,7 +69,7 @@ pub fn parse_xlam_line(v: &Json, default_id: &str) -> Result<Sample, String> {
 
 /// `{name, arguments}` → `{name: {param: [value]}}`; optional parameters the answer leaves
 /// out may be omitted (`""`) or given their default.
-fn answer_to_ground_truth(name: &str, args: &Map<String, Json>, func: Option<&Json>) -> Json {
+pub fn answer_to_ground_truth(name: &str, args: &Map<String, Json>, func: Option<&Json>) -> Json {
     let mut params = Map::new();
     for (k, v) in args {
         params.insert(k.clone(), json!([v]));

@@ -123,7 +123,7 @@ fn parallel_no_order(functions: &[Json], calls: &[Call], answers: &[Value], lang
     Ok(Verdict::ok())
 }
 
-fn type_of_name(lang: Lang, t: &str) -> CR<PyType> {
+pub(crate) fn type_of_name(lang: Lang, t: &str) -> CR<PyType> {
     let ty = match lang {
         Lang::Python => match t {
             "string" | "any" => PyType::Str,

@@ -1,0 +1,426 @@
+//! `fcgpu data prepare` end to end: stage 2 on xLAM and BFCL files, and the judge against a
+//! real `fcgpu serve` on loopback (rounds, caching, resume after SIGKILL) and against a
+//! scripted loopback judge (corrections over rounds, written reasoning, 5xx retries, 4xx).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn xlam() -> PathBuf {
+    root().join("tests/data/prepare/xlam_small.jsonl")
+}
+
+fn prepare(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(["data", "prepare"]).args(args).output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "failed: {out}\n{err}");
+    out.into_owned()
+}
+
+fn lines(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn summary(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+/// line → reason of rejected.jsonl.
+fn reasons_by_line(out: &Path) -> BTreeMap<u64, String> {
+    lines(&out.join("rejected.jsonl"))
+        .iter()
+        .map(|r| (r["line"].as_u64().unwrap(), r["reason"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn ast_stage_on_xlam_writes_the_three_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = out.to_str().unwrap();
+    let table = ok(&prepare(&["--input", xlam().to_str().unwrap(), "--out", o]));
+    let acc = lines(&out.join("accepted.jsonl"));
+    let ids: Vec<&str> = acc.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["1", "2", "3", "13"]);
+    let expected: BTreeMap<u64, String> = [
+        (4, "unknown_function"),
+        (5, "unknown_parameter"),
+        (6, "type_mismatch"),
+        (7, "malformed_line"),
+        (8, "parse_error"),
+        (9, "duplicate"),
+        (10, "empty_query"),
+        (11, "missing_required"),
+        (12, "enum_violation"),
+    ]
+    .into_iter()
+    .map(|(l, r)| (l, r.to_string()))
+    .collect();
+    assert_eq!(reasons_by_line(&out), expected);
+    for r in lines(&out.join("rejected.jsonl")) {
+        for k in ["id", "line", "stage", "round", "reason", "message", "sample"] {
+            assert!(r.get(k).is_some(), "{k} missing in {r}");
+        }
+    }
+    let s = summary(&out);
+    assert_eq!((s["total"].as_u64(), s["accepted"].as_u64()), (Some(13), Some(4)));
+    assert_eq!(s["reasons"]["duplicate"], 1);
+    assert!(table.contains("enum_violation") && table.contains("parallel"), "{table}");
+
+    // Nothing is overwritten without --force; --grounding adds `ungrounded_value`.
+    let again = prepare(&["--input", xlam().to_str().unwrap(), "--out", o, "--grounding"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    ok(&prepare(&["--input", xlam().to_str().unwrap(), "--out", o, "--grounding", "--force"]));
+    assert_eq!(reasons_by_line(&out)[&13], "ungrounded_value");
+
+    // accepted.jsonl trains with `fcgpu sft` as it is.
+    let run = d.path().join("sft");
+    let model = root().join("assets/fc-tiny");
+    let o = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["sft", "--model", model.to_str().unwrap(), "--data"])
+        .arg(out.join("accepted.jsonl"))
+        .args(["--run-dir", run.to_str().unwrap(), "--steps", "2", "--batch-size", "2", "--grad-accum", "1"])
+        .args(["--eval-samples", "0", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sft: 2 steps"));
+}
+
+#[test]
+fn judge_local_runs_the_model_in_process() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let model = root().join("assets/fc-tiny");
+    ok(&prepare(&[
+        "--input",
+        xlam().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--stage",
+        "all",
+        "--judge-local",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--judge-max-tokens",
+        "3",
+        "--judge-retries",
+        "0",
+    ]));
+    let s = summary(&out);
+    assert_eq!(s["judge"]["model"], "local:fc-tiny");
+    // Lines 1, 2, 3 and 13 pass stage 2 and reach the judge, whose 3 tokens hold no verdict.
+    assert_eq!(s["reasons"]["judge_unparsed"], 4, "{s}");
+    // Stage-2 failures sent for correction keep their reason when none comes.
+    assert_eq!(s["reasons"]["enum_violation"], 1, "{s}");
+    assert_eq!(s["judge"]["requests"], 9, "{s}");
+}
+
+#[test]
+fn ast_stage_on_bfcl_files() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let q = root().join("tests/data/bfcl/v4/BFCL_v4_live_parallel.json");
+    ok(&prepare(&["--input", q.to_str().unwrap(), "--out", out.to_str().unwrap()]));
+    let s = summary(&out);
+    let n = std::fs::read_to_string(&q).unwrap().lines().count() as u64;
+    assert_eq!(s["total"].as_u64(), Some(n));
+    assert!(s["accepted"].as_u64().unwrap() > 0, "{s}");
+    let acc = lines(&out.join("accepted.jsonl"));
+    assert!(acc.iter().all(|a| a["category"] == "live_parallel" && a["calls"].is_array()));
+    // The accepted file loads as fcgpu JSONL, ids kept.
+    let loaded = fcgpu::data::load_jsonl(&out.join("accepted.jsonl")).unwrap();
+    assert_eq!(loaded.len(), acc.len());
+    assert!(loaded[0].id.starts_with("live_parallel_"));
+    // A whole directory: every category; irrelevance ones have no answer file, by design.
+    let out2 = d.path().join("all");
+    ok(&prepare(&[
+        "--input",
+        root().join("tests/data/bfcl/v4").to_str().unwrap(),
+        "--out",
+        out2.to_str().unwrap(),
+    ]));
+    let s = summary(&out2);
+    assert_eq!(s["categories"].as_object().unwrap().len(), 13, "{s}");
+    assert!(s["categories"]["irrelevance"]["accepted"].as_u64().unwrap() > 0, "{s}");
+    // The test data's edge cases include gold answers outside their schema's enums.
+    assert!(s["reasons"]["enum_violation"].as_u64().unwrap() > 0, "{s}");
+    let rejected = lines(&out2.join("rejected.jsonl"));
+    assert!(rejected.iter().all(|r| r["stage"] == "ast" && r["sample"]["ground_truth"].is_array()));
+}
+
+/// `fcgpu serve` on the shipped tiny model, on a free loopback port.
+struct Serve {
+    child: Child,
+    url: String,
+}
+
+impl Serve {
+    fn start() -> Serve {
+        let model = root().join("assets/fc-tiny");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--device", "cpu"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim()
+            .to_string();
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Serve { child, url: format!("http://{addr}/v1") }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn judge_args<'a>(url: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
+    vec![
+        "--input",
+        "",
+        "--out",
+        out,
+        "--stage",
+        "judge",
+        "--judge-url",
+        url,
+        "--judge-model",
+        model,
+        "--judge-max-tokens",
+        "3",
+        "--judge-retries",
+        "1",
+        "--rounds",
+        "2",
+        "--concurrency",
+        "2",
+    ]
+}
+
+fn cache_keys(out: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(out.join("judge_cache.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn judge_against_fcgpu_serve_caches_and_resumes_after_sigkill() {
+    let serve = Serve::start();
+    let d = tempfile::tempdir().unwrap();
+    let input = xlam();
+    let out = d.path().join("out");
+    let o = out.to_str().unwrap();
+    let mut args = judge_args(&serve.url, o, "fc-tiny");
+    args[1] = input.to_str().unwrap();
+
+    // Killed mid-run, as soon as some answers are cached.
+    let mut kill_args = args.clone();
+    *kill_args.last_mut().unwrap() = "1";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["data", "prepare"])
+        .args(&kill_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while cache_keys(&out).len() < 3 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let before = cache_keys(&out).len();
+    assert!(before >= 3, "no answers cached before the kill");
+    assert!(!out.join("summary.json").exists());
+
+    // Without --resume the earlier run's cache is protected.
+    assert!(!prepare(&args).status.success());
+    args.push("--resume");
+    ok(&prepare(&args));
+    let s = summary(&out);
+    let keys = cache_keys(&out);
+    let unique: HashSet<&String> = keys.iter().collect();
+    assert_eq!(unique.len(), keys.len(), "an answer was asked for twice");
+    let j = &s["judge"];
+    assert_eq!(j["cache_hits"].as_u64().unwrap() as usize, before, "{s}");
+    assert_eq!(j["requests"].as_u64().unwrap() as usize + before, keys.len(), "{s}");
+    // A 3-token answer from a random tiny model holds no verdict: re-asked once, then rejected.
+    let rejected = lines(&out.join("rejected.jsonl"));
+    let unparsed = rejected.iter().filter(|r| r["reason"] == "judge_unparsed").count();
+    // 11 parseable records; lines 1 and 9 are the same sample, asked once.
+    assert_eq!(unparsed, 11, "{s}");
+    assert_eq!(keys.len(), 20, "two answers per distinct sample");
+    assert!(rejected
+        .iter()
+        .any(|r| r["reason"] == "judge_unparsed" && r["stage"] == "judge" && r["round"] == 1));
+
+    // Again: everything from the cache, same outputs.
+    let first = std::fs::read(out.join("rejected.jsonl")).unwrap();
+    ok(&prepare(&args));
+    let s = summary(&out);
+    assert_eq!((s["judge"]["requests"].as_u64(), s["judge"]["cache_hits"].as_u64()), (Some(0), Some(20)));
+    assert_eq!(std::fs::read(out.join("rejected.jsonl")).unwrap(), first);
+
+    // A model the server does not serve: a 4xx, reported (not retried) as `judge_error`.
+    let out2 = d.path().join("out2");
+    let mut args = judge_args(&serve.url, out2.to_str().unwrap(), "no-such-model");
+    args[1] = input.to_str().unwrap();
+    let t = Instant::now();
+    ok(&prepare(&args));
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let rejected = lines(&out2.join("rejected.jsonl"));
+    let errors: Vec<&Value> = rejected.iter().filter(|r| r["reason"] == "judge_error").collect();
+    assert_eq!(errors.len(), 11);
+    assert!(errors[0]["message"].as_str().unwrap().contains("HTTP 404"), "{}", errors[0]);
+}
+
+/// A scripted judge on loopback: answers by the check each prompt asks for. The call check
+/// fails with a correction in round 1 and passes after it; the first request gets a 500.
+fn scripted_judge() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { continue };
+            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || answer(s, n));
+        }
+    });
+    (format!("http://{addr}/v1"), count)
+}
+
+fn answer(mut s: std::net::TcpStream, n: usize) {
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    let req: Value = serde_json::from_slice(&body).unwrap();
+    let prompt = req["messages"][0]["content"].as_str().unwrap().to_string();
+    let (status, text) = if n == 0 { (500, "overloaded".to_string()) } else { (200, judge_text(&prompt)) };
+    let body = if status == 200 {
+        json!({"choices": [{"message": {"role": "assistant", "content": text}}]}).to_string()
+    } else {
+        text
+    };
+    let _ = write!(s, "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+}
+
+fn judge_text(prompt: &str) -> String {
+    let v = |b: bool| format!("<think>checked</think><judge>{}</judge>", if b { "True" } else { "False" });
+    if prompt.starts_with("### Judge task: write the reasoning") {
+        return "<reasoning>The user wants the weather; get_weather fits.</reasoning>".into();
+    }
+    if prompt.starts_with("### Judge check: function and parameters") {
+        // Barcelona is wrong for a question about Madrid: correct it once.
+        if prompt.contains("city='Barcelona'") {
+            return format!("{}<NewFC>[get_weather(city='Madrid')]</NewFC>", v(false));
+        }
+        // Line 6's days='five' is a stage-2 failure: a correction that still fails stage 2.
+        if prompt.contains("Kyiv") {
+            return format!("{}<NewFC>[get_weather(city='Kyiv', days='five')]</NewFC>", v(false));
+        }
+        return v(true);
+    }
+    if prompt.starts_with("### Judge check: solvable") {
+        return v(!prompt.contains("giveaways"));
+    }
+    v(true)
+}
+
+#[test]
+fn scripted_judge_corrects_over_rounds_and_writes_reasoning() {
+    let (url, count) = scripted_judge();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let input = xlam();
+    let mut args = judge_args(&url, out.to_str().unwrap(), "scripted");
+    args[1] = input.to_str().unwrap();
+    args[5] = "all";
+    let i = args.iter().position(|a| *a == "--rounds").unwrap();
+    args[i + 1] = "3";
+    ok(&prepare(&args));
+    let acc = lines(&out.join("accepted.jsonl"));
+    let by_id: BTreeMap<&str, &Value> = acc.iter().map(|a| (a["id"].as_str().unwrap(), a)).collect();
+    // Corrected in round 1, verified in round 2.
+    let madrid = by_id["13"];
+    assert_eq!(madrid["calls"][0]["get_weather"]["city"], json!(["Madrid"]), "{madrid}");
+    assert!(madrid["reasoning"].as_str().unwrap().contains("get_weather"));
+    assert!(by_id.contains_key("2") && by_id.contains_key("3"));
+    let rej = lines(&out.join("rejected.jsonl"));
+    let find = |line: u64| rej.iter().find(|r| r["line"] == line).unwrap();
+    assert_eq!(find(1)["reason"], "judge_unsolvable");
+    // The judge's correction of line 6 fails stage 2 again: after 3 rounds, rejected with
+    // its stage-2 reason, the judge's verdict in the message.
+    assert_eq!(
+        (&find(6)["reason"], &find(6)["stage"], &find(6)["round"]),
+        (&json!("type_mismatch"), &json!("ast"), &json!(3))
+    );
+    assert!(find(6)["message"].as_str().unwrap().contains("judge_call"), "{}", find(6));
+    // Stage-2 failures the judge passed as right keep their stage-2 reason.
+    assert_eq!(find(4)["reason"], "unknown_function");
+    assert_eq!(find(9)["reason"], "duplicate");
+    let s = summary(&out);
+    assert_eq!(s["judge"]["corrected"], 1, "{s}");
+    assert_eq!(s["judge"]["accepted_in_round"], json!([2, 1]), "{s}");
+    // The 500 was retried; a second run asks nothing.
+    let asked = count.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(s["judge"]["requests"].as_u64().unwrap() as usize + 1, asked);
+    args.push("--resume");
+    ok(&prepare(&args));
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), asked);
+}
+
+#[test]
+fn xlam_60k_json_array_is_read_item_by_item() {
+    let d = tempfile::tempdir().unwrap();
+    let items: Vec<Value> = std::fs::read_to_string(xlam())
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let input = d.path().join("xlam60k.json");
+    std::fs::write(&input, serde_json::to_string_pretty(&items).unwrap()).unwrap();
+    let out = d.path().join("out");
+    ok(&prepare(&["--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", "xlam"]));
+    let s = summary(&out);
+    // The file's 12 JSON records (line 7 is cut): the same 4 accepted, item numbers for lines.
+    assert_eq!((s["total"].as_u64(), s["accepted"].as_u64()), (Some(12), Some(4)), "{s}");
+    assert_eq!(reasons_by_line(&out).get(&7).map(String::as_str), Some("parse_error"));
+}
