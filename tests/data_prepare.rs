@@ -6,10 +6,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+mod serve_common;
+use serve_common::Server;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -163,41 +166,6 @@ fn ast_stage_on_bfcl_files() {
     assert!(rejected.iter().all(|r| r["stage"] == "ast" && r["sample"]["ground_truth"].is_array()));
 }
 
-/// `fcgpu serve` on the shipped tiny model, on a free loopback port.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    fn start() -> Serve {
-        let model = root().join("assets/fc-tiny");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--device", "cpu"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim()
-            .to_string();
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        Serve { child, url: format!("http://{addr}/v1") }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn judge_args<'a>(url: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {
     vec![
         "--input",
@@ -231,12 +199,13 @@ fn cache_keys(out: &Path) -> Vec<String> {
 
 #[test]
 fn judge_against_fcgpu_serve_caches_and_resumes_after_sigkill() {
-    let serve = Serve::start();
+    let serve = Server::start(&root().join("assets/fc-tiny"), &[]);
+    let url = serve.url();
     let d = tempfile::tempdir().unwrap();
     let input = xlam();
     let out = d.path().join("out");
     let o = out.to_str().unwrap();
-    let mut args = judge_args(&serve.url, o, "fc-tiny");
+    let mut args = judge_args(&url, o, "fc-tiny");
     args[1] = input.to_str().unwrap();
 
     // Killed mid-run, as soon as some answers are cached.
@@ -289,7 +258,7 @@ fn judge_against_fcgpu_serve_caches_and_resumes_after_sigkill() {
 
     // A model the server does not serve: a 4xx, reported (not retried) as `judge_error`.
     let out2 = d.path().join("out2");
-    let mut args = judge_args(&serve.url, out2.to_str().unwrap(), "no-such-model");
+    let mut args = judge_args(&url, out2.to_str().unwrap(), "no-such-model");
     args[1] = input.to_str().unwrap();
     let t = Instant::now();
     ok(&prepare(&args));

@@ -1,44 +1,21 @@
 //! `fcgpu serve` end to end: the binary on a fixture model, spoken to over loopback HTTP.
 //! (The official `openai` client and the load test are in tools/serve_openai_test.py.)
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use serde_json::{json, Value};
+
+mod serve_common;
+use serve_common::Server;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
 }
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
 impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--device", "cpu"])
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim()
-            .to_string();
-        // Keep reading stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        Server { child, addr }
-    }
-
     fn connect(&self) -> TcpStream {
         TcpStream::connect(&self.addr).unwrap()
     }
@@ -68,13 +45,6 @@ impl Server {
     fn interrupt(mut self) -> std::process::ExitStatus {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
