@@ -14,6 +14,10 @@ use fcgpu::model::Model;
 use fcgpu::rollout::{generate, generate_counted, SamplingConfig, StepCounts};
 use fcgpu::{DType, Device};
 
+/// The emu device's counters are per process: the budget test holds this for writing so no other
+/// test's work lands in its counts; the others hold it for reading and run together.
+static EMU: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
     let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
@@ -54,6 +58,7 @@ fn prefill(m: &Model, caches: &mut [SeqCache], prompts: &[Vec<u32>]) {
 /// cpu's to 1e-4.
 #[test]
 fn batched_decode_step_equals_the_per_op_path() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
     for dir in fixtures() {
         let cpu = Model::load(&dir).unwrap();
         let v = cpu.config.vocab_size;
@@ -151,6 +156,7 @@ fn device_sampled_tokens_do_not_depend_on_the_batch() {
 /// every fixture (temperature, top-k and top-p), with the cpu's log-probs and entropies.
 #[test]
 fn host_sampler_matches_the_cpu_token_for_token() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
     let (mut tokens, mut samples) = (0, 0);
     for dir in fixtures() {
         let cpu = Model::load(&dir).unwrap();
@@ -208,6 +214,7 @@ fn decode_counts(m: &Model, count: usize, host_sampler: bool) -> StepCounts {
 /// sequence, one synchronisation, no allocation.
 #[test]
 fn steady_decode_steps_meet_the_budgets() {
+    let _alone = EMU.write().unwrap_or_else(|e| e.into_inner());
     for dir in fixtures() {
         let m = Model::load(&dir).unwrap().to_device(Device::Emu).unwrap();
         let layers = m.config.num_layers as u64;
