@@ -391,7 +391,8 @@ impl Driver for CudaDriver {
             }
         }
         if *pinned == 0 || at + src.len() > super::STAGE_BYTES {
-            // No pinned memory: a pageable copy that must finish before `src` may go.
+            // No pinned memory: a pageable copy that must finish before `src` may go (a
+            // synchronisation the counters do not see; only where cuMemHostAlloc failed).
             return self.htod(src, dst);
         }
         // The staging bytes are free (GpuDevice hands out each only once between two

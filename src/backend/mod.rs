@@ -378,6 +378,9 @@ impl GpuDevice {
     /// # Safety
     /// `dst..dst+data.len()` lies in a live allocation of this device.
     pub unsafe fn htod(&self, data: &[u8], dst: u64) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         let mut staged = self.staged.lock().unwrap();
         self.counters.h2d(data.len());
         if data.len() > STAGE_BYTES {
