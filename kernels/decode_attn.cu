@@ -10,6 +10,8 @@
 // Roofline per (sequence, head): reads 2·len·D·2 bytes of cache (GQA heads of a group re-read the
 // same kv rows, mostly from L2), 4·len·D FLOPs: memory bound (≈1 FLOP/byte).
 // decode_attn_bf16 and decode_attn_f32 are one template on the element type.
+// decode_attn_batch_T: the same per (sequence, head), each sequence's cache found through the
+// decode step's table (one launch per layer for the whole batch; see decode_step.cu).
 #include "common.cuh"
 
 __device__ __forceinline__ float da_ld(bf16 x) { return bf16_to_f32(x); }
@@ -17,17 +19,14 @@ __device__ __forceinline__ float da_ld(float x) { return x; }
 __device__ __forceinline__ void da_st(bf16* p, float x) { *p = f32_to_bf16(x); }
 __device__ __forceinline__ void da_st(float* p, float x) { *p = x; }
 
+// One (sequence, q head) block: query row qr against `len` keys of one cache (k/v point at its
+// position 0 of kv head kvh's group already offset by the caller), output row orow.
 template <typename T>
-__device__ __forceinline__ void decode_attn_impl(const T* q, const T* k_cache, const T* v_cache, const int* lens, T* o,
-                                                 int q_heads, int kv_heads, int D, int max_len, long long batch_stride,
-                                                 long long pos_stride, long long head_stride, float scale) {
+__device__ __forceinline__ void decode_attn_row(const T* qr, const T* k_cache, const T* v_cache, int len, T* orow, int D,
+                                                long long pos_stride, float scale) {
     __shared__ float sm_m[4], sm_l[4];
     __shared__ float sm_acc[4][256];
-    const int h = blockIdx.x, b = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int kvh = h / (q_heads / kv_heads);
-    const int len = min(lens[b], max_len);
-    const T* qr = q + ((long long)b * q_heads + h) * D;
     float qv[8], acc[8];
     const int per = (D + 31) / 32;
 #pragma unroll
@@ -38,7 +37,7 @@ __device__ __forceinline__ void decode_attn_impl(const T* q, const T* k_cache, c
     }
     float m = -FC_INF, l = 0.0f;
     for (int j = warp; j < len; j += 4) {
-        const long long base = b * batch_stride + j * pos_stride + kvh * head_stride;
+        const long long base = j * pos_stride;
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -73,8 +72,34 @@ __device__ __forceinline__ void decode_attn_impl(const T* q, const T* k_cache, c
     const float inv = gl > 0.0f ? 1.0f / gl : 0.0f;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         const float x = (sm_acc[0][d] * c[0] + sm_acc[1][d] * c[1] + sm_acc[2][d] * c[2] + sm_acc[3][d] * c[3]) * inv;
-        da_st(&o[((long long)b * q_heads + h) * D + d], x);
+        da_st(&orow[d], x);
     }
+}
+
+template <typename T>
+__device__ __forceinline__ void decode_attn_impl(const T* q, const T* k_cache, const T* v_cache, const int* lens, T* o,
+                                                 int q_heads, int kv_heads, int D, int max_len, long long batch_stride,
+                                                 long long pos_stride, long long head_stride, float scale) {
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int kvh = h / (q_heads / kv_heads);
+    const long long at = ((long long)b * q_heads + h) * D;
+    const long long base = b * batch_stride + kvh * head_stride;
+    decode_attn_row(q + at, k_cache + base, v_cache + base, min(lens[b], max_len), o + at, D, pos_stride, scale);
+}
+
+// The whole batch of a decode step in one launch: sequence b's cache is its own allocation
+// (token-major [layer][capacity][kv_heads][D]) at kbase[b]/vbase[b], lstride[b] elements per
+// layer (the step table of decode_step.cu); keys 0..lens[b]-1 of layer `layer` are attended.
+template <typename T>
+__device__ __forceinline__ void decode_attn_batch_impl(const T* q, const long long* kbase, const long long* vbase,
+                                                       const long long* lstride, const int* lens, T* o, int layer,
+                                                       int q_heads, int kv_heads, int D, float scale) {
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int kvh = h / (q_heads / kv_heads);
+    const long long at = ((long long)b * q_heads + h) * D;
+    const long long base = layer * lstride[b] + (long long)kvh * D;
+    decode_attn_row(q + at, (const T*)kbase[b] + base, (const T*)vbase[b] + base, lens[b], o + at, D,
+                    (long long)kv_heads * D, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128) decode_attn_bf16(const bf16* q, const bf16* k_cache, const bf16* v_cache,
@@ -91,4 +116,18 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_f32(const float* q
                                                                   long long pos_stride, long long head_stride, float scale) {
     decode_attn_impl<float>(q, k_cache, v_cache, lens, o, q_heads, kv_heads, D, max_len, batch_stride, pos_stride,
                             head_stride, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128) decode_attn_batch_bf16(const bf16* q, const long long* kbase,
+                                                                         const long long* vbase, const long long* lstride,
+                                                                         const int* lens, bf16* o, int layer, int q_heads,
+                                                                         int kv_heads, int D, float scale) {
+    decode_attn_batch_impl<bf16>(q, kbase, vbase, lstride, lens, o, layer, q_heads, kv_heads, D, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128) decode_attn_batch_f32(const float* q, const long long* kbase,
+                                                                        const long long* vbase, const long long* lstride,
+                                                                        const int* lens, float* o, int layer, int q_heads,
+                                                                        int kv_heads, int D, float scale) {
+    decode_attn_batch_impl<float>(q, kbase, vbase, lstride, lens, o, layer, q_heads, kv_heads, D, scale);
 }

@@ -73,4 +73,6 @@ suite_tests!(needs_gpu cuda();
     linear_matches_cpu_op,
     sampling_matches_cpu_distribution,
     sampling_rows_without_mass_draw_token_zero,
+    draw_rows_matches_cpu_sampler,
+    draw_rows_without_a_distribution,
 );

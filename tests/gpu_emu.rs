@@ -72,6 +72,8 @@ suite_tests!(dev();
     linear_matches_cpu_op,
     sampling_matches_cpu_distribution,
     sampling_rows_without_mass_draw_token_zero,
+    draw_rows_matches_cpu_sampler,
+    draw_rows_without_a_distribution,
 );
 
 /// The decoder's one-row wrapper refuses rows, cache ranges and length entries outside their
@@ -95,8 +97,10 @@ fn decode_attn_row_checks_every_range() {
     assert!(err(decode_attn_row(&d, &q, &o, 0, &cache(0, 2), (nh, nkv, hd))).contains("entry 2"));
 }
 
-/// The device counters count each kind of work exactly: an allocation, an upload's bytes and its
-/// synchronisation, a memset and a kernel launch, a download.
+/// The device counters count each kind of work exactly: an allocation, an upload's bytes (staged:
+/// no synchronisation), a memset and a kernel launch, a download and its synchronisation; an
+/// upload larger than the staging area is a blocking copy (one synchronisation), and one that
+/// finds the area full synchronises first.
 #[test]
 fn counters_count_each_kind_of_device_work() {
     use fcgpu::backend::counters::Counts;
@@ -104,7 +108,7 @@ fn counters_count_each_kind_of_device_work() {
     let d = GpuDevice::emu();
     let c0 = d.counts();
     let x = d.upload_f32(&[1.0; 25]).unwrap();
-    assert_eq!(d.counts() - c0, Counts { launches: 0, h2d_bytes: 100, d2h_bytes: 0, syncs: 1, allocs: 1 });
+    assert_eq!(d.counts() - c0, Counts { launches: 0, h2d_bytes: 100, d2h_bytes: 0, syncs: 0, allocs: 1 });
     let c1 = d.counts();
     let y = d.zeros(100).unwrap();
     let mut a = KernelArgs::new();
@@ -113,12 +117,22 @@ fn counters_count_each_kind_of_device_work() {
     let _ = y.download_f32().unwrap();
     d.synchronize().unwrap();
     assert_eq!(d.counts() - c1, Counts { launches: 2, h2d_bytes: 0, d2h_bytes: 100, syncs: 2, allocs: 1 });
+    use fcgpu::backend::STAGE_BYTES;
+    let big = d.alloc(STAGE_BYTES + 4).unwrap();
+    let c2 = d.counts();
+    big.write_bytes(&vec![1u8; STAGE_BYTES + 4]).unwrap();
+    assert_eq!((d.counts() - c2).syncs, 1, "a blocking upload");
+    let c3 = d.counts();
+    for _ in 0..4 {
+        big.write_at(0, &vec![2u8; STAGE_BYTES / 3]).unwrap();
+    }
+    assert_eq!((d.counts() - c3).syncs, 1, "three staged uploads fill the area; the fourth waits once");
+    assert_eq!(big.download_bytes().unwrap()[..4], [2, 2, 2, 2]);
 }
 
 /// `fcgpu generate --counters` on emu: one entry per decode step with its batch, the prefill
-/// steps summed. Today's decoder samples on the host, so every decode step downloads the whole
-/// logits block (batch × vocab, bf16) and allocates; issue 14's budgets (≤ 16 bytes down per
-/// sequence, no allocation) are what device sampling and batched decode must bring these to.
+/// steps summed. The device sampler brings back 12 bytes per sequence (token, log-prob,
+/// entropy); `--host-sampler` downloads the whole logits block (batch × vocab, bf16) instead.
 #[test]
 fn generate_counters_record_every_decode_step() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -154,8 +168,14 @@ fn generate_counters_record_every_decode_step() {
     assert_eq!(steps.len(), 4, "5 new tokens: the prefill step samples the first, 4 decode steps the rest");
     for s in steps {
         assert_eq!(s["batch"], 4, "{s}");
+        assert_eq!(s["d2h_bytes"].as_u64().unwrap(), 4 * 12, "token, log-prob and entropy come back: {s}");
+        assert!(s["launches"].as_u64().unwrap() > 0 && s["syncs"].as_u64().unwrap() == 1, "{s}");
+    }
+    let out = run(&["--device", "emu", "--host-sampler"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    for s in c["decode_steps"].as_array().unwrap() {
         assert_eq!(s["d2h_bytes"].as_u64().unwrap(), 4 * vocab * 2, "the bf16 logits block comes back: {s}");
-        assert!(s["launches"].as_u64().unwrap() > 0 && s["syncs"].as_u64().unwrap() >= 1, "{s}");
     }
     let out = run(&["--device", "cpu"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--counters"));

@@ -1,6 +1,7 @@
 //! What a GPU device was asked to do, counted: kernel launches (cuBLAS calls, memsets and
 //! device-to-device copies included: each is a driver call on the stream), bytes copied
-//! host→device and device→host, synchronisations (explicit ones and the blocking copies), and
+//! host→device and device→host, synchronisations (explicit ones, downloads, uploads too large
+//! for the staging area or made when it is full: see `STAGE_BYTES`), and
 //! device allocations. The same counts on emu and on cuda, so budgets checked on emu in CI hold
 //! for the launch code a GPU runs. Read them as differences of [`Counts`] snapshots around a
 //! phase.
@@ -69,10 +70,10 @@ impl Counters {
     pub(super) fn alloc(&self) {
         self.allocs.fetch_add(1, Ordering::Relaxed);
     }
-    /// A blocking host→device copy: its bytes and the synchronisation it implies.
+    /// A host→device copy's bytes (staged copies do not synchronise; the caller counts the
+    /// synchronisation of a blocking one).
     pub(super) fn h2d(&self, bytes: usize) {
         self.h2d_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.sync();
     }
     /// A blocking device→host copy: its bytes and the synchronisation it implies.
     pub(super) fn d2h(&self, bytes: usize) {

@@ -8,6 +8,8 @@
 //! * Opening a device checks that NVRTC and cuBLAS are not from a newer CUDA major release than
 //!   the driver ([`version_problems`]).
 //! * Launches take the same `void**` argument list as the emu device (`cuLaunchKernel`).
+//! * Uploads are staged through a pinned host area (`cuMemHostAlloc`) and queued without a
+//!   synchronisation (`GpuDevice::htod` decides when the area may be reused).
 //! * Memory is stream-ordered (`cuMemAllocAsync` / `cuMemFreeAsync` on the device's stream,
 //!   from the default pool, which keeps freed memory: `keep_pool_memory`; plain `cuMemAlloc`
 //!   where the device has no pools);
@@ -196,6 +198,9 @@ pub struct CudaDriver {
     /// Stream-ordered allocation (`cuMemAllocAsync` from the device's default pool, which keeps
     /// freed memory); false where the device has no memory pools: plain `cuMemAlloc`.
     pools: bool,
+    /// Pinned host staging area of `STAGE_BYTES` for uploads (`cuMemHostAlloc`, on first
+    /// use; 0 = not yet, or refused: uploads are then blocking copies).
+    pinned: Mutex<usize>,
 }
 
 // The raw handles are used only with the context bound, and cuBLAS / the stream are guarded by
@@ -270,6 +275,7 @@ impl CudaDriver {
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
                 pools,
+                pinned: Mutex::new(0),
             })
         }
     }
@@ -375,6 +381,29 @@ impl Driver for CudaDriver {
         // `src` may be freed when we return: wait for the copy.
         cu_check(cu::cuStreamSynchronize(self.h.stream), "cuStreamSynchronize")
     }
+    unsafe fn htod_staged(&self, src: &[u8], dst: u64, at: usize) -> Result<()> {
+        self.bind()?;
+        let mut pinned = self.pinned.lock().unwrap();
+        if *pinned == 0 {
+            let mut p: *mut c_void = std::ptr::null_mut();
+            if cu::cuMemHostAlloc(&mut p, super::STAGE_BYTES, 0) == cu::CUresult::CUDA_SUCCESS {
+                *pinned = p as usize;
+            }
+        }
+        if *pinned == 0 || at + src.len() > super::STAGE_BYTES {
+            // No pinned memory: a pageable copy that must finish before `src` may go (a
+            // synchronisation the counters do not see; only where cuMemHostAlloc failed).
+            return self.htod(src, dst);
+        }
+        // The staging bytes are free (GpuDevice hands out each only once between two
+        // synchronisations), so the copy reads them after we return; `src` can go now.
+        let stage = (*pinned + at) as *mut u8;
+        std::ptr::copy_nonoverlapping(src.as_ptr(), stage, src.len());
+        cu_check(
+            cu::cuMemcpyHtoDAsync_v2(dst, stage as *const c_void, src.len(), self.h.stream),
+            "cuMemcpyHtoDAsync (staged)",
+        )
+    }
     unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         self.bind()?;
         cu_check(
@@ -477,6 +506,10 @@ impl Drop for CudaDriver {
         unsafe {
             if self.bind().is_ok() {
                 let _ = cu::cuStreamSynchronize(self.h.stream);
+                let pinned = *self.pinned.lock().unwrap();
+                if pinned != 0 {
+                    let _ = cu::cuMemFreeHost(pinned as *mut c_void);
+                }
                 for (_, &m) in self.modules.lock().unwrap().iter() {
                     let _ = cu::cuModuleUnload(m as cu::CUmodule);
                 }

@@ -216,6 +216,17 @@ pub trait Driver: Send + Sync {
     /// # Safety
     /// `dst..dst+src.len()` lies in a live allocation.
     unsafe fn htod(&self, src: &[u8], dst: u64) -> Result<()>;
+    /// Host→device copy through pinned staging memory at byte `at` of the device's staging area
+    /// (`at + src.len() <= STAGE_BYTES`), queued on the stream without waiting: `src` is copied
+    /// into the staging area before this returns, and [`GpuDevice`] reuses a staging byte only
+    /// after a synchronisation. Default: the blocking [`Driver::htod`] (emu, whose copies are
+    /// immediate anyway).
+    /// # Safety
+    /// `dst..dst+src.len()` lies in a live allocation.
+    unsafe fn htod_staged(&self, src: &[u8], dst: u64, at: usize) -> Result<()> {
+        let _ = at;
+        self.htod(src, dst)
+    }
     /// # Safety
     /// `src..src+dst.len()` lies in a live allocation.
     unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()>;
@@ -236,11 +247,19 @@ pub trait Driver: Send + Sync {
     fn synchronize(&self) -> Result<()>;
 }
 
-/// A GPU device (cuda or emu) and its [`counters::Counters`]. Cheap to clone.
+/// Bytes of pinned host memory per device that uploads are staged through. An upload that fits
+/// is queued without a synchronisation; the area is reused from its start after the next
+/// synchronisation (a download, `synchronize`), or after one forced when it is full. A larger
+/// upload is a blocking copy.
+pub const STAGE_BYTES: usize = 4 << 20;
+
+/// A GPU device (cuda or emu), its [`counters::Counters`] and the fill level of its upload
+/// staging area (bytes in use since the last synchronisation). Cheap to clone.
 #[derive(Clone)]
 pub struct GpuDevice {
     drv: Arc<dyn Driver>,
     counters: Arc<counters::Counters>,
+    staged: Arc<std::sync::Mutex<usize>>,
 }
 
 impl fmt::Debug for GpuDevice {
@@ -251,7 +270,7 @@ impl fmt::Debug for GpuDevice {
 
 impl GpuDevice {
     fn wrap(drv: Arc<dyn Driver>) -> GpuDevice {
-        GpuDevice { drv, counters: Arc::default() }
+        GpuDevice { drv, counters: Arc::default(), staged: Arc::default() }
     }
 
     /// What this device has been asked to do so far (see [`counters`]).
@@ -347,8 +366,37 @@ impl GpuDevice {
     /// # Safety
     /// `src..src+dst.len()` lies in a live allocation of this device.
     pub unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        let mut staged = self.staged.lock().unwrap();
         self.counters.d2h(dst.len());
+        *staged = 0;
         self.drv.dtoh(src, dst)
+    }
+
+    /// Host→device copy of `data` to `dst`: staged and queued without a synchronisation when it
+    /// fits the staging area (synchronising first, counted, when the area is full), else
+    /// blocking (counted as a synchronisation).
+    /// # Safety
+    /// `dst..dst+data.len()` lies in a live allocation of this device.
+    pub unsafe fn htod(&self, data: &[u8], dst: u64) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let mut staged = self.staged.lock().unwrap();
+        self.counters.h2d(data.len());
+        if data.len() > STAGE_BYTES {
+            self.counters.sync();
+            *staged = 0;
+            return self.drv.htod(data, dst);
+        }
+        if *staged + data.len() > STAGE_BYTES {
+            self.counters.sync();
+            self.drv.synchronize()?;
+            *staged = 0;
+        }
+        let at = *staged;
+        // Staged copies start 256-byte aligned (pinned-memory copies are fastest aligned).
+        *staged = (at + data.len()).next_multiple_of(256).min(STAGE_BYTES);
+        self.drv.htod_staged(data, dst, at)
     }
 
     /// The one launch path: NVTX range named after the kernel, then the driver launch.
@@ -385,7 +433,9 @@ impl GpuDevice {
         if sync_launches() {
             // A fault is reported by the next call on the stream, far from the kernel that made
             // it; synchronising here names the kernel (at the cost of all overlap).
+            let mut staged = self.staged.lock().unwrap();
             self.counters.sync();
+            *staged = 0;
             self.drv.synchronize().with_context(|| {
                 format!(
                     "kernel {} ({}) failed, grid {:?} block {:?} (FCGPU_SYNC_LAUNCH=1)",
@@ -405,7 +455,9 @@ impl GpuDevice {
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        let mut staged = self.staged.lock().unwrap();
         self.counters.sync();
+        *staged = 0;
         self.drv.synchronize()
     }
 
@@ -506,11 +558,23 @@ impl GpuBuffer {
             }
         })
     }
-    /// Overwrite the buffer from host bytes (same length).
+    /// Overwrite the buffer from host bytes (same length); see [`GpuDevice::htod`].
     pub fn write_bytes(&self, data: &[u8]) -> Result<()> {
         ensure!(data.len() == self.bytes, "write of {} bytes into a buffer of {}", data.len(), self.bytes);
-        self.dev.counters.h2d(data.len());
-        unsafe { self.dev.drv.htod(data, self.ptr) }
+        // SAFETY: the whole buffer is the destination.
+        unsafe { self.dev.htod(data, self.ptr) }
+    }
+
+    /// Overwrite bytes `at..at + data.len()` from the host; see [`GpuDevice::htod`].
+    pub fn write_at(&self, at: usize, data: &[u8]) -> Result<()> {
+        ensure!(
+            at + data.len() <= self.bytes,
+            "write of {} bytes at {at} into a buffer of {}",
+            data.len(),
+            self.bytes
+        );
+        // SAFETY: the range was checked to lie in the buffer.
+        unsafe { self.dev.htod(data, self.ptr + at as u64) }
     }
     pub fn zero(&self) -> Result<()> {
         self.dev.counters.launch();

@@ -41,9 +41,15 @@ pub struct Args {
     #[arg(long = "stop")]
     pub stop: Vec<String>,
     /// cpu, cuda, cuda:N, emu, or auto (cuda when a GPU is usable, else cpu). On a GPU the KV
-    /// cache lives there and the logits come back for the sampler.
+    /// cache lives there and the tokens are drawn there (see --host-sampler).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// On a GPU device: download each step's logits and sample on the host with the cpu's
+    /// per-sample ChaCha8 streams, so a seed draws the cpu's tokens (up to the device's
+    /// rounding; with --dtype f32, token for token on the fixtures). Default: sample on the
+    /// device (Philox streams; only tokens, log-probs and entropies come back).
+    #[arg(long)]
+    pub host_sampler: bool,
     /// Weight and activation dtype on a GPU device: bf16 (default) or f32.
     #[arg(long)]
     pub dtype: Option<String>,
@@ -139,6 +145,7 @@ pub fn run(a: Args) -> Result<()> {
         ignore_eos: a.ignore_eos,
         max_batch: a.batch_size.max(1),
         progress: true,
+        host_sampler: a.host_sampler,
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -77,6 +77,21 @@ impl Model {
         if self.device().is_gpu() && steps.iter().any(|s| s.tokens.len() > 1 && !s.cache.is_empty()) {
             return self.forward_split_gpu(steps, last_only);
         }
+        Ok(self.cached_logits_tensor(steps, last_only)?.host_f32()?.into_owned())
+    }
+
+    /// [`Model::forward_cached`] leaving the logits `[steps, vocab]` where they were computed
+    /// (on a GPU device: for the device sampler). Every step with several tokens must start
+    /// from an empty cache (a prefill).
+    pub fn forward_cached_device(&self, steps: &mut [Step]) -> Result<Tensor> {
+        ensure!(
+            steps.iter().all(|s| s.tokens.len() == 1 || s.cache.is_empty()),
+            "forward_cached_device: a step of several tokens after a cache"
+        );
+        self.cached_logits_tensor(steps, true)
+    }
+
+    fn cached_logits_tensor(&self, steps: &mut [Step], last_only: bool) -> Result<Tensor> {
         no_grad(|| {
             let p = self.pack_steps(steps)?;
             let x = if self.device().is_gpu() {
@@ -98,8 +113,7 @@ impl Model {
                 x
             };
             let h = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-            let logits = ops::linear(&h, self.lm_head_weight(), None)?;
-            Ok(logits.host_f32()?.into_owned())
+            ops::linear(&h, self.lm_head_weight(), None)
         })
     }
 

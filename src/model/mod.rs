@@ -3,7 +3,7 @@
 mod block;
 pub mod config;
 pub mod decode;
-mod decode_gpu;
+pub mod decode_gpu;
 pub mod kv_cache;
 pub mod save;
 pub mod tokenizer;

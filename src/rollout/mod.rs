@@ -5,10 +5,17 @@
 //! line is admitted in the same step (its prefill rides along with the others' decode). A
 //! prompt is prefilled once; its G samples share that cache as a frozen prefix.
 //!
-//! Reproducibility: each (prompt index, sample index) draws from its own ChaCha8 stream of
-//! `seed`, so a sample's tokens do not depend on the batch size or on the other prompts.
+//! Reproducibility: each (prompt index, sample index) draws from its own stream of `seed`, so a
+//! sample's tokens do not depend on the batch size or on the other prompts: on the cpu (and on a
+//! GPU with `host_sampler`) a ChaCha8 stream consumed by the host sampler; on a GPU device a
+//! counter-based Philox stream of (prompt, sample, token index) read by the device sampler
+//! ([`device_sampler`]), so only the drawn tokens, their log-probs and entropies come back.
+//!
+//! On a GPU the steady state (every running sequence decodes one token, no prompt admitted) is
+//! one batched step ([`Model::decode_step_gpu`]) in a workspace allocated once per call.
 
 pub mod chat;
+pub mod device_sampler;
 pub mod sampler;
 
 use std::collections::VecDeque;
@@ -22,9 +29,12 @@ use rayon::prelude::*;
 
 use crate::backend::counters::Counts;
 use crate::model::decode::Step;
+use crate::model::decode_gpu::DecodeWorkspace;
 use crate::model::kv_cache::SeqCache;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
+use crate::tensor::{DType, Tensor};
+use device_sampler::{device_uniform, DeviceSampler, DrawJob};
 pub use sampler::{Draw, SamplerParams};
 
 #[derive(Clone, Debug)]
@@ -48,6 +58,10 @@ pub struct SamplingConfig {
     pub max_batch: usize,
     /// Progress bar on stderr (only drawn when stderr is a terminal).
     pub progress: bool,
+    /// On a GPU device, sample on the host from downloaded logits with the cpu's ChaCha8
+    /// streams (tokens then match the cpu's for a seed, up to the device's rounding) instead of
+    /// on the device. No effect on the cpu.
+    pub host_sampler: bool,
 }
 
 impl Default for SamplingConfig {
@@ -64,6 +78,7 @@ impl Default for SamplingConfig {
             ignore_eos: false,
             max_batch: 0,
             progress: false,
+            host_sampler: false,
         }
     }
 }
@@ -245,6 +260,7 @@ pub fn generate_counted(
     // Stop strings: the text of the last few tokens is enough to see one complete.
     let window = cfg.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 4;
 
+    let mut gpu = GpuState::new(model, cfg, (prompts.len() * n).min(max_batch.max(n)))?;
     let bar = progress_bar(cfg.progress, (prompts.len() * n) as u64);
     let mut queue: VecDeque<usize> = (0..prompts.len()).collect();
     let mut live: Vec<Live> = Vec::new();
@@ -272,6 +288,7 @@ pub fn generate_counted(
         }
         let before = counted.as_ref().map(|d| (d.counts(), live.len(), !admitted.is_empty()));
         let lasts: Vec<[u32; 1]> = live.iter().map(|s| [s.last]).collect();
+        let pure_decode = admitted.is_empty();
         let logits = {
             let mut steps: Vec<Step> = Vec::with_capacity(live.len() + admitted.len());
             for (s, t) in live.iter_mut().zip(&lasts) {
@@ -280,7 +297,7 @@ pub fn generate_counted(
             for (p, c) in admitted.iter_mut() {
                 steps.push(Step { cache: c, tokens: &prompts[*p] });
             }
-            model.forward_cached(&mut steps)?
+            forward_step(model, gpu.as_mut(), &mut steps, pure_decode)?
         };
         for (i, s) in live.iter_mut().enumerate() {
             s.row = i;
@@ -307,9 +324,25 @@ pub fn generate_counted(
                 });
             }
         }
-        live.par_iter_mut().for_each(|s| {
-            s.draw = Some(sampler::sample(&logits[s.row * vocab..(s.row + 1) * vocab], &params, &mut s.rng));
-        });
+        if let Some(GpuState { ws, sampler: Some(d) }) = gpu.as_mut() {
+            let (buf, dtype, rows) = logits.on_device(ws.as_ref(), vocab)?;
+            let jobs: Vec<DrawJob> = live
+                .iter()
+                .map(|s| DrawJob {
+                    row: s.row,
+                    u: device_uniform(cfg.seed, first_index + s.prompt, s.sample, s.new_ids.len()),
+                })
+                .collect();
+            for (s, dr) in live.iter_mut().zip(d.draw(buf, dtype, rows, vocab, &params, &jobs)?) {
+                s.draw = Some(dr);
+            }
+        } else {
+            let host = logits.on_host(gpu.as_ref().and_then(|g| g.ws.as_ref()), live.len())?;
+            live.par_iter_mut().for_each(|s| {
+                s.draw =
+                    Some(sampler::sample(&host[s.row * vocab..(s.row + 1) * vocab], &params, &mut s.rng));
+            });
+        }
         let mut still = Vec::with_capacity(live.len());
         for mut s in live.drain(..) {
             let d = s.draw.take().unwrap();
@@ -364,6 +397,85 @@ pub fn generate_counted(
     }
     bar.finish_and_clear();
     Ok(out.into_iter().map(|c| c.expect("every sample finishes")).collect())
+}
+
+/// What a rollout keeps on a GPU device from step to step: the batched decode step's workspace
+/// (`None` when the model has no batched step) and the device sampler (`None` with
+/// `host_sampler`). Allocated once per call, sized for its largest batch.
+struct GpuState {
+    ws: Option<DecodeWorkspace>,
+    sampler: Option<DeviceSampler>,
+}
+
+impl GpuState {
+    fn new(model: &Model, cfg: &SamplingConfig, cap: usize) -> Result<Option<GpuState>> {
+        let Ok(dev) = model.device().gpu() else { return Ok(None) };
+        let ws =
+            if model.batched_decode_supported() { Some(DecodeWorkspace::new(model, cap)?) } else { None };
+        let sampler = if cfg.host_sampler { None } else { Some(DeviceSampler::new(&dev, cap)?) };
+        Ok(Some(GpuState { ws, sampler }))
+    }
+}
+
+/// The logits of one step: on the host, in the batched step's workspace (its first rows), or a
+/// device tensor `[rows, vocab]` (the per-op path, for steps that prefill prompts).
+enum StepLogits {
+    Host(Vec<f32>),
+    Workspace(usize),
+    Device(Tensor),
+}
+
+impl StepLogits {
+    /// The device buffer, its dtype and rows (for the device sampler).
+    fn on_device<'a>(
+        &'a self,
+        ws: Option<&'a DecodeWorkspace>,
+        vocab: usize,
+    ) -> Result<(&'a crate::backend::GpuBuffer, DType, usize)> {
+        match self {
+            StepLogits::Workspace(rows) => {
+                let (b, dt) = ws.expect("a workspace step has a workspace").logits();
+                Ok((b, dt, *rows))
+            }
+            StepLogits::Device(t) => {
+                let g = t.gpu_storage().ok_or_else(|| anyhow::anyhow!("device logits on the cpu"))?;
+                Ok((&g.buf, g.dtype, g.len / vocab))
+            }
+            StepLogits::Host(_) => bail!("the device sampler needs the logits on the device"),
+        }
+    }
+
+    /// The logits on the host as f32 (the host sampler).
+    fn on_host(self, ws: Option<&DecodeWorkspace>, rows: usize) -> Result<Vec<f32>> {
+        match self {
+            StepLogits::Host(v) => Ok(v),
+            StepLogits::Workspace(_) => ws.expect("a workspace step has a workspace").download_logits(rows),
+            StepLogits::Device(t) => Ok(t.host_f32()?.into_owned()),
+        }
+    }
+}
+
+/// One generation step's forward: the batched decode step when every step decodes one token
+/// (`pure_decode`) and the model has one, else the per-op path, leaving the logits on the device
+/// for the device sampler.
+fn forward_step(
+    model: &Model,
+    gpu: Option<&mut GpuState>,
+    steps: &mut [Step],
+    pure_decode: bool,
+) -> Result<StepLogits> {
+    let Some(g) = gpu else { return Ok(StepLogits::Host(model.forward_cached(steps)?)) };
+    if let Some(ws) = g.ws.as_mut().filter(|w| pure_decode && steps.len() <= w.capacity()) {
+        model.decode_step_gpu(steps, ws)?;
+        return Ok(StepLogits::Workspace(steps.len()));
+    }
+    if g.sampler.is_some() {
+        let t = model.forward_cached_device(steps)?;
+        // The sampler reads bf16 or f32 (an f16 model computes its logits in f32 anyway).
+        let t = if t.dtype() == DType::F16 { t.to_dtype(DType::F32)? } else { t };
+        return Ok(StepLogits::Device(t));
+    }
+    Ok(StepLogits::Host(model.forward_cached(steps)?))
 }
 
 fn progress_bar(on: bool, total: u64) -> indicatif::ProgressBar {

@@ -1132,3 +1132,109 @@ pub fn sampling_rows_without_mass_draw_token_zero(d: &GpuDevice) {
         }
     }
 }
+
+/// The rollout's device sampler (`draw_rows`: one launch draws every sample, with log-prob and
+/// entropy) against the CPU sampler: on a grid of quantiles u = (i + ½)/R each token is drawn
+/// R·p ± 2 times under temperature, top-k, top-p and both (nothing outside the kept set; the
+/// logits have no ties at the top-k boundary), greedy is the first argmax, and the log-prob and
+/// entropy of every draw are the CPU's (full distribution at T; T = 1 for greedy).
+pub fn draw_rows_matches_cpu_sampler(d: &GpuDevice) {
+    use fcgpu::rollout::device_sampler::{DeviceSampler, DrawJob};
+    use fcgpu::rollout::sampler::{argmax, sample, truncated_distribution, SamplerParams};
+    let vocab = 61;
+    let mut z = randn(vocab, 81, 2.0);
+    z[7] = 3.5;
+    z[31] = 3.5; // a tie for the maximum
+    z[40] = f32::NEG_INFINITY; // a masked token
+    let r = 400;
+    let jobs: Vec<DrawJob> = (0..r).map(|i| DrawJob { row: i % 2, u: (i as f32 + 0.5) / r as f32 }).collect();
+    let two_rows: Vec<f32> = z.iter().chain(&z).copied().collect();
+    let mut s = DeviceSampler::new(d, 8).unwrap();
+    for dt in [DType::F32, DType::BF16] {
+        let zq = quant(&z, dt);
+        let zb = up(d, &two_rows, dt);
+        for (temperature, top_p, top_k) in
+            [(0.8f32, 0.9f32, 0usize), (1.0, 1.0, 0), (0.7, 1.0, 5), (1.3, 0.6, 9), (0.0, 1.0, 0)]
+        {
+            let p = SamplerParams { temperature, top_p, top_k };
+            let got = s.draw(&zb, dt, 2, vocab, &p, &jobs).unwrap();
+            let what = format!("{dt:?} T={temperature} top_p={top_p} top_k={top_k}");
+            let mut count = vec![0usize; vocab];
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+            for g in &got {
+                count[g.token as usize] += 1;
+                // The CPU's stats of the same token: a greedy draw is deterministic; a sampled one's
+                // log-prob is the full distribution's at T whatever was drawn.
+                let c = sample(&zq, &p, &mut rng);
+                let want_lp = if temperature == 0.0 {
+                    c.logprob
+                } else {
+                    c.logprob + (zq[g.token as usize] - zq[c.token as usize]) / temperature
+                };
+                assert!(
+                    (g.logprob - want_lp).abs() < 1e-4 * (1.0 + want_lp.abs()),
+                    "{what}: logp {} vs {want_lp}",
+                    g.logprob
+                );
+                assert!(
+                    (g.entropy - c.entropy).abs() < 1e-4,
+                    "{what}: entropy {} vs {}",
+                    g.entropy,
+                    c.entropy
+                );
+            }
+            if temperature == 0.0 {
+                assert_eq!(count[argmax(&zq)], r, "{what}: greedy = first argmax");
+                continue;
+            }
+            let dist = truncated_distribution(&zq, &p);
+            for k in 0..vocab {
+                let pk = dist.iter().find(|(i, _)| *i as usize == k).map_or(0.0, |x| x.1);
+                let want = pk * r as f64;
+                assert!(
+                    (count[k] as f64 - want).abs() <= 2.0,
+                    "{what}: token {k} drawn {} times, want {want:.1}",
+                    count[k]
+                );
+                if pk == 0.0 {
+                    assert_eq!(count[k], 0, "{what}: token {k} outside the kept set was drawn");
+                }
+            }
+        }
+    }
+}
+
+/// Rows without a distribution (all −inf, all NaN, NaN and −inf, a +inf) draw token 0 with NaN
+/// log-prob and entropy under every setting, as the CPU sampler does; NaN logits among finite
+/// ones are never drawn.
+pub fn draw_rows_without_a_distribution(d: &GpuDevice) {
+    use fcgpu::rollout::device_sampler::{DeviceSampler, DrawJob};
+    use fcgpu::rollout::sampler::SamplerParams;
+    let vocab = 300;
+    let mut inf = vec![0.5f32; vocab];
+    inf[17] = f32::INFINITY;
+    let partial: Vec<f32> = (0..vocab).map(|i| if i % 3 == 0 { 0.1 * i as f32 } else { f32::NAN }).collect();
+    let rows: Vec<Vec<f32>> = vec![
+        vec![f32::NAN; vocab],
+        vec![f32::NEG_INFINITY; vocab],
+        (0..vocab).map(|i| if i % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY }).collect(),
+        inf,
+        partial,
+    ];
+    let zb = d.upload_f32(&rows.concat()).unwrap();
+    let jobs: Vec<DrawJob> =
+        (0..5).flat_map(|row| [0.0f32, 0.5, 0.999].map(|u| DrawJob { row, u })).collect();
+    let mut s = DeviceSampler::new(d, 4).unwrap();
+    for (temperature, top_p, top_k) in [(1.0f32, 1.0f32, 0usize), (0.7, 0.9, 0), (1.0, 1.0, 3), (0.0, 1.0, 0)]
+    {
+        let p = SamplerParams { temperature, top_p, top_k };
+        for (j, g) in jobs.iter().zip(s.draw(&zb, DType::F32, 5, vocab, &p, &jobs).unwrap()) {
+            let what = format!("row {} T={temperature} top_p={top_p} top_k={top_k}: {g:?}", j.row);
+            if j.row < 4 {
+                assert!(g.token == 0 && g.logprob.is_nan() && g.entropy.is_nan(), "{what}");
+            } else {
+                assert!(g.token % 3 == 0 && g.logprob.is_finite() && g.entropy.is_finite(), "{what}");
+            }
+        }
+    }
+}

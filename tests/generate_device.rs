@@ -1,0 +1,249 @@
+//! The GPU rollout path on emu (issue 14): the batched decode step against the per-op path and
+//! the cpu, the device sampler's independence of the batch, `--host-sampler` against the cpu
+//! token for token, and the device-work budgets of a steady decode step.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fcgpu::autograd::no_grad;
+use fcgpu::backend::counters::Counts;
+use fcgpu::model::decode::Step;
+use fcgpu::model::decode_gpu::DecodeWorkspace;
+use fcgpu::model::kv_cache::SeqCache;
+use fcgpu::model::Model;
+use fcgpu::rollout::{generate, generate_counted, SamplingConfig, StepCounts};
+use fcgpu::{DType, Device};
+
+/// The emu device's counters are per process: the budget test holds this for writing so no other
+/// test's work lands in its counts; the others hold it for reading and run together.
+static EMU: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn fixtures() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("config.json").exists())
+        .collect();
+    v.sort();
+    assert!(v.len() >= 6, "expected the six fixture checkpoints in {}", root.display());
+    v
+}
+
+fn name(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// `count` prompts of 2 to 8 tokens inside the vocabulary.
+fn prompts(vocab: usize, count: usize) -> Vec<Vec<u32>> {
+    (0..count)
+        .map(|i| (0..2 + (i * 5) % 7).map(|j| ((i * 13 + j * 7 + 1) % vocab) as u32).collect())
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Prefills `caches` with `prompts` through the per-op path.
+fn prefill(m: &Model, caches: &mut [SeqCache], prompts: &[Vec<u32>]) {
+    let mut steps: Vec<Step> =
+        caches.iter_mut().zip(prompts).map(|(c, p)| Step { cache: c, tokens: p }).collect();
+    m.forward_cached(&mut steps).unwrap();
+}
+
+/// Decode steps of sequences of different lengths: the batched step's logits are the per-op
+/// path's bit for bit (its kernels round where the ops store), in bf16 and f32, and in f32 the
+/// cpu's to 1e-4.
+#[test]
+fn batched_decode_step_equals_the_per_op_path() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
+    for dir in fixtures() {
+        let cpu = Model::load(&dir).unwrap();
+        let v = cpu.config.vocab_size;
+        let ps = prompts(v, 3);
+        let mut on_cpu: Vec<SeqCache> =
+            ps.iter().map(|p| SeqCache::new(cpu.kv_shape(), p.len() + 8)).collect();
+        no_grad(|| prefill(&cpu, &mut on_cpu, &ps));
+        for dt in [DType::BF16, DType::F32] {
+            let m = cpu.to_device_as(Device::Emu, dt).unwrap();
+            assert!(m.batched_decode_supported(), "{}", name(&dir));
+            let new =
+                |m: &Model| ps.iter().map(|p| SeqCache::new(m.kv_shape(), p.len() + 8)).collect::<Vec<_>>();
+            let (mut a, mut b) = (new(&m), new(&m));
+            no_grad(|| {
+                prefill(&m, &mut a, &ps);
+                prefill(&m, &mut b, &ps);
+            });
+            let mut ws = DecodeWorkspace::new(&m, 4).unwrap();
+            let mut cpu_caches: Vec<SeqCache> = Vec::new();
+            for step in 0..4 {
+                let toks: Vec<[u32; 1]> =
+                    (0..ps.len()).map(|i| [((i * 31 + step * 17 + 5) % v) as u32]).collect();
+                let steps = |c: &mut Vec<SeqCache>| -> Vec<Vec<f32>> {
+                    let mut s: Vec<Step> =
+                        c.iter_mut().zip(&toks).map(|(c, t)| Step { cache: c, tokens: t }).collect();
+                    vec![no_grad(|| m.forward_cached(&mut s)).unwrap()]
+                };
+                let want = steps(&mut a).remove(0);
+                let mut s: Vec<Step> =
+                    b.iter_mut().zip(&toks).map(|(c, t)| Step { cache: c, tokens: t }).collect();
+                m.decode_step_gpu(&mut s, &mut ws).unwrap();
+                let got = ws.download_logits(ps.len()).unwrap();
+                let d = max_abs_diff(&got, &want);
+                assert_eq!(
+                    d,
+                    0.0,
+                    "{} {dt:?} step {step}: batched vs per-op logits differ by {d}",
+                    name(&dir)
+                );
+                if dt == DType::F32 {
+                    if step == 0 {
+                        cpu_caches = std::mem::take(&mut on_cpu);
+                    }
+                    let mut s: Vec<Step> =
+                        cpu_caches.iter_mut().zip(&toks).map(|(c, t)| Step { cache: c, tokens: t }).collect();
+                    let c = no_grad(|| cpu.forward_cached(&mut s)).unwrap();
+                    let scale = c.iter().fold(1.0f32, |a, x| a.max(x.abs()));
+                    let d = max_abs_diff(&got, &c);
+                    assert!(d <= 1e-4 * scale, "{} f32 step {step}: batched vs cpu {d}", name(&dir));
+                }
+            }
+        }
+    }
+}
+
+fn generate_cli(model: &Path, input: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()])
+        .args(["--max-new-tokens", "6", "--ignore-eos", "--seed", "3", "--device", "emu"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `fcgpu generate --device emu` samples on the device from per-(prompt, sample) Philox streams:
+/// the same tokens for a seed at batch 1, 4 and 32.
+#[test]
+fn device_sampled_tokens_do_not_depend_on_the_batch() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("tests/fixtures/models/qwen2-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    let lines: Vec<String> =
+        prompts(384, 16).iter().map(|p| serde_json::json!({ "prompt_ids": p }).to_string()).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let sampled = ["--n", "2", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50"];
+    let runs: Vec<Vec<serde_json::Value>> = ["1", "4", "32"]
+        .iter()
+        .map(|b| generate_cli(&model, &input, &[&sampled[..], &["--batch-size", b]].concat()))
+        .collect();
+    assert_eq!(runs[0].len(), 32);
+    for (run, b) in runs[1..].iter().zip(["4", "32"]) {
+        for (x, y) in runs[0].iter().zip(run) {
+            assert_eq!(x["new_ids"], y["new_ids"], "batch 1 vs batch {b}: {x} / {y}");
+        }
+    }
+    let distinct: std::collections::BTreeSet<String> =
+        runs[0].iter().map(|x| x["new_ids"].to_string()).collect();
+    assert!(distinct.len() > 16, "samples should differ: {} distinct of 32", distinct.len());
+}
+
+/// `host_sampler` on emu with f32 weights draws the cpu's tokens for a seed, token for token, on
+/// every fixture (temperature, top-k and top-p), with the cpu's log-probs and entropies.
+#[test]
+fn host_sampler_matches_the_cpu_token_for_token() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
+    let (mut tokens, mut samples) = (0, 0);
+    for dir in fixtures() {
+        let cpu = Model::load(&dir).unwrap();
+        let emu = cpu.to_device_as(Device::Emu, DType::F32).unwrap();
+        let ps = prompts(cpu.config.vocab_size, 3);
+        for (temperature, top_p, top_k) in [(1.0f32, 1.0f32, 0usize), (0.8, 0.9, 20)] {
+            let cfg = SamplingConfig {
+                n: 2,
+                max_new_tokens: 6,
+                temperature,
+                top_p,
+                top_k,
+                seed: 11,
+                ignore_eos: true,
+                host_sampler: true,
+                ..Default::default()
+            };
+            let want = no_grad(|| generate(&cpu, &ps, &cfg, None)).unwrap();
+            let got = no_grad(|| generate(&emu, &ps, &cfg, None)).unwrap();
+            for (w, g) in want.iter().zip(&got) {
+                assert_eq!(w.new_ids, g.new_ids, "{} T={temperature}: emu vs cpu", name(&dir));
+                assert!(max_abs_diff(&w.logprobs, &g.logprobs) < 1e-4, "{}: log-probs", name(&dir));
+                assert!(max_abs_diff(&w.entropy, &g.entropy) < 1e-4, "{}: entropies", name(&dir));
+                tokens += w.new_ids.len();
+                samples += 1;
+            }
+        }
+    }
+    eprintln!("host sampler: {samples} samples, {tokens} tokens, all equal to the cpu's");
+}
+
+/// Device work of every decode step of a rollout of `count` prompts × 2 samples, all admitted
+/// at once (the batch is 2·count).
+fn decode_counts(m: &Model, count: usize, host_sampler: bool) -> StepCounts {
+    let cfg = SamplingConfig {
+        n: 2,
+        max_new_tokens: 6,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 1,
+        ignore_eos: true,
+        host_sampler,
+        ..Default::default()
+    };
+    let mut log = StepCounts::default();
+    no_grad(|| generate_counted(m, &prompts(m.config.vocab_size, count), 0, &cfg, None, Some(&mut log)))
+        .unwrap();
+    assert_eq!(log.decode_steps.len(), 5, "6 tokens: one from the prefill step, 5 decode steps");
+    log
+}
+
+/// Issue 14's budgets for a steady decode step (every decode step after a sample's first, which
+/// copies its prompt's prefix into its own cache) on every fixture, at batch 4 and 32: at most
+/// 12 launches per layer + 16, the same count at both batches, at most 16 bytes down per
+/// sequence, one synchronisation, no allocation.
+#[test]
+fn steady_decode_steps_meet_the_budgets() {
+    let _alone = EMU.write().unwrap_or_else(|e| e.into_inner());
+    for dir in fixtures() {
+        let m = Model::load(&dir).unwrap().to_device(Device::Emu).unwrap();
+        let layers = m.config.num_layers as u64;
+        let mut launches = Vec::new();
+        for count in [2, 16] {
+            let batch = 2 * count;
+            let log = decode_counts(&m, count, false);
+            let first = log.decode_steps[0].counts;
+            for s in &log.decode_steps[1..] {
+                let c: Counts = s.counts;
+                let what = format!("{} batch {batch}: {c:?}", name(&dir));
+                assert_eq!(s.batch, batch, "{what}");
+                assert!(c.launches <= 12 * layers + 16, "{what}: launches over 12·{layers} + 16");
+                assert!(c.d2h_bytes <= 16 * batch as u64, "{what}: more than 16 bytes per sequence down");
+                assert!(c.syncs <= 1, "{what}: synchronisations");
+                assert_eq!(c.allocs, 0, "{what}: allocations");
+                launches.push(c.launches);
+            }
+            let old = decode_counts(&m, count, true).decode_steps[1].counts;
+            eprintln!(
+                "{} ({layers} layers) batch {batch}: steady {:?}; first decode step {first:?}; host sampler {old:?}",
+                name(&dir),
+                log.decode_steps[1].counts
+            );
+        }
+        assert!(
+            launches.windows(2).all(|w| w[0] == w[1]),
+            "{}: launches differ by batch: {launches:?}",
+            name(&dir)
+        );
+    }
+}
