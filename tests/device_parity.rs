@@ -424,6 +424,14 @@ pub fn train_command_runs_on_device(dev: Device) {
         }
         assert!(l["phases"]["rollout"]["d2h_bytes"].as_u64().unwrap() > 0, "{l}");
     }
+    // Allocations per training step are bounded: the reference pass, the update and the optimizer
+    // allocate the same number at every step (one per op output, set by the model and the
+    // micro-batches), never more as the run goes on.
+    for phase in ["reference pass", "update", "optimizer"] {
+        let allocs: Vec<u64> =
+            counts.iter().map(|l| l["phases"][phase]["allocs"].as_u64().unwrap()).collect();
+        assert!(allocs.windows(2).all(|w| w[0] == w[1]), "{phase}: allocations by step {allocs:?}");
+    }
     let lines: Vec<serde_json::Value> = fcgpu::jsonl::read(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
     assert!(lines[1..].iter().all(

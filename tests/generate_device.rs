@@ -191,9 +191,15 @@ fn host_sampler_matches_the_cpu_token_for_token() {
 /// Device work of every decode step of a rollout of `count` prompts × 2 samples, all admitted
 /// at once (the batch is 2·count).
 fn decode_counts(m: &Model, count: usize, host_sampler: bool) -> StepCounts {
+    let log = decode_counts_for(m, count, host_sampler, 6);
+    assert_eq!(log.decode_steps.len(), 5, "6 tokens: one from the prefill step, 5 decode steps");
+    log
+}
+
+fn decode_counts_for(m: &Model, count: usize, host_sampler: bool, max_new_tokens: usize) -> StepCounts {
     let cfg = SamplingConfig {
         n: 2,
-        max_new_tokens: 6,
+        max_new_tokens,
         temperature: 1.0,
         top_p: 0.9,
         seed: 1,
@@ -204,8 +210,21 @@ fn decode_counts(m: &Model, count: usize, host_sampler: bool) -> StepCounts {
     let mut log = StepCounts::default();
     no_grad(|| generate_counted(m, &prompts(m.config.vocab_size, count), 0, &cfg, None, Some(&mut log)))
         .unwrap();
-    assert_eq!(log.decode_steps.len(), 5, "6 tokens: one from the prefill step, 5 decode steps");
     log
+}
+
+/// A sample that runs past the CPU cache's growth block (64 positions) allocates nothing after
+/// its first decode step either: on a GPU its cache holds the whole sequence from the start.
+#[test]
+fn long_samples_allocate_only_at_their_first_decode_step() {
+    let _alone = EMU.write().unwrap_or_else(|e| e.into_inner());
+    let dir = fixtures().into_iter().next().unwrap();
+    let m = Model::load(&dir).unwrap().to_device(Device::Emu).unwrap();
+    let log = decode_counts_for(&m, 2, false, 80);
+    assert_eq!(log.decode_steps.len(), 79);
+    for (i, s) in log.decode_steps.iter().enumerate().skip(1) {
+        assert_eq!(s.counts.allocs, 0, "decode step {}: {:?}", i + 1, s.counts);
+    }
 }
 
 /// Issue 14's budgets for a steady decode step (every decode step after a sample's first, which

@@ -272,8 +272,9 @@ impl Model {
 
     /// One decode step of every sequence of `steps` (one new token each, after a non-empty
     /// cache) in a fixed number of launches: the logits land in `ws` (rows in step order) and the
-    /// new keys and values in the caches. Allocates nothing once the caches have room (a cache
-    /// grows by 64 positions at a time, and a sample's first step copies its prompt's prefix).
+    /// new keys and values in the caches. Allocates nothing once the caches have room (rollouts
+    /// size a sample's cache for the whole sequence at its first step, which copies its prompt's
+    /// prefix).
     pub fn decode_step_gpu(&self, steps: &mut [Step], ws: &mut DecodeWorkspace) -> Result<()> {
         let (c, b) = (&self.config, steps.len());
         ensure!(b <= ws.cap, "a decode step of {b} sequences in a workspace for {}", ws.cap);

@@ -303,17 +303,21 @@ pub fn generate_counted(
             s.row = i;
         }
         let base = live.len();
+        // On the CPU own positions grow in blocks as the sample runs (most stop long before the
+        // limit); on a GPU the first step allocates the whole sequence, so no later decode step
+        // allocates (the batch admitted is the batch that must fit anyway).
+        let own_cap = if gpu.is_some() {
+            cfg.max_new_tokens
+        } else {
+            cfg.max_new_tokens.min(crate::model::kv_cache::GROW)
+        };
         for (k, (p, c)) in admitted.into_iter().enumerate() {
             let prefix: Arc<_> = c.into_prefix();
             for j in 0..n {
                 live.push(Live {
                     prompt: p,
                     sample: j,
-                    // Own positions grow in blocks as the sample runs (most stop long before the limit).
-                    cache: SeqCache::after(
-                        prefix.clone(),
-                        cfg.max_new_tokens.min(crate::model::kv_cache::GROW),
-                    ),
+                    cache: SeqCache::after(prefix.clone(), own_cap),
                     rng: sample_rng(cfg.seed, first_index + p, j),
                     last: 0,
                     row: base + k,
