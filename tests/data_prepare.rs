@@ -164,6 +164,15 @@ fn ast_stage_on_bfcl_files() {
     assert!(s["reasons"]["enum_violation"].as_u64().unwrap() > 0, "{s}");
     let rejected = lines(&out2.join("rejected.jsonl"));
     assert!(rejected.iter().all(|r| r["stage"] == "ast" && r["sample"]["ground_truth"].is_array()));
+    // The answer files given as the input: a clear error, nothing written.
+    let answers = root().join("tests/data/bfcl/v4/possible_answer");
+    for input in [answers.clone(), answers.join("BFCL_v4_parallel.json")] {
+        let out3 = d.path().join("answers");
+        let o = prepare(&["--input", input.to_str().unwrap(), "--out", out3.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("possible answers"), "{err}");
+        assert!(!out3.exists());
+    }
 }
 
 fn judge_args<'a>(url: &'a str, out: &'a str, model: &'a str) -> Vec<&'a str> {

@@ -159,6 +159,7 @@ fn prepare_cmd(a: PrepareArgs) -> Result<()> {
     if !a.input.exists() {
         bail!("--input {}: no such file or directory", a.input.display());
     }
+    prepare::input::check(&a.input)?;
     let cfg = config(&a)?;
     // The backend first: a missing judge is an error before the output directory is touched.
     let backend = match a.stage {

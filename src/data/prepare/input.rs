@@ -31,8 +31,22 @@ pub struct Loaded {
     pub rejected: Vec<Rejection>,
 }
 
+/// The input errors that can be told before anything is read or written: BFCL's answer files
+/// given for its questions.
+pub fn check(path: &Path) -> Result<()> {
+    let answers_dir = |p: &Path| p.file_name().is_some_and(|n| n == "possible_answer");
+    if answers_dir(path) || path.parent().is_some_and(answers_dir) {
+        bail!(
+            "--input {}: these are BFCL's possible answers; pass the question files' directory (its parent)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Reads `path` in `format`. Only an unreadable input is an error.
 pub fn load(path: &Path, format: Format) -> Result<Loaded> {
+    check(path)?;
     let bfcl = match format {
         Format::Bfcl => true,
         Format::Auto => path.is_dir() || bfcl_category(path).is_some(),
