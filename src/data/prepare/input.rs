@@ -78,10 +78,11 @@ fn items(path: &Path) -> Result<Vec<(usize, Item)>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read --input {}", path.display()))?;
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        let v: Json = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: a JSON array that does not parse", path.display()))?;
-        let arr = v.as_array().cloned().unwrap_or_default();
-        return Ok(arr.into_iter().enumerate().map(|(i, v)| (i + 1, Ok(v))).collect());
+        // One JSON array; a file that does not parse as one is read as lines (each bad line
+        // then rejected on its own).
+        if let Ok(Json::Array(arr)) = serde_json::from_slice::<Json>(&bytes) {
+            return Ok(arr.into_iter().enumerate().map(|(i, v)| (i + 1, Ok(v))).collect());
+        }
     }
     let mut out = Vec::new();
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -272,4 +273,23 @@ fn bfcl_answers(apath: &Path, out: &mut Loaded) -> Result<HashMap<String, Json>>
         }
     }
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that opens with `[` but is not one JSON array is read line by line: every bad line
+    /// is rejected with its number, never a fatal error.
+    #[test]
+    fn a_broken_array_file_is_read_as_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.jsonl");
+        let good = r#"{"query": "Weather in Paris", "tools": [{"name": "w", "parameters": {"city": {"type": "str"}}}], "answers": [{"name": "w", "arguments": {"city": "Paris"}}]}"#;
+        std::fs::write(&p, format!("{}\n[1, 2\n{good}\n", "[".repeat(10_000))).unwrap();
+        let l = load(&p, Format::Auto).unwrap();
+        assert_eq!(l.records.len(), 1);
+        assert_eq!(l.rejected.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(l.rejected.iter().all(|r| r.reject.reason == "malformed_line"));
+    }
 }
