@@ -265,17 +265,27 @@ fn judge_against_fcgpu_serve_caches_and_resumes_after_sigkill() {
     assert_eq!((s["judge"]["requests"].as_u64(), s["judge"]["cache_hits"].as_u64()), (Some(0), Some(20)));
     assert_eq!(std::fs::read(out.join("rejected.jsonl")).unwrap(), first);
 
-    // A model the server does not serve: a 4xx, reported (not retried) as `judge_error`.
+    // A model the server does not serve: a 4xx, not retried; a judge that answers nothing stops
+    // the run with the reason instead of rejecting every sample, and writes no outputs.
     let out2 = d.path().join("out2");
     let mut args = judge_args(&url, out2.to_str().unwrap(), "no-such-model");
     args[1] = input.to_str().unwrap();
     let t = Instant::now();
-    ok(&prepare(&args));
+    let o = prepare(&args);
     assert!(t.elapsed() < Duration::from_secs(20));
-    let rejected = lines(&out2.join("rejected.jsonl"));
-    let errors: Vec<&Value> = rejected.iter().filter(|r| r["reason"] == "judge_error").collect();
-    assert_eq!(errors.len(), 11);
-    assert!(errors[0]["message"].as_str().unwrap().contains("HTTP 404"), "{}", errors[0]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("answered none") && err.contains("HTTP 404"), "{err}");
+    assert!(!out2.join("accepted.jsonl").exists() && !out2.join("rejected.jsonl").exists());
+    // Nothing listening: the same, after the retries.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out3 = d.path().join("out3");
+    let url3 = format!("http://{dead}/v1");
+    let mut args = judge_args(&url3, out3.to_str().unwrap(), "fc-tiny");
+    args[1] = input.to_str().unwrap();
+    args.extend(["--http-retries", "1"]);
+    let o = prepare(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("answered none"), "{err}");
 }
 
 /// A scripted judge on loopback: answers by the check each prompt asks for. The call check

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value as Json};
 
 use super::ast::{self, check_calls};
@@ -469,10 +469,19 @@ impl Judge {
             }
         });
         bar.finish_and_clear();
-        match failed.into_inner().expect("lock") {
-            Some(e) => Err(e),
-            None => Ok(got),
+        if let Some(e) = failed.into_inner().expect("lock") {
+            return Err(e);
         }
+        // A judge that answers nothing (down, unreachable, a wrong model name) says nothing about
+        // the samples: stop rather than reject them all. What it did answer is cached.
+        if let (false, Some(Err(first))) = (got.iter().any(Result::is_ok), got.first()) {
+            bail!(
+                "the judge answered none of {} requests (first error: {first}); no sample was judged \
+                 in this wave. Fix the judge and rerun with --resume: answers so far are cached",
+                got.len()
+            );
+        }
+        Ok(got)
     }
 }
 
