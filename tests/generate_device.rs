@@ -197,6 +197,16 @@ fn decode_counts(m: &Model, count: usize, host_sampler: bool) -> StepCounts {
 }
 
 fn decode_counts_for(m: &Model, count: usize, host_sampler: bool, max_new_tokens: usize) -> StepCounts {
+    decode_counts_with(m, count, host_sampler, max_new_tokens, false)
+}
+
+fn decode_counts_with(
+    m: &Model,
+    count: usize,
+    host_sampler: bool,
+    max_new_tokens: usize,
+    graphs: bool,
+) -> StepCounts {
     let cfg = SamplingConfig {
         n: 2,
         max_new_tokens,
@@ -205,6 +215,7 @@ fn decode_counts_for(m: &Model, count: usize, host_sampler: bool, max_new_tokens
         seed: 1,
         ignore_eos: true,
         host_sampler,
+        decode_graphs: Some(graphs),
         ..Default::default()
     };
     let mut log = StepCounts::default();
@@ -230,7 +241,9 @@ fn long_samples_allocate_only_at_their_first_decode_step() {
 /// Issue 14's budgets for a steady decode step (every decode step after a sample's first, which
 /// copies its prompt's prefix into its own cache) on every fixture, at batch 4 and 32: at most
 /// 12 launches per layer + 16, the same count at both batches, at most 16 bytes down per
-/// sequence, one synchronisation, no allocation.
+/// sequence, one synchronisation, no allocation. With decode graphs: the step's 12 per layer + 3
+/// launches are one (2 with the sampler's draw) (the first decode step runs them as they are, the second captures them, and
+/// both it and every later one replay the graph), the rest the same.
 #[test]
 fn steady_decode_steps_meet_the_budgets() {
     let _alone = EMU.write().unwrap_or_else(|e| e.into_inner());
@@ -252,11 +265,25 @@ fn steady_decode_steps_meet_the_budgets() {
                 assert_eq!(c.allocs, 0, "{what}: allocations");
                 launches.push(c.launches);
             }
+            let graphed = decode_counts_with(&m, count, false, 6, true);
+            assert_eq!(graphed.decode_steps[0].counts, first, "{}: the first step runs as it is", name(&dir));
+            for (s, g) in log.decode_steps[1..].iter().zip(&graphed.decode_steps[1..]) {
+                let (c, g) = (s.counts, g.counts);
+                let what = format!("{} batch {batch} with graphs: {g:?} (without: {c:?})", name(&dir));
+                // The step's own 12·layers + 3 (embedding, first norm, LM head) become one; the
+                // sampler's draw is the other.
+                assert_eq!(g.launches, c.launches - (12 * layers + 3) + 1, "{what}: one launch for the step");
+                assert_eq!(g.launches, 2, "{what}: the graph and the sampler's draw");
+                assert_eq!(Counts { launches: c.launches, ..g }, c, "{what}: all else the same");
+                assert_eq!(g.allocs, 0, "{what}");
+                assert!(g.syncs <= 1, "{what}");
+            }
             let old = decode_counts(&m, count, true).decode_steps[1].counts;
             eprintln!(
-                "{} ({layers} layers) batch {batch}: steady {:?}; first decode step {first:?}; host sampler {old:?}",
+                "{} ({layers} layers) batch {batch}: steady {:?}; with graphs {:?}; first decode step {first:?}; host sampler {old:?}",
                 name(&dir),
-                log.decode_steps[1].counts
+                log.decode_steps[1].counts,
+                graphed.decode_steps[2].counts
             );
         }
         assert!(
@@ -265,4 +292,91 @@ fn steady_decode_steps_meet_the_budgets() {
             name(&dir)
         );
     }
+}
+
+/// Decode graphs change nothing but the launch count: on every fixture at batch 4 and 32, generation with them gives the tokens, log-probs and entropies without them,
+/// exactly (the replayed launches are the captured ones).
+#[test]
+fn decode_graphs_give_the_same_generations() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
+    for dir in fixtures() {
+        let m = Model::load(&dir).unwrap().to_device(Device::Emu).unwrap();
+        {
+            for count in [2, 16] {
+                let cfg = SamplingConfig {
+                    n: 2,
+                    max_new_tokens: 6,
+                    temperature: 1.0,
+                    top_p: 0.9,
+                    top_k: 20,
+                    seed: 5,
+                    ignore_eos: true,
+                    decode_graphs: Some(false),
+                    ..Default::default()
+                };
+                let ps = prompts(m.config.vocab_size, count);
+                let want = no_grad(|| generate(&m, &ps, &cfg, None)).unwrap();
+                let cfg = SamplingConfig { decode_graphs: Some(true), ..cfg };
+                let got = no_grad(|| generate(&m, &ps, &cfg, None)).unwrap();
+                assert_eq!(want.len(), 2 * count);
+                for (w, g) in want.iter().zip(&got) {
+                    let what = format!("{} batch {}", name(&dir), 2 * count);
+                    assert_eq!(w.new_ids, g.new_ids, "{what}: tokens");
+                    assert_eq!(w.logprobs, g.logprobs, "{what}: log-probs");
+                    assert_eq!(w.entropy, g.entropy, "{what}: entropies");
+                }
+            }
+        }
+    }
+}
+
+/// A workspace captures a batch size's step at its second step there and replays it after; its
+/// logits are those of the step without a graph, bit for bit, also when the batch size changes
+/// and comes back, and another model (other weights) in the same workspace drops the graphs.
+#[test]
+fn decode_graphs_are_captured_per_batch_size() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
+    let dir = fixtures().into_iter().next().unwrap();
+    let cpu = Model::load(&dir).unwrap();
+    let m = cpu.to_device(Device::Emu).unwrap();
+    let v = m.config.vocab_size;
+    let ps = prompts(v, 4);
+    let new = |m: &Model| ps.iter().map(|p| SeqCache::new(m.kv_shape(), p.len() + 16)).collect::<Vec<_>>();
+    let (mut a, mut b) = (new(&m), new(&m));
+    no_grad(|| {
+        prefill(&m, &mut a, &ps);
+        prefill(&m, &mut b, &ps);
+    });
+    let (mut plain, mut graphed) =
+        (DecodeWorkspace::new(&m, 4).unwrap(), DecodeWorkspace::new(&m, 4).unwrap());
+    plain.set_graphs(false);
+    graphed.set_graphs(true);
+    // Batch sizes 4, 4, 2, 4, 2, 2, 4: 4 is captured at its second step, 2 at its second.
+    let sizes = [4usize, 4, 2, 4, 2, 2, 4];
+    let captured = [vec![], vec![4], vec![4], vec![4], vec![2, 4], vec![2, 4], vec![2, 4]];
+    for (step, (&n, want)) in sizes.iter().zip(&captured).enumerate() {
+        let toks: Vec<[u32; 1]> = (0..n).map(|i| [((i * 31 + step * 17 + 5) % v) as u32]).collect();
+        let mut logits = Vec::new();
+        for (c, ws) in [(&mut a, &mut plain), (&mut b, &mut graphed)] {
+            let mut s: Vec<Step> =
+                c.iter_mut().zip(&toks).map(|(c, t)| Step { cache: c, tokens: t }).collect();
+            m.decode_step_gpu(&mut s, ws).unwrap();
+            logits.push(ws.download_logits(n).unwrap());
+        }
+        assert_eq!(logits[0], logits[1], "step {step} (batch {n})");
+        assert_eq!(&graphed.captured_batches(), want, "step {step}");
+        assert!(plain.captured_batches().is_empty());
+    }
+    // The same workspace with another copy of the model (same values, other buffers): the old
+    // graphs are dropped, the batch size runs once as it is, and the logits stay the same.
+    let m2 = cpu.to_device(Device::Emu).unwrap();
+    let toks: Vec<[u32; 1]> = (0..4).map(|i| [(i * 7 % v) as u32]).collect();
+    let mut logits = Vec::new();
+    for (c, ws) in [(&mut a, &mut plain), (&mut b, &mut graphed)] {
+        let mut s: Vec<Step> = c.iter_mut().zip(&toks).map(|(c, t)| Step { cache: c, tokens: t }).collect();
+        m2.decode_step_gpu(&mut s, ws).unwrap();
+        logits.push(ws.download_logits(4).unwrap());
+    }
+    assert_eq!(logits[0], logits[1]);
+    assert!(graphed.captured_batches().is_empty(), "{:?}", graphed.captured_batches());
 }

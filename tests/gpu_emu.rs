@@ -180,3 +180,84 @@ fn generate_counters_record_every_decode_step() {
     let out = run(&["--device", "cpu"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--counters"));
 }
+
+/// A graph on emu: the captured work (a launch, a GEMM, a memset, a device copy) is recorded,
+/// not run and not counted; each replay runs all of it, in order, on whatever the buffers then
+/// hold, and counts as one launch. Work that cannot be captured (an allocation, an upload, a
+/// download, a synchronisation, a replay, a nested capture, dropping a buffer) is an error
+/// inside a capture, and the device works as before after one.
+#[test]
+fn graphs_record_launches_and_refuse_what_cannot_be_captured() {
+    use fcgpu::backend::counters::Counts;
+    use fcgpu::backend::Gemm;
+    use fcgpu::kernels::elementwise::scale;
+    use fcgpu::DType;
+    let d = GpuDevice::emu();
+    let x = d.upload_f32(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let y = d.zeros(16).unwrap();
+    let z = d.zeros(16).unwrap();
+    let w = d.upload_f32(&[0.0, 1.0, 1.0, 0.0]).unwrap(); // 2x2 swap
+    let c0 = d.counts();
+    let g = d
+        .capture(|| {
+            // y = 2x; z = y·w (the columns swapped); x = 0; then y = z.
+            scale(&d, DType::F32, &x, 2.0, &y, 4)?;
+            d.gemm(&Gemm::simple(DType::F32, 2, 2, 2, y.ptr(), w.ptr(), false, z.ptr()))?;
+            x.zero()?;
+            unsafe { d.dtod(z.ptr(), y.ptr(), 16) }
+        })
+        .unwrap();
+    assert_eq!(g.nodes(), 4);
+    assert_eq!(d.counts() - c0, Counts::default(), "capturing runs and counts nothing");
+    assert_eq!(x.download_f32().unwrap(), [1.0, 2.0, 3.0, 4.0], "nothing ran");
+    let c1 = d.counts();
+    unsafe { g.replay().unwrap() };
+    assert_eq!((d.counts() - c1).launches, 1, "a replay is one launch");
+    assert_eq!(y.download_f32().unwrap(), [4.0, 2.0, 8.0, 6.0]);
+    assert_eq!(x.download_f32().unwrap(), [0.0; 4]);
+    // Replays read the buffers as they are then (x was zeroed by the first).
+    x.write_bytes(bytemuck::cast_slice(&[1.0f32, 1.0, 0.5, 0.5])).unwrap();
+    unsafe { g.replay().unwrap() };
+    assert_eq!(y.download_f32().unwrap(), [2.0, 2.0, 1.0, 1.0]);
+
+    let refused = |what: &str, f: &dyn Fn() -> anyhow::Result<()>| {
+        let e = format!("{:#}", d.capture(f).unwrap_err());
+        assert!(e.contains("inside a graph capture"), "{what}: {e}");
+        eprintln!("{what}: {e}");
+    };
+    refused("alloc", &|| d.alloc(4).map(|_| ()));
+    refused("upload", &|| d.upload_f32(&[1.0]).map(|_| ()));
+    refused("write", &|| x.write_bytes(&[0u8; 16]));
+    refused("download", &|| x.download_f32().map(|_| ()));
+    refused("synchronize", &|| d.synchronize());
+    refused("replay", &|| unsafe { g.replay() });
+    refused("nested capture", &|| d.capture(|| Ok(())).map(|_| ()));
+    // A launch before the refused call does not leak out of the failed capture.
+    refused("launch then sync", &|| {
+        scale(&d, DType::F32, &x, 2.0, &y, 4)?;
+        d.synchronize()
+    });
+    let dropped = d.zeros(4).unwrap();
+    let e = format!("{:#}", d.capture(move || Ok(drop(dropped))).unwrap_err());
+    assert!(e.contains("dropped inside a graph capture"), "{e}");
+    // Other threads' work on the device runs as usual during a capture.
+    let g = d
+        .capture(|| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let t = d.upload_f32(&[5.0]).unwrap();
+                    assert_eq!(t.download_f32().unwrap(), [5.0]);
+                });
+            });
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(g.nodes(), 0);
+    // And after all of that the device works (the launch recorded before a refusal never ran).
+    assert_eq!(y.download_f32().unwrap(), [2.0, 2.0, 1.0, 1.0]);
+    x.write_bytes(bytemuck::cast_slice(&[1.0f32, 2.0, 3.0, 4.0])).unwrap();
+    let c2 = d.counts();
+    scale(&d, DType::F32, &x, 2.0, &y, 4).unwrap();
+    assert_eq!(y.download_f32().unwrap(), [2.0, 4.0, 6.0, 8.0]);
+    assert_eq!((d.counts() - c2).launches, 1);
+}

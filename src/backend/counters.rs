@@ -1,5 +1,6 @@
 //! What a GPU device was asked to do, counted: kernel launches (cuBLAS calls, memsets and
-//! device-to-device copies included: each is a driver call on the stream), bytes copied
+//! device-to-device copies included: each is a driver call on the stream; a graph's replay is
+//! one, the work captured into it is not counted), bytes copied
 //! host→device and device→host, synchronisations (explicit ones, downloads, uploads too large
 //! for the staging area or made when it is full: see `STAGE_BYTES`), and
 //! device allocations. The same counts on emu and on cuda, so budgets checked on emu in CI hold

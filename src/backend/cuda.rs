@@ -15,6 +15,11 @@
 //!   where the device has no pools);
 //!   GEMMs go to cuBLAS (`cublasGemmStridedBatchedEx`, bf16/f32 in, f32 compute), row-major
 //!   through the column-major (B, A) trick.
+//! * Graphs ([`super::GpuDevice::capture`]): stream capture of the device's stream
+//!   (thread-local mode) into a `CUgraph`, instantiated once (`cuGraphInstantiateWithFlags`) and
+//!   launched with `cuGraphLaunch`. cuBLAS gets a workspace of its own at start-up
+//!   (`cublasSetWorkspace`, after `cublasSetStream`, which resets it), so a captured GEMM never
+//!   allocates one. Not yet run on a GPU: CI has none (the same capture code runs on emu).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
@@ -25,7 +30,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::sys as cublas;
 use cudarc::driver::sys as cu;
 
-use super::{nvrtc, sources, Driver, Gemm, GpuKind, Kernel, LaunchCfg};
+use super::{nvrtc, sources, Driver, Gemm, GpuKind, Kernel, LaunchCfg, NativeGraph};
 use crate::dtype::DType;
 
 fn cu_check(r: cu::CUresult, what: &str) -> Result<()> {
@@ -201,6 +206,41 @@ pub struct CudaDriver {
     /// Pinned host staging area of `STAGE_BYTES` for uploads (`cuMemHostAlloc`, on first
     /// use; 0 = not yet, or refused: uploads are then blocking copies).
     pinned: Mutex<usize>,
+    /// cuBLAS's workspace (`CUBLAS_WORKSPACE_BYTES`, `cuMemAlloc`; 0 where that failed and cuBLAS
+    /// keeps its default).
+    blas_workspace: u64,
+}
+
+/// Bytes of the workspace cuBLAS is given (32 MiB: what cuBLAS recommends for Hopper, more than
+/// it needs elsewhere).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// An instantiated CUDA graph, launched on the stream it was captured from.
+struct CudaGraphExec {
+    ctx: cu::CUcontext,
+    stream: cu::CUstream,
+    exec: cu::CUgraphExec,
+}
+
+// Used only with its context bound, on the device's one stream (see `CudaDriver`).
+unsafe impl Send for CudaGraphExec {}
+unsafe impl Sync for CudaGraphExec {}
+
+impl NativeGraph for CudaGraphExec {
+    unsafe fn launch(&self) -> Result<()> {
+        cu_check(cu::cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")?;
+        cu_check(cu::cuGraphLaunch(self.exec, self.stream), "cuGraphLaunch")
+    }
+}
+
+impl Drop for CudaGraphExec {
+    fn drop(&mut self) {
+        unsafe {
+            if cu::cuCtxSetCurrent(self.ctx) == cu::CUresult::CUDA_SUCCESS {
+                let _ = cu::cuGraphExecDestroy(self.exec);
+            }
+        }
+    }
 }
 
 // The raw handles are used only with the context bound, and cuBLAS / the stream are guarded by
@@ -261,6 +301,21 @@ impl CudaDriver {
                 cublas::cublasSetStream_v2(blas, stream as cublas::cudaStream_t),
                 "cublasSetStream",
             )?;
+            // After cublasSetStream, which resets the workspace to cuBLAS's default: a workspace
+            // of its own means a GEMM captured into a graph never allocates one.
+            let mut blas_workspace: cu::CUdeviceptr = 0;
+            if cu::cuMemAlloc_v2(&mut blas_workspace, CUBLAS_WORKSPACE_BYTES) == cu::CUresult::CUDA_SUCCESS {
+                cublas_check(
+                    cublas::cublasSetWorkspace_v2(
+                        blas,
+                        blas_workspace as *mut c_void,
+                        CUBLAS_WORKSPACE_BYTES,
+                    ),
+                    "cublasSetWorkspace",
+                )?;
+            } else {
+                blas_workspace = 0;
+            }
             let arch = format!("sm_{major}{minor}");
             let pools = keep_pool_memory(dev);
             Ok(CudaDriver {
@@ -276,6 +331,7 @@ impl CudaDriver {
                 functions: Mutex::new(HashMap::new()),
                 pools,
                 pinned: Mutex::new(0),
+                blas_workspace,
             })
         }
     }
@@ -499,6 +555,34 @@ impl Driver for CudaDriver {
         self.bind()?;
         cu_check(unsafe { cu::cuStreamSynchronize(self.h.stream) }, "cuStreamSynchronize")
     }
+    fn begin_capture(&self) -> Result<bool> {
+        self.bind()?;
+        // Thread-local: a call that may not be captured (cuMemAlloc, a synchronous copy) fails
+        // when this thread makes it; GpuDevice refuses those before they get here anyway.
+        let mode = cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        cu_check(unsafe { cu::cuStreamBeginCapture_v2(self.h.stream, mode) }, "cuStreamBeginCapture")?;
+        Ok(true)
+    }
+    fn end_capture(&self, keep: bool) -> Result<Option<Box<dyn NativeGraph>>> {
+        self.bind()?;
+        unsafe {
+            let mut graph: cu::CUgraph = std::ptr::null_mut();
+            let r = cu::cuStreamEndCapture(self.h.stream, &mut graph);
+            if r != cu::CUresult::CUDA_SUCCESS || !keep {
+                if !graph.is_null() {
+                    let _ = cu::cuGraphDestroy(graph);
+                }
+                cu_check(r, "cuStreamEndCapture")?;
+                return Ok(None);
+            }
+            let mut exec: cu::CUgraphExec = std::ptr::null_mut();
+            let r = cu::cuGraphInstantiateWithFlags(&mut exec, graph, 0);
+            // The executable graph does not need the graph it was made from.
+            let _ = cu::cuGraphDestroy(graph);
+            cu_check(r, "cuGraphInstantiate")?;
+            Ok(Some(Box::new(CudaGraphExec { ctx: self.h.ctx, stream: self.h.stream, exec })))
+        }
+    }
 }
 
 impl Drop for CudaDriver {
@@ -514,6 +598,9 @@ impl Drop for CudaDriver {
                     let _ = cu::cuModuleUnload(m as cu::CUmodule);
                 }
                 let _ = cublas::cublasDestroy_v2(self.h.blas);
+                if self.blas_workspace != 0 {
+                    let _ = cu::cuMemFree_v2(self.blas_workspace);
+                }
                 let _ = cu::cuStreamDestroy_v2(self.h.stream);
                 let _ = cu::cuDevicePrimaryCtxRelease_v2(self.dev);
             }

@@ -3,6 +3,10 @@
 //! execution model emulated). Both sit behind one [`Driver`] trait, so every launch site
 //! (`src/kernels/*.rs`) is the same code for both: it builds a [`KernelArgs`] (the `void**`
 //! argument list `cuLaunchKernel` takes) and calls [`GpuDevice::launch`].
+//!
+//! A fixed sequence of launches can be captured once and replayed as one ([`GpuDevice::capture`],
+//! [`GpuGraph`]): a CUDA graph on cuda (stream capture), a recorded launch list on emu, through
+//! the same code, with the same checks (work that cannot be captured is an error on both).
 
 use std::ffi::c_void;
 use std::fmt;
@@ -245,6 +249,129 @@ pub trait Driver: Send + Sync {
     unsafe fn gemm(&self, g: &Gemm) -> Result<()>;
     /// Wait for all queued work.
     fn synchronize(&self) -> Result<()>;
+    /// Starts capturing the device's stream into a graph (cuda: stream capture); `false` where
+    /// the driver has no graphs of its own (emu: [`GpuDevice`] records the work instead).
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Ends the capture [`Driver::begin_capture`] started: the instantiated graph when `keep`,
+    /// nothing (the graph discarded) after an error inside the capture.
+    fn end_capture(&self, keep: bool) -> Result<Option<Box<dyn NativeGraph>>> {
+        let _ = keep;
+        Ok(None)
+    }
+}
+
+/// A driver's own executable graph (cuda: a `CUgraphExec`); freed on drop.
+pub trait NativeGraph: Send + Sync {
+    /// Queues the whole graph on the device's stream.
+    /// # Safety
+    /// Every allocation the captured work touches is still live.
+    unsafe fn launch(&self) -> Result<()>;
+}
+
+/// One piece of captured work, as the emu device records it (arguments deep-copied).
+#[derive(Debug)]
+enum GraphOp {
+    Launch { k: Kernel, cfg: LaunchCfg, slots: Vec<u64> },
+    Gemm(Gemm),
+    Dtod { src: u64, dst: u64, bytes: usize },
+    Zero { dst: u64, bytes: usize },
+}
+
+/// A capture in progress on a device: by the thread that started it; the work recorded so far
+/// (emu), or whether the driver captures it itself (cuda); buffers dropped inside it.
+struct Capturing {
+    thread: std::thread::ThreadId,
+    native: bool,
+    ops: Vec<GraphOp>,
+    nodes: usize,
+    frees: Vec<(u64, usize)>,
+}
+
+/// What a launch, GEMM, copy or memset does: run (counted), go to the driver's own capture
+/// (uncounted), or be recorded (emu capture).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Run,
+    Native,
+    Recorded,
+}
+
+/// Work captured by [`GpuDevice::capture`], replayed with [`GpuGraph::replay`]: an instantiated
+/// CUDA graph on cuda, the recorded list of launches (arguments deep-copied) on emu. Pointers
+/// and launch arguments are baked in: a replay does exactly what the capture saw, on whatever
+/// the buffers then hold.
+pub struct GpuGraph {
+    // Declared before `dev`, so a native graph is destroyed while its driver lives.
+    body: GraphBody,
+    nodes: usize,
+    dev: GpuDevice,
+}
+
+enum GraphBody {
+    Recorded(Vec<GraphOp>),
+    Native(Box<dyn NativeGraph>),
+}
+
+impl fmt::Debug for GpuGraph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.body {
+            GraphBody::Recorded(_) => "recorded",
+            GraphBody::Native(_) => "native",
+        };
+        write!(f, "GpuGraph({kind}, {} nodes, {:?})", self.nodes, self.dev)
+    }
+}
+
+impl GpuGraph {
+    /// Launches, GEMMs, copies and memsets captured.
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+    pub fn device(&self) -> &GpuDevice {
+        &self.dev
+    }
+    /// Runs the captured work again, in order, on the device's stream. Counted as one launch
+    /// (the captured work was not counted when captured). An error inside a capture.
+    /// # Safety
+    /// Every allocation the captured work touches is still live (and of the captured size).
+    pub unsafe fn replay(&self) -> Result<()> {
+        let dev = &self.dev;
+        dev.refuse_in_capture("replaying a graph")?;
+        let _range = nvtx_range("graph");
+        dev.counters.launch();
+        match &self.body {
+            GraphBody::Native(g) => g.launch().context("launching a captured graph")?,
+            GraphBody::Recorded(ops) => {
+                for op in ops {
+                    match op {
+                        GraphOp::Launch { k, cfg, slots } => {
+                            let mut slots = slots.clone();
+                            let mut params: Vec<*mut c_void> =
+                                slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+                            dev.drv.launch(*k, *cfg, &mut params).with_context(|| {
+                                format!(
+                                    "replaying {} ({}), grid {:?} block {:?}",
+                                    k.name, k.file, cfg.grid, cfg.block
+                                )
+                            })?;
+                        }
+                        GraphOp::Gemm(g) => dev.drv.gemm(g).context("replaying a gemm")?,
+                        GraphOp::Dtod { src, dst, bytes } => dev.drv.dtod(*src, *dst, *bytes)?,
+                        GraphOp::Zero { dst, bytes } => dev.drv.memset_zero(*dst, *bytes)?,
+                    }
+                }
+            }
+        }
+        if sync_launches() {
+            let mut staged = dev.staged.lock().unwrap();
+            dev.counters.sync();
+            *staged = 0;
+            dev.drv.synchronize().context("a replayed graph failed (FCGPU_SYNC_LAUNCH=1)")?;
+        }
+        Ok(())
+    }
 }
 
 /// Bytes of pinned host memory per device that uploads are staged through. An upload that fits
@@ -260,6 +387,8 @@ pub struct GpuDevice {
     drv: Arc<dyn Driver>,
     counters: Arc<counters::Counters>,
     staged: Arc<std::sync::Mutex<usize>>,
+    /// The capture in progress on this device, if any (see [`GpuDevice::capture`]).
+    capture: Arc<std::sync::Mutex<Option<Capturing>>>,
 }
 
 impl fmt::Debug for GpuDevice {
@@ -270,7 +399,7 @@ impl fmt::Debug for GpuDevice {
 
 impl GpuDevice {
     fn wrap(drv: Arc<dyn Driver>) -> GpuDevice {
-        GpuDevice { drv, counters: Arc::default(), staged: Arc::default() }
+        GpuDevice { drv, counters: Arc::default(), staged: Arc::default(), capture: Arc::default() }
     }
 
     /// What this device has been asked to do so far (see [`counters`]).
@@ -354,11 +483,85 @@ impl GpuDevice {
         &*self.drv
     }
 
+    /// Captures the device work `f` queues into a graph instead of running it: its kernel
+    /// launches, GEMMs, device-to-device copies and memsets (none of them counted). Anything else
+    /// on this device from this thread inside `f` (an allocation, an upload, a download, a
+    /// synchronisation, a replay, a nested capture) is an error, and so is dropping a buffer
+    /// (captured work may use it; it is freed when the capture ends), on emu as on cuda.
+    ///
+    /// cuda: stream capture of the device's one stream (`CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`;
+    /// cuBLAS runs on that stream, with a workspace of its own set once at start-up, so its
+    /// GEMMs are captured and allocate nothing), instantiated once. Other threads must not use
+    /// the device during a capture: their work would be captured too (emu records only this
+    /// thread's work). emu: the work is recorded, arguments deep-copied, and a replay runs it.
+    /// Work that the cuda side could only check at run time (kernel loading inside the capture)
+    /// is best kept out by running `f` once before capturing it.
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<GpuGraph> {
+        {
+            let mut c = self.capture.lock().unwrap();
+            ensure!(c.is_none(), "a graph capture inside a graph capture (or another thread's)");
+            let native = self.drv.begin_capture().context("starting a graph capture")?;
+            let thread = std::thread::current().id();
+            *c = Some(Capturing { thread, native, ops: Vec::new(), nodes: 0, frees: Vec::new() });
+        }
+        let r = f();
+        let c = self.capture.lock().unwrap().take().expect("the capture in progress");
+        let native = if c.native { self.drv.end_capture(r.is_ok()) } else { Ok(None) };
+        let freed = c.frees.len();
+        for (ptr, bytes) in c.frees {
+            // SAFETY: the buffer was dropped inside the capture; nothing else holds it.
+            unsafe { self.drv.free(ptr, bytes) }
+        }
+        r.context("capturing a graph")?;
+        let native = native.context("ending a graph capture")?;
+        ensure!(freed == 0, "{freed} buffer(s) dropped inside a graph capture (captured work may use them)");
+        let body = match native {
+            Some(g) => GraphBody::Native(g),
+            None => GraphBody::Recorded(c.ops),
+        };
+        Ok(GpuGraph { body, nodes: c.nodes, dev: self.clone() })
+    }
+
+    /// Whether this thread is capturing on this device.
+    fn in_capture(&self) -> bool {
+        let c = self.capture.lock().unwrap();
+        c.as_ref().is_some_and(|c| c.thread == std::thread::current().id())
+    }
+
+    fn refuse_in_capture(&self, what: &str) -> Result<()> {
+        ensure!(
+            !self.in_capture(),
+            "{what} inside a graph capture (only kernel launches, GEMMs, device-to-device copies and memsets can be captured)"
+        );
+        Ok(())
+    }
+
+    /// Where a launch, GEMM, copy or memset goes (see [`Route`]); `op` builds its record.
+    fn route(&self, op: impl FnOnce() -> GraphOp) -> Route {
+        let mut c = self.capture.lock().unwrap();
+        match c.as_mut() {
+            Some(c) if c.thread == std::thread::current().id() => {
+                c.nodes += 1;
+                if c.native {
+                    Route::Native
+                } else {
+                    c.ops.push(op());
+                    Route::Recorded
+                }
+            }
+            _ => Route::Run,
+        }
+    }
+
     /// Device-to-device copy of `bytes` bytes (counted as a launch).
     /// # Safety
     /// Both ranges lie in live allocations of this device.
     pub unsafe fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
-        self.counters.launch();
+        match self.route(|| GraphOp::Dtod { src, dst, bytes }) {
+            Route::Recorded => return Ok(()),
+            Route::Native => {}
+            Route::Run => self.counters.launch(),
+        }
         self.drv.dtod(src, dst, bytes)
     }
 
@@ -366,6 +569,7 @@ impl GpuDevice {
     /// # Safety
     /// `src..src+dst.len()` lies in a live allocation of this device.
     pub unsafe fn dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.refuse_in_capture("a download (device→host copy)")?;
         let mut staged = self.staged.lock().unwrap();
         self.counters.d2h(dst.len());
         *staged = 0;
@@ -378,6 +582,7 @@ impl GpuDevice {
     /// # Safety
     /// `dst..dst+data.len()` lies in a live allocation of this device.
     pub unsafe fn htod(&self, data: &[u8], dst: u64) -> Result<()> {
+        self.refuse_in_capture("an upload (host→device copy)")?;
         if data.is_empty() {
             return Ok(());
         }
@@ -425,12 +630,17 @@ impl GpuDevice {
             want
         );
         let _range = nvtx_range(k.name);
+        let route = self.route(|| GraphOp::Launch { k, cfg, slots: args.slots.clone() });
+        match route {
+            Route::Recorded => return Ok(()),
+            Route::Native => {}
+            Route::Run => self.counters.launch(),
+        }
         let mut params = args.as_params();
-        self.counters.launch();
         unsafe { self.drv.launch(k, cfg, &mut params) }.with_context(|| {
             format!("launching {} ({}), grid {:?} block {:?}", k.name, k.file, cfg.grid, cfg.block)
         })?;
-        if sync_launches() {
+        if sync_launches() && matches!(route, Route::Run) {
             // A fault is reported by the next call on the stream, far from the kernel that made
             // it; synchronising here names the kernel (at the cost of all overlap).
             let mut staged = self.staged.lock().unwrap();
@@ -450,11 +660,16 @@ impl GpuDevice {
         ensure!(matches!(g.dtype, DType::F32 | DType::BF16), "gemm: dtype {:?} is not supported", g.dtype);
         ensure!(g.batch >= 1, "gemm: batch 0");
         let _range = nvtx_range("gemm");
-        self.counters.launch();
+        match self.route(|| GraphOp::Gemm(*g)) {
+            Route::Recorded => return Ok(()),
+            Route::Native => {}
+            Route::Run => self.counters.launch(),
+        }
         unsafe { self.drv.gemm(g) }
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_in_capture("a synchronisation")?;
         let mut staged = self.staged.lock().unwrap();
         self.counters.sync();
         *staged = 0;
@@ -463,6 +678,7 @@ impl GpuDevice {
 
     /// Uninitialised buffer of `bytes` bytes.
     pub fn alloc(&self, bytes: usize) -> Result<GpuBuffer> {
+        self.refuse_in_capture("an allocation")?;
         self.counters.alloc();
         let ptr = self.drv.alloc(bytes.max(1))?;
         Ok(GpuBuffer { ptr, bytes, dev: self.clone() })
@@ -577,13 +793,27 @@ impl GpuBuffer {
         unsafe { self.dev.htod(data, self.ptr + at as u64) }
     }
     pub fn zero(&self) -> Result<()> {
-        self.dev.counters.launch();
-        unsafe { self.dev.drv.memset_zero(self.ptr, self.bytes) }
+        let (dst, bytes) = (self.ptr, self.bytes);
+        match self.dev.route(|| GraphOp::Zero { dst, bytes }) {
+            Route::Recorded => return Ok(()),
+            Route::Native => {}
+            Route::Run => self.dev.counters.launch(),
+        }
+        unsafe { self.dev.drv.memset_zero(dst, bytes) }
     }
 }
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
+        if self.dev.in_capture() {
+            // Freed when the capture ends (a free is not capturable), which then fails: captured
+            // work may use the buffer.
+            let mut c = self.dev.capture.lock().unwrap();
+            if let Some(c) = c.as_mut() {
+                c.frees.push((self.ptr, self.bytes.max(1)));
+                return;
+            }
+        }
         unsafe { self.dev.drv.free(self.ptr, self.bytes.max(1)) }
     }
 }

@@ -146,6 +146,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: a.batch_size.max(1),
         progress: true,
         host_sampler: a.host_sampler,
+        decode_graphs: None,
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -15,13 +15,21 @@
 //! add + RMSNorm), one upload of that table, and no allocation: every activation lives in a
 //! [`DecodeWorkspace`] reused from step to step. Its kernels round where the per-op path stores,
 //! so its logits are the per-op path's, bit for bit (tests/generate_device.rs).
+//!
+//! With graphs on ([`decode_graphs_from_env`], `FCGPU_CUDA_GRAPHS=1`; off by default) the step's
+//! launches are captured once per batch size and replayed as one launch: every argument they
+//! take is fixed for a batch size (workspace buffers, weights, the table's device addresses),
+//! and what changes from step to step (tokens, positions, cache addresses) is read from the
+//! table the step uploads first.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{ensure, Context, Result};
 
 use super::block::Attention;
 use super::decode::Step;
 use super::Model;
-use crate::backend::{Gemm, GpuBuffer, GpuDevice};
+use crate::backend::{Gemm, GpuBuffer, GpuDevice, GpuGraph};
 use crate::kernels::attention::{decode_attn_row, CacheRows};
 use crate::kernels::decode_step::{self as ks, HeadDims, QkvExtras, StepTable};
 use crate::ops::device::{buf, cast, copy_bytes, zeros};
@@ -149,6 +157,28 @@ pub struct DecodeWorkspace {
     logits: GpuBuffer,
     table: GpuBuffer,
     host: Vec<u8>,
+    /// Captured steps by batch size; `None`: graphs off.
+    graphs: Option<DecodeGraphs>,
+}
+
+/// The decode step's graphs (see [`Model::decode_step_gpu`]). A graph bakes in the workspace's
+/// buffers (allocated once, never replaced), the table's device addresses (fixed for a batch
+/// size) and the model's weights and shapes (`key`, checked every step: another model, or
+/// weights moved to other buffers, drops every graph).
+#[derive(Default)]
+struct DecodeGraphs {
+    key: u64,
+    /// Batch sizes that have run once without a graph (kernels loaded, cuBLAS warmed up).
+    warm: BTreeSet<usize>,
+    by_batch: BTreeMap<usize, GpuGraph>,
+}
+
+/// Whether decode steps use graphs unless told otherwise: `FCGPU_CUDA_GRAPHS=1` on, anything
+/// else (unset included) off. Off by default because the cuda side (stream capture of the step,
+/// cuBLAS included) has not yet run on a GPU: CI has none, and only the emu side (the recorded
+/// launch list, the same capture code and checks) is tested.
+pub fn decode_graphs_from_env() -> bool {
+    std::env::var("FCGPU_CUDA_GRAPHS").is_ok_and(|v| v.trim() == "1")
 }
 
 impl DecodeWorkspace {
@@ -174,6 +204,7 @@ impl DecodeWorkspace {
             logits: rows(c.vocab_size)?,
             table: dev.alloc(table_offsets(cap, c.head_dim)[8])?,
             host: Vec::new(),
+            graphs: decode_graphs_from_env().then(DecodeGraphs::default),
             vocab: c.vocab_size,
             dev,
             dt,
@@ -184,6 +215,23 @@ impl DecodeWorkspace {
     /// Most sequences a step may have.
     pub fn capacity(&self) -> usize {
         self.cap
+    }
+
+    /// Turns graphs on or off (off drops the captured ones); the default is
+    /// [`decode_graphs_from_env`].
+    pub fn set_graphs(&mut self, on: bool) {
+        if on != self.graphs.is_some() {
+            self.graphs = on.then(DecodeGraphs::default);
+        }
+    }
+
+    pub fn graphs_on(&self) -> bool {
+        self.graphs.is_some()
+    }
+
+    /// Batch sizes with a captured step.
+    pub fn captured_batches(&self) -> Vec<usize> {
+        self.graphs.as_ref().map_or_else(Vec::new, |g| g.by_batch.keys().copied().collect())
     }
 
     /// The logits of the last step (`[b, vocab]` rows from the start) and their dtype.
@@ -295,13 +343,75 @@ impl Model {
             s.cache.gpu_prepare(1)?;
         }
         let t = ws.upload_table(self, steps)?;
-        // SAFETY: the workspace holds `cap ≥ b` rows of every activation, the weights have the
-        // model's shapes, and every cache of the table has room for its new position.
-        unsafe { self.decode_launches(ws, &t, b)? };
+        if ws.graphs.is_some() {
+            self.decode_graphed(ws, &t, b)?;
+        } else {
+            // SAFETY: the workspace holds `cap ≥ b` rows of every activation, the weights have
+            // the model's shapes, and every cache of the table has room for its new position.
+            unsafe { self.decode_launches(ws, &t, b)? };
+        }
         for s in steps.iter_mut() {
             s.cache.own.commit(1);
         }
         Ok(())
+    }
+
+    /// [`Model::decode_launches`] through the workspace's graphs: the first step at a batch size
+    /// runs them as they are (loading kernels and warming cuBLAS up outside any capture), the
+    /// second captures them and replays the graph, later ones replay it (one launch).
+    fn decode_graphed(&self, ws: &mut DecodeWorkspace, t: &StepTable, b: usize) -> Result<()> {
+        let key = self.graph_key();
+        let mut gs = ws.graphs.take().expect("graphs on");
+        if gs.key != key {
+            gs = DecodeGraphs { key, ..Default::default() };
+        }
+        let ws_ref: &DecodeWorkspace = ws;
+        // SAFETY (all three): as in `decode_step_gpu`; a graph replays launches captured for this
+        // batch size on this workspace (its buffers live as long as it) and this model's weights
+        // (`key`), reading this step's table from the same addresses.
+        let r = (|| unsafe {
+            if let Some(g) = gs.by_batch.get(&b) {
+                return g.replay();
+            }
+            if gs.warm.insert(b) {
+                return self.decode_launches(ws_ref, t, b);
+            }
+            let g = ws_ref.dev.capture(|| self.decode_launches(ws_ref, t, b))?;
+            g.replay()?;
+            gs.by_batch.insert(b, g);
+            Ok(())
+        })();
+        ws.graphs = Some(gs);
+        r
+    }
+
+    /// What a decode graph bakes in of the model: its shapes and its weights' device addresses.
+    fn graph_key(&self) -> u64 {
+        let c = &self.config;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |x: u64| h = (h ^ x).wrapping_mul(0x0000_0100_0000_01b3);
+        let dims =
+            [c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size];
+        for x in dims.into_iter().chain([c.vocab_size, self.embed.dtype().size()]) {
+            mix(x as u64);
+        }
+        mix(c.rms_norm_eps.to_bits() as u64);
+        // Every weight decode_launches passes, in its order.
+        for w in [&self.embed, &self.norm, self.lm_head_weight()] {
+            mix(wp(w));
+        }
+        for l in &self.layers {
+            for w in [&l.input_norm, &l.post_norm] {
+                mix(wp(w));
+            }
+            for p in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj] {
+                mix(wp(&p.weight));
+                mix(wp_opt(p.bias.as_ref()));
+            }
+            mix(wp_opt(l.q_norm.as_ref()));
+            mix(wp_opt(l.k_norm.as_ref()));
+        }
+        h
     }
 
     /// The launches of [`Model::decode_step_gpu`]: embedding, first norm, 12 per layer, LM head.

@@ -62,6 +62,9 @@ pub struct SamplingConfig {
     /// streams (tokens then match the cpu's for a seed, up to the device's rounding) instead of
     /// on the device. No effect on the cpu.
     pub host_sampler: bool,
+    /// On a GPU device, capture the batched decode step in a graph per batch size and replay it
+    /// (see `model::decode_gpu`); `None`: `FCGPU_CUDA_GRAPHS` (off unless `=1`).
+    pub decode_graphs: Option<bool>,
 }
 
 impl Default for SamplingConfig {
@@ -79,6 +82,7 @@ impl Default for SamplingConfig {
             max_batch: 0,
             progress: false,
             host_sampler: false,
+            decode_graphs: None,
         }
     }
 }
@@ -414,8 +418,11 @@ struct GpuState {
 impl GpuState {
     fn new(model: &Model, cfg: &SamplingConfig, cap: usize) -> Result<Option<GpuState>> {
         let Ok(dev) = model.device().gpu() else { return Ok(None) };
-        let ws =
+        let mut ws =
             if model.batched_decode_supported() { Some(DecodeWorkspace::new(model, cap)?) } else { None };
+        if let (Some(ws), Some(on)) = (ws.as_mut(), cfg.decode_graphs) {
+            ws.set_graphs(on);
+        }
         let sampler = if cfg.host_sampler { None } else { Some(DeviceSampler::new(&dev, cap)?) };
         Ok(Some(GpuState { ws, sampler }))
     }
