@@ -37,6 +37,9 @@ use crate::tensor::{DType, Tensor};
 use device_sampler::{device_uniform, DeviceSampler, DrawJob};
 pub use sampler::{Draw, SamplerParams};
 
+/// New positions a GPU sample's cache holds from its first step (see `generate_counted`).
+const GPU_RESERVE: usize = 4096;
+
 #[derive(Clone, Debug)]
 pub struct SamplingConfig {
     /// Samples per prompt (G).
@@ -309,9 +312,10 @@ pub fn generate_counted(
         let base = live.len();
         // On the CPU own positions grow in blocks as the sample runs (most stop long before the
         // limit); on a GPU the first step allocates the whole sequence, so no later decode step
-        // allocates (the batch admitted is the batch that must fit anyway).
+        // allocates, up to GPU_RESERVE new tokens (past that the cache grows, so an absurd
+        // --max-new-tokens does not reserve memory for every sample up front).
         let own_cap = if gpu.is_some() {
-            cfg.max_new_tokens
+            cfg.max_new_tokens.min(GPU_RESERVE)
         } else {
             cfg.max_new_tokens.min(crate::model::kv_cache::GROW)
         };
