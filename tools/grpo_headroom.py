@@ -16,8 +16,8 @@ and `headroom`, which runs `fcgpu eval` greedily and with `--samples 8 --tempera
 model and a task file, and prints greedy, pass@1 and pass@8 pooled over the four call
 categories: what sharpening the policy could add at most.
 
-    python3 tools/grpo_headroom.py made-up-words IN OUT [--seed 7]
-    python3 tools/grpo_headroom.py rename-tools IN OUT
+    python3 tools/grpo_headroom.py made-up-words IN OUT [--seed 7] [--force]
+    python3 tools/grpo_headroom.py rename-tools IN OUT [--force]
     python3 tools/grpo_headroom.py headroom MODEL_DIR TASK.jsonl [--bin target/release/fcgpu]
 
 Only the standard library is needed.
@@ -25,6 +25,7 @@ Only the standard library is needed.
 
 import argparse
 import json
+import os
 import random
 import re
 import subprocess
@@ -55,19 +56,51 @@ CALLS = ["simple", "multiple", "parallel", "parallel_multiple"]
 
 
 def samples(path):
-    with open(path) as f:
+    """(line number, sample) of an fcgpu JSONL task file; a malformed line is an error naming it."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        sys.exit(f"{path}: {e.strerror}")
+    with f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    sys.exit(f"{path}:{n}: not JSON: {e}")
+            if not line.strip():
+                continue
+            try:
+                s = json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                sys.exit(f"{path}:{n}: not JSON: {e}")
+            if not (isinstance(s, dict) and isinstance(s.get("tools"), list)
+                    and isinstance(s.get("ground_truth"), list) and isinstance(s.get("messages"), list)):
+                sys.exit(f"{path}:{n}: not an fcgpu task sample (needs lists `messages`, `tools`, `ground_truth`)")
+            yield n, s
 
 
-def write(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+def rewrite(a, fn):
+    """Writes fn(sample) for every sample of a.input to a.output, atomically; an existing output
+    is kept unless --force."""
+    if os.path.exists(a.output) and not a.force:
+        sys.exit(f"{a.output} exists; pass --force to overwrite it")
+    if os.path.abspath(a.output) == os.path.abspath(a.input):
+        sys.exit("the output would overwrite the input")
+    rows = []
+    for n, s in samples(a.input):
+        try:
+            rows.append(fn(s))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            sys.exit(f"{a.input}:{n}: malformed sample ({type(e).__name__}: {e})")
+    tmp = f"{a.output}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, a.output)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        sys.exit(f"{a.output}: {e.strerror}")
+    print(f"{len(rows)} samples written to {a.output}")
 
 
 def strings(v):
@@ -142,7 +175,10 @@ def rename_tools(s):
 
 
 def eval_table(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        sys.exit(f"cannot run {cmd[0]}: {e.strerror} (build it with `cargo build --release`, or pass --bin)")
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
     rows = {}
@@ -158,14 +194,17 @@ def headroom(a):
             "--max-new-tokens", "256"]
     greedy = eval_table(base)
     sampled = eval_table(base + ["--samples", "8", "--temperature", "0.8"])
-    n = sum(greedy[c][1] for c in CALLS)
+    cats = [c for c in CALLS if c in greedy and c in sampled]
+    n = sum(greedy[c][1] for c in cats)
+    if n == 0:
+        sys.exit(f"{a.task}: no prompt of a call category ({', '.join(CALLS)}) was scored")
 
     def pooled(rows, k):
-        return sum(rows[c][0][k] * rows[c][1] for c in CALLS) / n
+        return sum(rows[c][0][k] * rows[c][1] for c in cats) / n
 
     print(f"calls ({n} prompts): greedy {pooled(greedy, 0):.1f}%  pass@1 {pooled(sampled, 0):.1f}%  "
           f"pass@8 {pooled(sampled, 1):.1f}%  (temperature 0.8)")
-    for c in CALLS:
+    for c in cats:
         print(f"  {c:<18} greedy {greedy[c][0][0]:5.1f}%  pass@8 {sampled[c][0][1]:5.1f}%  of {greedy[c][1]}")
 
 
@@ -176,9 +215,11 @@ def main():
     m.add_argument("input")
     m.add_argument("output")
     m.add_argument("--seed", type=int, default=7)
+    m.add_argument("--force", action="store_true", help="overwrite OUT")
     r = sub.add_parser("rename-tools")
     r.add_argument("input")
     r.add_argument("output")
+    r.add_argument("--force", action="store_true", help="overwrite OUT")
     h = sub.add_parser("headroom")
     h.add_argument("model")
     h.add_argument("task")
@@ -188,9 +229,9 @@ def main():
         headroom(a)
     elif a.cmd == "made-up-words":
         rng = random.Random(a.seed)
-        write(a.output, [made_up_words(s, rng) for s in samples(a.input)])
+        rewrite(a, lambda s: made_up_words(s, rng))
     else:
-        write(a.output, [rename_tools(s) for s in samples(a.input)])
+        rewrite(a, rename_tools)
 
 
 if __name__ == "__main__":
