@@ -271,7 +271,7 @@ fn locate(
             .checked_mul(d)
             .with_context(|| format!("tensor `{name}`: the element count of dims {dims:?} overflows"))?;
     }
-    if offset % alignment != 0 {
+    if !offset.is_multiple_of(alignment) {
         bail!("tensor `{name}`: data offset {offset} is not a multiple of the alignment {alignment}");
     }
     let start = data_start
@@ -279,7 +279,7 @@ fn locate(
         .with_context(|| format!("tensor `{name}`: data offset {offset} overflows"))?;
     let nbytes = match ggml_type.layout() {
         Some((block, size)) => {
-            if dims[0] % block != 0 {
+            if !dims[0].is_multiple_of(block) {
                 bail!("tensor `{name}`: its rows have {} elements, not a multiple of {ggml_type}'s block of {block}", dims[0]);
             }
             let n = (elements / block)
