@@ -250,6 +250,12 @@ fn gguf_row(r: usize, heads: usize, rows: usize) -> usize {
 }
 
 fn tiny_llama(ty: u32, tied: bool, pre: &str) -> Tiny {
+    tiny_model("llama", ty, tied, pre)
+}
+
+/// A tiny `llama` or `qwen2` (q/k/v biases, rows in Hugging Face order) model.
+fn tiny_model(arch: &str, ty: u32, tied: bool, pre: &str) -> Tiny {
+    let qwen = arch == "qwen2";
     let (tokens, merges) = tiny_tokens();
     let vocab = tokens.len();
     let mut rng = Rng(ty as u64 + 7);
@@ -281,7 +287,11 @@ fn tiny_llama(ty: u32, tied: bool, pre: &str) -> Tiny {
             ("ffn_up", "mlp.up_proj", INTER, HIDDEN, None),
             ("ffn_down", "mlp.down_proj", HIDDEN, INTER, None),
         ] {
+            let heads = heads.filter(|_| !qwen);
             matrix(&format!("{b}.{g}.weight"), &format!("{p}.{hf}.weight"), rows, cols, ty, heads, &mut rng);
+            if qwen && g.starts_with("attn_") && g != "attn_output" {
+                matrix(&format!("{b}.{g}.bias"), &format!("{p}.{hf}.bias"), 1, rows, F32, None, &mut rng);
+            }
         }
         matrix(
             &format!("{b}.attn_norm.weight"),
@@ -309,7 +319,7 @@ fn tiny_llama(ty: u32, tied: bool, pre: &str) -> Tiny {
     let mut types = vec![1i32; vocab];
     types[..3].fill(3);
     let kv: Vec<(String, Kv)> = vec![
-        ("general.architecture".into(), Kv::Str("llama".into())),
+        ("general.architecture".into(), Kv::Str(arch.into())),
         ("general.name".into(), Kv::Str("tiny".into())),
         ("llama.block_count".into(), Kv::U32(LAYERS as u32)),
         ("llama.context_length".into(), Kv::U32(256)),
@@ -331,6 +341,7 @@ fn tiny_llama(ty: u32, tied: bool, pre: &str) -> Tiny {
         ("tokenizer.ggml.add_bos_token".into(), Kv::Bool(false)),
         ("tokenizer.chat_template".into(), Kv::Str(TEMPLATE.into())),
     ];
+    let kv = kv.into_iter().map(|(k, v)| (k.replace("llama.", &format!("{arch}.")), v)).collect();
     Tiny { gguf: Gguf { version: 3, kv, tensors, n_tensors: None, n_kv: None }, expected }
 }
 
@@ -507,6 +518,24 @@ fn config_tokenizer_and_side_files() {
     assert_eq!(std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(), TEMPLATE);
     // The model loads in fcgpu as it is.
     fcgpu::model::Model::load(&out).unwrap();
+}
+
+#[test]
+fn qwen2_keeps_row_order_and_biases() {
+    let tiny = tiny_model("qwen2", Q8_0, false, "qwen2");
+    let dir = tempfile::tempdir().unwrap();
+    let src = write(dir.path(), "m.gguf", &tiny.gguf.bytes());
+    let out = dir.path().join("out");
+    let s = convert(&src, &out, fcgpu::DType::F32).unwrap();
+    assert_eq!(s.arch, "qwen2");
+    let got = load(&out.join("model.safetensors"));
+    assert_eq!(got.len(), tiny.expected.len());
+    for (name, (_, values)) in &tiny.expected {
+        assert_eq!(&got[name].to_vec(), values, "{name}");
+    }
+    assert!(got.contains_key("model.layers.1.self_attn.k_proj.bias") && got.contains_key("lm_head.weight"));
+    let model = fcgpu::model::Model::load(&out).unwrap();
+    assert!(model.config.qkv_bias && !model.config.tie_word_embeddings);
 }
 
 fn encode(dir: &Path, text: &str) -> Vec<u32> {
