@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod dtype;
 pub mod fc;
+pub mod gguf;
 pub mod jsonl;
 pub mod kernels;
 pub mod model;

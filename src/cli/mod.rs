@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use crate::model::Model;
 use crate::tensor::{DType, Device};
 
+pub mod convert;
 pub mod data;
 pub mod doctor;
 mod doctor_kernels;
@@ -50,6 +51,8 @@ pub enum Command {
     Serve(serve::Args),
     /// Data preparation: `data prepare` refines a data set (LLM judge, AST validation).
     Data(data::Args),
+    /// Convert a GGUF file (llama.cpp) to a Hugging Face model directory.
+    Convert(convert::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -65,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Data(a) => data::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 
