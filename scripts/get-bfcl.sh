@@ -34,7 +34,7 @@ for arg in "$@"; do
 done
 
 CACHE="${FCGPU_CACHE:-$HOME/.cache/fcgpu}"
-WHEELS="$CACHE/wheels"
+WHEELS="$CACHE/downloads"
 OUT="$CACHE/bfcl"
 STAMP="$OUT/.stamp"
 mkdir -p "$WHEELS"
