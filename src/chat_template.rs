@@ -349,7 +349,10 @@ fn environment() -> Result<Environment<'static>> {
     env.set_formatter(python_print);
     env.set_unknown_method_callback(python_methods);
     env.add_filter("tojson", tojson_filter);
-    env.add_filter("trim", |s: &str, chars: Option<&str>| py_strip(s, chars, true, true));
+    // Jinja2's `trim` is `str(value).strip(chars)`.
+    env.add_filter("trim", |v: MjValue, chars: Option<&str>| -> Result<String, MjError> {
+        Ok(py_strip(&python_str(&v)?, chars, true, true))
+    });
     env.add_filter("string", |v: MjValue| python_str(&v));
     env.add_test("sequence", |v: MjValue| {
         v.is_undefined() || matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String)
@@ -583,29 +586,40 @@ fn py_split(s: &str, sep: Option<&str>, maxsplit: i64, from_right: bool) -> Resu
         }
         Some(sep) => Ok(s.splitn(limit.saturating_add(1), sep).map(String::from).collect()),
         None => {
-            // Runs of whitespace separate; leading and trailing whitespace make no empty parts.
-            let words: Vec<&str> = s.split(py_space).filter(|w| !w.is_empty()).collect();
-            if words.len() <= limit.saturating_add(1) {
-                return Ok(words.into_iter().map(String::from).collect());
-            }
+            // Runs of whitespace separate; once `maxsplit` words are cut, the rest is one part
+            // (its outer whitespace on the cut side dropped, as CPython does).
             let mut out = Vec::new();
-            if from_right {
-                let mut rest = s.trim_end_matches(py_space);
-                for _ in 0..limit {
-                    let cut = rest.rfind(py_space).unwrap_or(0);
-                    out.push(rest[cut..].trim_start_matches(py_space).to_string());
-                    rest = rest[..cut].trim_end_matches(py_space);
+            let (mut rest, mut n) = (s, limit);
+            loop {
+                rest = if from_right {
+                    rest.trim_end_matches(py_space)
+                } else {
+                    rest.trim_start_matches(py_space)
+                };
+                if rest.is_empty() {
+                    break;
                 }
-                out.push(rest.trim_start_matches(py_space).to_string());
-                out.reverse();
-            } else {
-                let mut rest = s.trim_start_matches(py_space);
-                for _ in 0..limit {
+                if n == 0 {
+                    out.push(rest.to_string());
+                    break;
+                }
+                if from_right {
+                    let cut = rest
+                        .char_indices()
+                        .rev()
+                        .find(|(_, c)| py_space(*c))
+                        .map_or(0, |(i, c)| i + c.len_utf8());
+                    out.push(rest[cut..].to_string());
+                    rest = &rest[..cut];
+                } else {
                     let cut = rest.find(py_space).unwrap_or(rest.len());
                     out.push(rest[..cut].to_string());
-                    rest = rest[cut..].trim_start_matches(py_space);
+                    rest = &rest[cut..];
                 }
-                out.push(rest.trim_end_matches(py_space).to_string());
+                n -= 1;
+            }
+            if from_right {
+                out.reverse();
             }
             Ok(out)
         }
@@ -758,6 +772,9 @@ mod tests {
         assert_eq!(py_split("  a b  c ", None, -1, false).unwrap(), ["a", "b", "c"]);
         assert_eq!(py_split("  a b  c ", None, 1, false).unwrap(), ["a", "b  c "]);
         assert_eq!(py_split("  a b  c ", None, 1, true).unwrap(), ["  a b", "c"]);
+        assert_eq!(py_split("a b ", None, 1, false).unwrap(), ["a", "b "]);
+        assert_eq!(py_split(" a b", None, 1, true).unwrap(), [" a", "b"]);
+        assert_eq!(py_split(" \u{3000}", None, -1, false).unwrap(), Vec::<String>::new());
         assert_eq!(py_split("a,b,,c", Some(","), 2, false).unwrap(), ["a", "b", ",c"]);
         assert_eq!(py_split("a,b,,c", Some(","), 1, true).unwrap(), ["a,b,", "c"]);
         assert!(py_split("a", Some(""), -1, false).is_err());

@@ -160,6 +160,7 @@ def main():
         f.write("\n".join(lines) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     n_err = sum('"error"' in l for l in lines)
     print(f"{out}: {len(lines)} renders ({n_err} errors) by transformers {transformers.__version__}")
