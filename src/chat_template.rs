@@ -203,8 +203,14 @@ impl ChatTemplate {
             .map_err(|e| anyhow::anyhow!("chat template {}: {}", named.origin, describe(&e)))
     }
 
-    /// Renders a call to a made-up function and finds how the template writes it.
+    /// Renders a call to a made-up function and finds how the template writes it (after a
+    /// system message too, for templates that require one).
     fn probe_call_syntax(&self) -> Option<CallSyntax> {
+        let system = serde_json::json!({"role": "system", "content": "fcgpu probe system"});
+        self.probe_calls(None).or_else(|| self.probe_calls(Some(system)))
+    }
+
+    fn probe_calls(&self, system: Option<Json>) -> Option<CallSyntax> {
         const NAME: &str = "fcgpu_probe_function";
         const ARG: &str = "{\"fcgpu_probe_argument\"";
         let tool = serde_json::json!({"type": "function", "function": {"name": NAME, "description": "x",
@@ -214,8 +220,9 @@ impl ChatTemplate {
         let call = serde_json::json!({"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function",
             "function": {"name": NAME, "arguments": {"fcgpu_probe_argument": 1}}}]});
         let after = serde_json::json!({"role": "user", "content": "fcgpu probe follow-up"});
-        let prompt = self.render(std::slice::from_ref(&user), tools.as_deref(), true).ok()?;
-        let full = self.render(&[user, call, after], tools.as_deref(), false).ok()?;
+        let head: Vec<Json> = system.into_iter().chain([user]).collect();
+        let prompt = self.render(&head, tools.as_deref(), true).ok()?;
+        let full = self.render(&[head, vec![call, after]].concat(), tools.as_deref(), false).ok()?;
         let turn = full.strip_prefix(&prompt)?;
         let at = turn.find(NAME)?;
         let rest = &turn[at + NAME.len()..];

@@ -250,3 +250,17 @@ fn prompt_command_prints_the_rendered_conversation() {
     let (ok, _, err) = fcgpu(&["prompt", "--model", m, "--messages", f]);
     assert!(!ok && err.contains("chat.json"), "{err}");
 }
+
+/// A forced call opens as the template writes an assistant's call, even in a template that
+/// requires a system message first.
+#[test]
+fn forced_calls_follow_the_templates_own_call_syntax() {
+    let src = "{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}\
+        {% if tools %}{{ tools | length }} tools{% endif %}\
+        {% for m in messages %}<{{ m.role }}>{% for c in m.tool_calls or [] %}<call name='{{ c.function.name }}' args={{ c.function.arguments | tojson }}/>{% endfor %}{{ m.content }}{% endfor %}\
+        {% if add_generation_prompt %}<assistant>{% endif %}";
+    let t = ChatTemplate::from_source(src, "calls.jinja", &[]).unwrap();
+    let f = ChatFormat::Template(std::sync::Arc::new(t));
+    assert_eq!(f.forced_call(Some("add")).unwrap(), ("<call name='add' args=".to_string(), None));
+    assert_eq!(f.forced_call(None).unwrap(), ("<call name='".to_string(), None));
+}
