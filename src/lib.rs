@@ -8,6 +8,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod chat_template;
 pub mod cli;
 pub mod data;
 pub mod device;

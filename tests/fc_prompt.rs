@@ -16,13 +16,13 @@ fn prompts_match_bfcl_byte_for_byte() {
     for e in &expected {
         let s = &samples[e["id"].as_str().unwrap()];
         assert_eq!(
-            render_prompt(s, PromptStyle::Bfcl),
+            render_prompt(s, PromptStyle::Bfcl).unwrap(),
             e["bfcl"].as_str().unwrap(),
             "bfcl prompt of {}",
             s.id
         );
         assert_eq!(
-            render_prompt(s, PromptStyle::QwenFc),
+            render_prompt(s, PromptStyle::QwenFc).unwrap(),
             e["qwen_fc"].as_str().unwrap(),
             "qwen-fc prompt of {}",
             s.id
@@ -36,7 +36,7 @@ fn prompts_match_bfcl_byte_for_byte() {
 fn reasoning_style_adds_the_instruction_and_target_has_think() {
     let samples = load_bfcl_dir(&fc_common::subset_dir()).unwrap();
     let s = samples.iter().find(|s| s.category == "simple_python").unwrap();
-    let p = render_prompt(s, PromptStyle::Reasoning);
+    let p = render_prompt(s, PromptStyle::Reasoning).unwrap();
     assert!(p.contains(REASONING_INSTRUCTION));
     assert!(p.ends_with("<|im_start|>assistant\n"));
     let mut s2 = s.clone();

@@ -9,7 +9,7 @@ use fcgpu::model::decode::Step;
 use fcgpu::model::kv_cache::SeqCache;
 use fcgpu::model::tokenizer::Tokenizer;
 use fcgpu::model::{Batch, Model};
-use fcgpu::rollout::chat::{tojson, ChatFormat};
+use fcgpu::rollout::chat::{tojson, ChatFormat, ChatTemplate};
 use fcgpu::rollout::sampler::{sample, SamplerParams};
 use fcgpu::rollout::{generate, generate_indexed, sample_rng, FinishReason, SamplingConfig};
 use serde_json::json;
@@ -410,23 +410,29 @@ fn stop_strings_end_samples() {
     assert!(cut >= 1);
 }
 
+fn template(path: &str, specials: &[(&str, &str)]) -> ChatFormat {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let src = std::fs::read_to_string(&p).unwrap();
+    ChatFormat::Template(Arc::new(ChatTemplate::from_source(&src, path, specials).unwrap()))
+}
+
+/// The model's template renders the family formats: the Qwen ChatML tool block and call
+/// syntax (fcgpu's built-in template), and Llama 3.1's headers with tools in the first user
+/// message (a Llama-format template written for the tests).
 #[test]
 fn chat_templates_render_like_the_families() {
     let messages = vec![json!({"role": "user", "content": "What is 2+2?"})];
     let tools = vec![
         json!({"type": "function", "function": {"name": "add", "description": "Add ints.", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "x": {"type": "number", "default": 1.0}}, "required": ["a"]}}}),
     ];
-    let qwen25 = ChatFormat::ChatMl {
-        default_system: Some("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.".into()),
-    };
+    let qwen = template("prompts/templates/qwen-chatml.jinja", &[]);
     assert_eq!(
-        qwen25.render(&messages, None).unwrap(),
-        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+        qwen.render(&messages, None).unwrap(),
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     );
-    let qwen3 = ChatFormat::ChatMl { default_system: None };
     let with_sys = vec![json!({"role": "system", "content": "Be brief."}), messages[0].clone()];
     assert_eq!(
-        qwen3.render(&with_sys, Some(&tools)).unwrap(),
+        qwen.render(&with_sys, Some(&tools)).unwrap(),
         concat!(
             "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n",
             "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n",
@@ -441,15 +447,18 @@ fn chat_templates_render_like_the_families() {
         json!({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2}}}]}),
         json!({"role": "tool", "content": "4"}),
     ];
-    assert!(qwen3.render(&convo, None).unwrap().ends_with(
+    assert!(qwen.render(&convo, None).unwrap().ends_with(
         "<|im_start|>assistant\n<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 2}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     ));
-    let llama = ChatFormat::Llama3 { dated: false };
+    let llama =
+        template("tests/fixtures/templates/llama3-tools.jinja", &[("bos_token", "<|begin_of_text|>")]);
+    let ChatFormat::Template(t) = &llama else { unreachable!() };
+    let dated = serde_json::Map::from_iter([("date_string".to_string(), json!("26 Jul 2024"))]);
     assert_eq!(
-        llama.render(&with_sys, None).unwrap(),
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        t.render_with(&with_sys, None, true, &dated).unwrap(),
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     );
-    let llama31 = ChatFormat::Llama3 { dated: true }.render(&messages, Some(&tools)).unwrap();
+    let llama31 = t.render_with(&messages, Some(&tools), true, &dated).unwrap();
     assert!(llama31.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nGiven the following functions"));
     assert!(
         llama31.contains("{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": \"add\",")
@@ -463,7 +472,8 @@ fn chat_templates_render_like_the_families() {
 }
 
 /// The embedded task's compact prompt for a chat: OpenAI tools as signature lines, an earlier
-/// call as the Python list the model answers with; and how each format forces a call.
+/// call as the Python list the model answers with; and how each format forces a call (a
+/// template's call syntax is the one it writes for earlier calls).
 #[test]
 fn compact_chat_format_and_forced_calls() {
     let tools = vec![json!({"type": "function", "function": {"name": "add", "description": "Add ints.",
@@ -484,16 +494,26 @@ fn compact_chat_format_and_forced_calls() {
         text.ends_with("<|im_start|>user\nAdd 2.<|im_end|>\n<|im_start|>assistant\n[add(a=2, b='it\\'s')]<|im_end|>\n<|im_start|>tool\n4<|im_end|>\n<|im_start|>assistant\n"),
         "{text}"
     );
-    let qwen = ChatFormat::ChatMl { default_system: None };
+    let qwen = template("prompts/templates/qwen-chatml.jinja", &[]);
     assert_eq!(
-        qwen.forced_call(Some("add")),
+        qwen.forced_call(Some("add")).unwrap(),
         ("<tool_call>\n{\"name\": \"add\", \"arguments\": ".into(), None)
     );
-    assert_eq!(ChatFormat::Llama3 { dated: true }.forced_call(None), ("{\"name\": \"".into(), None));
+    let llama =
+        template("tests/fixtures/templates/llama3-tools.jinja", &[("bos_token", "<|begin_of_text|>")]);
+    assert_eq!(llama.forced_call(None).unwrap(), ("{\"name\": \"".into(), None));
     assert_eq!(
-        ChatFormat::Compact.forced_call(Some("add")),
+        llama.forced_call(Some("add")).unwrap(),
+        ("{\"name\": \"add\", \"parameters\": ".into(), None)
+    );
+    assert_eq!(
+        ChatFormat::Compact.forced_call(Some("add")).unwrap(),
         ("<think>".into(), Some(("</think>".into(), "\n\n[add(".into())))
     );
+    // A template that writes no calls (the fixtures' plain ChatML) cannot force one.
+    let plain = template("tests/fixtures/models/qwen2-tiny/chat_template.jinja", &[]);
+    let e = plain.forced_call(Some("add")).unwrap_err();
+    assert!(format!("{e:#}").contains("qwen2-tiny/chat_template.jinja"), "{e:#}");
 }
 
 #[test]

@@ -26,6 +26,10 @@ fn eval_with_a_model_generates_then_scores() {
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     config["max_position_embeddings"] = serde_json::json!(4096);
     std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    // The fixture's plain ChatML template never reads `tools`, which `qwen-fc` gives it: use a
+    // template that shows them (fcgpu's built-in Qwen ChatML).
+    std::fs::copy(root.join("prompts/templates/qwen-chatml.jinja"), model.join("chat_template.jinja"))
+        .unwrap();
     for (style, category, limit) in [("bfcl", "simple_python", "2"), ("qwen-fc", "all", "1")] {
         let saved = tmp.path().join(format!("{style}.jsonl"));
         let table = fcgpu(&[

@@ -101,7 +101,7 @@ fn chat_prompt_matches_transformers_apply_chat_template() {
         let ct = &r["chat_template"];
         let m = Model::load(&dir).unwrap();
         let tok = Tokenizer::load(&dir).unwrap();
-        let f = ChatFormat::for_model(&m);
+        let f = ChatFormat::for_model(&m).unwrap();
         let rendered = f.render(ct["messages"].as_array().unwrap(), None).unwrap();
         assert_eq!(rendered, ct["text"].as_str().unwrap(), "{}", dir.display());
         let want: Vec<u32> =

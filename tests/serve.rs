@@ -115,6 +115,15 @@ fn bad_requests_get_openai_error_objects_and_the_server_stays_up() {
             Some("tool_choice"),
             "tool_choice",
         ),
+        // The fixture's chat template never reads `tools`: the model would not see them.
+        (
+            "/v1/chat/completions",
+            json!({"messages": user("hi"), "tools": [{"type": "function", "function": {"name": "f"}}]})
+                .to_string(),
+            400,
+            Some("tools"),
+            "never reads `tools`",
+        ),
         (
             "/v1/chat/completions",
             json!({"model": "gpt-4", "messages": user("hi")}).to_string(),

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -280,9 +281,28 @@ def bench(client, model):
               f"p90 {1000 * ttft[int(n * 0.9)]:.0f} ms")
 
 
+def with_tool_template(model_dir, tmp):
+    """`model_dir` as is when its chat template reads `tools`; else a copy (files linked) whose
+    template is fcgpu's built-in Qwen ChatML, since fcgpu refuses tools a template never shows."""
+    template = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.exists(template) and "tools" in open(template).read():
+        return model_dir
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in os.listdir(model_dir):
+        if name != "chat_template.jinja":
+            os.symlink(os.path.abspath(os.path.join(model_dir, name)), os.path.join(tmp, name))
+    with open(os.path.join(root, "prompts/templates/qwen-chatml.jinja")) as f:
+        text = f.read()
+    with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
+        f.write(text)
+    return tmp
+
+
 def main():
     global MAX_TOKENS
-    binary, model_dir = sys.argv[1], sys.argv[2]
+    binary = sys.argv[1]
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = with_tool_template(sys.argv[2], tmp.name)
     is_bench = "--bench" in sys.argv[3:]
     if is_bench:
         MAX_TOKENS = 32

@@ -2,7 +2,7 @@
 
 use crate::data::{load_bfcl_category, Sample, BFCL_CATEGORIES};
 use crate::fc::decode::AnswerFormat;
-use crate::fc::prompt::{render_prompt, PromptStyle};
+use crate::fc::prompt::{render_prompt_with, PromptStyle};
 use crate::fc::score::score;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -213,9 +213,17 @@ fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<Vec<Hash
     let mut model = crate::cli::load_model(dir, device, a.dtype.as_deref())?;
     let tok = Tokenizer::load(dir)?;
     model.config.eos_token_ids = rollout::chat_eos_ids(&model, Some(&tok));
+    // The model's own chat template renders every style but the embedded task's compact one.
+    let template = match a.style {
+        PromptStyle::Compact => None,
+        _ => Some(crate::chat_template::ChatTemplate::load(dir)?),
+    };
     let prompts: Vec<Vec<u32>> = samples
         .iter()
-        .map(|s| tok.encode(&render_prompt(s, a.style), false).with_context(|| format!("entry {}", s.id)))
+        .map(|s| {
+            let text = render_prompt_with(template.as_ref(), s, a.style)?;
+            tok.encode(&text, false).with_context(|| format!("entry {}", s.id))
+        })
         .collect::<Result<_>>()?;
     let cfg = SamplingConfig {
         n: a.samples,

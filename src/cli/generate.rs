@@ -96,8 +96,12 @@ pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Ve
             (Some(ids), None, None) if l.tools.is_none() => ids,
             (None, Some(text), None) if l.tools.is_none() => need_tok()?.encode(&text, true).with_context(at)?,
             (None, None, Some(messages)) => {
-                let f = format.get_or_insert_with(|| ChatFormat::for_model(model));
+                let f = match format.take() {
+                    Some(f) => f,
+                    None => ChatFormat::for_model(model).with_context(at)?,
+                };
                 let text = f.render(&messages, l.tools.as_deref()).with_context(at)?;
+                format = Some(f);
                 need_tok()?.encode(&text, false).with_context(at)?
             }
             _ => bail!("{}: give exactly one of `prompt_ids`, `prompt` and `messages` (`tools` only with `messages`)", at()),

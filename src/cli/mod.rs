@@ -35,7 +35,7 @@ pub enum Command {
     Init(init::Args),
     /// Sample completions of prompts (KV-cache decoding, G samples per prompt).
     Generate(generate::Args),
-    /// Print the exact prompt text for a BFCL entry.
+    /// Print the exact prompt (text or token ids) for a BFCL entry or a conversation.
     Prompt(prompt::Args),
     /// Score model answers (or a model) per BFCL category.
     Eval(eval::Args),

@@ -1,8 +1,15 @@
-//! Prompt rendering: BFCL's prompting-mode system prompt in Qwen ChatML (byte-identical to
-//! what BFCL feeds a Qwen model), fcgpu's reasoning variant, and Qwen's native JSON
-//! tool-calling prompt. Also the SFT completion target.
+//! Prompt rendering: BFCL's prompting-mode system prompt, fcgpu's reasoning variant, and
+//! native JSON tool calling (the functions given to the chat template as `tools`), each a
+//! conversation rendered by the model's own chat template. Without a model, fcgpu's built-in
+//! template writes the Qwen ChatML that BFCL's Qwen handlers write (byte-identical to them).
+//! Also the SFT completion target.
 
-use crate::data::{Message, Sample};
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+
+use crate::chat_template::ChatTemplate;
+use crate::data::Sample;
 use crate::fc::decode::Lang;
 use crate::fc::json_py::dumps;
 use crate::fc::value::Value;
@@ -111,109 +118,70 @@ pub fn bfcl_system_prompt(functions: &[Json]) -> String {
     )
 }
 
-/// The index of the last real user query (Qwen's template uses it to place reasoning).
-fn last_query_index(msgs: &[Message]) -> usize {
-    msgs.iter()
-        .rposition(|m| {
-            m.role == "user"
-                && !(m.content.starts_with("<tool_response>") && m.content.ends_with("</tool_response>"))
-        })
-        .unwrap_or(msgs.len().saturating_sub(1))
+/// fcgpu's built-in chat template: the Qwen ChatML that BFCL's Qwen handlers write.
+pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/templates/qwen-chatml.jinja");
+
+/// The built-in template, compiled once.
+pub fn builtin_template() -> &'static ChatTemplate {
+    static T: OnceLock<ChatTemplate> = OnceLock::new();
+    T.get_or_init(|| {
+        ChatTemplate::from_source(
+            BUILTIN_TEMPLATE,
+            "prompts/templates/qwen-chatml.jinja (built in)",
+            &[("eos_token", "<|im_end|>")],
+        )
+        .expect("the built-in chat template compiles (tests/chat_template.rs renders it)")
+    })
 }
 
-/// The message loop of BFCL's Qwen `_format_prompt` (after the leading system block).
-fn chatml_messages(msgs: &[Message], out: &mut String) {
-    let last_query = last_query_index(msgs);
-    for (idx, m) in msgs.iter().enumerate() {
-        match m.role.as_str() {
-            "user" => out.push_str(&format!("<|im_start|>user\n{}<|im_end|>\n", m.content)),
-            "system" if idx != 0 => out.push_str(&format!("<|im_start|>system\n{}<|im_end|>\n", m.content)),
-            "assistant" => {
-                let mut content = m.content.clone();
-                let mut reasoning = String::new();
-                if let Some(pos) = content.find("</think>") {
-                    let before = &content[..pos];
-                    reasoning = before
-                        .trim_end_matches('\n')
-                        .rsplit("<think>")
-                        .next()
-                        .unwrap_or("")
-                        .trim_start_matches('\n')
-                        .to_string();
-                    content =
-                        content.rsplit("</think>").next().unwrap_or("").trim_start_matches('\n').to_string();
-                }
-                if idx > last_query && (idx == msgs.len() - 1 || !reasoning.is_empty()) {
-                    out.push_str(&format!(
-                        "<|im_start|>assistant\n<think>\n{}\n</think>\n\n{}",
-                        reasoning.trim_matches('\n'),
-                        content.trim_start_matches('\n')
-                    ));
-                } else {
-                    out.push_str(&format!("<|im_start|>assistant\n{content}"));
-                }
-                out.push_str("<|im_end|>\n");
-            }
-            "tool" => {
-                if idx == 0 || msgs[idx - 1].role != "tool" {
-                    out.push_str("<|im_start|>user");
-                }
-                out.push_str(&format!("\n<tool_response>\n{}\n</tool_response>", m.content));
-                if idx == msgs.len() - 1 || msgs[idx + 1].role != "tool" {
-                    out.push_str("<|im_end|>\n");
-                }
-            }
-            _ => {}
-        }
-    }
-    out.push_str("<|im_start|>assistant\n");
-}
-
-/// The full prompt text for a sample in a style (ends with `<|im_start|>assistant\n`).
-pub fn render_prompt(sample: &Sample, style: PromptStyle) -> String {
-    if style == PromptStyle::Compact {
-        return crate::data::synth::render_prompt(&sample.messages, &sample.functions);
-    }
+/// A sample as the chat template is given it in a style: for `bfcl` and `reasoning`, BFCL's
+/// system prompt (with the functions) before the sample's own system text; for `qwen-fc`, the
+/// sample's messages with its functions as `tools`.
+pub fn prompt_messages(sample: &Sample, style: PromptStyle) -> (Vec<Json>, Option<Vec<Json>>) {
     let functions = functions_with_hints(&sample.functions, &sample.category);
-    let mut msgs = sample.messages.clone();
-    let mut out = String::new();
+    let mut msgs: Vec<Json> =
+        sample.messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
     if style == PromptStyle::QwenFc {
-        qwen_fc_header(&msgs, &functions, &mut out);
-    } else {
-        let mut system = bfcl_system_prompt(&functions);
-        if style == PromptStyle::Reasoning {
-            system = format!("{system}\n{REASONING_INSTRUCTION}\n");
-        }
-        match msgs.first_mut() {
-            Some(m) if m.role == "system" => m.content = format!("{system}\n\n{}", m.content),
-            _ => msgs.insert(0, Message { role: "system".into(), content: system }),
-        }
-        out.push_str(&format!("<|im_start|>system\n{}<|im_end|>\n", msgs[0].content));
+        return (msgs, (!functions.is_empty()).then_some(functions));
     }
-    chatml_messages(&msgs, &mut out);
-    out
+    let mut system = bfcl_system_prompt(&functions);
+    if style == PromptStyle::Reasoning {
+        system = format!("{system}\n{REASONING_INSTRUCTION}\n");
+    }
+    match msgs.first_mut() {
+        Some(m) if m["role"] == "system" => {
+            m["content"] = Json::String(format!("{system}\n\n{}", m["content"].as_str().unwrap_or_default()))
+        }
+        _ => msgs.insert(0, serde_json::json!({"role": "system", "content": system})),
+    }
+    (msgs, None)
 }
 
-/// Qwen FC's system block: the original system message, then the `<tools>` list.
-fn qwen_fc_header(msgs: &[Message], functions: &[Json], out: &mut String) {
-    let first_system = msgs.first().filter(|m| m.role == "system");
-    if functions.is_empty() {
-        if let Some(m) = first_system {
-            out.push_str(&format!("<|im_start|>system\n{}<|im_end|>\n", m.content));
-        }
-        return;
+/// The full prompt text for a sample in a style, rendered by fcgpu's built-in template (BFCL's
+/// Qwen ChatML; ends with `<|im_start|>assistant\n`). `compact` is the embedded task's own format.
+pub fn render_prompt(sample: &Sample, style: PromptStyle) -> Result<String> {
+    render_prompt_with(None, sample, style)
+}
+
+/// The full prompt text for a sample in a style, rendered by `template` (a model's own; the
+/// built-in one when None), ending with the template's generation prompt. `compact` keeps the
+/// embedded task's fixed format whatever the template.
+pub fn render_prompt_with(
+    template: Option<&ChatTemplate>,
+    sample: &Sample,
+    style: PromptStyle,
+) -> Result<String> {
+    if style == PromptStyle::Compact {
+        return Ok(crate::data::synth::render_prompt(&sample.messages, &sample.functions));
     }
-    out.push_str("<|im_start|>system\n");
-    if let Some(m) = first_system {
-        out.push_str(&m.content);
-        out.push_str("\n\n");
-    }
-    out.push_str("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>");
-    for f in functions {
-        out.push('\n');
-        out.push_str(&dumps(f, None));
-    }
-    out.push_str("\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n");
+    let (messages, tools) = prompt_messages(sample, style);
+    let template = match template {
+        Some(t) => t,
+        None => builtin_template(),
+    };
+    template
+        .render(&messages, tools.as_deref(), true)
+        .with_context(|| format!("the prompt of entry {}", sample.id))
 }
 
 /// The value to write for one ground-truth parameter: its first allowed value, or the first

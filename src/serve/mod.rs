@@ -49,7 +49,14 @@ where
         };
         model.config.eos_token_ids = crate::rollout::chat_eos_ids(&model, Some(&tok));
         let tok = Arc::new(tok);
-        let format = if compact { ChatFormat::Compact } else { ChatFormat::for_model(&model) };
+        let format = if compact { Ok(ChatFormat::Compact) } else { ChatFormat::for_model(&model) };
+        let format = match format {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
         let info = (format, model.config.max_position_embeddings, model.config.vocab_size);
         let _ = ready_tx.send(Ok((info, tok.clone())));
         engine::run(&model, &tok, jobs, max_batch, &stats);

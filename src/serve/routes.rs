@@ -208,14 +208,24 @@ async fn chat(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError
     let messages = types::messages(&o)?;
     let choice = types::tool_choice(&o)?;
     let tools = offered(types::tools(&o)?, &choice)?;
+    if !tools.is_empty() && !s.format.shows_tools() {
+        let why = s.format.render(&messages, Some(&tools)).err().map(|e| format!("{e:#}"));
+        return Err(ApiError::bad_request(
+            why.unwrap_or_else(|| "this model's chat template does not show tools to the model".into()),
+            Some("tools"),
+        ));
+    }
     let mut text = s
         .format
         .render(&messages, Some(&tools))
         .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
     // A call that must be made is started for the model (no grammar: the arguments are its own).
+    let forced_call = |name: Option<&str>| {
+        s.format.forced_call(name).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("tool_choice")))
+    };
     let (forced, then) = match &choice {
-        ToolChoice::Named(name) => s.format.forced_call(Some(name)),
-        ToolChoice::Required => s.format.forced_call(None),
+        ToolChoice::Named(name) => forced_call(Some(name))?,
+        ToolChoice::Required => forced_call(None)?,
         ToolChoice::Auto | ToolChoice::None => (String::new(), None),
     };
     text.push_str(&forced);

@@ -399,7 +399,7 @@ impl GrpoTrainer {
     }
 
     pub fn prompt_ids(&self, s: &Sample) -> Result<Vec<u32>> {
-        self.tok.encode(&render_prompt(s, self.cfg.style), false)
+        self.tok.encode(&render_prompt(s, self.cfg.style)?, false)
     }
 
     fn answer_format(&self) -> AnswerFormat {

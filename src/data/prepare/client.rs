@@ -169,7 +169,7 @@ impl Local {
 
     /// Answers the requests that share one temperature and seed, in one batch.
     fn batch(&self, reqs: &[&Request]) -> Result<Vec<String>> {
-        let format = crate::rollout::chat::ChatFormat::for_model(&self.model);
+        let format = crate::rollout::chat::ChatFormat::for_model(&self.model)?;
         let prompts: Vec<Vec<u32>> = reqs
             .iter()
             .map(|r| {
