@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::data::{synth, Sample};
+use crate::fc::prompt::PromptStyle;
 use crate::tensor::Device;
 use crate::train::base;
 use crate::train::checkpoint::{self, Start};
@@ -86,14 +87,14 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
                 let texts: Vec<String> = task
                     .iter()
                     .map(|s| {
-                        format!(
+                        Ok(format!(
                             "{}{}{}",
-                            synth::render_prompt(&s.messages, &s.functions),
+                            crate::train::prompt::render(None, s, PromptStyle::Compact)?,
                             crate::fc::prompt::render_target(s),
                             tiny::IM_END
-                        )
+                        ))
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 let tok = tiny::train_tokenizer(&texts, run_cfg.vocab_size)?;
                 let mut m = tiny::build(
                     &dir,
