@@ -456,9 +456,12 @@ impl GrpoTrainer {
         if let Some(end) = self.tok.token_id("</think>") {
             return ids.iter().position(|&t| t == end).map_or(0, |i| i + 1);
         }
-        (1..=ids.len())
-            .find(|&k| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>")))
-            .unwrap_or(0)
+        // Most completions of a plain-answer run have no marker: one decode says so.
+        let closes = |k: usize| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>"));
+        if !closes(ids.len()) {
+            return 0;
+        }
+        (1..=ids.len()).find(|&k| closes(k)).unwrap_or(0)
     }
 
     /// One GRPO step: rollouts (re-drawn by dynamic sampling), rewards, advantages, μ
