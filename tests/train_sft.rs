@@ -85,7 +85,14 @@ fn resume_continues_exactly() {
     assert!(a.join("config.toml").exists() && a.join("eval.json").exists());
     let resolved: SftConfig =
         toml::from_str(&std::fs::read_to_string(a.join("config.toml")).unwrap()).unwrap();
+    // The file holds the config with the style and think rule resolved (the embedded task:
+    // compact prompts, targets with reasoning).
+    let c = SftConfig { style: Some(fcgpu::fc::prompt::PromptStyle::Compact), think: Some(true), ..c };
     assert_eq!(resolved, c);
+    assert_eq!(
+        fcgpu::train::prompt::recorded(&a.join("checkpoint-6")).unwrap(),
+        Some(fcgpu::train::prompt::TrainFormat { style: c.style.unwrap(), think: true })
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use crate::data::{load_bfcl_category, Sample, BFCL_CATEGORIES};
 use crate::fc::decode::AnswerFormat;
-use crate::fc::prompt::{render_prompt_with, PromptStyle};
+use crate::fc::prompt::PromptStyle;
 use crate::fc::score::score;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -39,9 +39,10 @@ pub struct Args {
     /// reading `--results`.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Prompt style for `--model`.
-    #[arg(long, value_enum, default_value = "bfcl")]
-    pub style: PromptStyle,
+    /// Prompt style for `--model`. Default: the style recorded in the model directory
+    /// (`fcgpu.json`, written by `sft` and `train`), else `bfcl`.
+    #[arg(long, value_enum)]
+    pub style: Option<PromptStyle>,
     /// At most N entries per category (the first N).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -86,7 +87,7 @@ impl Default for Args {
             format: None,
             verdicts: None,
             model: None,
-            style: PromptStyle::Bfcl,
+            style: None,
             limit: None,
             max_new_tokens: 512,
             batch_size: 64,
@@ -213,17 +214,12 @@ fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<Vec<Hash
     let mut model = crate::cli::load_model(dir, device, a.dtype.as_deref())?;
     let tok = Tokenizer::load(dir)?;
     model.config.eos_token_ids = rollout::chat_eos_ids(&model, Some(&tok));
-    // The model's own chat template renders every style but the embedded task's compact one.
-    let template = match a.style {
-        PromptStyle::Compact => None,
-        _ => Some(crate::chat_template::ChatTemplate::load(dir)?),
-    };
+    // As the trainers render them: the model's own chat template (the built-in Qwen ChatML one
+    // for a model with none), or the embedded task's compact prompt.
+    let prompter = crate::train::prompt::Prompter::new(Some(dir), style(a))?;
     let prompts: Vec<Vec<u32>> = samples
         .iter()
-        .map(|s| {
-            let text = render_prompt_with(template.as_ref(), s, a.style)?;
-            tok.encode(&text, false).with_context(|| format!("entry {}", s.id))
-        })
+        .map(|s| prompter.ids(&tok, s).with_context(|| format!("entry {}", s.id)))
         .collect::<Result<_>>()?;
     let cfg = SamplingConfig {
         n: a.samples,
@@ -327,8 +323,9 @@ fn check_sampling(a: &Args) -> Result<()> {
     Ok(())
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     check_sampling(&a)?;
+    a.style = Some(crate::train::prompt::eval_style(a.style, a.model.as_deref())?);
     let all_samples = entries(&a)?;
     let samples = match a.limit {
         Some(n) => limit_per_category(all_samples.clone(), n),
@@ -384,9 +381,14 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// `--style`, resolved by `run` (the model's recorded style, else `bfcl`).
+fn style(a: &Args) -> PromptStyle {
+    a.style.unwrap_or(PromptStyle::Bfcl)
+}
+
 /// `--format`, or the style's own: JSON for `qwen-fc`, Python otherwise.
 fn answer_format(a: &Args) -> AnswerFormat {
-    let default_format = if a.style == PromptStyle::QwenFc { Format::Json } else { Format::Python };
+    let default_format = if style(a) == PromptStyle::QwenFc { Format::Json } else { Format::Python };
     match a.format.unwrap_or(default_format) {
         Format::Python => AnswerFormat::Python,
         Format::Json => AnswerFormat::Json,

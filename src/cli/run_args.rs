@@ -104,6 +104,13 @@ pub fn set_given<T: Clone>(dst: &mut T, flag: &Option<T>) {
     }
 }
 
+/// `*dst = Some(flag)` when the flag was given (for options a run resolves when unset).
+pub fn set_some<T: Copy>(dst: &mut Option<T>, flag: Option<T>) {
+    if flag.is_some() {
+        *dst = flag;
+    }
+}
+
 /// Lays a command's own flags (`Option` fields of `$args` named like fields of `$cfg`) over
 /// `$cfg`.
 macro_rules! apply_flags {

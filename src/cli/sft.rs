@@ -3,7 +3,8 @@
 
 use anyhow::Result;
 
-use super::run_args::{apply_flags, RunArgs};
+use super::run_args::{apply_flags, set_some, RunArgs};
+use crate::fc::prompt::PromptStyle;
 use crate::train::sft::{self, SftConfig};
 use crate::train::srml::{AlphaMode, LossKind};
 
@@ -26,12 +27,23 @@ pub struct Args {
     pub pooled: bool,
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Prompt style: compact, bfcl, reasoning, qwen-fc. Default: the one recorded in the
+    /// model directory (`fcgpu.json`), else compact.
+    #[arg(long, value_enum)]
+    pub style: Option<PromptStyle>,
+    /// Targets open with `<think>reasoning</think>` (true) or are plain answers (false).
+    /// Default: the model's record, else the style's (reasoning: true; bfcl, qwen-fc: false;
+    /// compact: whether the data has reasoning).
+    #[arg(long, value_name = "BOOL")]
+    pub think: Option<bool>,
 }
 
 pub fn resolve(a: &Args) -> Result<SftConfig> {
     let mut c = sft::load_config(a.run.config.as_deref())?;
     a.run.apply(&mut c.run);
     apply_flags!(c, a; batch_size, grad_accum, loss, alpha_mode, alpha, max_len);
+    set_some(&mut c.style, a.style);
+    set_some(&mut c.think, a.think);
     if a.pooled {
         c.pooled = true;
     }

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::run_args::{apply_flags, RunArgs};
+use super::run_args::{apply_flags, set_some, RunArgs};
 use crate::fc::prompt::PromptStyle;
 use crate::fc::reward::RewardKind;
 use crate::rl::advantage::AdvScale;
@@ -55,9 +55,15 @@ pub struct Args {
     pub ppo_epochs: Option<usize>,
     #[arg(long)]
     pub micro_batch: Option<usize>,
-    /// Prompt style: compact (embedded task), bfcl, reasoning, qwen-fc.
+    /// Prompt style: compact (embedded task), bfcl, reasoning, qwen-fc. Default: the one
+    /// recorded in the starting model's directory (`fcgpu.json`), else compact.
     #[arg(long, value_enum)]
     pub style: Option<PromptStyle>,
+    /// The reward's format rule asks for a non-empty `<think>` block first (true) or plain
+    /// answers (false). Default: the model's record, else the style's (reasoning: true; bfcl,
+    /// qwen-fc: false; compact: whether the data has reasoning).
+    #[arg(long, value_name = "BOOL")]
+    pub think: Option<bool>,
     /// SRML SFT steps on the embedded task before GRPO, from the base (default 0; a
     /// --base scratch model needs about 800).
     #[arg(long)]
@@ -75,8 +81,10 @@ pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
     a.run.apply(&mut c.run);
     apply_flags!(c, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
-        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, style, warmup_sft_steps,
+        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, warmup_sft_steps,
         dynamic_sampling, max_resample);
+    set_some(&mut c.style, a.style);
+    set_some(&mut c.think, a.think);
     grpo::validate(&c)?;
     Ok(c)
 }

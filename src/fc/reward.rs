@@ -19,11 +19,22 @@ pub enum RewardKind {
     Partial,
 }
 
+/// What a well-formed completion looks like, besides an answer that decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FormatRule {
+    /// One non-empty `<think>…</think>` first ([`think_ok`]): reasoning styles and data.
+    #[default]
+    Think,
+    /// A plain answer ([`plain_ok`]): no think block required (styles and data without
+    /// reasoning).
+    Plain,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewardDetails {
     pub reward: f64,
-    /// Exactly one non-empty `<think>…</think>` first, and an answer that decodes
-    /// (for samples expecting no call, any answer text).
+    /// The [`FormatRule`] holds (by default: exactly one non-empty `<think>…</think>` first),
+    /// and the answer decodes (for samples expecting no call, any answer text).
     pub format_ok: bool,
     /// BFCL's verdict on the answer.
     pub valid: bool,
@@ -86,14 +97,43 @@ pub fn think_ok(completion: &str) -> bool {
     end > 7 && !c[7..end].trim().is_empty()
 }
 
-/// Reward of one completion for one sample. Never panics (see [`guarded`]); an answer over
-/// the decoder's bounds (`fc::budget`) gets 0 with error type
-/// `ast_decoder:decoder_bounds_exceeded`.
-pub fn reward(sample: &Sample, completion: &str, kind: RewardKind, fmt: AnswerFormat) -> RewardDetails {
-    guarded(sample.ground_truth.len(), || reward_unguarded(sample, completion, kind, fmt))
+/// The plain-answer rule: no think tags at all, or one `<think>…</think>` pair first (its
+/// content may be empty, as a model's non-thinking mode writes it). Stray, repeated or
+/// unclosed tags break it.
+pub fn plain_ok(completion: &str) -> bool {
+    let c = completion.trim_start();
+    match (c.matches("<think>").count(), c.matches("</think>").count()) {
+        (0, 0) => true,
+        (1, 1) => c.starts_with("<think>"),
+        _ => false,
+    }
 }
 
-fn reward_unguarded(sample: &Sample, completion: &str, kind: RewardKind, fmt: AnswerFormat) -> RewardDetails {
+/// Reward of one completion for one sample, under the think rule ([`reward_with`]).
+pub fn reward(sample: &Sample, completion: &str, kind: RewardKind, fmt: AnswerFormat) -> RewardDetails {
+    reward_with(sample, completion, kind, fmt, FormatRule::Think)
+}
+
+/// Reward of one completion for one sample under a format rule. Never panics (see
+/// [`guarded`]); an answer over the decoder's bounds (`fc::budget`) gets 0 with error type
+/// `ast_decoder:decoder_bounds_exceeded`.
+pub fn reward_with(
+    sample: &Sample,
+    completion: &str,
+    kind: RewardKind,
+    fmt: AnswerFormat,
+    rule: FormatRule,
+) -> RewardDetails {
+    guarded(sample.ground_truth.len(), || reward_unguarded(sample, completion, kind, fmt, rule))
+}
+
+fn reward_unguarded(
+    sample: &Sample,
+    completion: &str,
+    kind: RewardKind,
+    fmt: AnswerFormat,
+    rule: FormatRule,
+) -> RewardDetails {
     let completion = trim_end_tokens(completion);
     let answer = strip_reasoning(completion);
     let lang = Lang::of_category(&sample.category);
@@ -105,7 +145,11 @@ fn reward_unguarded(sample: &Sample, completion: &str, kind: RewardKind, fmt: An
     let verdict = check_answer(sample, answer, fmt);
     let decodes = decoded.is_ok();
     let over_bounds = matches!(decoded, Err(DecodeError::Bounds(_)));
-    let format_ok = think_ok(completion) && !over_bounds && (sample.expects_no_call() || decodes);
+    let shape_ok = match rule {
+        FormatRule::Think => think_ok(completion),
+        FormatRule::Plain => plain_ok(completion),
+    };
+    let format_ok = shape_ok && !over_bounds && (sample.expects_no_call() || decodes);
     let expected = sample.ground_truth.len();
     let matched = match &decoded {
         Ok(calls) if !sample.expects_no_call() && !sample.expects_any_call() => {
@@ -173,5 +217,46 @@ mod tests {
         assert_eq!(r.calls_expected, 2);
         // Other tests may panic concurrently in this process: at least this one counted.
         assert!(reward_panics() > before);
+    }
+
+    fn simple() -> Sample {
+        Sample {
+            id: "simple_1".into(),
+            category: "simple_python".into(),
+            messages: vec![],
+            functions: vec![
+                serde_json::json!({"name": "area", "description": "d", "parameters": {"type": "dict",
+                "properties": {"w": {"type": "integer"}}, "required": ["w"]}}),
+            ],
+            ground_truth: vec![serde_json::json!({"area": {"w": [3]}})],
+            reasoning: None,
+        }
+    }
+
+    #[test]
+    fn the_plain_rule_scores_plain_answers_and_refuses_broken_ones() {
+        let s = simple();
+        let score = |text: &str, rule| {
+            let r = reward_with(&s, text, RewardKind::Binary, AnswerFormat::Python, rule);
+            (r.reward, r.format_ok)
+        };
+        // A valid plain call: full reward under the plain rule, none under the think rule.
+        assert_eq!(score("[area(w=3)]<|im_end|>", FormatRule::Plain), (1.0, true));
+        assert_eq!(score("[area(w=3)]", FormatRule::Think), (0.0, false));
+        // A think block is allowed (also empty) when plain answers are asked for.
+        assert_eq!(score("<think></think>\n\n[area(w=3)]", FormatRule::Plain), (1.0, true));
+        assert_eq!(score("<think>w is 3</think>\n\n[area(w=3)]", FormatRule::Think), (1.0, true));
+        // Real violations score 0 under both rules.
+        for bad in [
+            "[area(w=3)]</think>",
+            "<think>a</think><think>b</think>[area(w=3)]",
+            "Sure! [area(w=3)] <think>",
+            "The area is 12.",
+        ] {
+            assert_eq!(score(bad, FormatRule::Plain).0, 0.0, "{bad}");
+            assert_eq!(score(bad, FormatRule::Think).0, 0.0, "{bad}");
+        }
+        // A well-formed plain answer with the wrong value: format fine, reward 0.
+        assert_eq!(score("[area(w=4)]", FormatRule::Plain), (0.0, true));
     }
 }

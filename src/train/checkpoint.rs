@@ -1,4 +1,5 @@
 //! Checkpoints: `checkpoint-<step>/` = the model in Hugging Face layout (f32, exact) +
+//! `fcgpu.json` (the prompt style and think rule it was trained with) +
 //! `optimizer.safetensors` (AdamW m and v) + `trainer_state.json`, written to a temporary
 //! directory and renamed into place.
 
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{save::replace_dir, weights, Model};
 use crate::tensor::{DType, Tensor};
 use crate::train::optim::AdamW;
+use crate::train::prompt::{self, TrainFormat};
 use crate::train::schedule::Schedule;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -32,18 +34,26 @@ pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join(format!("checkpoint-{step}"))
 }
 
-pub fn save(run_dir: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+pub fn save(
+    run_dir: &Path,
+    model: &Model,
+    opt: &AdamW,
+    state: &TrainerState,
+    format: &TrainFormat,
+) -> Result<PathBuf> {
     if opt.device.is_some() {
         // On a GPU: the f32 master weights (not the bf16 working copy) and the device moments.
         let (model, opt) = opt.host_state(model)?;
-        return save(run_dir, &model, &opt, state);
+        return save(run_dir, &model, &opt, state, format);
     }
     let dir = dir_for(run_dir, state.step);
     let tmp = crate::runfs::temp_sibling(&dir, "partial");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
     }
-    let done = write_parts(&tmp, model, opt, state).and_then(|_| replace_dir(&tmp, &dir));
+    let done = write_parts(&tmp, model, opt, state)
+        .and_then(|_| prompt::record(&tmp, format))
+        .and_then(|_| replace_dir(&tmp, &dir));
     if done.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -160,6 +170,11 @@ impl Start {
 /// to save or score. Any other difference changes what the resumed steps compute.
 const MAY_CHANGE_ON_RESUME: [&str; 4] = ["run.steps", "run.save_every", "run.eval_samples", "run.run_dir"];
 
+/// Fields a trainer resolves at start when unset (from the model and the data): compared only
+/// when both configs hold them, since the trainer checks again once they are resolved, and a
+/// run started before they existed has none.
+const RESOLVED_AT_START: [&str; 2] = ["style", "think"];
+
 /// Compares the config of a resumed run with `<run_dir>/config.toml` (written when the run
 /// started). A difference in any field but [`MAY_CHANGE_ON_RESUME`] is an error naming each
 /// field with its saved and new values, unless `force` (then a warning). No saved config: no
@@ -183,6 +198,9 @@ pub fn check_resume_config<C: Serialize>(run_dir: &Path, cfg: &C, force: bool) -
     let drift: Vec<String> = keys
         .into_iter()
         .filter(|k| !MAY_CHANGE_ON_RESUME.contains(&k.as_str()) && saved.get(*k) != now.get(*k))
+        .filter(|k| {
+            !RESOLVED_AT_START.contains(&k.as_str()) || (saved.contains_key(*k) && now.contains_key(*k))
+        })
         .map(|k| format!("{k}: {} -> {}", show(saved.get(k)), show(now.get(k))))
         .collect();
     if drift.is_empty() {

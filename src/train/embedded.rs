@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::data::{synth, Sample};
+use crate::fc::prompt::PromptStyle;
 use crate::tensor::Device;
 use crate::train::base;
 use crate::train::checkpoint::{self, Start};
@@ -83,17 +84,18 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
             let dir = run.join("base-model");
             if !dir.join("model.safetensors").exists() {
                 let task: Vec<Sample> = crate::data::load_jsonl(&train_p)?;
+                let compact = crate::train::prompt::Prompter { template: None, style: PromptStyle::Compact };
                 let texts: Vec<String> = task
                     .iter()
                     .map(|s| {
-                        format!(
+                        Ok(format!(
                             "{}{}{}",
-                            synth::render_prompt(&s.messages, &s.functions),
+                            compact.text(s)?,
                             crate::fc::prompt::render_target(s),
                             tiny::IM_END
-                        )
+                        ))
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 let tok = tiny::train_tokenizer(&texts, run_cfg.vocab_size)?;
                 let mut m = tiny::build(
                     &dir,

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::autograd::no_grad;
 use crate::data::Sample;
 use crate::fc::decode::AnswerFormat;
-use crate::fc::prompt::{render_prompt, PromptStyle};
-use crate::fc::reward::{reward, RewardKind};
+use crate::fc::prompt::PromptStyle;
+use crate::fc::reward::{reward_with, RewardKind};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
@@ -28,6 +28,7 @@ use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout::{self, HeldOut};
 use crate::train::metrics::MetricsWriter;
 use crate::train::optim::{apply_step, AdamW, AdamWConfig, StepGrads};
+use crate::train::prompt::{self, Prompter, TrainFormat};
 use crate::train::run_config::{self, RunConfig};
 use crate::train::schedule::Schedule;
 
@@ -63,7 +64,16 @@ pub struct GrpoConfig {
     pub ppo_epochs: usize,
     /// Sequences per forward/backward pass in the update (gradients accumulate).
     pub micro_batch: usize,
-    pub style: PromptStyle,
+    /// Prompt style. Unset: the one recorded in the starting model's directory, else
+    /// `compact`. The config.toml of a run holds the resolved value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub style: Option<PromptStyle>,
+    /// The format rule of the reward and the held-out accuracy requires one non-empty
+    /// `<think>` block first. Unset: from the starting model's record (same style), else the
+    /// style (`reasoning`: yes; `bfcl`, `qwen-fc`: no; `compact`: whether the data has
+    /// reasoning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub think: Option<bool>,
     /// SRML SFT steps on the embedded task before GRPO (run once, in `<run_dir>/sft`), from the
     /// `base` model. 0 (the default) starts GRPO from the base itself: the shipped `fc-tiny`
     /// already had its SFT; a `scratch` base needs some (about 800 steps).
@@ -96,7 +106,8 @@ impl Default for GrpoConfig {
             srml_alpha: 0.5,
             ppo_epochs: 1,
             micro_batch: 16,
-            style: PromptStyle::Compact,
+            style: None,
+            think: None,
             warmup_sft_steps: 0,
             dynamic_sampling: true,
             max_resample: 4,
@@ -251,6 +262,9 @@ pub struct GrpoTrainer {
     order: Vec<usize>,
     pub train: Vec<Sample>,
     pub eval: Vec<Sample>,
+    /// The run's prompt style and format rule (recorded in every checkpoint).
+    pub format: TrainFormat,
+    prompter: Prompter,
     /// Replaces the reward of a completion (sample, text) when set: a seam for tests that need
     /// rewards they control (for example all-equal for some prompts).
     pub(crate) reward_override: Option<fn(&Sample, &str) -> f32>,
@@ -264,7 +278,7 @@ impl GrpoTrainer {
     /// decode there, the update runs there, the optimizer keeps f32 master weights there. The
     /// run directory is locked and its stale temporaries removed; with `start.resume` the newest
     /// loadable checkpoint is restored and its config checked against this one.
-    pub fn new(cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
+    pub fn new(mut cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
         let lock = RunLock::acquire(&cfg.run.run_dir)?;
         // The warm-up's directory too: its own run only starts (and cleans) when it is not done.
         for d in [cfg.run.run_dir.clone(), cfg.run.run_dir.join("sft"), cfg.run.run_dir.join("sft/task")] {
@@ -282,6 +296,13 @@ impl GrpoTrainer {
             crate::train::embedded::policy(&cfg.run, cfg.warmup_sft_steps, device, start_mode.force)?;
         ensure!(!train.is_empty(), "no training prompts");
         let tok = Tokenizer::load(&start)?;
+        let format = prompt::resolve(cfg.style, cfg.think, &start, &train, false)?;
+        (cfg.style, cfg.think) = (Some(format.style), Some(format.think));
+        if resume {
+            // Again with style and think resolved (the first check skips them while unset).
+            checkpoint::check_resume_config(&cfg.run.run_dir, &cfg, start_mode.force)?;
+        }
+        let prompter = Prompter::new(Some(&start), format.style)?;
         let schedule = Schedule {
             lr: cfg.run.lr,
             warmup_steps: cfg.run.warmup_steps,
@@ -314,6 +335,8 @@ impl GrpoTrainer {
             order: vec![],
             train,
             eval,
+            format,
+            prompter,
             reward_override: None,
             _lock: Some(lock),
         };
@@ -339,6 +362,7 @@ impl GrpoTrainer {
         let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         let reference = (cfg.beta != 0.0).then(|| model.clone());
         model.requires_grad();
+        let format = TrainFormat::or_defaults(cfg.style, cfg.think);
         GrpoTrainer {
             cfg,
             model,
@@ -353,6 +377,8 @@ impl GrpoTrainer {
             order: vec![],
             train: vec![],
             eval: vec![],
+            format,
+            prompter: Prompter { template: None, style: format.style },
             reward_override: None,
             _lock: None,
         }
@@ -399,15 +425,17 @@ impl GrpoTrainer {
     }
 
     pub fn prompt_ids(&self, s: &Sample) -> Result<Vec<u32>> {
-        self.tok.encode(&render_prompt(s, self.cfg.style)?, false)
+        self.prompter.ids(&self.tok, s)
+    }
+
+    /// The training reward of `completion` for `sample`: the run's reward kind, answer syntax
+    /// and format rule (a think block first only when the run trains reasoning).
+    pub fn reward_of(&self, sample: &Sample, completion: &str) -> crate::fc::reward::RewardDetails {
+        reward_with(sample, completion, self.cfg.reward, self.answer_format(), self.format.rule())
     }
 
     fn answer_format(&self) -> AnswerFormat {
-        if self.cfg.style == PromptStyle::QwenFc {
-            AnswerFormat::Json
-        } else {
-            AnswerFormat::Python
-        }
+        self.format.answer_format()
     }
 
     fn sampling(&self, n: usize, temperature: f32, seed: u64) -> SamplingConfig {
@@ -428,9 +456,12 @@ impl GrpoTrainer {
         if let Some(end) = self.tok.token_id("</think>") {
             return ids.iter().position(|&t| t == end).map_or(0, |i| i + 1);
         }
-        (1..=ids.len())
-            .find(|&k| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>")))
-            .unwrap_or(0)
+        // Most completions of a plain-answer run have no marker: one decode says so.
+        let closes = |k: usize| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>"));
+        if !closes(ids.len()) {
+            return 0;
+        }
+        (1..=ids.len()).find(|&k| closes(k)).unwrap_or(0)
     }
 
     /// One GRPO step: rollouts (re-drawn by dynamic sampling), rewards, advantages, μ
@@ -478,7 +509,7 @@ impl GrpoTrainer {
         for c in &completions {
             let grp = &mut groups[c.prompt_index];
             let text = c.text(&self.tok)?;
-            let r = reward(&self.train[picks[c.prompt_index]], &text, self.cfg.reward, self.answer_format());
+            let r = self.reward_of(&self.train[picks[c.prompt_index]], &text);
             grp.call_valid += r.valid as usize;
             grp.format_ok += r.format_ok as usize;
             grp.panics += r.panicked as usize;
@@ -753,6 +784,7 @@ impl GrpoTrainer {
             samples,
             &|s| self.prompt_ids(s),
             self.answer_format(),
+            self.format.rule(),
             self.cfg.max_new_tokens,
         )?;
         h.step = self.step;
@@ -760,7 +792,7 @@ impl GrpoTrainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state())
+        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state(), &self.format)
     }
 }
 
@@ -768,7 +800,9 @@ impl GrpoTrainer {
 /// metrics.jsonl, curves.svg, checkpoints, eval before and after (see [`GrpoTrainer::new`]).
 pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>, Option<f32>)> {
     crate::train::metrics::check_counters(cfg.run.counters.as_deref(), device)?;
-    let mut t = GrpoTrainer::new(cfg.clone(), start, device)?;
+    let mut t = GrpoTrainer::new(cfg, start, device)?;
+    // The config with style and think resolved.
+    let cfg = t.cfg.clone();
     let run_dir = cfg.run.run_dir.clone();
     runfs::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let metrics_path = run_dir.join("metrics.jsonl");

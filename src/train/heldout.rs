@@ -1,6 +1,6 @@
 //! Held-out accuracy (`heldout_accuracy` in printed lines and metrics, `accuracy` in the
 //! `eval-<tag>.json` files): the fraction of greedy answers to held-out prompts that are well
-//! formed (think block, decodable answer) AND accepted by the BFCL checker, overall and per
+//! formed (the run's format rule: a think block when it trains reasoning, a decodable answer) AND accepted by the BFCL checker, overall and per
 //! category. SFT and GRPO runs report it the same way, so their numbers compare (the ablation
 //! in `tools/ablation.py` reads the `eval-<tag>.json` files this writes). docs/metrics.md.
 
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::autograd::no_grad;
 use crate::data::Sample;
 use crate::fc::decode::AnswerFormat;
-use crate::fc::reward::{reward, RewardKind};
+use crate::fc::reward::{reward_with, FormatRule, RewardKind};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
 use crate::rollout::{self, chat_eos_ids, SamplingConfig};
@@ -37,7 +37,8 @@ pub struct Answer {
     /// The BFCL checker accepts the answer (format ignored; `fcgpu eval`'s verdict).
     #[serde(default)]
     pub call_valid: bool,
-    /// One non-empty think block first, and an answer that decodes.
+    /// The run's format rule holds (one non-empty think block first when it trains reasoning),
+    /// and the answer decodes.
     #[serde(default)]
     pub format_ok: bool,
     pub output: String,
@@ -87,13 +88,14 @@ impl HeldOut {
 }
 
 /// Greedy answers of `model` to `samples` (prompt ids from `prompt_ids`), scored with the binary
-/// reward: correct = well formed and accepted by the BFCL checker.
+/// reward: correct = well formed under `rule` and accepted by the BFCL checker.
 pub fn evaluate(
     model: &Model,
     tok: &Tokenizer,
     samples: &[Sample],
     prompt_ids: &dyn Fn(&Sample) -> Result<Vec<u32>>,
     format: AnswerFormat,
+    rule: FormatRule,
     max_new_tokens: usize,
 ) -> Result<HeldOut> {
     if samples.is_empty() {
@@ -108,12 +110,23 @@ pub fn evaluate(
         ..Default::default()
     };
     let outs = no_grad(|| rollout::generate(model, &prompts, &sampling, Some(tok)))?;
-    let mut by_cat: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    let mut answers = Vec::with_capacity(outs.len());
+    let mut texts = vec![String::new(); samples.len()];
     for c in &outs {
-        let s = &samples[c.prompt_index];
-        let text = c.text(tok)?;
-        let r = reward(s, &text, RewardKind::Binary, format);
+        texts[c.prompt_index] = c.text(tok)?;
+    }
+    Ok(score(samples, texts, format, rule))
+}
+
+/// Held-out accuracy of the answers `texts` (one per sample, in order): each scored with the
+/// binary reward under `rule`.
+pub fn score(samples: &[Sample], texts: Vec<String>, format: AnswerFormat, rule: FormatRule) -> HeldOut {
+    if samples.is_empty() {
+        return HeldOut::default();
+    }
+    let mut by_cat: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut answers = Vec::with_capacity(samples.len());
+    for (s, text) in samples.iter().zip(texts) {
+        let r = reward_with(s, &text, RewardKind::Binary, format, rule);
         let correct = r.reward == 1.0;
         let e = by_cat.entry(s.category.clone()).or_default();
         e.0 += correct as usize;
@@ -128,19 +141,15 @@ pub fn evaluate(
         });
     }
     let right = answers.iter().filter(|a| a.correct).count();
-    let calls: Vec<bool> = outs
-        .iter()
-        .zip(&answers)
-        .filter(|(c, _)| !samples[c.prompt_index].expects_no_call())
-        .map(|(_, a)| a.correct)
-        .collect();
+    let calls: Vec<bool> =
+        samples.iter().zip(&answers).filter(|(s, _)| !s.expects_no_call()).map(|(_, a)| a.correct).collect();
     let calls_accuracy =
         if calls.is_empty() { 0.0 } else { calls.iter().filter(|c| **c).count() as f32 / calls.len() as f32 };
     let categories = by_cat
         .into_iter()
         .map(|(category, (r, n))| CategoryScore { category, accuracy: r as f32 / n as f32, n })
         .collect();
-    Ok(HeldOut {
+    HeldOut {
         step: 0,
         accuracy: right as f32 / answers.len() as f32,
         n: answers.len(),
@@ -148,5 +157,5 @@ pub fn evaluate(
         calls_n: calls.len(),
         categories,
         answers,
-    })
+    }
 }

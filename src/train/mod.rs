@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod probe;
+pub mod prompt;
 pub mod run_config;
 pub mod schedule;
 pub mod sft;

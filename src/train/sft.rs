@@ -12,8 +12,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
-use crate::data::{synth, Sample};
-use crate::fc::decode::AnswerFormat;
+use crate::data::Sample;
+use crate::fc::prompt::PromptStyle;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
 use crate::ops;
@@ -23,6 +23,7 @@ use crate::train::checkpoint::{self, Start, TrainerState};
 use crate::train::heldout;
 use crate::train::metrics::{MetricsWriter, SftMetrics};
 use crate::train::optim::{apply_gradients, apply_step, AdamW, AdamWConfig, StepGrads};
+use crate::train::prompt::{self, Prompter, TrainFormat};
 use crate::train::run_config::{self, RunConfig};
 use crate::train::schedule::Schedule;
 use crate::train::srml::{self, AlphaMode, LossConfig, LossKind};
@@ -49,6 +50,15 @@ pub struct SftConfig {
     pub bucket_window: usize,
     /// Share of `data` held out when no `eval_data` is given.
     pub eval_fraction: f32,
+    /// Prompt style. Unset: the one recorded in the model directory, else `compact`. The
+    /// config.toml of a run holds the resolved value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub style: Option<PromptStyle>,
+    /// Targets open with `<think>reasoning</think>`. Unset: from the model directory's record
+    /// (same style), else the style (`reasoning`: yes; `bfcl`, `qwen-fc`: no; `compact`: whether
+    /// the data has reasoning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub think: Option<bool>,
 }
 
 impl Default for SftConfig {
@@ -64,6 +74,8 @@ impl Default for SftConfig {
             max_len: 768,
             bucket_window: 64,
             eval_fraction: 0.05,
+            style: None,
+            think: None,
         }
     }
 }
@@ -73,15 +85,26 @@ impl Default for SftConfig {
 pub struct Example {
     pub ids: Vec<u32>,
     pub prompt_len: usize,
+    /// Completion tokens of the think segment (SRML's boundary; 0: all result).
+    pub think_len: usize,
 }
 
-pub fn prepare(tok: &Tokenizer, samples: &[Sample], max_len: usize) -> Result<(Vec<Example>, usize)> {
+/// Tokenized examples of `samples` (prompts from `prompter`, targets in `fmt`), and how many
+/// were dropped for being longer than `max_len` tokens.
+pub fn prepare(
+    tok: &Tokenizer,
+    prompter: &Prompter,
+    fmt: TrainFormat,
+    samples: &[Sample],
+    max_len: usize,
+) -> Result<(Vec<Example>, usize)> {
     let mut out = Vec::with_capacity(samples.len());
     let mut dropped = 0;
     for s in samples {
-        let prompt = tok.encode(&synth::render_prompt(&s.messages, &s.functions), false)?;
-        let completion =
-            tok.encode(&format!("{}{}", crate::fc::prompt::render_target(s), tiny::IM_END), false)?;
+        let prompt = prompter.ids(tok, s)?;
+        let (think, answer) = prompt::target_parts(s, fmt)?;
+        let (completion, think_len) = encode_completion(tok, &think, &format!("{answer}{}", tiny::IM_END))
+            .with_context(|| format!("target of sample {}", s.id))?;
         let prompt_len = prompt.len();
         let mut ids = prompt;
         ids.extend(completion);
@@ -89,9 +112,41 @@ pub fn prepare(tok: &Tokenizer, samples: &[Sample], max_len: usize) -> Result<(V
             dropped += 1;
             continue;
         }
-        out.push(Example { ids, prompt_len });
+        out.push(Example { ids, prompt_len, think_len });
     }
     Ok((out, dropped))
+}
+
+/// The ids of the completion `think` + `rest`, and how many of them are the think segment: the
+/// tokens that start inside `think` (by the tokenizer's offsets), so the token that completes
+/// `</think>` is in it even when BPE merges it with what follows. Checked by decoding: the
+/// segment's text holds `</think>`, and without its last token it does not.
+pub fn encode_completion(tok: &Tokenizer, think: &str, rest: &str) -> Result<(Vec<u32>, usize)> {
+    let text = format!("{think}{rest}");
+    let enc =
+        tok.inner().encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+    let ids = enc.get_ids().to_vec();
+    if think.is_empty() {
+        return Ok((ids, 0));
+    }
+    let n = enc.get_offsets().iter().position(|o| o.0 >= think.len()).unwrap_or(ids.len());
+    let closes = |k: usize| tok.decode(&ids[..k], false).is_ok_and(|t| t.contains(tiny::THINK_END));
+    if n > 0 && closes(n) && !closes(n - 1) {
+        return Ok((ids, n));
+    }
+    // Offsets that do not map back to the text: the shortest prefix that holds the marker.
+    let n = (1..=ids.len())
+        .find(|&k| closes(k))
+        .with_context(|| format!("its tokens do not decode to a text holding {}", tiny::THINK_END))?;
+    Ok((ids, n))
+}
+
+/// One micro-batch: packed sequences, and each one's prompt and think-segment lengths.
+#[derive(Clone, Debug)]
+pub struct Micro {
+    pub batch: Batch,
+    pub prompt_lens: Vec<usize>,
+    pub think_lens: Vec<usize>,
 }
 
 /// Micro-batches of epoch `epoch`: a seeded shuffle, sorted by length within windows, cut into
@@ -130,8 +185,12 @@ pub struct Trainer {
     /// The held-out samples themselves, for greedy generation.
     pub eval_samples: Vec<Sample>,
     pub tok: Tokenizer,
+    /// The run's prompt style and think rule (recorded in every checkpoint).
+    pub format: TrainFormat,
+    prompter: Prompter,
     batches: Vec<Vec<usize>>,
-    think_end: u32,
+    /// For [`Trainer::step_on`]: the token that closes the think segment of the batches given.
+    think_end: Option<u32>,
     loss_cfg: LossConfig,
     /// Held while the trainer lives: one trainer per run directory.
     /// None for a trainer built around a model with no run directory (tests, probes).
@@ -143,7 +202,7 @@ impl Trainer {
     /// GPU: bf16 weights, f32 master weights and moments), data, and with `start.resume` the
     /// newest loadable checkpoint, its config checked against this one. The run directory is
     /// locked and its stale temporaries removed.
-    pub fn new(cfg: SftConfig, start: Start, device: Device) -> Result<Trainer> {
+    pub fn new(mut cfg: SftConfig, start: Start, device: Device) -> Result<Trainer> {
         let run = cfg.run.run_dir.clone();
         let lock = RunLock::acquire(&run)?;
         for d in [run.clone(), run.join("task")] {
@@ -156,14 +215,27 @@ impl Trainer {
         let crate::train::embedded::Inputs { train: train_s, eval: eval_s, model: model_dir } =
             crate::train::embedded::inputs(&cfg.run, cfg.eval_fraction)?;
         let tok = Tokenizer::load(&model_dir)?;
-        let think_end =
-            tok.token_id(tiny::THINK_END).context("tokenizer lacks </think> as a single token")?;
-        let (train, dropped) = prepare(&tok, &train_s, cfg.max_len)?;
+        let format = prompt::resolve(cfg.style, cfg.think, &model_dir, &train_s, true)?;
+        (cfg.style, cfg.think) = (Some(format.style), Some(format.think));
+        if resume {
+            // Again with style and think resolved (the first check skips them while unset).
+            checkpoint::check_resume_config(&run, &cfg, start.force)?;
+        }
+        if cfg.loss == LossKind::Srml && !format.think {
+            eprintln!("note: --loss srml with think = false has no think segment: it is the mean CE of the answer tokens");
+        }
+        let prompter = Prompter::new(Some(&model_dir), format.style)?;
+        let (train, dropped) = prepare(&tok, &prompter, format, &train_s, cfg.max_len)?;
         if dropped > 0 {
             eprintln!("dropped {dropped} training examples longer than {} tokens", cfg.max_len);
         }
-        anyhow::ensure!(!train.is_empty(), "no training examples");
-        let (eval, _) = prepare(&tok, &eval_s, cfg.max_len)?;
+        anyhow::ensure!(
+            !train.is_empty(),
+            "no training examples (all {} are longer than max_len, {} tokens)",
+            train_s.len(),
+            cfg.max_len
+        );
+        let (eval, _) = prepare(&tok, &prompter, format, &eval_s, cfg.max_len)?;
         let schedule = Schedule {
             lr: cfg.run.lr,
             warmup_steps: cfg.run.warmup_steps,
@@ -191,8 +263,10 @@ impl Trainer {
                     eval,
                     eval_samples: eval_s.clone(),
                     tok: tok.clone(),
+                    format,
+                    prompter: prompter.clone(),
                     batches: vec![],
-                    think_end,
+                    think_end: None,
                     loss_cfg,
                     _lock: Some(lock),
                 }
@@ -213,8 +287,10 @@ impl Trainer {
                     eval,
                     eval_samples: eval_s.clone(),
                     tok: tok.clone(),
+                    format,
+                    prompter: prompter.clone(),
                     batches: vec![],
-                    think_end,
+                    think_end: None,
                     loss_cfg,
                     _lock: Some(lock),
                 }
@@ -231,7 +307,9 @@ impl Trainer {
 
     /// A trainer on `model` with no data of its own, for callers that bring their batches to
     /// [`Trainer::step_on`] (the trajectory-parity tests, probes). `think_end` is the token id
-    /// that closes the think segment. Optimizer, schedule and α come from `cfg` as in `new`.
+    /// that closes the think segment of those batches (a tokenizer whose `</think>` is one
+    /// token; [`Trainer::step_micro`] takes explicit think lengths instead). Optimizer,
+    /// schedule and α come from `cfg` as in `new`.
     pub fn from_model(cfg: SftConfig, mut model: Model, tok: Tokenizer, think_end: u32) -> Trainer {
         let schedule = Schedule {
             lr: cfg.run.lr,
@@ -243,6 +321,7 @@ impl Trainer {
         let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
         let alpha_logit = srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4));
         model.requires_grad();
+        let format = TrainFormat::or_defaults(cfg.style, cfg.think);
         Trainer {
             cfg,
             model,
@@ -257,8 +336,10 @@ impl Trainer {
             eval: vec![],
             eval_samples: vec![],
             tok,
+            format,
+            prompter: Prompter { template: None, style: format.style },
             batches: vec![],
-            think_end,
+            think_end: Some(think_end),
             loss_cfg,
             _lock: None,
         }
@@ -302,25 +383,51 @@ impl Trainer {
     /// with an error before any parameter changes (and the data cursor is not moved).
     pub fn step(&mut self) -> Result<SftMetrics> {
         let (epoch0, cursor0, batches0) = (self.epoch, self.cursor, self.batches.clone());
-        let micro: Vec<(Batch, Vec<usize>)> = (0..self.cfg.grad_accum.max(1))
+        let micro: Vec<Micro> = (0..self.cfg.grad_accum.max(1))
             .map(|_| {
                 let idx = self.next_batch();
-                let seqs: Vec<&[u32]> = idx.iter().map(|&i| self.train[i].ids.as_slice()).collect();
-                (Batch::from_sequences(&seqs), idx.iter().map(|&i| self.train[i].prompt_len).collect())
+                self.micro(&idx.iter().map(|&i| &self.train[i]).collect::<Vec<_>>())
             })
             .collect();
-        let out = self.step_on(&micro);
+        let out = self.step_micro(&micro);
         if out.is_err() {
             (self.epoch, self.cursor, self.batches) = (epoch0, cursor0, batches0);
         }
         out
     }
 
-    /// One optimizer step on the given micro-batches (each a packed batch and the prompt length
-    /// of every sequence in it): the gradients are averaged over them, clipped, and applied
-    /// with the scheduled learning rate; SRML's learnable α takes its own AdamW step. This is
-    /// the whole update of `fcgpu sft`; `step` only picks the data.
+    /// The micro-batch of these examples.
+    fn micro(&self, ex: &[&Example]) -> Micro {
+        let seqs: Vec<&[u32]> = ex.iter().map(|e| e.ids.as_slice()).collect();
+        Micro {
+            batch: Batch::from_sequences(&seqs),
+            prompt_lens: ex.iter().map(|e| e.prompt_len).collect(),
+            think_lens: ex.iter().map(|e| e.think_len).collect(),
+        }
+    }
+
+    /// [`Trainer::step_micro`] on micro-batches given as a packed batch and the prompt length
+    /// of every sequence; the think segment of each ends at the `think_end` token given to
+    /// [`Trainer::from_model`] (none for a trainer from [`Trainer::new`]: all result).
     pub fn step_on(&mut self, micro: &[(Batch, Vec<usize>)]) -> Result<SftMetrics> {
+        let micro: Vec<Micro> = micro
+            .iter()
+            .map(|(batch, pls)| Micro {
+                think_lens: match self.think_end {
+                    Some(t) => srml::think_lens_by_token(batch, pls, t),
+                    None => vec![0; pls.len()],
+                },
+                batch: batch.clone(),
+                prompt_lens: pls.clone(),
+            })
+            .collect();
+        self.step_micro(&micro)
+    }
+
+    /// One optimizer step on the given micro-batches: the gradients are averaged over them,
+    /// clipped, and applied with the scheduled learning rate; SRML's learnable α takes its own
+    /// AdamW step. This is the whole update of `fcgpu sft`; `step` only picks the data.
+    pub fn step_micro(&mut self, micro: &[Micro]) -> Result<SftMetrics> {
         let t0 = Instant::now();
         let next = self.step + 1;
         let lr = self.schedule.lr_at(next);
@@ -337,9 +444,9 @@ impl Trainer {
         // Device work of the forward/backward passes ("update") and of the step ("optimizer").
         let dev = self.model.device().gpu().ok();
         let c0 = dev.as_ref().map(|d| d.counts());
-        for (batch, pls) in micro {
+        for Micro { batch, prompt_lens, think_lens } in micro {
             tokens += batch.ids.len();
-            let spans = srml::spans(batch, pls, self.think_end)?;
+            let spans = srml::spans(batch, prompt_lens, think_lens)?;
             let lp = self.model.token_logprobs(batch, 1.0)?;
             let out = srml::loss(&lp, &spans, &self.loss_cfg, self.alpha())?;
             let lv = out.loss.to_scalar()?;
@@ -424,20 +531,21 @@ impl Trainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state())
+        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state(), &self.format)
     }
 
     /// Held-out accuracy over the first `limit` eval samples: greedy answers, well formed and
     /// accepted by the BFCL checker.
     pub fn heldout(&self, limit: usize) -> Result<heldout::HeldOut> {
         let samples = &self.eval_samples[..limit.min(self.eval_samples.len())];
-        let prompt = |s: &Sample| self.tok.encode(&synth::render_prompt(&s.messages, &s.functions), false);
+        let prompt = |s: &Sample| self.prompter.ids(&self.tok, s);
         let mut h = heldout::evaluate(
             &self.model,
             &self.tok,
             samples,
             &prompt,
-            AnswerFormat::Python,
+            self.format.answer_format(),
+            self.format.rule(),
             HELDOUT_MAX_NEW_TOKENS,
         )?;
         h.step = self.step;
@@ -451,10 +559,8 @@ impl Trainer {
         let (mut right, mut total, mut exact) = (0usize, 0usize, 0usize);
         no_grad(|| -> Result<()> {
             for chunk in ex.chunks(self.cfg.batch_size.max(1)) {
-                let seqs: Vec<&[u32]> = chunk.iter().map(|e| e.ids.as_slice()).collect();
-                let pls: Vec<usize> = chunk.iter().map(|e| e.prompt_len).collect();
-                let batch = Batch::from_sequences(&seqs);
-                let spans = srml::spans(&batch, &pls, self.think_end)?;
+                let Micro { batch, prompt_lens, think_lens } = self.micro(chunk);
+                let spans = srml::spans(&batch, &prompt_lens, &think_lens)?;
                 let h = self.model.hidden_states(&batch)?;
                 let logits = ops::linear(&h, self.model.lm_head_weight(), None)?;
                 let v = logits.dim(1);
@@ -501,7 +607,9 @@ pub struct RunSummary {
 pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSummary> {
     crate::train::metrics::check_counters(cfg.run.counters.as_deref(), device)?;
     let start = Instant::now();
-    let mut t = Trainer::new(cfg.clone(), start_mode, device)?;
+    let mut t = Trainer::new(cfg, start_mode, device)?;
+    // The config with style and think resolved.
+    let cfg = t.cfg.clone();
     let run = cfg.run.run_dir.clone();
     runfs::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;

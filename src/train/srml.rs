@@ -1,8 +1,9 @@
 //! SRML (SPEC §4): `L = α·L_think + (1−α)·L_result` over the completion tokens, built as
 //! constant per-token weights on the log-probabilities of `Model::token_logprobs`.
 //!
-//! Segments: think = completion tokens from `<think>` through `</think>`; result = every
-//! completion token after `</think>` (end-of-turn included). No `</think>`: all result.
+//! Segments: think = the first `think_len` completion tokens (`<think>` through the token that
+//! completes `</think>`, however many tokens the marker takes); result = every completion token
+//! after them (end-of-turn included). `think_len` 0: all result.
 //! Prompt tokens never carry loss. When a whole batch has no token of one segment, the loss is
 //! the other segment's alone (α effectively 0 or 1).
 
@@ -45,25 +46,39 @@ pub struct Spans {
     pub result: Range<usize>,
 }
 
-/// Segments of every sequence of `batch`, whose first `prompt_lens[i]` tokens are the prompt.
-pub fn spans(batch: &Batch, prompt_lens: &[usize], think_end: u32) -> Result<Vec<Spans>> {
+/// Segments of every sequence of `batch`, whose first `prompt_lens[i]` tokens are the prompt and
+/// whose next `think_lens[i]` tokens are the think segment.
+pub fn spans(batch: &Batch, prompt_lens: &[usize], think_lens: &[usize]) -> Result<Vec<Spans>> {
     ensure!(
-        prompt_lens.len() == batch.seqs.len(),
-        "{} prompt lengths for {} sequences",
+        prompt_lens.len() == batch.seqs.len() && think_lens.len() == batch.seqs.len(),
+        "{} prompt lengths and {} think lengths for {} sequences",
         prompt_lens.len(),
+        think_lens.len(),
         batch.seqs.len()
     );
     let mut out = Vec::with_capacity(prompt_lens.len());
-    for (&(s, l), &pl) in batch.seqs.iter().zip(prompt_lens) {
+    for ((&(s, l), &pl), &tl) in batch.seqs.iter().zip(prompt_lens).zip(think_lens) {
         ensure!(pl >= 1 && pl <= l, "prompt of {pl} tokens in a sequence of {l}");
-        let (c0, end) = (s + pl, s + l);
+        ensure!(pl + tl <= l, "think segment of {tl} tokens after a prompt of {pl} in a sequence of {l}");
         // Token j is predicted by row j − 1.
-        match (c0..end).find(|&j| batch.ids[j] == think_end) {
-            Some(close) => out.push(Spans { think: c0 - 1..close, result: close..end - 1 }),
-            None => out.push(Spans { think: c0 - 1..c0 - 1, result: c0 - 1..end - 1 }),
-        }
+        let (c0, end) = (s + pl, s + l);
+        out.push(Spans { think: c0 - 1..c0 - 1 + tl, result: c0 - 1 + tl..end - 1 });
     }
     Ok(out)
+}
+
+/// Think lengths when one token id closes the think segment (a tokenizer with `</think>` as a
+/// single token): the completion up to and including its first occurrence; 0 without one.
+pub fn think_lens_by_token(batch: &Batch, prompt_lens: &[usize], think_end: u32) -> Vec<usize> {
+    batch
+        .seqs
+        .iter()
+        .zip(prompt_lens)
+        .map(|(&(s, l), &pl)| {
+            let c0 = s + pl.min(l);
+            (c0..s + l).find(|&j| batch.ids[j] == think_end).map_or(0, |j| j + 1 - c0)
+        })
+        .collect()
 }
 
 /// Per-row weights `w` with `L_seg = Σ w[r]·(−log p[r])` for the think and result segments.
@@ -167,6 +182,11 @@ pub fn logit(p: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// Spans with the think segment closed by token 9.
+    fn spans9(b: &Batch, pl: &[usize]) -> Vec<Spans> {
+        spans(b, pl, &think_lens_by_token(b, pl, 9)).unwrap()
+    }
+
     fn setup() -> (Batch, Vec<usize>, Tensor) {
         // Token 9 is </think>. Seq 0: prompt [1,2], completion [8,5,9,6,7]. Seq 1: prompt [1],
         // completion [4,4] (no </think>: all result).
@@ -179,16 +199,20 @@ mod tests {
     #[test]
     fn spans_cover_completion_only() {
         let (b, pl, _) = setup();
-        let s = spans(&b, &pl, 9).unwrap();
+        let s = spans9(&b, &pl);
         // Completion token j is predicted by row j-1: seq 0 tokens 2..7 -> rows 1..6.
         assert_eq!(s[0], Spans { think: 1..4, result: 4..6 });
         assert_eq!(s[1], Spans { think: 7..7, result: 7..9 });
+        assert_eq!(think_lens_by_token(&b, &pl, 9), vec![3, 0]);
+        // Explicit lengths give the same spans; one past the sequence is an error.
+        assert_eq!(spans(&b, &pl, &[3, 0]).unwrap(), s);
+        assert!(spans(&b, &pl, &[6, 0]).is_err());
     }
 
     #[test]
     fn srml_matches_direct_computation() {
         let (b, pl, lp) = setup();
-        let s = spans(&b, &pl, 9).unwrap();
+        let s = spans9(&b, &pl);
         let nll: Vec<f32> = lp.to_vec()[..10].iter().map(|x| -x).collect();
         let mean = |r: Range<usize>| nll[r.clone()].iter().sum::<f32>() / r.len() as f32;
         // Per sequence: think only in seq 0; result mean over both sequences.
@@ -229,7 +253,7 @@ mod tests {
         // Only seq 1 (no </think>): the loss is L_result alone, whatever α is.
         let batch = Batch::from_sequences(&[vec![1u32, 4, 4]]);
         let lp = Tensor::from_vec(vec![-0.3, -0.7, -0.2, 0.5, 0.5, 0.5], &[2, 3]).unwrap();
-        let s = spans(&batch, &[1], 9).unwrap();
+        let s = spans9(&batch, &[1]);
         let cfg = LossConfig { kind: LossKind::Srml, alpha_mode: AlphaMode::Learnable, pooled: false };
         let (a, b) = (loss(&lp, &s, &cfg, 0.2).unwrap(), loss(&lp, &s, &cfg, 0.9).unwrap());
         assert_eq!(a.loss.to_scalar().unwrap(), b.loss.to_scalar().unwrap());
@@ -240,7 +264,7 @@ mod tests {
     #[test]
     fn plain_is_mean_over_completion_tokens() {
         let (b, pl, lp) = setup();
-        let s = spans(&b, &pl, 9).unwrap();
+        let s = spans9(&b, &pl);
         let v = lp.to_vec();
         let rows = [1, 2, 3, 4, 5, 7, 8];
         let direct = -rows.iter().map(|&r| v[r]).sum::<f32>() / rows.len() as f32;
