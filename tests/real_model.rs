@@ -216,6 +216,12 @@ fn generate_and_eval_commands_run_on_the_real_model() {
     }
 }
 
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The names, dtypes and shapes in a safetensors file's header.
 fn header(path: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -238,6 +244,14 @@ fn sft_checkpoint_matches_transformers() {
         )
     });
     let r: Value = serde_json::from_str(&text).unwrap();
+    let tok_sha = sha256_hex(&dir.join("tokenizer.json"));
+    assert_eq!(
+        tok_sha,
+        r["model_tokenizer_sha256"].as_str().unwrap(),
+        "{}: sft.json was made from a model with another tokenizer.json (sft tokenizes its data with \
+         it); make it again from this model: tools/make_real_reference.py --only sft",
+        dir.display()
+    );
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -274,7 +288,13 @@ fn sft_checkpoint_matches_transformers() {
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
     for (k, v) in r["config"].as_object().unwrap() {
-        assert_eq!(&config[k], v, "config.json field `{k}`");
+        let same = match (config[k].as_f64(), v.as_f64()) {
+            // Floats such as rms_norm_eps: a GGUF stores them in f32, written as 1e-5 or as
+            // its f64 value 9.999999747378752e-06 by different converters.
+            (Some(a), Some(b)) if !v.is_u64() => (a - b).abs() <= 1e-6 * b.abs(),
+            _ => &config[k] == v,
+        };
+        assert!(same, "config.json field `{k}`: {} where transformers loaded {v}", config[k]);
     }
 
     let m = load(&ckpt);

@@ -10,7 +10,12 @@ RUN (from the repository root):
 
     VENV/bin/python tools/make_real_reference.py --gguf /path/SmolLM2-135M-Instruct.Q4_1.gguf
     ... --only logprobs,greedy     # some parts only
-    ... --only sft --fcgpu target/debug/fcgpu --model DIR   # DIR: the converted model
+    ... --only sft --fcgpu target/debug/fcgpu --model ~/.cache/fcgpu/models/smollm2-135m
+
+  --model must be the model the tests run on (scripts/get-model.sh's conversion): `fcgpu sft`
+  tokenizes its data with that model's tokenizer, so sft.json records the tokenizer's sha256 and
+  the test refuses a model with another one. Rerun `--only sft` whenever sft's data rendering,
+  loss or optimizer changes on purpose.
 
 What it writes (each part replaces only its own files):
 
@@ -56,7 +61,7 @@ BFCL = os.path.join(ROOT, "tests/data/bfcl/v4")
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 NEW_TOKENS = 64
 SFT_STEPS = 2
-SFT_ARGS = ["--steps", str(SFT_STEPS), "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-4",
+SFT_ARGS = ["--steps", str(SFT_STEPS), "--batch-size", "1", "--grad-accum", "1", "--lr", "3e-5",
             "--warmup-steps", "0", "--seed", "7", "--loss", "plain", "--max-len", "256",
             "--save-every", str(SFT_STEPS), "--eval-samples", "0", "--device", "cpu"]
 # config.json fields transformers reads for a Llama checkpoint: the test checks fcgpu writes these.
@@ -295,6 +300,9 @@ def make_sft(args, tok, out):
         "transformers": transformers.__version__, "torch": torch.__version__,
         "args": ["--data", "tests/fixtures/real/smollm2/sft-data.jsonl"] + SFT_ARGS,
         "checkpoint": f"checkpoint-{SFT_STEPS}",
+        # sft tokenizes its data with the model's tokenizer: a reference made from another
+        # conversion of the model (transformers' GGUF import splits digits differently) differs.
+        "model_tokenizer_sha256": sha256(os.path.join(args.model, "tokenizer.json")),
         "tensors": header,
         "config": cfg,
         "sequences": seqs,
