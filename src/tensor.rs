@@ -243,8 +243,10 @@ impl Tensor {
     /// f32 data on the CPU. Errors for other dtypes: CPU ops compute in f32 only.
     pub fn f32s(&self) -> Result<&[f32]> {
         match &*self.0.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            Storage::Cpu(s) => bail!("expected an f32 tensor, got {:?}", s.dtype()),
+            Storage::Cpu(s) => match s.as_f32() {
+                Some(v) => Ok(v),
+                None => bail!("expected an f32 tensor, got {:?}", s.dtype()),
+            },
             Storage::Gpu(_) => bail!(
                 "expected a tensor on the cpu, this one is on {} (download it with to_device or to_vec)",
                 self.device()
@@ -256,8 +258,10 @@ impl Tensor {
     /// downloaded.
     pub fn host_f32(&self) -> Result<Cow<'_, [f32]>> {
         Ok(match &*self.0.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Cow::Borrowed(v),
-            Storage::Cpu(s) => Cow::Owned(s.to_f32_vec()),
+            Storage::Cpu(s) => match s.as_f32() {
+                Some(v) => Cow::Borrowed(v),
+                None => Cow::Owned(s.to_f32_vec()),
+            },
             Storage::Gpu(s) => Cow::Owned(s.to_f32_vec().with_context(|| {
                 format!("downloading a tensor of shape {:?} from {}", self.shape(), self.device())
             })?),

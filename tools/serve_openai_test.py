@@ -3,6 +3,7 @@
 
 Usage: serve_openai_test.py FCGPU_BINARY MODEL_DIR [FC_MODEL_DIR]  (the checks; exit 1 on a failure)
        serve_openai_test.py FCGPU_BINARY MODEL_DIR --bench    (requests/s and time to first token)
+       serve_openai_test.py FCGPU_BINARY MODEL_DIR --real     (a real model: chat, streamed, tools)
 
 Starts the server on a free loopback port, runs chat, tools, streaming, n > 1, seed
 reproducibility, errors as the client's exception types, and a bounded load test (32 concurrent
@@ -298,9 +299,44 @@ def with_tool_template(model_dir, tmp):
     return tmp
 
 
+def real_model(binary, model_dir):
+    """A real model: chat, streamed chat and tools each answered, then a clean exit."""
+    p, client = start(binary, model_dir, "--served-model-name", "real")
+    try:
+        msgs = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        r = client.chat.completions.create(model="real", messages=msgs, max_tokens=24, temperature=0)
+        text = r.choices[0].message.content
+        assert r.choices[0].finish_reason in ("stop", "length") and re.search(r"[A-Za-z]{3,}", text), r
+        assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 24, r.usage
+        print(f"ok chat: {text!r}")
+        parts = [c.delta.content or "" for ch in client.chat.completions.create(
+            model="real", messages=msgs, max_tokens=24, temperature=0, stream=True) for c in ch.choices]
+        assert "".join(parts) == text, ("".join(parts), text)
+        print(f"ok stream: {len(parts)} chunks")
+        try:
+            r = client.chat.completions.create(
+                model="real", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                tools=TOOLS, max_tokens=48, temperature=0)
+        except openai.BadRequestError as e:
+            # A chat template that never reads `tools` (SmolLM2's) is refused, naming the field.
+            assert e.body.get("param") == "tools" and e.body.get("message"), e.body
+            print(f"ok tools: refused: {e.body['message']}")
+        else:
+            c = r.choices[0]
+            assert c.finish_reason in ("stop", "length", "tool_calls"), c
+            assert c.message.tool_calls or c.message.content, c
+            print(f"ok tools: {c.finish_reason}, {c.message.tool_calls or c.message.content!r}")
+    finally:
+        p.send_signal(signal.SIGINT)
+        code = p.wait(timeout=60)
+    assert code == 0, f"the server exited with {code} after SIGINT"
+
+
 def main():
     global MAX_TOKENS
     binary = sys.argv[1]
+    if "--real" in sys.argv[3:]:
+        return real_model(binary, sys.argv[2])
     tmp = tempfile.TemporaryDirectory()
     model_dir = with_tool_template(sys.argv[2], tmp.name)
     is_bench = "--bench" in sys.argv[3:]

@@ -3,17 +3,21 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::storage::MappedF32;
 use crate::tensor::{CpuStorage, DType, Tensor};
 
-/// Memory-mapped checkpoint files, and which file holds each tensor.
+/// Memory-mapped checkpoint files, and which file holds each tensor. f32 tensors are read in
+/// place from the maps (see [`MappedF32`]: the files must not be truncated while a model
+/// loaded from them is alive); bf16 and f16 ones are copied.
 pub struct WeightFiles {
-    maps: Vec<(PathBuf, Mmap)>,
+    maps: Vec<(PathBuf, Arc<Mmap>)>,
     index: HashMap<String, usize>,
     /// Elements over all tensors of all files (from the headers).
     elements: u128,
@@ -47,10 +51,12 @@ impl WeightFiles {
         let mut elements = 0u128;
         for path in files {
             let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            // SAFETY: the file is opened read-only; a checkpoint changing under a running job is
-            // outside what we support, as in every memory-mapped loader.
+            // SAFETY: the file is opened and mapped read-only. A checkpoint truncated or rewritten
+            // in place under a running job is outside what we support, as in every
+            // memory-mapped loader (truncation: SIGBUS on the next read of a lost page).
             let map =
                 unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let map = Arc::new(map);
             let st = SafeTensors::deserialize(&map)
                 .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
             for (name, view) in st.tensors() {
@@ -108,9 +114,16 @@ impl WeightFiles {
             st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
         let bytes = view.data();
         let storage = match view.dtype() {
-            Dtype::F32 => CpuStorage::F32(
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            ),
+            Dtype::F32 => {
+                // In place when aligned (safetensors writers align f32 data); else copied.
+                let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
+                match MappedF32::new(Arc::clone(map), offset, bytes.len() / 4) {
+                    Some(m) => CpuStorage::F32Mapped(m),
+                    None => CpuStorage::F32(
+                        bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                    ),
+                }
+            }
             Dtype::BF16 => {
                 CpuStorage::BF16(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect())
             }
@@ -217,4 +230,64 @@ pub fn load_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
         out.insert(name, Tensor::from_vec(data, view.shape())?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage_of(t: &Tensor) -> &CpuStorage {
+        t.cpu_storage().unwrap()
+    }
+
+    #[test]
+    fn f32_weights_are_read_in_place_and_never_written_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("model.safetensors");
+        let w = Tensor::from_vec(vec![1.0, -2.5, 3.25, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+        let b = Tensor::from_vec(vec![0.5, 0.25], &[2]).unwrap();
+        save(&path, &[("w".into(), w), ("b".into(), b)], DType::F32).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let files = WeightFiles::open(tmp.path()).unwrap();
+        let t = files.load("w", &[2, 3]).unwrap();
+        assert!(matches!(storage_of(&t), CpuStorage::F32Mapped(_)), "{:?}", storage_of(&t));
+        assert_eq!(t.f32s().unwrap(), &[1.0, -2.5, 3.25, 4.0, 5.0, 6.0]);
+        // An optimizer step gives the parameter new storage: the map and the file keep the old
+        // values, and the mapping outlives `files` for as long as a tensor uses it.
+        let mut p = t.clone().requires_grad();
+        p.replace_data(vec![0.0; 6]).unwrap();
+        drop(files);
+        assert_eq!(p.f32s().unwrap(), &[0.0; 6]);
+        assert_eq!(t.f32s().unwrap(), &[1.0, -2.5, 3.25, 4.0, 5.0, 6.0]);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    /// A file whose f32 data starts off a 4-byte boundary (safetensors allows it) is copied.
+    #[test]
+    fn misaligned_f32_data_is_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut header = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#.to_string();
+        while (8 + header.len()) % 4 != 2 {
+            header.push(' ');
+        }
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(1.5f32.to_le_bytes());
+        bytes.extend((-7.0f32).to_le_bytes());
+        std::fs::write(tmp.path().join("model.safetensors"), bytes).unwrap();
+        let t = WeightFiles::open(tmp.path()).unwrap().load("w", &[2]).unwrap();
+        assert!(matches!(storage_of(&t), CpuStorage::F32(_)));
+        assert_eq!(t.f32s().unwrap(), &[1.5, -7.0]);
+    }
+
+    #[test]
+    fn bf16_weights_are_upcast_to_owned_f32() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("model.safetensors");
+        let w = Tensor::from_vec(vec![1.0, -2.5, 3.25], &[3]).unwrap();
+        save(&path, &[("w".into(), w)], DType::BF16).unwrap();
+        let t = WeightFiles::open(tmp.path()).unwrap().load("w", &[3]).unwrap();
+        assert!(matches!(storage_of(&t), CpuStorage::F32(_)));
+        assert_eq!(t.f32s().unwrap(), &[1.0, -2.5, 3.25]);
+    }
 }
