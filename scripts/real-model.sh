@@ -42,8 +42,8 @@ cargo build --release --quiet --bin fcgpu
 F="$PWD/target/release/fcgpu"
 model="$(FCGPU_BIN="$F" scripts/get-model.sh smollm2-135m)"
 bfcl="$(scripts/get-bfcl.sh)/split"
-lim=()
-[ -n "$limit" ] && lim=(--limit "$limit")
+lim=() evals=132
+if [ -n "$limit" ]; then lim=(--limit "$limit"); evals=$((5 * limit)); fi
 
 step() { echo "== $*" >&2; }
 run() { "$@" 2>&1 | tee -a "$out/log.txt"; }
@@ -66,7 +66,7 @@ step "2. sft ($sft_steps steps)"
 run "$F" sft --model "$model" --data "$out/data-fit/accepted.jsonl" \
   --eval-data "$out/data-dev/accepted.jsonl" --style bfcl --run-dir "$out/sft" \
   --steps "$sft_steps" --batch-size 4 --max-len 1536 --lr 5e-5 --warmup-steps 5 \
-  --save-every 20 --seed "$seed" --eval-samples 132 --device cpu
+  --save-every 20 --seed "$seed" --eval-samples "$evals" --device cpu
 sft_model="$out/sft/checkpoint-$sft_steps"
 
 step "3. headroom on dev: pass@1 and pass@8 at T = 0.8"
@@ -77,7 +77,7 @@ step "4. GRPO ($grpo_steps steps, entropy lambda $lambda)"
 run "$F" train --model "$sft_model" --data "$out/data-fit/accepted.jsonl" \
   --eval-data "$out/data-dev/accepted.jsonl" --run-dir "$out/grpo" --steps "$grpo_steps" \
   --prompts-per-step 4 --group-size 8 --temperature 0.8 --max-new-tokens 160 --lr 1e-6 \
-  --entropy-lambda "$lambda" --seed "$seed" --eval-samples 132 --device cpu
+  --entropy-lambda "$lambda" --seed "$seed" --eval-samples "$evals" --device cpu
 grpo_model="$out/grpo/checkpoint-$grpo_steps"
 
 step "5. held-out accuracy of the SFT and the GRPO model"
