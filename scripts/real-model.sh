@@ -9,6 +9,9 @@
 #   5. held-out accuracy of the SFT and the GRPO model;
 # and prints the table. Every step's output stays in OUT (default runs/real-model/seed-N);
 # an existing OUT is refused unless --force. Choices are made on dev, never on held-out.
+# Status (2026-12-07): steps 1-3 ran at smoke size (--limit 1 --sft-steps 2) and at full size
+# (docs/results.md); the GRPO settings of step 4 are first choices, not yet run to the end on
+# the real model or tuned on dev.
 #
 # Usage: scripts/real-model.sh [--seed N] [--out DIR] [--lambda X] [--sft-steps N]
 #          [--grpo-steps N] [--limit N] [--force]
