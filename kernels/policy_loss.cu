@@ -26,9 +26,12 @@ __device__ __forceinline__ float pl_weight(int i, float m, int sg, const float* 
     if (m == 0.0f) return 0.0f;
     if (mode == 0) return n_total > 0.0f ? m / n_total : 0.0f;
     if (mode == 1) { float c = counts[3 * i]; return c > 0.0f ? m / (c * (float)n_seq) : 0.0f; }
-    if (sg == 1) { float c = counts[3 * i + 1]; return c > 0.0f ? m * alpha_s / (c * (float)n_seq) : 0.0f; }
-    if (sg == 2) { float c = counts[3 * i + 2]; return c > 0.0f ? m * (1.0f - alpha_s) / (c * (float)n_seq) : 0.0f; }
-    return 0.0f;
+    // A sequence lacking one segment gives its whole weight to the other (a plain answer is
+    // all result: it must not train at half the rate of one with reasoning).
+    const float nt = counts[3 * i + 1], nr = counts[3 * i + 2];
+    const float share = nt > 0.0f && nr > 0.0f ? (sg == 1 ? alpha_s : 1.0f - alpha_s) : 1.0f;
+    const float c = sg == 1 ? nt : (sg == 2 ? nr : 0.0f);
+    return c > 0.0f ? m * share / (c * (float)n_seq) : 0.0f;
 }
 
 __device__ __forceinline__ float total_tokens(const float* counts, int n_seq, float* scratch) {

@@ -348,3 +348,45 @@ fn dump_initial_gradients() {
         .collect();
     std::fs::write(Path::new(&dir).join("grads.json"), serde_json::to_string(&out).unwrap()).unwrap();
 }
+
+/// Plain answers (no think segment): under `entropy_segment = auto` the FunRL bonus reads the
+/// whole answer's entropy, so λ changes the update; under `think` it has nothing to read and
+/// λ 0.4 equals λ 0 (the reason `auto` exists).
+#[test]
+fn entropy_bonus_reads_the_answer_when_there_is_no_think_segment() {
+    use fcgpu::fc::prompt::PromptStyle;
+    use fcgpu::train::grpo::EntropySegment;
+    let fx = fixture("grpo.json");
+    let ro = &fx["rollouts"][0];
+    let seqs: Vec<Vec<u32>> = ro["seqs"].as_array().unwrap().iter().map(ids).collect();
+    let pls = usizes(&ro["prompt_lens"]);
+    let rewards: Vec<f32> = floats(&ro["rewards"]).iter().map(|&r| r as f32).collect();
+    let first_update = |lambda: f32, seg: EntropySegment| {
+        let (model, tok) = load(&fx);
+        let cfg = GrpoConfig {
+            run: RunConfig {
+                run_dir: Path::new("unused").to_path_buf(),
+                ..optimizer_run(&fx, RunConfig::grpo())
+            },
+            group_size: f(&fx, "group_size") as usize,
+            prompts_per_step: f(&fx, "prompts_per_step") as usize,
+            entropy_lambda: lambda,
+            entropy_segment: seg,
+            style: Some(PromptStyle::Bfcl),
+            think: Some(false),
+            beta: 0.0,
+            ..Default::default()
+        };
+        let mut t = GrpoTrainer::with_model(cfg, model, tok);
+        let rollouts = t.rollouts_from_policy(&seqs, &pls, &vec![0; seqs.len()]).unwrap();
+        let u = t.update(&rollouts, &rewards, 1e-3).unwrap();
+        (u.cot_entropy, u.epochs[0].0)
+    };
+    let (h_plain, loss_plain) = first_update(0.0, EntropySegment::Auto);
+    let (h_auto, loss_auto) = first_update(0.4, EntropySegment::Auto);
+    let (h_think, loss_think) = first_update(0.4, EntropySegment::Think);
+    assert!(h_auto > 0.1 && h_auto == h_plain, "answer entropy {h_auto} (λ 0: {h_plain})");
+    assert_eq!(h_think, 0.0, "a plain answer has no think entropy");
+    assert!((loss_auto - loss_plain).abs() > 1e-4, "λ 0.4 loss {loss_auto} vs λ 0 {loss_plain}");
+    assert_eq!(loss_think, loss_plain, "with no think segment λ has nothing to add");
+}

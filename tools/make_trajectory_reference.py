@@ -231,9 +231,12 @@ def grpo_loss(logps, old, ref, adv_tok, think_lens, cfg, agg):
         else:
             sa = cfg["srml_alpha"]
             w = torch.zeros(m, dtype=torch.float64)
+            # A sequence with no think segment gives its result tokens the whole weight.
             if tl > 0:
                 w[:tl] = sa / (tl * n)
-            w[tl:] = (1 - sa) / ((m - tl) * n)
+                w[tl:] = (1 - sa) / ((m - tl) * n)
+            else:
+                w[:] = 1.0 / (m * n)
         loss = loss + (w * per).sum()
     return loss
 

@@ -8,7 +8,7 @@ use crate::fc::prompt::PromptStyle;
 use crate::fc::reward::RewardKind;
 use crate::rl::advantage::AdvScale;
 use crate::rl::policy_loss::LossAgg;
-use crate::train::grpo::{self, Granularity, GrpoConfig};
+use crate::train::grpo::{self, EntropySegment, Granularity, GrpoConfig};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
@@ -39,6 +39,10 @@ pub struct Args {
     pub entropy_alpha: Option<f32>,
     #[arg(long, value_enum)]
     pub entropy_granularity: Option<Granularity>,
+    /// The tokens whose entropy feeds the bonus: auto (think segment with reasoning, the whole
+    /// answer without), think, completion.
+    #[arg(long, value_enum)]
+    pub entropy_segment: Option<EntropySegment>,
     #[arg(long)]
     pub eps_low: Option<f32>,
     #[arg(long)]
@@ -81,7 +85,7 @@ pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
     a.run.apply(&mut c.run);
     apply_flags!(c, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
-        entropy_alpha, entropy_granularity, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, warmup_sft_steps,
+        entropy_alpha, entropy_granularity, entropy_segment, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, warmup_sft_steps,
         dynamic_sampling, max_resample);
     set_some(&mut c.style, a.style);
     set_some(&mut c.think, a.think);

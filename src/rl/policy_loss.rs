@@ -4,7 +4,8 @@
 //! Per completion token: `ρ = exp(logp − old)`, `ℓ = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)`,
 //! `k = exp(ref − logp) − (ref − logp) − 1`, `L = ℓ + β·k`; `loss = Σ w·L` with
 //! token-mean `w = m/Σm`, seq-mean `w = m/(N_i·n_seq)`, srml `w = m·α_s/(N_think,i·n_seq)` on think
-//! tokens (seg 1) and `m·(1−α_s)/(N_result,i·n_seq)` on result tokens (seg 2).
+//! tokens (seg 1) and `m·(1−α_s)/(N_result,i·n_seq)` on result tokens (seg 2); a sequence with
+//! only one segment gives it the whole weight, `m/(N_seg,i·n_seq)`.
 //! `∂L/∂logp = −A·ρ` on the unclipped branch (ρ·A <= clip·A), else 0, `+ β·(1 − exp(ref − logp))`.
 
 use anyhow::{ensure, Result};
@@ -94,11 +95,15 @@ fn weights(x: &PolicyLossInput, agg: LossAgg, alpha: f32) -> Vec<f64> {
                 match agg {
                     LossAgg::TokenMean => m / total,
                     LossAgg::SeqMean => m / (ni * n as f64),
-                    LossAgg::Srml => match seg(k) {
-                        1 => m * alpha as f64 / (nt * n as f64),
-                        2 => m * (1.0 - alpha as f64) / (nr * n as f64),
-                        _ => 0.0,
-                    },
+                    LossAgg::Srml => {
+                        // A sequence lacking one segment gives its whole weight to the other.
+                        let both = nt > 0.0 && nr > 0.0;
+                        match seg(k) {
+                            1 => m * if both { alpha as f64 } else { 1.0 } / (nt * n as f64),
+                            2 => m * if both { 1.0 - alpha as f64 } else { 1.0 } / (nr * n as f64),
+                            _ => 0.0,
+                        }
+                    }
                 }
             };
         }
@@ -315,6 +320,36 @@ pub mod gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SRML over plain answers (no think segment) is the sequence mean, not half of it.
+    #[test]
+    fn srml_without_think_tokens_weighs_like_seq_mean() {
+        let (n_seq, t) = (3, 4);
+        let logp: Vec<f32> = (0..12).map(|i| -0.2 - 0.1 * i as f32).collect();
+        let old: Vec<f32> = logp.iter().enumerate().map(|(i, l)| l + 0.05 * (i % 3) as f32).collect();
+        let mask = [1., 1., 1., 0., 1., 1., 0., 0., 1., 1., 1., 1.];
+        let seg = [2; 12];
+        let run = |agg| {
+            let cfg = PolicyLossCfg { eps_low: 0.2, eps_high: 0.28, beta: 0.0, agg, srml_alpha: 0.3 };
+            let x = PolicyLossInput {
+                logp: &logp,
+                old_logp: &old,
+                ref_logp: None,
+                adv: &[0.9, -0.4, 1.3],
+                adv_per_token: false,
+                mask: &mask,
+                seg: Some(&seg),
+                n_seq,
+                t,
+            };
+            policy_loss(&x, &cfg, 1.0).unwrap()
+        };
+        let ((a, ga), (b, gb)) = (run(LossAgg::Srml), run(LossAgg::SeqMean));
+        assert!((a.loss - b.loss).abs() < 1e-6, "srml {} vs seq-mean {}", a.loss, b.loss);
+        for (x, y) in ga.iter().zip(&gb) {
+            assert!((x - y).abs() < 1e-6, "gradient {x} vs {y}");
+        }
+    }
 
     /// The analytic gradient against central differences of the loss.
     #[test]

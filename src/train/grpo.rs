@@ -39,6 +39,18 @@ pub enum Granularity {
     Token,
 }
 
+/// `--entropy-segment`: the completion tokens whose sampling entropy feeds the FunRL bonus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntropySegment {
+    /// The think segment when the run's format has one, else the whole completion.
+    Auto,
+    /// The think segment only (SPEC §3.3); a plain answer then has no bonus.
+    Think,
+    /// Every completion token.
+    Completion,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpoConfig {
@@ -55,6 +67,10 @@ pub struct GrpoConfig {
     pub entropy_lambda: f32,
     pub entropy_alpha: f32,
     pub entropy_granularity: Granularity,
+    /// Which tokens' entropy the bonus reads. `auto` (default): the think segment of a format
+    /// with reasoning, the whole answer of a plain-answer format, where the think segment is
+    /// empty and λ would otherwise change nothing.
+    pub entropy_segment: EntropySegment,
     pub eps_low: f32,
     pub eps_high: f32,
     pub beta: f32,
@@ -99,6 +115,7 @@ impl Default for GrpoConfig {
             entropy_lambda: 0.4,
             entropy_alpha: 2.0,
             entropy_granularity: Granularity::Response,
+            entropy_segment: EntropySegment::Auto,
             eps_low: 0.2,
             eps_high: 0.28,
             beta: 0.001,
@@ -131,7 +148,7 @@ pub struct GrpoMetrics {
     /// Fraction of the first draw's completions with a well-formed think block and answer.
     #[serde(alias = "format_ok")]
     pub rollout_format_ok: f32,
-    /// Mean entropy over think-segment tokens.
+    /// Mean entropy over the entropy segment's tokens (`entropy_segment`).
     pub cot_entropy: f32,
     pub kl: f32,
     pub clip_frac: f32,
@@ -450,6 +467,21 @@ impl GrpoTrainer {
         }
     }
 
+    /// The completion tokens of `r` whose entropy feeds the bonus (`entropy_segment`).
+    fn entropy_span(&self, r: &Rollout) -> std::ops::Range<usize> {
+        let n = r.ids.len() - r.prompt_len;
+        let whole = match self.cfg.entropy_segment {
+            EntropySegment::Think => false,
+            EntropySegment::Completion => true,
+            EntropySegment::Auto => !self.format.think,
+        };
+        if whole {
+            0..n
+        } else {
+            0..r.think_len
+        }
+    }
+
     /// Where the think segment of `ids` ends (just past the token that completes `</think>`),
     /// or 0 when there is none: the completion is then all result (SPEC §1).
     fn think_len(&self, ids: &[u32]) -> usize {
@@ -601,7 +633,7 @@ impl GrpoTrainer {
         }
         let g = self.cfg.group_size;
         let mut st = UpdateStats::default();
-        let h_tok: Vec<&[f32]> = rollouts.iter().map(|r| &r.entropy[..r.think_len]).collect();
+        let h_tok: Vec<&[f32]> = rollouts.iter().map(|r| &r.entropy[self.entropy_span(r)]).collect();
         let h_seq: Vec<f32> = h_tok
             .iter()
             .map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 })
@@ -708,8 +740,11 @@ impl GrpoTrainer {
         let mut x = vec![0.0f32; n * t];
         let (mut old, mut refm, mut mask, mut seg) =
             (vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0i32; n * t]);
-        let mut h_tok = vec![0.0f32; n * t];
+        let (mut h_tok, mut h_mask) = (vec![0.0f32; n * t], vec![0.0f32; n * t]);
         for (i, r) in rollouts.iter().enumerate() {
+            for j in self.entropy_span(r) {
+                (h_tok[i * t + j], h_mask[i * t + j]) = (r.entropy[j], 1.0);
+            }
             for j in 0..r.ids.len() - r.prompt_len {
                 let k = i * t + j;
                 x[k] = cur[i][j];
@@ -717,18 +752,15 @@ impl GrpoTrainer {
                 refm[k] = ref_lp.map_or(0.0, |rl| rl[i][j]);
                 mask[k] = 1.0;
                 seg[k] = if j < r.think_len { 1 } else { 2 };
-                h_tok[k] = if j < r.think_len { r.entropy[j] } else { 0.0 };
             }
         }
         let tok_adv;
         let (adv_slice, per_token) = if self.cfg.entropy_granularity == Granularity::Token {
-            let think_mask: Vec<f32> =
-                seg.iter().zip(&mask).map(|(&s, &m)| if s == 1 { m } else { 0.0 }).collect();
             let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
-            // A'_{i,t} = A_i + min(λH_{i,t}, |A_i|/α) on think tokens, A_i on result tokens.
-            let with_bonus = token_advantages(raw_adv, &h_tok, Some(&think_mask), t, bonus);
+            // A'_{i,t} = A_i + min(λH_{i,t}, |A_i|/α) on the entropy segment, A_i elsewhere.
+            let with_bonus = token_advantages(raw_adv, &h_tok, Some(&h_mask), t, bonus);
             tok_adv = (0..n * t)
-                .map(|k| if think_mask[k] > 0.0 { with_bonus[k] } else { raw_adv[k / t] * mask[k] })
+                .map(|k| if h_mask[k] > 0.0 { with_bonus[k] } else { raw_adv[k / t] * mask[k] })
                 .collect::<Vec<f32>>();
             (tok_adv.as_slice(), true)
         } else {

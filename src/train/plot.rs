@@ -14,7 +14,7 @@ const PANELS: [Series; 6] = [
     ("reward_mean (first draw)", |m| m.reward_mean),
     ("rollout_call_valid (first draw; BFCL checker, format ignored)", |m| m.rollout_call_valid),
     ("zero_var_groups (trained batch)", |m| m.zero_var_groups),
-    ("cot_entropy (think tokens)", |m| m.cot_entropy),
+    ("cot_entropy (entropy segment)", |m| m.cot_entropy),
     ("kl (k3, to the reference)", |m| m.kl),
     ("loss (policy)", |m| m.loss),
 ];

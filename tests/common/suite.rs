@@ -642,7 +642,9 @@ pub fn policy_loss_matches_cpu(dev: &GpuDevice) {
         if n_seq > 2 {
             mask[t..2 * t].fill(0.0); // a fully masked sequence
         }
-        let seg: Vec<i32> = (0..n).map(|k| if k % t < t / 3 { 1 } else { 2 }).collect();
+        // The last sequence is a plain answer (no think segment): srml gives it all the weight.
+        let seg: Vec<i32> =
+            (0..n).map(|k| if k % t < t / 3 && (n_seq == 1 || k / t + 1 < n_seq) { 1 } else { 2 }).collect();
         let adv_seq = randn(n_seq, 34, 1.0);
         let adv_tok = randn(n, 35, 1.0);
         let bufs = |v: &[f32]| d.upload_f32(v).unwrap();
