@@ -22,6 +22,10 @@ cd "$(dirname "$0")/.."
 seed=0 out="" lambda=0.4 sft_steps=60 grpo_steps=60 limit="" force=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --seed|--out|--lambda|--sft-steps|--grpo-steps|--limit)
+      [ $# -ge 2 ] || { echo "real-model.sh: $1 needs a value (see --help)" >&2; exit 2; } ;;
+  esac
+  case "$1" in
     --seed) seed="$2"; shift ;;
     --out) out="$2"; shift ;;
     --lambda) lambda="$2"; shift ;;

@@ -8,6 +8,10 @@ use std::process::Command;
 
 use half::{bf16, f16};
 
+#[path = "common/real_model.rs"]
+mod real_model;
+use real_model::real_model_dir;
+
 // ---- a GGUF writer and a tiny llama ----
 
 const F32: u32 = 0;
@@ -756,19 +760,6 @@ fn existing_out_needs_force_and_force_replaces_it() {
 
 // ---- (c) the real model against transformers ----
 
-fn real_model() -> Option<PathBuf> {
-    let dir = match std::env::var_os("FCGPU_REAL_MODEL") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let cache = std::env::var_os("FCGPU_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/fcgpu")))?;
-            cache.join("models/smollm2-135m")
-        }
-    };
-    dir.join("model.safetensors").exists().then_some(dir)
-}
-
 fn fixture(name: &str) -> serde_json::Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/smollm2").join(name);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -780,7 +771,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[test]
 fn real_smollm2_weights_match_transformers() {
-    let Some(dir) = real_model() else {
+    let Some(dir) = real_model_dir() else {
         eprintln!("skipped: run scripts/get-model.sh smollm2-135m");
         return;
     };
@@ -826,7 +817,7 @@ fn real_smollm2_weights_match_transformers() {
 
 #[test]
 fn real_smollm2_tokenizer_matches_transformers() {
-    let Some(dir) = real_model() else {
+    let Some(dir) = real_model_dir() else {
         eprintln!("skipped: run scripts/get-model.sh smollm2-135m");
         return;
     };

@@ -15,31 +15,15 @@ use fcgpu::model::{Batch, Model};
 use fcgpu::rollout::{generate, SamplingConfig};
 use serde_json::Value;
 
+#[path = "common/real_model.rs"]
+mod real_model;
+use real_model::real_model_dir;
+
 /// Log-probs and entropies: within this of transformers' float64 values.
 const TOL: f32 = 2e-4;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real/smollm2")
-}
-
-/// The converted model, or `None` (after saying how to get it) when it is not on this machine.
-fn model_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("FCGPU_REAL_MODEL") {
-        let dir = PathBuf::from(dir);
-        assert!(dir.join("config.json").is_file(), "FCGPU_REAL_MODEL={} holds no config.json", dir.display());
-        return Some(dir);
-    }
-    let cache = match std::env::var_os("FCGPU_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/fcgpu"),
-    };
-    let dir = cache.join("models/smollm2-135m");
-    if dir.join("config.json").is_file() {
-        Some(dir)
-    } else {
-        eprintln!("skipped: run scripts/get-model.sh smollm2-135m (no model in {})", dir.display());
-        None
-    }
 }
 
 /// The model, checked to be the one the references were made from.
@@ -93,7 +77,7 @@ fn logprobs(m: &Model, seqs: &[Vec<u32>]) -> Vec<f32> {
 
 #[test]
 fn logprobs_and_entropies_match_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = real_model_dir() else { return };
     let m = load(&dir);
     let r = load_all(&fixtures().join("logprobs.safetensors")).unwrap();
     let seqs: Vec<Vec<u32>> = (0..)
@@ -118,7 +102,7 @@ fn greedy_reference() -> Vec<Value> {
 
 #[test]
 fn greedy_decoding_matches_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = real_model_dir() else { return };
     let m = load(&dir);
     let refs = greedy_reference();
     assert_eq!(refs.len(), 8);
@@ -148,7 +132,7 @@ fn greedy_decoding_matches_transformers() {
 /// on BFCL entries: each runs on the real model and writes what it should.
 #[test]
 fn generate_and_eval_commands_run_on_the_real_model() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = real_model_dir() else { return };
     let m = dir.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let refs = greedy_reference();
@@ -235,7 +219,7 @@ fn header(path: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
 /// rendering or loss changes on purpose, rerun `tools/make_real_reference.py --only sft`.)
 #[test]
 fn sft_checkpoint_matches_transformers() {
-    let Some(dir) = model_dir() else { return };
+    let Some(dir) = real_model_dir() else { return };
     let path = fixtures().join("sft.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(

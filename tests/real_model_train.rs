@@ -4,7 +4,7 @@
 //! `${FCGPU_CACHE:-$HOME/.cache/fcgpu}/models/smollm2-135m`); otherwise each test says how
 //! to get it and returns. tests/train_format.rs checks the same on a fixture in every run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fcgpu::data::{load_bfcl_category, synth, Sample};
 use fcgpu::fc::prompt::{render_calls, PromptStyle};
@@ -17,23 +17,9 @@ use fcgpu::train::sft::{encode_completion, SftConfig, Trainer};
 use fcgpu::train::srml::LossKind;
 use fcgpu::Device;
 
-fn real_model() -> Option<PathBuf> {
-    let dir = match std::env::var_os("FCGPU_REAL_MODEL") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let cache = std::env::var_os("FCGPU_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/fcgpu")))?;
-            cache.join("models/smollm2-135m")
-        }
-    };
-    if dir.join("model.safetensors").exists() && dir.join("tokenizer.json").exists() {
-        Some(dir)
-    } else {
-        eprintln!("skipped: run scripts/get-model.sh smollm2-135m (no model in {})", dir.display());
-        None
-    }
-}
+#[path = "common/real_model.rs"]
+mod real_model;
+use real_model::real_model_dir;
 
 /// The first `n` BFCL simple_python entries of the test subset, with reasoning if asked.
 fn simple(n: usize, reasoning: bool) -> Vec<Sample> {
@@ -51,7 +37,7 @@ fn simple(n: usize, reasoning: bool) -> Vec<Sample> {
 
 #[test]
 fn the_think_boundary_on_smollm2s_tokenizer() {
-    let Some(model) = real_model() else { return };
+    let Some(model) = real_model_dir() else { return };
     let tok = Tokenizer::load(&model).unwrap();
     assert_eq!(tok.token_id("</think>"), None, "SmolLM2 has no single </think> token");
     let fmt = TrainFormat { style: PromptStyle::Reasoning, think: true };
@@ -87,7 +73,7 @@ fn sft_cfg(model: &Path, run: &Path, data: &Path, style: PromptStyle, loss: Loss
 
 #[test]
 fn sft_steps_and_the_recorded_style_on_smollm2() {
-    let Some(model) = real_model() else { return };
+    let Some(model) = real_model_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let plain = tmp.path().join("plain.jsonl");
     synth::write_jsonl(&plain, &simple(4, false)).unwrap();
