@@ -488,12 +488,7 @@ impl GrpoTrainer {
         if let Some(end) = self.tok.token_id("</think>") {
             return ids.iter().position(|&t| t == end).map_or(0, |i| i + 1);
         }
-        // Most completions of a plain-answer run have no marker: one decode says so.
-        let closes = |k: usize| self.tok.decode(&ids[..k], false).is_ok_and(|t| t.contains("</think>"));
-        if !closes(ids.len()) {
-            return 0;
-        }
-        (1..=ids.len()).find(|&k| closes(k)).unwrap_or(0)
+        think_len_by_decoding(ids.len(), |k| self.tok.decode(&ids[..k], false).ok())
     }
 
     /// One GRPO step: rollouts (re-drawn by dynamic sampling), rewards, advantages, μ
@@ -907,6 +902,28 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
 }
 
 /// Completion tokens of the rollouts in `groups`.
+/// Think length (see [`GrpoTrainer::think_len`]) of an `n`-token completion whose `</think>`
+/// spans several tokens, given the decode of its first `k` tokens. A prefix that contains the
+/// marker stays containing it as `k` grows, so a binary search finds the first such prefix
+/// with O(log n) decodes (a scan of every prefix was quadratic in the completion's length).
+/// Most completions of a plain-answer run have no marker: one decode says so.
+fn think_len_by_decoding(n: usize, mut decode: impl FnMut(usize) -> Option<String>) -> usize {
+    let mut closes = |k: usize| decode(k).is_some_and(|t| t.contains("</think>"));
+    if n == 0 || !closes(n) {
+        return 0;
+    }
+    let (mut lo, mut hi) = (0, n); // closes(hi), and !closes(lo) for lo = 0 (empty text)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if closes(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
 fn tokens_of(groups: &[Group]) -> usize {
     groups.iter().flat_map(|grp| &grp.rollouts).map(|r| r.ids.len() - r.prompt_len).sum()
 }
@@ -1075,6 +1092,31 @@ mod tests {
             on[0].completion_tokens >= off[0].completion_tokens,
             "step 1: the same first draw plus the re-draws' tokens"
         );
+    }
+
+    #[test]
+    /// A 4,096-token completion with a multi-token `</think>` at tokens 1,234..1,236: the
+    /// think length is found with a logarithmic number of decodes, and it agrees with the
+    /// first-prefix scan on every marker position of a short completion.
+    #[test]
+    fn think_len_takes_logarithmically_many_decodes() {
+        let text = |toks: &[&str], k: usize| Some(toks[..k].concat());
+        let mut toks = vec!["a"; 4096];
+        toks[1234..1237].copy_from_slice(&["</th", "in", "k>"]);
+        let mut calls = 0;
+        let n = super::think_len_by_decoding(toks.len(), |k| {
+            calls += 1;
+            text(&toks, k)
+        });
+        assert_eq!(n, 1237);
+        assert!(calls <= 14, "{calls} decodes for 4,096 tokens");
+        for at in 0..10 {
+            let mut t = vec!["x"; 12];
+            t[at..at + 3].copy_from_slice(&["</", "think", ">"]);
+            let scan = (1..=t.len()).find(|&k| t[..k].concat().contains("</think>")).unwrap_or(0);
+            assert_eq!(super::think_len_by_decoding(t.len(), |k| text(&t, k)), scan, "marker at {at}");
+        }
+        assert_eq!(super::think_len_by_decoding(5, |k| text(&["a"; 5], k)), 0);
     }
 
     #[test]
