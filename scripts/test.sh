@@ -46,6 +46,24 @@ export LD_LIBRARY_PATH="$PWD/$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cargo test --quiet --test gpu_kernels_check
 cargo run --quiet -- kernels check --arch sm_80,sm_90
 
+# --log tensorboard read by TensorBoard itself (EventAccumulator): a micro GRPO run's event
+# files against its metrics.jsonl. tensorboard comes from pip, in a git-ignored venv.
+if [ ! -x .venv-tb/bin/python ]; then
+  python3 -m venv .venv-tb
+fi
+if ! .venv-tb/bin/python -c "import tensorboard" 2>/dev/null; then
+  .venv-tb/bin/pip install --quiet tensorboard
+fi
+tb_run="$(mktemp -d)"
+if ! target/debug/fcgpu train --run-dir "$tb_run/run" --preset micro --base scratch --task-train 40 \
+  --warmup-sft-steps 2 --group-size 3 --prompts-per-step 2 --max-new-tokens 8 --eval-samples 2 \
+  --steps 2 --log tensorboard >"$tb_run/log" 2>&1; then
+  cat "$tb_run/log" >&2
+  exit 1
+fi
+.venv-tb/bin/python tools/check_tensorboard.py "$tb_run/run" --grpo
+rm -rf "$tb_run"
+
 # fcgpu serve with the official `openai` Python client (chat, tools, streaming, n > 1, seeds,
 # error types, a 32 x 10 loopback load test with flat RSS) on the qwen2-tiny fixture, then tool
 # calls, a forced tool_choice and tool-call streaming on the shipped base fc-tiny; the client

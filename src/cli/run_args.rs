@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// bytes each way, synchronisations, allocations) to this file as JSON lines.
     #[arg(long)]
     pub counters: Option<PathBuf>,
+    /// Metrics besides metrics.jsonl: jsonl (only it) or tensorboard (also TensorBoard event
+    /// files in the run directory: every per-step metric, histograms, held-out evals).
+    #[arg(long, value_enum)]
+    pub log: Option<crate::train::metrics::LogFormat>,
     /// Continue from the latest checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
@@ -91,6 +95,7 @@ impl RunArgs {
         set_given(&mut c.save_every, &self.save_every);
         set_given(&mut c.eval_samples, &self.eval_samples);
         c.counters = self.counters.clone();
+        set_given(&mut c.log, &self.log);
         set_given(&mut c.preset, &self.preset);
         set_given(&mut c.task_train, &self.task_train);
         set_given(&mut c.base, &self.base);

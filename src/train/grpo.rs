@@ -179,6 +179,10 @@ pub struct GrpoMetrics {
     /// The same, pooled over the samples that expect a call (every category but irrelevance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heldout_calls_accuracy: Option<f32>,
+    /// Per-rollout values of the step for `--log tensorboard` histograms (reward, advantage,
+    /// completion length); not in metrics.jsonl.
+    #[serde(skip)]
+    pub histograms: Vec<(&'static str, Vec<f32>)>,
 }
 
 /// One prompt's G rollouts, their rewards, and how many the checker and format rule accept.
@@ -261,6 +265,8 @@ pub struct UpdateStats {
     pub cot_entropy: f32,
     pub zero_var_groups: f32,
     pub epochs: Vec<(f32, f32, f32, f32)>,
+    /// The advantage of each rollout, entropy bonus included (response granularity).
+    pub advantages: Vec<f32>,
     pub seconds_reference: f32,
     pub seconds_update: f32,
 }
@@ -593,7 +599,10 @@ impl GrpoTrainer {
         let t_roll = t0.elapsed().as_secs_f32();
         let rewards: Vec<f32> = groups.iter().flat_map(|grp| grp.rewards.iter().copied()).collect();
         let rollouts: Vec<Rollout> = groups.into_iter().flat_map(|grp| grp.rollouts).collect();
+        let lengths = rollouts.iter().map(|r| (r.ids.len() - r.prompt_len) as f32).collect();
         let u = self.update(&rollouts, &rewards, lr).with_context(|| format!("step {next}"))?;
+        m.histograms =
+            vec![("reward", rewards), ("advantage", u.advantages.clone()), ("completion_length", lengths)];
         m.cot_entropy = u.cot_entropy;
         m.zero_var_groups = u.zero_var_groups;
         let &(loss, kl, clip, norm) = u.epochs.last().context("no PPO epoch ran")?;
@@ -640,6 +649,7 @@ impl GrpoTrainer {
         let per_response = self.cfg.entropy_granularity == Granularity::Response;
         let adv = group_advantages(rewards, g, scale, per_response.then_some(h_seq.as_slice()), bonus)?;
         st.zero_var_groups = adv.zero_var.iter().filter(|&&z| z).count() as f32 / adv.zero_var.len() as f32;
+        st.advantages.clone_from(&adv.adv);
         let t1 = Instant::now();
         let dev = self.model.device().gpu().ok();
         let ref_lp = match &self.reference {
@@ -833,7 +843,7 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
     let run_dir = cfg.run.run_dir.clone();
     runfs::write_atomic(&run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = MetricsWriter::open(&metrics_path, t.step)?;
+    let mut metrics = MetricsWriter::open(&metrics_path, t.step)?.logging(cfg.run.log, &run_dir)?;
     let mut before = None;
     if cfg.run.eval_samples > 0 && t.step == 0 {
         let h = t.evaluate(cfg.run.eval_samples)?;
@@ -877,6 +887,7 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
             after = Some(h.accuracy);
         }
         metrics.write(&m)?;
+        metrics.histograms(m.step, &m.histograms)?;
         pb.set_position(m.step);
         pb.set_message(format!(
             "reward {:.3} call_valid {:.3} zero_var {:.2} H {:.3} kl {:.4} {:.0} tok/s",

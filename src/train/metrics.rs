@@ -20,8 +20,21 @@ pub struct SftMetrics {
     pub seconds: f32,
 }
 
+/// `--log`: where per-step metrics go besides metrics.jsonl, which is always written (resume
+/// and `curves.svg` read it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// metrics.jsonl only.
+    #[default]
+    Jsonl,
+    /// Also TensorBoard event files in the run directory (`train::tensorboard`).
+    Tensorboard,
+}
+
 pub struct MetricsWriter {
     path: PathBuf,
+    events: Option<crate::train::tensorboard::EventWriter>,
 }
 
 impl MetricsWriter {
@@ -47,7 +60,36 @@ impl MetricsWriter {
             }
             crate::runfs::write_atomic(path, out.as_bytes())?;
         }
-        Ok(MetricsWriter { path: path.to_path_buf() })
+        Ok(MetricsWriter { path: path.to_path_buf(), events: None })
+    }
+
+    /// With `LogFormat::Tensorboard`, every line is also written as TensorBoard scalars to a new
+    /// event file in `run_dir`: held-out fields (`heldout_*`) under `eval/`, the rest under
+    /// `train/`.
+    pub fn logging(mut self, log: LogFormat, run_dir: &Path) -> Result<MetricsWriter> {
+        if log == LogFormat::Tensorboard {
+            self.events = Some(crate::train::tensorboard::EventWriter::create(run_dir)?);
+        }
+        Ok(self)
+    }
+
+    /// Held-out results at `step` as `eval/<name>` scalars, for TensorBoard only (metrics.jsonl
+    /// lines are per step; `sft` keeps its held-out results in eval.json and heldout-*.json).
+    pub fn eval(&mut self, step: u64, values: &[(&str, f32)]) -> Result<()> {
+        let Some(ev) = &mut self.events else { return Ok(()) };
+        for (name, v) in values {
+            ev.scalar(&format!("eval/{name}"), step, *v as f64)?;
+        }
+        ev.flush()
+    }
+
+    /// Histograms of one step (`(tag, values)`, tags under `train/`), for TensorBoard only.
+    pub fn histograms(&mut self, step: u64, hists: &[(&str, Vec<f32>)]) -> Result<()> {
+        let Some(ev) = &mut self.events else { return Ok(()) };
+        for (tag, v) in hists {
+            ev.histogram(&format!("train/{tag}"), step, v)?;
+        }
+        ev.flush()
     }
 
     pub fn write<M: Serialize>(&mut self, m: &M) -> Result<()> {
@@ -56,7 +98,17 @@ impl MetricsWriter {
             .append(true)
             .open(&self.path)
             .with_context(|| format!("cannot open {}", self.path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(m)?)?;
+        let line = serde_json::to_value(m)?;
+        writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.path.display()))?;
+        if let Some(ev) = &mut self.events {
+            let step = line["step"].as_u64().unwrap_or(0);
+            for (k, v) in line.as_object().into_iter().flatten() {
+                let Some(x) = v.as_f64().filter(|_| k != "step") else { continue };
+                let group = if k.starts_with("heldout") { "eval" } else { "train" };
+                ev.scalar(&format!("{group}/{k}"), step, x)?;
+            }
+            ev.flush()?;
+        }
         Ok(())
     }
 }

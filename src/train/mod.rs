@@ -16,6 +16,7 @@ pub mod run_config;
 pub mod schedule;
 pub mod sft;
 pub mod srml;
+pub mod tensorboard;
 pub mod tiny;
 
 /// The training loops' progress bar over `steps` (hidden when stderr is not a terminal, so logs

@@ -57,6 +57,9 @@ pub struct RunConfig {
     /// config.toml, not compared on resume.
     #[serde(skip)]
     pub counters: Option<PathBuf>,
+    /// Where metrics go besides metrics.jsonl (`--log`). An output like `counters`.
+    #[serde(skip)]
+    pub log: crate::train::metrics::LogFormat,
 }
 
 impl RunConfig {
@@ -113,6 +116,7 @@ impl RunConfig {
             copy_heads: true,
             base: crate::train::base::SCRATCH.into(),
             counters: None,
+            log: Default::default(),
         }
     }
 

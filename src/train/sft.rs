@@ -612,7 +612,7 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
     let cfg = t.cfg.clone();
     let run = cfg.run.run_dir.clone();
     runfs::write_atomic(&run.join("config.toml"), toml::to_string_pretty(&cfg)?.as_bytes())?;
-    let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?;
+    let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), t.step)?.logging(cfg.run.log, &run)?;
     let pb = crate::train::step_bar(cfg.run.steps);
     pb.set_position(t.step);
     let (mut first, mut last, mut ran) = (f32::NAN, f32::NAN, 0);
@@ -657,6 +657,13 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
             h.summary()
         );
         h.write(&run, "sft")?;
+        let scores = [
+            ("heldout_accuracy", h.accuracy),
+            ("heldout_calls_accuracy", h.calls_accuracy),
+            ("result_token_accuracy", a),
+            ("result_exact", e),
+        ];
+        metrics.eval(t.step, &scores)?;
         accuracy = Some(h.accuracy);
     }
     Ok(RunSummary {
