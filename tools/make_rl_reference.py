@@ -36,8 +36,12 @@ def policy_loss(logp, old, ref, adv, mask, seg, eps_low, eps_high, beta, agg, al
         result = mask * (seg == 2)
         nt = think.sum(1, keepdim=True)
         nr = result.sum(1, keepdim=True)
-        w = torch.where(nt > 0, think * alpha / nt.clamp(min=1) / n, torch.zeros_like(mask)) + \
-            torch.where(nr > 0, result * (1 - alpha) / nr.clamp(min=1) / n, torch.zeros_like(mask))
+        # A sequence with one segment only gives it the whole weight.
+        both = (nt > 0) & (nr > 0)
+        a_t = torch.where(both, torch.full_like(nt, alpha), torch.ones_like(nt))
+        a_r = torch.where(both, torch.full_like(nr, 1 - alpha), torch.ones_like(nr))
+        w = torch.where(nt > 0, think * a_t / nt.clamp(min=1) / n, torch.zeros_like(mask)) + \
+            torch.where(nr > 0, result * a_r / nr.clamp(min=1) / n, torch.zeros_like(mask))
     return (w * per_tok).sum()
 
 
