@@ -20,10 +20,73 @@ pub fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
     path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
-/// Writes `bytes` to `path` atomically: a temporary sibling is written, flushed to disk and
-/// renamed over `path`, so a reader (or a later run after a kill or a full disk) sees either
-/// the old file or the new one, never a truncated one. Errors name the path.
+/// Writes `bytes` to the output `path`, as every command writes its output files:
+/// - a regular file, or nothing yet: atomically, through a temporary sibling that is written,
+///   flushed to disk and renamed over it, so a reader (or a later run after a kill or a full
+///   disk) sees either the old file or the new one, never a truncated one;
+/// - a symbolic link: the file it points to, by these same rules (the link stays a link);
+/// - a FIFO or a character device (`/dev/stdout`, `/dev/null`, a pipe a reader waits on):
+///   written through in place, as a shell's `>` would, since renaming over it would replace
+///   the special file with a regular one; a FIFO waits for its reader;
+/// - a directory, a block device or a socket: refused.
+///
+/// A failed write (a full disk, `/dev/full`'s ENOSPC) is an error naming the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let target = resolve_links(path)?;
+    let shown = if target == path {
+        path.display().to_string()
+    } else {
+        format!("{} (-> {})", path.display(), target.display())
+    };
+    if let Ok(meta) = std::fs::metadata(&target) {
+        use std::os::unix::fs::FileTypeExt;
+        let ft = meta.file_type();
+        if ft.is_fifo() || ft.is_char_device() {
+            return write_through(&target, bytes).with_context(|| format!("cannot write {shown}"));
+        }
+        if ft.is_dir() {
+            bail!("cannot write {shown}: it is a directory");
+        }
+        if ft.is_block_device() || ft.is_socket() {
+            bail!("cannot write {shown}: it is a block device or a socket, not a file; refusing to write an output there");
+        }
+    }
+    replace_atomic(&target, bytes).with_context(|| format!("cannot write {shown}"))
+}
+
+/// Most symbolic links followed for one path (Linux's own limit).
+const MAX_LINKS: usize = 40;
+
+/// `path` with symbolic links at its last component followed until it names something that
+/// is not a link (or nothing).
+fn resolve_links(path: &Path) -> Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&p)
+                    .with_context(|| format!("cannot read the link {}", p.display()))?;
+                p = match p.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    bail!("{}: more than {MAX_LINKS} symbolic links in a row", path.display())
+}
+
+/// Writes `bytes` into the FIFO or device at `path` in place (no create, no truncate).
+fn write_through(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all(bytes)?;
+    f.flush()?;
+    Ok(())
+}
+
+/// The temporary-and-rename write of a regular file (or a new one) at `path`.
+fn replace_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(p) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
     }
@@ -35,12 +98,62 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {} (via {})", path.display(), tmp.display()));
+        return Err(e).with_context(|| format!("via {}", tmp.display()));
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         anyhow::Error::new(e).context(format!("cannot rename {} to {}", tmp.display(), path.display()))
     })
+}
+
+/// Opens the output `path` for appending one record at a time (`metrics.jsonl`, `--counters`):
+/// created when missing, written through a symbolic link, a FIFO or a character device as a
+/// shell's `>>` would; a directory, block device or socket is refused (see [`write_atomic`]).
+pub fn open_append(path: &Path) -> Result<File> {
+    let target = resolve_links(path)?;
+    if let Ok(meta) = std::fs::metadata(&target) {
+        use std::os::unix::fs::FileTypeExt;
+        let ft = meta.file_type();
+        if ft.is_dir() || ft.is_block_device() || ft.is_socket() {
+            bail!(
+                "cannot write {}: it is a directory, a block device or a socket, not a file",
+                path.display()
+            );
+        }
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&target)
+        .with_context(|| format!("cannot open {} for appending", path.display()))
+}
+
+/// Reads the input file `path` (`config.json`, `tokenizer.json`, ...) as text: it must be a
+/// regular file (a link to one is fine) of at most `max` bytes. A FIFO, a device or a
+/// directory is refused before anything is read (a FIFO would block, `/dev/zero` would never
+/// end), and every failure is an error naming the file.
+pub fn read_capped(path: &Path, max: u64) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting; the file
+    // type is then checked on the opened handle, so it is the file that is read.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let meta = f.metadata().with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file; refusing to read it", path.display());
+    }
+    if meta.len() > max {
+        bail!("{}: {} bytes, more than the {max} this file may have", path.display(), meta.len());
+    }
+    let mut text = String::new();
+    f.take(max + 1).read_to_string(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
+    if text.len() as u64 > max {
+        bail!("{}: more than the {max} bytes this file may have", path.display());
+    }
+    Ok(text)
 }
 
 /// Whether a process with this id exists (signal 0 probes without sending anything; EPERM
@@ -245,5 +358,106 @@ mod tests {
         // A parent that is a file: the error names the target path.
         let err = write_atomic(&p.join("b.txt"), b"x").unwrap_err();
         assert!(format!("{err:#}").contains("a.txt"), "{err:#}");
+    }
+
+    fn mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", p.display());
+    }
+
+    fn is_char_device(p: &Path) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(p).unwrap().file_type().is_char_device()
+    }
+
+    #[test]
+    fn a_fifo_output_is_written_through_and_stays_a_fifo() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pipe");
+        mkfifo(&p);
+        let reader = {
+            let p = p.clone();
+            std::thread::spawn(move || std::fs::read(&p).unwrap())
+        };
+        write_atomic(&p, b"through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&p).unwrap().file_type().is_fifo());
+        let reader = {
+            let p = p.clone();
+            std::thread::spawn(move || std::fs::read(&p).unwrap())
+        };
+        let mut f = open_append(&p).unwrap();
+        f.write_all(b"appended").unwrap();
+        drop(f);
+        assert_eq!(reader.join().unwrap(), b"appended");
+    }
+
+    #[test]
+    fn a_symlink_output_replaces_its_target_and_stays_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("real.json");
+        std::fs::write(&target, "old").unwrap();
+        let link = d.path().join("link.json");
+        std::os::unix::fs::symlink("real.json", &link).unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        // A dangling link: the file it names is created.
+        let dangling = d.path().join("dangling");
+        std::os::unix::fs::symlink("made.json", &dangling).unwrap();
+        write_atomic(&dangling, b"x").unwrap();
+        assert_eq!(std::fs::read_to_string(d.path().join("made.json")).unwrap(), "x");
+        assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
+    }
+
+    #[test]
+    fn a_full_device_is_an_error_and_stays_a_device() {
+        // Through a link, so that code which replaced the path would replace only the link.
+        let d = tempfile::tempdir().unwrap();
+        let link = d.path().join("out.jsonl");
+        std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+        let err = write_atomic(&link, b"data").unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("out.jsonl") && msg.contains("No space left"), "{msg}");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(is_char_device(Path::new("/dev/full")));
+        let mut f = open_append(&link).unwrap();
+        assert!(f.write_all(b"x\n").is_err());
+        // A device that takes the bytes: written through, still a device.
+        let null = d.path().join("null");
+        std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+        write_atomic(&null, b"data").unwrap();
+        assert!(is_char_device(Path::new("/dev/null")));
+    }
+
+    #[test]
+    fn a_directory_output_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let err = write_atomic(d.path(), b"x").unwrap_err();
+        assert!(format!("{err:#}").contains("is a directory"), "{err:#}");
+        assert!(open_append(d.path()).is_err());
+    }
+
+    #[test]
+    fn capped_reads_refuse_special_and_oversized_files() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("config.json");
+        mkfifo(&fifo);
+        let e = format!("{:#}", read_capped(&fifo, 1024).unwrap_err());
+        assert!(e.contains("config.json") && e.contains("not a regular file"), "{e}");
+        let e = format!("{:#}", read_capped(Path::new("/dev/zero"), 1024).unwrap_err());
+        assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
+        let big = d.path().join("big.json");
+        std::fs::write(&big, vec![b' '; 2000]).unwrap();
+        let e = format!("{:#}", read_capped(&big, 1024).unwrap_err());
+        assert!(e.contains("big.json") && e.contains("1024"), "{e}");
+        let link = d.path().join("link.json");
+        std::fs::write(d.path().join("small.json"), "{}").unwrap();
+        std::os::unix::fs::symlink("small.json", &link).unwrap();
+        assert_eq!(read_capped(&link, 1024).unwrap(), "{}");
+        let e = format!("{:#}", read_capped(&d.path().join("missing.json"), 1024).unwrap_err());
+        assert!(e.contains("missing.json"), "{e}");
     }
 }

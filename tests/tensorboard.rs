@@ -97,6 +97,11 @@ fn train_writes_every_metric_and_histogram_and_a_resume_adds_a_file() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(event_files(&run).len(), 2, "a resumed run writes its own event file");
     assert_scalars_match_jsonl(&run, &merged(&run));
+    // Event files are a run's own: --force deletes them with the rest of the earlier run.
+    let out = fcgpu(&[&common[..], &["--steps", "1", "--force"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(event_files(&run).len(), 1, "only the new run's file is left");
+    assert_scalars_match_jsonl(&run, &merged(&run));
 }
 
 #[test]

@@ -213,6 +213,14 @@ fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<Vec<Hash
     let device = crate::cli::device(&a.device, "eval")?;
     let mut model = crate::cli::load_model(dir, device, a.dtype.as_deref())?;
     let tok = Tokenizer::load(dir)?;
+    let context = model.config.max_position_embeddings;
+    if a.max_new_tokens >= context {
+        bail!(
+            "--max-new-tokens {} leaves no room for a prompt in the model's context of {context} tokens (max_position_embeddings); use at most {}",
+            a.max_new_tokens,
+            context - 1
+        );
+    }
     model.config.eos_token_ids = rollout::chat_eos_ids(&model, Some(&tok));
     // As the trainers render them: the model's own chat template (the built-in Qwen ChatML one
     // for a model with none), or the embedded task's compact prompt.
@@ -306,7 +314,19 @@ fn entries(a: &Args) -> Result<Vec<Sample>> {
 /// Most answers drawn per entry (`--samples`).
 const MAX_SAMPLES: usize = 1024;
 
+/// Most sequences decoded at once (`--batch-size`).
+const MAX_BATCH: usize = 4096;
+
 fn check_sampling(a: &Args) -> Result<()> {
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1 (it is the number of entries per category scored)");
+    }
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    if a.batch_size == 0 || a.batch_size > MAX_BATCH {
+        bail!("--batch-size must be between 1 and {MAX_BATCH}, got {}", a.batch_size);
+    }
     // Every draw of every entry is kept until scoring: bound the memory a typo can ask for.
     if a.samples == 0 || a.samples > MAX_SAMPLES {
         bail!("--samples must be between 1 and {MAX_SAMPLES}, got {}", a.samples);

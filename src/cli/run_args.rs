@@ -57,8 +57,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub resume: bool,
     /// With --resume: continue even though the config differs from the one the run started with
-    /// (seed, group size, ...; the differences are printed).
-    #[arg(long, requires = "resume")]
+    /// or the one its checkpoint recorded (seed, group size, ...; the differences are printed).
+    /// Without --resume: start a new run in a run directory that holds an earlier one, deleting
+    /// that run first (only a run's own files: a directory holding others is refused).
+    #[arg(long)]
     pub force: bool,
     /// Print the resolved config (defaults, file, flags) as TOML and exit.
     #[arg(long)]

@@ -47,8 +47,7 @@ pub fn resolve(a: &Args) -> Result<SftConfig> {
     if a.pooled {
         c.pooled = true;
     }
-    anyhow::ensure!((0.0..=1.0).contains(&c.alpha), "--alpha must be in [0, 1], got {}", c.alpha);
-    anyhow::ensure!(c.batch_size > 0 && c.grad_accum > 0, "--batch-size and --grad-accum must be positive");
+    sft::validate(&c)?;
     Ok(c)
 }
 

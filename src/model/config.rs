@@ -73,6 +73,9 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Largest `config.json` or `generation_config.json` read (real ones are a few KB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 impl ModelConfig {
     /// An error naming the first id of `ids` that the vocabulary does not have.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -83,8 +86,7 @@ impl ModelConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::runfs::read_capped(path, MAX_CONFIG_BYTES)?;
         let raw: Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         Self::from_json(raw, path)

@@ -261,7 +261,11 @@ impl Model {
         let mut model = Model::build(config, &mut |name, shape| files.load(name, shape))
             .with_context(|| format!("loading the model in {}", dir.display()))?;
         model.dir = Some(dir.to_path_buf());
-        if let Ok(gc) = std::fs::read_to_string(dir.join("generation_config.json")) {
+        let gc_path = dir.join("generation_config.json");
+        // Optional: absent is fine, but one that is there must read (a link to nothing, a FIFO,
+        // a device or a failed read is an error naming it).
+        if std::fs::symlink_metadata(&gc_path).is_ok() {
+            let gc = crate::runfs::read_capped(&gc_path, config::MAX_CONFIG_BYTES)?;
             let v: serde_json::Value = serde_json::from_str(&gc).with_context(|| {
                 format!("{}: not valid JSON", dir.join("generation_config.json").display())
             })?;

@@ -4,6 +4,9 @@ use std::path::Path;
 
 use anyhow::Result;
 
+/// Largest `tokenizer.json` read (the largest published ones are about 35 MB).
+pub const MAX_TOKENIZER_BYTES: u64 = 128 << 20;
+
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -13,8 +16,9 @@ impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
         anyhow::ensure!(path.exists(), "{}: missing tokenizer.json (needed to tokenize text)", dir.display());
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let text = crate::runfs::read_capped(&path, MAX_TOKENIZER_BYTES)?;
+        let inner: tokenizers::Tokenizer =
+            text.parse().map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         Ok(Tokenizer { inner })
     }
 

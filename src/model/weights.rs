@@ -23,14 +23,16 @@ pub struct WeightFiles {
     elements: u128,
 }
 
+/// Largest `model.safetensors.index.json` read (real ones are tens of KB).
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
 impl WeightFiles {
     /// `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<WeightFiles> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let text = crate::runfs::read_capped(&index_path, MAX_INDEX_BYTES)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
             let map = v

@@ -22,6 +22,15 @@ pub struct Inputs {
     pub train: Vec<Sample>,
     pub eval: Vec<Sample>,
     pub model: PathBuf,
+    /// The file `train` was read from (its examples in order: [`data_lines`] maps them to lines).
+    pub train_file: PathBuf,
+}
+
+/// The line number of every example of the JSONL file `path`, in order (its non-blank lines,
+/// as `data::load_jsonl` reads them); empty when the file cannot be read.
+pub fn data_lines(path: &std::path::Path) -> Vec<usize> {
+    let Ok(text) = crate::jsonl::read_text(path) else { return vec![] };
+    text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, _)| i + 1).collect()
 }
 
 /// Training and eval samples, and the model directory; builds the embedded default (task,
@@ -119,7 +128,8 @@ pub fn inputs(run_cfg: &RunConfig, eval_fraction: f32) -> Result<Inputs> {
             dir
         }
     };
-    Ok(Inputs { train, eval, model: model_dir })
+    let train_file = run_cfg.data.clone().unwrap_or(train_p);
+    Ok(Inputs { train, eval, model: model_dir, train_file })
 }
 
 /// The `base` option names a known start, and the options that shape a fresh model are not

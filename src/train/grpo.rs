@@ -302,23 +302,25 @@ impl GrpoTrainer {
     /// run directory is locked and its stale temporaries removed; with `start.resume` the newest
     /// loadable checkpoint is restored and its config checked against this one.
     pub fn new(mut cfg: GrpoConfig, start_mode: Start, device: Device) -> Result<GrpoTrainer> {
+        validate(&cfg)?;
+        runfs::ensure_not_cwd(&cfg.run.run_dir, "--run-dir")?;
         let lock = RunLock::acquire(&cfg.run.run_dir)?;
         // The warm-up's directory too: its own run only starts (and cleans) when it is not done.
         for d in [cfg.run.run_dir.clone(), cfg.run.run_dir.join("sft"), cfg.run.run_dir.join("sft/task")] {
             runfs::clean_stale_temps_noisy(&d);
         }
-        ensure!(
-            cfg.group_size >= 1 && cfg.prompts_per_step >= 1,
-            "group size and prompts per step must be at least 1"
-        );
+        checkpoint::prepare_run_dir(&cfg.run.run_dir, start_mode)?;
         let resume = start_mode.resume && !checkpoint::all(&cfg.run.run_dir).is_empty();
         if resume {
             checkpoint::check_resume_config(&cfg.run.run_dir, &cfg, start_mode.force)?;
         }
-        let crate::train::embedded::Inputs { train, eval, model: start } =
+        let crate::train::embedded::Inputs { train, eval, model: start, train_file } =
             crate::train::embedded::policy(&cfg.run, cfg.warmup_sft_steps, device, start_mode.force)?;
         ensure!(!train.is_empty(), "no training prompts");
         let tok = Tokenizer::load(&start)?;
+        let context =
+            crate::model::ModelConfig::from_file(&start.join("config.json"))?.max_position_embeddings;
+        check_context(&cfg, context)?;
         let format = prompt::resolve(cfg.style, cfg.think, &start, &train, false)?;
         (cfg.style, cfg.think) = (Some(format.style), Some(format.think));
         if resume {
@@ -326,6 +328,8 @@ impl GrpoTrainer {
             checkpoint::check_resume_config(&cfg.run.run_dir, &cfg, start_mode.force)?;
         }
         let prompter = Prompter::new(Some(&start), format.style)?;
+        let room = context - cfg.max_new_tokens;
+        let train = fitting_prompts(train, &train_file, &prompter, &tok, room, cfg.max_new_tokens)?;
         let schedule = Schedule {
             lr: cfg.run.lr,
             warmup_steps: cfg.run.warmup_steps,
@@ -339,6 +343,7 @@ impl GrpoTrainer {
         let (model, opt, step, epoch, cursor) = match resumed {
             Some((dir, model, opt, st)) => {
                 checkpoint::check_resume_step(&dir, st.step, cfg.run.steps)?;
+                checkpoint::check_resume_checkpoint(&dir, &st, &cfg.run, &cfg, start_mode.force)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
                 (model, opt, st.step, st.epoch, st.cursor)
             }
@@ -829,7 +834,8 @@ impl GrpoTrainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state(), &self.format)
+        let config = toml::to_string_pretty(&self.cfg)?;
+        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state(), &self.format, &config)
     }
 }
 
@@ -912,6 +918,55 @@ pub fn run(cfg: GrpoConfig, start: Start, device: Device) -> Result<(Option<f32>
     Ok((before, after))
 }
 
+/// Most prompts named one by one when some are too long.
+const SHOWN: usize = 5;
+
+/// The training prompts that fit in `room` tokens (the context less `max_new_tokens`): longer
+/// ones are dropped at load, with one line naming the data file, how many and the lines of the first
+/// few (a prompt the rollout cannot fit would otherwise fail the step that draws it). None
+/// fitting is an error.
+fn fitting_prompts(
+    train: Vec<Sample>,
+    file: &Path,
+    prompter: &Prompter,
+    tok: &Tokenizer,
+    room: usize,
+    max_new_tokens: usize,
+) -> Result<Vec<Sample>> {
+    let mut kept = Vec::with_capacity(train.len());
+    let mut long = Vec::new();
+    for (i, s) in train.into_iter().enumerate() {
+        let n = prompter.ids(tok, &s)?.len();
+        if n > room {
+            long.push((i, n));
+        } else {
+            kept.push(s);
+        }
+    }
+    if long.is_empty() {
+        return Ok(kept);
+    }
+    let lines = crate::train::embedded::data_lines(file);
+    let shown: Vec<String> = long
+        .iter()
+        .take(SHOWN)
+        .map(|&(i, n)| match lines.get(i) {
+            Some(l) => format!("line {l} ({n} tokens)"),
+            None => format!("example {} ({n} tokens)", i + 1),
+        })
+        .collect();
+    let what = format!(
+        "{}: {} training prompts are longer than the {room} tokens the context leaves beside max_new_tokens {max_new_tokens}: {}{}",
+        file.display(),
+        long.len(),
+        shown.join(", "),
+        if long.len() > SHOWN { ", ..." } else { "" }
+    );
+    ensure!(!kept.is_empty(), "{what}; no prompt is left to train on");
+    eprintln!("warning: {what}; dropped them");
+    Ok(kept)
+}
+
 /// Completion tokens of the rollouts in `groups`.
 /// Think length (see [`GrpoTrainer::think_len`]) of an `n`-token completion whose `</think>`
 /// spans several tokens, given the decode of its first `k` tokens. A prefix that contains the
@@ -951,20 +1006,55 @@ pub fn load_config(path: Option<&Path>) -> Result<GrpoConfig> {
     run_config::load(path, GrpoConfig::default(), "train")
 }
 
-/// Rejects settings that cannot work, with the option's name.
+/// Most samples per prompt (`group_size`) and prompts per step: every rollout of a step is
+/// kept in memory until the update.
+pub const MAX_GROUP: usize = 4096;
+/// Most optimizer steps per rollout batch (`ppo_epochs`).
+pub const MAX_PPO_EPOCHS: usize = 1000;
+
+/// Rejects settings that cannot work, flag and config file alike: every numeric option is
+/// range-checked (finite, sign, bounds), the error naming the field. `max_new_tokens` is
+/// bounded again by the model's context once the model is known ([`GrpoTrainer::new`]).
 pub fn validate(cfg: &GrpoConfig) -> Result<()> {
-    if !(cfg.temperature > 0.0) {
-        bail!("--temperature must be positive for GRPO rollouts, got {}", cfg.temperature);
-    }
-    if !(0.0..=1.0).contains(&cfg.srml_alpha) {
-        bail!("--srml-alpha must be in [0, 1], got {}", cfg.srml_alpha);
-    }
-    if cfg.entropy_alpha <= 0.0 {
-        bail!("--entropy-alpha must be positive, got {}", cfg.entropy_alpha);
-    }
+    use run_config::check::{count, in_range};
+    cfg.run.validate()?;
+    count("prompts_per_step", cfg.prompts_per_step, 1, MAX_GROUP)?;
+    // One sample per prompt has no group to compare with: every advantage would be 0.
+    count("group_size", cfg.group_size, 2, MAX_GROUP)?;
+    in_range("temperature", cfg.temperature, 0.0, false, MAX_TEMPERATURE)?;
+    in_range("top_p", cfg.top_p, 0.0, false, 1.0)?;
+    count("max_new_tokens", cfg.max_new_tokens, 1, usize::MAX)?;
+    in_range("entropy_lambda", cfg.entropy_lambda, 0.0, true, f32::MAX)?;
+    in_range("entropy_alpha", cfg.entropy_alpha, 0.0, false, f32::MAX)?;
+    // The ratio is clipped to [1 - eps_low, 1 + eps_high]: a lower end at or below 0 is no clip.
+    in_range("eps_low", cfg.eps_low, 0.0, true, MAX_EPS_LOW)?;
+    in_range("eps_high", cfg.eps_high, 0.0, true, MAX_EPS_HIGH)?;
+    in_range("beta", cfg.beta, 0.0, true, f32::MAX)?;
+    in_range("srml_alpha", cfg.srml_alpha, 0.0, true, 1.0)?;
+    count("ppo_epochs", cfg.ppo_epochs, 1, MAX_PPO_EPOCHS)?;
+    count("micro_batch", cfg.micro_batch, 1, MAX_GROUP * MAX_GROUP)?;
     if cfg.dynamic_sampling && cfg.max_resample == 0 {
-        bail!("--max-resample must be at least 1 with --dynamic-sampling (0 would re-draw nothing)");
+        bail!("`max_resample` (--max-resample) must be at least 1 with --dynamic-sampling (0 would re-draw nothing)");
     }
+    count("max_resample", cfg.max_resample, 0, MAX_GROUP)?;
+    Ok(())
+}
+
+/// Highest sampling temperature accepted (far past where sampling is uniform noise).
+pub const MAX_TEMPERATURE: f32 = 100.0;
+/// Highest `eps_low`: the clip's lower end `1 - eps_low` must stay above 0.
+pub const MAX_EPS_LOW: f32 = 0.99;
+/// Highest `eps_high` (DAPO uses 0.28; 10 lets the ratio grow elevenfold).
+pub const MAX_EPS_HIGH: f32 = 10.0;
+
+/// `max_new_tokens` must leave room for a prompt in the model's context.
+pub fn check_context(cfg: &GrpoConfig, context: usize) -> Result<()> {
+    ensure!(
+        cfg.max_new_tokens < context,
+        "`max_new_tokens` (--max-new-tokens) is {} but the model's context is {context} tokens (max_position_embeddings), prompt included; use at most {}",
+        cfg.max_new_tokens,
+        context.saturating_sub(1)
+    );
     Ok(())
 }
 

@@ -93,11 +93,7 @@ impl MetricsWriter {
     }
 
     pub fn write<M: Serialize>(&mut self, m: &M) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let mut f = crate::runfs::open_append(&self.path)?;
         let line = serde_json::to_value(m)?;
         writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.path.display()))?;
         if let Some(ev) = &mut self.events {
@@ -124,11 +120,7 @@ pub fn append_counters(path: &std::path::Path, step: u64) -> anyhow::Result<()> 
     use anyhow::Context;
     use std::io::Write;
     let line = serde_json::json!({"step": step, "phases": crate::backend::counters::take_phases()});
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("--counters {}: cannot open for appending", path.display()))?;
+    let mut f = crate::runfs::open_append(path).with_context(|| format!("--counters {}", path.display()))?;
     writeln!(f, "{line}").with_context(|| format!("--counters {}: cannot write", path.display()))
 }
 

@@ -120,9 +120,61 @@ impl RunConfig {
         }
     }
 
+    /// Range checks of the numeric options every training command shares: learning rate,
+    /// schedule, weight decay, clipping and the embedded default's sizes. A config file and
+    /// the flags go through the same check, whose error names the field and its flag.
+    pub fn validate(&self) -> Result<()> {
+        check::in_range("lr", self.lr, 0.0, false, MAX_LR)?;
+        check::in_range("min_lr_ratio", self.min_lr_ratio, 0.0, true, 1.0)?;
+        check::in_range("weight_decay", self.weight_decay, 0.0, true, 1.0)?;
+        // 0 would silently mean "no clipping"; a norm is a positive number.
+        check::in_range("max_grad_norm", self.max_grad_norm, 0.0, false, f32::MAX)?;
+        check::count("vocab_size", self.vocab_size, 1, MAX_VOCAB)?;
+        Ok(())
+    }
+
     /// True when the run builds the embedded default model (no `model` given).
     pub fn embedded_model(&self) -> bool {
         self.model.is_none()
+    }
+}
+
+/// Largest learning rate accepted: AdamW's step is about `lr` per weight, and weights are of
+/// order 0.02 to 1; above 1 a step overwrites them.
+pub const MAX_LR: f32 = 1.0;
+/// Largest vocabulary of the embedded default's tokenizer.
+pub const MAX_VOCAB: usize = 1 << 20;
+
+/// The checks that every config's `validate` is written with: an error names the field as
+/// the config file spells it and as a flag (`max_grad_norm` (--max-grad-norm)).
+pub mod check {
+    use anyhow::{bail, Result};
+
+    /// `name` (--name).
+    pub fn named(field: &str) -> String {
+        format!("`{field}` (--{})", field.replace('_', "-"))
+    }
+
+    /// A finite `v` with `lo < v` (`lo <= v` when `lo_inclusive`) and `v <= hi`.
+    pub fn in_range(field: &str, v: f32, lo: f32, lo_inclusive: bool, hi: f32) -> Result<()> {
+        let above = if lo_inclusive { v >= lo } else { v > lo };
+        if v.is_finite() && above && v <= hi {
+            return Ok(());
+        }
+        let low = if lo_inclusive { format!("at least {lo}") } else { format!("above {lo}") };
+        let high = if hi == f32::MAX { String::new() } else { format!(" and at most {hi}") };
+        bail!("{} must be a finite number {low}{high}, got {v}", named(field))
+    }
+
+    /// An integer `lo <= v <= hi`.
+    pub fn count(field: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+        if (lo..=hi).contains(&v) {
+            return Ok(());
+        }
+        if hi == usize::MAX {
+            bail!("{} must be at least {lo}, got {v}", named(field))
+        }
+        bail!("{} must be between {lo} and {hi}, got {v}", named(field))
     }
 }
 

@@ -203,18 +203,28 @@ impl Trainer {
     /// newest loadable checkpoint, its config checked against this one. The run directory is
     /// locked and its stale temporaries removed.
     pub fn new(mut cfg: SftConfig, start: Start, device: Device) -> Result<Trainer> {
+        validate(&cfg)?;
         let run = cfg.run.run_dir.clone();
+        runfs::ensure_not_cwd(&run, "--run-dir")?;
         let lock = RunLock::acquire(&run)?;
         for d in [run.clone(), run.join("task")] {
             runfs::clean_stale_temps_noisy(&d);
         }
+        checkpoint::prepare_run_dir(&run, start)?;
         let resume = start.resume && !checkpoint::all(&run).is_empty();
         if resume {
             checkpoint::check_resume_config(&run, &cfg, start.force)?;
         }
-        let crate::train::embedded::Inputs { train: train_s, eval: eval_s, model: model_dir } =
+        let crate::train::embedded::Inputs { train: train_s, eval: eval_s, model: model_dir, .. } =
             crate::train::embedded::inputs(&cfg.run, cfg.eval_fraction)?;
         let tok = Tokenizer::load(&model_dir)?;
+        let context =
+            crate::model::ModelConfig::from_file(&model_dir.join("config.json"))?.max_position_embeddings;
+        anyhow::ensure!(
+            cfg.max_len <= context,
+            "`max_len` (--max-len) is {} but the model's context is {context} tokens (max_position_embeddings); use at most {context}",
+            cfg.max_len
+        );
         let format = prompt::resolve(cfg.style, cfg.think, &model_dir, &train_s, true)?;
         (cfg.style, cfg.think) = (Some(format.style), Some(format.think));
         if resume {
@@ -248,6 +258,7 @@ impl Trainer {
         let mut t = match resumed {
             Some((dir, model, opt, st)) => {
                 checkpoint::check_resume_step(&dir, st.step, cfg.run.steps)?;
+                checkpoint::check_resume_checkpoint(&dir, &st, &cfg.run, &cfg, start.force)?;
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
                 Trainer {
                     cfg: cfg.clone(),
@@ -531,7 +542,8 @@ impl Trainer {
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state(), &self.format)
+        let config = toml::to_string_pretty(&self.cfg)?;
+        checkpoint::save(&self.cfg.run.run_dir, &self.model, &self.opt, &self.state(), &self.format, &config)
     }
 
     /// Held-out accuracy over the first `limit` eval samples: greedy answers, well formed and
@@ -677,7 +689,26 @@ pub fn run(cfg: SftConfig, start_mode: Start, device: Device) -> Result<RunSumma
     })
 }
 
-/// `SftConfig` from an optional TOML file.
+/// Most examples per micro-batch (`batch_size`) and micro-batches per step (`grad_accum`).
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// Rejects settings that cannot work, flag and config file alike: every numeric option is
+/// range-checked (finite, sign, bounds), the error naming the field. `max_len` is bounded
+/// again by the model's context once the model is known ([`Trainer::new`]).
+pub fn validate(cfg: &SftConfig) -> Result<()> {
+    use run_config::check::{count, in_range};
+    cfg.run.validate()?;
+    count("batch_size", cfg.batch_size, 1, MAX_BATCH)?;
+    count("grad_accum", cfg.grad_accum, 1, MAX_BATCH)?;
+    in_range("alpha", cfg.alpha, 0.0, true, 1.0)?;
+    // A prompt token and a target token at the least.
+    count("max_len", cfg.max_len, 2, usize::MAX)?;
+    count("bucket_window", cfg.bucket_window, 1, usize::MAX)?;
+    // Some data must be left to train on.
+    in_range("eval_fraction", cfg.eval_fraction, 0.0, true, 0.9)?;
+    Ok(())
+}
+
 /// `fcgpu sft`'s config: its defaults with the TOML file at `path` laid over them.
 pub fn load_config(path: Option<&Path>) -> Result<SftConfig> {
     run_config::load(path, SftConfig::default(), "sft")
