@@ -419,6 +419,8 @@ fn malformed_messages_and_huge_numbers_get_400_naming_the_field() {
     cases.push(("/v1/completions", json!({"prompt": [1, 2], "max_tokens": huge}), "prompt"));
     cases.push(("/v1/completions", json!({"prompt": "hi", "n": huge}), "n"));
     cases.push(("/v1/completions", json!({"prompt": "hi", "seed": huge}), "seed"));
+    // A stop string long enough to make every decode step slow.
+    cases.push(("/v1/completions", json!({"prompt": "hi", "stop": "x".repeat(100_000)}), "stop"));
     for (path, body, param) in &cases {
         let (status, v) = s.post(path, body.clone());
         assert_eq!(status, 400, "{body}: {v}");
@@ -500,10 +502,12 @@ fn slowloris_connections_are_closed_and_a_normal_client_is_served() {
     let slow: Vec<TcpStream> = (0..48)
         .map(|i| {
             let mut c = s.connect();
-            match i % 3 {
+            match i % 4 {
                 0 => c.write_all(HALF_HEAD).unwrap(),
                 // A complete request, then half of the next one on the same connection.
                 1 => write!(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHo").unwrap(),
+                // A complete request, then an idle keep-alive connection.
+                2 => write!(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap(),
                 _ => {} // connects and says nothing
             }
             c

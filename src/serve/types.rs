@@ -11,6 +11,9 @@ use crate::rollout::SamplerParams;
 pub const MAX_N: usize = 64;
 /// Most stop strings one request may give (OpenAI allows 4).
 pub const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes: the decode loop holds back any tail of a sample that could
+/// start one, a check that grows with the square of its length at every token.
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// The body as a JSON object, or a 400 saying what is wrong with it.
 pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Json>, ApiError> {
@@ -102,9 +105,11 @@ impl Gen {
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
         };
-        if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty()) {
+        if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
             return Err(ApiError::bad_request(
-                format!("`stop` takes at most {MAX_STOP} non-empty strings"),
+                format!(
+                    "`stop` takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes"
+                ),
                 Some("stop"),
             ));
         }
