@@ -761,4 +761,23 @@ fn generate_refuses_what_cannot_fit_before_allocating() {
             assert!(err.contains(w), "{args:?}: no {w:?} in {err}");
         }
     }
+    // Left out, --max-new-tokens fits a context smaller than its usual 256 (this one has 256).
+    let ids = file("ids.jsonl", "{\"prompt_ids\": [1, 2, 3]}\n");
+    let llama = fixture.with_file_name("llama-tiny-bf16");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args([
+            "generate",
+            "--model",
+            llama.to_str().unwrap(),
+            "--input",
+            &ids,
+            "--device",
+            "cpu",
+            "--ignore-eos",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["new_ids"].as_array().unwrap().len(), 253, "3 prompt tokens + 253 fill 256 positions");
 }

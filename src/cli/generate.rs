@@ -23,8 +23,10 @@ pub struct Args {
     /// Samples per prompt (G).
     #[arg(long, default_value_t = 1)]
     pub n: usize,
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    /// New tokens per sample at most; below the model's context (default 256, or the context
+    /// minus one where that is smaller).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     /// 0 = greedy (log-probs and entropies are then reported at T = 1).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
@@ -147,11 +149,12 @@ fn check_stops(stop: &[String]) -> Result<()> {
 
 /// `--max-new-tokens` within the context: a sample has at least one prompt token, so it can
 /// never have more than `ctx - 1` new ones, and a larger number would only size buffers.
-fn check_max_new(max_new: usize, ctx: usize) -> Result<()> {
+fn max_new_tokens(given: Option<usize>, ctx: usize) -> Result<usize> {
+    let Some(max_new) = given else { return Ok(256.min(ctx.saturating_sub(1))) };
     if max_new >= ctx {
         bail!("--max-new-tokens {max_new} does not fit the model's context of {ctx} tokens (max_position_embeddings): a sample can have at most {} new tokens after a one-token prompt", ctx - 1);
     }
-    Ok(())
+    Ok(max_new)
 }
 
 /// Bytes one running sample may hold at most: keys and values for each of its new positions
@@ -195,8 +198,8 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
     }
     let mut model = super::load_model(&a.model, device, a.dtype.as_deref())?;
-    check_max_new(a.max_new_tokens, model.config.max_position_embeddings)?;
-    check_n(a.n, a.max_new_tokens, &model)?;
+    let max_new = max_new_tokens(a.max_new_tokens, model.config.max_position_embeddings)?;
+    check_n(a.n, max_new, &model)?;
     let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };
     if !a.stop.is_empty() && tok.is_none() {
         bail!("--stop needs the model's tokenizer.json in {}", a.model.display());
@@ -205,7 +208,7 @@ pub fn run(a: Args) -> Result<()> {
     model.config.eos_token_ids = rollout::chat_eos_ids(&model, tok.as_ref());
     let cfg = SamplingConfig {
         n: a.n,
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: max_new,
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
