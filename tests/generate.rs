@@ -613,7 +613,7 @@ fn generate_command_writes_one_line_per_sample() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("entry 2"),
+        String::from_utf8_lossy(&out.stderr).contains("in.jsonl:2:"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -696,4 +696,88 @@ fn long_prompts_are_admitted_a_few_at_a_time() {
         generate(&m, &[vec![1, 2, 3], long], &SamplingConfig { max_batch: 2, ..cfg.clone() }, None).unwrap();
     assert_eq!(out.len(), 4);
     assert!(out.iter().all(|c| c.new_ids.len() == 4));
+}
+
+/// `fcgpu generate` refuses inputs and sizes it could not hold, with a clear error and before
+/// any large allocation: the child runs under an 8 GiB address-space limit, so a failure to
+/// bound shows as an allocation abort instead of the error named here.
+#[test]
+fn generate_refuses_what_cannot_fit_before_allocating() {
+    use std::os::unix::process::CommandExt;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let small = file("small.jsonl", "{\"prompt\": \"def add(a, b):\"}\n");
+    // The fixture's context is 512 positions: at 16 bytes of text per position, 8192 bytes.
+    let huge_line = file("huge.jsonl", &format!("{}\n", json!({"prompt": "hello ".repeat(21_000_000 / 6)})));
+    let long_text = file("long.jsonl", &format!("{}\n", json!({"prompt": "a".repeat(8200)})));
+    let long_chat = file(
+        "chat.jsonl",
+        &format!("{}\n", json!({"messages": [{"role": "user", "content": "a".repeat(8200)}]})),
+    );
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec!["--input".into(), small.clone(), "--n".into(), "1000000000".into()],
+            vec!["--n 1000000000", "GiB", "memory"],
+        ),
+        (
+            vec!["--input".into(), small.clone(), "--max-new-tokens".into(), "1000000000".into()],
+            vec!["--max-new-tokens", "context of 512"],
+        ),
+        (
+            vec!["--input".into(), small.clone(), "--max-new-tokens".into(), "512".into()],
+            vec!["at most 511 new tokens"],
+        ),
+        (vec!["--input".into(), small, "--n".into(), "0".into()], vec!["--n must be at least 1"]),
+        (vec!["--input".into(), huge_line], vec!["huge.jsonl:1: line longer than 8256 bytes"]),
+        (vec!["--input".into(), "/dev/zero".into()], vec!["/dev/zero:1: line longer than 8256 bytes"]),
+        (
+            vec!["--input".into(), long_text],
+            vec!["long.jsonl:1:", "8200 bytes", "limit 8192", "not tokenized"],
+        ),
+        (vec!["--input".into(), long_chat], vec!["chat.jsonl:1:", "limit 8192", "not tokenized"]),
+    ];
+    for (args, words) in cases {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"));
+        cmd.args(["generate", "--model", fixture.to_str().unwrap(), "--device", "cpu"]).args(&args);
+        // SAFETY: setrlimit is async-signal-safe and only touches the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit { rlim_cur: 8 << 30, rlim_max: 8 << 30 };
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        for w in words {
+            assert!(err.contains(w), "{args:?}: no {w:?} in {err}");
+        }
+    }
+    // Left out, --max-new-tokens fits a context smaller than its usual 256 (this one has 256).
+    let ids = file("ids.jsonl", "{\"prompt_ids\": [1, 2, 3]}\n");
+    let llama = fixture.with_file_name("llama-tiny-bf16");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args([
+            "generate",
+            "--model",
+            llama.to_str().unwrap(),
+            "--input",
+            &ids,
+            "--device",
+            "cpu",
+            "--ignore-eos",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["new_ids"].as_array().unwrap().len(), 253, "3 prompt tokens + 253 fill 256 positions");
 }

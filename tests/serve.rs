@@ -3,8 +3,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -262,6 +264,21 @@ fn a_client_that_disconnects_mid_stream_frees_its_slots() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// A copy of the qwen2-tiny fixture in `dir` with a context of `ctx` positions.
+fn long_context_copy(dir: &Path, ctx: usize) -> PathBuf {
+    let model = dir.join("qwen2-tiny");
+    std::fs::create_dir_all(&model).unwrap();
+    for e in std::fs::read_dir(fixture("qwen2-tiny")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = json!(ctx);
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    model
+}
+
 fn fcgpu(args: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_fcgpu")).args(args).output().unwrap();
     assert!(out.status.success(), "fcgpu {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -276,16 +293,7 @@ fn the_served_route_and_eval_score_the_same_answers_the_same_way() {
     let bfcl = root.join("tests/data/bfcl/v4");
     let tmp = tempfile::tempdir().unwrap();
     // BFCL prompts exceed the fixture's 512 positions (as in tests/generate_eval.rs).
-    let model = tmp.path().join("qwen2-tiny");
-    std::fs::create_dir_all(&model).unwrap();
-    for e in std::fs::read_dir(fixture("qwen2-tiny")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
-    }
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
-    config["max_position_embeddings"] = json!(4096);
-    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let model = long_context_copy(tmp.path(), 4096);
     let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
     let (m, b) = (model.to_str().unwrap(), bfcl.to_str().unwrap());
     let common = ["eval", "--bfcl-dir", b, "--category", "simple_python", "--limit", "3"];
@@ -323,4 +331,305 @@ fn the_served_route_and_eval_score_the_same_answers_the_same_way() {
     assert_eq!(lines(&saved), lines(&route), "the route's answers differ from eval's");
     assert_eq!(lines(&v1), lines(&v2), "the same answers were scored differently");
     assert_eq!(lines(&v1).len(), 3);
+}
+
+/// Generous upper bound for anything the server must do on its own (never the expected time).
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// The start of a request head, never finished (slowloris).
+const HALF_HEAD: &[u8] = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty";
+
+/// Reads until the server closes the connection; fails if it stays open for PATIENCE.
+fn read_until_closed(mut c: TcpStream) -> String {
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = Vec::new();
+    if let Err(e) = c.read_to_end(&mut got) {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "the server kept the connection open: {e}");
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Status and error object of a response, asserting it is JSON.
+fn error_object(raw: &str) -> (u16, Value) {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end in {raw:?}"));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{raw}");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.into()
+    };
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    assert!(v["error"]["message"].is_string() && v["error"]["type"].is_string(), "{raw}");
+    (status, v)
+}
+
+#[test]
+fn malformed_messages_and_huge_numbers_get_400_naming_the_field() {
+    let s = Server::start(&fixture("qwen2-tiny"), &[]);
+    let call =
+        |args: Value| json!({"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}});
+    let huge = json!(u64::MAX);
+    let chat = "/v1/chat/completions";
+    let with = |msgs: Value| json!({"messages": msgs, "max_tokens": 2});
+    let mut cases: Vec<(&str, Value, &str)> = Vec::new();
+    for content in [None, Some(json!(null)), Some(json!(5)), Some(json!({"text": "hi"})), Some(json!(true))] {
+        let mut m = json!({"role": "user"});
+        if let Some(c) = content {
+            m["content"] = c;
+        }
+        cases.push((chat, with(json!([m])), "messages[0].content"));
+    }
+    cases.push((
+        chat,
+        with(json!([{"role": "system", "content": 3}, {"role": "user", "content": "hi"}])),
+        "messages[0].content",
+    ));
+    cases.push((
+        chat,
+        with(json!([{"role": "user", "content": "hi"}, {"role": "tool"}])),
+        "messages[1].content",
+    ));
+    let asked = json!({"role": "user", "content": "hi"});
+    for (calls, param) in [
+        (json!("garbage"), "messages[1].tool_calls"),
+        (json!({"name": "f"}), "messages[1].tool_calls"),
+        (json!([5]), "messages[1].tool_calls[0]"),
+        (json!([{"type": "function", "function": {"name": 3}}]), "messages[1].tool_calls[0]"),
+        (json!([{"type": "retrieval", "function": {"name": "f"}}]), "messages[1].tool_calls[0]"),
+        (json!([call(json!(7))]), "messages[1].tool_calls[0]"),
+    ] {
+        cases.push((
+            chat,
+            with(json!([asked, {"role": "assistant", "content": null, "tool_calls": calls}])),
+            param,
+        ));
+    }
+    cases.push((
+        chat,
+        with(json!([{"role": "user", "content": "hi", "tool_calls": [call(json!("{}"))]}])),
+        "messages[0].tool_calls",
+    ));
+    cases.push((chat, with(json!([asked, {"role": "assistant", "content": null}])), "messages[1].content"));
+    // Numbers past every limit: compared with checked arithmetic, never wrapped.
+    for field in ["max_tokens", "max_completion_tokens"] {
+        cases.push((chat, json!({"messages": [asked], field: huge}), "messages"));
+    }
+    cases.push(("/v1/completions", json!({"prompt": "hi", "max_tokens": huge}), "prompt"));
+    cases.push(("/v1/completions", json!({"prompt": [1, 2], "max_tokens": huge}), "prompt"));
+    cases.push(("/v1/completions", json!({"prompt": "hi", "n": huge}), "n"));
+    cases.push(("/v1/completions", json!({"prompt": "hi", "seed": huge}), "seed"));
+    // A stop string long enough to make every decode step slow.
+    cases.push(("/v1/completions", json!({"prompt": "hi", "stop": "x".repeat(100_000)}), "stop"));
+    for (path, body, param) in &cases {
+        let (status, v) = s.post(path, body.clone());
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], *param, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    // The well-formed neighbours of those cases are answered.
+    // (The fixture's template concatenates `content`, so the call's message has an empty one.)
+    let history = json!([asked, {"role": "assistant", "content": "", "tool_calls": [call(json!("{\"a\": 1}"))]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}, {"role": "user", "content": [{"type": "text", "text": "ok"}]}]);
+    let (status, v) = s.post(chat, with(history));
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "hi", "max_tokens": 2, "seed": 3}));
+    assert_eq!(status, 200, "{v}");
+}
+
+#[test]
+fn every_error_is_an_openai_error_object() {
+    let s = Server::start(&fixture("qwen2-tiny"), &["--read-timeout", "1"]);
+    let raw = |c: TcpStream| read_until_closed(c);
+    // 405 keeps its Allow header.
+    for (method, path) in [("GET", "/v1/chat/completions"), ("POST", "/health"), ("DELETE", "/v1/models")] {
+        let out = raw(s.send(method, path, ""));
+        let (status, v) = error_object(&out);
+        assert_eq!(status, 405, "{out}");
+        assert!(out.to_ascii_lowercase().contains("\r\nallow: "), "{out}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(path), "{v}");
+    }
+    let (status, _) = error_object(&raw(s.send("POST", "/v1/nothing", "{}")));
+    assert_eq!(status, 404);
+    let (status, _) = error_object(&raw(s.send("POST", "/v1/completions", "{\"prompt\": ")));
+    assert_eq!(status, 400);
+    // 413: a declared length over the limit is refused before its body is sent...
+    let mut c = s.connect();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n").unwrap();
+    let (status, _) = error_object(&raw(c));
+    assert_eq!(status, 413);
+    // ... and a chunked body when it passes the limit.
+    let mut c = s.connect();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    for _ in 0..3 {
+        if write!(c, "{:x}\r\n", chunk.len())
+            .and_then(|_| c.write_all(&chunk))
+            .and_then(|_| c.write_all(b"\r\n"))
+            .is_err()
+        {
+            break; // the server answered and closed already
+        }
+    }
+    let (status, _) = error_object(&raw(c));
+    assert_eq!(status, 413);
+    // 408: a body that stops arriving.
+    let mut c = s.connect();
+    write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"prompt\"").unwrap();
+    let (status, v) = error_object(&raw(c));
+    assert_eq!(status, 408, "{v}");
+    assert_eq!(s.request("GET", "/health", "").0, 200);
+}
+
+/// Lowers the soft limit on open files of process `pid` to what it has open now plus `spare`.
+fn limit_open_files(pid: u32, spare: u64) {
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: prlimit reads and writes the two rlimit structs given.
+    unsafe {
+        assert_eq!(libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim), 0);
+        lim.rlim_cur = open + spare;
+        assert_eq!(libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()), 0);
+    }
+}
+
+#[test]
+fn slowloris_connections_are_closed_and_a_normal_client_is_served() {
+    let s = Server::start(&fixture("qwen2-tiny"), &["--read-timeout", "1"]);
+    // With few file descriptors, connections that never finish a request would lock out
+    // everyone else if the server kept them.
+    limit_open_files(s.child.id(), 8);
+    let slow: Vec<TcpStream> = (0..48)
+        .map(|i| {
+            let mut c = s.connect();
+            match i % 4 {
+                0 => c.write_all(HALF_HEAD).unwrap(),
+                // A complete request, then half of the next one on the same connection.
+                1 => write!(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHo").unwrap(),
+                // A complete request, then an idle keep-alive connection.
+                2 => write!(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap(),
+                _ => {} // connects and says nothing
+            }
+            c
+        })
+        .collect();
+    let normal = s.send("POST", "/v1/completions", &json!({"prompt": "a", "max_tokens": 2}).to_string());
+    normal.set_read_timeout(Some(PATIENCE)).unwrap();
+    let (status, body) = read_response(normal);
+    assert_eq!(status, 200, "{body}");
+    for c in slow {
+        read_until_closed(c);
+    }
+    assert_eq!(s.request("GET", "/health", "").0, 200);
+}
+
+/// Waits (up to PATIENCE) for the server to exit.
+fn wait_exit(s: &mut Server) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < PATIENCE, "the server did not exit; log:\n{}", s.log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn shutdown_closes_unfinished_requests_at_once_and_drops_stuck_streams_at_the_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = long_context_copy(tmp.path(), 4096);
+    let mut s = Server::start(&model, &["--read-timeout", "600", "--shutdown-timeout", "10"]);
+    // A stream far larger than the socket buffers, to a client that stops reading: in flight
+    // until the deadline.
+    let mut stuck = s.connect();
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt reads one c_int from the pointer given.
+    let rc = unsafe {
+        libc::setsockopt(
+            stuck.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &small as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let body = json!({"prompt": "a", "max_tokens": 4000, "n": 64, "stream": true}).to_string();
+    write!(stuck, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("data: ") {
+        let n = stuck.read(&mut buf).unwrap();
+        assert!(n > 0, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let heads: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut c = s.connect();
+            c.write_all(HALF_HEAD).unwrap();
+            c
+        })
+        .collect();
+    let mut half_body = s.connect();
+    write!(half_body, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"prompt\"")
+        .unwrap();
+    assert_eq!(s.request("GET", "/health", "").0, 200);
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGINT) };
+    for c in heads {
+        assert_eq!(read_until_closed(c), "", "a half-sent head gets no answer");
+    }
+    // Its body cut by the shutdown: 503 (or closed, had its head not been read yet).
+    let out = read_until_closed(half_body);
+    if !out.is_empty() {
+        assert_eq!(error_object(&out).0, 503, "{out}");
+    }
+    // They closed while the stuck stream still held the server (the deadline is 10 s away).
+    assert!(s.child.try_wait().unwrap().is_none(), "the server exited early: {}", s.log.lock().unwrap());
+    let status = wait_exit(&mut s);
+    assert!(status.success(), "{status:?}: {}", s.log.lock().unwrap());
+    let log = s.log.lock().unwrap().clone();
+    assert!(log.contains("dropped 1 connection(s) still open after --shutdown-timeout 10 s"), "{log}");
+    drop(stuck);
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn long_prompts_are_refused_before_tokenizing_and_leave_memory_flat() {
+    let s = Server::start(&fixture("qwen2-tiny"), &[]);
+    assert_eq!(s.post("/v1/completions", json!({"prompt": "hi", "max_tokens": 2})).0, 200);
+    let before = vm_rss_kib(s.child.id());
+    // 8 concurrent prompts of 2 MB: the context (512 positions) holds at most 8 KiB of text.
+    let text = "hello ".repeat(2_000_000 / 6);
+    let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, text) = (&s, &text);
+                scope.spawn(move || {
+                    if i % 2 == 0 {
+                        s.post("/v1/completions", json!({"prompt": text}))
+                    } else {
+                        s.post("/v1/chat/completions", json!({"messages": user(text)}))
+                    }
+                })
+            })
+            .collect();
+        // The async workers stay free meanwhile.
+        assert_eq!(s.request("GET", "/health", "").0, 200);
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    for (i, (status, v)) in answers.iter().enumerate() {
+        assert_eq!(*status, 400, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("8192 bytes") && msg.contains("not tokenized"), "{v}");
+        assert_eq!(v["error"]["param"], if i % 2 == 0 { "prompt" } else { "messages" });
+    }
+    let grown = vm_rss_kib(s.child.id()).saturating_sub(before);
+    assert!(grown < 128 << 10, "VmRSS grew by {grown} KiB");
 }

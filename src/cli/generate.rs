@@ -8,7 +8,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::jsonl;
-use crate::model::{tokenizer::Tokenizer, Model};
+use crate::model::tokenizer::{max_line_bytes, max_text_bytes, Tokenizer, TEXT_BYTES_PER_POSITION};
+use crate::model::Model;
 use crate::rollout::{self, chat::ChatFormat, SamplingConfig};
 
 #[derive(clap::Args, Debug)]
@@ -22,8 +23,10 @@ pub struct Args {
     /// Samples per prompt (G).
     #[arg(long, default_value_t = 1)]
     pub n: usize,
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
+    /// New tokens per sample at most; below the model's context (default 256, or the context
+    /// minus one where that is smaller).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
     /// 0 = greedy (log-probs and entropies are then reported at T = 1).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
@@ -83,18 +86,37 @@ struct Out<'a> {
     finish_reason: rollout::FinishReason,
 }
 
-/// Token ids of every input line.
+/// Token ids of every input line. Lines are read with a cap on their length, and a text is
+/// refused before tokenizing when it has more bytes than the context could hold
+/// (`tokenizer::max_text_bytes`, as `logprobs` does), so neither a huge line nor an endless
+/// file (`/dev/zero`) is read or tokenized whole.
 pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Vec<Vec<u32>>> {
-    let lines: Vec<Line> = jsonl::read(path)?;
+    let ctx = model.config.max_position_embeddings;
+    let (max_text, max_line) = (max_text_bytes(ctx), max_line_bytes(ctx));
+    let lines: Vec<(usize, Line)> = jsonl::read_numbered(path, max_line).with_context(|| {
+        format!(
+            "reading {} (lines are limited to {max_line} bytes for the model's context of {ctx} tokens)",
+            path.display()
+        )
+    })?;
     let need_tok =
         || tok.with_context(|| format!("{}: text prompts need the model's tokenizer.json", path.display()));
+    let fits = |text: &str, at: &dyn Fn() -> String| {
+        if text.len() > max_text {
+            bail!("{}: a prompt of {} bytes of text is too long for the model's context of {ctx} tokens (limit {max_text} bytes, {TEXT_BYTES_PER_POSITION} per position); it was not tokenized", at(), text.len());
+        }
+        Ok(())
+    };
     let mut format = None;
     let mut out = Vec::with_capacity(lines.len());
-    for (i, l) in lines.into_iter().enumerate() {
-        let at = || format!("{}: entry {}", path.display(), i + 1);
+    for (n, l) in lines {
+        let at = || format!("{}:{n}", path.display());
         let ids = match (l.prompt_ids, l.prompt, l.messages) {
             (Some(ids), None, None) if l.tools.is_none() => ids,
-            (None, Some(text), None) if l.tools.is_none() => need_tok()?.encode(&text, true).with_context(at)?,
+            (None, Some(text), None) if l.tools.is_none() => {
+                fits(&text, &at)?;
+                need_tok()?.encode(&text, true).with_context(at)?
+            }
             (None, None, Some(messages)) => {
                 let f = match format.take() {
                     Some(f) => f,
@@ -102,6 +124,7 @@ pub fn prompts(path: &Path, model: &Model, tok: Option<&Tokenizer>) -> Result<Ve
                 };
                 let text = f.render(&messages, l.tools.as_deref()).with_context(at)?;
                 format = Some(f);
+                fits(&text, &at)?;
                 need_tok()?.encode(&text, false).with_context(at)?
             }
             _ => bail!("{}: give exactly one of `prompt_ids`, `prompt` and `messages` (`tools` only with `messages`)", at()),
@@ -124,6 +147,50 @@ fn check_stops(stop: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `--max-new-tokens` within the context: a sample has at least one prompt token, so it can
+/// never have more than `ctx - 1` new ones, and a larger number would only size buffers.
+fn max_new_tokens(given: Option<usize>, ctx: usize) -> Result<usize> {
+    let Some(max_new) = given else { return Ok(256.min(ctx.saturating_sub(1))) };
+    if max_new >= ctx {
+        bail!("--max-new-tokens {max_new} does not fit the model's context of {ctx} tokens (max_position_embeddings): a sample can have at most {} new tokens after a one-token prompt", ctx - 1);
+    }
+    Ok(max_new)
+}
+
+/// Bytes one running sample may hold at most: keys and values for each of its new positions
+/// (f32 on the cpu; a GPU's bf16 needs half), its new ids, log-probs and entropies (12 bytes a
+/// token), and a row of logits with the sampler's probabilities.
+fn sample_bytes(model: &Model, max_new: usize) -> u128 {
+    let c = &model.config;
+    let kv_per_position = 2 * c.num_layers as u128 * c.num_kv_heads as u128 * c.head_dim as u128 * 4;
+    max_new as u128 * (kv_per_position + 12) + c.vocab_size as u128 * 8
+}
+
+/// This machine's physical memory in bytes (None where the OS does not say).
+fn physical_memory() -> Option<u128> {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && size > 0).then(|| pages as u128 * size as u128)
+}
+
+/// `--n`: the `n` samples of a prompt run in one batch (a prompt group is admitted whole), so
+/// together they must fit this machine's memory at their longest.
+fn check_n(n: usize, max_new: usize, model: &Model) -> Result<()> {
+    if n == 0 {
+        bail!("--n must be at least 1 (samples per prompt)");
+    }
+    let need = sample_bytes(model, max_new).saturating_mul(n as u128);
+    if let Some(have) = physical_memory().filter(|&have| need > have) {
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "--n {n} with --max-new-tokens {max_new}: the {n} samples of a prompt run together and may need up to {:.1} GiB (keys and values, logits, outputs), more than this machine's {:.1} GiB of memory; lower --n or --max-new-tokens",
+            gib(need),
+            gib(have)
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
     check_stops(&a.stop)?;
     let device = super::device(&a.device, "generate")?;
@@ -131,6 +198,8 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
     }
     let mut model = super::load_model(&a.model, device, a.dtype.as_deref())?;
+    let max_new = max_new_tokens(a.max_new_tokens, model.config.max_position_embeddings)?;
+    check_n(a.n, max_new, &model)?;
     let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };
     if !a.stop.is_empty() && tok.is_none() {
         bail!("--stop needs the model's tokenizer.json in {}", a.model.display());
@@ -139,7 +208,7 @@ pub fn run(a: Args) -> Result<()> {
     model.config.eos_token_ids = rollout::chat_eos_ids(&model, tok.as_ref());
     let cfg = SamplingConfig {
         n: a.n,
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: max_new,
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,

@@ -47,16 +47,11 @@ struct Out<'a> {
     entropy: &'a [f32],
 }
 
-/// Bytes of `text` allowed per position of the model's context: byte-level BPE spends at
-/// least one byte per token, and real text averages 3-5, so a text this long is far past the
-/// context anyway; refusing it before tokenizing keeps memory bounded.
-const TEXT_BYTES_PER_POSITION: usize = 16;
-
 fn sequences(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
     let ctx = model.config.max_position_embeddings;
-    let max_text = ctx.saturating_mul(TEXT_BYTES_PER_POSITION);
+    let max_text = crate::model::tokenizer::max_text_bytes(ctx);
     // A line of ids needs at most ~11 bytes per id; anything longer cannot fit the context.
-    let max_line = ctx.saturating_mul(TEXT_BYTES_PER_POSITION.max(12)).saturating_add(64);
+    let max_line = crate::model::tokenizer::max_line_bytes(ctx);
     let lines: Vec<(usize, Line)> = jsonl::read_numbered(path, max_line).with_context(|| {
         format!(
             "reading {} (lines are limited to {max_line} bytes for the model's context of {ctx} tokens)",

@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 
@@ -33,6 +34,14 @@ pub struct Args {
     /// The model name clients send (default: the model directory's name).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Seconds a client has to send a request's head (on a new connection, or between
+    /// keep-alive requests), and then its body; a connection that takes longer is closed.
+    #[arg(long, default_value_t = 30.0)]
+    pub read_timeout: f64,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C; connections still open
+    /// then are dropped.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
     /// How chat requests become prompts.
     #[arg(long, value_enum, default_value = "template")]
     pub style: ServeStyle,
@@ -59,6 +68,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.max_queue == 0 {
         bail!("--max-queue must be at least 1");
     }
+    let timeouts = serve::conn::Timeouts {
+        read: seconds("--read-timeout", a.read_timeout, false)?,
+        shutdown: seconds("--shutdown-timeout", a.shutdown_timeout, true)?,
+    };
     let device = super::device(&a.device, "serve")?;
     let name = a.served_model_name.clone().unwrap_or_else(|| {
         let dir = a.model.canonicalize().unwrap_or_else(|_| a.model.clone());
@@ -70,10 +83,21 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         compact: a.style == ServeStyle::Compact,
+        timeouts,
     };
     let (dir, dtype) = (a.model.clone(), a.dtype.clone());
     serve::run(cfg, move || {
         let model = super::load_model(&dir, device, dtype.as_deref())?;
         Ok((model, Tokenizer::load(&dir)?))
     })
+}
+
+/// `value` seconds as a duration: finite, positive (or zero where `zero_ok`), at most a day.
+fn seconds(flag: &str, value: f64, zero_ok: bool) -> Result<Duration> {
+    let ok = value.is_finite() && value <= 86_400.0 && (value > 0.0 || (zero_ok && value == 0.0));
+    if !ok {
+        let range = if zero_ok { "0 to 86400" } else { "more than 0 and at most 86400" };
+        bail!("{flag} must be a number of seconds, {range}; got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
 }

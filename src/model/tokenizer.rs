@@ -7,6 +7,23 @@ use anyhow::Result;
 /// Largest `tokenizer.json` read (the largest published ones are about 35 MB).
 pub const MAX_TOKENIZER_BYTES: u64 = 128 << 20;
 
+/// Bytes of text allowed per position of a model's context: byte-level BPE spends at least one
+/// byte per token, and real text averages 3-5, so a text longer than this is far past the
+/// context anyway. Refusing it before tokenizing keeps memory and time bounded (`logprobs`,
+/// `generate` and `serve` all apply it).
+pub const TEXT_BYTES_PER_POSITION: usize = 16;
+
+/// The most bytes of text worth tokenizing for a context of `ctx` positions.
+pub fn max_text_bytes(ctx: usize) -> usize {
+    ctx.saturating_mul(TEXT_BYTES_PER_POSITION)
+}
+
+/// The longest JSON line worth reading for a context of `ctx` positions: its text, or its token
+/// ids (at most ~11 bytes each), plus room for the field names.
+pub fn max_line_bytes(ctx: usize) -> usize {
+    ctx.saturating_mul(TEXT_BYTES_PER_POSITION.max(12)).saturating_add(64)
+}
+
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,

@@ -69,6 +69,14 @@ impl ApiError {
         }
     }
 
+    /// An answer with `status` and no field to blame: how the connection layer answers a body
+    /// too large (413), too slow (408) or cut by shutdown (503), and how any other non-JSON
+    /// error (405 from the router) is rewritten as an error object.
+    pub fn status(status: StatusCode, message: impl Into<String>) -> ApiError {
+        let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+        ApiError { status, message: message.into(), kind, param: None, code: None }
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }

@@ -2,6 +2,7 @@
 //! decoder, with continuous batching ([`engine`]), tool calls parsed by the BFCL decoders
 //! ([`output`]) and SSE streaming ([`stream`]). See docs/serve.md.
 
+pub mod conn;
 pub mod engine;
 pub mod errors;
 pub mod output;
@@ -26,9 +27,12 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Render chats with the embedded task's compact prompt instead of the model's template.
     pub compact: bool,
+    /// `--read-timeout` and `--shutdown-timeout`.
+    pub timeouts: conn::Timeouts,
 }
 
-/// Serves `model` until Ctrl-C / SIGTERM, then lets in-flight requests finish and returns.
+/// Serves `model` until Ctrl-C / SIGTERM, then lets in-flight requests finish (for at most
+/// `--shutdown-timeout`) and returns.
 /// `load` runs on the decode thread (the model stays there); it returns the model and its
 /// tokenizer.
 pub fn run<F>(cfg: ServeConfig, load: F) -> Result<()>
@@ -75,7 +79,9 @@ where
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(serve(cfg, state))?;
-    drop(rt);
+    // Blocking tasks (tokenizing) are bounded by the bytes-per-position check; do not wait
+    // on one longer than this.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     // Every handle is gone with the runtime's tasks: the decode loop drains and ends.
     decode.join().map_err(|_| anyhow::anyhow!("the decode thread panicked"))?;
     eprintln!("fcgpu serve: stopped");
@@ -88,12 +94,19 @@ async fn serve(cfg: ServeConfig, state: routes::Shared) -> Result<()> {
         .with_context(|| format!("fcgpu serve: cannot listen on {}", cfg.addr))?;
     // Tests and scripts read the bound address (port 0 picks a free one) from this line.
     eprintln!("fcgpu serve: model `{}` listening on http://{}", cfg.model_name, listener.local_addr()?);
-    axum::serve(listener, routes::router(state)).with_graceful_shutdown(shutdown()).await?;
+    let t = cfg.timeouts;
+    let dropped = conn::serve(listener, routes::router(state), t, shutdown(t.shutdown)).await;
+    if dropped > 0 {
+        eprintln!(
+            "fcgpu serve: dropped {dropped} connection(s) still open after --shutdown-timeout {} s",
+            t.shutdown.as_secs_f64()
+        );
+    }
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM: stop accepting; axum then waits for in-flight requests.
-async fn shutdown() {
+/// Ctrl-C or SIGTERM: stop accepting; in-flight requests then get `deadline` to finish.
+async fn shutdown(deadline: std::time::Duration) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -109,5 +122,8 @@ async fn shutdown() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    eprintln!("fcgpu serve: shutting down; finishing in-flight requests");
+    eprintln!(
+        "fcgpu serve: shutting down; finishing in-flight requests (at most {} s)",
+        deadline.as_secs_f64()
+    );
 }

@@ -16,7 +16,7 @@ use super::errors::{no_route, ApiError};
 use super::output::{parse_tool_calls, split_reasoning, tool_calls_json};
 use super::stream;
 use super::types::{self, Gen, Prompt, ToolChoice};
-use crate::model::tokenizer::Tokenizer;
+use crate::model::tokenizer::{max_text_bytes, Tokenizer, TEXT_BYTES_PER_POSITION};
 use crate::rollout::chat::ChatFormat;
 
 /// What the routes share.
@@ -41,6 +41,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .fallback(no_route)
+        // The connection layer reads at most this much (conn::MAX_BODY); the same limit here.
+        .layer(axum::extract::DefaultBodyLimit::max(super::conn::MAX_BODY))
         .with_state(state)
 }
 
@@ -106,10 +108,14 @@ impl AppState {
                 Some(kind),
             ));
         }
-        let max_tokens = gen.max_tokens.unwrap_or(self.ctx - len);
-        if len + max_tokens > self.ctx {
+        // `len < ctx` above, so the room left cannot underflow, and comparing with it (never
+        // adding the request's number to anything) cannot wrap whatever `max_tokens` is.
+        let room = self.ctx - len;
+        let max_tokens = gen.max_tokens.unwrap_or(room);
+        if max_tokens > room {
+            let total = len as u128 + max_tokens as u128;
             return Err(ApiError::bad_request(
-                format!("This model's maximum context length is {} tokens. However, you requested {} tokens ({len} in the {kind}, {max_tokens} for the completion). Please reduce the length of the {kind} or the completion.", self.ctx, len + max_tokens),
+                format!("This model's maximum context length is {} tokens. However, you requested {total} tokens ({len} in the {kind}, {max_tokens} for the completion). Please reduce the length of the {kind} or the completion.", self.ctx),
                 Some(kind),
             ));
         }
@@ -134,6 +140,28 @@ impl AppState {
         })?;
         Ok(Prepared { id: format!("{n:x}"), prompt_tokens: len, gen, events: rx, forced: String::new() })
     }
+}
+
+/// `f` on tokio's blocking threads, so a long render or tokenization never stalls the async
+/// workers (and with them `/health` and every other connection).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(format!("the worker failed: {e}")))?
+}
+
+/// The ids of `text` (the `kind` of the request), refused before tokenizing when it has more
+/// bytes than the context could hold at [`TEXT_BYTES_PER_POSITION`] bytes per position.
+async fn encode(s: &Shared, text: String, special: bool, kind: &str) -> Result<Vec<u32>, ApiError> {
+    let max = max_text_bytes(s.ctx);
+    if text.len() > max {
+        return Err(ApiError::bad_request(
+            format!("This model's maximum context length is {} tokens. However, your {kind} is {} bytes of text, more than the {max} bytes ({TEXT_BYTES_PER_POSITION} per position) that could fit it; it was not tokenized.", s.ctx, text.len()),
+            Some(kind),
+        ));
+    }
+    let tok = s.tok.clone();
+    blocking(move || tok.encode(&text, special).map_err(|e| ApiError::internal(format!("{e:#}")))).await
 }
 
 /// The finished samples of a request.
@@ -208,17 +236,20 @@ async fn chat(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError
     let messages = types::messages(&o)?;
     let choice = types::tool_choice(&o)?;
     let tools = offered(types::tools(&o)?, &choice)?;
-    if !tools.is_empty() && !s.format.shows_tools() {
-        let why = s.format.render(&messages, Some(&tools)).err().map(|e| format!("{e:#}"));
-        return Err(ApiError::bad_request(
-            why.unwrap_or_else(|| "this model's chat template does not show tools to the model".into()),
-            Some("tools"),
-        ));
-    }
-    let mut text = s
-        .format
-        .render(&messages, Some(&tools))
-        .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
+    // Rendering a long chat takes a while too: off the async workers, as tokenizing is.
+    let (s2, tools2) = (s.clone(), tools.clone());
+    let mut text = blocking(move || {
+        let text = s2.format.render(&messages, Some(&tools2));
+        if !tools2.is_empty() && !s2.format.shows_tools() {
+            let why = text.err().map(|e| format!("{e:#}"));
+            return Err(ApiError::bad_request(
+                why.unwrap_or_else(|| "this model's chat template does not show tools to the model".into()),
+                Some("tools"),
+            ));
+        }
+        text.map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))
+    })
+    .await?;
     // A call that must be made is started for the model (no grammar: the arguments are its own).
     let forced_call = |name: Option<&str>| {
         s.format.forced_call(name).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("tool_choice")))
@@ -229,10 +260,9 @@ async fn chat(State(s): State<Shared>, body: Bytes) -> Result<Response, ApiError
         ToolChoice::Auto | ToolChoice::None => (String::new(), None),
     };
     text.push_str(&forced);
-    let encode = |t: &str| s.tok.encode(t, false).map_err(|e| ApiError::internal(format!("{e:#}")));
-    let ids = encode(&text)?;
+    let ids = encode(&s, text, false, "messages").await?;
     let then = match then {
-        Some((trigger, after)) => Some((trigger, encode(&after)?)),
+        Some((trigger, after)) => Some((trigger, encode(&s, after, false, "tool_choice").await?)),
         None => None,
     };
     let mut p = s.submit(ids, gen, "messages", then)?;
@@ -283,7 +313,7 @@ async fn completions(State(s): State<Shared>, body: Bytes) -> Result<Response, A
     let gen = Gen::parse(&o, &["max_tokens"], Some(16))?;
     s.check_model(&gen)?;
     let ids = match types::prompt(&o)? {
-        Prompt::Text(t) => s.tok.encode(&t, true).map_err(|e| ApiError::internal(format!("{e:#}")))?,
+        Prompt::Text(t) => encode(&s, t, true, "prompt").await?,
         Prompt::Ids(ids) => ids,
     };
     let mut p = s.submit(ids, gen, "prompt", None)?;

@@ -11,6 +11,9 @@ use crate::rollout::SamplerParams;
 pub const MAX_N: usize = 64;
 /// Most stop strings one request may give (OpenAI allows 4).
 pub const MAX_STOP: usize = 4;
+/// Longest stop string, in bytes: the decode loop holds back any tail of a sample that could
+/// start one, a check that grows with the square of its length at every token.
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// The body as a JSON object, or a 400 saying what is wrong with it.
 pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Json>, ApiError> {
@@ -102,9 +105,11 @@ impl Gen {
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
         };
-        if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty()) {
+        if stop.len() > MAX_STOP || stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
             return Err(ApiError::bad_request(
-                format!("`stop` takes at most {MAX_STOP} non-empty strings"),
+                format!(
+                    "`stop` takes at most {MAX_STOP} non-empty strings of at most {MAX_STOP_BYTES} bytes"
+                ),
                 Some("stop"),
             ));
         }
@@ -182,7 +187,8 @@ pub fn messages(o: &Map<String, Json>) -> Result<Vec<Json>, ApiError> {
     let mut out = Vec::with_capacity(msgs.len());
     for (i, mut m) in msgs.into_iter().enumerate() {
         let param = format!("messages[{i}]");
-        let role = m.get("role").and_then(Json::as_str).unwrap_or("");
+        let role = m.get("role").and_then(Json::as_str).unwrap_or("").to_string();
+        let role = role.as_str();
         if !["system", "developer", "user", "assistant", "tool"].contains(&role) {
             return Err(ApiError::bad_request(
                 format!("{param}.role must be system, developer, user, assistant or tool"),
@@ -207,9 +213,63 @@ pub fn messages(o: &Map<String, Json>) -> Result<Vec<Json>, ApiError> {
             }
             m["content"] = Json::from(text);
         }
+        check_message(&m, role, &param)?;
         out.push(m);
     }
     Ok(out)
+}
+
+/// A message's `content` and `tool_calls` (content parts already joined): text everywhere,
+/// except that an assistant message with `tool_calls` may have none; `tool_calls` only on an
+/// assistant message, each `{"type": "function", "function": {"name": …, "arguments": …}}`.
+fn check_message(m: &Json, role: &str, param: &str) -> Result<(), ApiError> {
+    let calls = m.get("tool_calls").filter(|c| !c.is_null());
+    if let Some(calls) = calls {
+        let at = format!("{param}.tool_calls");
+        if role != "assistant" {
+            return Err(ApiError::bad_request(
+                format!("{at}: only an assistant message has tool calls"),
+                Some(&at),
+            ));
+        }
+        let Some(list) = calls.as_array() else {
+            return Err(ApiError::bad_request(
+                format!("{at} must be an array of tool calls, got {calls}"),
+                Some(&at),
+            ));
+        };
+        for (k, c) in list.iter().enumerate() {
+            check_tool_call(c, &format!("{at}[{k}]"))?;
+        }
+    }
+    let content = format!("{param}.content");
+    match m.get("content") {
+        Some(Json::String(_)) => Ok(()),
+        None | Some(Json::Null) if role == "assistant" && calls.is_some() => Ok(()),
+        None => Err(ApiError::bad_request(format!("{content} is required (a string)"), Some(&content))),
+        Some(v) => Err(ApiError::bad_request(
+            format!("{content} must be a string or an array of text parts, got {v}"),
+            Some(&content),
+        )),
+    }
+}
+
+fn check_tool_call(c: &Json, at: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| ApiError::bad_request(format!("{at}: {why}"), Some(at));
+    if !c.is_object() {
+        return Err(bad("a tool call must be an object {\"type\": \"function\", \"function\": {…}}"));
+    }
+    if c.get("type").is_some_and(|t| t != "function") {
+        return Err(bad("`type` must be \"function\""));
+    }
+    let f = &c["function"];
+    if !f["name"].is_string() {
+        return Err(bad("needs `function.name` (a string)"));
+    }
+    match f.get("arguments") {
+        None | Some(Json::String(_)) | Some(Json::Object(_)) => Ok(()),
+        Some(v) => Err(bad(&format!("`function.arguments` must be a JSON string or an object, got {v}"))),
+    }
 }
 
 /// `prompt` of /v1/completions: a string, a one-string array, or token ids.

@@ -4,11 +4,14 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 pub struct Server {
     pub child: Child,
     /// host:port the server bound.
     pub addr: String,
+    /// What the server wrote on stderr after its address line (so far).
+    pub log: Arc<Mutex<String>>,
 }
 
 impl Server {
@@ -31,8 +34,16 @@ impl Server {
             .trim()
             .to_string();
         // Keep reading stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-        Server { child, addr }
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while err.read_line(&mut line).is_ok_and(|n| n > 0) {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        Server { child, addr, log }
     }
 
     /// The OpenAI base URL.
