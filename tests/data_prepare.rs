@@ -569,6 +569,16 @@ fn hostile_output_that_is_the_input_is_refused() {
     let err = err_of(&prepare(&["--input", b, "--out", b]));
     assert!(err.contains("must be a directory other than the input"), "{err}");
     assert_eq!(std::fs::read_dir(&bfcl).unwrap().count(), 1);
+    // A device or a FIFO as the input: refused at once, not read without end.
+    let fifo = d.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for input in [Path::new("/dev/zero"), fifo.as_path()] {
+        let out = d.path().join("out-special");
+        let err = err_of(&prepare(&["--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]));
+        assert!(err.contains("not a regular file"), "{err}");
+        assert!(!out.exists());
+    }
 }
 
 /// The call check fails with a correction that holds no call: empty, `[]`, or not a call.

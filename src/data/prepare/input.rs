@@ -31,9 +31,12 @@ pub struct Loaded {
     pub rejected: Vec<Rejection>,
 }
 
-/// The input errors that can be told before anything is read or written: BFCL's answer files
-/// given for its questions.
+/// The input errors that can be told before anything is read or written: a device, FIFO or
+/// socket (read without end, or blocking), and BFCL's answer files given for its questions.
 pub fn check(path: &Path) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        bail!("--input {}: not a regular file or a directory", path.display());
+    }
     let answers_dir = |p: &Path| p.file_name().is_some_and(|n| n == "possible_answer");
     if answers_dir(path) || path.parent().is_some_and(answers_dir) {
         bail!(
