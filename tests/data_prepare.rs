@@ -251,8 +251,9 @@ fn judge_against_fcgpu_serve_caches_and_resumes_after_sigkill() {
     // A 3-token answer from a random tiny model holds no verdict: re-asked once, then rejected.
     let rejected = lines(&out.join("rejected.jsonl"));
     let unparsed = rejected.iter().filter(|r| r["reason"] == "judge_unparsed").count();
-    // 11 parseable records; lines 1 and 9 are the same sample, asked once.
-    assert_eq!(unparsed, 11, "{s}");
+    // 11 parseable records; line 9 repeats line 1 (id included): rejected before the judge.
+    assert_eq!(unparsed, 10, "{s}");
+    assert_eq!(s["reasons"]["duplicate"], 1, "{s}");
     assert_eq!(keys.len(), 20, "two answers per distinct sample");
     assert!(rejected
         .iter()
@@ -291,6 +292,13 @@ fn judge_against_fcgpu_serve_caches_and_resumes_after_sigkill() {
 /// A scripted judge on loopback: answers by the check each prompt asks for. The call check
 /// fails with a correction in round 1 and passes after it; the first request gets a 500.
 fn scripted_judge() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    scripted_judge_with(judge_text)
+}
+
+/// A loopback judge answering each prompt with `script(prompt)` (the first request gets a 500).
+fn scripted_judge_with(
+    script: fn(&str) -> String,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -299,13 +307,13 @@ fn scripted_judge() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) 
         for s in listener.incoming() {
             let Ok(s) = s else { continue };
             let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::thread::spawn(move || answer(s, n));
+            std::thread::spawn(move || answer(s, n, script));
         }
     });
     (format!("http://{addr}/v1"), count)
 }
 
-fn answer(mut s: std::net::TcpStream, n: usize) {
+fn answer(mut s: std::net::TcpStream, n: usize, script: fn(&str) -> String) {
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut len = 0;
     loop {
@@ -321,7 +329,7 @@ fn answer(mut s: std::net::TcpStream, n: usize) {
     r.read_exact(&mut body).unwrap();
     let req: Value = serde_json::from_slice(&body).unwrap();
     let prompt = req["messages"][0]["content"].as_str().unwrap().to_string();
-    let (status, text) = if n == 0 { (500, "overloaded".to_string()) } else { (200, judge_text(&prompt)) };
+    let (status, text) = if n == 0 { (500, "overloaded".to_string()) } else { (200, script(&prompt)) };
     let body = if status == 200 {
         json!({"choices": [{"message": {"role": "assistant", "content": text}}]}).to_string()
     } else {
@@ -411,4 +419,211 @@ fn xlam_60k_json_array_is_read_item_by_item() {
     // The file's 12 JSON records (line 7 is cut): the same 4 accepted, item numbers for lines.
     assert_eq!((s["total"].as_u64(), s["accepted"].as_u64()), (Some(12), Some(4)), "{s}");
     assert_eq!(reasons_by_line(&out).get(&7).map(String::as_str), Some("parse_error"));
+}
+
+// ---- Hostile data: every case is a clear refusal or a rejection with a reason code, never a
+// silently replaced run, a mixed-up id or a sample accepted without its call.
+
+/// An xLAM record asking for the weather in `city`, with id `id`.
+fn weather(id: Value, city: &str) -> String {
+    let tools = r#"[{"name": "get_weather", "description": "Weather.", "parameters": {"city": {"description": "City.", "type": "str"}}}]"#;
+    let answers = json!([{"name": "get_weather", "arguments": {"city": city}}]).to_string();
+    json!({"id": id, "query": format!("Weather in {city}?"), "tools": tools, "answers": answers}).to_string()
+}
+
+fn err_of(o: &Output) -> String {
+    assert!(!o.status.success(), "expected a refusal: {}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The bytes of every file in `dir` (to show that a refused run touched nothing).
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            out.insert(p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn hostile_repeated_ids_are_rejected_and_refused_by_eval() {
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("ids.jsonl");
+    // 200 different samples, all with id 7, then an exact copy of the first.
+    let mut text: String = (0..200).map(|i| weather(json!(7), &format!("City{i}")) + "\n").collect();
+    text.push_str(&(weather(json!(7), "City0") + "\n"));
+    std::fs::write(&input, &text).unwrap();
+    let out = d.path().join("out");
+    ok(&prepare(&["--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]));
+    let acc = lines(&out.join("accepted.jsonl"));
+    assert_eq!(acc.len(), 1);
+    assert_eq!(acc[0]["id"], "7");
+    let rej = lines(&out.join("rejected.jsonl"));
+    let count = |reason: &str| rej.iter().filter(|r| r["reason"] == reason).count();
+    assert_eq!((count("duplicate_id"), count("duplicate")), (199, 1), "{:?}", summary(&out)["reasons"]);
+    let second = rej.iter().find(|r| r["line"] == 2).unwrap();
+    assert_eq!((&second["reason"], &second["stage"]), (&json!("duplicate_id"), &json!("input")));
+    assert!(second["message"].as_str().unwrap().contains(&format!("{}:1", input.display())), "{second}");
+
+    // `eval --data` scores answers by id: a repeated id is an error naming the file, both lines
+    // and the id.
+    let results = d.path().join("results.jsonl");
+    std::fs::write(&results, "{\"id\": \"7\", \"result\": \"[get_weather(city='City0')]\"}\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["eval", "--data", input.to_str().unwrap(), "--results", results.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = err_of(&o);
+    assert!(
+        err.contains(input.to_str().unwrap()) && err.contains("lines 1 and 2") && err.contains("\"7\""),
+        "{err}"
+    );
+    // The prepared file has unique ids and scores.
+    let o = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+        .args(["eval", "--data"])
+        .arg(out.join("accepted.jsonl"))
+        .args(["--results", results.to_str().unwrap()])
+        .output()
+        .unwrap();
+    ok(&o);
+}
+
+#[test]
+fn hostile_resume_of_another_input_or_options_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let o = out.to_str().unwrap();
+    let x = xlam();
+    let input = x.to_str().unwrap();
+    ok(&prepare(&["--input", input, "--out", o]));
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(record["input_sha256"].as_str().unwrap().len(), 64, "{record}");
+    let before = snapshot(&out);
+
+    // Another input (one byte changed), and each option that decides the outputs.
+    let other = d.path().join("other.jsonl");
+    std::fs::write(&other, std::fs::read_to_string(&x).unwrap().replacen("Paris", "Parma", 1)).unwrap();
+    let judge = ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--input", other.to_str().unwrap()], "the input differs"),
+        (vec!["--input", input, "--grounding"], "--grounding true (the earlier run: false)"),
+        (vec!["--input", input, "--format", "xlam"], "--format xlam (the earlier run: auto)"),
+        (
+            [&["--input", input, "--stage", "judge"][..], &judge[..]].concat(),
+            "--stage judge (the earlier run: ast)",
+        ),
+    ];
+    for (args, says) in cases {
+        let err = err_of(&prepare(&[&args[..], &["--out", o, "--resume"]].concat()));
+        assert!(err.contains(says) && err.contains("--force"), "{args:?}: {err}");
+        assert_eq!(snapshot(&out), before, "{args:?} changed the earlier run");
+    }
+    // The same bytes under another name continue the run.
+    let copy = d.path().join("copy.jsonl");
+    std::fs::copy(&x, &copy).unwrap();
+    ok(&prepare(&["--input", copy.to_str().unwrap(), "--out", o, "--resume"]));
+    // A run without its record (an older fcgpu) cannot be checked: refused.
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    let err = err_of(&prepare(&["--input", input, "--out", o, "--resume"]));
+    assert!(err.contains("run.json") && err.contains("--force"), "{err}");
+    // --force replaces it, with the new input's record.
+    ok(&prepare(&["--input", other.to_str().unwrap(), "--out", o, "--force"]));
+    let record2: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_ne!(record2["input_sha256"], record["input_sha256"]);
+}
+
+#[test]
+fn hostile_output_that_is_the_input_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("in.jsonl");
+    std::fs::copy(xlam(), &file).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let f = file.to_str().unwrap();
+    let err = err_of(&prepare(&["--input", f, "--out", f]));
+    assert!(err.contains("must be a directory other than the input"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    for force in [&["--force"][..], &["--resume"][..]] {
+        let err = err_of(&prepare(&[&["--input", f, "--out", f][..], force].concat()));
+        assert!(err.contains("must be a directory other than the input"), "{err}");
+    }
+    // Another existing file as --out.
+    let other = d.path().join("other.txt");
+    std::fs::write(&other, "keep").unwrap();
+    let err = err_of(&prepare(&["--input", f, "--out", other.to_str().unwrap()]));
+    assert!(err.contains("is not a directory") && err.contains("must be a directory"), "{err}");
+    assert_eq!(std::fs::read(&other).unwrap(), b"keep");
+    // A BFCL directory as both: nothing written into it.
+    let bfcl = d.path().join("bfcl");
+    std::fs::create_dir(&bfcl).unwrap();
+    std::fs::copy(
+        root().join("tests/data/bfcl/v4/BFCL_v4_irrelevance.json"),
+        bfcl.join("BFCL_v4_irrelevance.json"),
+    )
+    .unwrap();
+    let b = bfcl.to_str().unwrap();
+    let err = err_of(&prepare(&["--input", b, "--out", b]));
+    assert!(err.contains("must be a directory other than the input"), "{err}");
+    assert_eq!(std::fs::read_dir(&bfcl).unwrap().count(), 1);
+    // A device or a FIFO as the input: refused at once, not read without end.
+    let fifo = d.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for input in [Path::new("/dev/zero"), fifo.as_path()] {
+        let out = d.path().join("out-special");
+        let err = err_of(&prepare(&["--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]));
+        assert!(err.contains("not a regular file"), "{err}");
+        assert!(!out.exists());
+    }
+}
+
+/// The call check fails with a correction that holds no call: empty, `[]`, or not a call.
+fn empty_rewrite_judge(prompt: &str) -> String {
+    if prompt.starts_with("### Judge task: write the reasoning") {
+        return "<reasoning>The user asks for the weather.</reasoning>".into();
+    }
+    if prompt.starts_with("### Judge check: function and parameters") {
+        let fc = if prompt.contains("City0") {
+            ""
+        } else if prompt.contains("City1") {
+            "[]"
+        } else {
+            "no call here("
+        };
+        return format!("<think>x</think><judge>False</judge><NewFC>{fc}</NewFC>");
+    }
+    "<think>x</think><judge>True</judge>".into()
+}
+
+#[test]
+fn hostile_judge_empty_rewrite_rejects_the_sample() {
+    let (url, _) = scripted_judge_with(empty_rewrite_judge);
+    let d = tempfile::tempdir().unwrap();
+    let input = d.path().join("in.jsonl");
+    let text: String = (0..3).map(|i| weather(json!(i), &format!("City{i}")) + "\n").collect();
+    std::fs::write(&input, text).unwrap();
+    let out = d.path().join("out");
+    let mut args = judge_args(&url, out.to_str().unwrap(), "scripted");
+    args[1] = input.to_str().unwrap();
+    ok(&prepare(&args));
+    assert!(lines(&out.join("accepted.jsonl")).is_empty(), "{}", summary(&out));
+    let rej = lines(&out.join("rejected.jsonl"));
+    assert_eq!(rej.len(), 3);
+    for r in &rej {
+        // Rejected after the rounds (2 here) with the call check's reason and the parse failure.
+        assert_eq!(
+            (&r["reason"], &r["stage"], &r["round"]),
+            (&json!("judge_call"), &json!("judge"), &json!(2)),
+            "{r}"
+        );
+        assert!(r["message"].as_str().unwrap().contains("parse_error"), "{r}");
+    }
+    let empty: Vec<&Value> =
+        rej.iter().filter(|r| r["message"].as_str().unwrap().contains("holds no call")).collect();
+    assert_eq!(empty.len(), 2, "{rej:?}");
+    assert_eq!(summary(&out)["judge"]["corrected"], 0);
 }

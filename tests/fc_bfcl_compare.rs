@@ -56,6 +56,22 @@ fn committed_cases_match_bfcl_exactly() {
     );
 }
 
+/// Answers Python reads differently from a naive parser: identifiers that NFKC normalisation
+/// makes valid (`ｍath.hypot`), `\N{...}` escapes, and JSON mode's `NaN`, `1e999`, long
+/// integers and lone surrogates (`tools/bfcl_compare.py --unicode`, and hand-written ones).
+#[test]
+fn unicode_and_json_number_cases_match_bfcl_exactly() {
+    let o = replay(&fc_common::data_file("cases_unicode.jsonl"), &fc_common::subset_dir());
+    assert!(o.total > 300, "only {} cases", o.total);
+    assert!(
+        o.mismatches.is_empty(),
+        "{} of {} differ:\n{}",
+        o.total - o.agree,
+        o.total,
+        o.mismatches.join("\n")
+    );
+}
+
 #[test]
 fn full_cases_agree_at_least_999_per_mille() {
     let (Ok(cases), Some(dir)) = (std::env::var("FCGPU_BFCL_CASES"), fc_common::full_dir()) else {

@@ -8,6 +8,10 @@ Run it in a scratch venv that has bfcl-eval==2026.3.23 installed (see the README
 
     python tools/bfcl_compare.py --bfcl-dir ../shared/bfcl/v4 --out /tmp/cases.jsonl
     python tools/bfcl_compare.py --bfcl-dir ../shared/bfcl/v4 --prompts-out tests/data/bfcl/prompts.jsonl --ids-per-category 3
+
+`--unicode` writes only the Unicode and JSON-number cases (`unicode_variants`): identifiers
+that Python's NFKC normalisation makes valid, `\\N{...}` escapes, and JSON mode's `NaN`,
+`1e999`, long integers and lone surrogates.
 """
 
 import argparse
@@ -316,6 +320,105 @@ def call_variants(entry, answer, cat, rng):
         yield "python", "[" + n + "(**{'" + k + "': 1})]"
 
 
+def fullwidth(c):
+    return chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c
+
+
+def bold(c):
+    # MATHEMATICAL BOLD SMALL/CAPITAL letters: NFKC maps them back to ASCII.
+    if "a" <= c <= "z":
+        return chr(0x1D41A + ord(c) - ord("a"))
+    if "A" <= c <= "Z":
+        return chr(0x1D400 + ord(c) - ord("A"))
+    return c
+
+
+def respell(name, rng, how):
+    """`name` with one ASCII letter written as a compatibility character (`how` maps it)."""
+    idx = [i for i, c in enumerate(name) if c.isascii() and c.isalpha()]
+    if not idx:
+        return name
+    i = rng.choice(idx)
+    return name[:i] + how(name[i]) + name[i + 1:]
+
+
+def named_escapes(v, rng):
+    """repr(v) with one character written as `\\N{NAME}` (sometimes lower-case, sometimes a
+    name Python does not know or a malformed escape, sometimes in a raw literal)."""
+    import unicodedata
+    r = repr(v)
+    spots = [i for i in range(1, len(r) - 1) if r[i - 1] != "\\" and r[i] != "\\" and unicodedata.name(r[i], "")]
+    if not spots:
+        return r
+    i = rng.choice(spots)
+    name = unicodedata.name(r[i])
+    kind = rng.randrange(6)
+    if kind == 1:
+        name = name.lower()
+    elif kind == 2:
+        name = name.replace(" ", "  ", 1) if " " in name else name + "X"
+    elif kind == 3:
+        name = "NO SUCH CHARACTER NAME"
+    out = r[:i] + "\\N{" + name + "}" + r[i + 1:]
+    if kind == 4:
+        out = "r" + out
+    elif kind == 5:
+        out = "\\N{" + name + "}" if rng.random() < 0.5 else out[:i] + "\\N" + r[i + 1:]
+    return out
+
+
+JSON_NUMBERS = ["1e999", "-1e999", "NaN", "Infinity", "-Infinity", "1e-999", "1" + "0" * 399,
+                "-" + "9" * 400, "9" * 5000, "12345678901234567890123456789012345678901234567890"]
+
+
+def unicode_variants(entry, answer, cat, rng):
+    """Answers that BFCL's Python reads differently from a naive parser: compatibility
+    characters in names (NFKC), named escapes, and JSON values Python's json accepts."""
+    if "java" in cat or "relevance" in cat:
+        return
+    gold = answer["ground_truth"]
+    base = [(list(c)[0], pick_args(c[list(c)[0]], rng)) for c in gold]
+
+    i = rng.randrange(len(base))
+    n, args = base[i]
+
+    def with_call(parts, name=n):
+        return "[" + ", ".join(py_call(name, parts) if ii == i else py_call(m, [(k, repr(v)) for k, v in a])
+                               for ii, (m, a) in enumerate(base)) + "]"
+
+    for how in (fullwidth, bold):
+        yield "python", with_call([(k, repr(v)) for k, v in args], respell(n, rng, how))
+        if args:
+            j = rng.randrange(len(args))
+            yield "python", with_call([(respell(k, rng, how) if jj == j else k, repr(v)) for jj, (k, v) in enumerate(args)])
+
+    strs = [(j, v) for j, (k, v) in enumerate(args) if isinstance(v, str) and v]
+    for _ in range(3 if strs else 0):
+        j, v = rng.choice(strs)
+        yield "python", with_call([(k, named_escapes(v, rng) if jj == j else repr(w)) for jj, (k, w) in enumerate(args)])
+    nums = [j for j, (k, v) in enumerate(args) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if nums:
+        j = rng.choice(nums)
+        digits = lambda w: "".join(fullwidth(c) if c.isdigit() and rng.random() < 0.5 else c for c in repr(w))
+        yield "python", with_call([(k, digits(w) if jj == j else repr(w)) for jj, (k, w) in enumerate(args)])
+
+    # JSON mode: numbers Python's json reads (and one it refuses), lone surrogates.
+    def tool_calls(changed):
+        calls = [(changed if ii == i else (m, dict(a))) for ii, (m, a) in enumerate(base)]
+        return "\n".join("<tool_call>\n" + json.dumps({"name": m, "arguments": a}) + "\n</tool_call>" for m, a in calls)
+
+    for _ in range(3):
+        a = dict(args)
+        k = rng.choice(list(a) or ["x"])
+        yield "json", tool_calls((n, {**a, k: "@@"})).replace('"@@"', rng.choice(JSON_NUMBERS))
+    if strs:
+        j, v = rng.choice(strs)
+        a = dict(args)
+        a[args[j][0]] = v + "\ud800" if rng.random() < 0.5 else "\udfff" + v
+        yield "json", tool_calls((n, a))
+    yield "json", tool_calls((n + "\udc00", dict(args)))
+
+
 def relevance_variants(entry, cat, rng):
     funcs = entry["function"]
     for s in ["", "[]", "None of the functions apply.", "I cannot help.", "[{}]", "<think>no</think>\n\nNo call.",
@@ -338,7 +441,7 @@ def relevance_variants(entry, cat, rng):
     yield "python", "<think>t</think>[" + funcs[0]["name"] + "()]"
 
 
-def cases(bfcl_dir, seed, per_entry_limit, only=None):
+def cases(bfcl_dir, seed, per_entry_limit, only=None, unicode=False):
     rng = random.Random(seed)
     for cat in CATEGORIES:
         if only and cat not in only:
@@ -351,7 +454,12 @@ def cases(bfcl_dir, seed, per_entry_limit, only=None):
         answers = {a["id"]: a for a in load(af)} if af.exists() else {}
         for e in entries:
             ans = answers.get(e["id"])
-            gen = relevance_variants(e, cat, rng) if "relevance" in cat else call_variants(e, ans, cat, rng)
+            if unicode:
+                gen = unicode_variants(e, ans, cat, random.Random(f"{seed}:{e['id']}"))
+            elif "relevance" in cat:
+                gen = relevance_variants(e, cat, rng)
+            else:
+                gen = call_variants(e, ans, cat, rng)
             for n, (fmt, result) in enumerate(gen):
                 if n >= per_entry_limit:
                     break
@@ -401,6 +509,7 @@ def main():
     ap.add_argument("--categories", help="comma-separated subset of categories")
     ap.add_argument("--prompts-out")
     ap.add_argument("--ids-per-category", type=int, default=3)
+    ap.add_argument("--unicode", action="store_true", help="only the Unicode and JSON-number cases")
     ap.add_argument("--replay", help="JSONL of {id, category, format, result}: add BFCL's verdicts (to --out)")
     a = ap.parse_args()
     if a.replay:
@@ -420,7 +529,8 @@ def main():
     if a.out:
         n = 0
         with open(a.out, "w") as f:
-            for c in cases(a.bfcl_dir, a.seed, a.per_entry, a.categories.split(",") if a.categories else None):
+            only = a.categories.split(",") if a.categories else None
+            for c in cases(a.bfcl_dir, a.seed, a.per_entry, only, a.unicode):
                 f.write(json.dumps(c) + "\n")
                 n += 1
         print(f"wrote {n} cases to {a.out}")

@@ -876,6 +876,17 @@ impl Device {
         Ok(d)
     }
 
+    /// `--device` of a command: [`Device::resolve`] with empty meaning `auto`, errors naming
+    /// `fcgpu <command>`; a GPU chosen by `auto` is reported on stderr.
+    pub fn for_command(arg: &str, command: &str) -> Result<Device> {
+        let arg = if arg.is_empty() { "auto" } else { arg };
+        let d = Device::resolve(arg).with_context(|| format!("fcgpu {command}"))?;
+        if arg == "auto" && d.is_gpu() {
+            eprintln!("device: {d} ({})", d.gpu()?.name());
+        }
+        Ok(d)
+    }
+
     /// cuda:0 when it can be used, else cpu.
     pub fn auto() -> Device {
         if GpuDevice::cuda_available() {

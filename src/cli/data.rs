@@ -87,13 +87,28 @@ pub fn run(a: Args) -> Result<()> {
     }
 }
 
-/// Refuses to overwrite an earlier run's files unless `--resume` or `--force` says what to do.
-fn check_out(a: &PrepareArgs) -> Result<()> {
-    let names = [report::ACCEPTED, report::REJECTED, report::SUMMARY, cache::CACHE_FILE];
-    let old: Vec<&str> = names.iter().copied().filter(|n| a.out.join(n).exists()).collect();
-    if a.out.exists() && !a.out.is_dir() {
-        bail!("--out {}: not a directory", a.out.display());
+/// `--out` must be a directory, and not the input itself (a file or a BFCL directory).
+fn check_out_path(a: &PrepareArgs) -> Result<()> {
+    let same = match (a.input.canonicalize(), a.out.canonicalize()) {
+        (Ok(i), Ok(o)) => i == o,
+        _ => false,
+    };
+    if same || (a.out.exists() && !a.out.is_dir()) {
+        let what = if same { "is the input" } else { "exists and is not a directory" };
+        bail!(
+            "--out {} {what}: the output must be a directory other than the input (--input {})",
+            a.out.display(),
+            a.input.display()
+        );
     }
+    Ok(())
+}
+
+/// Refuses to overwrite an earlier run's files unless `--resume` or `--force` says what to do;
+/// `--resume` continues only a run of the same input and options (`run`: this run's record).
+fn check_out(a: &PrepareArgs, run: &serde_json::Value) -> Result<()> {
+    let names = [report::ACCEPTED, report::REJECTED, report::SUMMARY, cache::CACHE_FILE, report::RUN];
+    let old: Vec<&str> = names.iter().copied().filter(|n| a.out.join(n).exists()).collect();
     if old.is_empty() {
         return Ok(());
     }
@@ -111,6 +126,33 @@ fn check_out(a: &PrepareArgs) -> Result<()> {
             "--out {} already holds {} of an earlier run; pass --resume to continue it or --force to replace it",
             a.out.display(),
             old.join(", ")
+        );
+    }
+    check_resume(&a.out, run)
+}
+
+/// `--resume` continues only the run recorded in `out`: same input bytes and options.
+fn check_resume(out: &Path, run: &serde_json::Value) -> Result<()> {
+    let path = out.join(report::RUN);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "--resume: --out {} holds an earlier run without {} (an older fcgpu, or not a run of \
+             `data prepare`), so its input cannot be checked; pass --force to replace it",
+            out.display(),
+            report::RUN
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let old: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let diff = report::run_differences(&old, run);
+    if !diff.is_empty() {
+        bail!(
+            "--resume: --out {} holds a run of another input or options: {}; pass --force to replace it, \
+             or choose another --out",
+            out.display(),
+            diff.join("; ")
         );
     }
     Ok(())
@@ -167,9 +209,14 @@ fn prepare_cmd(a: PrepareArgs) -> Result<()> {
         _ => Some(backend(&a)?),
     };
     crate::runfs::ensure_not_cwd(&a.out, "--out")?;
+    check_out_path(&a)?;
+    let run = report::run_record(&cfg, &input::fingerprint(&a.input, a.format)?);
     let _lock = crate::runfs::RunLock::acquire(&a.out)?;
-    check_out(&a)?;
+    check_out(&a, &run)?;
     crate::runfs::clean_stale_temps_noisy(&a.out);
+    let mut record = serde_json::to_vec_pretty(&run)?;
+    record.push(b'\n');
+    crate::runfs::write_atomic(&a.out.join(report::RUN), &record)?;
     let judge = match backend {
         None => None,
         Some(b) => Some(open_judge(&a.out, b, cfg.judge.clone())?),

@@ -291,7 +291,7 @@ fn pass_at_k_table(samples: &[Sample], reports: &[crate::fc::score::Report]) -> 
 /// The entries to score: `--data`, or BFCL's categories from `--bfcl-dir`.
 fn entries(a: &Args) -> Result<Vec<Sample>> {
     if let Some(p) = &a.data {
-        let all = crate::data::load_jsonl(p)?;
+        let all = crate::data::load_jsonl_unique_ids(p)?;
         if all.is_empty() {
             bail!("--data {}: no entries to score", p.display());
         }

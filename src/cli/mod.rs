@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use crate::model::Model;
-use crate::tensor::{DType, Device};
+use crate::tensor::Device;
 
 pub mod convert;
 pub mod data;
@@ -76,36 +76,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// cuda when the driver, NVRTC, cuBLAS and a GPU are all present, else cpu. A GPU device that
 /// cannot be opened is a clear error naming the command, before any work.
 pub(crate) fn device(arg: &str, command: &str) -> anyhow::Result<Device> {
-    use anyhow::Context;
-    let arg = if arg.is_empty() { "auto" } else { arg };
-    let d = Device::resolve(arg).with_context(|| format!("fcgpu {command}"))?;
-    if arg == "auto" && d.is_gpu() {
-        eprintln!("device: {d} ({})", d.gpu()?.name());
-    }
-    Ok(d)
+    Device::for_command(arg, command)
 }
 
-/// The model in `dir` on `device`, its weights stored as `dtype` (`bf16` or `f32`; default: the
-/// device's, f32 on the cpu and bf16 on a GPU). The cpu computes in f32 only.
+/// The model in `dir` on `device` ([`Model::load_on`]).
 pub(crate) fn load_model(
     dir: &std::path::Path,
     device: Device,
     dtype: Option<&str>,
 ) -> anyhow::Result<Model> {
-    let dtype = match dtype {
-        None => device.compute_dtype(),
-        Some(s) => match DType::from_hf_name(s) {
-            Some(d @ DType::F32) => d,
-            Some(d @ DType::BF16) if device.is_gpu() => d,
-            _ => anyhow::bail!(
-                "--dtype {s}: {device} computes in {}",
-                if device.is_gpu() { "bf16 or f32" } else { "f32 only" }
-            ),
-        },
-    };
-    let model = Model::load(dir)?;
-    if device.is_cpu() {
-        return Ok(model);
-    }
-    model.to_device_as(device, dtype)
+    Model::load_on(dir, device, dtype)
 }

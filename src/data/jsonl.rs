@@ -9,6 +9,29 @@ use std::path::Path;
 
 /// Loads a JSONL file of either format (detected per line: `query` means xLAM).
 pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>> {
+    Ok(load_jsonl_lines(path)?.into_iter().map(|(_, s)| s).collect())
+}
+
+/// [`load_jsonl`] for scoring: every `id` must be unique, since answers are matched to entries
+/// by id. A repeated id is an error naming the file, both lines and the id.
+pub fn load_jsonl_unique_ids(path: &Path) -> Result<Vec<Sample>> {
+    let lines = load_jsonl_lines(path)?;
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (line, s) in &lines {
+        if let Some(earlier) = first.insert(&s.id, *line) {
+            anyhow::bail!(
+                "{}: lines {earlier} and {line} have the same id {:?}; answers are matched to entries by id, \
+                 so each id must be unique",
+                path.display(),
+                s.id
+            );
+        }
+    }
+    Ok(lines.into_iter().map(|(_, s)| s).collect())
+}
+
+/// The samples of a JSONL file with their (1-based) line numbers.
+fn load_jsonl_lines(path: &Path) -> Result<Vec<(usize, Sample)>> {
     let text = crate::jsonl::read_text(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -22,7 +45,7 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Sample>> {
         } else {
             parse_fcgpu_line(&v, &default_id)
         };
-        out.push(s.map_err(|e| data_err(path, i + 1, e))?);
+        out.push((i + 1, s.map_err(|e| data_err(path, i + 1, e))?));
     }
     Ok(out)
 }

@@ -8,7 +8,9 @@ pub mod prepare;
 pub mod synth;
 
 pub use bfcl::{category_of_id, load_bfcl_category, load_bfcl_dir, parse_bfcl_question, BFCL_CATEGORIES};
-pub use jsonl::{answer_to_ground_truth, load_jsonl, parse_fcgpu_line, parse_xlam_line};
+pub use jsonl::{
+    answer_to_ground_truth, load_jsonl, load_jsonl_unique_ids, parse_fcgpu_line, parse_xlam_line,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;

@@ -264,7 +264,11 @@ fn check_param(param: &str, value: &Value, detail: &Json, alts: &Value, lang: La
     if lang == Lang::Python && desc == "float" {
         match &value {
             Value::Int(i) => value = Value::Float(*i as f64),
-            Value::BigInt(s) => value = Value::Float(s.parse().unwrap_or(f64::INFINITY)),
+            Value::BigInt(s) => match s.parse::<f64>() {
+                // Python's float(int) raises instead of rounding to infinity.
+                Ok(f) if f.is_finite() => value = Value::Float(f),
+                _ => return exc("OverflowError: int too large to convert to float"),
+            },
             _ => {}
         }
     }

@@ -272,29 +272,33 @@ fn resolve_value(e: &Expr, b: &mut Budget) -> Result<Value, DecodeError> {
     }
 }
 
-/// Qwen FC: every `<tool_call>\n…\n</tool_call>` block parsed as JSON; bad blocks dropped.
+/// Qwen FC: every `<tool_call>\n…\n</tool_call>` block parsed with Python's `json.loads`
+/// semantics (`NaN`, `1e999`, long integers); blocks it would refuse are dropped.
 pub fn decode_json_tool_calls(text: &str) -> Result<Vec<Call>, DecodeError> {
+    use crate::fc::json_py::{loads, LoadError};
     let mut calls = Vec::new();
     for block in tool_call_blocks(text) {
-        let Ok(j) = serde_json::from_str::<serde_json::Value>(block) else {
-            continue;
-        };
-        let serde_json::Value::Object(o) = j else {
-            return fail("Model did not return a list of function calls");
-        };
-        let name = match o.get("name") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Array(_)) | Some(serde_json::Value::Object(_)) => {
-                return fail("unhashable type")
+        let o = match loads(block) {
+            Ok(Value::Dict(o)) => o,
+            Ok(_) => return fail("Model did not return a list of function calls"),
+            Err(LoadError::Invalid(_)) => continue,
+            Err(LoadError::TooDeep) => {
+                let m = format!("a <tool_call> block nests over {} levels", budget::MAX_NESTING);
+                return Err(DecodeError::Bounds(m));
             }
+        };
+        let get = |k: &str| o.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(_, v)| v);
+        let name = match get("name") {
+            Some(Value::Str(s)) => s.clone(),
+            Some(v) if !v.is_hashable() => return fail("unhashable type"),
             // A non-string name can never equal a function name.
-            Some(other) => format!("\u{0}{}", other),
+            Some(other) => format!("\u{0}{}", other.repr()),
             None => return fail("KeyError: 'name'"),
         };
-        let Some(serde_json::Value::Object(args)) = o.get("arguments") else {
+        let Some(Value::Dict(args)) = get("arguments") else {
             return fail("arguments is not a dict");
         };
-        let args = args.iter().map(|(k, v)| (Some(k.clone()), Value::from_json(v))).collect();
+        let args = args.iter().map(|(k, v)| (k.as_str().map(str::to_string), v.clone())).collect();
         calls.push(Call { name, args });
     }
     Ok(calls)

@@ -243,6 +243,28 @@ impl Model {
         Ok(Model { config, embed, layers, norm, lm_head, rope, dir: None })
     }
 
+    /// [`Model::load`] onto `device`, weights stored as `dtype` (`bf16` or `f32`; default: the
+    /// device's, f32 on the cpu and bf16 on a GPU). The cpu computes in f32 only.
+    pub fn load_on(dir: &Path, device: Device, dtype: Option<&str>) -> Result<Model> {
+        use crate::tensor::DType;
+        let dtype = match dtype {
+            None => device.compute_dtype(),
+            Some(s) => match DType::from_hf_name(s) {
+                Some(d @ DType::F32) => d,
+                Some(d @ DType::BF16) if device.is_gpu() => d,
+                _ => anyhow::bail!(
+                    "--dtype {s}: {device} computes in {}",
+                    if device.is_gpu() { "bf16 or f32" } else { "f32 only" }
+                ),
+            },
+        };
+        let model = Model::load(dir)?;
+        if device.is_cpu() {
+            return Ok(model);
+        }
+        model.to_device_as(device, dtype)
+    }
+
     /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
     pub fn load(dir: &Path) -> Result<Model> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;

@@ -157,8 +157,8 @@ pub struct Local {
 
 impl Local {
     pub fn load(dir: &std::path::Path, device: &str) -> Result<Local> {
-        let device = crate::cli::device(device, "data prepare")?;
-        let mut model = crate::cli::load_model(dir, device, None)?;
+        let device = crate::device::Device::for_command(device, "data prepare")?;
+        let mut model = crate::model::Model::load_on(dir, device, None)?;
         let tok = crate::model::tokenizer::Tokenizer::load(dir)?;
         model.config.eos_token_ids = crate::rollout::chat_eos_ids(&model, Some(&tok));
         let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());

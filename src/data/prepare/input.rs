@@ -31,9 +31,12 @@ pub struct Loaded {
     pub rejected: Vec<Rejection>,
 }
 
-/// The input errors that can be told before anything is read or written: BFCL's answer files
-/// given for its questions.
+/// The input errors that can be told before anything is read or written: a device, FIFO or
+/// socket (read without end, or blocking), and BFCL's answer files given for its questions.
 pub fn check(path: &Path) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        bail!("--input {}: not a regular file or a directory", path.display());
+    }
     let answers_dir = |p: &Path| p.file_name().is_some_and(|n| n == "possible_answer");
     if answers_dir(path) || path.parent().is_some_and(answers_dir) {
         bail!(
@@ -47,12 +50,7 @@ pub fn check(path: &Path) -> Result<()> {
 /// Reads `path` in `format`. Only an unreadable input is an error.
 pub fn load(path: &Path, format: Format) -> Result<Loaded> {
     check(path)?;
-    let bfcl = match format {
-        Format::Bfcl => true,
-        Format::Auto => path.is_dir() || bfcl_category(path).is_some(),
-        _ => false,
-    };
-    if bfcl {
+    if is_bfcl(path, format) {
         return load_bfcl(path);
     }
     if path.is_dir() {
@@ -185,9 +183,8 @@ fn bfcl_category(path: &Path) -> Option<String> {
     Some(cat.to_string())
 }
 
-/// BFCL: a directory (every known category in it) or one question file; answers come from
-/// `possible_answer/` next to the questions.
-fn load_bfcl(path: &Path) -> Result<Loaded> {
+/// The BFCL question files of `path`: a directory's files of every known category, or the file.
+fn bfcl_files(path: &Path) -> Result<Vec<PathBuf>> {
     let files: Vec<PathBuf> = if path.is_dir() {
         BFCL_CATEGORIES
             .iter()
@@ -200,6 +197,55 @@ fn load_bfcl(path: &Path) -> Result<Loaded> {
     if files.is_empty() {
         bail!("--input {}: no BFCL_v4_<category>.json file of any known category", path.display());
     }
+    Ok(files)
+}
+
+/// The possible-answer file of a BFCL question file.
+fn answers_path(qpath: &Path) -> PathBuf {
+    qpath
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("possible_answer")
+        .join(qpath.file_name().unwrap_or_default())
+}
+
+fn is_bfcl(path: &Path, format: Format) -> bool {
+    match format {
+        Format::Bfcl => true,
+        Format::Auto => path.is_dir() || bfcl_category(path).is_some(),
+        _ => false,
+    }
+}
+
+/// The sha256 of everything `load` reads for `path` (hex): the file, or each BFCL question
+/// file and its answer file, each named and length-prefixed so no two inputs hash alike.
+pub fn fingerprint(path: &Path, format: Format) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files = vec![path.to_path_buf()];
+    if is_bfcl(path, format) {
+        files = bfcl_files(path)?
+            .into_iter()
+            .flat_map(|q| [answers_path(&q), q])
+            .filter(|p| p.exists())
+            .collect();
+    }
+    let mut h = Sha256::new();
+    for f in files {
+        let name = f.strip_prefix(path).unwrap_or(&f).to_string_lossy().into_owned();
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        let mut file =
+            std::fs::File::open(&f).with_context(|| format!("cannot read --input {}", f.display()))?;
+        h.update(file.metadata().map(|m| m.len()).unwrap_or(0).to_le_bytes());
+        std::io::copy(&mut file, &mut h).with_context(|| format!("cannot read --input {}", f.display()))?;
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// BFCL: a directory (every known category in it) or one question file; answers come from
+/// `possible_answer/` next to the questions.
+fn load_bfcl(path: &Path) -> Result<Loaded> {
+    let files = bfcl_files(path)?;
     let mut out = Loaded::default();
     for f in files {
         load_bfcl_file(&f, &mut out)?;
@@ -208,11 +254,7 @@ fn load_bfcl(path: &Path) -> Result<Loaded> {
 }
 
 fn load_bfcl_file(qpath: &Path, out: &mut Loaded) -> Result<()> {
-    let apath = qpath
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("possible_answer")
-        .join(qpath.file_name().unwrap_or_default());
+    let apath = answers_path(qpath);
     let answers = if apath.exists() { Some(bfcl_answers(&apath, out)?) } else { None };
     let cat = bfcl_category(qpath);
     for (line, item) in items(qpath)? {

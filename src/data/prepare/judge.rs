@@ -181,8 +181,17 @@ pub fn parse_reasoning(text: &str) -> Option<String> {
 }
 
 /// A corrected call list (`[f(a=1)]` in the category's language, or a JSON list of
-/// `{name, arguments}`) in BFCL ground-truth shape.
+/// `{name, arguments}`) in BFCL ground-truth shape. The call and format checks only run on
+/// samples with a call, so a correction without one (`<NewFC></NewFC>`, `[]`) is no correction.
 pub fn parse_correction(text: &str, s: &Sample) -> Result<Vec<Json>, Reject> {
+    let calls = parse_calls(text, s)?;
+    if calls.is_empty() {
+        return Err(Reject::new("parse_error", format!("corrected call {text:?}: holds no call")));
+    }
+    Ok(calls)
+}
+
+fn parse_calls(text: &str, s: &Sample) -> Result<Vec<Json>, Reject> {
     let bad = |m: String| Reject::new("parse_error", format!("corrected call {text:?}: {m}"));
     let func = |n: &str| s.functions.iter().find(|f| f["name"] == n);
     if let Ok(Json::Array(list)) = serde_json::from_str::<Json>(text) {
@@ -549,6 +558,10 @@ mod tests {
         let gt = parse_correction(r#"[{"name": "f", "arguments": {"a": 3}}]"#, &s).unwrap();
         assert_eq!(gt[0]["f"]["a"], serde_json::json!([3]));
         assert_eq!(parse_correction("[f(", &s).unwrap_err().reason, "parse_error");
+        for empty in ["", " ", "[]", "[ ]"] {
+            let e = parse_correction(empty, &s).unwrap_err();
+            assert_eq!((e.reason, e.message.contains("holds no call")), ("parse_error", true), "{empty:?}");
+        }
     }
 
     #[test]

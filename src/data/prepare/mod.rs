@@ -136,14 +136,39 @@ fn stage_ast(
     (keep, rejected)
 }
 
+/// Samples are matched to model answers by id (`fcgpu eval`), so an id must be unique: a
+/// later record with an id already seen is rejected, `duplicate` when it is an exact copy of
+/// the first holder and `duplicate_id` otherwise, naming the first one's file and line.
+fn unique_ids(records: Vec<Record>) -> (Vec<Record>, Vec<Rejection>) {
+    let mut first: HashMap<String, (String, String)> = HashMap::new();
+    let (mut keep, mut rejected) = (Vec::new(), Vec::new());
+    for r in records {
+        let key = ast::duplicate_key(&r.sample);
+        let Some((where_, first_key)) = first.get(&r.sample.id) else {
+            first.insert(r.sample.id.clone(), (format!("{}:{}", r.file, r.line), key));
+            keep.push(r);
+            continue;
+        };
+        let reject = if *first_key == key {
+            Reject::new("duplicate", format!("exact duplicate of {} ({where_})", r.sample.id))
+        } else {
+            Reject::new("duplicate_id", format!("id {:?} is already the id of {where_}", r.sample.id))
+        };
+        rejected.push(Rejection::of(&r, "input", 0, reject));
+    }
+    (keep, rejected)
+}
+
 /// Runs the configured stages over the input. `backend` is needed unless the stage is `ast`.
 pub fn prepare(cfg: &Config, backend: Option<&judge::Judge>) -> Result<Outcome> {
     let loaded = input::load(&cfg.input, cfg.format)?;
     let mut out = Outcome { rejected: loaded.rejected, ..Default::default() };
+    let (records, rejected) = unique_ids(loaded.records);
+    out.rejected.extend(rejected);
     let candidates: Vec<(Record, Option<Reject>)> = match cfg.stage {
-        Stage::Judge => loaded.records.into_iter().map(|r| (r, None)).collect(),
+        Stage::Judge => records.into_iter().map(|r| (r, None)).collect(),
         Stage::Ast | Stage::All => {
-            let (keep, rejected) = stage_ast(loaded.records, &cfg.ast, cfg.stage == Stage::All);
+            let (keep, rejected) = stage_ast(records, &cfg.ast, cfg.stage == Stage::All);
             out.rejected.extend(rejected);
             keep
         }

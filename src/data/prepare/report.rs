@@ -13,6 +13,40 @@ use super::{Config, Outcome};
 pub const ACCEPTED: &str = "accepted.jsonl";
 pub const REJECTED: &str = "rejected.jsonl";
 pub const SUMMARY: &str = "summary.json";
+/// What the run in a directory was made from: written before any work, checked by `--resume`.
+pub const RUN: &str = "run.json";
+
+/// The input's hash and the options that decide the outputs, as recorded in [`RUN`].
+pub fn run_record(cfg: &Config, input_sha256: &str) -> Json {
+    json!({"input": cfg.input.display().to_string(), "input_sha256": input_sha256,
+        "format": cfg.format, "stage": cfg.stage, "grounding": cfg.ast.grounding})
+}
+
+/// What differs between the run recorded in `old` and this one (`new`), one phrase per field;
+/// empty when `--resume` may continue it.
+pub fn run_differences(old: &Json, new: &Json) -> Vec<String> {
+    let mut out = Vec::new();
+    if old["input_sha256"] != new["input_sha256"] {
+        out.push(format!(
+            "the input differs (sha256 {} of {}; the earlier run read {} of {})",
+            short(&new["input_sha256"]),
+            new["input"].as_str().unwrap_or("?"),
+            short(&old["input_sha256"]),
+            old["input"].as_str().unwrap_or("?")
+        ));
+    }
+    for (field, flag) in [("format", "--format"), ("stage", "--stage"), ("grounding", "--grounding")] {
+        if old[field] != new[field] {
+            let show = |v: &Json| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            out.push(format!("{flag} {} (the earlier run: {})", show(&new[field]), show(&old[field])));
+        }
+    }
+    out
+}
+
+fn short(v: &Json) -> String {
+    v.as_str().map(|s| s.chars().take(12).collect()).unwrap_or_else(|| "(none)".into())
+}
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn bar(total: u64, what: &str) -> indicatif::ProgressBar {

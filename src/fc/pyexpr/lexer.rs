@@ -12,7 +12,11 @@ pub enum Num {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Tok {
+    /// An identifier, NFKC-normalised as Python's parser stores it.
     Name(String),
+    /// An identifier written with non-ASCII characters whose NFKC form is a keyword (`Ｔrue`):
+    /// Python recognises keywords by their spelling, so this is a plain name (`Name(id='True')`).
+    KwName(String),
     Num(Num),
     /// One string literal: `bytes` holds the decoded bytes for b-strings; `fstr` marks f-strings
     /// (kept as source text); `u` marks the `u` prefix (ast.unparse keeps it).
@@ -63,12 +67,31 @@ fn err(msg: &str) -> PyErr {
     PyErr(msg.to_string())
 }
 
+/// CPython's tokenizer takes every non-ASCII character as a possible identifier character and
+/// validates the whole identifier afterwards ([`identifier`]).
 fn is_id_start(c: char) -> bool {
-    c == '_' || c.is_alphabetic()
+    c == '_' || c.is_ascii_alphabetic() || !c.is_ascii()
 }
 
 fn is_id_continue(c: char) -> bool {
-    c == '_' || c.is_alphanumeric() || matches!(c as u32, 0x300..=0x36F | 0x200C | 0x200D)
+    c == '_' || c.is_ascii_alphanumeric() || !c.is_ascii()
+}
+
+/// A non-ASCII identifier as Python reads it (PEP 3131): NFKC-normalised, then XID_Start (or
+/// `_`) followed by XID_Continue; anything else is a syntax error.
+fn identifier(raw: &str) -> Result<String, PyErr> {
+    use unicode_normalization::UnicodeNormalization;
+    if raw.is_ascii() {
+        return Ok(raw.to_string());
+    }
+    let name: String = raw.nfkc().collect();
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c == '_' || unicode_ident::is_xid_start(c))
+        && chars.all(unicode_ident::is_xid_continue);
+    if !ok {
+        return Err(err("invalid character in identifier"));
+    }
+    Ok(name)
 }
 
 impl<'a> Lexer<'a> {
@@ -166,7 +189,12 @@ impl<'a> Lexer<'a> {
                 return self.string(&lower);
             }
         }
-        self.out.push(Tok::Name(name.to_string()));
+        let id = identifier(name)?;
+        if id != name && super::parser::is_keyword(&id) {
+            self.out.push(Tok::KwName(id));
+        } else {
+            self.out.push(Tok::Name(id));
+        }
         Ok(())
     }
 
@@ -414,7 +442,7 @@ fn unescape_str(body: &str) -> Result<String, PyErr> {
                 }
                 v
             }
-            'N' => return Err(err("\\N escapes are not supported")),
+            'N' => named_escape(&mut chars)?,
             other => {
                 out.push('\\');
                 out.push(other);
@@ -425,6 +453,55 @@ fn unescape_str(body: &str) -> Result<String, PyErr> {
         out.push(char::from_u32(code).unwrap_or('\u{FFFD}'));
     }
     Ok(out)
+}
+
+/// `\N{NAME}`: the character of that Unicode name or alias, as Python's `unicodedata` looks it
+/// up (case-insensitive, but spaces and hyphens exactly as in the name).
+fn named_escape(chars: &mut std::iter::Peekable<std::str::Chars>) -> Result<u32, PyErr> {
+    let bad = || err("malformed \\N character escape");
+    if chars.next() != Some('{') {
+        return Err(bad());
+    }
+    let mut name = String::new();
+    loop {
+        match chars.next() {
+            Some('}') => break,
+            Some(c) => name.push(c),
+            None => return Err(bad()),
+        }
+    }
+    lookup_name(&name).map(u32::from).ok_or_else(|| err("unknown Unicode character name"))
+}
+
+/// `unicode_names2` matches loosely (UAX44-LM2: case, spaces, underscores and medial hyphens
+/// ignored); Python ignores case only. A name must be spelled as the character's own name; a
+/// loose spelling of it is refused. An alias (whose spelling the crate does not keep) must be
+/// words of letters and digits joined by single spaces or hyphens, so only an alias with its
+/// spaces or hyphens moved (`LINEFEED`) is read where Python refuses it.
+fn lookup_name(name: &str) -> Option<char> {
+    let upper = name.to_ascii_uppercase();
+    // CPython computes these two families' names, in upper case only, hex digits included.
+    if let Some(hex) = name.strip_prefix("CJK UNIFIED IDEOGRAPH-") {
+        let ok = matches!(hex.len(), 4 | 5)
+            && hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+        let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?).filter(|_| ok)?;
+        let own = unicode_names2::name(c)?.to_string();
+        return own.starts_with("CJK UNIFIED IDEOGRAPH-").then_some(c);
+    }
+    if ["CJK UNIFIED IDEOGRAPH-", "HANGUL SYLLABLE "].iter().any(|p| upper.starts_with(p)) && name != upper {
+        return None;
+    }
+    let c = unicode_names2::character(&upper)?;
+    let own = unicode_names2::name(c).map(|n| n.to_string());
+    if own.as_deref() == Some(upper.as_str()) {
+        return Some(c);
+    }
+    let loose = |s: &str| s.chars().filter(|c| !matches!(c, ' ' | '_' | '-')).collect::<String>();
+    if own.is_some_and(|n| loose(&n) == loose(&upper)) {
+        return None;
+    }
+    let word = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    upper.split([' ', '-']).all(word).then_some(c)
 }
 
 fn unescape_bytes(body: &str) -> Result<Vec<u8>, PyErr> {

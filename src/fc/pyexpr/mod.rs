@@ -194,6 +194,62 @@ mod tests {
         }
     }
 
+    /// What `ast.dump(ast.parse(src, mode="eval").body)` gives in CPython 3.11, abridged.
+    #[test]
+    fn identifiers_are_nfkc_normalised_and_keywords_go_by_spelling() {
+        let name = |src: &str| match &*parse_expr(src).unwrap().kind {
+            Kind::Name(n) => n.clone(),
+            other => panic!("{src}: {other:?}"),
+        };
+        assert_eq!(name("ｍａｔｈ"), "math");
+        assert_eq!(name("ℌ"), "H");
+        assert_eq!(name("ﬁ"), "fi");
+        assert_eq!(name("𝐲"), "y");
+        // A keyword only when spelled in ASCII: `Ｔrue` is the name `True`.
+        assert_eq!(name("Ｔrue"), "True");
+        let Kind::Call { keywords, .. } = &*parse_expr("f(ｉf=1, ｘ=2)").unwrap().kind else { panic!() };
+        let args: Vec<_> = keywords.iter().map(|k| k.arg.clone().unwrap()).collect();
+        assert_eq!(args, ["if", "x"]);
+        assert!(matches!(&*parse_expr("a.Ｎone").unwrap().kind, Kind::Attr(_, a) if a == "None"));
+        // Not identifiers after NFKC: a fullwidth digit first, a soft hyphen, an arrow.
+        for bad in ["f(x=４)", "hyp\u{ad}ot", "a→b", "ｎot x", "x ｉf y else z", "ｒ'a'"] {
+            assert!(parse_expr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn named_escapes_decode_as_python_does() {
+        let s = |src: &str| match &*parse_expr(src).unwrap().kind {
+            Kind::Const(Const::Str { s, .. }) => s.clone(),
+            other => panic!("{src}: {other:?}"),
+        };
+        assert_eq!(s(r"'kg/m\N{SUPERSCRIPT THREE}'"), "kg/m³");
+        assert_eq!(s(r"'\N{superscript three}'"), "³");
+        assert_eq!(s(r"'\N{LINE FEED}\N{LF}'"), "\n\n");
+        assert_eq!(s(r"'\N{CJK UNIFIED IDEOGRAPH-4E00}\N{HANGUL SYLLABLE GAG}'"), "一각");
+        assert_eq!(s(r"'\N{CJK UNIFIED IDEOGRAPH-04E00}\N{cjk compatibility ideograph-F900}'"), "一\u{f900}");
+        assert_eq!(s(r"'\N{byte order mark}'"), "\u{feff}");
+        assert_eq!(s(r"r'\N{SOLIDUS}'"), r"\N{SOLIDUS}");
+        for bad in [
+            r"'\N{NO SUCH CHARACTER}'",
+            r"'\N{SUPERSCRIPT  THREE}'",
+            r"'\N{SUPERSCRIPT-THREE}'",
+            r"'\N{ SUPERSCRIPT THREE}'",
+            r"'\N{SUPERSCRIPTTHREE}'",
+            r"'\N{}'",
+            r"'\N'",
+            r"'\N{SOLIDUS'",
+            // The computed names are upper case only.
+            r"'\N{cjk unified ideograph-4E00}'",
+            r"'\N{CJK UNIFIED IDEOGRAPH-4e00}'",
+            r"'\N{CJK UNIFIED IDEOGRAPH-4E0}'",
+            r"'\N{hangul syllable gag}'",
+            r"'\N{HANGUL SYLLABLE gag}'",
+        ] {
+            assert!(parse_expr(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
         let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));

@@ -10,6 +10,11 @@ const KEYWORDS: [&str; 35] = [
     "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while", "with", "yield",
 ];
 
+/// Whether `name` is one of Python's (hard) keywords.
+pub fn is_keyword(name: &str) -> bool {
+    KEYWORDS.contains(&name)
+}
+
 /// Recursion budget: each level of brackets costs about 17 frames.
 const MAX_RECURSION: u32 = 4000;
 
@@ -24,6 +29,15 @@ fn err<T>(msg: &str) -> Result<T, PyErr> {
 }
 
 type R = Result<Expr, PyErr>;
+
+/// The name a token spells when it can be a plain name (not a keyword).
+fn plain_name(t: &Tok) -> Option<&str> {
+    match t {
+        Tok::Name(n) if !is_keyword(n) => Some(n),
+        Tok::KwName(n) => Some(n),
+        _ => None,
+    }
+}
 
 impl Parser {
     pub fn new(toks: Vec<Tok>) -> Parser {
@@ -144,10 +158,8 @@ impl Parser {
 
     /// `expression` with an optional `:=` (allowed in displays, call arguments and parentheses).
     fn named_expression(&mut self) -> R {
-        if matches!(self.peek(), Tok::Name(n) if !KEYWORDS.contains(&n.as_str()))
-            && matches!(self.peek_at(1), Tok::Op(":="))
-        {
-            let Tok::Name(n) = self.bump() else { unreachable!() };
+        if let (Some(n), Tok::Op(":=")) = (plain_name(self.peek()).map(str::to_string), self.peek_at(1)) {
+            self.bump();
             self.bump();
             let target = self.mk(Kind::Name(n))?;
             let value = self.expression()?;
@@ -210,11 +222,10 @@ impl Parser {
                 cur.push_str("**");
             } else if self.eat_op("/") {
                 cur.push('/');
-            } else if let Tok::Name(n) = self.peek().clone() {
-                if KEYWORDS.contains(&n.as_str()) {
+            } else if matches!(self.peek(), Tok::Name(_) | Tok::KwName(_)) {
+                let Some(n) = plain_name(&self.bump()).map(str::to_string) else {
                     return err("invalid syntax");
-                }
-                self.bump();
+                };
                 cur.push_str(&n);
                 if self.eat_op("=") {
                     let d = self.expression()?;
@@ -370,10 +381,10 @@ impl Parser {
         let mut e = self.atom()?;
         loop {
             if self.eat_op(".") {
-                match self.bump() {
-                    Tok::Name(n) if !KEYWORDS.contains(&n.as_str()) => e = self.mk(Kind::Attr(e, n))?,
-                    _ => return err("invalid syntax"),
-                }
+                let Some(n) = plain_name(&self.bump()).map(str::to_string) else {
+                    return err("invalid syntax");
+                };
+                e = self.mk(Kind::Attr(e, n))?;
             } else if self.eat_op("(") {
                 e = self.call(e)?;
             } else if self.eat_op("[") {
@@ -401,11 +412,12 @@ impl Parser {
                 }
                 let v = self.expression()?;
                 args.push(self.mk(Kind::Starred(v))?);
-            } else if matches!(self.peek(), Tok::Name(_)) && matches!(self.peek_at(1), Tok::Op("=")) {
-                let Tok::Name(n) = self.bump() else { unreachable!() };
-                if KEYWORDS.contains(&n.as_str()) {
+            } else if matches!(self.peek(), Tok::Name(_) | Tok::KwName(_))
+                && matches!(self.peek_at(1), Tok::Op("="))
+            {
+                let Some(n) = plain_name(&self.bump()).map(str::to_string) else {
                     return err("invalid syntax");
-                }
+                };
                 self.bump();
                 let v = self.expression()?;
                 keywords.push(Keyword { arg: Some(n), value: v });
@@ -543,6 +555,7 @@ impl Parser {
                 _ if KEYWORDS.contains(&n.as_str()) => err("invalid syntax"),
                 _ => self.mk(Kind::Name(n)),
             },
+            Tok::KwName(n) => self.mk(Kind::Name(n)),
             Tok::Num(n) => self.mk(Kind::Const(Const::Num(n))),
             Tok::Str { .. } => self.strings(t),
             Tok::Op("...") => self.mk(Kind::Const(Const::Ellipsis)),
