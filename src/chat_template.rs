@@ -231,8 +231,13 @@ impl ChatTemplate {
     }
 }
 
+/// Largest chat template or tokenizer_config.json read (published ones are a few KB; some
+/// tokenizer configs list thousands of added tokens, a few MB).
+const MAX_TEMPLATE_FILE_BYTES: u64 = 16 << 20;
+
+/// A model file read with a size cap, refusing FIFOs and devices (`runfs::read_capped`).
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    crate::runfs::read_capped(path, MAX_TEMPLATE_FILE_BYTES)
 }
 
 fn read_json(path: &Path) -> Result<Option<Json>> {

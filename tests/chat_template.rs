@@ -264,3 +264,24 @@ fn forced_calls_follow_the_templates_own_call_syntax() {
     assert_eq!(f.forced_call(Some("add")).unwrap(), ("<call name='add' args=".to_string(), None));
     assert_eq!(f.forced_call(None).unwrap(), ("<call name='".to_string(), None));
 }
+
+/// A template file that is a FIFO, a device or far too large is refused by name, never read
+/// forever (issue 27: model files are capped and must be regular files).
+#[test]
+fn template_files_that_are_fifos_devices_or_huge_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("chat_template.jinja");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = ChatTemplate::find(dir.path()).err().expect("a FIFO template is refused").to_string();
+    assert!(e.contains("chat_template.jinja") && e.contains("not a regular file"), "{e}");
+    std::fs::remove_file(&fifo).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &fifo).unwrap();
+    let e = ChatTemplate::find(dir.path()).err().expect("/dev/zero is refused").to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    std::fs::remove_file(&fifo).unwrap();
+    let f = std::fs::File::create(&fifo).unwrap();
+    f.set_len(1 << 30).unwrap(); // sparse: 1 GiB on paper, nothing on disk
+    let e = ChatTemplate::find(dir.path()).err().expect("a 1 GiB template is refused").to_string();
+    assert!(e.contains("bytes"), "{e}");
+}

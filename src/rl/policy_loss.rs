@@ -119,6 +119,19 @@ fn check(x: &PolicyLossInput, cfg: &PolicyLossCfg) -> Result<()> {
     );
     ensure!(x.adv.len() == if x.adv_per_token { n } else { x.n_seq }, "policy_loss: advantages");
     ensure!(x.ref_logp.is_none_or(|r| r.len() == n), "policy_loss: reference log-probs");
+    // The clip range must be a range: a negative or NaN ε would make clamp's min exceed its
+    // max (a panic) or silently disable clipping.
+    ensure!(
+        (0.0..1.0).contains(&cfg.eps_low) && cfg.eps_high >= 0.0 && cfg.eps_high.is_finite(),
+        "policy_loss: eps_low {} must be in [0, 1) and eps_high {} finite and >= 0",
+        cfg.eps_low,
+        cfg.eps_high
+    );
+    ensure!(
+        cfg.beta.is_finite() && cfg.beta >= 0.0,
+        "policy_loss: beta {} must be finite and >= 0",
+        cfg.beta
+    );
     if cfg.agg == LossAgg::Srml {
         ensure!(x.seg.is_some_and(|s| s.len() == n), "policy_loss: srml needs segments");
     }
@@ -320,6 +333,29 @@ pub mod gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clip range that is not a range is an error, not a panic inside `clamp`.
+    #[test]
+    fn bad_clip_ranges_are_errors() {
+        let (logp, mask, seg) = ([-0.5f32, -0.7], [1.0f32, 1.0], [2, 2]);
+        for (lo, hi) in [(-0.1, 0.28), (f32::NAN, 0.28), (0.2, -1.0), (0.2, f32::NAN), (1.5, 0.28)] {
+            let cfg =
+                PolicyLossCfg { eps_low: lo, eps_high: hi, beta: 0.0, agg: LossAgg::Srml, srml_alpha: 0.5 };
+            let x = PolicyLossInput {
+                logp: &logp,
+                old_logp: &logp,
+                ref_logp: None,
+                adv: &[1.0],
+                adv_per_token: false,
+                mask: &mask,
+                seg: Some(&seg),
+                n_seq: 1,
+                t: 2,
+            };
+            let e = policy_loss(&x, &cfg, 1.0).unwrap_err().to_string();
+            assert!(e.contains("eps_low"), "ε {lo}/{hi}: {e}");
+        }
+    }
 
     /// SRML over plain answers (no think segment) is the sequence mean, not half of it.
     #[test]
