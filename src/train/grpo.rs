@@ -1195,7 +1195,6 @@ mod tests {
         );
     }
 
-    #[test]
     /// A 4,096-token completion with a multi-token `</think>` at tokens 1,234..1,236: the
     /// think length is found with a logarithmic number of decodes, and it agrees with the
     /// first-prefix scan on every marker position of a short completion.
