@@ -10,8 +10,11 @@ Writes into --out (tests/fixtures/rl):
   (token, sequence = GSPO), with the loss, the gradient and the stats (clip, masked and capped
   fractions). The formulas are the ones docs/training.md gives ("Rollout correction", "GSPO").
 
-Setup: the venv of tools/requirements-ref5.txt (torch, safetensors).  Run:
-    python tools/make_rl_reference.py --out tests/fixtures/rl
+Setup: a venv with torch and safetensors (tools/requirements-ref4.txt has both; the committed
+files were made with torch 2.15).  Run:
+    /work/venvs/ref4/bin/python tools/make_rl_reference.py --out tests/fixtures/rl
+Both files come from seeded generators (7 and 28): rerunning rewrites policy_loss.safetensors
+byte for byte.
 """
 import argparse
 import os
