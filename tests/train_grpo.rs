@@ -4,7 +4,10 @@ use fcgpu::train::run_config::RunConfig;
 use std::path::Path;
 
 use fcgpu::model::weights::load_all;
-use fcgpu::rl::policy_loss::{policy_loss, LossAgg, PolicyLossCfg, PolicyLossInput};
+use fcgpu::rl::policy_loss::{
+    policy_loss, policy_loss_with, ImportanceLevel, LossAgg, PolicyLossCfg, PolicyLossInput, RatioCfg,
+    RolloutCorrection,
+};
 use fcgpu::train::checkpoint::Start;
 use fcgpu::train::grpo::{self, GrpoConfig, GrpoMetrics};
 use fcgpu::Device;
@@ -51,6 +54,71 @@ fn policy_loss_matches_pytorch_autograd() {
         cases += 1;
     }
     assert_eq!(cases, 12, "expected every fixture case");
+}
+
+/// Every rollout correction at both importance levels (token, GSPO's sequence) against torch
+/// autograd: loss, d loss / d logp and the clip / masked / capped fractions
+/// (tools/make_rl_reference.py, tests/fixtures/README.md).
+#[test]
+fn corrected_policy_loss_matches_pytorch_autograd() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rl/policy_loss_correction.safetensors");
+    let r = load_all(&path).unwrap();
+    let corrections = [
+        RolloutCorrection::None,
+        RolloutCorrection::TokenTis,
+        RolloutCorrection::TokenMis,
+        RolloutCorrection::SeqTis,
+        RolloutCorrection::SeqMis,
+    ];
+    let mut cases = 0;
+    let mut seen = Vec::new();
+    while let Some(cfg) = r.get(&format!("case{cases}.cfg")) {
+        let k = |n: &str| r[&format!("case{cases}.{n}")].to_vec();
+        let c = cfg.to_vec();
+        let seg: Vec<i32> = k("seg").iter().map(|&x| x as i32).collect();
+        let shape = r[&format!("case{cases}.logp")].shape().to_vec();
+        let agg = [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml][c[0] as usize];
+        let pcfg = PolicyLossCfg { eps_low: c[7], eps_high: c[8], beta: c[1], agg, srml_alpha: c[3] };
+        let level = [ImportanceLevel::Token, ImportanceLevel::Sequence][c[4] as usize];
+        let rc = RatioCfg { level, correction: corrections[c[5] as usize], cap: c[6] };
+        seen.push((level, rc.correction));
+        let (logp, old, roll, refl, adv, mask) =
+            (k("logp"), k("old"), k("rollout"), k("ref"), k("adv"), k("mask"));
+        let input = PolicyLossInput {
+            logp: &logp,
+            old_logp: &old,
+            ref_logp: Some(&refl),
+            adv: &adv,
+            adv_per_token: c[2] == 1.0,
+            mask: &mask,
+            seg: Some(&seg),
+            n_seq: shape[0],
+            t: shape[1],
+        };
+        let (stats, dx) = policy_loss_with(&input, Some(&roll), &pcfg, &rc, 1.0).unwrap();
+        let what = format!("case {cases} ({rc:?}, {agg:?})");
+        let expect = k("loss")[0];
+        assert!(
+            (stats.loss - expect).abs() < 1e-5 * (1.0 + expect.abs()),
+            "{what}: loss {} vs {expect}",
+            stats.loss
+        );
+        for (i, (a, b)) in dx.iter().zip(&k("grad")).enumerate() {
+            assert!((a - b).abs() < 1e-5, "{what}: d loss/d logp[{i}] {a} vs {b}");
+        }
+        let got = [stats.clip_frac, stats.rollout_masked_frac, stats.rollout_capped_frac];
+        for (name, (a, b)) in ["clip", "masked", "capped"].iter().zip(got.iter().zip(&k("stats"))) {
+            assert!((a - b).abs() < 1e-6, "{what}: {name} fraction {a} vs {b}");
+        }
+        cases += 1;
+    }
+    assert_eq!(cases, 30, "expected every fixture case");
+    for level in [ImportanceLevel::Token, ImportanceLevel::Sequence] {
+        for corr in corrections {
+            assert!(seen.contains(&(level, corr)), "no case for {level:?} {corr:?}");
+        }
+    }
 }
 
 fn micro(run_dir: &Path) -> GrpoConfig {

@@ -1,5 +1,6 @@
 //! Rewards (SPEC §2): binary format-and-answer reward, or `partial`
-//! `0.1·format + 0.9·(fraction of expected calls matched)`.
+//! `0.1·format + 0.9·matched / max(expected, emitted)` (docs/training.md "Reward"): every call
+//! emitted beyond the expected number, a duplicate included, lowers the score.
 
 use crate::data::Sample;
 use crate::fc::checker::simple;
@@ -41,6 +42,8 @@ pub struct RewardDetails {
     pub error_type: String,
     pub calls_matched: usize,
     pub calls_expected: usize,
+    /// Calls the answer decodes to (0 when it does not decode).
+    pub calls_emitted: usize,
     /// The decoder or checker panicked on this completion (a bug; the reward is 0).
     pub panicked: bool,
 }
@@ -68,6 +71,7 @@ pub fn guarded(calls_expected: usize, f: impl FnOnce() -> RewardDetails) -> Rewa
             error_type: PANIC_ERROR_TYPE.to_string(),
             calls_matched: 0,
             calls_expected,
+            calls_emitted: 0,
             panicked: true,
         }
     })
@@ -157,6 +161,7 @@ fn reward_unguarded(
         }
         _ => 0,
     };
+    let emitted = decoded.as_ref().map_or(0, |calls| calls.len());
     let answer_score = if sample.expects_no_call() || sample.expects_any_call() || expected == 0 {
         if verdict.valid {
             1.0
@@ -164,7 +169,7 @@ fn reward_unguarded(
             0.0
         }
     } else {
-        matched as f64 / expected as f64
+        partial_score(matched, expected, emitted)
     };
     let reward = match kind {
         RewardKind::Binary => (format_ok && verdict.valid) as u8 as f64,
@@ -177,8 +182,17 @@ fn reward_unguarded(
         error_type: verdict.error_type,
         calls_matched: matched,
         calls_expected: expected,
+        calls_emitted: emitted,
         panicked: false,
     }
+}
+
+/// The answer part of the `partial` reward: `matched / max(expected, emitted)`, i.e.
+/// min(recall, precision). Dividing by the expected count alone paid for emitting every
+/// plausible call; with the larger of the two counts each extra or duplicated call costs, and
+/// an answer with no extra calls scores its plain recall as before.
+fn partial_score(matched: usize, expected: usize, emitted: usize) -> f64 {
+    matched as f64 / expected.max(emitted).max(1) as f64
 }
 
 /// Greedy matching like BFCL's parallel checker, but counting instead of failing.
@@ -258,5 +272,41 @@ mod tests {
         }
         // A well-formed plain answer with the wrong value: format fine, reward 0.
         assert_eq!(score("[area(w=4)]", FormatRule::Plain), (0.0, true));
+    }
+
+    fn partial(s: &Sample, text: &str) -> RewardDetails {
+        reward_with(s, text, RewardKind::Partial, AnswerFormat::Python, FormatRule::Plain)
+    }
+
+    /// Emitting every plausible call, or the right call twice, must score below the right call
+    /// alone (it used to score the same: the answer part divided by the expected count only).
+    #[test]
+    fn partial_reward_charges_extra_and_duplicated_calls() {
+        let s = simple();
+        let right = partial(&s, "[area(w=3)]");
+        assert_eq!((right.reward, right.calls_matched, right.calls_emitted), (1.0, 1, 1));
+        let spam = partial(&s, "[area(w=1), area(w=2), area(w=3), area(w=4)]");
+        assert_eq!((spam.calls_matched, spam.calls_emitted), (1, 4), "{spam:?}");
+        assert!((spam.reward - (0.1 + 0.9 / 4.0)).abs() < 1e-12, "{spam:?}");
+        let dup = partial(&s, "[area(w=3), area(w=3)]");
+        assert_eq!((dup.calls_matched, dup.calls_emitted), (1, 2), "{dup:?}");
+        assert!((dup.reward - (0.1 + 0.9 / 2.0)).abs() < 1e-12, "{dup:?}");
+        assert!(spam.reward < dup.reward && dup.reward < right.reward);
+        // A wrong single call keeps only the format part.
+        assert!((partial(&s, "[area(w=4)]").reward - 0.1).abs() < 1e-12);
+    }
+
+    /// With two expected calls: a missing call costs as before (recall), an extra one costs
+    /// like a missing one (matched / max(expected, emitted)).
+    #[test]
+    fn partial_reward_over_two_expected_calls() {
+        let mut s = simple();
+        s.ground_truth.push(serde_json::json!({"area": {"w": [5]}}));
+        let score = |text: &str| partial(&s, text).reward;
+        assert!((score("[area(w=3), area(w=5)]") - 1.0).abs() < 1e-12);
+        assert!((score("[area(w=5), area(w=3)]") - 1.0).abs() < 1e-12, "order does not matter");
+        assert!((score("[area(w=3)]") - 0.55).abs() < 1e-12);
+        assert!((score("[area(w=3), area(w=5), area(w=7)]") - (0.1 + 0.9 * 2.0 / 3.0)).abs() < 1e-12);
+        assert!((score("[area(w=3), area(w=3)]") - 0.55).abs() < 1e-12, "a duplicate matches once");
     }
 }

@@ -692,6 +692,96 @@ pub fn policy_loss_matches_cpu(dev: &GpuDevice) {
             }
         }
     }
+    policy_loss_corrections_match_cpu(dev);
+}
+
+/// The rollout corrections and GSPO's sequence ratio on the device against the CPU op: every
+/// (level, correction) pair, each with one aggregation, β and advantage kind (rotated).
+fn policy_loss_corrections_match_cpu(d: &GpuDevice) {
+    use fcgpu::rl::policy_loss::{
+        gpu, policy_loss_with, ImportanceLevel, LossAgg, PolicyLossCfg, PolicyLossInput, RatioCfg,
+        RolloutCorrection as C,
+    };
+    let mut run = 0usize;
+    for &(n_seq, t) in &[(1usize, 1usize), (4, 37), (3, 300)] {
+        let n = n_seq * t;
+        let logp: Vec<f32> = randn(n, 41, 1.0).iter().map(|x| -x.abs()).collect();
+        let old: Vec<f32> = logp.iter().zip(randn(n, 42, 0.3)).map(|(l, e)| l + e).collect();
+        let refl: Vec<f32> = logp.iter().zip(randn(n, 43, 0.2)).map(|(l, e)| l + e).collect();
+        // Per-sequence shifts put some sequences' geometric-mean ratios above the cap.
+        let roll: Vec<f32> = old
+            .iter()
+            .zip(randn(n, 44, 0.6))
+            .enumerate()
+            .map(|(k, (o, e))| o + e - [0.9, 0.0, -0.2, 0.4][(k / t) % 4])
+            .collect();
+        let mut mask: Vec<f32> = (0..n).map(|k| (k % 7 != 3) as i32 as f32).collect();
+        if n_seq > 2 {
+            mask[t..2 * t].fill(0.0); // a fully masked sequence
+        }
+        let seg: Vec<i32> = (0..n).map(|k| if k % t < t / 3 { 1 } else { 2 }).collect();
+        let (adv_seq, adv_tok) = (randn(n_seq, 45, 1.0), randn(n, 46, 1.0));
+        let bufs = |v: &[f32]| d.upload_f32(v).unwrap();
+        let (lb, ob, rfb, rob, mb) = (bufs(&logp), bufs(&old), bufs(&refl), bufs(&roll), bufs(&mask));
+        let sb = d.upload_i32(&seg).unwrap();
+        for level in [ImportanceLevel::Token, ImportanceLevel::Sequence] {
+            for correction in [C::None, C::TokenTis, C::TokenMis, C::SeqTis, C::SeqMis] {
+                run += 1;
+                let agg = [LossAgg::TokenMean, LossAgg::SeqMean, LossAgg::Srml][run % 3];
+                let (per_tok, beta) = (run % 2 == 1, if run % 4 < 2 { 0.04 } else { 0.0 });
+                let eps = if level == ImportanceLevel::Sequence && run % 2 == 0 {
+                    (3e-4, 4e-4)
+                } else {
+                    (0.2, 0.28)
+                };
+                let adv = if per_tok { &adv_tok } else { &adv_seq };
+                let cfg = PolicyLossCfg { eps_low: eps.0, eps_high: eps.1, beta, agg, srml_alpha: 0.3 };
+                let rc = RatioCfg { level, correction, cap: 1.5 };
+                let x = PolicyLossInput {
+                    logp: &logp,
+                    old_logp: &old,
+                    ref_logp: Some(&refl),
+                    adv,
+                    adv_per_token: per_tok,
+                    mask: &mask,
+                    seg: Some(&seg),
+                    n_seq,
+                    t,
+                };
+                let (want, wgrad) = policy_loss_with(&x, Some(&roll), &cfg, &rc, 0.7).unwrap();
+                let ab = bufs(adv);
+                let xb = gpu::PolicyLossBuffers {
+                    logp: &lb,
+                    old_logp: &ob,
+                    ref_logp: Some(&rfb),
+                    adv: &ab,
+                    adv_per_token: per_tok,
+                    mask: &mb,
+                    seg: Some(&sb),
+                    n_seq,
+                    t,
+                };
+                let counts = gpu::counts(d, &xb).unwrap();
+                let out = d.zeros(gpu::STATS_WITH * 4).unwrap();
+                gpu::policy_loss_fwd_with(d, &xb, Some(&rob), &counts, &cfg, &rc, &out).unwrap();
+                let what =
+                    format!("{n_seq}x{t} {level:?} {correction:?} {agg:?} beta={beta} per_tok={per_tok}");
+                let stats = [
+                    want.loss,
+                    want.kl,
+                    want.clip_frac,
+                    want.tokens,
+                    want.rollout_masked_frac,
+                    want.rollout_capped_frac,
+                ];
+                assert_close(&out.download_f32().unwrap(), &stats, 1e-4, &what);
+                let dl = d.zeros(n * 4).unwrap();
+                let up = bufs(&[0.7]);
+                gpu::policy_loss_bwd_with(d, &xb, Some(&rob), &counts, &cfg, &rc, Some(&up), &dl).unwrap();
+                assert_close(&dl.download_f32().unwrap(), &wgrad, 1e-4, &format!("dlogp {what}"));
+            }
+        }
+    }
 }
 
 /// Row-major GEMM (cuBLAS through the (B, A) trick on cuda, the gemm crate on emu), every
