@@ -10,9 +10,9 @@
 // Shared prefixes (`shared` = 1): cu_seqlens is followed by four ints per sequence (seq_prefix):
 // the first key row and length of its prefix (another sequence, whose keys it sees in full before
 // its own causal keys) and the first index and count of the sequences that name it as their
-// prefix. The forward kernels walk the prefix keys first; the key-parallel backward of a prefix's
-// key tile walks its own queries (causal) and then every query of each sequence naming it, so
-// its dK/dV sum over all of them with one writer per element (no races, no extra atomics).
+// prefix. The forward kernels walk the prefix keys first. The f32 key-parallel backward of a
+// prefix's key row walks its own queries (causal) and then every query of each sequence naming
+// it; the bf16 one (at its register limit) gets the dependants' share from fa_bwd_dep first.
 //
 // fa_fwd_d{16,32,64,128}: grid = (ceil(max_len / 64), q_heads, n_seq), block = 128 (4 warps × 16 query
 //   rows), dynamic smem = 3 · 64 · (D + 8) · 2 bytes (27 KiB for D=64, 51 KiB for D=128: opt-in).
@@ -28,6 +28,10 @@
 //   dSᵀ = Pᵀ ⊙ (dPᵀ − delta), dK += dSᵀ·Q, and dQ += dS·K through shared memory and f32 atomics
 //   (dq must be zeroed; cast it to bf16 afterwards). Query tile 64 rows (D<=64) / 16 rows (D=128, to stay within 255 registers).
 //   dynamic smem = (2·64 + 2·BM)·(D + 8)·2 + 64·(BM + 8)·2 + 2·BM·4 bytes.
+// fa_bwd_dep_d{16,32,64,128}: the same grid, run first when there are shared prefixes: block
+//   (x, kvh, seq) takes key tile x of seq's prefix against every query of seq (no causal mask),
+//   adds dQ as above and its unscaled dK/dV to f32 acc_dk/acc_dv with atomics; fa_bwd_d* then
+//   starts that tile's accumulators from them, so each dK/dV element still has one writer.
 //   Roofline: ≈ 2.5× the forward FLOPs (5 GEMM-shaped products instead of 2).
 #include "ptx.cuh"
 
@@ -210,12 +214,17 @@ extern "C" __global__ void fa_bwd_dot(const bf16* o, const bf16* dout, float* de
     if (lane == 0) delta[w] = s;
 }
 
-template <int D, int BM>
+// DEP = false: one key tile of a sequence against its own queries (causal); with shared prefixes
+// its dK/dV start from what fa_bwd_dep left in acc_dk/acc_dv. DEP = true (fa_bwd_dep): one key
+// tile of the prefix of sequence blockIdx.z against all of that sequence's queries; dK/dV
+// (unscaled f32) are added to acc_dk/acc_dv with atomics, dQ as always.
+template <int D, int BM, bool DEP>
 __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                             const bf16* __restrict__ dout, const float* __restrict__ lse,
                                             const float* __restrict__ delta, float* __restrict__ dq, bf16* __restrict__ dk,
-                                            bf16* __restrict__ dv, const int* __restrict__ cu_seqlens, int q_heads,
-                                            int kv_heads, float scale, int shared) {
+                                            bf16* __restrict__ dv, float* __restrict__ acc_dk, float* __restrict__ acc_dv,
+                                            const int* __restrict__ cu_seqlens, int q_heads, int kv_heads, float scale,
+                                            int shared) {
     constexpr int BN = 64, LD = D + 8, LDS = BM + 8;
     FC_DYN_SMEM(u16, smem);
     u16* sK = smem;
@@ -226,17 +235,20 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
     float* sL = (float*)(sS + BN * LDS);
     float* sD = sL + BM;
     const int seq = blockIdx.z, kvh = blockIdx.y;
-    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
+    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;  // the queries
+    // The keys: the sequence's own, or (DEP) its prefix's.
+    const SeqPrefix pre = seq_prefix(cu_seqlens, gridDim.z, seq, DEP ? 1 : 0);
+    const int kstart = DEP ? pre.start : start, klen = DEP ? pre.len : len;
     const int n0 = blockIdx.x * BN;
-    if (n0 >= len) return;
+    if (n0 >= klen) return;
     const int group = q_heads / kv_heads;
     const long long qs = (long long)q_heads * D, ks = (long long)kv_heads * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int mi = lane >> 3, r8 = lane & 7;
     const float sl2 = scale * LOG2E;
 
-    load_tile<D>(sK, k + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
-    load_tile<D>(sV, v + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
+    load_tile<D>(sK, k + (long long)(kstart + n0) * ks + kvh * D, ks, min(BN, klen - n0), BN);
+    load_tile<D>(sV, v + (long long)(kstart + n0) * ks + kvh * D, ks, min(BN, klen - n0), BN);
 
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
@@ -244,107 +256,130 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
 #pragma unroll
         for (int e = 0; e < 4; e++) { dka[i][e] = 0.0f; dva[i][e] = 0.0f; }
     const int key0 = n0 + warp * 16 + g;  // this thread's key rows: key0, key0 + 8
-
-    const SeqPrefix pre = seq_prefix(cu_seqlens, gridDim.z, seq, shared);
-    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        // Queries: the sequence's own from the diagonal on (src 0, causal), then every query of
-        // each sequence that has this one as its prefix (all after these keys).
-        for (int src = 0; src <= pre.count; src++) {
-            const int qseq = src == 0 ? seq : pre.first + src - 1;
-            const int qstart = cu_seqlens[qseq], qlen = cu_seqlens[qseq + 1] - qstart;
-            const bool causal = src == 0;
-            for (int m0 = causal ? (n0 / BM) * BM : 0; m0 < qlen; m0 += BM) {
-                __syncthreads();
-                const int valid = min(BM, qlen - m0);
-                load_tile<D>(sQ, q + (qstart + m0) * qs + h * D, qs, valid, BM);
-                load_tile<D>(sO, dout + (qstart + m0) * qs + h * D, qs, valid, BM);
-                for (int i = threadIdx.x; i < BM; i += blockDim.x) {
-                    sL[i] = i < valid ? lse[(long long)(qstart + m0 + i) * q_heads + h] * LOG2E : 0.0f;
-                    sD[i] = i < valid ? delta[(long long)(qstart + m0 + i) * q_heads + h] : 0.0f;
-                }
-                __syncthreads();
-                float st[BM / 8][4], dp[BM / 8][4];
+    if (!DEP && shared) {  // the dependants' share, from fa_bwd_dep
 #pragma unroll
-                for (int nt = 0; nt < BM / 8; nt++)
+        for (int i = 0; i < 2; i++) {
+            const long long r = (long long)(kstart + key0 + 8 * i) * ks + kvh * D + 2 * t;
+            if (key0 + 8 * i < klen) {
 #pragma unroll
-                    for (int e = 0; e < 4; e++) { st[nt][e] = 0.0f; dp[nt][e] = 0.0f; }
-                // Sᵀ = K_w · Qᵀ and dPᵀ = V_w · dOᵀ
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    u32 ak[4], av[4];
-                    ldmatrix_x4(ak, &sK[(warp * 16 + r8 + 8 * (mi & 1)) * LD + kk * 16 + 8 * (mi >> 1)]);
-                    ldmatrix_x4(av, &sV[(warp * 16 + r8 + 8 * (mi & 1)) * LD + kk * 16 + 8 * (mi >> 1)]);
-#pragma unroll
-                    for (int nt = 0; nt < BM / 8; nt++) {
-                        u32 bq[2], bo[2];
-                        ldmatrix_x2(bq, &sQ[(nt * 8 + r8) * LD + kk * 16 + 8 * (mi & 1)]);
-                        ldmatrix_x2(bo, &sO[(nt * 8 + r8) * LD + kk * 16 + 8 * (mi & 1)]);
-                        mma_bf16_16816(st[nt], ak, bq, st[nt]);
-                        mma_bf16_16816(dp[nt], av, bo, dp[nt]);
-                    }
-                }
-                // Pᵀ (causal: query >= key) and dSᵀ = Pᵀ ⊙ (dPᵀ − delta)
-#pragma unroll
-                for (int nt = 0; nt < BM / 8; nt++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int qi = nt * 8 + 2 * t + (e & 1), key = key0 + (e >> 1) * 8, qpos = m0 + qi;
-                        const bool ok = (!causal || qpos >= key) && qpos < qlen && key < len;
-                        const float p = ok ? exp2f(st[nt][e] * sl2 - sL[qi]) : 0.0f;
-                        st[nt][e] = p;
-                        dp[nt][e] = p * (dp[nt][e] - sD[qi]);
-                    }
-                }
-                // dV += Pᵀ · dO, dK += dSᵀ · Q (k = queries)
-#pragma unroll
-                for (int kq = 0; kq < BM / 16; kq++) {
-                    u32 ap[4], as[4];
-                    ap[0] = pack_bf16x2(st[2 * kq][0], st[2 * kq][1]);
-                    ap[1] = pack_bf16x2(st[2 * kq][2], st[2 * kq][3]);
-                    ap[2] = pack_bf16x2(st[2 * kq + 1][0], st[2 * kq + 1][1]);
-                    ap[3] = pack_bf16x2(st[2 * kq + 1][2], st[2 * kq + 1][3]);
-                    as[0] = pack_bf16x2(dp[2 * kq][0], dp[2 * kq][1]);
-                    as[1] = pack_bf16x2(dp[2 * kq][2], dp[2 * kq][3]);
-                    as[2] = pack_bf16x2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
-                    as[3] = pack_bf16x2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
-#pragma unroll
-                    for (int dt = 0; dt < D / 8; dt++) {
-                        u32 bo[2], bq[2];
-                        ldmatrix_x2_trans(bo, &sO[(kq * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
-                        ldmatrix_x2_trans(bq, &sQ[(kq * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
-                        mma_bf16_16816(dva[dt], ap, bo, dva[dt]);
-                        mma_bf16_16816(dka[dt], as, bq, dka[dt]);
-                    }
-                }
-                // dSᵀ to shared memory, then dQ += scale · dS · K over the whole key tile
-#pragma unroll
-                for (int nt = 0; nt < BM / 8; nt++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int kl = warp * 16 + g + (e >> 1) * 8, qi = nt * 8 + 2 * t + (e & 1);
-                        sS[kl * LDS + qi] = f32_to_bf16(dp[nt][e]).bits;
-                    }
-                }
-                __syncthreads();
-                constexpr int RG = BM / 16;            // query row groups
-                for (int task = warp; task < RG * (D / 8); task += 4) {
-                    const int rg = task % RG, dt = task / RG;
-                    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                    for (int kk = 0; kk < BN / 16; kk++) {
-                        u32 a[4], b[2];
-                        ldmatrix_x4_trans(a, &sS[(kk * 16 + r8 + 8 * (mi >> 1)) * LDS + rg * 16 + 8 * (mi & 1)]);
-                        ldmatrix_x2_trans(b, &sK[(kk * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
-                        mma_bf16_16816(acc, a, b, acc);
-                    }
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int qpos = m0 + rg * 16 + g + (e >> 1) * 8;
-                        if (qpos < qlen) atomicAdd(&dq[(long long)(qstart + qpos) * qs + h * D + dt * 8 + 2 * t + (e & 1)], acc[e] * scale);
-                    }
+                for (int dt = 0; dt < D / 8; dt++) {
+                    dka[dt][2 * i] = acc_dk[r + dt * 8];
+                    dka[dt][2 * i + 1] = acc_dk[r + dt * 8 + 1];
+                    dva[dt][2 * i] = acc_dv[r + dt * 8];
+                    dva[dt][2 * i + 1] = acc_dv[r + dt * 8 + 1];
                 }
             }
         }
+    }
+
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int m0 = DEP ? 0 : (n0 / BM) * BM; m0 < len; m0 += BM) {
+            __syncthreads();
+            const int valid = min(BM, len - m0);
+            load_tile<D>(sQ, q + (start + m0) * qs + h * D, qs, valid, BM);
+            load_tile<D>(sO, dout + (start + m0) * qs + h * D, qs, valid, BM);
+            for (int i = threadIdx.x; i < BM; i += blockDim.x) {
+                sL[i] = i < valid ? lse[(long long)(start + m0 + i) * q_heads + h] * LOG2E : 0.0f;
+                sD[i] = i < valid ? delta[(long long)(start + m0 + i) * q_heads + h] : 0.0f;
+            }
+            __syncthreads();
+            float st[BM / 8][4], dp[BM / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) { st[nt][e] = 0.0f; dp[nt][e] = 0.0f; }
+            // Sᵀ = K_w · Qᵀ and dPᵀ = V_w · dOᵀ
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                u32 ak[4], av[4];
+                ldmatrix_x4(ak, &sK[(warp * 16 + r8 + 8 * (mi & 1)) * LD + kk * 16 + 8 * (mi >> 1)]);
+                ldmatrix_x4(av, &sV[(warp * 16 + r8 + 8 * (mi & 1)) * LD + kk * 16 + 8 * (mi >> 1)]);
+#pragma unroll
+                for (int nt = 0; nt < BM / 8; nt++) {
+                    u32 bq[2], bo[2];
+                    ldmatrix_x2(bq, &sQ[(nt * 8 + r8) * LD + kk * 16 + 8 * (mi & 1)]);
+                    ldmatrix_x2(bo, &sO[(nt * 8 + r8) * LD + kk * 16 + 8 * (mi & 1)]);
+                    mma_bf16_16816(st[nt], ak, bq, st[nt]);
+                    mma_bf16_16816(dp[nt], av, bo, dp[nt]);
+                }
+            }
+            // Pᵀ (causal: query >= key) and dSᵀ = Pᵀ ⊙ (dPᵀ − delta)
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qi = nt * 8 + 2 * t + (e & 1), key = key0 + (e >> 1) * 8, qpos = m0 + qi;
+                    const bool ok = (DEP || qpos >= key) && qpos < len && key < klen;
+                    const float p = ok ? exp2f(st[nt][e] * sl2 - sL[qi]) : 0.0f;
+                    st[nt][e] = p;
+                    dp[nt][e] = p * (dp[nt][e] - sD[qi]);
+                }
+            }
+            // dV += Pᵀ · dO, dK += dSᵀ · Q (k = queries)
+#pragma unroll
+            for (int kq = 0; kq < BM / 16; kq++) {
+                u32 ap[4], as[4];
+                ap[0] = pack_bf16x2(st[2 * kq][0], st[2 * kq][1]);
+                ap[1] = pack_bf16x2(st[2 * kq][2], st[2 * kq][3]);
+                ap[2] = pack_bf16x2(st[2 * kq + 1][0], st[2 * kq + 1][1]);
+                ap[3] = pack_bf16x2(st[2 * kq + 1][2], st[2 * kq + 1][3]);
+                as[0] = pack_bf16x2(dp[2 * kq][0], dp[2 * kq][1]);
+                as[1] = pack_bf16x2(dp[2 * kq][2], dp[2 * kq][3]);
+                as[2] = pack_bf16x2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
+                as[3] = pack_bf16x2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt++) {
+                    u32 bo[2], bq[2];
+                    ldmatrix_x2_trans(bo, &sO[(kq * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
+                    ldmatrix_x2_trans(bq, &sQ[(kq * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
+                    mma_bf16_16816(dva[dt], ap, bo, dva[dt]);
+                    mma_bf16_16816(dka[dt], as, bq, dka[dt]);
+                }
+            }
+            // dSᵀ to shared memory, then dQ += scale · dS · K over the whole key tile
+#pragma unroll
+            for (int nt = 0; nt < BM / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int kl = warp * 16 + g + (e >> 1) * 8, qi = nt * 8 + 2 * t + (e & 1);
+                    sS[kl * LDS + qi] = f32_to_bf16(dp[nt][e]).bits;
+                }
+            }
+            __syncthreads();
+            constexpr int RG = BM / 16;            // query row groups
+            for (int task = warp; task < RG * (D / 8); task += 4) {
+                const int rg = task % RG, dt = task / RG;
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; kk++) {
+                    u32 a[4], b[2];
+                    ldmatrix_x4_trans(a, &sS[(kk * 16 + r8 + 8 * (mi >> 1)) * LDS + rg * 16 + 8 * (mi & 1)]);
+                    ldmatrix_x2_trans(b, &sK[(kk * 16 + r8 + 8 * (mi & 1)) * LD + dt * 8]);
+                    mma_bf16_16816(acc, a, b, acc);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qpos = m0 + rg * 16 + g + (e >> 1) * 8;
+                    if (qpos < len) atomicAdd(&dq[(long long)(start + qpos) * qs + h * D + dt * 8 + 2 * t + (e & 1)], acc[e] * scale);
+                }
+            }
+        }
+    }
+    if (DEP) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const long long r = (long long)(kstart + key0 + 8 * i) * ks + kvh * D + 2 * t;
+            if (key0 + 8 * i < klen) {
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt++) {
+                    atomicAdd(&acc_dk[r + dt * 8], dka[dt][2 * i]);
+                    atomicAdd(&acc_dk[r + dt * 8 + 1], dka[dt][2 * i + 1]);
+                    atomicAdd(&acc_dv[r + dt * 8], dva[dt][2 * i]);
+                    atomicAdd(&acc_dv[r + dt * 8 + 1], dva[dt][2 * i + 1]);
+                }
+            }
+        }
+        return;
     }
 #pragma unroll
     for (int i = 0; i < 2; i++) {
@@ -365,27 +400,51 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
 
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                              const float* lse, const float* delta, float* dq, bf16* dk,
-                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                             float scale, int shared) {
-    fa_bwd_impl<16, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale, shared);
+                                                             bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                             int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<16, 64, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                              const float* lse, const float* delta, float* dq, bf16* dk,
-                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                             float scale, int shared) {
-    fa_bwd_impl<32, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale, shared);
+                                                             bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                             int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<32, 64, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                              const float* lse, const float* delta, float* dq, bf16* dk,
-                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                             float scale, int shared) {
-    fa_bwd_impl<64, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale, shared);
+                                                             bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                             int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<64, 64, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                               const float* lse, const float* delta, float* dq, bf16* dk,
-                                                              bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                              float scale, int shared) {
-    fa_bwd_impl<128, 16>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale, shared);
+                                                              bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                              int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<128, 16, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                 const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                 float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                 float scale) {
+    fa_bwd_impl<16, 64, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                 const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                 float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                 float scale) {
+    fa_bwd_impl<32, 64, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                 const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                 float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                 float scale) {
+    fa_bwd_impl<64, 64, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                  const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                  float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                  float scale) {
+    fa_bwd_impl<128, 16, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -99,13 +99,13 @@ impl FlashDims {
         );
         Ok(())
     }
-    /// (forward, backward) kernel names.
-    fn kernels(&self) -> (&'static str, &'static str) {
+    /// (forward, backward, backward of the dependants' queries on their prefix) kernel names.
+    fn kernels(&self) -> (&'static str, &'static str, &'static str) {
         match self.head_dim {
-            16 => ("fa_fwd_d16", "fa_bwd_d16"),
-            32 => ("fa_fwd_d32", "fa_bwd_d32"),
-            64 => ("fa_fwd_d64", "fa_bwd_d64"),
-            _ => ("fa_fwd_d128", "fa_bwd_d128"),
+            16 => ("fa_fwd_d16", "fa_bwd_d16", "fa_bwd_dep_d16"),
+            32 => ("fa_fwd_d32", "fa_bwd_d32", "fa_bwd_dep_d32"),
+            64 => ("fa_fwd_d64", "fa_bwd_d64", "fa_bwd_dep_d64"),
+            _ => ("fa_fwd_d128", "fa_bwd_d128", "fa_bwd_dep_d128"),
         }
     }
     /// i32 entries of the sequence table ([`seq_table`]).
@@ -251,6 +251,21 @@ pub fn flash_attn_bwd_scaled(
         block: (128, 1, 1),
         shared_bytes: bwd_smem(d.head_dim) as u32,
     };
+    // With shared prefixes, first what every dependant's queries give its prefix's dK/dV
+    // (f32, summed with atomics), which the main kernel then starts its prefix tiles from.
+    let acc = if d.shared {
+        let nk = d.tokens * d.kv_heads * d.head_dim * 4;
+        let (acc_dk, acc_dv) = (dev.zeros(nk)?, dev.zeros(nk)?);
+        let mut a = KernelArgs::new();
+        a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(&dq32).buf(&acc_dk).buf(&acc_dv);
+        a.buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(scale);
+        dev.launch(Kernel::new("flash_attn.cu", d.kernels().2), cfg, &mut a)?;
+        Some((acc_dk, acc_dv))
+    } else {
+        None
+    };
+    // Without them the accumulators are never read: any buffer stands in.
+    let (acc_dk, acc_dv) = acc.as_ref().map_or((&dq32, &dq32), |(a, b)| (a, b));
     let mut a = KernelArgs::new();
     a.buf(q)
         .buf(k)
@@ -261,6 +276,8 @@ pub fn flash_attn_bwd_scaled(
         .buf(&dq32)
         .buf(dk)
         .buf(dv)
+        .buf(acc_dk)
+        .buf(acc_dv)
         .buf(cu_seqlens)
         .i32(d.q_heads as i32)
         .i32(d.kv_heads as i32)
