@@ -719,6 +719,11 @@ impl GrpoTrainer {
     fn logps(&self, model: &Model, rollouts: &[Rollout]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(rollouts.len());
         for c in self.rollout_chunks(rollouts)? {
+            if c.rows.is_empty() {
+                // Only empty completions: nothing to score.
+                out.extend(c.members.iter().map(|_| Vec::new()));
+                continue;
+            }
             let lp = no_grad(|| model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6)))?;
             let v = lp.host_f32()?;
             out.extend(c.members.into_iter().map(|(_, r)| v[r].to_vec()));
@@ -797,7 +802,7 @@ impl GrpoTrainer {
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
         let params = self.model.named_params();
         let mut acc = StepGrads::on(self.model.device());
-        for c in self.rollout_chunks(rollouts)? {
+        for c in self.rollout_chunks(rollouts)?.into_iter().filter(|c| !c.rows.is_empty()) {
             let lp = self.model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6))?;
             let mut w = vec![0.0f32; 2 * c.rows.len()];
             for (i, r) in c.members {
