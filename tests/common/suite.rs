@@ -787,10 +787,13 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
     }
 }
 
+/// Packed sequences (start, len) and each one's prefix sequence.
+type SharedLayout = (Vec<(usize, usize)>, Vec<Option<usize>>);
+
 /// Shared-prefix layouts: (seqs, prefix). Sequence 0 (70 tokens: two key and query tiles) is the
 /// prefix of three, one of them a single token and one longer than a tile; a plain sequence
 /// follows, then a two-token prefix with one dependant.
-fn shared_layouts() -> Vec<(Vec<(usize, usize)>, Vec<Option<usize>>)> {
+fn shared_layouts() -> Vec<SharedLayout> {
     vec![
         (
             vec![(0, 70), (70, 5), (75, 1), (76, 66), (142, 3), (145, 2), (147, 4)],

@@ -56,7 +56,7 @@ pub fn attention_shared(
     let dims = Dims { q_heads: q.dim(1), kv_heads: k.dim(1), head_dim: q.dim(2) };
     ensure!(k.dim(0) == n && k.dim(2) == dims.head_dim, "attention: q {:?} vs k {:?}", q.shape(), k.shape());
     ensure!(
-        dims.kv_heads > 0 && dims.q_heads % dims.kv_heads == 0,
+        dims.kv_heads > 0 && dims.q_heads.is_multiple_of(dims.kv_heads),
         "attention: {} query heads not a multiple of {} kv heads",
         dims.q_heads,
         dims.kv_heads
