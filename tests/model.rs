@@ -152,7 +152,7 @@ fn adamw_matches_reference_and_clipping_scales() {
 /// log-probs, entropies and parameter gradients of `prompt ++ completion` scored unshared, on the
 /// fixture models (Qwen2 with biases, Qwen3 with q/k norms, Llama 3 with its RoPE scaling), on the
 /// cpu and on emu (the shared-prefix kernels through the model: f32 to f32 rounding, bf16 to bf16
-/// rounding, where the two orders of summation differ by up to ~0.015 in a log-prob).
+/// rounding: bf16 holds ~0.4% relative, and the two orders of summation differ by about that).
 #[test]
 fn shared_prompt_batch_equals_unshared_sequences() {
     use fcgpu::model::Group;
@@ -165,7 +165,7 @@ fn shared_prompt_batch_equals_unshared_sequences() {
         ("qwen3-tiny", Device::Cpu, DType::F32, 1e-5),
         ("llama-tiny-tf5", Device::Cpu, DType::F32, 1e-5),
         ("qwen3-tiny", Device::Emu, DType::F32, 1e-4),
-        ("llama-tiny-tf5", Device::Emu, DType::BF16, 3e-2),
+        ("llama-tiny-tf5", Device::Emu, DType::BF16, 2e-2),
     ] {
         let mut m = Model::load(&root.join(name)).unwrap().to_device_as(dev, dt).unwrap();
         m.requires_grad();
@@ -199,12 +199,13 @@ fn shared_prompt_batch_equals_unshared_sequences() {
         let (vs, vu, (k, n)) = (lp_s.to_vec(), lp_u.to_vec(), (rows.len(), off));
         for (j, &r) in urows.iter().enumerate() {
             assert!(
-                (vs[j] - vu[r]).abs() < tol,
+                (vs[j] - vu[r]).abs() <= tol * (1.0 + vu[r].abs()),
                 "{name} {dev}: log-prob of token {j}: {} vs {}",
                 vs[j],
                 vu[r]
             );
-            assert!((vs[k + j] - vu[n + r]).abs() < tol, "{name} {dev}: entropy of token {j}");
+            let e = vu[n + r];
+            assert!((vs[k + j] - e).abs() <= tol * (1.0 + e.abs()), "{name} {dev}: entropy of token {j}");
         }
         // A loss on log-probs and entropies: the same gradient for every parameter.
         let w: Vec<f32> = (0..2 * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
