@@ -224,8 +224,15 @@ fn kernels(cr: &mut Criterion) {
         let tokens = n_seq * len;
         let cu: Vec<i32> = (0..=n_seq as i32).map(|i| i * len as i32).collect();
         let cub = d.upload_i32(&cu).unwrap();
-        let fd =
-            attention::FlashDims { tokens, n_seq, max_len: len, q_heads: hq, kv_heads: hkv, head_dim: hd };
+        let fd = attention::FlashDims {
+            tokens,
+            n_seq,
+            max_len: len,
+            q_heads: hq,
+            kv_heads: hkv,
+            head_dim: hd,
+            shared: false,
+        };
         let (q, k, v, o, dout) = (
             bf(&c, tokens * hq * hd, 1),
             bf(&c, tokens * hkv * hd, 2),

@@ -7,6 +7,13 @@
 // (n_seq + 1 offsets into the token axis). Query head h reads kv head h / (q_heads / kv_heads).
 // Scale 1/sqrt(D) (passed in). Saves lse [tokens, q_heads] (natural log) for the backward.
 //
+// Shared prefixes (`shared` = 1): cu_seqlens is followed by four ints per sequence (seq_prefix):
+// the first key row and length of its prefix (another sequence, whose keys it sees in full before
+// its own causal keys) and the first index and count of the sequences that name it as their
+// prefix. The forward kernels walk the prefix keys first. The f32 key-parallel backward of a
+// prefix's key row walks its own queries (causal) and then every query of each sequence naming
+// it; the bf16 one (at its register limit) gets the dependants' share from fa_bwd_dep first.
+//
 // fa_fwd_d{16,32,64,128}: grid = (ceil(max_len / 64), q_heads, n_seq), block = 128 (4 warps × 16 query
 //   rows), dynamic smem = 3 · 64 · (D + 8) · 2 bytes (27 KiB for D=64, 51 KiB for D=128: opt-in).
 //   Per block: Q tile in smem → registers (ldmatrix.x4), loop over 64-key tiles up to the diagonal:
@@ -21,6 +28,10 @@
 //   dSᵀ = Pᵀ ⊙ (dPᵀ − delta), dK += dSᵀ·Q, and dQ += dS·K through shared memory and f32 atomics
 //   (dq must be zeroed; cast it to bf16 afterwards). Query tile 64 rows (D<=64) / 16 rows (D=128, to stay within 255 registers).
 //   dynamic smem = (2·64 + 2·BM)·(D + 8)·2 + 64·(BM + 8)·2 + 2·BM·4 bytes.
+// fa_bwd_dep_d{16,32,64,128}: the same grid, run first when there are shared prefixes: block
+//   (x, kvh, seq) takes key tile x of seq's prefix against every query of seq (no causal mask),
+//   adds dQ as above and its unscaled dK/dV to f32 acc_dk/acc_dv with atomics; fa_bwd_d* then
+//   starts that tile's accumulators from them, so each dK/dV element still has one writer.
 //   Roofline: ≈ 2.5× the forward FLOPs (5 GEMM-shaped products instead of 2).
 #include "ptx.cuh"
 
@@ -37,13 +48,28 @@ __device__ __forceinline__ void load_tile(u16* dst, const bf16* src, long long s
     }
 }
 
+// Sequence `seq`'s prefix and dependants (zeros without shared prefixes): {key start, key count,
+// first dependant, dependant count}.
+struct SeqPrefix {
+    int start, len, first, count;
+};
+__device__ __forceinline__ SeqPrefix seq_prefix(const int* cu_seqlens, int n_seq, int seq, int shared) {
+    SeqPrefix p = {0, 0, 0, 0};
+    if (shared) {
+        const int* e = cu_seqlens + n_seq + 1 + 4 * seq;
+        p.start = e[0]; p.len = e[1]; p.first = e[2]; p.count = e[3];
+    }
+    return p;
+}
+
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
 template <int D>
 __device__ __forceinline__ void fa_fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                             const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
-                                            const int* __restrict__ cu_seqlens, int q_heads, int kv_heads, float scale) {
+                                            const int* __restrict__ cu_seqlens, int q_heads, int kv_heads, float scale,
+                                            int shared) {
     constexpr int BM = 64, BN = 64, LD = D + 8;
     FC_DYN_SMEM(u16, smem);
     u16* sQ = smem;
@@ -71,11 +97,17 @@ __device__ __forceinline__ void fa_fwd_impl(const bf16* __restrict__ q, const bf
     const float sl2 = scale * LOG2E;
     const int row0 = m0 + warp * 16 + g;  // query positions (within the sequence) of this thread's rows
     const int n_end = min(len, m0 + BM);
+    const SeqPrefix pre = seq_prefix(cu_seqlens, gridDim.z, seq, shared);
+    const int pre_tiles = (pre.len + BN - 1) / BN;
 
-    for (int n0 = 0; n0 < n_end; n0 += BN) {
+    // Key tiles: the prefix's (all visible), then the sequence's own up to the diagonal.
+    for (int it = 0; it < pre_tiles + (n_end + BN - 1) / BN; it++) {
+        const bool in_pre = it < pre_tiles;
+        const int n0 = (in_pre ? it : it - pre_tiles) * BN;
+        const int kstart = in_pre ? pre.start : start, klen = in_pre ? pre.len : len;
         __syncthreads();
-        load_tile<D>(sK, k + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
-        load_tile<D>(sV, v + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
+        load_tile<D>(sK, k + (long long)(kstart + n0) * ks + kvh * D, ks, min(BN, klen - n0), BN);
+        load_tile<D>(sV, v + (long long)(kstart + n0) * ks + kvh * D, ks, min(BN, klen - n0), BN);
         __syncthreads();
         float s[BN / 8][4];
 #pragma unroll
@@ -96,7 +128,7 @@ __device__ __forceinline__ void fa_fwd_impl(const bf16* __restrict__ q, const bf
             for (int e = 0; e < 4; e++) {
                 const int col = n0 + nt * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
                 float x = s[nt][e] * sl2;
-                if (col > row || col >= len) x = -FC_INF;
+                if (col >= klen || (!in_pre && col > row)) x = -FC_INF;
                 s[nt][e] = x;
                 mx[e >> 1] = fmaxf(mx[e >> 1], x);
             }
@@ -156,20 +188,20 @@ __device__ __forceinline__ void fa_fwd_impl(const bf16* __restrict__ q, const bf
 }
 
 extern "C" __global__ void __launch_bounds__(128) fa_fwd_d16(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
-                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
-    fa_fwd_impl<16>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale, int shared) {
+    fa_fwd_impl<16>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_fwd_d32(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
-                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
-    fa_fwd_impl<32>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale, int shared) {
+    fa_fwd_impl<32>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
-                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
-    fa_fwd_impl<64>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+                                                             const int* cu_seqlens, int q_heads, int kv_heads, float scale, int shared) {
+    fa_fwd_impl<64>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
-                                                              const int* cu_seqlens, int q_heads, int kv_heads, float scale) {
-    fa_fwd_impl<128>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale);
+                                                              const int* cu_seqlens, int q_heads, int kv_heads, float scale, int shared) {
+    fa_fwd_impl<128>(q, k, v, o, lse, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 
 extern "C" __global__ void fa_bwd_dot(const bf16* o, const bf16* dout, float* delta, long long rows, int D) {
@@ -182,12 +214,17 @@ extern "C" __global__ void fa_bwd_dot(const bf16* o, const bf16* dout, float* de
     if (lane == 0) delta[w] = s;
 }
 
-template <int D, int BM>
+// DEP = false: one key tile of a sequence against its own queries (causal); with shared prefixes
+// its dK/dV start from what fa_bwd_dep left in acc_dk/acc_dv. DEP = true (fa_bwd_dep): one key
+// tile of the prefix of sequence blockIdx.z against all of that sequence's queries; dK/dV
+// (unscaled f32) are added to acc_dk/acc_dv with atomics, dQ as always.
+template <int D, int BM, bool DEP>
 __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                                             const bf16* __restrict__ dout, const float* __restrict__ lse,
                                             const float* __restrict__ delta, float* __restrict__ dq, bf16* __restrict__ dk,
-                                            bf16* __restrict__ dv, const int* __restrict__ cu_seqlens, int q_heads,
-                                            int kv_heads, float scale) {
+                                            bf16* __restrict__ dv, float* __restrict__ acc_dk, float* __restrict__ acc_dv,
+                                            const int* __restrict__ cu_seqlens, int q_heads, int kv_heads, float scale,
+                                            int shared) {
     constexpr int BN = 64, LD = D + 8, LDS = BM + 8;
     FC_DYN_SMEM(u16, smem);
     u16* sK = smem;
@@ -198,17 +235,20 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
     float* sL = (float*)(sS + BN * LDS);
     float* sD = sL + BM;
     const int seq = blockIdx.z, kvh = blockIdx.y;
-    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
+    const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;  // the queries
+    // The keys: the sequence's own, or (DEP) its prefix's.
+    const SeqPrefix pre = seq_prefix(cu_seqlens, gridDim.z, seq, DEP ? 1 : 0);
+    const int kstart = DEP ? pre.start : start, klen = DEP ? pre.len : len;
     const int n0 = blockIdx.x * BN;
-    if (n0 >= len) return;
+    if (n0 >= klen) return;
     const int group = q_heads / kv_heads;
     const long long qs = (long long)q_heads * D, ks = (long long)kv_heads * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int mi = lane >> 3, r8 = lane & 7;
     const float sl2 = scale * LOG2E;
 
-    load_tile<D>(sK, k + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
-    load_tile<D>(sV, v + (start + n0) * ks + kvh * D, ks, min(BN, len - n0), BN);
+    load_tile<D>(sK, k + (long long)(kstart + n0) * ks + kvh * D, ks, min(BN, klen - n0), BN);
+    load_tile<D>(sV, v + (long long)(kstart + n0) * ks + kvh * D, ks, min(BN, klen - n0), BN);
 
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
@@ -216,9 +256,24 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
 #pragma unroll
         for (int e = 0; e < 4; e++) { dka[i][e] = 0.0f; dva[i][e] = 0.0f; }
     const int key0 = n0 + warp * 16 + g;  // this thread's key rows: key0, key0 + 8
+    if (!DEP && shared) {  // the dependants' share, from fa_bwd_dep
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const long long r = (long long)(kstart + key0 + 8 * i) * ks + kvh * D + 2 * t;
+            if (key0 + 8 * i < klen) {
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt++) {
+                    dka[dt][2 * i] = acc_dk[r + dt * 8];
+                    dka[dt][2 * i + 1] = acc_dk[r + dt * 8 + 1];
+                    dva[dt][2 * i] = acc_dv[r + dt * 8];
+                    dva[dt][2 * i + 1] = acc_dv[r + dt * 8 + 1];
+                }
+            }
+        }
+    }
 
     for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int m0 = (n0 / BM) * BM; m0 < len; m0 += BM) {
+        for (int m0 = DEP ? 0 : (n0 / BM) * BM; m0 < len; m0 += BM) {
             __syncthreads();
             const int valid = min(BM, len - m0);
             load_tile<D>(sQ, q + (start + m0) * qs + h * D, qs, valid, BM);
@@ -254,7 +309,7 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int qi = nt * 8 + 2 * t + (e & 1), key = key0 + (e >> 1) * 8, qpos = m0 + qi;
-                    const bool ok = qpos >= key && qpos < len && key < len;
+                    const bool ok = (DEP || qpos >= key) && qpos < len && key < klen;
                     const float p = ok ? exp2f(st[nt][e] * sl2 - sL[qi]) : 0.0f;
                     st[nt][e] = p;
                     dp[nt][e] = p * (dp[nt][e] - sD[qi]);
@@ -310,6 +365,22 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
             }
         }
     }
+    if (DEP) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const long long r = (long long)(kstart + key0 + 8 * i) * ks + kvh * D + 2 * t;
+            if (key0 + 8 * i < klen) {
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt++) {
+                    atomicAdd(&acc_dk[r + dt * 8], dka[dt][2 * i]);
+                    atomicAdd(&acc_dk[r + dt * 8 + 1], dka[dt][2 * i + 1]);
+                    atomicAdd(&acc_dv[r + dt * 8], dva[dt][2 * i]);
+                    atomicAdd(&acc_dv[r + dt * 8 + 1], dva[dt][2 * i + 1]);
+                }
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         const int key = key0 + 8 * i;
@@ -329,27 +400,51 @@ __device__ __forceinline__ void fa_bwd_impl(const bf16* __restrict__ q, const bf
 
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                              const float* lse, const float* delta, float* dq, bf16* dk,
-                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                             float scale) {
-    fa_bwd_impl<16, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+                                                             bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                             int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<16, 64, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                              const float* lse, const float* delta, float* dq, bf16* dk,
-                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                             float scale) {
-    fa_bwd_impl<32, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+                                                             bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                             int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<32, 64, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                              const float* lse, const float* delta, float* dq, bf16* dk,
-                                                             bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                             float scale) {
-    fa_bwd_impl<64, 64>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+                                                             bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                             int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<64, 64, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
 }
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                                                               const float* lse, const float* delta, float* dq, bf16* dk,
-                                                              bf16* dv, const int* cu_seqlens, int q_heads, int kv_heads,
-                                                              float scale) {
-    fa_bwd_impl<128, 16>(q, k, v, dout, lse, delta, dq, dk, dv, cu_seqlens, q_heads, kv_heads, scale);
+                                                              bf16* dv, float* acc_dk, float* acc_dv, const int* cu_seqlens,
+                                                              int q_heads, int kv_heads, float scale, int shared) {
+    fa_bwd_impl<128, 16, false>(q, k, v, dout, lse, delta, dq, dk, dv, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, shared);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d16(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                 const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                 float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                 float scale) {
+    fa_bwd_impl<16, 64, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                 const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                 float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                 float scale) {
+    fa_bwd_impl<32, 64, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                 const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                 float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                 float scale) {
+    fa_bwd_impl<64, 64, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
+}
+extern "C" __global__ void __launch_bounds__(128) fa_bwd_dep_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
+                                                                  const float* lse, const float* delta, float* dq, float* acc_dk,
+                                                                  float* acc_dv, const int* cu_seqlens, int q_heads, int kv_heads,
+                                                                  float scale) {
+    fa_bwd_impl<128, 16, true>(q, k, v, dout, lse, delta, dq, nullptr, nullptr, acc_dk, acc_dv, cu_seqlens, q_heads, kv_heads, scale, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,11 +453,13 @@ extern "C" __global__ void __launch_bounds__(128) fa_bwd_d128(const bf16* q, con
 // q, k, v, P and dS to bf16), not for speed. Any head dim up to 256, no padding: lanes split D.
 //
 // fa_fwd_f32: grid = (ceil(max_len / 4), q_heads, n_seq), block = 128; warp w owns query row
-//   blockIdx.x·4 + w and walks keys 0..row with an online softmax (natural exp). Writes o and lse.
+//   blockIdx.x·4 + w and walks its prefix's keys, then keys 0..row, with an online softmax
+//   (natural exp). Writes o and lse.
 // fa_bwd_dot_f32: delta[t, h] = Σ_d O·dO; one warp per (token, head), block 256.
 // fa_bwd_dq_f32: grid as the forward; warp per query row: dq_i = scale · Σ_j dS_ij · k_j.
 // fa_bwd_dkdv_f32: grid = (ceil(max_len / 4), kv_heads, n_seq), block = 128; warp per key row j
-//   of one kv head: over the group's q heads and queries i >= j, dk_j = scale · Σ dS_ij · q_i and
+//   of one kv head: over the group's q heads and queries i >= j (and every query of the sequences
+//   that have this one as their prefix), dk_j = scale · Σ dS_ij · q_i and
 //   dv_j = Σ P_ij · dO_i. With P_ij = exp(scale·q_i·k_j − lse_i), dS_ij = P_ij (dO_i·v_j − delta_i).
 //   No atomics: every output element has one writer, so the result is deterministic.
 // Roofline: ≈ 2·L²·D FLOPs per (sequence, head) forward and ≈ 3× that backward, at CUDA-core rate.
@@ -396,7 +493,7 @@ __device__ __forceinline__ void fa32_store(float* dst, const float* r, int D, in
 
 extern "C" __global__ void __launch_bounds__(128) fa_fwd_f32(const float* q, const float* k, const float* v, float* o,
                                                              float* lse, const int* cu_seqlens, int q_heads,
-                                                             int kv_heads, int D, float scale) {
+                                                             int kv_heads, int D, float scale, int shared) {
     const int seq = blockIdx.z, h = blockIdx.y, lane = threadIdx.x & 31;
     const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
     const int i = blockIdx.x * 4 + (threadIdx.x >> 5);
@@ -408,8 +505,9 @@ extern "C" __global__ void __launch_bounds__(128) fa_fwd_f32(const float* q, con
 #pragma unroll
     for (int e = 0; e < FA32_PER; e++) acc[e] = 0.0f;
     float m = -FC_INF, l = 0.0f;
-    for (int j = 0; j <= i; j++) {
-        const long long kr = (start + j) * ks + (long long)kvh * D;
+    const SeqPrefix pre = seq_prefix(cu_seqlens, gridDim.z, seq, shared);
+    for (int j = 0; j <= pre.len + i; j++) {  // the prefix's keys, then the own keys 0..i
+        const long long kr = (j < pre.len ? pre.start + j : start + j - pre.len) * ks + (long long)kvh * D;
         const float s = fa32_dot(qv, k + kr, D, lane);
         const float mn = fmaxf(m, s);
         const float corr = expf(m - mn), p = expf(s - mn);  // m = -inf at j = 0: corr = 0
@@ -438,7 +536,7 @@ extern "C" __global__ void fa_bwd_dot_f32(const float* o, const float* dout, flo
 extern "C" __global__ void __launch_bounds__(128) fa_bwd_dq_f32(const float* q, const float* k, const float* v,
                                                                 const float* dout, const float* lse, const float* delta,
                                                                 float* dq, const int* cu_seqlens, int q_heads,
-                                                                int kv_heads, int D, float scale) {
+                                                                int kv_heads, int D, float scale, int shared) {
     const int seq = blockIdx.z, h = blockIdx.y, lane = threadIdx.x & 31;
     const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
     const int i = blockIdx.x * 4 + (threadIdx.x >> 5);
@@ -452,8 +550,9 @@ extern "C" __global__ void __launch_bounds__(128) fa_bwd_dq_f32(const float* q, 
     fa32_load(go, dout + qr, D, lane, 1.0f);
 #pragma unroll
     for (int e = 0; e < FA32_PER; e++) acc[e] = 0.0f;
-    for (int j = 0; j <= i; j++) {
-        const long long kr = (start + j) * ks + (long long)kvh * D;
+    const SeqPrefix pre = seq_prefix(cu_seqlens, gridDim.z, seq, shared);
+    for (int j = 0; j <= pre.len + i; j++) {  // the prefix's keys, then the own keys 0..i
+        const long long kr = (j < pre.len ? pre.start + j : start + j - pre.len) * ks + (long long)kvh * D;
         const float p = expf(fa32_dot(qv, k + kr, D, lane) - li);
         const float ds = p * (fa32_dot(go, v + kr, D, lane) - di);
 #pragma unroll
@@ -470,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(128, 1) fa_bwd_dkdv_f32(const float
                                                                   const float* dout, const float* lse,
                                                                   const float* delta, float* dk, float* dv,
                                                                   const int* cu_seqlens, int q_heads, int kv_heads,
-                                                                  int D, float scale) {
+                                                                  int D, float scale, int shared) {
     const int seq = blockIdx.z, kvh = blockIdx.y, lane = threadIdx.x & 31;
     const int start = cu_seqlens[seq], len = cu_seqlens[seq + 1] - start;
     const int j = blockIdx.x * 4 + (threadIdx.x >> 5);
@@ -482,17 +581,23 @@ extern "C" __global__ void __launch_bounds__(128, 1) fa_bwd_dkdv_f32(const float
     fa32_load(vv, v + kr, D, lane, 1.0f);
 #pragma unroll
     for (int e = 0; e < FA32_PER; e++) { ak[e] = 0.0f; av[e] = 0.0f; }
+    const SeqPrefix pre = seq_prefix(cu_seqlens, gridDim.z, seq, shared);
     for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int i = j; i < len; i++) {
-            const long long qr = (start + i) * qs + (long long)h * D, row = (long long)(start + i) * q_heads + h;
-            const float p = expf(fa32_dot(kv, q + qr, D, lane) - lse[row]);
-            const float ds = p * (fa32_dot(vv, dout + qr, D, lane) - delta[row]);
+        // Own queries i >= j (src 0), then every query of each sequence with this one as prefix.
+        for (int src = 0; src <= pre.count; src++) {
+            const int qseq = src == 0 ? seq : pre.first + src - 1;
+            const int qstart = cu_seqlens[qseq], qlen = cu_seqlens[qseq + 1] - qstart;
+            for (int i = src == 0 ? j : 0; i < qlen; i++) {
+                const long long qr = (qstart + i) * qs + (long long)h * D, row = (long long)(qstart + i) * q_heads + h;
+                const float p = expf(fa32_dot(kv, q + qr, D, lane) - lse[row]);
+                const float ds = p * (fa32_dot(vv, dout + qr, D, lane) - delta[row]);
 #pragma unroll
-            for (int e = 0; e < FA32_PER; e++) {
-                const int d = lane + 32 * e;
-                if (d < D) {
-                    ak[e] += ds * q[qr + d];
-                    av[e] += p * dout[qr + d];
+                for (int e = 0; e < FA32_PER; e++) {
+                    const int d = lane + 32 * e;
+                    if (d < D) {
+                        ak[e] += ds * q[qr + d];
+                        av[e] += p * dout[qr + d];
+                    }
                 }
             }
         }

@@ -65,6 +65,7 @@ suite_tests!(needs_gpu cuda();
     gemm_row_major,
     flash_attention_fwd_bwd,
     flash_attention_f32_matches_cpu,
+    flash_attention_shared_prefix,
     decode_attention,
     elementwise_ops,
     col_sum_is_exactish_over_many_rows_and_deterministic,

@@ -262,3 +262,160 @@ fn autograd_accumulates_shared_inputs_and_detach_stops() {
     let _ = rand_vec(1, 0);
     assert!(Tensor::from_vec(vec![1.0; 3], &[2, 2]).is_err());
 }
+
+/// A shared-prefix layout and the same sequences unshared: `groups` of (prefix length,
+/// dependants' lengths), then plain sequences. Unshared, the prefix stands alone and each
+/// dependant is `prefix ++ dependant`; `map[u]` is the shared row of unshared row `u`, and `keep[u]`
+/// says whether `u`'s output is the one its shared row must equal (the prefix alone, each
+/// dependant's own rows), so the shared gradient is the unshared one summed over `map`.
+struct SharedCase {
+    seqs: Vec<(usize, usize)>,
+    prefix: Vec<Option<usize>>,
+    useqs: Vec<(usize, usize)>,
+    map: Vec<usize>,
+    keep: Vec<bool>,
+}
+
+fn shared_case(groups: &[(usize, &[usize])], plain: &[usize]) -> SharedCase {
+    let mut c = SharedCase { seqs: vec![], prefix: vec![], useqs: vec![], map: vec![], keep: vec![] };
+    let mut n = 0;
+    let useq = |c: &mut SharedCase, rows: Vec<(usize, bool)>| {
+        c.useqs.push((c.map.len(), rows.len()));
+        for (r, k) in rows {
+            c.map.push(r);
+            c.keep.push(k);
+        }
+    };
+    for &(pl, kids) in groups {
+        let p = c.seqs.len();
+        c.seqs.push((n, pl));
+        c.prefix.push(None);
+        let prows: Vec<usize> = (n..n + pl).collect();
+        useq(&mut c, prows.iter().map(|&r| (r, true)).collect());
+        n += pl;
+        for &l in kids {
+            c.seqs.push((n, l));
+            c.prefix.push(Some(p));
+            let rows = prows.iter().map(|&r| (r, false)).chain((n..n + l).map(|r| (r, true))).collect();
+            useq(&mut c, rows);
+            n += l;
+        }
+    }
+    for &l in plain {
+        c.seqs.push((n, l));
+        c.prefix.push(None);
+        useq(&mut c, (n..n + l).map(|r| (r, true)).collect());
+        n += l;
+    }
+    c
+}
+
+/// Rows `map` of `x` (`[rows, heads, dim]`).
+fn gather(x: &[f32], map: &[usize], width: usize) -> Vec<f32> {
+    map.iter().flat_map(|&r| x[r * width..(r + 1) * width].iter().copied()).collect()
+}
+
+/// Attention over a shared-prefix batch on `dev` in `dtype` equals the cpu op over the same
+/// sequences unshared (f32): the output of every row, the gradient of every q row, and the
+/// gradients of k and v with a prefix row's summed over the prefix and all its dependants.
+fn attention_shared_matches_unshared_on(dev: Device, dtype: fcgpu::DType, tol: f32) {
+    use fcgpu::DType;
+    let c = shared_case(&[(70, &[5, 1, 66]), (3, &[2]), (1, &[4, 3])], &[6]);
+    let n: usize = c.seqs.iter().map(|s| s.1).sum();
+    let (hq, hkv, d) = (4, 2, 8);
+    // Inputs rounded to `dtype`, so both sides see the same values.
+    let round = |v: Vec<f32>, shape: &[usize]| {
+        Tensor::from_vec(v, shape).unwrap().to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().to_vec()
+    };
+    let q = round(rand_vec(n * hq * d, 30), &[n, hq, d]);
+    let k = round(rand_vec(n * hkv * d, 31), &[n, hkv, d]);
+    let v = round(rand_vec(n * hkv * d, 32), &[n, hkv, d]);
+    let w = rand_vec(n * hq * d, 33);
+    let on = |x: &[f32], h: usize| {
+        let t = Tensor::from_vec(x.to_vec(), &[n, h, d]).unwrap().to_dtype(dtype).unwrap();
+        t.to_device(dev).unwrap().requires_grad()
+    };
+    let (qs, ks, vs) = (on(&q, hq), on(&k, hkv), on(&v, hkv));
+    let y = ops::attention::attention_shared(&qs, &ks, &vs, &c.seqs, &c.prefix).unwrap();
+    let g = ops::weighted_sum(&y, &w).unwrap().backward().unwrap();
+    // Unshared, on the cpu in f32.
+    let u = c.map.len();
+    let leaf = |x: Vec<f32>, h: usize| Tensor::from_vec(x, &[u, h, d]).unwrap().requires_grad();
+    let (qu, ku, vu) = (
+        leaf(gather(&q, &c.map, hq * d), hq),
+        leaf(gather(&k, &c.map, hkv * d), hkv),
+        leaf(gather(&v, &c.map, hkv * d), hkv),
+    );
+    let yu = ops::attention(&qu, &ku, &vu, &c.useqs).unwrap();
+    let wu: Vec<f32> = (0..u)
+        .flat_map(|r| {
+            let (src, keep) = (&w[c.map[r] * hq * d..(c.map[r] + 1) * hq * d], c.keep[r]);
+            src.iter().map(move |&x| if keep { x } else { 0.0 })
+        })
+        .collect();
+    let gu = ops::weighted_sum(&yu, &wu).unwrap().backward().unwrap();
+    let close = |what: &str, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (j, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{what}[{j}]: shared {a} vs unshared {b}");
+        }
+    };
+    let (ys, yuv) = (y.to_vec(), yu.to_vec());
+    let w_out = hq * d;
+    let mut want_y = vec![f32::NAN; n * w_out];
+    for r in (0..u).filter(|&r| c.keep[r]) {
+        want_y[c.map[r] * w_out..(c.map[r] + 1) * w_out].copy_from_slice(&yuv[r * w_out..(r + 1) * w_out]);
+    }
+    close("output", &ys, &want_y);
+    for (name, xs, xu, h) in [("q", &qs, &qu, hq), ("k", &ks, &ku, hkv), ("v", &vs, &vu, hkv)] {
+        let gu = gu.get(xu).unwrap().to_vec();
+        let mut want = vec![0.0f32; n * h * d];
+        for r in 0..u {
+            let dst = &mut want[c.map[r] * h * d..(c.map[r] + 1) * h * d];
+            dst.iter_mut().zip(&gu[r * h * d..(r + 1) * h * d]).for_each(|(a, b)| *a += b);
+        }
+        close(&format!("gradient of {name}"), &g.get(xs).unwrap().to_vec(), &want);
+    }
+}
+
+#[test]
+fn attention_shared_matches_unshared() {
+    attention_shared_matches_unshared_on(Device::Cpu, fcgpu::DType::F32, 1e-5);
+}
+
+#[test]
+fn attention_shared_matches_unshared_emu_f32() {
+    attention_shared_matches_unshared_on(Device::Emu, fcgpu::DType::F32, 1e-5);
+}
+
+#[test]
+fn attention_shared_matches_unshared_emu_bf16() {
+    attention_shared_matches_unshared_on(Device::Emu, fcgpu::DType::BF16, 3e-2);
+}
+
+#[test]
+fn attention_shared_grad() {
+    let c = shared_case(&[(4, &[3, 1])], &[2]);
+    let q = rand_tensor(&[12, 4, 4], 34);
+    let k = rand_tensor(&[12, 2, 4], 35);
+    let v = rand_tensor(&[12, 2, 4], 36);
+    let f = |t: &[Tensor]| ops::attention::attention_shared(&t[0], &t[1], &t[2], &c.seqs, &c.prefix);
+    check(f, &[q, k, v], EPS, TOL, 200).unwrap();
+}
+
+#[test]
+fn attention_refuses_malformed_prefixes() {
+    let (q, k) = (rand_tensor(&[6, 2, 4], 37), rand_tensor(&[6, 1, 4], 38));
+    let seqs = [(0, 2), (2, 2), (4, 2)];
+    for (prefix, want) in [
+        (vec![Some(1), None, None], "must come earlier"),
+        (vec![None, Some(0), Some(1)], "has a prefix itself"),
+        (vec![None, Some(0)], "2 prefix entries for 3"),
+    ] {
+        let e = ops::attention::attention_shared(&q, &k, &k, &seqs, &prefix).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    let seqs = [(0, 2), (2, 1), (3, 1), (4, 2)];
+    let e = ops::attention::attention_shared(&q, &k, &k, &seqs, &[None, Some(0), None, Some(0)]).unwrap_err();
+    assert!(e.to_string().contains("not consecutive"), "{e}");
+}

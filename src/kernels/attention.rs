@@ -43,6 +43,31 @@ pub fn cu_seqlens(seqs: &[(usize, usize)]) -> Result<(Vec<i32>, usize)> {
     Ok((cu, seqs.iter().map(|s| s.1).max().unwrap_or(0)))
 }
 
+/// The table of packed sequences the flash kernels read: the `cu_seqlens` offsets (n_seq + 1)
+/// and, when any sequence has a shared prefix (`prefix[i] = Some(p)`: sequence `i` also attends
+/// to every key of sequence `p`; see `ops::attention_shared`), four i32 per sequence after them:
+/// its prefix's first key row and length (0 without one), and the first index and count of the
+/// sequences naming it as their prefix (consecutive). Also returns the longest own length.
+/// Set [`FlashDims::shared`] when `prefix` has any entry.
+pub fn seq_table(seqs: &[(usize, usize)], prefix: &[Option<usize>]) -> Result<(Vec<i32>, usize)> {
+    let (mut t, max_len) = cu_seqlens(seqs)?;
+    if prefix.iter().all(Option::is_none) {
+        return Ok((t, max_len));
+    }
+    ensure!(prefix.len() == seqs.len(), "{} prefix entries for {} sequences", prefix.len(), seqs.len());
+    for (i, p) in prefix.iter().enumerate() {
+        let (ps, pl) = p.map_or((0, 0), |p| seqs[p]);
+        let kids: Vec<usize> = (0..seqs.len()).filter(|&c| prefix[c] == Some(i)).collect();
+        ensure!(
+            kids.windows(2).all(|w| w[1] == w[0] + 1),
+            "the sequences sharing prefix {i} are not consecutive"
+        );
+        let first = kids.first().copied().unwrap_or(0);
+        t.extend([ps as i32, pl as i32, first as i32, kids.len() as i32]);
+    }
+    Ok((t, max_len))
+}
+
 /// Shapes of one flash-attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct FlashDims {
@@ -53,6 +78,8 @@ pub struct FlashDims {
     pub q_heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The sequence table carries shared prefixes (see [`seq_table`]).
+    pub shared: bool,
 }
 
 impl FlashDims {
@@ -72,14 +99,18 @@ impl FlashDims {
         );
         Ok(())
     }
-    /// (forward, backward) kernel names.
-    fn kernels(&self) -> (&'static str, &'static str) {
+    /// (forward, backward, backward of the dependants' queries on their prefix) kernel names.
+    fn kernels(&self) -> (&'static str, &'static str, &'static str) {
         match self.head_dim {
-            16 => ("fa_fwd_d16", "fa_bwd_d16"),
-            32 => ("fa_fwd_d32", "fa_bwd_d32"),
-            64 => ("fa_fwd_d64", "fa_bwd_d64"),
-            _ => ("fa_fwd_d128", "fa_bwd_d128"),
+            16 => ("fa_fwd_d16", "fa_bwd_d16", "fa_bwd_dep_d16"),
+            32 => ("fa_fwd_d32", "fa_bwd_d32", "fa_bwd_dep_d32"),
+            64 => ("fa_fwd_d64", "fa_bwd_d64", "fa_bwd_dep_d64"),
+            _ => ("fa_fwd_d128", "fa_bwd_d128", "fa_bwd_dep_d128"),
         }
+    }
+    /// i32 entries of the sequence table ([`seq_table`]).
+    pub fn table_len(&self) -> usize {
+        self.n_seq + 1 + if self.shared { 4 * self.n_seq } else { 0 }
     }
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
@@ -137,7 +168,7 @@ pub fn flash_attn_fwd_scaled(
         "flash_attn_fwd: k/v too small"
     );
     ensure!(
-        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4,
+        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= d.table_len() * 4,
         "flash_attn_fwd: lse/cu_seqlens too small"
     );
     if d.n_seq == 0 || d.max_len == 0 {
@@ -157,7 +188,8 @@ pub fn flash_attn_fwd_scaled(
         .buf(cu_seqlens)
         .i32(d.q_heads as i32)
         .i32(d.kv_heads as i32)
-        .f32(scale);
+        .f32(scale)
+        .i32(d.shared as i32);
     dev.launch(Kernel::new("flash_attn.cu", d.kernels().0), cfg, &mut a)
 }
 
@@ -208,6 +240,7 @@ pub fn flash_attn_bwd_scaled(
             && dv.bytes() >= d.tokens * d.kv_heads * d.head_dim * 2,
         "flash_attn_bwd: dk/dv too small"
     );
+    ensure!(cu_seqlens.bytes() >= d.table_len() * 4, "flash_attn_bwd: cu_seqlens too small");
     if d.n_seq == 0 || d.max_len == 0 {
         return Ok(());
     }
@@ -218,6 +251,21 @@ pub fn flash_attn_bwd_scaled(
         block: (128, 1, 1),
         shared_bytes: bwd_smem(d.head_dim) as u32,
     };
+    // With shared prefixes, first what every dependant's queries give its prefix's dK/dV
+    // (f32, summed with atomics), which the main kernel then starts its prefix tiles from.
+    let acc = if d.shared {
+        let nk = d.tokens * d.kv_heads * d.head_dim * 4;
+        let (acc_dk, acc_dv) = (dev.zeros(nk)?, dev.zeros(nk)?);
+        let mut a = KernelArgs::new();
+        a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(&dq32).buf(&acc_dk).buf(&acc_dv);
+        a.buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).f32(scale);
+        dev.launch(Kernel::new("flash_attn.cu", d.kernels().2), cfg, &mut a)?;
+        Some((acc_dk, acc_dv))
+    } else {
+        None
+    };
+    // Without them the accumulators are never read: any buffer stands in.
+    let (acc_dk, acc_dv) = acc.as_ref().map_or((&dq32, &dq32), |(a, b)| (a, b));
     let mut a = KernelArgs::new();
     a.buf(q)
         .buf(k)
@@ -228,10 +276,13 @@ pub fn flash_attn_bwd_scaled(
         .buf(&dq32)
         .buf(dk)
         .buf(dv)
+        .buf(acc_dk)
+        .buf(acc_dv)
         .buf(cu_seqlens)
         .i32(d.q_heads as i32)
         .i32(d.kv_heads as i32)
-        .f32(scale);
+        .f32(scale)
+        .i32(d.shared as i32);
     dev.launch(Kernel::new("flash_attn.cu", d.kernels().1), cfg, &mut a)?;
     cast(dev, &dq32, DType::F32, dq, DType::BF16, nq)
 }
@@ -305,7 +356,7 @@ pub fn flash_attn_fwd_f32(
 ) -> Result<()> {
     check_f32(d, &[q, o], &[k, v], "flash_attn_fwd_f32")?;
     ensure!(
-        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4,
+        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= d.table_len() * 4,
         "flash_attn_fwd_f32: lse/cu_seqlens too small"
     );
     if d.n_seq == 0 || d.max_len == 0 {
@@ -313,7 +364,7 @@ pub fn flash_attn_fwd_f32(
     }
     let mut a = KernelArgs::new();
     a.buf(q).buf(k).buf(v).buf(o).buf(lse).buf(cu_seqlens);
-    a.i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32).f32(scale);
+    a.i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32).f32(scale).i32(d.shared as i32);
     dev.launch(Kernel::new("flash_attn.cu", "fa_fwd_f32"), f32_grid(d, d.q_heads), &mut a)
 }
 
@@ -335,7 +386,7 @@ pub fn flash_attn_bwd_f32(
 ) -> Result<()> {
     check_f32(d, &[q, o, dout, dq], &[k, v, dk, dv], "flash_attn_bwd_f32")?;
     ensure!(
-        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= (d.n_seq + 1) * 4,
+        lse.bytes() >= d.tokens * d.q_heads * 4 && cu_seqlens.bytes() >= d.table_len() * 4,
         "flash_attn_bwd_f32: lse/cu_seqlens too small"
     );
     if d.n_seq == 0 || d.max_len == 0 {
@@ -344,6 +395,7 @@ pub fn flash_attn_bwd_f32(
     let delta = bwd_delta(dev, d, "fa_bwd_dot_f32", o, dout)?;
     let dims = |a: &mut KernelArgs| {
         a.buf(cu_seqlens).i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32).f32(scale);
+        a.i32(d.shared as i32);
     };
     let mut a = KernelArgs::new();
     a.buf(q).buf(k).buf(v).buf(dout).buf(lse).buf(&delta).buf(dq);

@@ -17,12 +17,16 @@ pub(crate) trait Attention {
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 }
 
-/// Packed sequences, causal within each (start, len): training and scoring.
-pub(crate) struct Packed<'a>(pub &'a [(usize, usize)]);
+/// Packed sequences, causal within each (start, len), after the keys of their prefix sequence if
+/// they name one: training and scoring.
+pub(crate) struct Packed<'a> {
+    pub seqs: &'a [(usize, usize)],
+    pub prefix: &'a [Option<usize>],
+}
 
 impl Attention for Packed<'_> {
     fn attend(&mut self, _layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        ops::attention(q, k, v, self.0)
+        ops::attention::attention_shared(q, k, v, self.seqs, self.prefix)
     }
 }
 

@@ -47,12 +47,21 @@ pub struct Layer {
 }
 
 /// Packed sequences: token ids of all sequences back to back, each token's position, and each
-/// sequence's (start, len) in the packed order.
+/// sequence's (start, len) in the packed order. `prefix` (empty, or one entry per sequence)
+/// names for a sequence an earlier one whose tokens precede it: its queries see all of that
+/// sequence's keys, and its positions continue after it (see [`Batch::from_groups`]).
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
     pub ids: Vec<u32>,
     pub positions: Vec<u32>,
     pub seqs: Vec<(usize, usize)>,
+    pub prefix: Vec<Option<usize>>,
+}
+
+/// One prompt and the completions that follow it.
+pub struct Group<'a> {
+    pub prompt: &'a [u32],
+    pub completions: Vec<&'a [u32]>,
 }
 
 impl Batch {
@@ -65,6 +74,49 @@ impl Batch {
             b.positions.extend(0..s.len() as u32);
         }
         b
+    }
+
+    /// Groups of completions sharing a prompt, each prompt computed once: per group, the prompt
+    /// but its last token is one sequence, and each completion, led by the prompt's last token,
+    /// is a sequence with that one as its prefix, positions continuing after it. A completion's
+    /// rows then predict exactly what they predict in `prompt ++ completion`: the rows of
+    /// sequence `i` (see [`Batch::prediction_rows`]) give the log-probs of its completion tokens.
+    /// Sequences are ordered prompt, its completions, next prompt, ...; a one-token prompt has
+    /// no prefix sequence. Every prompt needs at least one token.
+    pub fn from_groups(groups: &[Group]) -> Result<Batch> {
+        let mut b = Batch::default();
+        for (gi, g) in groups.iter().enumerate() {
+            let Some((&last, head)) = g.prompt.split_last() else {
+                anyhow::bail!("group {gi}: an empty prompt");
+            };
+            let parent = (!head.is_empty()).then(|| {
+                b.push(head, 0, None);
+                b.seqs.len() - 1
+            });
+            for c in &g.completions {
+                let mut ids = Vec::with_capacity(c.len() + 1);
+                ids.push(last);
+                ids.extend_from_slice(c);
+                b.push(&ids, head.len() as u32, parent);
+            }
+        }
+        if b.prefix.iter().all(Option::is_none) {
+            b.prefix.clear();
+        }
+        Ok(b)
+    }
+
+    fn push(&mut self, ids: &[u32], first_pos: u32, prefix: Option<usize>) {
+        self.seqs.push((self.ids.len(), ids.len()));
+        self.ids.extend_from_slice(ids);
+        self.positions.extend(first_pos..first_pos + ids.len() as u32);
+        self.prefix.push(prefix);
+    }
+
+    /// The rows of sequence `i` that predict a token of it (all but its last).
+    pub fn prediction_rows(&self, i: usize) -> std::ops::Range<usize> {
+        let (s, l) = self.seqs[i];
+        s..s + l.saturating_sub(1)
     }
 
     /// The next token of each position (0 where a sequence ends; such rows carry no loss).
@@ -331,14 +383,35 @@ impl Model {
     /// Final-norm hidden states `[tokens, hidden]` of a packed batch.
     pub fn hidden_states(&self, batch: &Batch) -> Result<Tensor> {
         let c = &self.config;
-        if let Some(&(_, l)) = batch.seqs.iter().find(|&&(_, l)| l > c.max_position_embeddings) {
+        // A sequence with a prefix continues its positions: its length in the model's context
+        // is its last position + 1.
+        if let Some(&p) = batch.positions.iter().max().filter(|&&p| p as usize >= c.max_position_embeddings) {
             anyhow::bail!(
-                "a sequence of {l} tokens exceeds the model's context (max_position_embeddings = {})",
+                "a sequence of {} tokens exceeds the model's context (max_position_embeddings = {})",
+                p as usize + 1,
                 c.max_position_embeddings
             );
         }
-        let x = self.layers_forward(&batch.ids, &batch.positions, &mut block::Packed(&batch.seqs))?;
+        let mut attn = block::Packed { seqs: &batch.seqs, prefix: &batch.prefix };
+        let x = self.layers_forward(&batch.ids, &batch.positions, &mut attn)?;
         ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// [`Model::token_logprobs`] at the given rows of the batch only, `[2, rows.len()]`: the LM
+    /// head and the log-prob/entropy run on those rows alone (rows that carry a log-prob), and
+    /// the gradient flows back to them alone.
+    pub fn token_logprobs_at(&self, batch: &Batch, rows: &[usize], temperature: f32) -> Result<Tensor> {
+        let h = self.hidden_states(batch)?;
+        let n = batch.ids.len();
+        if let Some(&r) = rows.iter().find(|&&r| r >= n) {
+            anyhow::bail!("row {r} of a batch of {n} tokens");
+        }
+        let next = batch.next_tokens();
+        let targets: Vec<u32> = rows.iter().map(|&r| next[r]).collect();
+        // A row gather is an embedding lookup into h (its backward scatter-adds into h's rows).
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let h = ops::embedding(&h, &idx)?;
+        ops::linear_logprob_entropy(&h, self.lm_head_weight(), &targets, temperature)
     }
 
     /// `[2, tokens]`: log p(next token) and next-token entropy at every position of the batch

@@ -17,7 +17,7 @@ use crate::fc::decode::AnswerFormat;
 use crate::fc::prompt::PromptStyle;
 use crate::fc::reward::{reward_with, RewardKind};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{Batch, Model};
+use crate::model::Model;
 use crate::ops;
 use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, EntropyBonus};
 use crate::rl::policy_loss::{policy_loss_on, LossAgg, PolicyLossCfg, PolicyLossInput};
@@ -31,6 +31,7 @@ use crate::train::optim::{apply_step, AdamW, AdamWConfig, StepGrads};
 use crate::train::prompt::{self, Prompter, TrainFormat};
 use crate::train::run_config::{self, RunConfig};
 use crate::train::schedule::Schedule;
+use crate::train::shared_prompt::{shared_chunks, SharedChunk};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -695,34 +696,47 @@ impl GrpoTrainer {
             think_lens.len()
         );
         let mut out = Vec::with_capacity(seqs.len());
-        for ((ids, &pl), &tl) in seqs.iter().zip(prompt_lens).zip(think_lens) {
+        for (ids, &pl) in seqs.iter().zip(prompt_lens) {
             ensure!(pl >= 1 && pl < ids.len(), "prompt of {pl} tokens in a sequence of {}", ids.len());
-            let batch = Batch::from_sequences(&[ids.as_slice()]);
-            let lp = no_grad(|| self.model.token_logprobs(&batch, self.cfg.temperature.max(1e-6)))?;
+        }
+        let items: Vec<(&[u32], usize)> =
+            seqs.iter().map(|s| s.as_slice()).zip(prompt_lens.iter().copied()).collect();
+        for c in shared_chunks(&items, self.cfg.micro_batch)? {
+            let lp =
+                no_grad(|| self.model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6)))?;
             let lp = lp.host_f32()?;
-            let n = ids.len();
-            let (row0, row1) = lp.split_at(n);
-            out.push(Rollout {
-                ids: ids.clone(),
-                prompt_len: pl,
-                old_logp: row0[pl - 1..n - 1].to_vec(),
-                entropy: row1[pl - 1..n - 1].to_vec(),
-                think_len: tl,
-            });
+            let (row0, row1) = lp.split_at(c.rows.len());
+            for (i, r) in c.members {
+                out.push(Rollout {
+                    ids: seqs[i].clone(),
+                    prompt_len: prompt_lens[i],
+                    old_logp: row0[r.clone()].to_vec(),
+                    entropy: row1[r].to_vec(),
+                    think_len: think_lens[i],
+                });
+            }
         }
         Ok(out)
+    }
+
+    /// [`shared_chunks`] of rollouts by `micro_batch` completions.
+    fn rollout_chunks(&self, rollouts: &[Rollout]) -> Result<Vec<SharedChunk>> {
+        let items: Vec<(&[u32], usize)> = rollouts.iter().map(|r| (r.ids.as_slice(), r.prompt_len)).collect();
+        shared_chunks(&items, self.cfg.micro_batch)
     }
 
     /// Log-probs of every completion token under `model` (no graph), one vector per rollout.
     fn logps(&self, model: &Model, rollouts: &[Rollout]) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(rollouts.len());
-        for chunk in rollouts.chunks(self.cfg.micro_batch.max(1)) {
-            let batch = Batch::from_sequences(&chunk.iter().map(|r| r.ids.as_slice()).collect::<Vec<_>>());
-            let lp = no_grad(|| model.token_logprobs(&batch, self.cfg.temperature.max(1e-6)))?;
-            let v = lp.host_f32()?;
-            for (r, &(s, _)) in chunk.iter().zip(&batch.seqs) {
-                out.push(v[s + r.prompt_len - 1..s + r.ids.len() - 1].to_vec());
+        for c in self.rollout_chunks(rollouts)? {
+            if c.rows.is_empty() {
+                // Only empty completions: nothing to score.
+                out.extend(c.members.iter().map(|_| Vec::new()));
+                continue;
             }
+            let lp = no_grad(|| model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6)))?;
+            let v = lp.host_f32()?;
+            out.extend(c.members.into_iter().map(|(_, r)| v[r].to_vec()));
         }
         Ok(out)
     }
@@ -798,17 +812,12 @@ impl GrpoTrainer {
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
         let params = self.model.named_params();
         let mut acc = StepGrads::on(self.model.device());
-        for (c, chunk) in rollouts.chunks(self.cfg.micro_batch.max(1)).enumerate() {
-            let first = c * self.cfg.micro_batch.max(1);
-            let batch = Batch::from_sequences(&chunk.iter().map(|r| r.ids.as_slice()).collect::<Vec<_>>());
-            let lp = self.model.token_logprobs(&batch, self.cfg.temperature.max(1e-6))?;
-            let rows = batch.ids.len();
-            let mut w = vec![0.0f32; 2 * rows];
-            for (k, (r, &(s, _))) in chunk.iter().zip(&batch.seqs).enumerate() {
-                let i = first + k;
-                for j in 0..r.ids.len() - r.prompt_len {
-                    w[s + r.prompt_len - 1 + j] = dx[i * t + j];
-                }
+        for c in self.rollout_chunks(rollouts)?.into_iter().filter(|c| !c.rows.is_empty()) {
+            let lp = self.model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6))?;
+            let mut w = vec![0.0f32; 2 * c.rows.len()];
+            for (i, r) in c.members {
+                let n = r.len();
+                w[r].copy_from_slice(&dx[i * t..i * t + n]);
             }
             // Σ w·logp has exactly the policy loss's gradient with respect to these log-probs.
             let grads = ops::weighted_sum(&lp, &w)?.backward()?;

@@ -15,6 +15,7 @@ pub mod prompt;
 pub mod run_config;
 pub mod schedule;
 pub mod sft;
+pub mod shared_prompt;
 pub mod srml;
 pub mod tensorboard;
 pub mod tiny;

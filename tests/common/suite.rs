@@ -853,7 +853,8 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
         let dout = quant(&randn(tokens * q_heads * hd, 43, 1.0), bf);
         let dims = Dims { q_heads, kv_heads, head_dim: hd };
         let (want_o, want_lse) = cpu::forward(&q, &k, &v, dims, seqs);
-        let fd = FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd };
+        let fd =
+            FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd, shared: false };
         let (qb, kb, vb) = (up(d, &q, bf), up(d, &k, bf), up(d, &v, bf));
         let cub = d.upload_i32(&cu).unwrap();
         let ob = d.zeros(q.len() * 2).unwrap();
@@ -873,6 +874,81 @@ pub fn flash_attention_fwd_bwd(d: &GpuDevice) {
         assert_close(&down(&dvb, bf), &wdv, 3e-2, &format!("flash dv {what}"));
         assert_close(&down(&dkb, bf), &wdk, 3e-2, &format!("flash dk {what}"));
         assert_close(&down(&dqb, bf), &wdq, 3e-2, &format!("flash dq {what}"));
+    }
+}
+
+/// Packed sequences (start, len) and each one's prefix sequence.
+type SharedLayout = (Vec<(usize, usize)>, Vec<Option<usize>>);
+
+/// Shared-prefix layouts: (seqs, prefix). Sequence 0 (70 tokens: two key and query tiles) is the
+/// prefix of three, one of them a single token and one longer than a tile; a plain sequence
+/// follows, then a two-token prefix with one dependant.
+fn shared_layouts() -> Vec<SharedLayout> {
+    vec![
+        (
+            vec![(0, 70), (70, 5), (75, 1), (76, 66), (142, 3), (145, 2), (147, 4)],
+            vec![None, Some(0), Some(0), Some(0), None, None, Some(5)],
+        ),
+        (vec![(0, 20), (20, 3), (23, 17)], vec![None, Some(0), Some(0)]),
+    ]
+}
+
+/// The flash kernels (bf16 and f32) over sequences with shared prefixes (`seq_table`,
+/// `FlashDims::shared`) against the cpu op on the same layout, forward and backward: the prefix's
+/// dK/dV collect the gradient of its own queries and of every dependant's.
+pub fn flash_attention_shared_prefix(d: &GpuDevice) {
+    use fcgpu::kernels::attention::{
+        flash_attn_bwd, flash_attn_bwd_f32, flash_attn_fwd, flash_attn_fwd_f32, seq_table, FlashDims,
+    };
+    use fcgpu::ops::attention::{cpu, Dims};
+    let layouts = shared_layouts();
+    for &(q_heads, kv_heads, hd, li, dt) in &[
+        (4usize, 2usize, 64usize, 0usize, DType::BF16),
+        (2, 1, 128, 1, DType::BF16),
+        (4, 2, 8, 0, DType::F32),
+    ] {
+        let (seqs, prefix) = &layouts[li];
+        let tokens: usize = seqs.iter().map(|s| s.1).sum();
+        let (table, max_len) = seq_table(seqs, prefix).unwrap();
+        let q = quant(&randn(tokens * q_heads * hd, 60, 1.0), dt);
+        let k = quant(&randn(tokens * kv_heads * hd, 61, 1.0), dt);
+        let v = quant(&randn(tokens * kv_heads * hd, 62, 1.0), dt);
+        let dout = quant(&randn(tokens * q_heads * hd, 63, 1.0), dt);
+        let dims = Dims { q_heads, kv_heads, head_dim: hd };
+        let (want_o, want_lse) = cpu::forward_shared(&q, &k, &v, dims, seqs, prefix);
+        let fd =
+            FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd, shared: true };
+        let (qb, kb, vb) = (up(d, &q, dt), up(d, &k, dt), up(d, &v, dt));
+        let tb = d.upload_i32(&table).unwrap();
+        let es = dt.size();
+        let ob = d.zeros(q.len() * es).unwrap();
+        let lseb = d.zeros(tokens * q_heads * 4).unwrap();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (dqb, dkb, dvb) =
+            (d.zeros(q.len() * es).unwrap(), d.zeros(k.len() * es).unwrap(), d.zeros(v.len() * es).unwrap());
+        let db = up(d, &dout, dt);
+        let (tol_o, tol_g) = if dt == DType::F32 { (1e-5, 1e-5) } else { (2e-2, 3e-2) };
+        if dt == DType::F32 {
+            flash_attn_fwd_f32(d, &fd, &qb, &kb, &vb, &tb, &ob, &lseb, scale).unwrap();
+        } else {
+            flash_attn_fwd(d, &fd, &qb, &kb, &vb, &tb, &ob, &lseb).unwrap();
+        }
+        let what = format!("shared prefix {dt:?} hd={hd} heads={q_heads}/{kv_heads}");
+        assert_close(&down(&ob, dt), &want_o, tol_o, &format!("{what}: out"));
+        assert_close(&lseb.download_f32().unwrap(), &want_lse, 1e-3, &format!("{what}: lse"));
+        // The backward from the kernel's own output, as training does.
+        let (o_used, lse_used) = (down(&ob, dt), lseb.download_f32().unwrap());
+        let saved = cpu::Saved { out: &o_used, lse: &lse_used };
+        let (wdq, wdk, wdv) = cpu::backward_shared(&q, &k, &v, saved, &dout, dims, seqs, prefix);
+        if dt == DType::F32 {
+            flash_attn_bwd_f32(d, &fd, &qb, &kb, &vb, &tb, &ob, &lseb, &db, (&dqb, &dkb, &dvb), scale)
+                .unwrap();
+        } else {
+            flash_attn_bwd(d, &fd, &qb, &kb, &vb, &tb, &ob, &lseb, &db, &dqb, &dkb, &dvb).unwrap();
+        }
+        assert_close(&down(&dvb, dt), &wdv, tol_g, &format!("{what}: dv"));
+        assert_close(&down(&dkb, dt), &wdk, tol_g, &format!("{what}: dk"));
+        assert_close(&down(&dqb, dt), &wdq, tol_g, &format!("{what}: dq"));
     }
 }
 
@@ -896,7 +972,8 @@ pub fn flash_attention_f32_matches_cpu(d: &GpuDevice) {
         let dout = randn(tokens * q_heads * hd, 53, 1.0);
         let dims = Dims { q_heads, kv_heads, head_dim: hd };
         let (want_o, want_lse) = cpu::forward(&q, &k, &v, dims, seqs);
-        let fd = FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd };
+        let fd =
+            FlashDims { tokens, n_seq: seqs.len(), max_len, q_heads, kv_heads, head_dim: hd, shared: false };
         let (qb, kb, vb) = (up(d, &q, f), up(d, &k, f), up(d, &v, f));
         let cub = d.upload_i32(&cu).unwrap();
         let ob = d.zeros(q.len() * 4).unwrap();

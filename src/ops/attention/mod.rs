@@ -15,8 +15,8 @@ use crate::autograd::GradFn;
 use crate::backend::storage::GpuStorage;
 use crate::backend::{GpuBuffer, GpuDevice};
 use crate::kernels::attention::{
-    cu_seqlens, flash_attn_bwd_f32, flash_attn_bwd_scaled, flash_attn_fwd_f32, flash_attn_fwd_scaled,
-    padded_head_dim, FlashDims,
+    flash_attn_bwd_f32, flash_attn_bwd_scaled, flash_attn_fwd_f32, flash_attn_fwd_scaled, padded_head_dim,
+    seq_table, FlashDims,
 };
 use crate::kernels::elementwise::copy_2d;
 use crate::tensor::{DType, Tensor};
@@ -30,6 +30,23 @@ pub struct Dims {
 }
 
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)]) -> Result<Tensor> {
+    attention_shared(q, k, v, seqs, &[])
+}
+
+/// [`attention`] over sequences that may share a prefix: with `prefix[i] = Some(p)`, every query
+/// of sequence `i` also sees every key of sequence `p` (placed before its own keys, which it sees
+/// causally), and the gradient of those keys sums over `p`'s own queries and those of every
+/// sequence naming it. So `p` = a prompt and `i` = one of its completions computes exactly what
+/// the concatenation `p ++ i` would, for `i`'s rows, without repeating `p` once per completion.
+/// `prefix` is empty (no sharing) or one entry per sequence; a prefix is an earlier sequence
+/// that has none itself, and the sequences naming one prefix are consecutive.
+pub fn attention_shared(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &[(usize, usize)],
+    prefix: &[Option<usize>],
+) -> Result<Tensor> {
     ensure!(
         q.dims() == 3 && k.dims() == 3 && v.dims() == 3,
         "attention: q, k, v must be [tokens, heads, head_dim]"
@@ -39,7 +56,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)]) ->
     let dims = Dims { q_heads: q.dim(1), kv_heads: k.dim(1), head_dim: q.dim(2) };
     ensure!(k.dim(0) == n && k.dim(2) == dims.head_dim, "attention: q {:?} vs k {:?}", q.shape(), k.shape());
     ensure!(
-        dims.kv_heads > 0 && dims.q_heads % dims.kv_heads == 0,
+        dims.kv_heads > 0 && dims.q_heads.is_multiple_of(dims.kv_heads),
         "attention: {} query heads not a multiple of {} kv heads",
         dims.q_heads,
         dims.kv_heads
@@ -47,23 +64,48 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, seqs: &[(usize, usize)]) ->
     for &(s, l) in seqs {
         ensure!(s + l <= n, "attention: sequence {}..{} beyond {} tokens", s, s + l, n);
     }
+    check_prefix(seqs.len(), prefix)?;
+    let prefix = if prefix.iter().any(Option::is_some) { prefix.to_vec() } else { Vec::new() };
     let back = |saved| grad_fn(AttentionBack { q: q.clone(), k: k.clone(), v: v.clone(), saved });
     if let Some(dev) = on_gpu("attention", &[q, k, v])? {
         let (y, saved) = if q.dtype() == DType::F32 {
-            forward_gpu_f32(&dev, q, k, v, dims, seqs)?
+            forward_gpu_f32(&dev, q, k, v, dims, seqs, &prefix)?
         } else {
-            forward_gpu(&dev, q, k, v, dims, seqs)?
+            forward_gpu(&dev, q, k, v, dims, seqs, &prefix)?
         };
         return Ok(y.with_grad_fn(back(saved)));
     }
-    let (out, lse) = cpu::forward(q.f32s()?, k.f32s()?, v.f32s()?, dims, seqs);
-    let saved = Saved::Cpu { seqs: seqs.to_vec(), dims, out: out.clone(), lse };
+    let (out, lse) = cpu::forward_shared(q.f32s()?, k.f32s()?, v.f32s()?, dims, seqs, &prefix);
+    let saved = Saved::Cpu { seqs: seqs.to_vec(), prefix, dims, out: out.clone(), lse };
     Ok(Tensor::from_op(out, q.shape(), back(saved)))
+}
+
+/// Checks the shape of a prefix relation over `n` sequences (see [`attention_shared`]).
+pub fn check_prefix(n: usize, prefix: &[Option<usize>]) -> Result<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    ensure!(prefix.len() == n, "attention: {} prefix entries for {n} sequences", prefix.len());
+    for (i, &p) in prefix.iter().enumerate() {
+        let Some(p) = p else { continue };
+        ensure!(
+            p < i,
+            "attention: sequence {i} names sequence {p} as its prefix; a prefix must come earlier"
+        );
+        ensure!(prefix[p].is_none(), "attention: sequence {i}'s prefix {p} has a prefix itself");
+        if i > 0 && prefix[i - 1] != Some(p) {
+            ensure!(
+                !prefix[..i].contains(&Some(p)),
+                "attention: the sequences sharing prefix {p} are not consecutive (sequence {i})"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What the backward recomputes the probabilities from, on the device the forward ran on.
 enum Saved {
-    Cpu { seqs: Vec<(usize, usize)>, dims: Dims, out: Vec<f32>, lse: Vec<f32> },
+    Cpu { seqs: Vec<(usize, usize)>, prefix: Vec<Option<usize>>, dims: Dims, out: Vec<f32>, lse: Vec<f32> },
     Gpu(Box<FlashSaved>),
     GpuF32(Box<F32Saved>),
 }
@@ -83,14 +125,14 @@ impl GradFn for AttentionBack {
         vec![self.q.clone(), self.k.clone(), self.v.clone()]
     }
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let (seqs, dims, out, lse) = match &self.saved {
-            Saved::Cpu { seqs, dims, out, lse } => (seqs, dims, out, lse),
+        let (seqs, prefix, dims, out, lse) = match &self.saved {
+            Saved::Cpu { seqs, prefix, dims, out, lse } => (seqs, prefix, dims, out, lse),
             Saved::Gpu(f) => return self.backward_gpu(g, f),
             Saved::GpuF32(f) => return self.backward_gpu_f32(g, f),
         };
         let saved = cpu::Saved { out, lse };
-        let (dq, dk, dv) =
-            cpu::backward(self.q.f32s()?, self.k.f32s()?, self.v.f32s()?, saved, g.f32s()?, *dims, seqs);
+        let (q, k, v) = (self.q.f32s()?, self.k.f32s()?, self.v.f32s()?);
+        let (dq, dk, dv) = cpu::backward_shared(q, k, v, saved, g.f32s()?, *dims, seqs, prefix);
         Ok(vec![
             Some(Tensor::from_vec(dq, self.q.shape())?),
             Some(Tensor::from_vec(dk, self.k.shape())?),
@@ -142,12 +184,13 @@ fn forward_gpu(
     v: &Tensor,
     dims: Dims,
     seqs: &[(usize, usize)],
+    prefix: &[Option<usize>],
 ) -> Result<(Tensor, Saved)> {
     let n = q.dim(0);
     let hd = dims.head_dim;
     let hp = padded_head_dim(hd)
         .with_context(|| format!("attention on a GPU supports head_dim up to 128, not {hd}"))?;
-    let (cu, max_len) = cu_seqlens(seqs).context("attention on a GPU")?;
+    let (cu, max_len) = seq_table(seqs, prefix).context("attention on a GPU")?;
     let fd = FlashDims {
         tokens: n,
         n_seq: seqs.len(),
@@ -155,6 +198,7 @@ fn forward_gpu(
         q_heads: dims.q_heads,
         kv_heads: dims.kv_heads,
         head_dim: hp,
+        shared: !prefix.is_empty(),
     };
     let (scale, cu) = (1.0 / (hd as f32).sqrt(), dev.upload_i32(&cu)?);
     let (qp, kp, vp) = (padded(dev, q, hp)?, padded(dev, k, hp)?, padded(dev, v, hp)?);
@@ -227,9 +271,10 @@ fn forward_gpu_f32(
     v: &Tensor,
     dims: Dims,
     seqs: &[(usize, usize)],
+    prefix: &[Option<usize>],
 ) -> Result<(Tensor, Saved)> {
     let n = q.dim(0);
-    let (cu, max_len) = cu_seqlens(seqs).context("attention on a GPU")?;
+    let (cu, max_len) = seq_table(seqs, prefix).context("attention on a GPU")?;
     let fd = FlashDims {
         tokens: n,
         n_seq: seqs.len(),
@@ -237,6 +282,7 @@ fn forward_gpu_f32(
         q_heads: dims.q_heads,
         kv_heads: dims.kv_heads,
         head_dim: dims.head_dim,
+        shared: !prefix.is_empty(),
     };
     let (scale, cu) = (1.0 / (dims.head_dim as f32).sqrt(), dev.upload_i32(&cu)?);
     let (q, k, v) = (cast(q, DType::F32)?, cast(k, DType::F32)?, cast(v, DType::F32)?);
