@@ -98,3 +98,94 @@ fn fresh_model_options_with_the_shipped_base_are_refused_by_name() {
         "work done before the options were checked"
     );
 }
+
+fn micro_run(run: &std::path::Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let r = run.to_str().unwrap();
+    let base = [
+        "train",
+        "--run-dir",
+        r,
+        "--preset",
+        "micro",
+        "--base",
+        "scratch",
+        "--task-train",
+        "40",
+        "--warmup-sft-steps",
+        "2",
+        "--group-size",
+        "4",
+        "--prompts-per-step",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--eval-samples",
+        "0",
+        "--steps",
+        "1",
+        "--dynamic-sampling",
+        "false",
+    ];
+    let out = fcgpu(&[&base[..], extra].concat());
+    assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+    fcgpu::jsonl::read(&run.join("metrics.jsonl")).unwrap()
+}
+
+/// `--log-mismatch` on the CPU: the sampler's log-probs and the training forward's agree to
+/// float rounding (both f32), and every mismatch metric is logged.
+#[test]
+fn rollout_mismatch_is_logged_and_about_zero_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = micro_run(&dir.path().join("run"), &["--log-mismatch", "--device", "cpu"]);
+    let last = lines.last().unwrap();
+    for k in ["mismatch_mean_abs", "mismatch_max_abs", "mismatch_kl", "mismatch_ratio_above_2"] {
+        assert!(last[k].is_number(), "{k} missing: {last}");
+    }
+    assert!(last["mismatch_max_abs"].as_f64().unwrap() < 1e-3, "{last}");
+    assert_eq!(last["mismatch_ratio_above_2"].as_f64(), Some(0.0));
+    assert!(last.get("rollout_masked_frac").is_none(), "no correction, no correction metrics");
+}
+
+/// Each rollout correction runs on emu in bf16 (sampler: the KV-cache decode kernels; π_old:
+/// the flash training forward) and logs its masked and capped fractions and the mismatch.
+#[test]
+fn every_rollout_correction_runs_on_emu_bf16_and_logs_its_fractions() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["token-tis", "token-mis", "seq-tis", "seq-mis"] {
+        // A cap of 1 makes every ratio above 1 count, so the fractions are not trivially 0.
+        let run = dir.path().join(mode);
+        let lines = micro_run(
+            &run,
+            &["--rollout-correction", mode, "--rollout-correction-cap", "1", "--device", "emu"],
+        );
+        let last = lines.last().unwrap();
+        let (masked, capped) = (last["rollout_masked_frac"].as_f64(), last["rollout_capped_frac"].as_f64());
+        assert!(masked.is_some() && capped.is_some(), "{mode}: {last}");
+        assert!(
+            last["mismatch_mean_abs"].as_f64().unwrap() > 0.0,
+            "{mode}: bf16 differs from the sampler: {last}"
+        );
+        let acted = if mode.ends_with("mis") { masked.unwrap() } else { capped.unwrap() };
+        assert!(acted > 0.0 && acted < 1.0, "{mode} acted on some tokens, not all: {last}");
+    }
+}
+
+#[test]
+fn gspo_and_correction_flags_show_in_print_config_and_bad_caps_are_refused() {
+    let out = fcgpu(&[
+        "train",
+        "--print-config",
+        "--importance-level",
+        "sequence",
+        "--rollout-correction",
+        "seq-tis",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("importance_level = \"sequence\"") && text.contains("rollout_correction = \"seq-tis\""),
+        "{text}"
+    );
+    let out = fcgpu(&["train", "--rollout-correction-cap", "0.5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rollout_correction_cap"));
+}

@@ -8,6 +8,7 @@ use crate::fc::prompt::PromptStyle;
 use crate::fc::reward::RewardKind;
 use crate::rl::advantage::AdvScale;
 use crate::rl::policy_loss::LossAgg;
+use crate::rl::policy_loss::{ImportanceLevel, RolloutCorrection};
 use crate::train::grpo::{self, EntropySegment, Granularity, GrpoConfig};
 
 #[derive(clap::Args, Debug, Default)]
@@ -54,6 +55,20 @@ pub struct Args {
     pub loss_agg: Option<LossAgg>,
     #[arg(long)]
     pub srml_alpha: Option<f32>,
+    /// Importance ratio: token (GRPO) or sequence (GSPO's length-normalised sequence ratio).
+    #[arg(long, value_enum)]
+    pub importance_level: Option<ImportanceLevel>,
+    /// Correct for the sampler's log-probs differing from the training forward's: none,
+    /// token-tis, token-mis, seq-tis, seq-mis.
+    #[arg(long, value_enum)]
+    pub rollout_correction: Option<RolloutCorrection>,
+    /// C of --rollout-correction (default 2).
+    #[arg(long)]
+    pub rollout_correction_cap: Option<f32>,
+    /// Log the sampler-vs-training log-prob mismatch every step (mismatch_* metrics; one extra
+    /// no-grad forward per step).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub log_mismatch: Option<bool>,
     /// Updates per rollout batch (μ).
     #[arg(long)]
     pub ppo_epochs: Option<usize>,
@@ -85,7 +100,7 @@ pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
     a.run.apply(&mut c.run);
     apply_flags!(c, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
-        entropy_alpha, entropy_granularity, entropy_segment, eps_low, eps_high, beta, loss_agg, srml_alpha, ppo_epochs, micro_batch, warmup_sft_steps,
+        entropy_alpha, entropy_granularity, entropy_segment, eps_low, eps_high, beta, loss_agg, srml_alpha, importance_level, rollout_correction, rollout_correction_cap, log_mismatch, ppo_epochs, micro_batch, warmup_sft_steps,
         dynamic_sampling, max_resample);
     set_some(&mut c.style, a.style);
     set_some(&mut c.think, a.think);

@@ -20,7 +20,10 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
 use crate::ops;
 use crate::rl::advantage::{group_advantages, token_advantages, AdvScale, EntropyBonus};
-use crate::rl::policy_loss::{policy_loss_on, LossAgg, PolicyLossCfg, PolicyLossInput};
+use crate::rl::policy_loss::{
+    policy_loss_on_with, ImportanceLevel, LossAgg, PolicyLossCfg, PolicyLossInput, RatioCfg,
+    RolloutCorrection,
+};
 use crate::rollout::{self, chat_eos_ids, SamplingConfig};
 use crate::runfs::{self, RunLock};
 use crate::tensor::Device;
@@ -78,6 +81,16 @@ pub struct GrpoConfig {
     pub loss_agg: LossAgg,
     /// SRML weight of think tokens in `--loss-agg srml`.
     pub srml_alpha: f32,
+    /// `token` (GRPO) or `sequence` (GSPO: the length-normalised sequence ratio and clip).
+    pub importance_level: ImportanceLevel,
+    /// Correction for the gap between the sampler's log-probs (π_rollout) and the training
+    /// forward's (π_old): none, token-tis, token-mis, seq-tis, seq-mis (docs/training.md).
+    pub rollout_correction: RolloutCorrection,
+    /// C of the correction: TIS caps π_old/π_rollout at C, MIS drops what exceeds it.
+    pub rollout_correction_cap: f32,
+    /// Measure that gap every step (one extra no-grad forward of the batch): the `mismatch_*`
+    /// metrics. Implied by a rollout correction, which needs π_old from the training forward.
+    pub log_mismatch: bool,
     pub ppo_epochs: usize,
     /// Sequences per forward/backward pass in the update (gradients accumulate).
     pub micro_batch: usize,
@@ -122,6 +135,10 @@ impl Default for GrpoConfig {
             beta: 0.001,
             loss_agg: LossAgg::Srml,
             srml_alpha: 0.5,
+            importance_level: ImportanceLevel::Token,
+            rollout_correction: RolloutCorrection::None,
+            rollout_correction_cap: 2.0,
+            log_mismatch: false,
             ppo_epochs: 1,
             micro_batch: 16,
             style: None,
@@ -180,6 +197,23 @@ pub struct GrpoMetrics {
     /// The same, pooled over the samples that expect a call (every category but irrelevance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heldout_calls_accuracy: Option<f32>,
+    /// Rollout-policy mismatch (`log_mismatch` or a correction): over the batch's completion
+    /// tokens, mean and max |log π_old − log π_rollout|, the k3 estimate of KL(π_rollout ‖ π_old)
+    /// and the fraction of tokens with π_old/π_rollout > 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mismatch_mean_abs: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mismatch_max_abs: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mismatch_kl: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mismatch_ratio_above_2: Option<f32>,
+    /// With a rollout correction: fraction of completion tokens MIS dropped, and whose TIS
+    /// weight was capped (last PPO epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_masked_frac: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_capped_frac: Option<f32>,
     /// Per-rollout values of the step for `--log tensorboard` histograms (reward, advantage,
     /// completion length); not in metrics.jsonl.
     #[serde(skip)]
@@ -268,6 +302,10 @@ pub struct UpdateStats {
     pub epochs: Vec<(f32, f32, f32, f32)>,
     /// The advantage of each rollout, entropy bonus included (response granularity).
     pub advantages: Vec<f32>,
+    /// Per completion token, log π_old − log π_rollout, when π_old came from a training forward.
+    pub mismatch: Option<Vec<f32>>,
+    /// MIS-dropped and TIS-capped fractions of the last epoch (with a correction).
+    pub corrected: Option<(f32, f32)>,
     pub seconds_reference: f32,
     pub seconds_update: f32,
 }
@@ -609,6 +647,16 @@ impl GrpoTrainer {
         let u = self.update(&rollouts, &rewards, lr).with_context(|| format!("step {next}"))?;
         m.histograms =
             vec![("reward", rewards), ("advantage", u.advantages.clone()), ("completion_length", lengths)];
+        if let Some(d) = &u.mismatch {
+            let s = mismatch_stats(d);
+            (m.mismatch_mean_abs, m.mismatch_max_abs, m.mismatch_kl, m.mismatch_ratio_above_2) =
+                (Some(s[0]), Some(s[1]), Some(s[2]), Some(s[3]));
+            m.histograms.push(("mismatch_logp", d.clone()));
+            m.histograms.push(("rollout_ratio", d.iter().map(|x| x.exp()).collect()));
+        }
+        if let Some((masked, capped)) = u.corrected {
+            (m.rollout_masked_frac, m.rollout_capped_frac) = (Some(masked), Some(capped));
+        }
         m.cot_entropy = u.cot_entropy;
         m.zero_var_groups = u.zero_var_groups;
         let &(loss, kl, clip, norm) = u.epochs.last().context("no PPO epoch ran")?;
@@ -662,12 +710,28 @@ impl GrpoTrainer {
             Some(r) => Some(ranged(dev.as_ref(), "reference pass", || self.logps(r, rollouts))?),
             None => None,
         };
+        // π_old: the sampler's log-probs, unless the rollout correction or the mismatch log
+        // needs the training forward's (then the sampler's are π_rollout).
+        let corrected = self.cfg.rollout_correction != RolloutCorrection::None;
+        let trained_old = if corrected || self.cfg.log_mismatch {
+            let lp = ranged(dev.as_ref(), "old log-probs", || self.logps(&self.model, rollouts))?;
+            let d = rollouts.iter().zip(&lp).flat_map(|(r, o)| o.iter().zip(&r.old_logp).map(|(a, b)| a - b));
+            st.mismatch = Some(d.collect());
+            Some(lp)
+        } else {
+            None
+        };
+        let old: Vec<&[f32]> = match &trained_old {
+            Some(lp) => lp.iter().map(|v| v.as_slice()).collect(),
+            None => rollouts.iter().map(|r| r.old_logp.as_slice()).collect(),
+        };
         st.seconds_reference = t1.elapsed().as_secs_f32();
         let t2 = Instant::now();
         for epoch in 0..self.cfg.ppo_epochs.max(1) {
-            let (l, k, c, grads) = ranged(dev.as_ref(), "update", || {
-                self.policy_gradient(rollouts, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0)
+            let (l, k, c, fracs, grads) = ranged(dev.as_ref(), "update", || {
+                self.policy_gradient(rollouts, &old, &adv.raw, &adv.adv, ref_lp.as_deref(), epoch > 0)
             })?;
+            st.corrected = corrected.then_some(fracs);
             ensure!(l.is_finite(), "loss is {l}; stopping before the update, weights unchanged");
             let norm = ranged(dev.as_ref(), "optimizer", || {
                 apply_step(&mut self.model, &mut self.opt, &self.adam, lr, grads, self.cfg.run.max_grad_norm)
@@ -746,22 +810,25 @@ impl GrpoTrainer {
     /// its gradient then flows back through the model micro-batch by micro-batch.
     /// On the first epoch π_θ = π_old in value, so the sampler's log-probs stand in for a
     /// forward pass (`fresh` = false); later epochs recompute them.
+    #[allow(clippy::type_complexity)]
     fn policy_gradient(
         &self,
         rollouts: &[Rollout],
+        old_lp: &[&[f32]],
         raw_adv: &[f32],
         adv: &[f32],
         ref_lp: Option<&[Vec<f32>]>,
         fresh: bool,
-    ) -> Result<(f32, f32, f32, StepGrads)> {
+    ) -> Result<(f32, f32, f32, (f32, f32), StepGrads)> {
         let n = rollouts.len();
         let t = rollouts.iter().map(|r| r.ids.len() - r.prompt_len).max().unwrap_or(0).max(1);
         let cur = if fresh {
             self.logps(&self.model, rollouts)?
         } else {
-            rollouts.iter().map(|r| r.old_logp.clone()).collect()
+            old_lp.iter().map(|v| v.to_vec()).collect()
         };
         let mut x = vec![0.0f32; n * t];
+        let mut roll = vec![0.0f32; n * t];
         let (mut old, mut refm, mut mask, mut seg) =
             (vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0.0f32; n * t], vec![0i32; n * t]);
         let (mut h_tok, mut h_mask) = (vec![0.0f32; n * t], vec![0.0f32; n * t]);
@@ -772,7 +839,8 @@ impl GrpoTrainer {
             for j in 0..r.ids.len() - r.prompt_len {
                 let k = i * t + j;
                 x[k] = cur[i][j];
-                old[k] = r.old_logp[j];
+                old[k] = old_lp[i][j];
+                roll[k] = r.old_logp[j];
                 refm[k] = ref_lp.map_or(0.0, |rl| rl[i][j]);
                 mask[k] = 1.0;
                 seg[k] = if j < r.think_len { 1 } else { 2 };
@@ -808,7 +876,12 @@ impl GrpoTrainer {
             n_seq: n,
             t,
         };
-        let (stats, dx) = policy_loss_on(self.model.device(), &input, &cfg, 1.0)?;
+        let rc = RatioCfg {
+            level: self.cfg.importance_level,
+            correction: self.cfg.rollout_correction,
+            cap: self.cfg.rollout_correction_cap,
+        };
+        let (stats, dx) = policy_loss_on_with(self.model.device(), &input, Some(&roll), &cfg, &rc, 1.0)?;
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
         let params = self.model.named_params();
         let mut acc = StepGrads::on(self.model.device());
@@ -823,7 +896,8 @@ impl GrpoTrainer {
             let grads = ops::weighted_sum(&lp, &w)?.backward()?;
             acc.add(&params, &grads)?;
         }
-        Ok((stats.loss, stats.kl, stats.clip_frac, acc))
+        let fracs = (stats.rollout_masked_frac, stats.rollout_capped_frac);
+        Ok((stats.loss, stats.kl, stats.clip_frac, fracs, acc))
     }
 
     /// Greedy held-out accuracy over the first `limit` eval samples, overall and per category.
@@ -999,6 +1073,17 @@ fn think_len_by_decoding(n: usize, mut decode: impl FnMut(usize) -> Option<Strin
     hi
 }
 
+/// Mean |d|, max |d|, mean k3 KL(π_rollout ‖ π_old) and the fraction of d > ln 2 over per-token
+/// d = log π_old − log π_rollout (tokens sampled from π_rollout; k3 = e^d − d − 1 ≥ 0).
+fn mismatch_stats(d: &[f32]) -> [f32; 4] {
+    let n = d.len().max(1) as f64;
+    let mean_abs = d.iter().map(|x| x.abs() as f64).sum::<f64>() / n;
+    let max_abs = d.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let kl = d.iter().map(|&x| (x as f64).exp() - x as f64 - 1.0).sum::<f64>() / n;
+    let above = d.iter().filter(|&&x| x > std::f32::consts::LN_2).count() as f64 / n;
+    [mean_abs as f32, max_abs, kl as f32, above as f32]
+}
+
 fn tokens_of(groups: &[Group]) -> usize {
     groups.iter().flat_map(|grp| &grp.rollouts).map(|r| r.ids.len() - r.prompt_len).sum()
 }
@@ -1040,6 +1125,7 @@ pub fn validate(cfg: &GrpoConfig) -> Result<()> {
     in_range("eps_high", cfg.eps_high, 0.0, true, MAX_EPS_HIGH)?;
     in_range("beta", cfg.beta, 0.0, true, f32::MAX)?;
     in_range("srml_alpha", cfg.srml_alpha, 0.0, true, 1.0)?;
+    in_range("rollout_correction_cap", cfg.rollout_correction_cap, 1.0, true, f32::MAX)?;
     count("ppo_epochs", cfg.ppo_epochs, 1, MAX_PPO_EPOCHS)?;
     count("micro_batch", cfg.micro_batch, 1, MAX_GROUP * MAX_GROUP)?;
     if cfg.dynamic_sampling && cfg.max_resample == 0 {
