@@ -390,3 +390,42 @@ fn entropy_bonus_reads_the_answer_when_there_is_no_think_segment() {
     assert!((loss_auto - loss_plain).abs() > 1e-4, "λ 0.4 loss {loss_auto} vs λ 0 {loss_plain}");
     assert_eq!(loss_think, loss_plain, "with no think segment λ has nothing to add");
 }
+
+/// FunRL's think span runs from `<think>` to `</think>` (`think_start..think_len`), not from
+/// the first completion token; a completion with no think block gets no bonus, and the share
+/// of such completions is reported.
+#[test]
+fn the_entropy_bonus_reads_the_think_block_only() {
+    let fx = fixture("grpo.json");
+    let ro = &fx["rollouts"][0];
+    let seqs: Vec<Vec<u32>> = ro["seqs"].as_array().unwrap().iter().map(ids).collect();
+    let pls = usizes(&ro["prompt_lens"]);
+    let rewards: Vec<f32> = floats(&ro["rewards"]).iter().map(|&r| r as f32).collect();
+    let (model, tok) = load(&fx);
+    let cfg = GrpoConfig {
+        run: RunConfig {
+            run_dir: Path::new("unused").to_path_buf(),
+            ..optimizer_run(&fx, RunConfig::grpo())
+        },
+        group_size: f(&fx, "group_size") as usize,
+        prompts_per_step: f(&fx, "prompts_per_step") as usize,
+        think: Some(true),
+        beta: 0.0,
+        ..Default::default()
+    };
+    let mut t = GrpoTrainer::with_model(cfg, model, tok);
+    let n = seqs.len();
+    let mut rollouts = t.rollouts_from_policy(&seqs, &pls, &vec![0; n]).unwrap();
+    let mut want = (0.0f64, 0usize);
+    for (i, r) in rollouts.iter_mut().enumerate() {
+        if i % 2 == 0 {
+            (r.think_start, r.think_len) = (1, 3); // tokens 1..3: the block's entropy
+            want.0 += r.entropy[1..3].iter().map(|&h| h as f64).sum::<f64>();
+            want.1 += 2;
+        } // odd rollouts: no think block
+    }
+    let u = t.update(&rollouts, &rewards, 1e-3).unwrap();
+    let want = (want.0 / want.1 as f64) as f32;
+    assert!((u.cot_entropy - want).abs() < 1e-6, "think-block entropy {} vs {want}", u.cot_entropy);
+    assert_eq!(u.no_think_frac, Some(0.5));
+}

@@ -214,6 +214,10 @@ pub struct GrpoMetrics {
     pub rollout_masked_frac: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_capped_frac: Option<f32>,
+    /// When the entropy bonus reads think segments: the fraction of the batch's completions
+    /// with no `<think>…</think>` block, which get no bonus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_think_frac: Option<f32>,
     /// Per-rollout values of the step for `--log tensorboard` histograms (reward, advantage,
     /// completion length); not in metrics.jsonl.
     #[serde(skip)]
@@ -291,6 +295,9 @@ pub struct Rollout {
     pub entropy: Vec<f32>,
     /// Completion tokens before this index are the think segment (`<think>` … `</think>`).
     pub think_len: usize,
+    /// The completion token that completes `<think>` (0 when the think segment opens the
+    /// completion): the FunRL entropy span is `think_start..think_len`.
+    pub think_start: usize,
 }
 
 /// What one rollout batch's update did: the CoT entropy and zero-variance share that went into
@@ -306,6 +313,8 @@ pub struct UpdateStats {
     pub mismatch: Option<Vec<f32>>,
     /// MIS-dropped and TIS-capped fractions of the last epoch (with a correction).
     pub corrected: Option<(f32, f32)>,
+    /// Fraction of rollouts whose entropy span is empty, when the bonus reads think segments.
+    pub no_think_frac: Option<f32>,
     pub seconds_reference: f32,
     pub seconds_update: f32,
 }
@@ -528,7 +537,33 @@ impl GrpoTrainer {
         if whole {
             0..n
         } else {
-            0..r.think_len
+            r.think_start.min(r.think_len)..r.think_len
+        }
+    }
+
+    /// Whether the bonus reads think segments (so a completion without one gets none).
+    fn entropy_reads_think(&self) -> bool {
+        match self.cfg.entropy_segment {
+            EntropySegment::Think => true,
+            EntropySegment::Completion => false,
+            EntropySegment::Auto => self.format.think,
+        }
+    }
+
+    /// The token that completes `<think>` in a completion whose think segment ends at
+    /// `think_len`; 0 when there is no segment. A `</think>` with no `<think>` before it starts
+    /// at `think_len` (an empty span: a malformed block gets no bonus).
+    fn think_start(&self, ids: &[u32], think_len: usize) -> usize {
+        if think_len == 0 {
+            return 0;
+        }
+        let head = &ids[..think_len];
+        if let Some(open) = self.tok.token_id("<think>") {
+            return head.iter().position(|&t| t == open).unwrap_or(think_len);
+        }
+        match first_prefix_containing(head.len(), "<think>", |k| self.tok.decode(&head[..k], false).ok()) {
+            Some(k) => k - 1,
+            None => think_len,
         }
     }
 
@@ -538,7 +573,8 @@ impl GrpoTrainer {
         if let Some(end) = self.tok.token_id("</think>") {
             return ids.iter().position(|&t| t == end).map_or(0, |i| i + 1);
         }
-        think_len_by_decoding(ids.len(), |k| self.tok.decode(&ids[..k], false).ok())
+        first_prefix_containing(ids.len(), "</think>", |k| self.tok.decode(&ids[..k], false).ok())
+            .unwrap_or(0)
     }
 
     /// One GRPO step: rollouts (re-drawn by dynamic sampling), rewards, advantages, μ
@@ -597,12 +633,14 @@ impl GrpoTrainer {
             let p = &prompts[c.prompt_index];
             let mut ids = p.clone();
             ids.extend_from_slice(&c.new_ids);
+            let think_len = self.think_len(&c.new_ids);
             grp.rollouts.push(Rollout {
                 ids,
                 prompt_len: p.len(),
                 old_logp: c.logprobs.clone(),
                 entropy: c.entropy.clone(),
-                think_len: self.think_len(&c.new_ids),
+                think_len,
+                think_start: self.think_start(&c.new_ids, think_len),
             });
         }
         ensure!(
@@ -654,6 +692,7 @@ impl GrpoTrainer {
             m.histograms.push(("mismatch_logp", d.clone()));
             m.histograms.push(("rollout_ratio", d.iter().map(|x| x.exp()).collect()));
         }
+        m.no_think_frac = u.no_think_frac;
         if let Some((masked, capped)) = u.corrected {
             (m.rollout_masked_frac, m.rollout_capped_frac) = (Some(masked), Some(capped));
         }
@@ -697,6 +736,10 @@ impl GrpoTrainer {
             .map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 })
             .collect();
         let think_tokens: usize = h_tok.iter().map(|h| h.len()).sum();
+        if self.entropy_reads_think() {
+            let none = h_tok.iter().filter(|h| h.is_empty()).count();
+            st.no_think_frac = Some(none as f32 / h_tok.len().max(1) as f32);
+        }
         st.cot_entropy = h_tok.iter().flat_map(|h| h.iter()).sum::<f32>() / think_tokens.max(1) as f32;
         let scale = self.cfg.adv_scale;
         let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
@@ -777,6 +820,7 @@ impl GrpoTrainer {
                     old_logp: row0[r.clone()].to_vec(),
                     entropy: row1[r].to_vec(),
                     think_len: think_lens[i],
+                    think_start: 0,
                 });
             }
         }
@@ -1050,16 +1094,19 @@ fn fitting_prompts(
     Ok(kept)
 }
 
-/// Completion tokens of the rollouts in `groups`.
-/// Think length (see [`GrpoTrainer::think_len`]) of an `n`-token completion whose `</think>`
-/// spans several tokens, given the decode of its first `k` tokens. A prefix that contains the
-/// marker stays containing it as `k` grows, so a binary search finds the first such prefix
-/// with O(log n) decodes (a scan of every prefix was quadratic in the completion's length).
-/// Most completions of a plain-answer run have no marker: one decode says so.
-fn think_len_by_decoding(n: usize, mut decode: impl FnMut(usize) -> Option<String>) -> usize {
-    let mut closes = |k: usize| decode(k).is_some_and(|t| t.contains("</think>"));
+/// The fewest leading tokens `k` of an `n`-token completion whose decode contains `marker`
+/// (a multi-token `<think>` or `</think>`), given the decode of the first `k` tokens. A prefix
+/// that contains the marker stays containing it as `k` grows, so a binary search finds it with
+/// O(log n) decodes (a scan of every prefix was quadratic in the completion's length). Most
+/// completions of a plain-answer run have no marker: one decode says so.
+fn first_prefix_containing(
+    n: usize,
+    marker: &str,
+    mut decode: impl FnMut(usize) -> Option<String>,
+) -> Option<usize> {
+    let mut closes = |k: usize| decode(k).is_some_and(|t| t.contains(marker));
     if n == 0 || !closes(n) {
-        return 0;
+        return None;
     }
     let (mut lo, mut hi) = (0, n); // closes(hi), and !closes(lo) for lo = 0 (empty text)
     while hi - lo > 1 {
@@ -1070,7 +1117,7 @@ fn think_len_by_decoding(n: usize, mut decode: impl FnMut(usize) -> Option<Strin
             lo = mid;
         }
     }
-    hi
+    Some(hi)
 }
 
 /// Mean |d|, max |d|, mean k3 KL(π_rollout ‖ π_old) and the fraction of d > ln 2 over per-token
@@ -1084,6 +1131,7 @@ fn mismatch_stats(d: &[f32]) -> [f32; 4] {
     [mean_abs as f32, max_abs, kl as f32, above as f32]
 }
 
+/// Completion tokens of the rollouts in `groups`.
 fn tokens_of(groups: &[Group]) -> usize {
     groups.iter().flat_map(|grp| &grp.rollouts).map(|r| r.ids.len() - r.prompt_len).sum()
 }
@@ -1299,19 +1347,20 @@ mod tests {
         let mut toks = vec!["a"; 4096];
         toks[1234..1237].copy_from_slice(&["</th", "in", "k>"]);
         let mut calls = 0;
-        let n = super::think_len_by_decoding(toks.len(), |k| {
+        let n = super::first_prefix_containing(toks.len(), "</think>", |k| {
             calls += 1;
             text(&toks, k)
         });
-        assert_eq!(n, 1237);
+        assert_eq!(n, Some(1237));
         assert!(calls <= 14, "{calls} decodes for 4,096 tokens");
         for at in 0..10 {
             let mut t = vec!["x"; 12];
             t[at..at + 3].copy_from_slice(&["</", "think", ">"]);
             let scan = (1..=t.len()).find(|&k| t[..k].concat().contains("</think>")).unwrap_or(0);
-            assert_eq!(super::think_len_by_decoding(t.len(), |k| text(&t, k)), scan, "marker at {at}");
+            let found = super::first_prefix_containing(t.len(), "</think>", |k| text(&t, k)).unwrap_or(0);
+            assert_eq!(found, scan, "marker at {at}");
         }
-        assert_eq!(super::think_len_by_decoding(5, |k| text(&["a"; 5], k)), 0);
+        assert_eq!(super::first_prefix_containing(5, "</think>", |k| text(&["a"; 5], k)), None);
     }
 
     #[test]
