@@ -104,11 +104,9 @@ fn train_writes_every_metric_and_histogram_and_a_resume_adds_a_file() {
     assert_scalars_match_jsonl(&run, &merged(&run));
 }
 
-#[test]
-fn sft_writes_its_metrics_and_held_out_results() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("sft");
-    let out = fcgpu(&[
+/// A micro `fcgpu sft` run from scratch in `run` with `extra` flags; panics naming stderr.
+fn micro_sft(run: &Path, extra: &[&str]) {
+    let base = [
         "sft",
         "--run-dir",
         run.to_str().unwrap(),
@@ -118,14 +116,16 @@ fn sft_writes_its_metrics_and_held_out_results() {
         "scratch",
         "--task-train",
         "40",
-        "--steps",
-        "2",
-        "--eval-samples",
-        "2",
-        "--log",
-        "tensorboard",
-    ]);
+    ];
+    let out = fcgpu(&[&base[..], extra].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn sft_writes_its_metrics_and_held_out_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("sft");
+    micro_sft(&run, &["--steps", "2", "--eval-samples", "2", "--log", "tensorboard"]);
     let log = merged(&run);
     assert_scalars_match_jsonl(&run, &log);
     for tag in ["eval/heldout_accuracy", "eval/result_token_accuracy"] {
@@ -137,21 +137,6 @@ fn sft_writes_its_metrics_and_held_out_results() {
 fn jsonl_only_is_the_default() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("sft");
-    let out = fcgpu(&[
-        "sft",
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--preset",
-        "micro",
-        "--base",
-        "scratch",
-        "--task-train",
-        "40",
-        "--steps",
-        "1",
-        "--eval-samples",
-        "0",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    micro_sft(&run, &["--steps", "1", "--eval-samples", "0"]);
     assert!(run.join("metrics.jsonl").exists() && event_files(&run).is_empty());
 }

@@ -349,6 +349,28 @@ fn dump_initial_gradients() {
     std::fs::write(Path::new(&dir).join("grads.json"), serde_json::to_string(&out).unwrap()).unwrap();
 }
 
+/// The first rollout batch of the GRPO fixture: sequences, prompt lengths, rewards.
+fn first_batch(fx: &Value) -> (Vec<Vec<u32>>, Vec<usize>, Vec<f32>) {
+    let ro = &fx["rollouts"][0];
+    let seqs = ro["seqs"].as_array().unwrap().iter().map(ids).collect();
+    let rewards = floats(&ro["rewards"]).iter().map(|&r| r as f32).collect();
+    (seqs, usizes(&ro["prompt_lens"]), rewards)
+}
+
+/// A trainer on the fixture model with the fixture's group shape, β 0, and `set` applied.
+fn bonus_trainer(fx: &Value, set: impl FnOnce(&mut GrpoConfig)) -> GrpoTrainer {
+    let (model, tok) = load(fx);
+    let mut cfg = GrpoConfig {
+        run: RunConfig { run_dir: Path::new("unused").to_path_buf(), ..optimizer_run(fx, RunConfig::grpo()) },
+        group_size: f(fx, "group_size") as usize,
+        prompts_per_step: f(fx, "prompts_per_step") as usize,
+        beta: 0.0,
+        ..Default::default()
+    };
+    set(&mut cfg);
+    GrpoTrainer::with_model(cfg, model, tok)
+}
+
 /// Plain answers (no think segment): under `entropy_segment = auto` the FunRL bonus reads the
 /// whole answer's entropy, so λ changes the update; under `think` it has nothing to read and
 /// λ 0.4 equals λ 0 (the reason `auto` exists).
@@ -357,27 +379,12 @@ fn entropy_bonus_reads_the_answer_when_there_is_no_think_segment() {
     use fcgpu::fc::prompt::PromptStyle;
     use fcgpu::train::grpo::EntropySegment;
     let fx = fixture("grpo.json");
-    let ro = &fx["rollouts"][0];
-    let seqs: Vec<Vec<u32>> = ro["seqs"].as_array().unwrap().iter().map(ids).collect();
-    let pls = usizes(&ro["prompt_lens"]);
-    let rewards: Vec<f32> = floats(&ro["rewards"]).iter().map(|&r| r as f32).collect();
+    let (seqs, pls, rewards) = first_batch(&fx);
     let first_update = |lambda: f32, seg: EntropySegment| {
-        let (model, tok) = load(&fx);
-        let cfg = GrpoConfig {
-            run: RunConfig {
-                run_dir: Path::new("unused").to_path_buf(),
-                ..optimizer_run(&fx, RunConfig::grpo())
-            },
-            group_size: f(&fx, "group_size") as usize,
-            prompts_per_step: f(&fx, "prompts_per_step") as usize,
-            entropy_lambda: lambda,
-            entropy_segment: seg,
-            style: Some(PromptStyle::Bfcl),
-            think: Some(false),
-            beta: 0.0,
-            ..Default::default()
-        };
-        let mut t = GrpoTrainer::with_model(cfg, model, tok);
+        let mut t = bonus_trainer(&fx, |c| {
+            (c.entropy_lambda, c.entropy_segment) = (lambda, seg);
+            (c.style, c.think) = (Some(PromptStyle::Bfcl), Some(false));
+        });
         let rollouts = t.rollouts_from_policy(&seqs, &pls, &vec![0; seqs.len()]).unwrap();
         let u = t.update(&rollouts, &rewards, 1e-3).unwrap();
         (u.cot_entropy, u.epochs[0].0)
@@ -397,23 +404,8 @@ fn entropy_bonus_reads_the_answer_when_there_is_no_think_segment() {
 #[test]
 fn the_entropy_bonus_reads_the_think_block_only() {
     let fx = fixture("grpo.json");
-    let ro = &fx["rollouts"][0];
-    let seqs: Vec<Vec<u32>> = ro["seqs"].as_array().unwrap().iter().map(ids).collect();
-    let pls = usizes(&ro["prompt_lens"]);
-    let rewards: Vec<f32> = floats(&ro["rewards"]).iter().map(|&r| r as f32).collect();
-    let (model, tok) = load(&fx);
-    let cfg = GrpoConfig {
-        run: RunConfig {
-            run_dir: Path::new("unused").to_path_buf(),
-            ..optimizer_run(&fx, RunConfig::grpo())
-        },
-        group_size: f(&fx, "group_size") as usize,
-        prompts_per_step: f(&fx, "prompts_per_step") as usize,
-        think: Some(true),
-        beta: 0.0,
-        ..Default::default()
-    };
-    let mut t = GrpoTrainer::with_model(cfg, model, tok);
+    let (seqs, pls, rewards) = first_batch(&fx);
+    let mut t = bonus_trainer(&fx, |c| c.think = Some(true));
     let n = seqs.len();
     let mut rollouts = t.rollouts_from_policy(&seqs, &pls, &vec![0; n]).unwrap();
     let mut want = (0.0f64, 0usize);
