@@ -1,6 +1,7 @@
 //! `linear` (x·Wᵀ + b, the layout of Hugging Face weights) and batched `matmul`.
 
 pub mod cpu;
+pub mod skinny;
 
 use anyhow::{ensure, Result};
 
@@ -38,6 +39,15 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     }
     let rows = x.numel() / in_f;
     let mut y = vec![0.0f32; rows * out_f];
+    if rows <= skinny::MAX_ROWS {
+        skinny::linear(x.f32s()?, rows, in_f, w.f32s()?, out_f, &mut y);
+        if let Some(b) = b {
+            for r in y.chunks_exact_mut(out_f) {
+                r.iter_mut().zip(b.f32s()?).for_each(|(v, bv)| *v += bv);
+            }
+        }
+        return Ok(Tensor::from_op(y, &shape, back));
+    }
     if let Some(b) = b {
         let bv = b.f32s()?;
         for r in y.chunks_exact_mut(out_f) {
