@@ -115,7 +115,10 @@ impl LoraConfig {
         let at = |what: String| format!("{}: {what}", path.display());
         let peft_type = v.get("peft_type").and_then(Value::as_str).unwrap_or("LORA");
         ensure!(peft_type == "LORA", at(format!("peft_type `{peft_type}`: fcgpu reads LORA adapters only")));
-        let rank = v.get("r").and_then(Value::as_u64).with_context(|| at("field `r` must be a positive integer".into()))?;
+        let rank = v
+            .get("r")
+            .and_then(Value::as_u64)
+            .with_context(|| at("field `r` must be a positive integer".into()))?;
         let alpha = v
             .get("lora_alpha")
             .and_then(Value::as_f64)
@@ -133,13 +136,20 @@ impl LoraConfig {
         ];
         for (key, ok) in ok_list {
             if let Some(x) = v.get(key) {
-                ensure!(ok(x), at(format!("`{key}` = {x}: fcgpu supports plain LoRA only (this field at its default)")));
+                ensure!(
+                    ok(x),
+                    at(format!("`{key}` = {x}: fcgpu supports plain LoRA only (this field at its default)"))
+                );
             }
         }
         let targets: Vec<String> = match v.get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).with_context(|| at(format!("target_modules entry {x} is not a string"))))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .with_context(|| at(format!("target_modules entry {x} is not a string")))
+                })
                 .collect::<Result<_>>()?,
             Some(Value::String(s)) => vec![s.clone()],
             _ => bail!(at("field `target_modules` must be a list of projection names".into())),
@@ -200,6 +210,18 @@ pub struct Adapter {
 }
 
 impl Adapter {
+    /// A lone adapter (A `[r, in]`, B `[out, r]`) with its own on/off switch and dropout stream
+    /// (tests of the op; models get theirs from [`Model::add_lora`] or [`Model::load_adapter`]).
+    pub fn new(a: Tensor, b: Tensor, cfg: &LoraConfig, seed: u64) -> Adapter {
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            enabled: AtomicBool::new(true),
+            seed,
+            calls: AtomicU64::new(0),
+        });
+        Adapter { a, b, shared }
+    }
+
     /// `(alpha/r)·B·A·dropout(x)`, or `None` while adapters are switched off. Dropout acts only
     /// in forwards that record a graph (training); rollouts, reference and eval run without.
     pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
@@ -245,7 +267,11 @@ fn targets_of(l: &mut super::Layer) -> [(&'static str, &'static str, &mut Linear
 impl Model {
     /// The adapters' config, `None` for a model without adapters.
     pub fn lora(&self) -> Option<LoraConfig> {
-        self.layers.iter().flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj])
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+            })
             .find_map(|p| p.lora.as_ref().map(|a| a.shared.cfg.clone()))
     }
 
@@ -264,7 +290,10 @@ impl Model {
                 let (out_f, in_f) = target_shape(&self.config, t);
                 let bound = 1.0 / (in_f as f32).sqrt();
                 let a: Vec<f32> = (0..cfg.rank * in_f).map(|_| rng.random_range(-bound..bound)).collect();
-                fresh.insert((i, t.clone()), (Tensor::from_vec(a, &[cfg.rank, in_f])?, Tensor::zeros(&[out_f, cfg.rank])));
+                fresh.insert(
+                    (i, t.clone()),
+                    (Tensor::from_vec(a, &[cfg.rank, in_f])?, Tensor::zeros(&[out_f, cfg.rank])),
+                );
             }
         }
         self.set_adapters(cfg, seed, fresh)
@@ -272,8 +301,18 @@ impl Model {
 
     /// Puts adapters `(A, B)` by (layer, target) on the model, on its device and in its weights'
     /// dtype; trainable when the model's parameters are.
-    fn set_adapters(&mut self, cfg: &LoraConfig, seed: u64, mut ab: BTreeMap<(usize, String), (Tensor, Tensor)>) -> Result<()> {
-        let shared = Arc::new(Shared { cfg: cfg.clone(), enabled: AtomicBool::new(true), seed, calls: AtomicU64::new(0) });
+    fn set_adapters(
+        &mut self,
+        cfg: &LoraConfig,
+        seed: u64,
+        mut ab: BTreeMap<(usize, String), (Tensor, Tensor)>,
+    ) -> Result<()> {
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            enabled: AtomicBool::new(true),
+            seed,
+            calls: AtomicU64::new(0),
+        });
         let (device, dtype) = (self.device(), self.embed.dtype());
         for (i, l) in self.layers.iter_mut().enumerate() {
             for (_, t, lin) in targets_of(l) {
@@ -323,7 +362,12 @@ impl Model {
     /// Runs `f` with the adapters switched off: the base model (GRPO's reference policy), with
     /// no second copy of the weights. Adapters are back on afterwards, also when `f` fails.
     pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
-        let shared = self.layers.iter().flat_map(|l| [&l.q_proj, &l.o_proj, &l.gate_proj, &l.k_proj, &l.v_proj, &l.up_proj, &l.down_proj])
+        let shared = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [&l.q_proj, &l.o_proj, &l.gate_proj, &l.k_proj, &l.v_proj, &l.up_proj, &l.down_proj]
+            })
             .find_map(|p| p.lora.as_ref().map(|a| a.shared.clone()));
         struct On(Option<Arc<Shared>>, bool);
         impl Drop for On {
@@ -352,11 +396,15 @@ impl Model {
     /// directory `dir` (callers write into a temporary directory renamed into place).
     pub fn write_adapter_files(&self, dir: &Path) -> Result<()> {
         let cfg = self.lora().context("the model has no LoRA adapters to save")?;
-        let base = self.dir.as_ref().map(|d| std::fs::canonicalize(d).unwrap_or(d.clone()).display().to_string());
+        let base =
+            self.dir.as_ref().map(|d| std::fs::canonicalize(d).unwrap_or(d.clone()).display().to_string());
         let json = serde_json::to_string_pretty(&cfg.to_peft_json(base.as_deref().unwrap_or("")))? + "\n";
         let tensors = self.peft_tensors()?;
         for (n, t) in &tensors {
-            ensure!(t.f32s()?.iter().all(|x| x.is_finite()), "the adapter weight `{n}` is not all finite; the run diverged");
+            ensure!(
+                t.f32s()?.iter().all(|x| x.is_finite()),
+                "the adapter weight `{n}` is not all finite; the run diverged"
+            );
         }
         super::weights::save(&dir.join(WEIGHTS_FILE), &tensors, DType::F32)?;
         crate::runfs::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
@@ -373,7 +421,11 @@ impl Model {
         let mut ab = BTreeMap::new();
         for i in 0..self.config.num_layers {
             for t in &cfg.targets {
-                let part = if ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&t.as_str()) { "self_attn" } else { "mlp" };
+                let part = if ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&t.as_str()) {
+                    "self_attn"
+                } else {
+                    "mlp"
+                };
                 let (out_f, in_f) = target_shape(&self.config, t);
                 let mut take = |which: &str, shape: [usize; 2]| -> Result<Tensor> {
                     let key = format!("{PEFT_PREFIX}model.layers.{i}.{part}.{t}.{which}.weight");
@@ -381,7 +433,11 @@ impl Model {
                         format!("{}: missing tensor `{key}` (adapter_config.json names {t} with {} layers in the base)", file.display(), self.config.num_layers)
                     })?;
                     ensure!(t.shape() == shape, "{}: tensor `{key}` has shape {:?}, this base needs {:?} (an adapter for another model?)", file.display(), t.shape(), shape);
-                    ensure!(t.f32s()?.iter().all(|x| x.is_finite()), "{}: tensor `{key}` has a non-finite value", file.display());
+                    ensure!(
+                        t.f32s()?.iter().all(|x| x.is_finite()),
+                        "{}: tensor `{key}` has a non-finite value",
+                        file.display()
+                    );
                     Ok(t)
                 };
                 let a = take("lora_A", [cfg.rank, in_f])?;
@@ -411,7 +467,13 @@ impl Model {
                     let at = transpose(&ad.a)?;
                     let ba_t = ops::linear(&at, &ad.b, None)?; // [in, out]
                     let delta = transpose(&ba_t)?;
-                    let w: Vec<f32> = lin.weight.f32s()?.iter().zip(delta.f32s()?).map(|(w, d)| w + cfg.scale() * d).collect();
+                    let w: Vec<f32> = lin
+                        .weight
+                        .f32s()?
+                        .iter()
+                        .zip(delta.f32s()?)
+                        .map(|(w, d)| w + cfg.scale() * d)
+                        .collect();
                     lin.weight = Tensor::from_vec(w, lin.weight.shape())?;
                 }
             }

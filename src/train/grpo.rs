@@ -927,7 +927,7 @@ impl GrpoTrainer {
         };
         let (stats, dx) = policy_loss_on_with(self.model.device(), &input, Some(&roll), &cfg, &rc, 1.0)?;
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
-        let params = self.model.named_params();
+        let params = self.model.trainable_params();
         let mut acc = StepGrads::on(self.model.device());
         for c in self.rollout_chunks(rollouts)?.into_iter().filter(|c| !c.rows.is_empty()) {
             let lp = self.model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6))?;

@@ -442,7 +442,7 @@ impl Trainer {
         let t0 = Instant::now();
         let next = self.step + 1;
         let lr = self.schedule.lr_at(next);
-        let params = self.model.named_params();
+        let params = self.model.trainable_params();
         let on_gpu = self.model.device().is_gpu();
         // On a GPU the sums stay on the device (StepGrads); the cpu keeps its flat vectors.
         let mut dev_acc = StepGrads::on(self.model.device());
