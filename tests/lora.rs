@@ -263,3 +263,44 @@ fn adapters_that_do_not_fit_the_base_are_refused() {
     assert!(e.contains("unknown LoRA target `lm_head`"), "{e}");
     assert!(base.lora().is_none());
 }
+
+/// KV-cache decoding (the rollouts) runs the live adapters: each generated token's log-prob
+/// equals the packed scoring forward's of the adapted model, on the cpu and on emu (f32 and
+/// bf16, the batched decode step's adapter GEMM pair), and differs from the base's.
+fn decode_uses_live_adapters_on(dev: Device, dt: fcgpu::DType, tol: f32) {
+    use fcgpu::rollout::{generate, SamplingConfig};
+    let cpu = adapted(4, 7);
+    let m = if dev == Device::Cpu { cpu.clone() } else { cpu.to_device_as(dev, dt).unwrap() };
+    if dev != Device::Cpu {
+        assert!(m.batched_decode_supported(), "adapters keep the batched decode step");
+    }
+    let prompts = vec![vec![1u32, 5, 7], vec![3, 4, 8, 9, 10]];
+    let cfg =
+        SamplingConfig { n: 2, max_new_tokens: 6, temperature: 0.0, ignore_eos: true, ..Default::default() };
+    let outs = fcgpu::autograd::no_grad(|| generate(&m, &prompts, &cfg, None)).unwrap();
+    let mut far_from_base = 0.0f32;
+    for c in &outs {
+        let p = &prompts[c.prompt_index];
+        let full: Vec<u32> = p.iter().chain(&c.new_ids).copied().collect();
+        let b = Batch::from_sequences(&[full.clone()]);
+        let score = |m: &Model| fcgpu::autograd::no_grad(|| m.token_logprobs(&b, 1.0)).unwrap().to_vec();
+        let (on, off) = (score(&cpu), cpu.without_adapters(|| score(&cpu)));
+        for (j, &lp) in c.logprobs.iter().enumerate() {
+            let want = on[p.len() - 1 + j];
+            assert!((lp - want).abs() <= tol * (1.0 + want.abs()), "{dev} {dt:?}: token {j}: {lp} vs {want}");
+            far_from_base = far_from_base.max((lp - off[p.len() - 1 + j]).abs());
+        }
+    }
+    assert!(far_from_base > 1e-3, "{dev}: decode looks like the base ({far_from_base})");
+}
+
+#[test]
+fn decode_uses_live_adapters() {
+    decode_uses_live_adapters_on(Device::Cpu, fcgpu::DType::F32, 1e-4);
+}
+
+#[test]
+fn decode_uses_live_adapters_emu() {
+    decode_uses_live_adapters_on(Device::Emu, fcgpu::DType::F32, 1e-4);
+    decode_uses_live_adapters_on(Device::Emu, fcgpu::DType::BF16, 5e-2);
+}

@@ -222,6 +222,16 @@ impl Adapter {
         Adapter { a, b, shared }
     }
 
+    /// Whether adapters are on (see [`Model::without_adapters`]).
+    pub fn active(&self) -> bool {
+        self.shared.enabled.load(Ordering::Relaxed)
+    }
+
+    /// `alpha / r`.
+    pub fn scale(&self) -> f32 {
+        self.shared.cfg.scale()
+    }
+
     /// `(alpha/r)·B·A·dropout(x)`, or `None` while adapters are switched off. Dropout acts only
     /// in forwards that record a graph (training); rollouts, reference and eval run without.
     pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
