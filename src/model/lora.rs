@@ -28,14 +28,22 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// PEFT's prefix in front of the base model's own parameter names.
 const PEFT_PREFIX: &str = "base_model.model.";
 
-/// Rank, scale numerator, dropout and target projections of the adapters.
-#[derive(Clone, Debug, PartialEq)]
+/// Rank, scale numerator, dropout and target projections of the adapters (`[run.lora]` in a
+/// training config; the `--lora-*` flags).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f32,
+    #[serde(default)]
     pub dropout: f32,
     /// Names from [`TARGETS`], in that order, no repeats.
+    #[serde(default = "all_targets")]
     pub targets: Vec<String>,
+}
+
+fn all_targets() -> Vec<String> {
+    TARGETS.iter().map(|s| s.to_string()).collect()
 }
 
 impl LoraConfig {
@@ -46,6 +54,13 @@ impl LoraConfig {
         let cfg = LoraConfig { rank, alpha, dropout, targets: parse_targets(&list)? };
         cfg.check()?;
         Ok(cfg)
+    }
+
+    /// The checks of [`LoraConfig::new`] on a config read from a file (targets included).
+    pub fn validate(&self) -> Result<()> {
+        let names: Vec<&str> = self.targets.iter().map(String::as_str).collect();
+        parse_targets(&names)?;
+        self.check()
     }
 
     fn check(&self) -> Result<()> {
@@ -169,7 +184,7 @@ impl LoraConfig {
 
 fn parse_targets(list: &[&str]) -> Result<Vec<String>> {
     if list == ["all-linear"] {
-        return Ok(TARGETS.iter().map(|s| s.to_string()).collect());
+        return Ok(all_targets());
     }
     ensure!(!list.is_empty(), "no LoRA target: name some of {}", TARGETS.join(","));
     for t in list {
@@ -418,6 +433,53 @@ impl Model {
         }
         super::weights::save(&dir.join(WEIGHTS_FILE), &tensors, DType::F32)?;
         crate::runfs::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    }
+
+    /// The model a training run starts from: the base in `dir`, with fresh adapters when `lora`
+    /// is given (their A drawn from `seed`).
+    pub fn load_for_training(dir: &Path, lora: Option<&LoraConfig>, seed: u64) -> Result<Model> {
+        if let Some(l) = lora {
+            // Rank and targets against the base's shapes before its weights are read.
+            l.check_model(&ModelConfig::from_file(&dir.join("config.json"))?)?;
+        }
+        let mut m = Model::load(dir)?;
+        if let Some(l) = lora {
+            m.add_lora(l, seed)?;
+        }
+        Ok(m)
+    }
+
+    /// [`Model::load_on`] with the PEFT adapter in `adapter` on it (on the same device, in the
+    /// weights' dtype). The adapter's rank and targets are checked against the base's config
+    /// before any weight is read.
+    pub fn load_on_with_adapter(
+        dir: &Path,
+        adapter: Option<&Path>,
+        device: crate::tensor::Device,
+        dtype: Option<&str>,
+    ) -> Result<Model> {
+        let Some(ad) = adapter else { return Model::load_on(dir, device, dtype) };
+        let (cfg, _) = LoraConfig::from_peft_file(&ad.join(CONFIG_FILE))?;
+        cfg.check_model(&ModelConfig::from_file(&dir.join("config.json"))?)
+            .with_context(|| format!("the adapter in {} on the model in {}", ad.display(), dir.display()))?;
+        let mut m = Model::load_on(dir, device, dtype)?;
+        m.load_adapter(ad)?;
+        Ok(m)
+    }
+
+    /// The base named by the PEFT adapter in `dir` (its `base_model_name_or_path`, or `base`
+    /// when given) with that adapter on it: a LoRA run's checkpoint.
+    pub fn load_with_adapter(dir: &Path, base: Option<&Path>) -> Result<Model> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let (_, named) = LoraConfig::from_peft_file(&cfg_path)?;
+        let base = match (base, named.as_deref()) {
+            (Some(b), _) => b.to_path_buf(),
+            (None, Some(n)) if !n.is_empty() => std::path::PathBuf::from(n),
+            _ => bail!("{}: no `base_model_name_or_path`; name the base model", cfg_path.display()),
+        };
+        let mut m = Model::load(&base).with_context(|| format!("the base model of {}", dir.display()))?;
+        m.load_adapter(dir)?;
+        Ok(m)
     }
 
     /// Loads the PEFT adapter in `dir` onto this model (which must have none). Every expected

@@ -283,7 +283,7 @@ impl Trainer {
                 }
             }
             None => {
-                let model = Model::load(&model_dir)?;
+                let model = Model::load_for_training(&model_dir, cfg.run.lora.as_ref(), cfg.run.seed)?;
                 Trainer {
                     cfg: cfg.clone(),
                     model,
