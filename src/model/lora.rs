@@ -139,16 +139,31 @@ impl LoraConfig {
             .and_then(Value::as_f64)
             .with_context(|| at("field `lora_alpha` must be a number".into()))?;
         let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
-        let ok_list: [(&str, fn(&Value) -> bool); 8] = [
-            ("use_dora", |x: &Value| x.is_null() || x == &json!(false)),
-            ("use_rslora", |x: &Value| x.is_null() || x == &json!(false)),
-            ("fan_in_fan_out", |x: &Value| x.is_null() || x == &json!(false)),
-            ("modules_to_save", |x: &Value| x.is_null() || x.as_array().is_some_and(|a| a.is_empty())),
-            ("layers_to_transform", |x: &Value| x.is_null()),
-            ("rank_pattern", |x: &Value| x.is_null() || x.as_object().is_some_and(|o| o.is_empty())),
-            ("alpha_pattern", |x: &Value| x.is_null() || x.as_object().is_some_and(|o| o.is_empty())),
-            ("bias", |x: &Value| x.is_null() || x == &json!("none")),
+        // Fields of PEFT variants fcgpu does not compute: each must be at its default.
+        let off = |x: &Value| match x {
+            Value::Null | Value::Bool(false) => true,
+            Value::Array(a) => a.is_empty(),
+            Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        let ok_list: [(&str, fn(&Value) -> bool); 13] = [
+            ("use_dora", off),
+            ("use_rslora", off),
+            ("use_qalora", off),
+            ("lora_bias", off),
+            ("fan_in_fan_out", off),
+            ("modules_to_save", off),
+            ("layers_to_transform", off),
+            ("layer_replication", off),
+            ("trainable_token_indices", off),
+            ("target_parameters", off),
+            ("alora_invocation_tokens", off),
+            ("rank_pattern", off),
+            ("alpha_pattern", off),
         ];
+        if let Some(b) = v.get("bias").filter(|b| !b.is_null() && *b != &json!("none")) {
+            bail!(at(format!("`bias` = {b}: fcgpu supports plain LoRA only (bias \"none\")")));
+        }
         for (key, ok) in ok_list {
             if let Some(x) = v.get(key) {
                 ensure!(
