@@ -39,6 +39,10 @@ pub struct Args {
     /// reading `--results`.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) for the
+    /// model, applied as adapters (not merged).
+    #[arg(long, requires = "model")]
+    pub adapter: Option<PathBuf>,
     /// Prompt style for `--model`. Default: the style recorded in the model directory
     /// (`fcgpu.json`, written by `sft` and `train`), else `bfcl`.
     #[arg(long, value_enum)]
@@ -87,6 +91,7 @@ impl Default for Args {
             format: None,
             verdicts: None,
             model: None,
+            adapter: None,
             style: None,
             limit: None,
             max_new_tokens: 512,
@@ -211,7 +216,7 @@ fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<Vec<Hash
     use crate::model::tokenizer::Tokenizer;
     use crate::rollout::{self, SamplingConfig};
     let device = crate::cli::device(&a.device, "eval")?;
-    let mut model = crate::cli::load_model(dir, device, a.dtype.as_deref())?;
+    let mut model = crate::cli::load_model(dir, a.adapter.as_deref(), device, a.dtype.as_deref())?;
     let tok = Tokenizer::load(dir)?;
     let context = model.config.max_position_embeddings;
     if a.max_new_tokens >= context {

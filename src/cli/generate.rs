@@ -17,6 +17,10 @@ pub struct Args {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) for the
+    /// model, applied as adapters (not merged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// JSON lines, each {"prompt_ids": [..]}, {"prompt": ".."} or {"messages": [..], "tools": [..]}.
     #[arg(long)]
     pub input: PathBuf,
@@ -197,7 +201,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.counters.is_some() && !device.is_gpu() {
         bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
     }
-    let mut model = super::load_model(&a.model, device, a.dtype.as_deref())?;
+    let mut model = super::load_model(&a.model, a.adapter.as_deref(), device, a.dtype.as_deref())?;
     let max_new = max_new_tokens(a.max_new_tokens, model.config.max_position_embeddings)?;
     check_n(a.n, max_new, &model)?;
     let tok = if a.model.join("tokenizer.json").exists() { Some(Tokenizer::load(&a.model)?) } else { None };

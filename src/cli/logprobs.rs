@@ -14,6 +14,10 @@ pub struct Args {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) for the
+    /// model, applied as adapters (not merged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// JSON lines, each {"input_ids": [..]} or {"text": ".."}.
     #[arg(long)]
     pub input: PathBuf,
@@ -94,7 +98,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.counters.is_some() && !device.is_gpu() {
         bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
     }
-    let model = super::load_model(&a.model, device, a.dtype.as_deref())?;
+    let model = super::load_model(&a.model, a.adapter.as_deref(), device, a.dtype.as_deref())?;
     let seqs = sequences(&a.input, &model)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod init;
 pub mod kernels;
 pub mod logprobs;
+pub mod merge;
 pub mod prompt;
 pub mod run_args;
 pub mod serve;
@@ -53,6 +54,8 @@ pub enum Command {
     Data(data::Args),
     /// Convert a GGUF file (llama.cpp) to a Hugging Face model directory.
     Convert(convert::Args),
+    /// Fold a LoRA adapter into its base: a plain model directory.
+    Merge(merge::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -69,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Data(a) => data::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Merge(a) => merge::run(a),
     }
 }
 
@@ -79,11 +83,12 @@ pub(crate) fn device(arg: &str, command: &str) -> anyhow::Result<Device> {
     Device::for_command(arg, command)
 }
 
-/// The model in `dir` on `device` ([`Model::load_on`]).
+/// The model in `dir` on `device` ([`Model::load_on`]), with the PEFT adapter in `adapter` on it.
 pub(crate) fn load_model(
     dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
     device: Device,
     dtype: Option<&str>,
 ) -> anyhow::Result<Model> {
-    Model::load_on(dir, device, dtype)
+    Model::load_on_with_adapter(dir, adapter, device, dtype)
 }

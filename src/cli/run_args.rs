@@ -69,6 +69,19 @@ pub struct RunArgs {
     /// weights and activations, f32 master weights and AdamW state on the device.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Train LoRA adapters of this rank instead of every weight (the base stays frozen).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: the adapters' output is scaled by alpha/rank (default: the rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f32>,
+    /// Dropout on the adapters' input in training forwards (default 0).
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// Projections that get adapters, comma-separated (default all seven:
+    /// q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long)]
+    pub lora_targets: Option<String>,
 }
 
 impl RunArgs {
@@ -79,6 +92,31 @@ impl RunArgs {
 }
 
 impl RunArgs {
+    /// Lays the `--lora-*` flags over the run's LoRA config (from a config file or none):
+    /// `--lora-rank` turns LoRA on; the other flags without a rank (given or from the file) are
+    /// an error, not ignored.
+    pub fn apply_lora(&self, c: &mut crate::train::run_config::RunConfig) -> anyhow::Result<()> {
+        use crate::model::lora::LoraConfig;
+        let others = self.lora_alpha.is_some() || self.lora_dropout.is_some() || self.lora_targets.is_some();
+        let mut l = match (c.lora.take(), self.lora_rank) {
+            (Some(l), _) => l,
+            (None, Some(r)) => LoraConfig::new(r, r as f32, 0.0, "all-linear")?,
+            (None, None) if others => {
+                anyhow::bail!("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank")
+            }
+            (None, None) => return Ok(()),
+        };
+        set_given(&mut l.rank, &self.lora_rank);
+        set_given(&mut l.alpha, &self.lora_alpha);
+        set_given(&mut l.dropout, &self.lora_dropout);
+        if let Some(t) = &self.lora_targets {
+            l.targets = LoraConfig::new(1, 1.0, 0.0, t)?.targets;
+        }
+        l.validate()?;
+        c.lora = Some(l);
+        Ok(())
+    }
+
     /// Lays the given flags over the `[run]` options `c` (defaults and config file).
     pub fn apply(&self, c: &mut crate::train::run_config::RunConfig) {
         for (dst, src) in

@@ -14,6 +14,10 @@ pub struct Args {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) for the
+    /// model, applied as adapters (not merged).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
     /// 0 picks a free port (printed on stderr).
@@ -85,9 +89,9 @@ pub fn run(a: Args) -> Result<()> {
         compact: a.style == ServeStyle::Compact,
         timeouts,
     };
-    let (dir, dtype) = (a.model.clone(), a.dtype.clone());
+    let (dir, dtype, adapter) = (a.model.clone(), a.dtype.clone(), a.adapter.clone());
     serve::run(cfg, move || {
-        let model = super::load_model(&dir, device, dtype.as_deref())?;
+        let model = super::load_model(&dir, adapter.as_deref(), device, dtype.as_deref())?;
         Ok((model, Tokenizer::load(&dir)?))
     })
 }

@@ -41,6 +41,7 @@ pub struct Args {
 pub fn resolve(a: &Args) -> Result<SftConfig> {
     let mut c = sft::load_config(a.run.config.as_deref())?;
     a.run.apply(&mut c.run);
+    a.run.apply_lora(&mut c.run)?;
     apply_flags!(c, a; batch_size, grad_accum, loss, alpha_mode, alpha, max_len);
     set_some(&mut c.style, a.style);
     set_some(&mut c.think, a.think);

@@ -99,6 +99,7 @@ pub struct Args {
 pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     let mut c = grpo::load_config(a.run.config.as_deref())?;
     a.run.apply(&mut c.run);
+    a.run.apply_lora(&mut c.run)?;
     apply_flags!(c, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
         entropy_alpha, entropy_granularity, entropy_segment, eps_low, eps_high, beta, loss_agg, srml_alpha, importance_level, rollout_correction, rollout_correction_cap, log_mismatch, ppo_epochs, micro_batch, warmup_sft_steps,
         dynamic_sampling, max_resample);

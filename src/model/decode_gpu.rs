@@ -154,6 +154,8 @@ pub struct DecodeWorkspace {
     g: GpuBuffer,
     u: GpuBuffer,
     m: GpuBuffer,
+    /// `A·x` of a LoRA adapter (`rank` wide; unused without adapters).
+    lr: GpuBuffer,
     logits: GpuBuffer,
     table: GpuBuffer,
     host: Vec<u8>,
@@ -201,6 +203,7 @@ impl DecodeWorkspace {
             g: rows(c.intermediate_size)?,
             u: rows(c.intermediate_size)?,
             m: rows(c.intermediate_size)?,
+            lr: rows(model.lora().map_or(1, |l| l.rank))?,
             logits: rows(c.vocab_size)?,
             table: dev.alloc(table_offsets(cap, c.head_dim)[8])?,
             host: Vec::new(),
@@ -407,6 +410,11 @@ impl Model {
             for p in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj] {
                 mix(wp(&p.weight));
                 mix(wp_opt(p.bias.as_ref()));
+                // LoRA adapters, and whether they are on (off runs no adapter launch).
+                if let Some(ad) = p.lora.as_ref().filter(|a| a.active()) {
+                    mix(wp(&ad.a));
+                    mix(wp(&ad.b));
+                }
             }
             mix(wp_opt(l.q_norm.as_ref()));
             mix(wp_opt(l.k_norm.as_ref()));
@@ -422,15 +430,25 @@ impl Model {
         let (c, dev, dt) = (&self.config, &ws.dev, ws.dt);
         let (hid, eps) = (c.hidden_size, c.rms_norm_eps);
         let d = HeadDims { batch: b, q_heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim };
-        let lin = |x: &GpuBuffer, w: &Tensor, y: &GpuBuffer| -> Result<()> {
-            dev.gemm(&Gemm::simple(dt, b, w.dim(0), w.dim(1), x.ptr(), wp(w), true, y.ptr()))
+        let lin = |x: &GpuBuffer, p: &super::Linear, y: &GpuBuffer| -> Result<()> {
+            let w = &p.weight;
+            dev.gemm(&Gemm::simple(dt, b, w.dim(0), w.dim(1), x.ptr(), wp(w), true, y.ptr()))?;
+            // A LoRA adapter: one small GEMM pair, y += (alpha/r)·(x·Aᵀ)·Bᵀ, the base untouched.
+            if let Some(ad) = p.lora.as_ref().filter(|a| a.active()) {
+                let (r, ow) = (ad.a.dim(0), ad.b.dim(0));
+                dev.gemm(&Gemm::simple(dt, b, r, ad.a.dim(1), x.ptr(), wp(&ad.a), true, ws.lr.ptr()))?;
+                let mut g = Gemm::simple(dt, b, ow, r, ws.lr.ptr(), wp(&ad.b), true, y.ptr());
+                (g.alpha, g.beta) = (ad.scale(), 1.0);
+                dev.gemm(&g)?;
+            }
+            Ok(())
         };
         ks::embedding(dev, dt, t.ids, wp(&self.embed), ws.x.ptr(), b, c.vocab_size, hid)?;
         ks::rmsnorm(dev, dt, ws.x.ptr(), wp(&self.layers[0].input_norm), ws.h.ptr(), b, hid, eps)?;
         for (li, l) in self.layers.iter().enumerate() {
-            lin(&ws.h, &l.q_proj.weight, &ws.q)?;
-            lin(&ws.h, &l.k_proj.weight, &ws.k)?;
-            lin(&ws.h, &l.v_proj.weight, &ws.v)?;
+            lin(&ws.h, &l.q_proj, &ws.q)?;
+            lin(&ws.h, &l.k_proj, &ws.k)?;
+            lin(&ws.h, &l.v_proj, &ws.v)?;
             let ex = QkvExtras {
                 bq: wp_opt(l.q_proj.bias.as_ref()),
                 bk: wp_opt(l.k_proj.bias.as_ref()),
@@ -440,16 +458,17 @@ impl Model {
             };
             ks::decode_qkv(dev, dt, (ws.q.ptr(), ws.k.ptr(), ws.v.ptr()), &ex, t, li, d, eps)?;
             ks::decode_attn_batch(dev, dt, ws.q.ptr(), ws.a.ptr(), t, li, d)?;
-            lin(&ws.a, &l.o_proj.weight, &ws.o)?;
+            lin(&ws.a, &l.o_proj, &ws.o)?;
             ks::add_rmsnorm(dev, dt, ws.x.ptr(), ws.o.ptr(), wp(&l.post_norm), ws.h.ptr(), b, hid, eps)?;
-            lin(&ws.h, &l.gate_proj.weight, &ws.g)?;
-            lin(&ws.h, &l.up_proj.weight, &ws.u)?;
+            lin(&ws.h, &l.gate_proj, &ws.g)?;
+            lin(&ws.h, &l.up_proj, &ws.u)?;
             crate::kernels::swiglu::swiglu_fwd(dev, dt, &ws.g, &ws.u, &ws.m, b * c.intermediate_size)?;
-            lin(&ws.m, &l.down_proj.weight, &ws.o)?;
+            lin(&ws.m, &l.down_proj, &ws.o)?;
             // The residual add, then the next layer's input norm (the final norm after the last).
             let next = self.layers.get(li + 1).map_or(&self.norm, |n| &n.input_norm);
             ks::add_rmsnorm(dev, dt, ws.x.ptr(), ws.o.ptr(), wp(next), ws.h.ptr(), b, hid, eps)?;
         }
-        lin(&ws.h, self.lm_head_weight(), &ws.logits)
+        let head = self.lm_head_weight();
+        dev.gemm(&Gemm::simple(dt, b, head.dim(0), head.dim(1), ws.h.ptr(), wp(head), true, ws.logits.ptr()))
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod decode;
 pub mod decode_gpu;
 pub mod kv_cache;
+pub mod lora;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;
@@ -18,16 +19,22 @@ pub use config::{Arch, ModelConfig};
 use crate::ops::{self, RopeTable};
 use crate::tensor::{Device, Tensor};
 
-/// A linear layer in Hugging Face layout (`weight` `[out, in]`, optional `bias` `[out]`).
+/// A linear layer in Hugging Face layout (`weight` `[out, in]`, optional `bias` `[out]`), with
+/// an optional LoRA adapter added to its output (see [`lora`]).
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<lora::Adapter>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match self.lora.as_ref().map(|a| a.forward(x)).transpose()?.flatten() {
+            Some(d) => ops::add(&y, &d),
+            None => Ok(y),
+        }
     }
 }
 
@@ -218,23 +225,29 @@ impl Model {
     pub fn to_device_as(&self, device: Device, dtype: crate::tensor::DType) -> Result<Model> {
         let mut m = self.clone();
         let mut err = None;
-        m.visit_mut(&mut |name, t| {
+        let mut mv = |name: &str, t: &mut Tensor| {
             if err.is_none() {
                 match t.to_dtype(dtype).and_then(|c| c.to_device(device)) {
                     Ok(c) => *t = c,
                     Err(e) => err = Some(e.context(format!("moving `{name}` to {device}"))),
                 }
             }
-        });
+        };
+        m.visit_mut(&mut mv);
+        m.visit_adapters_mut(&mut mv);
         match err {
             Some(e) => Err(e),
             None => Ok(m),
         }
     }
 
-    /// Marks every parameter as trainable.
+    /// Marks every trainable parameter as trainable: with LoRA adapters, only the adapters (the
+    /// base stays frozen: no gradient is computed for it); without, every parameter.
     pub fn requires_grad(&mut self) {
-        self.visit_mut(&mut |_, t| *t = t.detach().requires_grad());
+        if self.lora().is_some() {
+            self.visit_mut(&mut |_, t| *t = t.detach());
+        }
+        self.visit_trainable_mut(&mut |_, t| *t = t.detach().requires_grad());
     }
 
     pub fn lm_head_weight(&self) -> &Tensor {
@@ -253,6 +266,7 @@ impl Model {
             Ok(Linear {
                 weight: get(&format!("{name}.weight"), &[out, inp])?,
                 bias: if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None },
+                lora: None,
             })
         }
         let mut layers = Vec::with_capacity(c.num_layers);

@@ -91,7 +91,13 @@ fn check_finite(model: &Model, opt: &AdamW) -> Result<()> {
 
 /// The checkpoint's files in the temporary directory `tmp`.
 fn write_parts(tmp: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> Result<()> {
-    model.save(tmp, Some(DType::F32))?;
+    if model.lora().is_some() {
+        // A LoRA run: the adapters in PEFT's files (the base stays where it was loaded from).
+        std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        model.write_adapter_files(tmp)?;
+    } else {
+        model.save(tmp, Some(DType::F32))?;
+    }
     let mut tensors = Vec::new();
     for (prefix, map) in [("m", &opt.m), ("v", &opt.v)] {
         for (name, v) in map {
@@ -154,7 +160,11 @@ pub fn load_latest_good(run_dir: &Path) -> Result<Option<(PathBuf, Model, AdamW,
 }
 
 pub fn load(dir: &Path) -> Result<(Model, AdamW, TrainerState)> {
-    let model = Model::load(dir)?;
+    let model = if dir.join(crate::model::lora::CONFIG_FILE).exists() {
+        Model::load_with_adapter(dir, None)?
+    } else {
+        Model::load(dir)?
+    };
     let text = std::fs::read_to_string(dir.join("trainer_state.json"))
         .with_context(|| format!("cannot read {}/trainer_state.json", dir.display()))?;
     let state: TrainerState = serde_json::from_str(&text)
@@ -195,7 +205,7 @@ fn check_optimizer(
     v: &BTreeMap<String, Vec<f32>>,
 ) -> Result<()> {
     let mut sizes: BTreeMap<String, usize> =
-        model.named_params().into_iter().map(|(n, t)| (n, t.numel())).collect();
+        model.trainable_params().into_iter().map(|(n, t)| (n, t.numel())).collect();
     sizes.extend(EXTRA_STATE.iter().map(|(n, k)| (n.to_string(), *k)));
     if let Some(n) = m.keys().find(|n| !v.contains_key(*n)) {
         anyhow::bail!("`m.{n}` has no second moment `v.{n}`");

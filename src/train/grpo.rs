@@ -386,7 +386,12 @@ impl GrpoTrainer {
         };
         let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         // The reference policy is the starting point, also when resuming.
-        let reference = if cfg.beta != 0.0 { Some(Model::load(&start)?.to_device(device)?) } else { None };
+        // With LoRA it is the policy with its adapters off: no second copy.
+        let reference = if cfg.beta != 0.0 && cfg.run.lora.is_none() {
+            Some(Model::load(&start)?.to_device(device)?)
+        } else {
+            None
+        };
         let resumed = if resume { checkpoint::load_latest_good(&cfg.run.run_dir)? } else { None };
         let (model, opt, step, epoch, cursor) = match resumed {
             Some((dir, model, opt, st)) => {
@@ -395,7 +400,10 @@ impl GrpoTrainer {
                 eprintln!("resuming from {} (step {})", dir.display(), st.step);
                 (model, opt, st.step, st.epoch, st.cursor)
             }
-            None => (Model::load(&start)?, AdamW::default(), 0, 0, 0),
+            None => {
+                let m = Model::load_for_training(&start, cfg.run.lora.as_ref(), cfg.run.seed)?;
+                (m, AdamW::default(), 0, 0, 0)
+            }
         };
         let mut t = GrpoTrainer {
             cfg,
@@ -436,7 +444,7 @@ impl GrpoTrainer {
             min_ratio: cfg.run.min_lr_ratio,
         };
         let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
-        let reference = (cfg.beta != 0.0).then(|| model.clone());
+        let reference = (cfg.beta != 0.0 && model.lora().is_none()).then(|| model.clone());
         model.requires_grad();
         let format = TrainFormat::or_defaults(cfg.style, cfg.think);
         GrpoTrainer {
@@ -751,6 +759,12 @@ impl GrpoTrainer {
         let dev = self.model.device().gpu().ok();
         let ref_lp = match &self.reference {
             Some(r) => Some(ranged(dev.as_ref(), "reference pass", || self.logps(r, rollouts))?),
+            // LoRA: the reference is the base, the policy with its adapters switched off.
+            None if self.cfg.beta != 0.0 && self.model.lora().is_some() => {
+                Some(ranged(dev.as_ref(), "reference pass", || {
+                    self.model.without_adapters(|| self.logps(&self.model, rollouts))
+                })?)
+            }
             None => None,
         };
         // π_old: the sampler's log-probs, unless the rollout correction or the mismatch log
@@ -927,7 +941,7 @@ impl GrpoTrainer {
         };
         let (stats, dx) = policy_loss_on_with(self.model.device(), &input, Some(&roll), &cfg, &rc, 1.0)?;
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
-        let params = self.model.named_params();
+        let params = self.model.trainable_params();
         let mut acc = StepGrads::on(self.model.device());
         for c in self.rollout_chunks(rollouts)?.into_iter().filter(|c| !c.rows.is_empty()) {
             let lp = self.model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6))?;

@@ -105,7 +105,7 @@ impl AdamW {
     pub fn attach(&mut self, model: &Model, device: Device) -> Result<()> {
         let dev = device.gpu()?;
         let mut params = BTreeMap::new();
-        for (name, t) in model.named_params() {
+        for (name, t) in model.trainable_params() {
             let n = t.numel();
             let master = dev.upload_f32(&t.host_f32()?)?;
             let moment = |map: &mut BTreeMap<String, Vec<f32>>| -> Result<GpuBuffer> {
@@ -135,7 +135,7 @@ impl AdamW {
         let mut opt = AdamW { step: self.step, m: self.m.clone(), v: self.v.clone(), device: None };
         let Some(ds) = &self.device else { return Ok((host, opt)) };
         let mut err = None;
-        host.visit_mut(&mut |name, t| {
+        host.visit_trainable_mut(&mut |name, t| {
             if let (None, Some(p)) = (&err, ds.params.get(name)) {
                 if let Err(e) = p.master.download_f32().and_then(|w| t.replace_data(w)) {
                     err = Some(e);
@@ -264,7 +264,7 @@ fn apply_gradients_device(
         grad_scale: clip,
     };
     let mut err = None;
-    model.visit_mut(&mut |name, t| {
+    model.visit_trainable_mut(&mut |name, t| {
         if err.is_some() {
             return;
         }
@@ -327,7 +327,7 @@ pub fn apply_gradients(
     let clip = clip_factor(norm, max_norm);
     opt.begin_step();
     let mut err = None;
-    model.visit_mut(&mut |name, t| {
+    model.visit_trainable_mut(&mut |name, t| {
         if err.is_some() {
             return;
         }

@@ -52,6 +52,10 @@ pub struct RunConfig {
     /// (`train::base`), or `scratch`, a fresh tiny model built from `preset`, `vocab_size` and
     /// `copy_heads`.
     pub base: String,
+    /// LoRA adapters (`--lora-rank` ...): only they train, the base stays frozen. None: full
+    /// fine-tuning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::model::lora::LoraConfig>,
     /// On a GPU device: each step's device work by phase (`backend::counters`), one JSON line
     /// per step appended to this file (`--counters`). An output, not a setting: not saved in
     /// config.toml, not compared on resume.
@@ -115,6 +119,7 @@ impl RunConfig {
             copy_warmup_steps: 0,
             copy_heads: true,
             base: crate::train::base::SCRATCH.into(),
+            lora: None,
             counters: None,
             log: Default::default(),
         }
@@ -130,6 +135,9 @@ impl RunConfig {
         // 0 would silently mean "no clipping"; a norm is a positive number.
         check::in_range("max_grad_norm", self.max_grad_norm, 0.0, false, f32::MAX)?;
         check::count("vocab_size", self.vocab_size, 1, MAX_VOCAB)?;
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
         Ok(())
     }
 

@@ -283,7 +283,7 @@ impl Trainer {
                 }
             }
             None => {
-                let model = Model::load(&model_dir)?;
+                let model = Model::load_for_training(&model_dir, cfg.run.lora.as_ref(), cfg.run.seed)?;
                 Trainer {
                     cfg: cfg.clone(),
                     model,
@@ -442,7 +442,7 @@ impl Trainer {
         let t0 = Instant::now();
         let next = self.step + 1;
         let lr = self.schedule.lr_at(next);
-        let params = self.model.named_params();
+        let params = self.model.trainable_params();
         let on_gpu = self.model.device().is_gpu();
         // On a GPU the sums stay on the device (StepGrads); the cpu keeps its flat vectors.
         let mut dev_acc = StepGrads::on(self.model.device());
