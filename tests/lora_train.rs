@@ -146,7 +146,7 @@ fn sft_lora_adapter_logprobs_and_merge_through_the_binary() {
         serde_json::from_str(&std::fs::read_to_string(ad.join(CONFIG_FILE)).unwrap()).unwrap();
     assert_eq!(
         (c["r"].as_u64(), c["lora_alpha"].as_f64(), c["lora_dropout"].as_f64()),
-        (Some(4), Some(8.0), Some(0.1f32 as f64))
+        (Some(4), Some(8.0), Some(0.1))
     );
     assert_eq!(c["target_modules"], serde_json::json!(["q_proj", "k_proj", "gate_proj"]));
     let base = std::path::PathBuf::from(c["base_model_name_or_path"].as_str().unwrap());
@@ -316,4 +316,21 @@ fn lora_sft_and_grpo_run_on_emu() {
             .any(|(n, t)| n.contains("lora_B") && t.to_vec().iter().any(|&x| x != 0.0));
         assert!(moved, "{}: the adapters did not train", ck.display());
     }
+}
+
+/// `--adapter` with an adapter made for another base is an error naming the tensor, before any
+/// sequence is scored.
+#[test]
+fn adapter_for_another_base_is_refused_by_the_model_commands() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let qwen3 = root.join("tests/fixtures/models/qwen3-tiny");
+    let adapter = root.join("tests/fixtures/lora/qwen2-tiny-r4");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"input_ids\": [5, 17, 40]}\n").unwrap();
+    let (m, a, i) = (qwen3.to_str().unwrap(), adapter.to_str().unwrap(), input.to_str().unwrap());
+    let out = fcgpu(&["logprobs", "--model", m, "--adapter", a, "--input", i, "--device", "cpu"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("has shape") && err.contains("another model"), "{err}");
+    assert!(out.stdout.is_empty(), "nothing scored");
 }

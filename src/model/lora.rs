@@ -105,8 +105,8 @@ impl LoraConfig {
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base,
             "r": self.rank,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
+            "lora_alpha": shortest(self.alpha),
+            "lora_dropout": shortest(self.dropout),
             "target_modules": self.targets,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -197,6 +197,11 @@ impl LoraConfig {
     }
 }
 
+/// `x` as the f64 with its shortest decimal form (0.1, not 0.10000000149011612).
+fn shortest(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
 fn parse_targets(list: &[&str]) -> Result<Vec<String>> {
     if list == ["all-linear"] {
         return Ok(all_targets());
@@ -282,7 +287,9 @@ impl Adapter {
 }
 
 /// Inverted dropout: each element kept with probability 1-p and scaled by 1/(1-p), from a
-/// stream fixed by the seed and the call number (a run is reproducible).
+/// stream fixed by the seed and the call number: a fresh run is reproducible; a resumed one
+/// starts the stream again (its masks differ from an uninterrupted run's). Drawn on the host
+/// (one upload per target and forward on a GPU).
 fn dropout_mask(like: &Tensor, p: f32, seed: u64, call: u64) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
