@@ -41,6 +41,20 @@ pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Runs `f` with graph recording on, whatever the caller had (a checkpointed layer recomputes
+/// its forward inside the backward pass, which otherwise runs with recording off).
+pub fn with_grad<T>(f: impl FnOnce() -> T) -> T {
+    let prev = ENABLED.with(|e| e.replace(true));
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _r = Restore(prev);
+    f()
+}
+
 /// Gradients by tensor id.
 #[derive(Default)]
 pub struct Grads {

@@ -21,6 +21,8 @@ use crate::dtype::DType;
 pub mod counters;
 pub mod cuda;
 pub mod emu;
+pub mod memory;
+pub mod meta;
 pub mod nvrtc;
 pub mod sources;
 pub mod storage;
@@ -30,6 +32,8 @@ pub mod storage;
 pub enum GpuKind {
     Cuda,
     Emu,
+    /// Shapes and dtypes without data ([`meta::MetaDriver`]).
+    Meta,
 }
 
 /// A kernel: an `extern "C" __global__` function `name` in `kernels/<file>`.
@@ -286,7 +290,7 @@ struct Capturing {
     native: bool,
     ops: Vec<GraphOp>,
     nodes: usize,
-    frees: Vec<(u64, usize)>,
+    frees: Vec<(u64, usize, memory::Category)>,
 }
 
 /// What a launch, GEMM, copy or memset does: run (counted), go to the driver's own capture
@@ -387,6 +391,8 @@ pub struct GpuDevice {
     drv: Arc<dyn Driver>,
     counters: Arc<counters::Counters>,
     staged: Arc<std::sync::Mutex<usize>>,
+    /// Bytes allocated and live, by category ([`memory`]).
+    mem: Arc<memory::MemCounters>,
     /// The capture in progress on this device, if any (see [`GpuDevice::capture`]).
     capture: Arc<std::sync::Mutex<Option<Capturing>>>,
 }
@@ -399,12 +405,39 @@ impl fmt::Debug for GpuDevice {
 
 impl GpuDevice {
     fn wrap(drv: Arc<dyn Driver>) -> GpuDevice {
-        GpuDevice { drv, counters: Arc::default(), staged: Arc::default(), capture: Arc::default() }
+        GpuDevice {
+            drv,
+            counters: Arc::default(),
+            staged: Arc::default(),
+            mem: Arc::default(),
+            capture: Arc::default(),
+        }
     }
 
     /// What this device has been asked to do so far (see [`counters`]).
     pub fn counts(&self) -> counters::Counts {
         self.counters.snapshot()
+    }
+
+    /// Device memory allocated through this device: live and peak bytes by category.
+    pub fn memory(&self) -> memory::MemSnapshot {
+        self.mem.snapshot()
+    }
+
+    /// Starts a new memory peak from what is live now.
+    pub fn reset_peak_memory(&self) {
+        self.mem.reset_peak()
+    }
+
+    /// A meta device of its own (shapes, no data), with counters that start at zero.
+    pub fn meta() -> GpuDevice {
+        GpuDevice::wrap(Arc::new(meta::MetaDriver::default()))
+    }
+
+    /// The process-wide meta device (what `Device::Meta` names).
+    pub fn shared_meta() -> GpuDevice {
+        static META: std::sync::OnceLock<GpuDevice> = std::sync::OnceLock::new();
+        META.get_or_init(GpuDevice::meta).clone()
     }
 
     /// The emulated device (always available).
@@ -427,10 +460,11 @@ impl GpuDevice {
     pub fn open(name: &str) -> Result<GpuDevice> {
         match name {
             "emu" => Ok(GpuDevice::emu()),
+            "meta" => Ok(GpuDevice::meta()),
             "cuda" => GpuDevice::cuda(0),
             _ => match name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
                 Some(n) => GpuDevice::cuda(n),
-                None => bail!("unknown GPU device `{name}` (expected emu, cuda or cuda:N)"),
+                None => bail!("unknown GPU device `{name}` (expected emu, meta, cuda or cuda:N)"),
             },
         }
     }
@@ -472,6 +506,7 @@ impl GpuDevice {
     pub fn tag(&self) -> Device {
         match self.kind() {
             GpuKind::Emu => Device::Emu,
+            GpuKind::Meta => Device::Meta,
             GpuKind::Cuda => Device::Cuda(self.drv.ordinal() as u32),
         }
     }
@@ -508,7 +543,8 @@ impl GpuDevice {
         let c = self.capture.lock().unwrap().take().expect("the capture in progress");
         let native = if c.native { self.drv.end_capture(r.is_ok()) } else { Ok(None) };
         let freed = c.frees.len();
-        for (ptr, bytes) in c.frees {
+        for (ptr, bytes, cat) in c.frees {
+            self.mem.free(cat, memory::counted(bytes));
             // SAFETY: the buffer was dropped inside the capture; nothing else holds it.
             unsafe { self.drv.free(ptr, bytes) }
         }
@@ -681,7 +717,9 @@ impl GpuDevice {
         self.refuse_in_capture("an allocation")?;
         self.counters.alloc();
         let ptr = self.drv.alloc(bytes.max(1))?;
-        Ok(GpuBuffer { ptr, bytes, dev: self.clone() })
+        let cat = memory::current();
+        self.mem.alloc(cat, memory::counted(bytes));
+        Ok(GpuBuffer { ptr, bytes, cat, dev: self.clone() })
     }
     pub fn zeros(&self, bytes: usize) -> Result<GpuBuffer> {
         let b = self.alloc(bytes)?;
@@ -719,6 +757,8 @@ impl GpuDevice {
 pub struct GpuBuffer {
     ptr: u64,
     bytes: usize,
+    /// What it was counted as ([`memory::scope`]).
+    cat: memory::Category,
     dev: GpuDevice,
 }
 
@@ -810,10 +850,11 @@ impl Drop for GpuBuffer {
             // work may use the buffer.
             let mut c = self.dev.capture.lock().unwrap();
             if let Some(c) = c.as_mut() {
-                c.frees.push((self.ptr, self.bytes.max(1)));
+                c.frees.push((self.ptr, self.bytes.max(1), self.cat));
                 return;
             }
         }
+        self.dev.mem.free(self.cat, memory::counted(self.bytes));
         unsafe { self.dev.drv.free(self.ptr, self.bytes.max(1)) }
     }
 }
@@ -881,6 +922,10 @@ impl Device {
     pub fn for_command(arg: &str, command: &str) -> Result<Device> {
         let arg = if arg.is_empty() { "auto" } else { arg };
         let d = Device::resolve(arg).with_context(|| format!("fcgpu {command}"))?;
+        ensure!(
+            d != Device::Meta,
+            "fcgpu {command}: --device meta has no data (it counts memory for `fcgpu plan`); use cpu, cuda, cuda:N, emu or auto"
+        );
         if arg == "auto" && d.is_gpu() {
             eprintln!("device: {d} ({})", d.gpu()?.name());
         }
@@ -901,6 +946,7 @@ impl Device {
         match self {
             Device::Cpu => bail!("the cpu is not a GPU device"),
             Device::Emu => Ok(GpuDevice::shared_emu()),
+            Device::Meta => Ok(GpuDevice::shared_meta()),
             Device::Cuda(n) => GpuDevice::shared_cuda(n as usize),
         }
     }

@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// weights and activations, f32 master weights and AdamW state on the device.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Activation checkpointing: none, layer (keep only each layer's input, recompute the rest
+    /// in the backward pass), auto (layer when the memory plan says the run needs it).
+    #[arg(long, value_enum)]
+    pub checkpoint_activations: Option<crate::model::checkpoint::Checkpointing>,
 }
 
 impl RunArgs {
@@ -101,6 +105,7 @@ impl RunArgs {
         set_given(&mut c.preset, &self.preset);
         set_given(&mut c.task_train, &self.task_train);
         set_given(&mut c.base, &self.base);
+        set_given(&mut c.checkpoint_activations, &self.checkpoint_activations);
     }
 }
 

@@ -421,6 +421,7 @@ impl GrpoTrainer {
             t.model = t.model.to_device(device)?;
         }
         t.model.requires_grad();
+        t.model.checkpoint_layers = crate::plan::checkpoint_layers(&t.cfg.run, device);
         t.order = t.epoch_order(t.epoch);
         Ok(t)
     }
@@ -438,6 +439,7 @@ impl GrpoTrainer {
         let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         let reference = (cfg.beta != 0.0).then(|| model.clone());
         model.requires_grad();
+        model.checkpoint_layers = crate::plan::checkpoint_layers(&cfg.run, model.device());
         let format = TrainFormat::or_defaults(cfg.style, cfg.think);
         GrpoTrainer {
             cfg,

@@ -60,6 +60,9 @@ pub struct RunConfig {
     /// Where metrics go besides metrics.jsonl (`--log`). An output like `counters`.
     #[serde(skip)]
     pub log: crate::train::metrics::LogFormat,
+    /// Recompute each layer's forward in the backward pass (`--checkpoint-activations`).
+    #[serde(default)]
+    pub checkpoint_activations: crate::model::checkpoint::Checkpointing,
 }
 
 impl RunConfig {
@@ -117,6 +120,7 @@ impl RunConfig {
             base: crate::train::base::SCRATCH.into(),
             counters: None,
             log: Default::default(),
+            checkpoint_activations: Default::default(),
         }
     }
 
