@@ -105,6 +105,13 @@ impl Grads {
     }
 }
 
+/// Counts a device tensor's memory as a gradient ([`crate::backend::memory`]).
+pub fn count_as_gradient(t: &Tensor) {
+    if let Some(s) = t.gpu_storage() {
+        s.buf.count_as(crate::backend::memory::Category::Gradients);
+    }
+}
+
 /// Tensors reachable from `root` through grad_fn links, inputs before users.
 fn topo_order(root: &Tensor) -> Vec<Tensor> {
     let mut order = Vec::new();
@@ -167,6 +174,10 @@ impl Tensor {
                             inp.shape()
                         );
                         grads.accumulate(inp.id(), gi)?;
+                        if inp.grad_fn().is_none() {
+                            // A leaf's gradient (a parameter's) is counted as a gradient.
+                            count_as_gradient(&grads.map[&inp.id()]);
+                        }
                     }
                 }
                 // Intermediate gradients are not needed once passed on; leaves keep theirs.

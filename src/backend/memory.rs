@@ -142,6 +142,11 @@ impl MemCounters {
         self.live[cat.index()].fetch_sub(bytes, Ordering::Relaxed);
         self.total.fetch_sub(bytes, Ordering::Relaxed);
     }
+    /// Moves `bytes` from category `from` to `to` (the total does not change).
+    pub(super) fn recount(&self, from: Category, to: Category, bytes: u64) {
+        self.live[to.index()].fetch_add(bytes, Ordering::Relaxed);
+        self.live[from.index()].fetch_sub(bytes, Ordering::Relaxed);
+    }
     pub fn snapshot(&self) -> MemSnapshot {
         let p = self.peak.lock().unwrap();
         MemSnapshot { live: std::array::from_fn(|i| self.live[i].load(Ordering::Relaxed)), peak: *p }

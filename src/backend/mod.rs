@@ -218,6 +218,11 @@ pub trait Driver: Send + Sync {
         Vec::new()
     }
     fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// (free, total) device memory as the driver reports it (cuda: `cuMemGetInfo`), and the
+    /// high-water mark of the memory pool's used bytes where it keeps one; `None` off cuda.
+    fn memory_info(&self) -> Option<DriverMemory> {
+        None
+    }
     /// # Safety
     /// `ptr` came from `alloc` of this driver with the same `bytes`, and is not used again.
     unsafe fn free(&self, ptr: u64, bytes: usize);
@@ -264,6 +269,15 @@ pub trait Driver: Send + Sync {
         let _ = keep;
         Ok(None)
     }
+}
+
+/// What a driver reports of its device memory (see [`Driver::memory_info`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverMemory {
+    pub free: u64,
+    pub total: u64,
+    /// `CU_MEMPOOL_ATTR_USED_MEM_HIGH` of the default pool (cuda with pools).
+    pub pool_used_high: Option<u64>,
 }
 
 /// A driver's own executable graph (cuda: a `CUgraphExec`); freed on drop.
@@ -719,7 +733,7 @@ impl GpuDevice {
         let ptr = self.drv.alloc(bytes.max(1))?;
         let cat = memory::current();
         self.mem.alloc(cat, memory::counted(bytes));
-        Ok(GpuBuffer { ptr, bytes, cat, dev: self.clone() })
+        Ok(GpuBuffer { ptr, bytes, cat: std::sync::Mutex::new(cat), dev: self.clone() })
     }
     pub fn zeros(&self, bytes: usize) -> Result<GpuBuffer> {
         let b = self.alloc(bytes)?;
@@ -757,8 +771,8 @@ impl GpuDevice {
 pub struct GpuBuffer {
     ptr: u64,
     bytes: usize,
-    /// What it was counted as ([`memory::scope`]).
-    cat: memory::Category,
+    /// What it is counted as ([`memory::scope`], [`GpuBuffer::count_as`]).
+    cat: std::sync::Mutex<memory::Category>,
     dev: GpuDevice,
 }
 
@@ -778,6 +792,15 @@ impl GpuBuffer {
     }
     pub fn device(&self) -> &GpuDevice {
         &self.dev
+    }
+    /// Counts this buffer as `cat` from now on (a parameter's gradient is made by the backward
+    /// pass as any activation is, and becomes a gradient when autograd hands it over).
+    pub fn count_as(&self, cat: memory::Category) {
+        let mut c = self.cat.lock().unwrap();
+        if *c != cat {
+            self.dev.mem.recount(*c, cat, memory::counted(self.bytes));
+            *c = cat;
+        }
     }
     pub fn download_bytes(&self) -> Result<Vec<u8>> {
         let mut v = vec![0u8; self.bytes];
@@ -850,11 +873,11 @@ impl Drop for GpuBuffer {
             // work may use the buffer.
             let mut c = self.dev.capture.lock().unwrap();
             if let Some(c) = c.as_mut() {
-                c.frees.push((self.ptr, self.bytes.max(1), self.cat));
+                c.frees.push((self.ptr, self.bytes.max(1), *self.cat.lock().unwrap()));
                 return;
             }
         }
-        self.dev.mem.free(self.cat, memory::counted(self.bytes));
+        self.dev.mem.free(*self.cat.lock().unwrap(), memory::counted(self.bytes));
         unsafe { self.dev.drv.free(self.ptr, self.bytes.max(1)) }
     }
 }

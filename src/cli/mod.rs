@@ -53,6 +53,8 @@ pub enum Command {
     Data(data::Args),
     /// Convert a GGUF file (llama.cpp) to a Hugging Face model directory.
     Convert(convert::Args),
+    /// Peak device memory of one SFT step and one GRPO step, by what it holds; whether it fits.
+    Plan(crate::plan::cli::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -69,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Data(a) => data::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Plan(a) => crate::plan::cli::run(a),
     }
 }
 

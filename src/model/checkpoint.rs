@@ -118,7 +118,12 @@ impl GradFn for LayerCheckpoint {
         }
         let mut g = y.backward_with(grad.clone())?;
         let mut out = Vec::with_capacity(1 + self.params.len());
-        out.push(g.remove(&x));
+        let gx = g.remove(&x);
+        if let Some(s) = gx.as_ref().and_then(|t| t.gpu_storage()) {
+            // A leaf here, but the gradient of an activation in the whole graph.
+            s.buf.count_as(crate::backend::memory::Category::Activations);
+        }
+        out.push(gx);
         out.extend(self.params.iter().map(|p| g.remove(p)));
         Ok(out)
     }
