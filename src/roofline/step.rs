@@ -233,8 +233,9 @@ pub struct Projection {
     pub decode_host_excess: f64,
     pub reference: f64,
     pub update: f64,
-    /// Peak device memory of the step by `fcgpu plan` (the trainers' code run on the meta
-    /// device; update micro-batch 8).
+    /// Device memory fcgpu needs at least: bf16 weights, f32 master weights and AdamW
+    /// moments, bf16 gradients, the reference model and the rollout's KV cache (activations
+    /// not counted).
     pub memory: f64,
 }
 
@@ -243,7 +244,7 @@ impl Projection {
         self.prefill + self.decode + self.reference + self.update
     }
     pub fn fits(&self, g: &Gpu) -> bool {
-        self.memory <= crate::plan::cli::usable(g.mem as u64) as f64
+        self.memory <= g.mem
     }
 }
 
@@ -272,44 +273,9 @@ pub fn project(m: &Model, g: &Gpu, r: &Recipe, c: &DecodeCounts) -> Projection {
     // Backward: twice the forward's FLOPs, and the activations read back with gradients written.
     let fwd_bwd = Work { bytes: 3.0 * fwd.bytes + 2.0 * m.params, flops: 3.0 * fwd.flops };
     let update = r.ppo_epochs * (fwd_bwd.seconds(g) + optimizer(m).seconds(g));
-    let memory = planned_memory(m, r);
+    let per_param = 2.0 + 4.0 + 8.0 + 2.0 + if r.reference { 2.0 } else { 0.0 };
+    let memory = per_param * m.params + b * len * m.kv_bytes_per_token();
     Projection { prefill, decode, decode_host_excess: excess, reference, update, memory }
-}
-
-/// The GRPO step's peak by the memory plan (`crate::plan`), once per model and recipe.
-fn planned_memory(m: &Model, r: &Recipe) -> f64 {
-    static DONE: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
-    let key = format!("{} {r:?}", m.name);
-    if let Some((_, v)) = DONE.lock().unwrap().iter().find(|(k, _)| *k == key) {
-        return *v;
-    }
-    let config = serde_json::json!({
-        "model_type": "qwen2", "hidden_size": m.hidden, "intermediate_size": m.intermediate,
-        "num_hidden_layers": m.layers, "num_attention_heads": m.heads, "num_key_value_heads": m.kv_heads,
-        "vocab_size": m.vocab, "tie_word_embeddings": m.tied, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6, "rope_theta": 1e6
-    });
-    let config = crate::model::ModelConfig::from_json(config, std::path::Path::new(m.name))
-        .expect("a roofline model's shapes");
-    let spec = crate::plan::Spec {
-        config,
-        checkpoint: false,
-        lora: None,
-        sft_batch: 1,
-        sft_len: 1,
-        grad_accum: 1,
-        prompts: r.prompts as usize,
-        group: r.group as usize,
-        prompt_len: r.prompt_len as usize,
-        new_tokens: r.completion_len as usize,
-        micro_batch: 8,
-        ppo_epochs: r.ppo_epochs as usize,
-        beta: if r.reference { 0.04 } else { 0.0 },
-    };
-    let plan = crate::plan::measure(&spec, crate::tensor::Device::Meta, crate::plan::Source::Meta);
-    let v = plan.expect("the memory plan of a roofline model").grpo().total() as f64;
-    DONE.lock().unwrap().push((key, v));
-    v
 }
 
 fn ms(x: f64) -> String {
@@ -333,8 +299,8 @@ pub fn markdown() -> String {
          that and its host time: {:.0} µs per launch, {:.0} µs per synchronisation, device→host copies at \
          {:.0} GB/s. `per-op` is the per-op decode loop's count on emu (layers × (18 + 3 × batch) + 4 launches, \
          6 synchronisations, the bf16 logits downloaded); `batched` is the batched decode step with the device \
-         sampler (12 launches per layer + 4, 1 synchronisation, 12 bytes per sequence). Memory is the step's peak by `fcgpu plan` \
-         (update micro-batch 8, every completion at full length).\n\n",
+         sampler (12 launches per layer + 4, 1 synchronisation, 12 bytes per sequence). Memory is a lower bound (bf16 weights, f32 \
+         master weights and AdamW moments, bf16 gradients, the reference, the KV cache; no activations).\n\n",
         r.prompts,
         r.group,
         r.prompt_len,
@@ -345,7 +311,7 @@ pub fn markdown() -> String {
         D2H_BW / 1e9
     ));
     out.push_str(
-        "| model | GPU | decode loop | prefill | decode (host-bound part) | reference | update | step | memory (plan) | fits |\n\
+        "| model | GPU | decode loop | prefill | decode (host-bound part) | reference | update | step | memory ≥ | fits |\n\
          |---|---|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for m in [Model::qwen25_1_5b(), Model::qwen25_7b()] {
