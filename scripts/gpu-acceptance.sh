@@ -86,7 +86,7 @@ step() {
 }
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; } >"$OUT/machine.txt"
-# Time caps add up to < 8 min (475 s); each step usually takes far less.
+# Time caps add up to < 8 min (475 s); each step usually takes far less (plan_vs_cuda: 90 s more).
 step doctor 60 "$BIN/fcgpu" doctor --device cuda
 step gpu_cuda 90 "$BIN/gpu_cuda" --test-threads 1
 step device_parity 120 "$BIN/device_parity" --test-threads 1 cuda::
@@ -111,5 +111,10 @@ count_on() {
 }
 step counters_cuda_vs_emu 30 bash -c "$(declare -f count_on); BIN='$BIN' TRAIN_DIR='$TRAIN_DIR' OUT='$OUT'; \
   count_on cuda && count_on emu && diff '$OUT/counters-cuda.json' '$OUT/counters-emu.json' && echo 'counters: passed'"
+# The memory plan against the GPU (issue 29): the plan's SFT and GRPO steps run on cuda with a
+# random model of Qwen2.5-0.5B's shapes; each phase's counted peak must be within 1% of the
+# plan's, and the log has cuMemGetInfo and the pool's high-water mark beside it.
+step plan_vs_cuda 90 "$BIN/fcgpu" plan --model configs/models/qwen2.5-0.5b.json --device h100 --measure cuda \
+  --prompts-per-step 4 --group-size 4 --prompt-len 128 --max-new-tokens 64 --max-len 256 --batch-size 4 --micro-batch 4
 cat "$SUMMARY"
 ! grep -q FAIL "$SUMMARY"

@@ -41,6 +41,20 @@ pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Runs `f` with graph recording on, whatever the caller had (a checkpointed layer recomputes
+/// its forward inside the backward pass, which otherwise runs with recording off).
+pub fn with_grad<T>(f: impl FnOnce() -> T) -> T {
+    let prev = ENABLED.with(|e| e.replace(true));
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENABLED.with(|e| e.set(self.0));
+        }
+    }
+    let _r = Restore(prev);
+    f()
+}
+
 /// Gradients by tensor id.
 #[derive(Default)]
 pub struct Grads {
@@ -88,6 +102,13 @@ impl Grads {
             }
         }
         Ok(())
+    }
+}
+
+/// Counts a device tensor's memory as a gradient ([`crate::backend::memory`]).
+pub fn count_as_gradient(t: &Tensor) {
+    if let Some(s) = t.gpu_storage() {
+        s.buf.count_as(crate::backend::memory::Category::Gradients);
     }
 }
 
@@ -153,6 +174,10 @@ impl Tensor {
                             inp.shape()
                         );
                         grads.accumulate(inp.id(), gi)?;
+                        if inp.grad_fn().is_none() {
+                            // A leaf's gradient (a parameter's) is counted as a gradient.
+                            count_as_gradient(&grads.map[&inp.id()]);
+                        }
                     }
                 }
                 // Intermediate gradients are not needed once passed on; leaves keep theirs.

@@ -13,6 +13,8 @@ pub enum Device {
     Cpu,
     Cuda(u32),
     Emu,
+    /// Shapes and dtypes without data: what `fcgpu plan` runs a step on to count its memory.
+    Meta,
 }
 
 impl Device {
@@ -23,11 +25,12 @@ impl Device {
         Ok(match name {
             "cpu" => Device::Cpu,
             "emu" => Device::Emu,
+            "meta" => Device::Meta,
             "cuda" => Device::Cuda(0),
             "auto" => Device::auto(),
             _ => match name.strip_prefix("cuda:").and_then(|n| n.parse::<u32>().ok()) {
                 Some(n) => Device::Cuda(n),
-                None => bail!("unknown device `{name}` (expected cpu, cuda, cuda:N, emu or auto)"),
+                None => bail!("unknown device `{name}` (expected cpu, cuda, cuda:N, emu, meta or auto)"),
             },
         })
     }
@@ -55,6 +58,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::Emu => write!(f, "emu"),
+            Device::Meta => write!(f, "meta"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }

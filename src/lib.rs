@@ -19,6 +19,7 @@ pub mod jsonl;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+pub mod plan;
 pub mod rl;
 pub mod rollout;
 pub mod roofline;

@@ -404,6 +404,30 @@ impl Driver for CudaDriver {
             ("pairing", "ok (NVRTC and cuBLAS are not newer than the driver's CUDA major)".into()),
         ]
     }
+    fn memory_info(&self) -> Option<super::DriverMemory> {
+        self.bind().ok()?;
+        let (mut free, mut total) = (0usize, 0usize);
+        let ok = unsafe { cu::cuMemGetInfo_v2(&mut free, &mut total) } == cu::CUresult::CUDA_SUCCESS;
+        if !ok {
+            return None;
+        }
+        let pool_used_high = self.pools.then(|| unsafe {
+            let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
+            let mut high = 0u64;
+            let got = cu::cuDeviceGetDefaultMemPool(&mut pool, self.dev) == cu::CUresult::CUDA_SUCCESS
+                && cu::cuMemPoolGetAttribute(
+                    pool,
+                    cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut high as *mut u64 as *mut c_void,
+                ) == cu::CUresult::CUDA_SUCCESS;
+            got.then_some(high)
+        });
+        Some(super::DriverMemory {
+            free: free as u64,
+            total: total as u64,
+            pool_used_high: pool_used_high.flatten(),
+        })
+    }
     fn alloc(&self, bytes: usize) -> Result<u64> {
         self.bind()?;
         let mut p: cu::CUdeviceptr = 0;

@@ -21,6 +21,8 @@ use crate::dtype::DType;
 pub mod counters;
 pub mod cuda;
 pub mod emu;
+pub mod memory;
+pub mod meta;
 pub mod nvrtc;
 pub mod sources;
 pub mod storage;
@@ -30,6 +32,8 @@ pub mod storage;
 pub enum GpuKind {
     Cuda,
     Emu,
+    /// Shapes and dtypes without data ([`meta::MetaDriver`]).
+    Meta,
 }
 
 /// A kernel: an `extern "C" __global__` function `name` in `kernels/<file>`.
@@ -214,6 +218,11 @@ pub trait Driver: Send + Sync {
         Vec::new()
     }
     fn alloc(&self, bytes: usize) -> Result<u64>;
+    /// (free, total) device memory as the driver reports it (cuda: `cuMemGetInfo`), and the
+    /// high-water mark of the memory pool's used bytes where it keeps one; `None` off cuda.
+    fn memory_info(&self) -> Option<DriverMemory> {
+        None
+    }
     /// # Safety
     /// `ptr` came from `alloc` of this driver with the same `bytes`, and is not used again.
     unsafe fn free(&self, ptr: u64, bytes: usize);
@@ -262,6 +271,15 @@ pub trait Driver: Send + Sync {
     }
 }
 
+/// What a driver reports of its device memory (see [`Driver::memory_info`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverMemory {
+    pub free: u64,
+    pub total: u64,
+    /// `CU_MEMPOOL_ATTR_USED_MEM_HIGH` of the default pool (cuda with pools).
+    pub pool_used_high: Option<u64>,
+}
+
 /// A driver's own executable graph (cuda: a `CUgraphExec`); freed on drop.
 pub trait NativeGraph: Send + Sync {
     /// Queues the whole graph on the device's stream.
@@ -286,7 +304,7 @@ struct Capturing {
     native: bool,
     ops: Vec<GraphOp>,
     nodes: usize,
-    frees: Vec<(u64, usize)>,
+    frees: Vec<(u64, usize, memory::Category)>,
 }
 
 /// What a launch, GEMM, copy or memset does: run (counted), go to the driver's own capture
@@ -387,6 +405,8 @@ pub struct GpuDevice {
     drv: Arc<dyn Driver>,
     counters: Arc<counters::Counters>,
     staged: Arc<std::sync::Mutex<usize>>,
+    /// Bytes allocated and live, by category ([`memory`]).
+    mem: Arc<memory::MemCounters>,
     /// The capture in progress on this device, if any (see [`GpuDevice::capture`]).
     capture: Arc<std::sync::Mutex<Option<Capturing>>>,
 }
@@ -399,12 +419,39 @@ impl fmt::Debug for GpuDevice {
 
 impl GpuDevice {
     fn wrap(drv: Arc<dyn Driver>) -> GpuDevice {
-        GpuDevice { drv, counters: Arc::default(), staged: Arc::default(), capture: Arc::default() }
+        GpuDevice {
+            drv,
+            counters: Arc::default(),
+            staged: Arc::default(),
+            mem: Arc::default(),
+            capture: Arc::default(),
+        }
     }
 
     /// What this device has been asked to do so far (see [`counters`]).
     pub fn counts(&self) -> counters::Counts {
         self.counters.snapshot()
+    }
+
+    /// Device memory allocated through this device: live and peak bytes by category.
+    pub fn memory(&self) -> memory::MemSnapshot {
+        self.mem.snapshot()
+    }
+
+    /// Starts a new memory peak from what is live now.
+    pub fn reset_peak_memory(&self) {
+        self.mem.reset_peak()
+    }
+
+    /// A meta device of its own (shapes, no data), with counters that start at zero.
+    pub fn meta() -> GpuDevice {
+        GpuDevice::wrap(Arc::new(meta::MetaDriver::default()))
+    }
+
+    /// The process-wide meta device (what `Device::Meta` names).
+    pub fn shared_meta() -> GpuDevice {
+        static META: std::sync::OnceLock<GpuDevice> = std::sync::OnceLock::new();
+        META.get_or_init(GpuDevice::meta).clone()
     }
 
     /// The emulated device (always available).
@@ -427,10 +474,11 @@ impl GpuDevice {
     pub fn open(name: &str) -> Result<GpuDevice> {
         match name {
             "emu" => Ok(GpuDevice::emu()),
+            "meta" => Ok(GpuDevice::meta()),
             "cuda" => GpuDevice::cuda(0),
             _ => match name.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
                 Some(n) => GpuDevice::cuda(n),
-                None => bail!("unknown GPU device `{name}` (expected emu, cuda or cuda:N)"),
+                None => bail!("unknown GPU device `{name}` (expected emu, meta, cuda or cuda:N)"),
             },
         }
     }
@@ -472,6 +520,7 @@ impl GpuDevice {
     pub fn tag(&self) -> Device {
         match self.kind() {
             GpuKind::Emu => Device::Emu,
+            GpuKind::Meta => Device::Meta,
             GpuKind::Cuda => Device::Cuda(self.drv.ordinal() as u32),
         }
     }
@@ -508,7 +557,8 @@ impl GpuDevice {
         let c = self.capture.lock().unwrap().take().expect("the capture in progress");
         let native = if c.native { self.drv.end_capture(r.is_ok()) } else { Ok(None) };
         let freed = c.frees.len();
-        for (ptr, bytes) in c.frees {
+        for (ptr, bytes, cat) in c.frees {
+            self.mem.free(cat, memory::counted(bytes));
             // SAFETY: the buffer was dropped inside the capture; nothing else holds it.
             unsafe { self.drv.free(ptr, bytes) }
         }
@@ -681,7 +731,9 @@ impl GpuDevice {
         self.refuse_in_capture("an allocation")?;
         self.counters.alloc();
         let ptr = self.drv.alloc(bytes.max(1))?;
-        Ok(GpuBuffer { ptr, bytes, dev: self.clone() })
+        let cat = memory::current();
+        self.mem.alloc(cat, memory::counted(bytes));
+        Ok(GpuBuffer { ptr, bytes, cat: std::sync::Mutex::new(cat), dev: self.clone() })
     }
     pub fn zeros(&self, bytes: usize) -> Result<GpuBuffer> {
         let b = self.alloc(bytes)?;
@@ -719,6 +771,8 @@ impl GpuDevice {
 pub struct GpuBuffer {
     ptr: u64,
     bytes: usize,
+    /// What it is counted as ([`memory::scope`], [`GpuBuffer::count_as`]).
+    cat: std::sync::Mutex<memory::Category>,
     dev: GpuDevice,
 }
 
@@ -738,6 +792,15 @@ impl GpuBuffer {
     }
     pub fn device(&self) -> &GpuDevice {
         &self.dev
+    }
+    /// Counts this buffer as `cat` from now on (a parameter's gradient is made by the backward
+    /// pass as any activation is, and becomes a gradient when autograd hands it over).
+    pub fn count_as(&self, cat: memory::Category) {
+        let mut c = self.cat.lock().unwrap();
+        if *c != cat {
+            self.dev.mem.recount(*c, cat, memory::counted(self.bytes));
+            *c = cat;
+        }
     }
     pub fn download_bytes(&self) -> Result<Vec<u8>> {
         let mut v = vec![0u8; self.bytes];
@@ -810,10 +873,11 @@ impl Drop for GpuBuffer {
             // work may use the buffer.
             let mut c = self.dev.capture.lock().unwrap();
             if let Some(c) = c.as_mut() {
-                c.frees.push((self.ptr, self.bytes.max(1)));
+                c.frees.push((self.ptr, self.bytes.max(1), *self.cat.lock().unwrap()));
                 return;
             }
         }
+        self.dev.mem.free(*self.cat.lock().unwrap(), memory::counted(self.bytes));
         unsafe { self.dev.drv.free(self.ptr, self.bytes.max(1)) }
     }
 }
@@ -881,6 +945,10 @@ impl Device {
     pub fn for_command(arg: &str, command: &str) -> Result<Device> {
         let arg = if arg.is_empty() { "auto" } else { arg };
         let d = Device::resolve(arg).with_context(|| format!("fcgpu {command}"))?;
+        ensure!(
+            d != Device::Meta,
+            "fcgpu {command}: --device meta has no data (it counts memory for `fcgpu plan`); use cpu, cuda, cuda:N, emu or auto"
+        );
         if arg == "auto" && d.is_gpu() {
             eprintln!("device: {d} ({})", d.gpu()?.name());
         }
@@ -901,6 +969,7 @@ impl Device {
         match self {
             Device::Cpu => bail!("the cpu is not a GPU device"),
             Device::Emu => Ok(GpuDevice::shared_emu()),
+            Device::Meta => Ok(GpuDevice::shared_meta()),
             Device::Cuda(n) => GpuDevice::shared_cuda(n as usize),
         }
     }

@@ -75,7 +75,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let speed = match dev.kind() {
-        GpuKind::Emu => json!({ "skipped": "emu: speed is only measured on cuda" }),
+        GpuKind::Emu | GpuKind::Meta => json!({ "skipped": "speed is only measured on cuda" }),
         GpuKind::Cuda => speed(&dev).unwrap_or_else(|e| {
             failures.push(format!("speed: {e:#}"));
             json!({ "error": format!("{e:#}") })
@@ -109,6 +109,7 @@ pub fn run(a: Args) -> Result<()> {
 /// registry (compiled by build.rs). Returns the number of files.
 fn compile_all(dev: &GpuDevice, failures: &mut Vec<String>) -> usize {
     match dev.kind() {
+        GpuKind::Meta => {}
         GpuKind::Emu => {
             let names = emu::kernel_names();
             for (name, file, _) in KERNEL_FUNCTIONS {

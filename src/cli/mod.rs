@@ -56,6 +56,8 @@ pub enum Command {
     Convert(convert::Args),
     /// Fold a LoRA adapter into its base: a plain model directory.
     Merge(merge::Args),
+    /// Peak device memory of one SFT step and one GRPO step, by what it holds; whether it fits.
+    Plan(crate::plan::cli::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -73,6 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(a) => data::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Plan(a) => crate::plan::cli::run(a),
     }
 }
 

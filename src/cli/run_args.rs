@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
     #[arg(long)]
     pub lora_targets: Option<String>,
+    /// Activation checkpointing: none, layer (keep only each layer's input, recompute the rest
+    /// in the backward pass), auto (layer when the memory plan says the run needs it).
+    #[arg(long, value_enum)]
+    pub checkpoint_activations: Option<crate::model::checkpoint::Checkpointing>,
 }
 
 impl RunArgs {
@@ -139,6 +143,7 @@ impl RunArgs {
         set_given(&mut c.preset, &self.preset);
         set_given(&mut c.task_train, &self.task_train);
         set_given(&mut c.base, &self.base);
+        set_given(&mut c.checkpoint_activations, &self.checkpoint_activations);
     }
 }
 

@@ -179,7 +179,9 @@ pub fn linear_lpe_fwd(
 ) -> Result<()> {
     let es = dtype.size();
     let chunk = chunk.clamp(1, rows.max(1));
-    let scratch = dev.alloc(chunk * vocab * es)?;
+    let scratch = crate::backend::memory::scope(crate::backend::memory::Category::LogitsChunks, || {
+        dev.alloc(chunk * vocab * es)
+    })?;
     for r0 in (0..rows).step_by(chunk) {
         let n = chunk.min(rows - r0);
         let g = Gemm::simple(
@@ -233,7 +235,9 @@ pub fn linear_lpe_bwd(
 ) -> Result<()> {
     let es = dtype.size();
     let chunk = chunk.clamp(1, rows.max(1));
-    let scratch = dev.alloc(chunk * vocab * es)?;
+    let scratch = crate::backend::memory::scope(crate::backend::memory::Category::LogitsChunks, || {
+        dev.alloc(chunk * vocab * es)
+    })?;
     for r0 in (0..rows).step_by(chunk) {
         let n = chunk.min(rows - r0);
         let hc = h.ptr() + (r0 * hidden * es) as u64;

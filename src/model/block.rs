@@ -47,7 +47,13 @@ impl Model {
     }
 
     /// Layer `li` on hidden states `x` `[n, hidden]`.
-    fn block(&self, li: usize, x: &Tensor, positions: &[u32], attn: &mut dyn Attention) -> Result<Tensor> {
+    pub(super) fn block(
+        &self,
+        li: usize,
+        x: &Tensor,
+        positions: &[u32],
+        attn: &mut dyn Attention,
+    ) -> Result<Tensor> {
         let (c, l) = (&self.config, &self.layers[li]);
         let (n, eps) = (x.dim(0), c.rms_norm_eps);
         let h = ops::rms_norm(x, &l.input_norm, eps)?;

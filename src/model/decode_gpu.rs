@@ -190,7 +190,8 @@ impl DecodeWorkspace {
         ensure!(model.batched_decode_supported(), "this model has no batched decode step");
         let (c, dt, cap) = (&model.config, model.embed.dtype(), cap.max(1));
         let es = dt.size();
-        let rows = |width: usize| dev.alloc(cap * width * es);
+        let ws = crate::backend::memory::Category::Workspace;
+        let rows = |width: usize| crate::backend::memory::scope(ws, || dev.alloc(cap * width * es));
         let (qw, kw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         Ok(DecodeWorkspace {
             x: rows(c.hidden_size)?,
@@ -205,7 +206,7 @@ impl DecodeWorkspace {
             m: rows(c.intermediate_size)?,
             lr: rows(model.lora().map_or(1, |l| l.rank))?,
             logits: rows(c.vocab_size)?,
-            table: dev.alloc(table_offsets(cap, c.head_dim)[8])?,
+            table: crate::backend::memory::scope(ws, || dev.alloc(table_offsets(cap, c.head_dim)[8]))?,
             host: Vec::new(),
             graphs: decode_graphs_from_env().then(DecodeGraphs::default),
             vocab: c.vocab_size,

@@ -176,7 +176,10 @@ impl KvBlock {
         if self.gpu.is_none() {
             let dev = self.shape.device.gpu()?;
             let bytes = self.shape.layers * self.cap * self.gpu_row_bytes();
-            self.gpu = Some(GpuKv { k: dev.zeros(bytes)?, v: dev.zeros(bytes)? });
+            let (k, v) = crate::backend::memory::scope(crate::backend::memory::Category::KvCache, || {
+                Ok::<_, anyhow::Error>((dev.zeros(bytes)?, dev.zeros(bytes)?))
+            })?;
+            self.gpu = Some(GpuKv { k, v });
         }
         Ok(self.gpu.as_ref().unwrap())
     }

@@ -1,6 +1,7 @@
 //! Transformer models from Hugging Face checkpoints: Qwen2/2.5, Qwen3 and Llama 3.
 
 mod block;
+pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod decode_gpu;
@@ -158,6 +159,9 @@ pub struct Model {
     pub rope: RopeTable,
     /// Where it was loaded from (tokenizer and generation config live there).
     pub dir: Option<PathBuf>,
+    /// Recompute each layer's forward in the backward pass instead of keeping its activations
+    /// (`--checkpoint-activations layer`; see [`checkpoint`]).
+    pub checkpoint_layers: bool,
 }
 
 impl Model {
@@ -306,7 +310,7 @@ impl Model {
         let lm_head =
             if c.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[c.vocab_size, h])?) };
         let rope = RopeTable::new(c.head_dim, c.rope_theta, c.llama3_scaling.as_ref());
-        Ok(Model { config, embed, layers, norm, lm_head, rope, dir: None })
+        Ok(Model { config, embed, layers, norm, lm_head, rope, dir: None, checkpoint_layers: false })
     }
 
     /// [`Model::load`] onto `device`, weights stored as `dtype` (`bf16` or `f32`; default: the
@@ -406,8 +410,12 @@ impl Model {
                 c.max_position_embeddings
             );
         }
-        let mut attn = block::Packed { seqs: &batch.seqs, prefix: &batch.prefix };
-        let x = self.layers_forward(&batch.ids, &batch.positions, &mut attn)?;
+        let x = if self.checkpoint_layers && crate::autograd::is_enabled() {
+            checkpoint::layers_forward(self, batch)?
+        } else {
+            let mut attn = block::Packed { seqs: &batch.seqs, prefix: &batch.prefix };
+            self.layers_forward(&batch.ids, &batch.positions, &mut attn)?
+        };
         ops::rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
 

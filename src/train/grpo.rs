@@ -322,7 +322,7 @@ pub struct UpdateStats {
 pub struct GrpoTrainer {
     pub cfg: GrpoConfig,
     pub model: Model,
-    reference: Option<Model>,
+    pub reference: Option<Model>,
     pub tok: Tokenizer,
     pub opt: AdamW,
     adam: AdamWConfig,
@@ -378,6 +378,14 @@ impl GrpoTrainer {
         let prompter = Prompter::new(Some(&start), format.style)?;
         let room = context - cfg.max_new_tokens;
         let train = fitting_prompts(train, &train_file, &prompter, &tok, room, cfg.max_new_tokens)?;
+        // On cuda, the memory plan of a step with the longest prompt, before any weight loads.
+        if let crate::tensor::Device::Cuda(_) = device {
+            let longest = train
+                .iter()
+                .map(|s| prompter.ids(&tok, s).map(|v| v.len()))
+                .try_fold(1, |m, n| n.map(|n| m.max(n)))?;
+            crate::plan::cli::check_fits_grpo(&cfg, &start, device, longest)?;
+        }
         let schedule = Schedule {
             lr: cfg.run.lr,
             warmup_steps: cfg.run.warmup_steps,
@@ -429,6 +437,7 @@ impl GrpoTrainer {
             t.model = t.model.to_device(device)?;
         }
         t.model.requires_grad();
+        t.model.checkpoint_layers = crate::plan::checkpoint_layers(&t.cfg.run, device);
         t.order = t.epoch_order(t.epoch);
         Ok(t)
     }
@@ -446,6 +455,7 @@ impl GrpoTrainer {
         let adam = AdamWConfig { lr: cfg.run.lr, weight_decay: cfg.run.weight_decay, ..Default::default() };
         let reference = (cfg.beta != 0.0 && model.lora().is_none()).then(|| model.clone());
         model.requires_grad();
+        model.checkpoint_layers = crate::plan::checkpoint_layers(&cfg.run, model.device());
         let format = TrainFormat::or_defaults(cfg.style, cfg.think);
         GrpoTrainer {
             cfg,

@@ -107,7 +107,12 @@ impl AdamW {
         let mut params = BTreeMap::new();
         for (name, t) in model.trainable_params() {
             let n = t.numel();
-            let master = dev.upload_f32(&t.host_f32()?)?;
+            // The meta device has no values to copy (and a 7B plan no host memory to spare).
+            let master = if dev.kind() == crate::backend::GpuKind::Meta {
+                dev.alloc(n * 4)?
+            } else {
+                dev.upload_f32(&t.host_f32()?)?
+            };
             let moment = |map: &mut BTreeMap<String, Vec<f32>>| -> Result<GpuBuffer> {
                 match map.remove(&name) {
                     Some(x) => {
@@ -186,6 +191,7 @@ impl StepGrads {
                         None => g.clone(),
                         Some(prev) => accumulate(&prev, g)?,
                     };
+                    crate::autograd::count_as_gradient(&sum);
                     map.insert(name.clone(), sum);
                 }
             }

@@ -64,6 +64,9 @@ pub struct RunConfig {
     /// Where metrics go besides metrics.jsonl (`--log`). An output like `counters`.
     #[serde(skip)]
     pub log: crate::train::metrics::LogFormat,
+    /// Recompute each layer's forward in the backward pass (`--checkpoint-activations`).
+    #[serde(default)]
+    pub checkpoint_activations: crate::model::checkpoint::Checkpointing,
 }
 
 impl RunConfig {
@@ -122,6 +125,7 @@ impl RunConfig {
             lora: None,
             counters: None,
             log: Default::default(),
+            checkpoint_activations: Default::default(),
         }
     }
 

@@ -312,6 +312,7 @@ impl Trainer {
             t.model = t.model.to_device(device)?;
         }
         t.model.requires_grad();
+        t.model.checkpoint_layers = crate::plan::checkpoint_layers(&cfg.run, device);
         t.batches = t.epoch_order(t.epoch);
         Ok(t)
     }
@@ -332,6 +333,7 @@ impl Trainer {
         let loss_cfg = LossConfig { kind: cfg.loss, alpha_mode: cfg.alpha_mode, pooled: cfg.pooled };
         let alpha_logit = srml::logit(cfg.alpha.clamp(1e-4, 1.0 - 1e-4));
         model.requires_grad();
+        model.checkpoint_layers = crate::plan::checkpoint_layers(&cfg.run, model.device());
         let format = TrainFormat::or_defaults(cfg.style, cfg.think);
         Trainer {
             cfg,
