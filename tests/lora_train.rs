@@ -217,6 +217,10 @@ fn lora_flags_are_checked_and_refused_where_they_do_not_belong() {
         (&["--lora-rank", "0"][..], "rank 0"),
         (&["--lora-rank", "4", "--lora-targets", "q_proj,wq"][..], "unknown LoRA target `wq`"),
         (&["--lora-rank", "4", "--lora-dropout", "1.5"][..], "dropout"),
+        (
+            &["--lora-rank", "4", "--lora-dropout", "0.1", "--checkpoint-activations", "layer"][..],
+            "another dropout mask",
+        ),
     ] {
         let out = print(args);
         assert!(!out.status.success() && stderr(&out).contains(want), "{args:?}: {}", stderr(&out));

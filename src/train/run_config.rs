@@ -141,6 +141,16 @@ impl RunConfig {
         check::count("vocab_size", self.vocab_size, 1, MAX_VOCAB)?;
         if let Some(l) = &self.lora {
             l.validate()?;
+            // A recomputed layer would draw a fresh dropout mask, so its gradient would not be
+            // the gradient of the forward that made the loss.
+            anyhow::ensure!(
+                l.dropout == 0.0
+                    || self.checkpoint_activations == crate::model::checkpoint::Checkpointing::None,
+                "--lora-dropout {} cannot be combined with --checkpoint-activations {:?}: a recomputed \
+                 layer would draw another dropout mask; use --lora-dropout 0 or --checkpoint-activations none",
+                l.dropout,
+                self.checkpoint_activations
+            );
         }
         Ok(())
     }
@@ -191,7 +201,7 @@ pub mod check {
 }
 
 /// Names of [`RunConfig`]'s fields: in a config file they belong in the `[run]` table.
-pub const RUN_FIELDS: [&str; 20] = [
+pub const RUN_FIELDS: [&str; 22] = [
     "model",
     "data",
     "eval_data",
@@ -212,6 +222,8 @@ pub const RUN_FIELDS: [&str; 20] = [
     "copy_warmup_steps",
     "copy_heads",
     "base",
+    "lora",
+    "checkpoint_activations",
 ];
 
 /// Moves top-level keys that now live under `[run]` into that table: config files written
