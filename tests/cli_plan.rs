@@ -108,7 +108,7 @@ fn bad_input_is_a_clear_error() {
         (vec!["--model".into(), bad.display().to_string()], "not valid JSON"),
         (vec!["--model".into(), tmp.path().join("none").display().to_string()], "--model"),
         (vec!["--model".into(), Q7B.into(), "--max-new-tokens".into(), "100000000".into()], "above"),
-        (vec!["--model".into(), Q7B.into(), "--lora-rank".into(), "9999".into()], "--lora-rank 9999"),
+        (vec!["--model".into(), Q7B.into(), "--lora-rank".into(), "9999".into()], "LoRA rank 9999 is larger"),
         (
             vec![
                 "--model".into(),
@@ -118,7 +118,7 @@ fn bad_input_is_a_clear_error() {
                 "--lora-targets".into(),
                 "q_proj,x".into(),
             ],
-            "unknown target `x`",
+            "unknown LoRA target `x`",
         ),
         (
             vec!["--model".into(), Q7B.into(), "--micro-batch".into(), "0".into()],

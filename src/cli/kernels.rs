@@ -40,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.command {
         KernelsCommand::Check { arch, json, file } => check(&arch, json, file.as_deref()),
         KernelsCommand::Roofline { grpo: true } => {
-            print!("{}", crate::roofline::step::markdown());
+            print!("{}", crate::roofline::step::markdown()?);
             Ok(())
         }
         KernelsCommand::Roofline { grpo: false } => {

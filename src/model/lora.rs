@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::{Linear, Model, ModelConfig};
 use crate::ops;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Device, Tensor};
 
 /// The projections an adapter can target, in the order of a layer.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -96,6 +96,20 @@ impl LoraConfig {
             );
         }
         Ok(())
+    }
+
+    /// Parameters of the adapters on a model of shape `c`: `rank · (in + out)` per target and
+    /// layer.
+    pub fn params(&self, c: &ModelConfig) -> u64 {
+        let per_layer: usize = self
+            .targets
+            .iter()
+            .map(|t| {
+                let (out_f, in_f) = target_shape(c, t);
+                out_f + in_f
+            })
+            .sum();
+        (per_layer * self.rank * c.num_layers) as u64
     }
 
     /// `adapter_config.json` as PEFT writes it for these adapters on the base in `base`.
@@ -267,22 +281,22 @@ impl Adapter {
         self.shared.cfg.scale()
     }
 
-    /// `(alpha/r)·B·A·dropout(x)`, or `None` while adapters are switched off. Dropout acts only
-    /// in forwards that record a graph (training); rollouts, reference and eval run without.
-    pub fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// The adapted projection `x·Wᵀ + b + (alpha/r)·B·A·dropout(x)` ([`ops::lora_linear`]), or
+    /// the base's `x·Wᵀ + b` while adapters are switched off. Dropout acts only in forwards that
+    /// record a graph (training); rollouts, reference and eval run without.
+    pub fn apply(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let s = &self.shared;
         if !s.enabled.load(Ordering::Relaxed) {
-            return Ok(None);
+            return ops::linear(x, w, b);
         }
         let p = s.cfg.dropout;
         let xd = if p > 0.0 && crate::autograd::is_enabled() {
             let call = s.calls.fetch_add(1, Ordering::Relaxed);
-            ops::mul(x, &dropout_mask(x, p, s.seed, call)?)?
+            Some(ops::mul(x, &dropout_mask(x, p, s.seed, call)?)?)
         } else {
-            x.clone()
+            None
         };
-        let ax = ops::linear(&xd, &self.a, None)?;
-        Ok(Some(ops::scale(&ops::linear(&ax, &self.b, None)?, s.cfg.scale())?))
+        ops::lora_linear(x, xd.as_ref(), w, b, &self.a, &self.b, s.cfg.scale())
     }
 }
 
@@ -292,10 +306,21 @@ impl Adapter {
 /// (one upload per target and forward on a GPU).
 fn dropout_mask(like: &Tensor, p: f32, seed: u64, call: u64) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
+    if like.device() == Device::Meta {
+        // The same f32 upload as below with no values to draw (a calloc the upload never reads).
+        return Tensor::from_vec_like(vec![0.0; like.numel()], like.shape(), like);
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let keep = 1.0 / (1.0 - p);
     let m: Vec<f32> = (0..like.numel()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
     Tensor::from_vec_like(m, like.shape(), like)
+}
+
+/// A tensor with a shape and no data on the meta device (`fcgpu plan`).
+fn meta_tensor(dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    let dev = Device::Meta.gpu()?;
+    let n = shape.iter().product();
+    Tensor::from_gpu(crate::backend::storage::GpuStorage::uninit(&dev, dtype, n)?, shape)
 }
 
 /// The linear layers of layer `l` with their target names.
@@ -332,9 +357,19 @@ impl Model {
         ensure!(self.lora().is_none(), "the model already has LoRA adapters");
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut fresh = BTreeMap::new();
+        let meta = self.device() == Device::Meta;
         for i in 0..self.layers.len() {
             for t in &cfg.targets {
                 let (out_f, in_f) = target_shape(&self.config, t);
+                if meta {
+                    // No values to draw (a 7B plan would draw tens of millions, for nothing).
+                    let dt = self.embed.dtype();
+                    fresh.insert(
+                        (i, t.clone()),
+                        (meta_tensor(dt, &[cfg.rank, in_f])?, meta_tensor(dt, &[out_f, cfg.rank])?),
+                    );
+                    continue;
+                }
                 let bound = 1.0 / (in_f as f32).sqrt();
                 let a: Vec<f32> = (0..cfg.rank * in_f).map(|_| rng.random_range(-bound..bound)).collect();
                 fresh.insert(

@@ -31,10 +31,9 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
-        match self.lora.as_ref().map(|a| a.forward(x)).transpose()?.flatten() {
-            Some(d) => ops::add(&y, &d),
-            None => Ok(y),
+        match &self.lora {
+            Some(a) => a.apply(x, &self.weight, self.bias.as_ref()),
+            None => ops::linear(x, &self.weight, self.bias.as_ref()),
         }
     }
 }

@@ -19,7 +19,7 @@ pub use attention::attention;
 pub use elementwise::{add, mul, narrow, scalar_with_grad, scale, sum, weighted_sum};
 pub use embedding::embedding;
 pub use logprob::linear_logprob_entropy;
-pub use matmul::{linear, matmul};
+pub use matmul::{linear, lora_linear, matmul};
 pub use rms_norm::rms_norm;
 pub use rope::{rope, RopeTable};
 pub use swiglu::swiglu;

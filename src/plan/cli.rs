@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::{device_memory, measure, LoraSpec, Peak, Plan, Source, Spec, GB};
+use super::{device_memory, measure, Peak, Plan, Source, Spec, GB};
 use crate::backend::memory::Category;
 use crate::model::checkpoint::Checkpointing;
+use crate::model::lora::LoraConfig;
 use crate::model::ModelConfig;
 use crate::tensor::Device;
 
@@ -26,9 +27,12 @@ pub struct Args {
     /// LoRA rank (0 or absent: full training).
     #[arg(long)]
     pub lora_rank: Option<usize>,
-    /// Projections LoRA adapts, comma-separated.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    /// Projections LoRA adapts, comma-separated (or all-linear).
+    #[arg(long, default_value = "all-linear")]
     pub lora_targets: String,
+    /// LoRA dropout (its masks are activations; refused with checkpointing, as by train).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
     /// GRPO: prompts per step.
     #[arg(long, default_value_t = 32)]
     pub prompts_per_step: usize,
@@ -77,10 +81,11 @@ impl Args {
     fn spec(&self, config: ModelConfig, checkpoint: bool) -> Result<Spec> {
         let lora = match self.lora_rank {
             None | Some(0) => None,
-            Some(rank) => Some(LoraSpec {
-                rank,
-                targets: self.lora_targets.split(',').map(|t| t.trim().to_string()).collect(),
-            }),
+            // alpha scales values, not bytes: train's default (alpha = rank) stands in.
+            Some(rank) => Some(
+                LoraConfig::new(rank, rank as f32, self.lora_dropout, &self.lora_targets)
+                    .context("--lora-rank, --lora-targets, --lora-dropout")?,
+            ),
         };
         Ok(Spec {
             config,
@@ -102,6 +107,14 @@ impl Args {
 
 pub fn run(a: Args) -> Result<()> {
     let (gpu, mem) = device_memory(&a.device)?;
+    if a.lora_rank.unwrap_or(0) > 0 && a.lora_dropout > 0.0 && a.checkpoint_activations != Checkpointing::None
+    {
+        bail!(
+            "--lora-dropout {} cannot be combined with --checkpoint-activations {:?}: a recomputed layer would draw another dropout mask (fcgpu train refuses it too)",
+            a.lora_dropout,
+            a.checkpoint_activations
+        );
+    }
     let config = model_config(&a.model)?;
     let ck = match a.checkpoint_activations {
         Checkpointing::None => false,
@@ -127,9 +140,6 @@ pub fn run(a: Args) -> Result<()> {
 
 /// `--measure`: the plan's steps on a real device, compared phase by phase.
 fn measure_against(spec: &Spec, plan: &Plan, on: &str) -> Result<()> {
-    if spec.lora.is_some() {
-        bail!("--measure with --lora-rank: LoRA is modelled, not run, until the adapters are in the model");
-    }
     let device = Device::parse(on).with_context(|| format!("--measure {on}"))?;
     if !matches!(device, Device::Emu | Device::Cuda(_)) {
         bail!("--measure {on}: expected emu, cuda or cuda:N");
@@ -286,9 +296,6 @@ pub fn table(spec: &Spec, plan: &Plan, gpu: &str, mem: u64, best: (Option<usize>
             say(best.1)
         );
     }
-    if spec.lora.is_some() {
-        s += "LoRA figures are modelled from the full-training run (src/plan/mod.rs, lora_phase) until the adapters are in the model.\n";
-    }
     s
 }
 
@@ -333,18 +340,40 @@ pub fn check_fits_grpo(
     device: Device,
     prompt_len: usize,
 ) -> Result<()> {
+    on_cuda(device, |total| fits_grpo(cfg, model_dir, prompt_len, total))
+}
+
+/// `fcgpu sft` on cuda, before loading anything: one SFT step (`--batch-size` sequences of
+/// the longest example) against the GPU's memory, as for train.
+pub fn check_fits_sft(cfg: &crate::train::sft::SftConfig, model_dir: &Path, device: Device) -> Result<()> {
+    on_cuda(device, |total| fits_sft(cfg, model_dir, total))
+}
+
+/// Runs a check against a cuda device's total memory and records `auto`'s decision; other
+/// devices (and a driver that cannot tell its memory) are not checked.
+fn on_cuda(device: Device, check: impl FnOnce(u64) -> Result<bool>) -> Result<()> {
     let Device::Cuda(_) = device else { return Ok(()) };
-    let total = match device.gpu()?.driver().memory_info() {
-        Some(m) => m.total,
-        None => return Ok(()),
-    };
+    let Some(info) = device.gpu()?.driver().memory_info() else { return Ok(()) };
+    super::set_auto_checkpoint(device, check(info.total)?);
+    Ok(())
+}
+
+/// Whether a GRPO step of `cfg` with `prompt_len`-token prompts fits a GPU of `total` bytes:
+/// `Ok(checkpoint)` when it does (`checkpoint`: `auto` chose layer checkpointing), an error
+/// naming the flags that would make it fit when it does not.
+pub fn fits_grpo(
+    cfg: &crate::train::grpo::GrpoConfig,
+    model_dir: &Path,
+    prompt_len: usize,
+    total: u64,
+) -> Result<bool> {
     let config = model_config(model_dir)?;
     let spec = |checkpoint: bool, micro_batch: usize| Spec {
         config: config.clone(),
         checkpoint,
-        lora: None,
+        lora: cfg.run.lora.clone(),
         sft_batch: 1,
-        sft_len: 1,
+        sft_len: 2,
         grad_accum: 1,
         prompts: cfg.prompts_per_step,
         group: cfg.group_size,
@@ -354,37 +383,100 @@ pub fn check_fits_grpo(
         ppo_epochs: cfg.ppo_epochs,
         beta: cfg.beta,
     };
-    let need = |s: &Spec| -> Result<u64> { Ok(measure(s, Device::Meta, Source::Meta)?.grpo().total()) };
-    let asked = cfg.run.checkpoint_activations;
-    let ck = asked == Checkpointing::Layer;
+    let fit = Fit {
+        command: "fcgpu train",
+        step: "one GRPO step",
+        batch_flag: "--micro-batch",
+        batch: cfg.micro_batch,
+        asked: cfg.run.checkpoint_activations,
+        dropout: cfg.run.lora.as_ref().is_some_and(|l| l.dropout > 0.0),
+        otherwise: format!(
+            "lower --max-new-tokens, --prompts-per-step x --group-size ({} x {}), or --beta 0 (no reference copy), or train LoRA adapters (--lora-rank)",
+            cfg.prompts_per_step, cfg.group_size
+        ),
+    };
+    check_fits(&fit, total, &|ck, mb| Ok(measure(&spec(ck, mb), Device::Meta, Source::Meta)?.grpo().total()))
+}
+
+/// [`fits_grpo`] for one SFT step of `cfg` (`--batch-size` sequences of `--max-len` tokens).
+pub fn fits_sft(cfg: &crate::train::sft::SftConfig, model_dir: &Path, total: u64) -> Result<bool> {
+    let config = model_config(model_dir)?;
+    let max_len = cfg.max_len.min(config.max_position_embeddings);
+    let spec = |checkpoint: bool, batch: usize| Spec {
+        config: config.clone(),
+        checkpoint,
+        lora: cfg.run.lora.clone(),
+        sft_batch: batch,
+        sft_len: max_len,
+        grad_accum: cfg.grad_accum,
+        prompts: 1,
+        group: 2,
+        prompt_len: 1,
+        new_tokens: 1,
+        micro_batch: 1,
+        ppo_epochs: 1,
+        beta: 0.0,
+    };
+    let fit = Fit {
+        command: "fcgpu sft",
+        step: "one SFT step",
+        batch_flag: "--batch-size",
+        batch: cfg.batch_size,
+        asked: cfg.run.checkpoint_activations,
+        dropout: cfg.run.lora.as_ref().is_some_and(|l| l.dropout > 0.0),
+        otherwise: format!("lower --max-len ({max_len}), or train LoRA adapters (--lora-rank)"),
+    };
+    check_fits(&fit, total, &|ck, b| Ok(measure(&spec(ck, b), Device::Meta, Source::Meta)?.sft.total()))
+}
+
+/// What [`check_fits`] checks: a step of `command` with `batch` sequences per micro-batch.
+struct Fit {
+    command: &'static str,
+    step: &'static str,
+    batch_flag: &'static str,
+    batch: usize,
+    asked: Checkpointing,
+    /// LoRA dropout: checkpointing cannot be offered (the recompute would draw other masks).
+    dropout: bool,
+    /// What to try when nothing the check can offer fits.
+    otherwise: String,
+}
+
+/// The check of [`fits_grpo`] and [`fits_sft`] on a GPU of `total` bytes: `need(checkpoint,
+/// batch)` is the plan's peak bytes.
+fn check_fits(f: &Fit, total: u64, need: &dyn Fn(bool, usize) -> Result<u64>) -> Result<bool> {
+    let ck = f.asked == Checkpointing::Layer;
     let have = usable(total);
-    let plain = need(&spec(ck, cfg.micro_batch))?;
+    let plain = need(ck, f.batch)?;
     if plain <= have {
-        super::set_auto_checkpoint(device, false);
-        return Ok(());
+        return Ok(ck);
     }
-    if asked == Checkpointing::Auto && need(&spec(true, cfg.micro_batch))? <= have {
+    let can_ck = !f.dropout;
+    if f.asked == Checkpointing::Auto && can_ck && need(true, f.batch)? <= have {
         eprintln!("plan: {} GB without checkpointing; --checkpoint-activations auto chose layer", gb(plain));
-        super::set_auto_checkpoint(device, true);
-        return Ok(());
+        return Ok(true);
     }
     let mut fixes = Vec::new();
-    if !ck && need(&spec(true, cfg.micro_batch))? <= have {
+    if !ck && can_ck && need(true, f.batch)? <= have {
         fixes.push("--checkpoint-activations layer".to_string());
     }
-    if let Some(mb) = largest(cfg.micro_batch, |mb| Ok(need(&spec(true, mb))? <= have))? {
-        fixes.push(format!("--checkpoint-activations layer --micro-batch {mb}"));
+    if let Some(b) = largest(f.batch, |b| Ok(need(ck, b)? <= have))?.filter(|&b| b < f.batch) {
+        fixes.push(format!("{} {b}", f.batch_flag));
+    }
+    if !ck && can_ck {
+        if let Some(b) = largest(f.batch, |b| Ok(need(true, b)? <= have))?.filter(|&b| b < f.batch) {
+            fixes.push(format!("--checkpoint-activations layer {} {b}", f.batch_flag));
+        }
     }
     let ask = if fixes.is_empty() {
-        format!(
-            "nothing fits at this size: lower --max-new-tokens, --prompts-per-step x --group-size ({} x {}), or --beta 0 (no reference copy); `fcgpu plan` shows the split",
-            cfg.prompts_per_step, cfg.group_size
-        )
+        format!("nothing fits at this size: {}; `fcgpu plan` shows the split", f.otherwise)
     } else {
         format!("it fits with {}", fixes.join(", or "))
     };
     bail!(
-        "fcgpu train: one GRPO step needs {} GB of device memory by the plan, and this GPU has {} GB usable ({} GB total); {ask}",
+        "{}: {} needs {} GB of device memory by the plan, and this GPU has {} GB usable ({} GB total); {ask}",
+        f.command,
+        f.step,
         gb(plain),
         gb(have),
         gb(total)

@@ -8,10 +8,10 @@
 //! (tests/memory_plan.rs). Every rollout runs to `max_new_tokens` (no early EOS): the plan is
 //! the step's worst case.
 //!
-//! LoRA (`--lora-rank`) is modelled until the adapters exist in the model: the full-training
-//! plan's phases, less the base's gradients, optimizer state and reference copy, plus the
-//! adapters' weights, gradients, AdamW state and their `[tokens, rank]` activations
-//! ([`lora_phase`]).
+//! With LoRA (`--lora-rank`) the step's model gets its adapters as `fcgpu sft`/`train` give
+//! them ([`Model::add_lora`]), so the plan holds the adapters, their gradients and AdamW state,
+//! their activations and no reference copy (the reference is the base with the adapters off),
+//! counted, not modelled.
 
 pub mod cli;
 
@@ -21,8 +21,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::memory::{scope, Category, MemSnapshot};
 use crate::model::checkpoint::Checkpointing;
+use crate::model::lora::LoraConfig;
 use crate::model::{Batch, Model, ModelConfig};
-use crate::tensor::{DType, Device, Tensor};
+use crate::tensor::{Device, Tensor};
 use crate::train::run_config::RunConfig;
 
 /// Whether a run checkpoints its layers' activations on `device`: `layer` always, `none`
@@ -56,23 +57,12 @@ pub fn set_auto_checkpoint(device: Device, on: bool) {
     v.push((device, on));
 }
 
-/// LoRA adapters: rank and the projections they adapt.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoraSpec {
-    pub rank: usize,
-    pub targets: Vec<String>,
-}
-
-/// The projections LoRA may target.
-pub const LORA_TARGETS: [&str; 7] =
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-
 /// What a plan is of: the model's shapes and one step of each trainer.
 #[derive(Clone, Debug)]
 pub struct Spec {
     pub config: ModelConfig,
     pub checkpoint: bool,
-    pub lora: Option<LoraSpec>,
+    pub lora: Option<LoraConfig>,
     /// SFT: sequences per micro-batch, tokens per sequence, micro-batches per step.
     pub sft_batch: usize,
     pub sft_len: usize,
@@ -124,21 +114,13 @@ impl Spec {
             c.max_position_embeddings
         );
         if let Some(l) = &self.lora {
-            ensure!(l.rank >= 1, "--lora-rank must be at least 1");
-            let narrowest = c.hidden_size.min(c.num_kv_heads * c.head_dim);
+            l.validate().context("--lora-rank, --lora-targets, --lora-dropout")?;
+            l.check_model(c).context("--lora-rank")?;
             ensure!(
-                l.rank <= narrowest,
-                "--lora-rank {} is larger than the narrowest adapted layer width ({narrowest})",
-                l.rank
+                !(self.checkpoint && l.dropout > 0.0),
+                "--lora-dropout {} with activation checkpointing: the recompute would draw other masks (use --lora-dropout 0)",
+                l.dropout
             );
-            ensure!(!l.targets.is_empty(), "--lora-targets is empty");
-            for t in &l.targets {
-                ensure!(
-                    LORA_TARGETS.contains(&t.as_str()),
-                    "--lora-targets: unknown target `{t}` (expected a comma list of {})",
-                    LORA_TARGETS.join(", ")
-                );
-            }
         }
         Ok(())
     }
@@ -156,9 +138,6 @@ impl Peak {
     }
     pub fn of(&self, c: Category) -> u64 {
         self.split[c as usize]
-    }
-    fn set(&mut self, c: Category, v: u64) {
-        self.split[c as usize] = v;
     }
     fn from_snapshot(s: &MemSnapshot, base: &MemSnapshot) -> Peak {
         Peak { split: std::array::from_fn(|i| s.peak[i].saturating_sub(base.live[i])) }
@@ -203,32 +182,29 @@ pub fn measure(spec: &Spec, device: Device, source: Source) -> Result<Plan> {
     spec.validate()?;
     ensure!(device.is_gpu(), "a memory plan runs on a GPU device (meta, emu or cuda), not {device}");
     let _one = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-    let full = Spec { lora: None, ..spec.clone() };
     let dev = device.gpu()?;
+    // Every measurement starts from the same device state: no cached RoPE tables.
+    crate::ops::rope::clear_device_tables();
     let base = dev.memory();
     dev.reset_peak_memory();
-    sft_step(&full, device, &source).context("the plan's SFT step")?;
+    sft_step(spec, device, &source).context("the plan's SFT step")?;
     // What stays live after a step (device caches such as RoPE tables) is counted from then on.
     let sft = Peak::from_snapshot(&dev.memory(), &base);
-    let (rollout, update) = grpo_step(&full, device, &source, &dev, &base).context("the plan's GRPO step")?;
-    let plan = Plan { sft, rollout, update };
-    Ok(match &spec.lora {
-        None => plan,
-        Some(l) => Plan {
-            sft: lora_phase(spec, l, plan.sft, spec.sft_batch * spec.sft_len, false),
-            rollout: lora_phase(spec, l, plan.rollout, 0, spec.beta != 0.0),
-            update: lora_phase(spec, l, plan.update, update_tokens(spec), spec.beta != 0.0),
-        },
-    })
+    let (rollout, update) = grpo_step(spec, device, &source, &dev, &base).context("the plan's GRPO step")?;
+    Ok(Plan { sft, rollout, update })
 }
 
-/// Tokens of one update micro-batch (the prompt once, `micro_batch` completions).
-fn update_tokens(s: &Spec) -> usize {
-    s.prompt_len + s.micro_batch.min(s.group) * (s.new_tokens + 1)
-}
-
-/// The model of a step on `device`, its weights counted as weights.
+/// The model of a step on `device`, its weights counted as weights, with the run's adapters
+/// (counted as adapters) when it has them.
 fn model_on(spec: &Spec, device: Device, source: &Source) -> Result<Model> {
+    let mut model = base_on(spec, device, source)?;
+    if let Some(l) = &spec.lora {
+        scope(Category::Adapters, || model.add_lora(l, 1))?;
+    }
+    Ok(model)
+}
+
+fn base_on(spec: &Spec, device: Device, source: &Source) -> Result<Model> {
     scope(Category::Weights, || match source {
         Source::Host(m) => m.to_device(device),
         Source::Meta => {
@@ -301,8 +277,10 @@ fn grpo_step(
     use crate::train::grpo::{GrpoConfig, GrpoTrainer, Rollout};
     dev.reset_peak_memory();
     let model = model_on(spec, device, source)?;
-    // `GrpoTrainer::new` loads the reference as a copy of its own.
-    let reference = if spec.beta != 0.0 { Some(model_on(spec, device, source)?) } else { None };
+    // `GrpoTrainer::new` loads the reference as a copy of its own; with LoRA the reference is
+    // the base with the adapters off.
+    let reference =
+        if spec.beta != 0.0 && spec.lora.is_none() { Some(base_on(spec, device, source)?) } else { None };
     let opt = optimizer_for(&model, device)?;
     let cfg = GrpoConfig {
         run: RunConfig {
@@ -356,46 +334,6 @@ fn grpo_step(
     t.update(&rollouts, &rewards, 1e-5)?;
     let update = Peak::from_snapshot(&dev.memory(), base);
     Ok((rollout, update))
-}
-
-/// Parameters of one layer's adapters: `r (in + out)` per target.
-pub fn lora_params(c: &ModelConfig, l: &LoraSpec) -> u64 {
-    let (h, q, kv, i) =
-        (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    let per_layer: usize = l
-        .targets
-        .iter()
-        .map(|t| match t.as_str() {
-            "q_proj" => h + q,
-            "k_proj" | "v_proj" => h + kv,
-            "o_proj" => q + h,
-            "gate_proj" | "up_proj" => h + i,
-            "down_proj" => i + h,
-            _ => 0,
-        })
-        .sum();
-    (per_layer * l.rank * c.num_layers) as u64
-}
-
-/// A full-training phase turned into the LoRA one: the base's gradients and optimizer state
-/// go, the reference copy goes (the reference is the base with the adapters off); the
-/// adapters' bf16 weights, f32 gradients, f32 master weights and moments come; and `tokens`
-/// tokens of `[tokens, rank]` bf16 activations per target and layer (all layers without
-/// checkpointing, one with it).
-fn lora_phase(spec: &Spec, l: &LoraSpec, full: Peak, tokens: usize, had_reference: bool) -> Peak {
-    let c = &spec.config;
-    let p = lora_params(c, l);
-    let mut out = full;
-    let base_weights = full.of(Category::Weights) / if had_reference { 2 } else { 1 };
-    out.set(Category::Weights, base_weights);
-    out.set(Category::Adapters, p * DType::BF16.size() as u64);
-    let had_grads = full.of(Category::Gradients) > 0;
-    out.set(Category::Gradients, if had_grads { p * 4 } else { 0 });
-    out.set(Category::Optimizer, p * 12);
-    let layers = if spec.checkpoint { 1 } else { c.num_layers };
-    let act = (tokens * l.rank * l.targets.len() * layers * DType::BF16.size()) as u64;
-    out.set(Category::Activations, full.of(Category::Activations) + act);
-    out
 }
 
 /// A GPU's memory, bytes, by `--device` name.

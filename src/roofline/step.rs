@@ -6,6 +6,8 @@
 //! idle. The host counts are emu's (`--counters`): the per-op decode loop that `serve` still
 //! uses, and the batched decode step with the device sampler that `generate` and `train` use. Printed by `fcgpu kernels roofline --grpo`.
 
+use anyhow::{Context, Result};
+
 /// A GPU's peaks and the host costs of driving it.
 #[derive(Clone, Copy, Debug)]
 pub struct Gpu {
@@ -45,6 +47,8 @@ pub struct Model {
     pub params: f64,
     /// The LM head is the embedding matrix (read once per forward, not twice).
     pub tied: bool,
+    /// The model's config.json (configs/models/): the memory column is its `fcgpu plan`.
+    pub config: &'static str,
 }
 
 impl Model {
@@ -60,6 +64,7 @@ impl Model {
             vocab: 151936.0,
             params: 1.54e9,
             tied: true,
+            config: include_str!("../../configs/models/qwen2.5-1.5b.json"),
         }
     }
 
@@ -75,6 +80,7 @@ impl Model {
             vocab: 152064.0,
             params: 7.62e9,
             tied: false,
+            config: include_str!("../../configs/models/qwen2.5-7b.json"),
         }
     }
 
@@ -233,19 +239,45 @@ pub struct Projection {
     pub decode_host_excess: f64,
     pub reference: f64,
     pub update: f64,
-    /// Device memory fcgpu needs at least: bf16 weights, f32 master weights and AdamW
-    /// moments, bf16 gradients, the reference model and the rollout's KV cache (activations
-    /// not counted).
-    pub memory: f64,
 }
 
 impl Projection {
     pub fn total(&self) -> f64 {
         self.prefill + self.decode + self.reference + self.update
     }
-    pub fn fits(&self, g: &Gpu) -> bool {
-        self.memory <= g.mem
-    }
+}
+
+/// Update micro-batch of the memory column (the trainer's default).
+const PLAN_MICRO_BATCH: usize = 8;
+
+/// Peak device bytes of one full-training GRPO step of `r` for `m`: the memory plan
+/// (`fcgpu plan`, run on the meta device), with `fcgpu train`'s default micro-batch, no
+/// checkpointing, and with a reference copy when `r` has one.
+pub fn plan_peak(m: &Model, r: &Recipe) -> Result<u64> {
+    use crate::plan::{measure, Source, Spec};
+    let raw = serde_json::from_str(m.config).with_context(|| format!("{}'s config", m.name))?;
+    let config = crate::model::ModelConfig::from_json(raw, std::path::Path::new("config.json"))?;
+    let spec = Spec {
+        config,
+        checkpoint: false,
+        lora: None,
+        sft_batch: 1,
+        sft_len: 2,
+        grad_accum: 1,
+        prompts: r.prompts as usize,
+        group: r.group as usize,
+        prompt_len: r.prompt_len as usize,
+        new_tokens: r.completion_len as usize,
+        micro_batch: PLAN_MICRO_BATCH,
+        ppo_epochs: r.ppo_epochs as usize,
+        beta: if r.reference { 0.04 } else { 0.0 },
+    };
+    Ok(measure(&spec, crate::tensor::Device::Meta, Source::Meta)?.grpo().total())
+}
+
+/// Whether `bytes` fit `g` with the plan's allowance for the CUDA context.
+pub fn fits(bytes: u64, g: &Gpu) -> bool {
+    bytes <= crate::plan::cli::usable(g.mem as u64)
 }
 
 /// Host time of the prefill, which runs op by op once per prompt (emu: 22 launches per layer + 7
@@ -273,9 +305,7 @@ pub fn project(m: &Model, g: &Gpu, r: &Recipe, c: &DecodeCounts) -> Projection {
     // Backward: twice the forward's FLOPs, and the activations read back with gradients written.
     let fwd_bwd = Work { bytes: 3.0 * fwd.bytes + 2.0 * m.params, flops: 3.0 * fwd.flops };
     let update = r.ppo_epochs * (fwd_bwd.seconds(g) + optimizer(m).seconds(g));
-    let per_param = 2.0 + 4.0 + 8.0 + 2.0 + if r.reference { 2.0 } else { 0.0 };
-    let memory = per_param * m.params + b * len * m.kv_bytes_per_token();
-    Projection { prefill, decode, decode_host_excess: excess, reference, update, memory }
+    Projection { prefill, decode, decode_host_excess: excess, reference, update }
 }
 
 fn ms(x: f64) -> String {
@@ -289,7 +319,7 @@ fn ms(x: f64) -> String {
 }
 
 /// The Markdown table printed by `fcgpu kernels roofline --grpo`.
-pub fn markdown() -> String {
+pub fn markdown() -> Result<String> {
     let r = Recipe::funrl();
     let mut out = String::from("# Projected GRPO step time\n\n");
     out.push_str(&format!(
@@ -299,8 +329,9 @@ pub fn markdown() -> String {
          that and its host time: {:.0} µs per launch, {:.0} µs per synchronisation, device→host copies at \
          {:.0} GB/s. `per-op` is the per-op decode loop's count on emu (layers × (18 + 3 × batch) + 4 launches, \
          6 synchronisations, the bf16 logits downloaded); `batched` is the batched decode step with the device \
-         sampler (12 launches per layer + 4, 1 synchronisation, 12 bytes per sequence). Memory is a lower bound (bf16 weights, f32 \
-         master weights and AdamW moments, bf16 gradients, the reference, the KV cache; no activations).\n\n",
+         sampler (12 launches per layer + 4, 1 synchronisation, 12 bytes per sequence). Memory is the step's peak by \
+         the memory plan (`fcgpu plan`: full training, micro-batch {PLAN_MICRO_BATCH}, no checkpointing); it fits when \
+         it is within the GPU's memory less {} GB for the CUDA context.\n\n",
         r.prompts,
         r.group,
         r.prompt_len,
@@ -308,18 +339,20 @@ pub fn markdown() -> String {
         r.ppo_epochs,
         LAUNCH_S * 1e6,
         SYNC_S * 1e6,
-        D2H_BW / 1e9
+        D2H_BW / 1e9,
+        crate::plan::cli::CONTEXT_ALLOWANCE / crate::plan::GB
     ));
     out.push_str(
-        "| model | GPU | decode loop | prefill | decode (host-bound part) | reference | update | step | memory ≥ | fits |\n\
+        "| model | GPU | decode loop | prefill | decode (host-bound part) | reference | update | step | memory (plan) | fits |\n\
          |---|---|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for m in [Model::qwen25_1_5b(), Model::qwen25_7b()] {
+        let peak = plan_peak(&m, &r)?;
         for g in [H100, H200] {
             for c in [DecodeCounts::per_op(), DecodeCounts::batched()] {
                 let p = project(&m, &g, &r, &c);
                 out.push_str(&format!(
-                    "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.0} GB | {} |\n",
+                    "| {} | {} | {} | {} | {} ({}) | {} | {} | {} | {:.1} GB | {} |\n",
                     m.name,
                     g.name,
                     c.name,
@@ -329,13 +362,13 @@ pub fn markdown() -> String {
                     ms(p.reference),
                     ms(p.update),
                     ms(p.total()),
-                    p.memory / 1e9,
-                    if p.fits(&g) { "yes" } else { "no" }
+                    peak as f64 / 1e9,
+                    if fits(peak, &g) { "yes" } else { "no" }
                 ));
             }
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -364,17 +397,21 @@ mod tests {
 
     #[test]
     fn seven_b_full_training_does_not_fit_an_h100() {
-        let p = project(&Model::qwen25_7b(), &H100, &Recipe::funrl(), &DecodeCounts::batched());
-        assert!(!p.fits(&H100));
-        let p = project(&Model::qwen25_1_5b(), &H100, &Recipe::funrl(), &DecodeCounts::batched());
-        assert!(p.fits(&H100));
+        let r = Recipe::funrl();
+        let (big, small) =
+            (plan_peak(&Model::qwen25_7b(), &r).unwrap(), plan_peak(&Model::qwen25_1_5b(), &r).unwrap());
+        assert!(!fits(big, &H100) && !fits(big, &H200));
+        assert!(fits(small, &H100));
+        // Above the lower bound the roofline used to print: the weights, master weights,
+        // moments, gradients and reference alone (18 bytes a parameter).
+        assert!(big as f64 > 18.0 * Model::qwen25_7b().params);
     }
 
     #[test]
     fn readme_has_the_current_table() {
         // The table lives in docs/devices.md (the README links to it).
         let readme = include_str!("../../docs/devices.md");
-        for line in markdown().lines().filter(|l| l.starts_with('|')) {
+        for line in markdown().unwrap().lines().filter(|l| l.starts_with('|')) {
             assert!(
                 readme.contains(line),
                 "docs/devices.md lacks `{line}`: paste `fcgpu kernels roofline --grpo`'s table"

@@ -246,6 +246,12 @@ impl Trainer {
             cfg.max_len
         );
         let (eval, _) = prepare(&tok, &prompter, format, &eval_s, cfg.max_len)?;
+        // On cuda, the memory plan of a step of the longest examples, before any weight loads.
+        if let Device::Cuda(_) = device {
+            let longest = train.iter().chain(&eval).map(|e| e.ids.len()).max().unwrap_or(1);
+            let planned = SftConfig { max_len: longest, ..cfg.clone() };
+            crate::plan::cli::check_fits_sft(&planned, &model_dir, device)?;
+        }
         let schedule = Schedule {
             lr: cfg.run.lr,
             warmup_steps: cfg.run.warmup_steps,

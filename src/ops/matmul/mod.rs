@@ -1,7 +1,10 @@
 //! `linear` (x·Wᵀ + b, the layout of Hugging Face weights) and batched `matmul`.
 
 pub mod cpu;
+mod lora;
 pub mod skinny;
+
+pub use lora::lora_linear;
 
 use anyhow::{ensure, Result};
 
@@ -72,10 +75,10 @@ fn linear_dims(x: &Tensor, w: &Tensor) -> LinearDims {
     LinearDims { rows: x.numel() / w.dim(1), in_f: w.dim(1), out_f: w.dim(0) }
 }
 
-struct LinearBack {
-    x: Tensor,
-    w: Tensor,
-    b: Option<Tensor>,
+pub(super) struct LinearBack {
+    pub(super) x: Tensor,
+    pub(super) w: Tensor,
+    pub(super) b: Option<Tensor>,
 }
 
 impl GradFn for LinearBack {

@@ -160,6 +160,12 @@ thread_local! {
     static LAST: RefCell<Option<Last>> = const { RefCell::new(None) };
 }
 
+/// Drops this thread's cached tables (the memory plan starts each measurement from none, so
+/// that its figure does not depend on what ran before it).
+pub fn clear_device_tables() {
+    LAST.with(|l| *l.borrow_mut() = None);
+}
+
 /// cos/sin of every position, computed on the host exactly as the CPU op does.
 fn device_tables(dev: &GpuDevice, positions: &[u32], table: &RopeTable) -> Result<Tables> {
     let hit = LAST.with(|l| {
