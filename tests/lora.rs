@@ -45,6 +45,32 @@ fn lora_linear_grad_on(dev: Device) {
     }
 }
 
+/// `ops::lora_linear` with a separate adapter input (dropout's `x_d = x ⊙ mask`, a fixed mask
+/// here): gradients into x through both paths, and into A and B.
+fn lora_linear_dropped_input_grad_on(dev: Device) {
+    let ins =
+        to_device(&[rand_tensor(&[4, 10], 11), rand_tensor(&[2, 10], 12), rand_tensor(&[6, 2], 13)], dev)
+            .unwrap();
+    let w = Tensor::from_vec(rand_vec(6 * 10, 14), &[6, 10]).unwrap().to_device(dev).unwrap();
+    let keep: Vec<f32> = (0..40).map(|i| if i % 3 == 0 { 0.0 } else { 1.5 }).collect();
+    let mask = Tensor::from_vec(keep, &[4, 10]).unwrap().to_device(dev).unwrap();
+    let f = |t: &[Tensor]| {
+        let xd = fcgpu::ops::mul(&t[0], &mask)?;
+        fcgpu::ops::lora_linear(&t[0], Some(&xd), &w, None, &t[1], &t[2], 0.5)
+    };
+    check(f, &ins, 1e-2, 2e-2, 64).unwrap();
+}
+
+#[test]
+fn lora_linear_dropped_input_grad() {
+    lora_linear_dropped_input_grad_on(Device::Cpu);
+}
+
+#[test]
+fn lora_linear_dropped_input_grad_emu() {
+    lora_linear_dropped_input_grad_on(Device::Emu);
+}
+
 #[test]
 fn lora_linear_grad() {
     lora_linear_grad_on(Device::Cpu);
