@@ -10,8 +10,10 @@
 // Roofline per (sequence, head): reads 2·len·D·2 bytes of cache (GQA heads of a group re-read the
 // same kv rows, mostly from L2), 4·len·D FLOPs: memory bound (≈1 FLOP/byte).
 // decode_attn_bf16 and decode_attn_f32 are one template on the element type.
-// decode_attn_batch_T: the same per (sequence, head), each sequence's cache found through the
-// decode step's table (one launch per layer for the whole batch; see decode_step.cu).
+// decode_attn_batch_T: the same per (sequence, head) against paged caches (src/model/kv_cache.rs),
+// each sequence's blocks found through the decode step's table (one launch per layer for the
+// whole batch; the layout is in decode_step.cu). The per-op decoder launches it too, for one
+// sequence at a time.
 #include "common.cuh"
 
 __device__ __forceinline__ float da_ld(bf16 x) { return bf16_to_f32(x); }
@@ -19,11 +21,31 @@ __device__ __forceinline__ float da_ld(float x) { return x; }
 __device__ __forceinline__ void da_st(bf16* p, float x) { *p = f32_to_bf16(x); }
 __device__ __forceinline__ void da_st(float* p, float x) { *p = x; }
 
-// One (sequence, q head) block: query row qr against `len` keys of one cache (k/v point at its
-// position 0 of kv head kvh's group already offset by the caller), output row orow.
+// Where key/value j of one (sequence, kv head) lies: a strided cache (position 0 of the head
+// already offset by the caller) ...
 template <typename T>
-__device__ __forceinline__ void decode_attn_row(const T* qr, const T* k_cache, const T* v_cache, int len, T* orow, int D,
-                                                long long pos_stride, float scale) {
+struct StridedKv {
+    const T* kc;
+    const T* vc;
+    long long pos_stride;
+    __device__ __forceinline__ const T* k(int j) const { return kc + j * pos_stride; }
+    __device__ __forceinline__ const T* v(int j) const { return vc + j * pos_stride; }
+};
+
+// ... or a paged one: `tab` the sequence's block addresses, `lofs` the offset of (layer, slot 0,
+// kv head) in a block, `row` elements per slot, values `vofs` elements after the keys.
+template <typename T>
+struct PagedKv {
+    const long long* tab;
+    int bs;
+    long long lofs, row, vofs;
+    __device__ __forceinline__ const T* k(int j) const { return (const T*)tab[j / bs] + lofs + (j % bs) * row; }
+    __device__ __forceinline__ const T* v(int j) const { return k(j) + vofs; }
+};
+
+// One (sequence, q head) block: query row qr against `len` keys of one cache, output row orow.
+template <typename T, typename Kv>
+__device__ __forceinline__ void decode_attn_row(const T* qr, const Kv& kv, int len, T* orow, int D, float scale) {
     __shared__ float sm_m[4], sm_l[4];
     __shared__ float sm_acc[4][256];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -37,12 +59,13 @@ __device__ __forceinline__ void decode_attn_row(const T* qr, const T* k_cache, c
     }
     float m = -FC_INF, l = 0.0f;
     for (int j = warp; j < len; j += 4) {
-        const long long base = j * pos_stride;
+        const T* kr = kv.k(j);
+        const T* vr = kv.v(j);
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int d = lane + 32 * i;
-            if (i < per && d < D) s += qv[i] * da_ld(k_cache[base + d]);
+            if (i < per && d < D) s += qv[i] * da_ld(kr[d]);
         }
         s = warp_sum(s);
         const float mn = fmaxf(m, s);
@@ -51,7 +74,7 @@ __device__ __forceinline__ void decode_attn_row(const T* qr, const T* k_cache, c
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const int d = lane + 32 * i;
-            acc[i] = acc[i] * corr + ((i < per && d < D) ? p * da_ld(v_cache[base + d]) : 0.0f);
+            acc[i] = acc[i] * corr + ((i < per && d < D) ? p * da_ld(vr[d]) : 0.0f);
         }
         m = mn;
     }
@@ -84,22 +107,22 @@ __device__ __forceinline__ void decode_attn_impl(const T* q, const T* k_cache, c
     const int kvh = h / (q_heads / kv_heads);
     const long long at = ((long long)b * q_heads + h) * D;
     const long long base = b * batch_stride + kvh * head_stride;
-    decode_attn_row(q + at, k_cache + base, v_cache + base, min(lens[b], max_len), o + at, D, pos_stride, scale);
+    const StridedKv<T> kv{k_cache + base, v_cache + base, pos_stride};
+    decode_attn_row(q + at, kv, min(lens[b], max_len), o + at, D, scale);
 }
 
-// The whole batch of a decode step in one launch: sequence b's cache is its own allocation
-// (token-major [layer][capacity][kv_heads][D]) at kbase[b]/vbase[b], lstride[b] elements per
-// layer (the step table of decode_step.cu); keys 0..lens[b]-1 of layer `layer` are attended.
+// The whole batch of a decode step in one launch: sequence b's blocks are
+// blocks[b·(*nblk) ..]; keys 0..lens[b]-1 of layer `layer` are attended.
 template <typename T>
-__device__ __forceinline__ void decode_attn_batch_impl(const T* q, const long long* kbase, const long long* vbase,
-                                                       const long long* lstride, const int* lens, T* o, int layer,
-                                                       int q_heads, int kv_heads, int D, float scale) {
+__device__ __forceinline__ void decode_attn_batch_impl(const T* q, const long long* blocks, const int* nblk,
+                                                       const int* lens, T* o, int layer, int q_heads, int kv_heads,
+                                                       int D, int bs, long long vofs, float scale) {
     const int h = blockIdx.x, b = blockIdx.y;
     const int kvh = h / (q_heads / kv_heads);
     const long long at = ((long long)b * q_heads + h) * D;
-    const long long base = layer * lstride[b] + (long long)kvh * D;
-    decode_attn_row(q + at, (const T*)kbase[b] + base, (const T*)vbase[b] + base, lens[b], o + at, D,
-                    (long long)kv_heads * D, scale);
+    const long long row = (long long)kv_heads * D;
+    const PagedKv<T> kv{blocks + (long long)b * nblk[0], bs, (long long)layer * bs * row + (long long)kvh * D, row, vofs};
+    decode_attn_row(q + at, kv, lens[b], o + at, D, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128) decode_attn_bf16(const bf16* q, const bf16* k_cache, const bf16* v_cache,
@@ -118,16 +141,16 @@ extern "C" __global__ void __launch_bounds__(128) decode_attn_f32(const float* q
                             head_stride, scale);
 }
 
-extern "C" __global__ void __launch_bounds__(128) decode_attn_batch_bf16(const bf16* q, const long long* kbase,
-                                                                         const long long* vbase, const long long* lstride,
-                                                                         const int* lens, bf16* o, int layer, int q_heads,
-                                                                         int kv_heads, int D, float scale) {
-    decode_attn_batch_impl<bf16>(q, kbase, vbase, lstride, lens, o, layer, q_heads, kv_heads, D, scale);
+extern "C" __global__ void __launch_bounds__(128) decode_attn_batch_bf16(const bf16* q, const long long* blocks,
+                                                                         const int* nblk, const int* lens, bf16* o,
+                                                                         int layer, int q_heads, int kv_heads, int D,
+                                                                         int bs, long long vofs, float scale) {
+    decode_attn_batch_impl<bf16>(q, blocks, nblk, lens, o, layer, q_heads, kv_heads, D, bs, vofs, scale);
 }
 
-extern "C" __global__ void __launch_bounds__(128) decode_attn_batch_f32(const float* q, const long long* kbase,
-                                                                        const long long* vbase, const long long* lstride,
-                                                                        const int* lens, float* o, int layer, int q_heads,
-                                                                        int kv_heads, int D, float scale) {
-    decode_attn_batch_impl<float>(q, kbase, vbase, lstride, lens, o, layer, q_heads, kv_heads, D, scale);
+extern "C" __global__ void __launch_bounds__(128) decode_attn_batch_f32(const float* q, const long long* blocks,
+                                                                        const int* nblk, const int* lens, float* o,
+                                                                        int layer, int q_heads, int kv_heads, int D,
+                                                                        int bs, long long vofs, float scale) {
+    decode_attn_batch_impl<float>(q, blocks, nblk, lens, o, layer, q_heads, kv_heads, D, bs, vofs, scale);
 }

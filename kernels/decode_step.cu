@@ -1,10 +1,11 @@
 // The fused pieces of a batched decode step (one new token per sequence, every sequence of the
 // batch in one launch), so a layer costs a fixed number of launches whatever the batch size.
 //
-// Each sequence b has its own KV cache, a separate device allocation laid out
-// [layer][capacity][kv_head][D]; the step's table gives, per sequence, the base address of its
-// keys and of its values (kbase[b], vbase[b], as 64-bit integers), the elements of one layer
-// (lstride[b] = capacity·kv_heads·D) and the position of the new token (pos[b]).
+// KV caches are paged (src/model/kv_cache.rs): a block of bs positions is one allocation, keys
+// then values (vofs elements later), each [layer][bs][kv_head][D]. The step's table gives, per
+// sequence b, its block table blocks[b·(*nblk) + i] (64-bit block addresses; *nblk entries per
+// sequence, read from the table so a captured graph serves any length) and the position of the
+// new token (pos[b]): position p of layer l is slot p % bs of block p / bs.
 //
 // decode_qkv_T: after the q, k and v projections (no bias, [B, heads·D] each): per head row,
 //   + bias (Qwen2), RMSNorm over the head (Qwen3's q/k norms, weights qn/kn [D]), RoPE
@@ -19,6 +20,10 @@
 //   h = RMSNorm(x)·w (as rmsnorm_fwd). One launch for the add and the next norm.
 //   Launch: grid = rows, block = D rounded up to a warp, ≤ 256 (rmsnorm_fwd's). Roofline per
 //   row: reads 2·D, writes 2·D elements; ~5 FLOPs each. Memory bound.
+// kv_append_T: the KV append of the per-op decoder (src/model/decode_gpu.rs): n token rows of k
+//   and v ([n, kv_heads·D], row = kv_heads·D elements) into paged caches, token t at the address
+//   slots[t] of its (layer 0, slot) key row plus lofs = layer·bs·row; its values vofs later.
+//   Launch: grid = n, block = 128. Roofline: a copy, 4·row·sizeof(T) bytes moved per token.
 #include "common.cuh"
 
 template <class T>
@@ -29,9 +34,9 @@ __device__ __forceinline__ float round_to(float x) {
 template <class T>
 __device__ __forceinline__ void decode_qkv_impl(T* q, const T* k, const T* v, const T* bq, const T* bk, const T* bv,
                                                 const T* qn, const T* kn, const float* cs, const float* sn,
-                                                const long long* kbase, const long long* vbase,
-                                                const long long* lstride, const int* pos, int layer, int q_heads,
-                                                int kv_heads, int D, float eps) {
+                                                const long long* blocks, const int* nblk, const int* pos, int bs,
+                                                long long vofs, int layer, int q_heads, int kv_heads, int D,
+                                                float eps) {
     __shared__ float scratch[32];
     __shared__ float row[256];
     const int b = blockIdx.y, hh = blockIdx.x, j = threadIdx.x;
@@ -69,10 +74,11 @@ __device__ __forceinline__ void decode_qkv_impl(T* q, const T* k, const T* v, co
         q[at + j] = from_f32<T>(x);
         return;
     }
-    // Cache element (layer, pos, head, j) of sequence b.
-    const long long off = layer * lstride[b] + ((long long)pos[b] * kv_heads + head) * D + j;
-    T* cache = (T*)(kind == 1 ? kbase[b] : vbase[b]);
-    cache[off] = from_f32<T>(x);
+    // Cache element (layer, pos, head, j) of sequence b: slot pos % bs of block pos / bs.
+    const int p = pos[b];
+    T* blk = (T*)blocks[(long long)b * nblk[0] + p / bs];
+    const long long off = (((long long)layer * bs + p % bs) * kv_heads + head) * D + j + (kind == 2 ? vofs : 0);
+    blk[off] = from_f32<T>(x);
 }
 
 template <class T>
@@ -93,21 +99,40 @@ __device__ __forceinline__ void add_rmsnorm_impl(T* x, const T* y, const T* w, T
 
 extern "C" __global__ void decode_qkv_bf16(bf16* q, const bf16* k, const bf16* v, const bf16* bq, const bf16* bk,
                                            const bf16* bv, const bf16* qn, const bf16* kn, const float* cs,
-                                           const float* sn, const long long* kbase, const long long* vbase,
-                                           const long long* lstride, const int* pos, int layer, int q_heads,
-                                           int kv_heads, int D, float eps) {
-    decode_qkv_impl(q, k, v, bq, bk, bv, qn, kn, cs, sn, kbase, vbase, lstride, pos, layer, q_heads, kv_heads, D, eps);
+                                           const float* sn, const long long* blocks, const int* nblk, const int* pos,
+                                           int bs, long long vofs, int layer, int q_heads, int kv_heads, int D,
+                                           float eps) {
+    decode_qkv_impl(q, k, v, bq, bk, bv, qn, kn, cs, sn, blocks, nblk, pos, bs, vofs, layer, q_heads, kv_heads, D, eps);
 }
 extern "C" __global__ void decode_qkv_f32(float* q, const float* k, const float* v, const float* bq, const float* bk,
                                           const float* bv, const float* qn, const float* kn, const float* cs,
-                                          const float* sn, const long long* kbase, const long long* vbase,
-                                          const long long* lstride, const int* pos, int layer, int q_heads,
-                                          int kv_heads, int D, float eps) {
-    decode_qkv_impl(q, k, v, bq, bk, bv, qn, kn, cs, sn, kbase, vbase, lstride, pos, layer, q_heads, kv_heads, D, eps);
+                                          const float* sn, const long long* blocks, const int* nblk, const int* pos,
+                                          int bs, long long vofs, int layer, int q_heads, int kv_heads, int D,
+                                          float eps) {
+    decode_qkv_impl(q, k, v, bq, bk, bv, qn, kn, cs, sn, blocks, nblk, pos, bs, vofs, layer, q_heads, kv_heads, D, eps);
 }
 extern "C" __global__ void add_rmsnorm_bf16(bf16* x, const bf16* y, const bf16* w, bf16* h, int D, float eps) {
     add_rmsnorm_impl(x, y, w, h, D, eps);
 }
 extern "C" __global__ void add_rmsnorm_f32(float* x, const float* y, const float* w, float* h, int D, float eps) {
     add_rmsnorm_impl(x, y, w, h, D, eps);
+}
+
+template <class T>
+__device__ __forceinline__ void kv_append_impl(const T* k, const T* v, const long long* slots, int row, long long lofs,
+                                               long long vofs) {
+    const long long t = blockIdx.x;
+    T* dst = (T*)slots[t] + lofs;
+    for (int j = threadIdx.x; j < row; j += blockDim.x) {
+        dst[j] = k[t * row + j];
+        dst[vofs + j] = v[t * row + j];
+    }
+}
+extern "C" __global__ void kv_append_bf16(const bf16* k, const bf16* v, const long long* slots, int row, long long lofs,
+                                          long long vofs) {
+    kv_append_impl(k, v, slots, row, lofs, vofs);
+}
+extern "C" __global__ void kv_append_f32(const float* k, const float* v, const long long* slots, int row, long long lofs,
+                                         long long vofs) {
+    kv_append_impl(k, v, slots, row, lofs, vofs);
 }

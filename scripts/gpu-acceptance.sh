@@ -86,7 +86,7 @@ step() {
 }
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"; } >"$OUT/machine.txt"
-# Time caps add up to < 8 min (475 s); each step usually takes far less (plan_vs_cuda: 90 s more).
+# Time caps add up to < 9 min (535 s); each step usually takes far less (plan_vs_cuda: 90 s more).
 step doctor 60 "$BIN/fcgpu" doctor --device cuda
 step gpu_cuda 90 "$BIN/gpu_cuda" --test-threads 1
 step device_parity 120 "$BIN/device_parity" --test-threads 1 cuda::
@@ -111,6 +111,16 @@ count_on() {
 }
 step counters_cuda_vs_emu 30 bash -c "$(declare -f count_on); BIN='$BIN' TRAIN_DIR='$TRAIN_DIR' OUT='$OUT'; \
   count_on cuda && count_on emu && diff '$OUT/counters-cuda.json' '$OUT/counters-emu.json' && echo 'counters: passed'"
+# The paged KV cache on the GPU: the paged decode-attention kernel against the strided one, then
+# the same generations (seeded, sampled on the device) with blocks of 1, 16 and 4,096 positions
+# (one block per sequence: a contiguous cache).
+step paged_decode 60 bash -c "set -e; \
+  '$BIN/gpu_cuda' --test-threads 1 paged_decode_attention; \
+  for bs in 1 16 4096; do '$BIN/fcgpu' generate --model tests/fixtures/models/qwen2-tiny \
+    --input '$TRAIN_DIR/prompts.jsonl' --n 4 --max-new-tokens 40 --seed 3 --device cuda \
+    --kv-block-size \$bs > \"$OUT/paged-\$bs.jsonl\"; done; \
+  cmp '$OUT/paged-1.jsonl' '$OUT/paged-16.jsonl' && cmp '$OUT/paged-16.jsonl' '$OUT/paged-4096.jsonl' \
+  && echo 'paged decode: passed'"
 # The memory plan against the GPU (issue 29): the plan's SFT and GRPO steps run on cuda with a
 # random model of Qwen2.5-0.5B's shapes; each phase's counted peak must be within 1% of the
 # plan's, and the log has cuMemGetInfo and the pool's high-water mark beside it.

@@ -18,7 +18,7 @@ use std::process::Command;
 use fcgpu::autograd::no_grad;
 use fcgpu::backend::GpuDevice;
 use fcgpu::model::decode::Step;
-use fcgpu::model::kv_cache::SeqCache;
+use fcgpu::model::kv_cache::{KvPool, SeqCache};
 use fcgpu::model::{weights::load_all, Batch, Model};
 use fcgpu::rollout::{generate, SamplingConfig};
 use fcgpu::train::optim::{apply_gradients, apply_step, AdamW, AdamWConfig, StepGrads};
@@ -276,9 +276,11 @@ pub fn adamw_steps_agree_with_cpu(dev: Device) {
     eprintln!("AdamW on {dev}: two steps (one clipped) match the cpu");
 }
 
-/// Logits of every new token of one sequence fed in chunks through the KV cache.
+/// Logits of every new token of one sequence fed in chunks through the KV cache (blocks of 4
+/// positions, so the chunks cross blocks).
 fn cached_logits(m: &Model, seq: &[u32], cuts: &[usize]) -> Vec<f32> {
-    let mut c = SeqCache::new(m.kv_shape(), 2);
+    let pool = KvPool::new(m.kv_shape(), 4).unwrap();
+    let mut c = SeqCache::new(&pool);
     let mut out = Vec::new();
     let mut at = 0;
     for &end in cuts.iter().chain([&seq.len()]) {
@@ -295,8 +297,8 @@ fn cached_logits(m: &Model, seq: &[u32], cuts: &[usize]) -> Vec<f32> {
 /// a prefill, and a one-token prompt (as the rollout engine's continuous batch does).
 fn kv_cache_logits(m: &Model, seq: &[u32]) -> Vec<f32> {
     let mut out = cached_logits(m, seq, &[5, 6, 7]);
-    let (mut ca, mut cb, mut cc) =
-        (SeqCache::new(m.kv_shape(), 5), SeqCache::new(m.kv_shape(), 1), SeqCache::new(m.kv_shape(), 1));
+    let pool = KvPool::new(m.kv_shape(), 4).unwrap();
+    let (mut ca, mut cb, mut cc) = (SeqCache::new(&pool), SeqCache::new(&pool), SeqCache::new(&pool));
     no_grad(|| m.forward_cached(&mut [Step { cache: &mut ca, tokens: &seq[..5] }])).unwrap();
     let mut steps = [
         Step { cache: &mut ca, tokens: &seq[5..6] },

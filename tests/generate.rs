@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use fcgpu::autograd::no_grad;
 use fcgpu::model::decode::Step;
-use fcgpu::model::kv_cache::SeqCache;
+use fcgpu::model::kv_cache::{KvPool, SeqCache};
 use fcgpu::model::tokenizer::Tokenizer;
 use fcgpu::model::{Batch, Model};
 use fcgpu::rollout::chat::{tojson, ChatFormat, ChatTemplate};
@@ -30,6 +30,11 @@ fn full_logits(m: &Model, seq: &[u32]) -> Vec<f32> {
     .to_vec()
 }
 
+/// A pool of `bs`-position blocks for `m`'s caches.
+fn pool(m: &Model, bs: usize) -> Arc<KvPool> {
+    KvPool::new(m.kv_shape(), bs).unwrap()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -37,80 +42,98 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 const FAMILIES: [&str; 3] = ["qwen2", "qwen3", "llama"];
 
+/// Prefill of mixed lengths in one call, then one token at a time for every sequence still
+/// running, in a pool of `bs`-position blocks: the logits of every position, in order.
+fn incremental_logits(m: &Model, seqs: &[Vec<u32>], prompt_lens: &[usize], bs: usize) -> Vec<Vec<f32>> {
+    let v = m.config.vocab_size;
+    let pool = pool(m, bs);
+    let mut caches: Vec<SeqCache> = seqs.iter().map(|_| SeqCache::new(&pool)).collect();
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
+    let all = {
+        let mut steps: Vec<Step> = caches
+            .iter_mut()
+            .zip(seqs)
+            .zip(prompt_lens)
+            .map(|((c, s), &p)| Step { cache: c, tokens: &s[..p] })
+            .collect();
+        m.forward_cached_all(&mut steps).unwrap()
+    };
+    let mut off = 0;
+    for (i, &p) in prompt_lens.iter().enumerate() {
+        out[i].extend_from_slice(&all[off * v..(off + p) * v]);
+        off += p;
+    }
+    let mut pos = prompt_lens.to_vec();
+    loop {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| pos[i] < seqs[i].len()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let logits = {
+            let mut steps = Vec::new();
+            for (i, c) in caches.iter_mut().enumerate() {
+                if live.contains(&i) {
+                    steps.push(Step { cache: c, tokens: &seqs[i][pos[i]..pos[i] + 1] });
+                }
+            }
+            m.forward_cached(&mut steps).unwrap()
+        };
+        for (r, &i) in live.iter().enumerate() {
+            out[i].extend_from_slice(&logits[r * v..(r + 1) * v]);
+            pos[i] += 1;
+        }
+    }
+    for (c, s) in caches.iter().zip(seqs) {
+        assert_eq!(c.len(), s.len());
+        assert_eq!(c.blocks().len(), s.len().div_ceil(bs), "blocks follow the tokens cached");
+    }
+    drop(caches);
+    assert_eq!(pool.stats().in_use, 0, "dropped caches give their blocks back");
+    out
+}
+
 #[test]
 fn incremental_decode_equals_full_forward() {
+    // Block sizes 1 and 4 put sequences across many blocks (prefills and decodes crossing block
+    // boundaries); 64 holds every sequence in one block, as a contiguous cache would.
     for kind in FAMILIES {
         let m = model(kind, 3);
-        let v = m.config.vocab_size;
         let seqs: Vec<Vec<u32>> = vec![
             (0..14).map(|i| (i * 7 + 3) % 61).collect(),
             (0..9).map(|i| (i * 13 + 5) % 61).collect(),
             (0..17).map(|i| (i * 29 + 1) % 61).collect(),
         ];
         let full: Vec<Vec<f32>> = seqs.iter().map(|s| full_logits(&m, s)).collect();
-        let prompt_lens = [5usize, 1, 8];
-        // Capacity 1 forces the caches to grow (in blocks) on the way.
-        let mut caches: Vec<SeqCache> = seqs.iter().map(|_| SeqCache::new(m.kv_shape(), 1)).collect();
-        // Prefill of mixed lengths, all sequences in one call.
-        let all = {
-            let mut steps: Vec<Step> = caches
-                .iter_mut()
-                .zip(&seqs)
-                .zip(prompt_lens)
-                .map(|((c, s), p)| Step { cache: c, tokens: &s[..p] })
-                .collect();
-            m.forward_cached_all(&mut steps).unwrap()
-        };
-        let mut off = 0;
-        for (i, &p) in prompt_lens.iter().enumerate() {
-            let d = max_diff(&all[off * v..(off + p) * v], &full[i][..p * v]);
-            assert!(d < 1e-4, "{kind}: prefill of sequence {i}: logits differ by {d}");
-            off += p;
+        let one_block = incremental_logits(&m, &seqs, &[5, 1, 8], 64);
+        for (i, f) in full.iter().enumerate() {
+            let d = max_diff(&one_block[i], f);
+            assert!(d < 1e-4, "{kind}: sequence {i}: incremental logits differ from the full forward by {d}");
         }
-        // Then one token at a time for every sequence still running (they finish at different steps).
-        let mut pos = prompt_lens;
-        let mut worst = 0.0f32;
-        loop {
-            let live: Vec<usize> = (0..seqs.len()).filter(|&i| pos[i] < seqs[i].len()).collect();
-            if live.is_empty() {
-                break;
-            }
-            let logits = {
-                let mut steps = Vec::new();
-                for (i, c) in caches.iter_mut().enumerate() {
-                    if live.contains(&i) {
-                        steps.push(Step { cache: c, tokens: &seqs[i][pos[i]..pos[i] + 1] });
-                    }
-                }
-                m.forward_cached(&mut steps).unwrap()
-            };
-            for (r, &i) in live.iter().enumerate() {
-                let d = max_diff(&logits[r * v..(r + 1) * v], &full[i][pos[i] * v..(pos[i] + 1) * v]);
-                worst = worst.max(d);
-                assert!(d < 1e-4, "{kind}: sequence {i} position {}: logits differ by {d}", pos[i]);
-                pos[i] += 1;
-            }
+        for bs in [1, 4, 16] {
+            let paged = incremental_logits(&m, &seqs, &[5, 1, 8], bs);
+            let worst = (0..seqs.len()).map(|i| max_diff(&paged[i], &one_block[i])).fold(0.0, f32::max);
+            assert!(worst < 1e-5, "{kind}: blocks of {bs} differ from one block by {worst}");
+            eprintln!("{kind}: blocks of {bs} against one block: max |Δlogit| = {worst:.2e}");
         }
-        for (c, s) in caches.iter().zip(&seqs) {
-            assert_eq!(c.len(), s.len());
-        }
-        eprintln!("{kind}: incremental vs full forward, max |Δlogit| = {worst:.2e}");
     }
 }
 
 #[test]
 fn shared_prefix_decode_equals_full_forward() {
+    // A 6-token prompt in blocks of 4: its first block is shared by the three continuations for
+    // good, its last (partial) block is copied by the first two that write into it; the third
+    // finds it no longer shared (the prefill's own cache is gone) and writes in place.
     for kind in FAMILIES {
         let m = model(kind, 4);
         let v = m.config.vocab_size;
+        let pool = pool(&m, 4);
         let prompt: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
-        let mut c = SeqCache::new(m.kv_shape(), prompt.len());
+        let mut c = SeqCache::new(&pool);
         m.forward_cached(&mut [Step { cache: &mut c, tokens: &prompt }]).unwrap();
-        let prefix = c.into_prefix();
-        // Three continuations of the same prompt decoding together over the shared prefix.
         let conts: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4], vec![60, 59, 58, 57], vec![7, 7, 7, 7]];
-        let mut caches: Vec<SeqCache> =
-            conts.iter().map(|_| SeqCache::after(Arc::clone(&prefix), 2)).collect();
+        let mut caches: Vec<SeqCache> = conts.iter().map(|_| c.fork()).collect();
+        drop(c);
+        assert_eq!(pool.stats().in_use, 2, "the forks share the prompt's two blocks");
         for t in 0..4 {
             let logits = {
                 let mut steps: Vec<Step> = caches
@@ -128,15 +151,20 @@ fn shared_prefix_decode_equals_full_forward() {
                 assert!(d < 1e-4, "{kind}: continuation {r} step {t}: logits differ by {d}");
             }
         }
-        // A cache with a prefix flattens into one block that decodes the same.
-        let flat = caches.pop().unwrap().into_prefix();
-        assert_eq!(flat.len(), prompt.len() + 4);
-        let mut c = SeqCache::after(flat, 1);
-        let l = m.forward_cached(&mut [Step { cache: &mut c, tokens: &[9] }]).unwrap();
+        let st = pool.stats();
+        assert_eq!(st.cow_copies, 2, "{kind}: copies on write");
+        // 1 shared + 3 own copies of the second block + 3 third blocks (positions 8, 9).
+        assert_eq!(st.in_use, 7, "{kind}: blocks in use");
+        assert_eq!(caches[0].blocks()[0], caches[2].blocks()[0], "the full prompt block stays shared");
+        // A fork of a running sequence decodes on from where it was, beside it.
+        let mut f = caches[2].fork();
+        let l = m.forward_cached(&mut [Step { cache: &mut f, tokens: &[9] }]).unwrap();
         let seq: Vec<u32> = prompt.iter().chain(&conts[2]).chain(&[9]).copied().collect();
         let full = full_logits(&m, &seq);
         let last = seq.len() - 1;
-        assert!(max_diff(&l, &full[last * v..(last + 1) * v]) < 1e-4, "{kind}: flattened prefix");
+        assert!(max_diff(&l, &full[last * v..(last + 1) * v]) < 1e-4, "{kind}: a fork decodes on");
+        drop((caches, f));
+        assert_eq!(pool.stats().in_use, 0, "{kind}: every block back in the pool");
     }
 }
 
@@ -151,6 +179,46 @@ fn reference_stats(m: &Model, prompt: &[u32], new_ids: &[u32], t: f32) -> (Vec<f
     let n = seq.len();
     let r = prompt.len() - 1..prompt.len() - 1 + new_ids.len();
     (lp[r.clone()].to_vec(), lp[n + r.start..n + r.end].to_vec())
+}
+
+/// Generation does not depend on the KV block size: seeded samples with blocks of 1, 4 and 16
+/// positions are those of one block per sequence (a contiguous cache), on every family.
+#[test]
+fn generations_do_not_depend_on_the_kv_block_size() {
+    for kind in FAMILIES {
+        let m = model(kind, 6);
+        let run = |bs: usize| {
+            let cfg =
+                SamplingConfig { n: 3, max_new_tokens: 20, seed: 9, kv_block_size: bs, ..Default::default() };
+            generate(&m, &prompts(), &cfg, None).unwrap().into_iter().map(|c| c.new_ids).collect::<Vec<_>>()
+        };
+        let contiguous = run(4096);
+        for bs in [1, 4, 16] {
+            assert_eq!(run(bs), contiguous, "{kind}: blocks of {bs}");
+        }
+    }
+}
+
+/// A pool capped at a number of blocks refuses a step that needs more, and the caches stay as
+/// they were: the step can run once blocks are free.
+#[test]
+fn out_of_blocks_is_an_error_that_leaves_the_cache_usable() {
+    let m = model("qwen2", 5);
+    let pool = pool(&m, 4);
+    pool.set_limit(3);
+    let seq: Vec<u32> = (0..16).map(|i| (i * 11 + 2) % 61).collect();
+    let mut a = SeqCache::new(&pool);
+    m.forward_cached(&mut [Step { cache: &mut a, tokens: &seq[..8] }]).unwrap();
+    assert_eq!(pool.free_blocks(), 1);
+    let mut b = SeqCache::new(&pool);
+    let err = m.forward_cached(&mut [Step { cache: &mut b, tokens: &seq[..8] }]).unwrap_err();
+    assert!(format!("{err:#}").contains("out of KV blocks"), "{err:#}");
+    assert_eq!((b.len(), b.blocks().len(), pool.free_blocks()), (0, 0, 1), "a failed prepare takes nothing");
+    drop(a);
+    let l = m.forward_cached(&mut [Step { cache: &mut b, tokens: &seq[..8] }]).unwrap();
+    let full = full_logits(&m, &seq[..8]);
+    let v = m.config.vocab_size;
+    assert!(max_diff(&l, &full[7 * v..8 * v]) < 1e-4);
 }
 
 #[test]
@@ -628,11 +696,12 @@ fn long_prompts_cross_attention_query_blocks() {
         let v = m.config.vocab_size;
         let seq: Vec<u32> = (0..156u32).map(|i| (i * 37 + 11) % 61).collect();
         let full = full_logits(&m, &seq);
-        let mut c = SeqCache::new(m.kv_shape(), 4);
+        let pool = pool(&m, 16);
+        let mut c = SeqCache::new(&pool);
         let pre = m.forward_cached_all(&mut [Step { cache: &mut c, tokens: &seq[..150] }]).unwrap();
         let d = max_diff(&pre, &full[..150 * v]);
         assert!(d < 1e-4, "{kind}: long prefill differs by {d}");
-        let mut s = SeqCache::after(c.into_prefix(), 1);
+        let mut s = c.fork();
         for p in 150..156 {
             let l = m.forward_cached(&mut [Step { cache: &mut s, tokens: &seq[p..p + 1] }]).unwrap();
             let d = max_diff(&l, &full[p * v..(p + 1) * v]);
@@ -650,7 +719,8 @@ fn multi_token_steps_after_cached_tokens() {
         let a: Vec<u32> = (0..90u32).map(|i| (i * 17 + 2) % 61).collect();
         let b: Vec<u32> = (0..6u32).map(|i| (i * 5 + 9) % 61).collect();
         let (fa, fb) = (full_logits(&m, &a), full_logits(&m, &b));
-        let (mut ca, mut cb) = (SeqCache::new(m.kv_shape(), 8), SeqCache::new(m.kv_shape(), 8));
+        let pool = pool(&m, 16);
+        let (mut ca, mut cb) = (SeqCache::new(&pool), SeqCache::new(&pool));
         m.forward_cached(&mut [
             Step { cache: &mut ca, tokens: &a[..5] },
             Step { cache: &mut cb, tokens: &b[..5] },

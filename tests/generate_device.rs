@@ -9,7 +9,7 @@ use fcgpu::autograd::no_grad;
 use fcgpu::backend::counters::Counts;
 use fcgpu::model::decode::Step;
 use fcgpu::model::decode_gpu::DecodeWorkspace;
-use fcgpu::model::kv_cache::SeqCache;
+use fcgpu::model::kv_cache::{KvPool, SeqCache};
 use fcgpu::model::Model;
 use fcgpu::rollout::{generate, generate_counted, SamplingConfig, StepCounts};
 use fcgpu::{DType, Device};
@@ -41,6 +41,9 @@ fn prompts(vocab: usize, count: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// KV block size of these tests: small, so prompts and decodes cross blocks.
+const BS: usize = 4;
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -63,20 +66,20 @@ fn batched_decode_step_equals_the_per_op_path() {
         let cpu = Model::load(&dir).unwrap();
         let v = cpu.config.vocab_size;
         let ps = prompts(v, 3);
-        let mut on_cpu: Vec<SeqCache> =
-            ps.iter().map(|p| SeqCache::new(cpu.kv_shape(), p.len() + 8)).collect();
+        let cpu_pool = KvPool::new(cpu.kv_shape(), BS).unwrap();
+        let mut on_cpu: Vec<SeqCache> = ps.iter().map(|_| SeqCache::new(&cpu_pool)).collect();
         no_grad(|| prefill(&cpu, &mut on_cpu, &ps));
         for dt in [DType::BF16, DType::F32] {
             let m = cpu.to_device_as(Device::Emu, dt).unwrap();
             assert!(m.batched_decode_supported(), "{}", name(&dir));
-            let new =
-                |m: &Model| ps.iter().map(|p| SeqCache::new(m.kv_shape(), p.len() + 8)).collect::<Vec<_>>();
+            let pool = KvPool::new(m.kv_shape(), BS).unwrap();
+            let new = |_: &Model| ps.iter().map(|_| SeqCache::new(&pool)).collect::<Vec<_>>();
             let (mut a, mut b) = (new(&m), new(&m));
             no_grad(|| {
                 prefill(&m, &mut a, &ps);
                 prefill(&m, &mut b, &ps);
             });
-            let mut ws = DecodeWorkspace::new(&m, 4).unwrap();
+            let mut ws = DecodeWorkspace::new(&m, 4, BS).unwrap();
             let mut cpu_caches: Vec<SeqCache> = Vec::new();
             for step in 0..4 {
                 let toks: Vec<[u32; 1]> =
@@ -341,14 +344,15 @@ fn decode_graphs_are_captured_per_batch_size() {
     let m = cpu.to_device(Device::Emu).unwrap();
     let v = m.config.vocab_size;
     let ps = prompts(v, 4);
-    let new = |m: &Model| ps.iter().map(|p| SeqCache::new(m.kv_shape(), p.len() + 16)).collect::<Vec<_>>();
+    let pool = KvPool::new(m.kv_shape(), BS).unwrap();
+    let new = |_: &Model| ps.iter().map(|_| SeqCache::new(&pool)).collect::<Vec<_>>();
     let (mut a, mut b) = (new(&m), new(&m));
     no_grad(|| {
         prefill(&m, &mut a, &ps);
         prefill(&m, &mut b, &ps);
     });
     let (mut plain, mut graphed) =
-        (DecodeWorkspace::new(&m, 4).unwrap(), DecodeWorkspace::new(&m, 4).unwrap());
+        (DecodeWorkspace::new(&m, 4, BS).unwrap(), DecodeWorkspace::new(&m, 4, BS).unwrap());
     plain.set_graphs(false);
     graphed.set_graphs(true);
     // Batch sizes 4, 4, 2, 4, 2, 2, 4: 4 is captured at its second step, 2 at its second.
@@ -379,4 +383,26 @@ fn decode_graphs_are_captured_per_batch_size() {
     }
     assert_eq!(logits[0], logits[1]);
     assert!(graphed.captured_batches().is_empty(), "{:?}", graphed.captured_batches());
+}
+
+/// Generation does not depend on the KV block size: seeded samples (device sampler, bf16) with
+/// blocks of 1, 16 and 4,096 positions (one block per sequence: a contiguous cache) are the same
+/// tokens, on every fixture.
+#[test]
+fn generations_do_not_depend_on_the_kv_block_size() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
+    for dir in fixtures() {
+        let m = Model::load(&dir).unwrap().to_device(Device::Emu).unwrap();
+        let ps = prompts(m.config.vocab_size, 3);
+        let run = |bs: usize| {
+            let cfg =
+                SamplingConfig { n: 3, max_new_tokens: 24, seed: 7, kv_block_size: bs, ..Default::default() };
+            let out = no_grad(|| generate(&m, &ps, &cfg, None)).unwrap();
+            out.into_iter().map(|c| c.new_ids).collect::<Vec<_>>()
+        };
+        let contiguous = run(4096);
+        for bs in [1, 16] {
+            assert_eq!(run(bs), contiguous, "{}: blocks of {bs}", name(&dir));
+        }
+    }
 }

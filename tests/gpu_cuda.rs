@@ -67,6 +67,7 @@ suite_tests!(needs_gpu cuda();
     flash_attention_f32_matches_cpu,
     flash_attention_shared_prefix,
     decode_attention,
+    paged_decode_attention,
     elementwise_ops,
     col_sum_is_exactish_over_many_rows_and_deterministic,
     storage_round_trip,

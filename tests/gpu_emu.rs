@@ -66,6 +66,7 @@ suite_tests!(dev();
     flash_attention_f32_matches_cpu,
     flash_attention_shared_prefix,
     decode_attention,
+    paged_decode_attention,
     elementwise_ops,
     col_sum_is_exactish_over_many_rows_and_deterministic,
     storage_round_trip,
@@ -76,27 +77,6 @@ suite_tests!(dev();
     draw_rows_matches_cpu_sampler,
     draw_rows_without_a_distribution,
 );
-
-/// The decoder's one-row wrapper refuses rows, cache ranges and length entries outside their
-/// buffers instead of launching on them.
-#[test]
-fn decode_attn_row_checks_every_range() {
-    use fcgpu::kernels::attention::{decode_attn_row, CacheRows};
-    let d = GpuDevice::emu();
-    let (nh, nkv, hd, max_len) = (2usize, 1usize, 16usize, 4usize);
-    let q = d.zeros(3 * nh * hd * 2).unwrap(); // 3 rows of bf16
-    let o = d.zeros(3 * nh * hd * 2).unwrap();
-    let kv = d.zeros(2 * max_len * nkv * hd * 2).unwrap(); // 2 layers
-    let lens = d.upload_i32(&[1, 2]).unwrap();
-    let cache =
-        |at, entry| CacheRows { k: &kv, v: &kv, at, max_len, lens: &lens, entry, dtype: fcgpu::DType::BF16 };
-    let layer1 = max_len * nkv * hd * 2;
-    decode_attn_row(&d, &q, &o, 2, &cache(layer1, 1), (nh, nkv, hd)).unwrap();
-    let err = |r: anyhow::Result<()>| format!("{:#}", r.unwrap_err());
-    assert!(err(decode_attn_row(&d, &q, &o, 3, &cache(0, 0), (nh, nkv, hd))).contains("row 3"));
-    assert!(err(decode_attn_row(&d, &q, &o, 0, &cache(layer1 + 2, 0), (nh, nkv, hd))).contains("cache"));
-    assert!(err(decode_attn_row(&d, &q, &o, 0, &cache(0, 2), (nh, nkv, hd))).contains("entry 2"));
-}
 
 /// The device counters count each kind of work exactly: an allocation, an upload's bytes (staged:
 /// no synchronisation), a memset and a kernel launch, a download and its synchronisation; an
@@ -134,6 +114,7 @@ fn counters_count_each_kind_of_device_work() {
 /// `fcgpu generate --counters` on emu: one entry per decode step with its batch, the prefill
 /// steps summed. The device sampler brings back 12 bytes per sequence (token, log-prob,
 /// entropy); `--host-sampler` downloads the whole logits block (batch × vocab, bf16) instead.
+/// On every device it also records the paged KV cache's prefill and block figures.
 #[test]
 fn generate_counters_record_every_decode_step() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -178,8 +159,28 @@ fn generate_counters_record_every_decode_step() {
     for s in c["decode_steps"].as_array().unwrap() {
         assert_eq!(s["d2h_bytes"].as_u64().unwrap(), 4 * vocab * 2, "the bf16 logits block comes back: {s}");
     }
-    let out = run(&["--device", "cpu"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--counters"));
+    // On every device: the KV cache's figures (2 prompts of 5 and 3 tokens, prefilled once for
+    // their 2 samples each); on the cpu nothing else.
+    for device in ["emu", "cpu"] {
+        let out = run(&["--device", device]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+        let kv = &c["kv"];
+        assert_eq!(
+            (kv["prefill_tokens"].as_u64(), kv["prefill_tokens_unshared"].as_u64()),
+            (Some(8), Some(16)),
+            "{c}"
+        );
+        assert_eq!(kv["block_size"], 16, "{c}");
+        let (peak, unshared) =
+            (kv["peak_blocks"].as_u64().unwrap(), kv["peak_blocks_unshared"].as_u64().unwrap());
+        assert!(peak >= 4 && peak <= unshared, "{c}");
+        assert_eq!(kv["peak_bytes"].as_u64().unwrap(), peak * kv["block_bytes"].as_u64().unwrap());
+        if device == "cpu" {
+            assert!(c["decode_steps"].as_array().unwrap().is_empty() && c["prefill_steps"] == 0, "{c}");
+        }
+    }
 }
 
 /// A graph on emu: the captured work (a launch, a GEMM, a memset, a device copy) is recorded,

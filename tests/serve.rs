@@ -264,6 +264,34 @@ fn a_client_that_disconnects_mid_stream_frees_its_slots() {
     assert_eq!(status, 200, "{v}");
 }
 
+/// 64 streams cut by their clients right after their first bytes: each one's KV blocks go back
+/// to the pool, so the blocks in use return to zero (and a later request runs).
+#[test]
+fn aborted_streams_give_their_kv_blocks_back() {
+    let s = Server::start(&fixture("qwen2-tiny"), &["--max-batch", "16"]);
+    let health = || -> Value { serde_json::from_str(&s.request("GET", "/health", "").1).unwrap() };
+    assert_eq!(health()["kv_blocks_in_use"], 0);
+    let body = json!({"prompt": "a b c d e f g h i j k l m n o p q r s", "max_tokens": 400, "stream": true});
+    for _ in 0..4 {
+        let mut cs: Vec<_> = (0..16).map(|_| s.send("POST", "/v1/completions", &body.to_string())).collect();
+        let mut buf = [0u8; 64];
+        for c in &mut cs {
+            assert!(c.read(&mut buf).unwrap() > 0);
+        }
+        assert!(health()["kv_blocks_in_use"].as_u64().unwrap() > 0 || health()["running"] == 0);
+        drop(cs);
+    }
+    let ended = |h: &Value| h["cancelled"].as_u64().unwrap() + h["finished"].as_u64().unwrap();
+    let mut h = health();
+    while ended(&h) < 64 || h["running"] != 0 {
+        h = health();
+    }
+    assert_eq!(h["kv_blocks_in_use"], 0, "{h}");
+    assert!(h["kv_blocks_allocated"].as_u64().unwrap() > 0, "{h}");
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "a", "max_tokens": 2}));
+    assert_eq!(status, 200, "{v}");
+}
+
 /// A copy of the qwen2-tiny fixture in `dir` with a context of `ctx` positions.
 fn long_context_copy(dir: &Path, ctx: usize) -> PathBuf {
     let model = dir.join("qwen2-tiny");

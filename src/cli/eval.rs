@@ -56,6 +56,9 @@ pub struct Args {
     /// With `--model`: most sequences decoded at once.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// With `--model`: positions per block of the paged KV cache.
+    #[arg(long, default_value_t = crate::model::kv_cache::DEFAULT_BLOCK)]
+    pub kv_block_size: usize,
     /// With `--model`: cpu, cuda, cuda:N, emu, or auto (cuda when a GPU is usable, else cpu).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -96,6 +99,7 @@ impl Default for Args {
             limit: None,
             max_new_tokens: 512,
             batch_size: 64,
+            kv_block_size: crate::model::kv_cache::DEFAULT_BLOCK,
             save_results: None,
             device: "auto".into(),
             dtype: None,
@@ -241,6 +245,7 @@ fn generate_results(dir: &Path, samples: &[Sample], a: &Args) -> Result<Vec<Hash
         seed: a.seed,
         max_batch: a.batch_size.max(1),
         progress: true,
+        kv_block_size: a.kv_block_size,
         ..Default::default()
     };
     let out = rollout::generate(&model, &prompts, &cfg, Some(&tok))?;

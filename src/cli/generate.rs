@@ -63,11 +63,16 @@ pub struct Args {
     /// Most sequences decoded at once (finished ones are replaced by waiting prompts).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// On a GPU device: write what each step asked of the device (kernel launches, bytes each
-    /// way, synchronisations, allocations) as JSON: `{"prefill": {...}, "prefill_steps": n,
-    /// "decode_steps": [{"batch", "launches", "h2d_bytes", "d2h_bytes", "syncs", "allocs"}, ...]}`.
+    /// Write what the run asked of the device and the KV cache as JSON: on a GPU device each
+    /// step's work (`{"prefill": {...}, "prefill_steps": n, "decode_steps": [{"batch",
+    /// "launches", "h2d_bytes", "d2h_bytes", "syncs", "allocs"}, ...]}`), and on every device
+    /// `"kv"`: prompt tokens prefilled against prefilling every sample, and KV blocks held at the
+    /// peak against holding them unshared (docs/performance.md).
     #[arg(long)]
     pub counters: Option<PathBuf>,
+    /// Positions per block of the paged KV cache.
+    #[arg(long, default_value_t = crate::model::kv_cache::DEFAULT_BLOCK)]
+    pub kv_block_size: usize,
 }
 
 #[derive(Deserialize)]
@@ -198,9 +203,6 @@ fn check_n(n: usize, max_new: usize, model: &Model) -> Result<()> {
 pub fn run(a: Args) -> Result<()> {
     check_stops(&a.stop)?;
     let device = super::device(&a.device, "generate")?;
-    if a.counters.is_some() && !device.is_gpu() {
-        bail!("--counters counts what a GPU device is asked to do; --device {device} is not one (use cuda or emu)");
-    }
     let mut model = super::load_model(&a.model, a.adapter.as_deref(), device, a.dtype.as_deref())?;
     let max_new = max_new_tokens(a.max_new_tokens, model.config.max_position_embeddings)?;
     check_n(a.n, max_new, &model)?;
@@ -224,6 +226,7 @@ pub fn run(a: Args) -> Result<()> {
         progress: true,
         host_sampler: a.host_sampler,
         decode_graphs: None,
+        kv_block_size: a.kv_block_size,
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -32,6 +32,9 @@ pub struct Args {
     /// Most samples decoded at once (requests join as slots free up).
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// Positions per block of the paged KV cache (docs/serve.md).
+    #[arg(long, default_value_t = crate::model::kv_cache::DEFAULT_BLOCK)]
+    pub kv_block_size: usize,
     /// Most requests waiting for a slot; one more is answered 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -87,6 +90,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: a.max_batch,
         max_queue: a.max_queue,
         compact: a.style == ServeStyle::Compact,
+        kv_block_size: a.kv_block_size,
         timeouts,
     };
     let (dir, dtype, adapter) = (a.model.clone(), a.dtype.clone(), a.adapter.clone());

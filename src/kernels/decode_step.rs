@@ -9,14 +9,17 @@ use anyhow::{bail, ensure, Result};
 use crate::backend::{dtype_suffix, GpuDevice, Kernel, KernelArgs, LaunchCfg};
 use crate::dtype::DType;
 
-/// Device addresses of a decode step's per-sequence table: cache bases (`kbase`, `vbase`, i64
-/// addresses), elements per layer (`lstride`, i64), token ids, positions and attended lengths
-/// (i32), and the RoPE cos/sin of each position (f32 `[B, head_dim/2]`).
+/// Device addresses of a decode step's per-sequence table: each sequence's block table
+/// (`blocks`: i64 block addresses, `[B, *nblk]`; `nblk`: one i32, the entries per sequence),
+/// token ids, positions and attended lengths (i32), and the RoPE cos/sin of each position (f32
+/// `[B, head_dim/2]`); and the paged layout (`model::kv_cache`): positions per block and the
+/// elements from a block's keys to its values.
 #[derive(Clone, Copy, Debug)]
 pub struct StepTable {
-    pub kbase: u64,
-    pub vbase: u64,
-    pub lstride: u64,
+    pub blocks: u64,
+    pub nblk: u64,
+    pub block_size: usize,
+    pub vofs: usize,
     pub ids: u64,
     pub pos: u64,
     pub lens: u64,
@@ -94,11 +97,45 @@ pub unsafe fn decode_qkv(
     }
     let mut a = KernelArgs::new();
     a.ptr(q).ptr(k).ptr(v).ptr(ex.bq).ptr(ex.bk).ptr(ex.bv).ptr(ex.qn).ptr(ex.kn);
-    a.ptr(t.cos).ptr(t.sin).ptr(t.kbase).ptr(t.vbase).ptr(t.lstride).ptr(t.pos);
-    a.i32(layer as i32).i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32).f32(eps);
+    a.ptr(t.cos).ptr(t.sin).ptr(t.blocks).ptr(t.nblk).ptr(t.pos);
+    a.i32(t.block_size as i32)
+        .i64(t.vofs as i64)
+        .i32(layer as i32)
+        .i32(d.q_heads as i32)
+        .i32(d.kv_heads as i32)
+        .i32(d.head_dim as i32)
+        .f32(eps);
     let grid = ((d.q_heads + 2 * d.kv_heads) as u32, d.batch as u32, 1);
     let cfg = LaunchCfg { grid, block: (row_block(d.head_dim), 1, 1), shared_bytes: 0 };
     dev.launch(Kernel::new("decode_step.cu", pick(dtype, "decode_qkv_bf16", "decode_qkv_f32")?), cfg, &mut a)
+}
+
+/// The per-op decoder's KV append: `n` rows of `k` and `v` (`row` elements each, `dtype`) into
+/// paged caches, row t at `slots[t]` (i64 address of its key row at layer 0) plus layer
+/// `layer`'s offset (see `kernels/decode_step.cu`).
+///
+/// # Safety
+/// `k`, `v` hold `n` rows; `slots` holds `n` addresses of slots of blocks laid out as
+/// `model::kv_cache` says, with `block_size` positions and values `vofs` elements after keys.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn kv_append(
+    dev: &GpuDevice,
+    dtype: DType,
+    (k, v): (u64, u64),
+    slots: u64,
+    n: usize,
+    row: usize,
+    (layer, block_size, vofs): (usize, usize, usize),
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    ensure!(n <= i32::MAX as usize && row <= i32::MAX as usize, "kv_append of {n} rows of {row}");
+    let mut a = KernelArgs::new();
+    a.ptr(k).ptr(v).ptr(slots).i32(row as i32);
+    a.i64((layer * block_size * row) as i64).i64(vofs as i64);
+    let cfg = LaunchCfg { grid: (n as u32, 1, 1), block: (128, 1, 1), shared_bytes: 0 };
+    dev.launch(Kernel::new("decode_step.cu", pick(dtype, "kv_append_bf16", "kv_append_f32")?), cfg, &mut a)
 }
 
 /// One query token per sequence of the batch against its own cache (layer `layer`), in one
@@ -121,9 +158,9 @@ pub unsafe fn decode_attn_batch(
         return Ok(());
     }
     let mut a = KernelArgs::new();
-    a.ptr(q).ptr(t.kbase).ptr(t.vbase).ptr(t.lstride).ptr(t.lens).ptr(o);
+    a.ptr(q).ptr(t.blocks).ptr(t.nblk).ptr(t.lens).ptr(o);
     a.i32(layer as i32).i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.head_dim as i32);
-    a.f32(1.0 / (d.head_dim as f32).sqrt());
+    a.i32(t.block_size as i32).i64(t.vofs as i64).f32(1.0 / (d.head_dim as f32).sqrt());
     let cfg = LaunchCfg { grid: (d.q_heads as u32, d.batch as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
     let name = pick(dtype, "decode_attn_batch_bf16", "decode_attn_batch_f32")?;
     dev.launch(Kernel::new("decode_attn.cu", name), cfg, &mut a)

@@ -17,6 +17,7 @@ use super::Model;
 use crate::autograd::no_grad;
 use crate::ops::attention::cpu::masked_softmax_rows;
 use crate::ops::matmul::cpu::gemm_strided;
+use crate::ops::matmul::skinny::dot;
 use crate::ops::{self, SendPtr};
 use crate::tensor::Tensor;
 
@@ -102,7 +103,7 @@ impl Model {
                 self.layers_forward(&p.ids, &p.positions, &mut attn)?
             };
             for s in steps.iter_mut() {
-                s.cache.own.commit(s.tokens.len());
+                s.cache.commit(s.tokens.len());
             }
             let x = if last_only {
                 // Each step's last row (an embedding lookup into the hidden states).
@@ -117,8 +118,8 @@ impl Model {
         })
     }
 
-    /// Checks the steps against the model and packs their new tokens (a GPU cache also gets
-    /// room for them).
+    /// Checks the steps against the model, packs their new tokens and prepares their caches'
+    /// blocks for them.
     fn pack_steps(&self, steps: &mut [Step]) -> Result<Packed> {
         let (c, shape) = (&self.config, self.kv_shape());
         let mut p =
@@ -126,17 +127,15 @@ impl Model {
         for (i, s) in steps.iter_mut().enumerate() {
             ensure!(!s.tokens.is_empty(), "decode step {i} has no tokens");
             ensure!(
-                s.cache.own.shape == shape,
+                s.cache.shape() == shape,
                 "decode step {i}: cache shape {:?} does not fit the model {:?}",
-                s.cache.own.shape,
+                s.cache.shape(),
                 shape
             );
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 anyhow::bail!("token id {bad} is outside the vocabulary of {}", c.vocab_size);
             }
-            if shape.device.is_gpu() {
-                s.cache.gpu_prepare(s.tokens.len())?;
-            }
+            s.cache.prepare(s.tokens.len())?;
             p.starts.push(p.ids.len());
             let p0 = s.cache.len() as u32;
             p.ids.extend_from_slice(s.tokens);
@@ -185,7 +184,7 @@ impl Attention for CpuCache<'_, '_> {
         let scale = 1.0 / (hd as f32).sqrt();
         let (q, k, v) = (q.f32s()?, k.f32s()?, v.f32s()?);
         for (s, &r0) in self.steps.iter_mut().zip(self.starts) {
-            s.cache.own.write(li, s.tokens.len(), &k[r0 * ks..], &v[r0 * ks..], ks);
+            s.cache.write(li, s.tokens.len(), &k[r0 * ks..], &v[r0 * ks..], ks);
         }
         let mut a = vec![0.0f32; n * qs];
         let ap = SendPtr(a.as_mut_ptr());
@@ -193,7 +192,6 @@ impl Attention for CpuCache<'_, '_> {
             self.steps.iter().zip(self.starts).map(|(s, &r0)| (&*s.cache, r0, s.tokens.len())).collect();
         self.tasks.par_iter().for_each(|t| {
             let (cache, r0, len) = views[t.entry];
-            let (prefix_len, own_len) = (cache.prefix_len(), cache.own.len() + len);
             let past = cache.len(); // positions before this step's tokens
             let (head0, rows, q_rs, ones) = if t.head == usize::MAX {
                 (t.kvh * group, group, hd, true)
@@ -203,8 +201,9 @@ impl Attention for CpuCache<'_, '_> {
             let qoff = (r0 + t.t0) * qs + head0 * hd;
             // Query row r sees every cached key, plus this step's keys up to its own.
             let visible = |r: usize| if ones { past + 1 } else { past + t.t0 + r + 1 };
-            let own = (cache.own.keys(li, t.kvh), cache.own.values(li, t.kvh), own_len);
-            let pre = cache.prefix.as_ref().map(|p| (p.keys(li, t.kvh), p.values(li, t.kvh), prefix_len));
+            // Keys this task's last row sees (later ones in the step are masked anyway).
+            let upto = if ones { past + 1 } else { past + t.t0 + rows };
+            let segs = cache.segments(li, t.kvh, upto.min(past + len));
             // SAFETY: each task writes only its own query rows (head, tokens) of `a`.
             unsafe {
                 attend(
@@ -213,8 +212,7 @@ impl Attention for CpuCache<'_, '_> {
                     rows,
                     hd,
                     scale,
-                    pre,
-                    own,
+                    &segs,
                     &visible,
                     { ap }.0.add(qoff),
                     q_rs,
@@ -227,9 +225,13 @@ impl Attention for CpuCache<'_, '_> {
 
 type Seg<'a> = (&'a [f32], &'a [f32], usize);
 
-/// Softmax(q·Kᵀ·scale)·V for `rows` query rows (row stride `q_rs`) over a prefix segment and an
-/// own segment of keys (each `len × hd`, contiguous); row r attends to the first `visible(r)`
-/// keys of the concatenation. Writes `rows × hd` at `out` (row stride `out_rs`).
+/// Query rows up to this many (one decode token's GQA group) are scored and weighed with plain
+/// loops: against 16-key blocks a GEMM call per block costs more than its products.
+const LOOP_ROWS: usize = 8;
+
+/// Softmax(q·Kᵀ·scale)·V for `rows` query rows (row stride `q_rs`) over the keys of `segs` in
+/// order (blocks of a paged cache: each `len × hd`, contiguous); row r attends to the first
+/// `visible(r)` keys of their concatenation. Writes `rows × hd` at `out` (row stride `out_rs`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend(
     q: *const f32,
@@ -237,82 +239,67 @@ unsafe fn attend(
     rows: usize,
     hd: usize,
     scale: f32,
-    pre: Option<Seg>,
-    own: Seg,
+    segs: &[Seg],
     visible: &dyn Fn(usize) -> usize,
     out: *mut f32,
     out_rs: usize,
 ) {
-    let p = pre.map_or(0, |s| s.2);
-    let total = p + own.2;
+    let total: usize = segs.iter().map(|s| s.2).sum();
     let mut sc = vec![0.0f32; rows * total];
-    if let Some((pk, _, pl)) = pre {
-        gemm_strided(
-            rows,
-            pl,
-            hd,
-            sc.as_mut_ptr(),
-            total,
-            false,
-            q,
-            q_rs as isize,
-            1,
-            pk.as_ptr(),
-            1,
-            hd as isize,
-            scale,
-        );
-    }
-    gemm_strided(
-        rows,
-        own.2,
-        hd,
-        sc.as_mut_ptr().add(p),
-        total,
-        false,
-        q,
-        q_rs as isize,
-        1,
-        own.0.as_ptr(),
-        1,
-        hd as isize,
-        scale,
-    );
-    masked_softmax_rows(&mut sc, rows, total, visible);
-    let mut acc = false;
-    if let Some((_, pv, pl)) = pre {
-        if pl > 0 {
+    let looped = rows <= LOOP_ROWS;
+    let qrow = |r: usize| std::slice::from_raw_parts(q.add(r * q_rs), hd);
+    let mut at = 0;
+    for &(k, _, n) in segs {
+        if looped {
+            for r in 0..rows {
+                let s = &mut sc[r * total + at..r * total + at + n];
+                for (j, x) in s.iter_mut().enumerate() {
+                    *x = dot(qrow(r), &k[j * hd..(j + 1) * hd]) * scale;
+                }
+            }
+        } else {
+            let sp = sc.as_mut_ptr().add(at);
             gemm_strided(
                 rows,
+                n,
                 hd,
-                pl,
-                out,
-                out_rs,
+                sp,
+                total,
                 false,
-                sc.as_ptr(),
-                total as isize,
+                q,
+                q_rs as isize,
                 1,
-                pv.as_ptr(),
+                k.as_ptr(),
+                1,
                 hd as isize,
-                1,
-                1.0,
+                scale,
             );
-            acc = true;
         }
+        at += n;
     }
-    gemm_strided(
-        rows,
-        hd,
-        own.2,
-        out,
-        out_rs,
-        acc,
-        sc.as_ptr().add(p),
-        total as isize,
-        1,
-        own.1.as_ptr(),
-        hd as isize,
-        1,
-        1.0,
-    );
+    masked_softmax_rows(&mut sc, rows, total, visible);
+    if looped {
+        for r in 0..rows {
+            let o = std::slice::from_raw_parts_mut(out.add(r * out_rs), hd);
+            o.fill(0.0);
+            let mut at = 0;
+            for &(_, v, n) in segs {
+                for (j, &p) in sc[r * total + at..r * total + at + n].iter().enumerate() {
+                    if p != 0.0 {
+                        for (y, &x) in o.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+                            *y += p * x;
+                        }
+                    }
+                }
+                at += n;
+            }
+        }
+        return;
+    }
+    let mut at = 0;
+    for (i, &(_, v, n)) in segs.iter().enumerate() {
+        let sp = sc.as_ptr().add(at);
+        gemm_strided(rows, hd, n, out, out_rs, i > 0, sp, total as isize, 1, v.as_ptr(), hd as isize, 1, 1.0);
+        at += n;
+    }
 }

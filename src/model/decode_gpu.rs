@@ -1,9 +1,9 @@
 //! Attention over KV caches on a GPU device (the rollout engine's decoder there), the strategy
 //! the one transformer block (`block.rs`) calls for every layer.
 //!
-//! Keys and values go into each sequence's device cache (in the model's activation dtype, bf16
-//! or f32; one copy per step and layer).
-//! The new tokens of steps that start from an empty cache (prefills) go through flash attention
+//! Keys and values go into each sequence's blocks of the paged cache (`kv_cache.rs`; in the
+//! model's activation dtype, bf16 or f32): one `kv_append` launch per layer scatters every new
+//! token's row to its slot, whatever the blocks. The new tokens of steps that start from an empty cache (prefills) go through flash attention
 //! together, as packed sequences; a single new token after a cache goes through the
 //! decode-attention kernel against its cache. A step of several tokens after a cache runs one
 //! token at a time ([`Model::forward_split_gpu`]).
@@ -11,16 +11,16 @@
 //! The rollout's steady state, one new token after a cache for every sequence, has its own
 //! batched step ([`Model::decode_step_gpu`]): a fixed number of launches per layer whatever the
 //! batch (the projections as GEMMs over the batch, one fused bias/norm/RoPE/KV-append kernel,
-//! one decode-attention launch reaching each sequence's cache through a table, fused residual
-//! add + RMSNorm), one upload of that table, and no allocation: every activation lives in a
+//! one decode-attention launch reaching each sequence's blocks through its block table, fused
+//! residual add + RMSNorm), one upload of the step's table, and no allocation: every activation lives in a
 //! [`DecodeWorkspace`] reused from step to step. Its kernels round where the per-op path stores,
 //! so its logits are the per-op path's, bit for bit (tests/generate_device.rs).
 //!
 //! With graphs on ([`decode_graphs_from_env`], `FCGPU_CUDA_GRAPHS=1`; off by default) the step's
 //! launches are captured once per batch size and replayed as one launch: every argument they
 //! take is fixed for a batch size (workspace buffers, weights, the table's device addresses),
-//! and what changes from step to step (tokens, positions, cache addresses) is read from the
-//! table the step uploads first.
+//! and what changes from step to step (tokens, positions, block tables and their width) is read
+//! from the table the step uploads first.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,24 +30,66 @@ use super::block::Attention;
 use super::decode::Step;
 use super::Model;
 use crate::backend::{Gemm, GpuBuffer, GpuDevice, GpuGraph};
-use crate::kernels::attention::{decode_attn_row, CacheRows};
 use crate::kernels::decode_step::{self as ks, HeadDims, QkvExtras, StepTable};
-use crate::ops::device::{buf, cast, copy_bytes, zeros};
+use crate::ops::device::{buf, cast, zeros};
 use crate::ops::{self};
 use crate::tensor::{DType, Tensor};
 
-/// Attention against the device caches of `steps` (room made by `SeqCache::gpu_prepare`).
+/// Attention against the paged device caches of `steps` (blocks prepared by `pack_steps`).
 pub(crate) struct GpuCache<'s, 'a> {
     dev: GpuDevice,
     steps: &'s mut [Step<'a>],
     starts: &'s [usize],
     /// Each step's new tokens as a packed sequence (flash attention for the prefills).
     seqs: Vec<(usize, usize)>,
-    /// Keys visible to each decode token (its own included, written before attention runs).
-    lens: GpuBuffer,
+    /// The address of every new token's key slot at layer 0 (i64, packed order): the KV append.
+    slots: GpuBuffer,
+    /// Every step's block table and attended length (its new token included): what the
+    /// decode-attention kernel reads for a single new token.
+    table: PagedTable,
     /// Element dtype of the caches, and of q/k/v and the output here.
     dt: DType,
     prefill: bool,
+}
+
+/// Block tables `[entries, nblk]` (i64 addresses), their width `nblk` (one i32) and lengths
+/// (i32 per entry), uploaded together; `view` is the step table the kernels take.
+struct PagedTable {
+    _buf: GpuBuffer,
+    view: StepTable,
+}
+
+impl PagedTable {
+    fn upload(dev: &GpuDevice, steps: &[Step], pool: (usize, usize)) -> Result<PagedTable> {
+        let nblk = steps.iter().map(|s| s.cache.blocks().len()).max().unwrap_or(0).max(1);
+        let (b, tab) = (steps.len(), 8);
+        let mut host = vec![0u8; tab + 8 * b * nblk + 4 * b];
+        host[..4].copy_from_slice(&(nblk as i32).to_le_bytes());
+        for (i, s) in steps.iter().enumerate() {
+            for (j, blk) in s.cache.blocks().iter().enumerate() {
+                let at = tab + 8 * (i * nblk + j);
+                host[at..at + 8].copy_from_slice(&blk.addr.to_le_bytes());
+            }
+            let at = tab + 8 * b * nblk + 4 * i;
+            host[at..at + 4].copy_from_slice(&((s.cache.len() + s.tokens.len()) as i32).to_le_bytes());
+        }
+        let buf = crate::backend::memory::scope(crate::backend::memory::Category::Workspace, || {
+            dev.upload_bytes(&host)
+        })?;
+        let p = buf.ptr();
+        let view = StepTable {
+            blocks: p + tab as u64,
+            nblk: p,
+            block_size: pool.0,
+            vofs: pool.1,
+            ids: 0,
+            pos: 0,
+            lens: p + (tab + 8 * b * nblk) as u64,
+            cos: 0,
+            sin: 0,
+        };
+        Ok(PagedTable { _buf: buf, view })
+    }
 }
 
 impl<'s, 'a> GpuCache<'s, 'a> {
@@ -57,11 +99,25 @@ impl<'s, 'a> GpuCache<'s, 'a> {
         starts: &'s [usize],
     ) -> Result<GpuCache<'s, 'a>> {
         let dev = model.embed.gpu_storage().context("the model is not on a GPU device")?.device().clone();
-        let seqs = steps.iter().zip(starts).map(|(s, &r0)| (r0, s.tokens.len())).collect();
-        let lens: Vec<i32> = steps.iter().map(|s| s.cache.len() as i32 + 1).collect();
-        let lens = dev.upload_i32(&lens)?;
+        let seqs: Vec<(usize, usize)> =
+            steps.iter().zip(starts).map(|(s, &r0)| (r0, s.tokens.len())).collect();
+        let pool =
+            steps.first().map_or((1, 0), |s| (s.cache.pool().block_size(), s.cache.pool().half_elems()));
+        ensure!(
+            steps.iter().all(|s| s.cache.pool().block_size() == pool.0),
+            "one forward pass over caches with different KV block sizes"
+        );
+        let mut slots = Vec::new();
+        for s in steps.iter() {
+            let p0 = s.cache.len();
+            slots.extend((p0..p0 + s.tokens.len()).map(|p| s.cache.gpu_row(0, p).0 as i64));
+        }
+        let slots = crate::backend::memory::scope(crate::backend::memory::Category::Workspace, || {
+            dev.upload_bytes(bytemuck::cast_slice(&slots))
+        })?;
+        let table = PagedTable::upload(&dev, steps, pool)?;
         let prefill = steps.iter().any(|s| s.tokens.len() > 1);
-        Ok(GpuCache { dev, steps, starts, seqs, lens, dt: model.kv_shape().dtype, prefill })
+        Ok(GpuCache { dev, steps, starts, seqs, slots, table, dt: model.kv_shape().dtype, prefill })
     }
 }
 
@@ -70,13 +126,19 @@ impl Attention for GpuCache<'_, '_> {
         let (n, nh, nkv, hd) = (q.dim(0), q.dim(1), k.dim(1), q.dim(2));
         let dt = self.dt;
         let (q, k, v) = (cast(q, dt)?, cast(k, dt)?, cast(v, dt)?);
-        let row = nkv * hd * dt.size();
-        for (s, &r0) in self.steps.iter_mut().zip(self.starts) {
-            let at = s.cache.own.gpu_offset(li, s.cache.own.len());
-            let g = s.cache.own.gpu_buffers()?;
-            copy_bytes(&g.k, at, buf(&k), r0 * row, s.tokens.len() * row)?;
-            copy_bytes(&g.v, at, buf(&v), r0 * row, s.tokens.len() * row)?;
-        }
+        let t = &self.table.view;
+        // SAFETY: `slots` holds the n packed tokens' slots, prepared blocks of this layout.
+        unsafe {
+            ks::kv_append(
+                &self.dev,
+                dt,
+                (buf(&k).ptr(), buf(&v).ptr()),
+                self.slots.ptr(),
+                n,
+                nkv * hd,
+                (li, t.block_size, t.vofs),
+            )?
+        };
         // Flash attention for the prefills (several tokens, empty cache: causal attention among
         // them); decode attention against the cache for every single new token (its rows of the
         // flash output, if any, are overwritten).
@@ -85,15 +147,25 @@ impl Attention for GpuCache<'_, '_> {
         } else {
             Tensor::from_gpu(zeros(&self.dev, dt, n * nh * hd)?, &[n, nh, hd])?
         };
-        for (e, s) in self.steps.iter_mut().enumerate() {
+        let d = HeadDims { batch: 1, q_heads: nh, kv_heads: nkv, head_dim: hd };
+        let row_bytes = (nh * hd * dt.size()) as u64;
+        let (qp, ap) = (buf(&q).ptr(), buf(&a).ptr());
+        let nblk = self.steps.iter().map(|s| s.cache.blocks().len()).max().unwrap_or(0).max(1) as u64;
+        if !self.prefill {
+            // Every step is one token: one launch for all, row e of q against entry e.
+            let d = HeadDims { batch: self.steps.len(), ..d };
+            // SAFETY: q and a hold a row per step; the table holds every step's blocks and length.
+            unsafe { ks::decode_attn_batch(&self.dev, dt, qp, ap, t, li, d)? };
+            return Ok(a);
+        }
+        for (e, s) in self.steps.iter().enumerate() {
             if s.tokens.len() > 1 {
                 continue;
             }
-            let own = &mut s.cache.own;
-            let (max_len, at) = (own.capacity(), own.gpu_offset(li, 0));
-            let g = own.gpu_buffers()?;
-            let cache = CacheRows { k: &g.k, v: &g.v, at, max_len, lens: &self.lens, entry: e, dtype: dt };
-            decode_attn_row(&self.dev, buf(&q), buf(&a), self.starts[e], &cache, (nh, nkv, hd))?;
+            let r = self.starts[e] as u64 * row_bytes;
+            let one = StepTable { blocks: t.blocks + 8 * e as u64 * nblk, lens: t.lens + 4 * e as u64, ..*t };
+            // SAFETY: row starts[e] of q and a exists; entry e of the table is this step's.
+            unsafe { ks::decode_attn_batch(&self.dev, dt, qp + r, ap + r, &one, li, d)? };
         }
         Ok(a)
     }
@@ -126,13 +198,14 @@ impl Model {
 }
 
 /// Byte offsets of the sections of a decode step's table for `b` sequences (see
-/// [`StepTable`]): three i64 arrays, three i32 arrays, then cos and sin (f32 `[b, head_dim/2]`).
-fn table_offsets(b: usize, head_dim: usize) -> [usize; 9] {
+/// [`StepTable`]): the block-table width (one i32, 8 bytes kept), token ids, positions and
+/// lengths (i32 `[b]` each), cos and sin (f32 `[b, head_dim/2]`), then the block tables (i64,
+/// from the last offset on; their width varies from step to step).
+fn table_offsets(b: usize, head_dim: usize) -> [usize; 7] {
     let h = head_dim / 2;
-    let (i64s, i32s) = (8 * b, 4 * b);
-    let ids = 3 * i64s;
-    let cos = ids + 3 * i32s;
-    [0, i64s, 2 * i64s, ids, ids + i32s, ids + 2 * i32s, cos, cos + 4 * b * h, cos + 8 * b * h]
+    let cos = 8 + 12 * b;
+    let blocks = (cos + 8 * b * h).next_multiple_of(8);
+    [0, 8, 8 + 4 * b, 8 + 8 * b, cos, cos + 4 * b * h, blocks]
 }
 
 /// The activations of a batched decode step for up to `cap` sequences, allocated once and reused
@@ -158,6 +231,10 @@ pub struct DecodeWorkspace {
     lr: GpuBuffer,
     logits: GpuBuffer,
     table: GpuBuffer,
+    /// Positions per KV block of the caches this workspace serves, and the most blocks one
+    /// sequence can have (the model's context): what the table has room for.
+    block_size: usize,
+    max_blocks: usize,
     host: Vec<u8>,
     /// Captured steps by batch size; `None`: graphs off.
     graphs: Option<DecodeGraphs>,
@@ -184,11 +261,14 @@ pub fn decode_graphs_from_env() -> bool {
 }
 
 impl DecodeWorkspace {
-    /// Buffers for steps of up to `cap` sequences of `model` (on a GPU device).
-    pub fn new(model: &Model, cap: usize) -> Result<DecodeWorkspace> {
+    /// Buffers for steps of up to `cap` sequences of `model` (on a GPU device) whose caches have
+    /// blocks of `block_size` positions.
+    pub fn new(model: &Model, cap: usize, block_size: usize) -> Result<DecodeWorkspace> {
         let dev = model.embed.gpu_storage().context("the model is not on a GPU device")?.device().clone();
         ensure!(model.batched_decode_supported(), "this model has no batched decode step");
         let (c, dt, cap) = (&model.config, model.embed.dtype(), cap.max(1));
+        ensure!(block_size >= 1, "a KV block holds at least one position");
+        let max_blocks = c.max_position_embeddings.div_ceil(block_size).max(1);
         let es = dt.size();
         let ws = crate::backend::memory::Category::Workspace;
         let rows = |width: usize| crate::backend::memory::scope(ws, || dev.alloc(cap * width * es));
@@ -206,7 +286,11 @@ impl DecodeWorkspace {
             m: rows(c.intermediate_size)?,
             lr: rows(model.lora().map_or(1, |l| l.rank))?,
             logits: rows(c.vocab_size)?,
-            table: crate::backend::memory::scope(ws, || dev.alloc(table_offsets(cap, c.head_dim)[8]))?,
+            table: crate::backend::memory::scope(ws, || {
+                dev.alloc(table_offsets(cap, c.head_dim)[6] + 8 * cap * max_blocks)
+            })?,
+            block_size,
+            max_blocks,
             host: Vec::new(),
             graphs: decode_graphs_from_env().then(DecodeGraphs::default),
             vocab: c.vocab_size,
@@ -260,40 +344,50 @@ impl DecodeWorkspace {
     /// staged copy, no synchronisation); returns its device addresses.
     fn upload_table(&mut self, model: &Model, steps: &mut [Step]) -> Result<StepTable> {
         let (b, hd) = (steps.len(), model.config.head_dim);
-        let row = model.kv_shape().row();
         let off = table_offsets(b, hd);
+        let nblk = steps.iter().map(|s| s.cache.blocks().len()).max().unwrap_or(0).max(1);
+        ensure!(nblk <= self.max_blocks, "a sequence of {nblk} KV blocks is past the model's context");
         let mut host = std::mem::take(&mut self.host);
         host.clear();
-        host.resize(off[8], 0);
+        host.resize(off[6] + 8 * b * nblk, 0);
+        host[..4].copy_from_slice(&(nblk as i32).to_le_bytes());
+        let mut half = 0;
         for (i, s) in steps.iter_mut().enumerate() {
+            ensure!(
+                s.cache.pool().block_size() == self.block_size,
+                "a cache of {}-position blocks in a decode workspace for {}",
+                s.cache.pool().block_size(),
+                self.block_size
+            );
+            half = s.cache.pool().half_elems();
             let pos = s.cache.len();
-            let cap = s.cache.own.capacity();
-            let g = s.cache.own.gpu_buffers()?;
             let put = |host: &mut [u8], sec: usize, size: usize, bytes: &[u8]| {
                 host[off[sec] + i * size..off[sec] + (i + 1) * size].copy_from_slice(bytes)
             };
-            put(&mut host, 0, 8, &g.k.ptr().to_le_bytes());
-            put(&mut host, 1, 8, &g.v.ptr().to_le_bytes());
-            put(&mut host, 2, 8, &((cap * row) as i64).to_le_bytes());
-            put(&mut host, 3, 4, &(s.tokens[0] as i32).to_le_bytes());
-            put(&mut host, 4, 4, &(pos as i32).to_le_bytes());
-            put(&mut host, 5, 4, &(pos as i32 + 1).to_le_bytes());
+            put(&mut host, 1, 4, &(s.tokens[0] as i32).to_le_bytes());
+            put(&mut host, 2, 4, &(pos as i32).to_le_bytes());
+            put(&mut host, 3, 4, &(pos as i32 + 1).to_le_bytes());
             let (cos, sin) = model.rope.cos_sin(pos as u32);
-            put(&mut host, 6, 2 * hd, bytemuck::cast_slice(&cos));
-            put(&mut host, 7, 2 * hd, bytemuck::cast_slice(&sin));
+            put(&mut host, 4, 2 * hd, bytemuck::cast_slice(&cos));
+            put(&mut host, 5, 2 * hd, bytemuck::cast_slice(&sin));
+            for (j, blk) in s.cache.blocks().iter().enumerate() {
+                let at = off[6] + 8 * (i * nblk + j);
+                host[at..at + 8].copy_from_slice(&blk.addr.to_le_bytes());
+            }
         }
         self.table.write_at(0, &host)?;
         self.host = host;
         let at = |sec: usize| self.table.ptr() + off[sec] as u64;
         Ok(StepTable {
-            kbase: at(0),
-            vbase: at(1),
-            lstride: at(2),
-            ids: at(3),
-            pos: at(4),
-            lens: at(5),
-            cos: at(6),
-            sin: at(7),
+            blocks: at(6),
+            nblk: at(0),
+            block_size: self.block_size,
+            vofs: half,
+            ids: at(1),
+            pos: at(2),
+            lens: at(3),
+            cos: at(4),
+            sin: at(5),
         })
     }
 }
@@ -324,9 +418,9 @@ impl Model {
 
     /// One decode step of every sequence of `steps` (one new token each, after a non-empty
     /// cache) in a fixed number of launches: the logits land in `ws` (rows in step order) and the
-    /// new keys and values in the caches. Allocates nothing once the caches have room (rollouts
-    /// size a sample's cache for the whole sequence at its first step, which copies its prompt's
-    /// prefix).
+    /// new keys and values in the caches. Allocates nothing once the pool has the blocks
+    /// (rollouts reserve a group's worst case when they admit it; a sample's first step copies
+    /// its partial prompt block, if shared).
     pub fn decode_step_gpu(&self, steps: &mut [Step], ws: &mut DecodeWorkspace) -> Result<()> {
         let (c, b) = (&self.config, steps.len());
         ensure!(b <= ws.cap, "a decode step of {b} sequences in a workspace for {}", ws.cap);
@@ -335,16 +429,13 @@ impl Model {
                 s.tokens.len() == 1 && !s.cache.is_empty(),
                 "decode step {i} is not one token after a cache"
             );
-            ensure!(
-                s.cache.own.shape == self.kv_shape(),
-                "decode step {i}: the cache does not fit the model"
-            );
+            ensure!(s.cache.shape() == self.kv_shape(), "decode step {i}: the cache does not fit the model");
             ensure!(
                 (s.tokens[0] as usize) < c.vocab_size,
                 "token id {} is outside the vocabulary",
                 s.tokens[0]
             );
-            s.cache.gpu_prepare(1)?;
+            s.cache.prepare(1)?;
         }
         let t = ws.upload_table(self, steps)?;
         if ws.graphs.is_some() {
@@ -355,7 +446,7 @@ impl Model {
             unsafe { self.decode_launches(ws, &t, b)? };
         }
         for s in steps.iter_mut() {
-            s.cache.own.commit(1);
+            s.cache.commit(1);
         }
         Ok(())
     }

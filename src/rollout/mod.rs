@@ -3,7 +3,9 @@
 //! [`generate`] runs a continuous batch: up to `max_batch` sequences decode together, one token
 //! per step each, and a sequence that stops leaves the batch at once while the next prompt in
 //! line is admitted in the same step (its prefill rides along with the others' decode). A
-//! prompt is prefilled once; its G samples share that cache as a frozen prefix.
+//! prompt is prefilled once; its G samples share the blocks of that prefill in the paged KV
+//! cache (`model::kv_cache`), each copying only the last, partial prompt block when it first
+//! writes into it.
 //!
 //! Reproducibility: each (prompt index, sample index) draws from its own stream of `seed`, so a
 //! sample's tokens do not depend on the batch size or on the other prompts: on the cpu (and on a
@@ -20,7 +22,6 @@ pub mod sampler;
 
 use std::collections::VecDeque;
 use std::io::IsTerminal;
-use std::sync::Arc;
 
 use anyhow::{bail, ensure, Result};
 use rand::SeedableRng;
@@ -30,15 +31,12 @@ use rayon::prelude::*;
 use crate::backend::counters::Counts;
 use crate::model::decode::Step;
 use crate::model::decode_gpu::DecodeWorkspace;
-use crate::model::kv_cache::SeqCache;
+use crate::model::kv_cache::{KvPool, PoolStats, SeqCache, DEFAULT_BLOCK};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
 use crate::tensor::{DType, Tensor};
 use device_sampler::{device_uniform, DeviceSampler, DrawJob};
 pub use sampler::{Draw, SamplerParams};
-
-/// New positions a GPU sample's cache holds from its first step (see `generate_counted`).
-const GPU_RESERVE: usize = 4096;
 
 #[derive(Clone, Debug)]
 pub struct SamplingConfig {
@@ -68,6 +66,8 @@ pub struct SamplingConfig {
     /// On a GPU device, capture the batched decode step in a graph per batch size and replay it
     /// (see `model::decode_gpu`); `None`: `FCGPU_CUDA_GRAPHS` (off unless `=1`).
     pub decode_graphs: Option<bool>,
+    /// Positions per block of the paged KV cache (`--kv-block-size`).
+    pub kv_block_size: usize,
 }
 
 impl Default for SamplingConfig {
@@ -82,6 +82,7 @@ impl Default for SamplingConfig {
             stop_ids: vec![],
             stop_strings: vec![],
             ignore_eos: false,
+            kv_block_size: DEFAULT_BLOCK,
             max_batch: 0,
             progress: false,
             host_sampler: false,
@@ -166,6 +167,18 @@ pub fn generate(
     generate_indexed(model, prompts, 0, cfg, tok)
 }
 
+/// New positions per sample a GPU rollout reserves KV blocks for when it admits a group (see
+/// `generate_counted`); a longer completion takes more blocks as it goes.
+const GPU_RESERVE: usize = 4096;
+
+/// The most KV blocks a group of `n` samples of a `prompt`-token prompt can hold with up to
+/// `new` new tokens each (and `ctx` positions at most): its full prompt blocks once, shared, and
+/// every sample's blocks from the partial prompt block on (a copy each but for one).
+pub fn group_blocks(pool: &KvPool, prompt: usize, n: usize, new: usize, ctx: usize) -> usize {
+    let shared = prompt / pool.block_size();
+    shared + n * (pool.blocks_for((prompt + new).min(ctx)) - shared)
+}
+
 /// Most prompt tokens prefilled in one step (a longer prompt still goes alone).
 pub const MAX_PREFILL_TOKENS: usize = 8192;
 
@@ -190,6 +203,37 @@ pub struct StepCounts {
     pub prefill: Counts,
     pub prefill_steps: usize,
     pub decode_steps: Vec<DecodeStepCounts>,
+    /// The paged KV cache (every device): see [`KvCounts`].
+    pub kv: KvCounts,
+}
+
+/// What the paged KV cache saved: prompt tokens prefilled (once per prompt) against what
+/// prefilling every sample would compute, and blocks held at the peak against what the same
+/// sequences would hold with no block shared.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct KvCounts {
+    pub block_size: usize,
+    pub block_bytes: usize,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_unshared: usize,
+    pub peak_blocks: usize,
+    pub peak_blocks_unshared: usize,
+    pub peak_bytes: usize,
+    pub cow_copies: u64,
+}
+
+impl KvCounts {
+    /// Adds one call's figures (peaks: the larger).
+    fn add(&mut self, pool: &KvPool, stats: PoolStats, prefill: (usize, usize), unshared_peak: usize) {
+        self.block_size = pool.block_size();
+        self.block_bytes = pool.block_bytes();
+        self.prefill_tokens += prefill.0;
+        self.prefill_tokens_unshared += prefill.1;
+        self.peak_blocks = self.peak_blocks.max(stats.peak_in_use);
+        self.peak_blocks_unshared = self.peak_blocks_unshared.max(unshared_peak);
+        self.peak_bytes = self.peak_blocks * self.block_bytes;
+        self.cow_copies += stats.cow_copies;
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -213,7 +257,7 @@ pub fn generate_indexed(
 }
 
 /// [`generate_indexed`] that adds each step's device work to `log` (a model on a GPU device;
-/// on the cpu there is nothing to count and `log` is left as it is).
+/// on the cpu there is no device work to count) and the KV cache's figures (every device).
 pub fn generate_counted(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -263,11 +307,23 @@ pub fn generate_counted(
     let eos: Vec<u32> = if cfg.ignore_eos { vec![] } else { model.config.eos_token_ids.clone() };
     let max_batch = if cfg.max_batch == 0 { usize::MAX } else { cfg.max_batch };
     let params = cfg.sampler();
-    let shape = model.kv_shape();
+    let pool = KvPool::new(model.kv_shape(), cfg.kv_block_size)?;
+    let (mut prefilled, mut unshared_peak) = ((0, 0), 0);
+    // On a GPU the pool holds, from a group's admission, every block its samples can need (up
+    // to GPU_RESERVE new positions each), so no decode step allocates; `committed` counts
+    // those of the groups running, `left` their running samples.
+    let reserve = |p: usize| {
+        if model.device().is_gpu() {
+            group_blocks(&pool, prompts[p].len(), n, cfg.max_new_tokens.min(GPU_RESERVE), ctx)
+        } else {
+            0
+        }
+    };
+    let (mut committed, mut left) = (0usize, vec![0usize; prompts.len()]);
     // Stop strings: the text of the last few tokens is enough to see one complete.
     let window = cfg.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 4;
 
-    let mut gpu = GpuState::new(model, cfg, (prompts.len() * n).min(max_batch.max(n)))?;
+    let mut gpu = GpuState::new(model, cfg, (prompts.len() * n).min(max_batch.max(n)), pool.block_size())?;
     let bar = progress_bar(cfg.progress, (prompts.len() * n) as u64);
     let mut queue: VecDeque<usize> = (0..prompts.len()).collect();
     let mut live: Vec<Live> = Vec::new();
@@ -288,8 +344,17 @@ pub fn generate_counted(
             }
             queue.pop_front();
             prefill_tokens += prompts[p].len();
-            admitted.push((p, SeqCache::new(shape, prompts[p].len())));
+            admitted.push((p, SeqCache::new(&pool)));
+            left[p] = n;
         }
+        // The prompts' blocks before the prefill, the rest of the groups' after it (so the
+        // reservation does not stand beside the prefill's activations).
+        if model.device().is_gpu() {
+            let prompt_blocks: usize = admitted.iter().map(|(p, _)| pool.blocks_for(prompts[*p].len())).sum();
+            pool.reserve(committed + prompt_blocks)?;
+        }
+        committed += admitted.iter().map(|(p, _)| reserve(*p)).sum::<usize>();
+        prefilled = (prefilled.0 + prefill_tokens, prefilled.1 + n * prefill_tokens);
         if live.is_empty() && admitted.is_empty() {
             break;
         }
@@ -306,26 +371,17 @@ pub fn generate_counted(
             }
             forward_step(model, gpu.as_mut(), &mut steps, pure_decode)?
         };
+        pool.reserve(committed)?;
         for (i, s) in live.iter_mut().enumerate() {
             s.row = i;
         }
         let base = live.len();
-        // On the CPU own positions grow in blocks as the sample runs (most stop long before the
-        // limit); on a GPU the first step allocates the whole sequence, so no later decode step
-        // allocates, up to GPU_RESERVE new tokens (past that the cache grows, so an absurd
-        // --max-new-tokens does not reserve memory for every sample up front).
-        let own_cap = if gpu.is_some() {
-            cfg.max_new_tokens.min(GPU_RESERVE)
-        } else {
-            cfg.max_new_tokens.min(crate::model::kv_cache::GROW)
-        };
         for (k, (p, c)) in admitted.into_iter().enumerate() {
-            let prefix: Arc<_> = c.into_prefix();
             for j in 0..n {
                 live.push(Live {
                     prompt: p,
                     sample: j,
-                    cache: SeqCache::after(prefix.clone(), own_cap),
+                    cache: c.fork(),
                     rng: sample_rng(cfg.seed, first_index + p, j),
                     last: 0,
                     row: base + k,
@@ -355,6 +411,9 @@ pub fn generate_counted(
                     Some(sampler::sample(&host[s.row * vocab..(s.row + 1) * vocab], &params, &mut s.rng));
             });
         }
+        // Blocks these sequences would hold with nothing shared (each its own prompt copy).
+        let held: usize = live.iter().map(|s| pool.blocks_for(s.cache.len())).sum();
+        unshared_peak = unshared_peak.max(held);
         let mut still = Vec::with_capacity(live.len());
         for mut s in live.drain(..) {
             let d = s.draw.take().unwrap();
@@ -383,6 +442,10 @@ pub fn generate_counted(
             match finish {
                 Some(reason) => {
                     bar.inc(1);
+                    left[s.prompt] -= 1;
+                    if left[s.prompt] == 0 {
+                        committed -= reserve(s.prompt);
+                    }
                     out[s.prompt * n + s.sample] = Some(Completion {
                         prompt_index: first_index + s.prompt,
                         sample_index: s.sample,
@@ -408,6 +471,9 @@ pub fn generate_counted(
         }
     }
     bar.finish_and_clear();
+    if let Some(log) = log {
+        log.kv.add(&pool, pool.stats(), prefilled, unshared_peak);
+    }
     Ok(out.into_iter().map(|c| c.expect("every sample finishes")).collect())
 }
 
@@ -420,10 +486,13 @@ struct GpuState {
 }
 
 impl GpuState {
-    fn new(model: &Model, cfg: &SamplingConfig, cap: usize) -> Result<Option<GpuState>> {
+    fn new(model: &Model, cfg: &SamplingConfig, cap: usize, block_size: usize) -> Result<Option<GpuState>> {
         let Ok(dev) = model.device().gpu() else { return Ok(None) };
-        let mut ws =
-            if model.batched_decode_supported() { Some(DecodeWorkspace::new(model, cap)?) } else { None };
+        let mut ws = if model.batched_decode_supported() {
+            Some(DecodeWorkspace::new(model, cap, block_size)?)
+        } else {
+            None
+        };
         if let (Some(ws), Some(on)) = (ws.as_mut(), cfg.decode_graphs) {
             ws.set_graphs(on);
         }

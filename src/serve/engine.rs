@@ -3,7 +3,7 @@
 //! Requests wait in a bounded channel (the queue). Between two decode steps the loop admits
 //! waiting requests while their samples fit in `max_batch` slots; an admitted prompt is
 //! prefilled in the same forward pass as the others' next token (as `rollout::generate` does),
-//! and its `n` samples share that prompt cache. Every sample streams its text back through the
+//! and its `n` samples share the blocks of that prompt in the paged KV cache. Every sample streams its text back through the
 //! request's channel; a request whose receiver is gone (client disconnected) leaves the batch at
 //! the next step, freeing its slots. The loop ends once every sender of the queue is dropped
 //! and the batch is empty, so dropping the [`EngineHandle`] drains in-flight work.
@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::model::decode::Step;
-use crate::model::kv_cache::{SeqCache, GROW};
+use crate::model::kv_cache::{KvPool, SeqCache};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
 use crate::rollout::{sample_rng, sampler, SamplerParams};
@@ -66,6 +66,18 @@ pub struct Stats {
     pub cancelled: AtomicU64,
     /// Samples finished.
     pub finished: AtomicU64,
+    /// Blocks of the paged KV cache in use (held by running samples) and allocated in all.
+    pub kv_blocks_in_use: AtomicUsize,
+    pub kv_blocks_allocated: AtomicUsize,
+}
+
+impl Stats {
+    fn set_running(&self, live: usize, pool: &KvPool) {
+        self.running.store(live, Ordering::Relaxed);
+        let kv = pool.stats();
+        self.kv_blocks_in_use.store(kv.in_use, Ordering::Relaxed);
+        self.kv_blocks_allocated.store(kv.allocated, Ordering::Relaxed);
+    }
 }
 
 /// The submitting side of the queue.
@@ -123,8 +135,15 @@ struct JobShared {
     events: UnboundedSender<Event>,
 }
 
-/// Runs the continuous batch until the queue is closed and drained.
-pub fn run(model: &Model, tok: &Tokenizer, jobs: Receiver<Job>, max_batch: usize, stats: &Stats) {
+/// Runs the continuous batch until the queue is closed and drained; caches draw from `pool`.
+pub fn run(
+    model: &Model,
+    tok: &Tokenizer,
+    jobs: Receiver<Job>,
+    max_batch: usize,
+    pool: &Arc<KvPool>,
+    stats: &Stats,
+) {
     let mut live: Vec<Live> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut closed = false;
@@ -152,17 +171,18 @@ pub fn run(model: &Model, tok: &Tokenizer, jobs: Receiver<Job>, max_batch: usize
         let before = live.len();
         live.retain(|s| !s.job.events.is_closed());
         stats.cancelled.fetch_add((before - live.len()) as u64, Ordering::Relaxed);
-        stats.running.store(live.len(), Ordering::Relaxed);
+        stats.set_running(live.len(), pool);
         if live.is_empty() && admitted.is_empty() {
             continue;
         }
-        let result = step(model, tok, &mut live, admitted, stats);
-        stats.running.store(live.len(), Ordering::Relaxed);
+        let result = step(model, tok, &mut live, admitted, pool, stats);
+        stats.set_running(live.len(), pool);
         if let Err(e) = result {
             let msg = format!("{e:#}");
             for s in live.drain(..) {
                 let _ = s.job.events.send(Event::Failed(msg.clone()));
             }
+            stats.set_running(0, pool);
         }
     }
 }
@@ -198,11 +218,11 @@ fn step(
     tok: &Tokenizer,
     live: &mut Vec<Live>,
     admitted: Vec<Job>,
+    pool: &Arc<KvPool>,
     stats: &Stats,
 ) -> Result<()> {
     let vocab = model.config.vocab_size;
-    let mut prefills: Vec<SeqCache> =
-        admitted.iter().map(|j| SeqCache::new(model.kv_shape(), j.prompt.len())).collect();
+    let mut prefills: Vec<SeqCache> = admitted.iter().map(|_| SeqCache::new(pool)).collect();
     // Each sample's last token, then any forced tokens (the logits are those of the last fed).
     let feeds: Vec<Vec<u32>> =
         live.iter_mut().map(|s| std::iter::once(s.last).chain(s.pending.drain(..)).collect()).collect();
@@ -221,7 +241,6 @@ fn step(
     }
     let base = live.len();
     for (k, (c, j)) in prefills.into_iter().zip(admitted).enumerate() {
-        let prefix = c.into_prefix();
         let shared = Arc::new(JobShared {
             prompt_len: j.prompt.len(),
             max_tokens: j.max_tokens,
@@ -234,7 +253,7 @@ fn step(
             live.push(Live {
                 job: shared.clone(),
                 sample,
-                cache: SeqCache::after(prefix.clone(), j.max_tokens.min(GROW)),
+                cache: c.fork(),
                 rng: sample_rng(j.seed, 0, sample),
                 last: 0,
                 row: base + k,

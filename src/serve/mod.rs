@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
+use crate::model::kv_cache::KvPool;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
 use crate::rollout::chat::ChatFormat;
@@ -27,6 +28,8 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Render chats with the embedded task's compact prompt instead of the model's template.
     pub compact: bool,
+    /// Positions per block of the paged KV cache.
+    pub kv_block_size: usize,
     /// `--read-timeout` and `--shutdown-timeout`.
     pub timeouts: conn::Timeouts,
 }
@@ -41,7 +44,7 @@ where
 {
     let (handle, jobs) = engine::queue(cfg.max_queue);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (max_batch, compact) = (cfg.max_batch.max(1), cfg.compact);
+    let (max_batch, compact, kv_block_size) = (cfg.max_batch.max(1), cfg.compact, cfg.kv_block_size);
     let stats = handle.stats.clone();
     let decode = std::thread::Builder::new().name("fcgpu-decode".into()).spawn(move || {
         let (mut model, tok) = match load() {
@@ -63,7 +66,14 @@ where
         };
         let info = (format, model.config.max_position_embeddings, model.config.vocab_size);
         let _ = ready_tx.send(Ok((info, tok.clone())));
-        engine::run(&model, &tok, jobs, max_batch, &stats);
+        let pool = match KvPool::new(model.kv_shape(), kv_block_size) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        engine::run(&model, &tok, jobs, max_batch, &pool, &stats);
     })?;
     let ((format, ctx, vocab), tok) = ready_rx.recv().context("the decode thread ended while loading")??;
     let state = Arc::new(routes::AppState {

@@ -54,6 +54,8 @@ async fn health(State(s): State<Shared>) -> Json<Json_> {
         "running": st.running.load(Ordering::Relaxed),
         "finished": st.finished.load(Ordering::Relaxed),
         "cancelled": st.cancelled.load(Ordering::Relaxed),
+        "kv_blocks_in_use": st.kv_blocks_in_use.load(Ordering::Relaxed),
+        "kv_blocks_allocated": st.kv_blocks_allocated.load(Ordering::Relaxed),
     }))
 }
 

@@ -1122,6 +1122,78 @@ pub fn decode_attention(d: &GpuDevice) {
     }
 }
 
+/// The paged decode attention (the batched decode step's, and the per-op decoder's) reads
+/// through block tables whatever their order: on caches scattered over shuffled blocks of 1, 4
+/// and 16 positions (layer 1 of 2, layer 0 garbage), its output is the strided kernel's on the
+/// same keys laid out contiguously, bit for bit (the same accumulation).
+pub fn paged_decode_attention(d: &GpuDevice) {
+    use fcgpu::kernels::attention::{decode_attn_strided, CacheLayout};
+    use fcgpu::kernels::decode_step::{decode_attn_batch, HeadDims, StepTable};
+    for &(dt, batch, q_heads, kv_heads, hd, max_len) in
+        &[(DType::BF16, 3usize, 4usize, 2usize, 64usize, 37usize), (DType::F32, 2, 2, 1, 40, 9)]
+    {
+        let row = kv_heads * hd;
+        let lens: Vec<i32> = (0..batch).map(|b| [max_len as i32, 1, (max_len / 2) as i32][b % 3]).collect();
+        let q = quant(&randn(batch * q_heads * hd, 54, 1.0), dt);
+        let kc = quant(&randn(batch * max_len * row, 55, 1.0), dt);
+        let vc = quant(&randn(batch * max_len * row, 56, 1.0), dt);
+        let lens_buf = d.upload_i32(&lens).unwrap();
+        let want = d.zeros(q.len() * dt.size()).unwrap();
+        let layout = CacheLayout::token_major(max_len, kv_heads, hd);
+        let (kb, vb, qb) = (up(d, &kc, dt), up(d, &vc, dt), up(d, &q, dt));
+        decode_attn_strided(
+            d, &qb, &kb, &vb, &lens_buf, &want, batch, q_heads, kv_heads, hd, max_len, layout, dt,
+        )
+        .unwrap();
+        for bs in [1usize, 4, 16] {
+            let (layers, nblk) = (2usize, max_len.div_ceil(bs));
+            let half = layers * bs * row;
+            let blocks = batch * nblk;
+            // Block i of sequence b is pool block perm[b·nblk + i] (a fixed shuffle).
+            let perm: Vec<usize> = (0..blocks).map(|i| (i * 7 + 3) % blocks).collect();
+            assert!(blocks % 7 != 0, "the shuffle is a permutation");
+            let mut pool = quant(&randn(blocks * 2 * half, 57, 1.0), dt);
+            for b in 0..batch {
+                for j in 0..max_len {
+                    let blk = perm[b * nblk + j / bs] * 2 * half;
+                    let at = blk + (bs + j % bs) * row; // layer 1, slot j % bs
+                    let src = (b * max_len + j) * row;
+                    pool[at..at + row].copy_from_slice(&kc[src..src + row]);
+                    pool[half + at..half + at + row].copy_from_slice(&vc[src..src + row]);
+                }
+            }
+            let pool_buf = up(d, &pool, dt);
+            let bytes = (2 * half * dt.size()) as u64;
+            let mut table = vec![0u8; 8];
+            table[..4].copy_from_slice(&(nblk as i32).to_le_bytes());
+            for &id in &perm {
+                table.extend_from_slice(&(pool_buf.ptr() + id as u64 * bytes).to_le_bytes());
+            }
+            let table = d.upload_bytes(&table).unwrap();
+            let t = StepTable {
+                blocks: table.ptr() + 8,
+                nblk: table.ptr(),
+                block_size: bs,
+                vofs: half,
+                ids: 0,
+                pos: 0,
+                lens: lens_buf.ptr(),
+                cos: 0,
+                sin: 0,
+            };
+            let got = d.zeros(q.len() * dt.size()).unwrap();
+            let hdims = HeadDims { batch, q_heads, kv_heads, head_dim: hd };
+            // SAFETY: q and got hold batch rows; the table's blocks hold layer 1 of lens[b] keys.
+            unsafe { decode_attn_batch(d, dt, qb.ptr(), got.ptr(), &t, 1, hdims).unwrap() };
+            assert_eq!(
+                got.download_bytes().unwrap(),
+                want.download_bytes().unwrap(),
+                "paged decode attention {dt:?}, blocks of {bs}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- elementwise, storage
 
 /// add, mul, scale, axpy, bias add and column sums against plain loops.
