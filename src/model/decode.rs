@@ -17,7 +17,6 @@ use super::Model;
 use crate::autograd::no_grad;
 use crate::ops::attention::cpu::masked_softmax_rows;
 use crate::ops::matmul::cpu::gemm_strided;
-use crate::ops::matmul::skinny::dot;
 use crate::ops::{self, SendPtr};
 use crate::tensor::Tensor;
 
@@ -203,7 +202,19 @@ impl Attention for CpuCache<'_, '_> {
             let visible = |r: usize| if ones { past + 1 } else { past + t.t0 + r + 1 };
             // Keys this task's last row sees (later ones in the step are masked anyway).
             let upto = if ones { past + 1 } else { past + t.t0 + rows };
-            let segs = cache.segments(li, t.kvh, upto.min(past + len));
+            // Cached keys block by block, then this step's own from the packed k/v (so a prefill
+            // is one product over its rows, as it would be without a cache).
+            let mut segs: Vec<Seg> = cache
+                .segments(li, t.kvh, past)
+                .into_iter()
+                .map(|(k, v, n)| Seg { k: k.as_ptr(), v: v.as_ptr(), n, k_ds: 1, k_js: hd, v_rs: hd })
+                .collect();
+            let own = upto.min(past + len) - past;
+            let at = r0 * ks + t.kvh * hd;
+            // SAFETY: rows r0..r0 + own of the packed k/v lie in them (own ≤ the step's tokens).
+            segs.push(unsafe {
+                Seg { k: k.as_ptr().add(at), v: v.as_ptr().add(at), n: own, k_ds: 1, k_js: ks, v_rs: ks }
+            });
             // SAFETY: each task writes only its own query rows (head, tokens) of `a`.
             unsafe {
                 attend(
@@ -223,14 +234,20 @@ impl Attention for CpuCache<'_, '_> {
     }
 }
 
-type Seg<'a> = (&'a [f32], &'a [f32], usize);
-
-/// Query rows up to this many (one decode token's GQA group) are scored and weighed with plain
-/// loops: against 16-key blocks a GEMM call per block costs more than its products.
-const LOOP_ROWS: usize = 8;
+/// `n` keys and values of one KV head: key j's element d at `k[d·k_ds + j·k_js]`, value j's
+/// row at `v[j·v_rs]` (a cache block: `k_ds` 1, `k_js` and `v_rs` the head dim; the step's own
+/// packed rows: 1 and the row width).
+struct Seg {
+    k: *const f32,
+    v: *const f32,
+    n: usize,
+    k_ds: usize,
+    k_js: usize,
+    v_rs: usize,
+}
 
 /// Softmax(q·Kᵀ·scale)·V for `rows` query rows (row stride `q_rs`) over the keys of `segs` in
-/// order (blocks of a paged cache: each `len × hd`, contiguous); row r attends to the first
+/// order (the blocks of a paged cache, then the step's own keys); row r attends to the first
 /// `visible(r)` keys of their concatenation. Writes `rows × hd` at `out` (row stride `out_rs`).
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend(
@@ -244,62 +261,33 @@ unsafe fn attend(
     out: *mut f32,
     out_rs: usize,
 ) {
-    let total: usize = segs.iter().map(|s| s.2).sum();
+    let total: usize = segs.iter().map(|s| s.n).sum();
     let mut sc = vec![0.0f32; rows * total];
-    let looped = rows <= LOOP_ROWS;
-    let qrow = |r: usize| std::slice::from_raw_parts(q.add(r * q_rs), hd);
     let mut at = 0;
-    for &(k, _, n) in segs {
-        if looped {
-            for r in 0..rows {
-                let s = &mut sc[r * total + at..r * total + at + n];
-                for (j, x) in s.iter_mut().enumerate() {
-                    *x = dot(qrow(r), &k[j * hd..(j + 1) * hd]) * scale;
-                }
-            }
-        } else {
-            let sp = sc.as_mut_ptr().add(at);
-            gemm_strided(
-                rows,
-                n,
-                hd,
-                sp,
-                total,
-                false,
-                q,
-                q_rs as isize,
-                1,
-                k.as_ptr(),
-                1,
-                hd as isize,
-                scale,
-            );
-        }
+    for &Seg { k, n, k_ds, k_js, .. } in segs {
+        let sp = sc.as_mut_ptr().add(at);
+        gemm_strided(
+            rows,
+            n,
+            hd,
+            sp,
+            total,
+            false,
+            q,
+            q_rs as isize,
+            1,
+            k,
+            k_ds as isize,
+            k_js as isize,
+            scale,
+        );
         at += n;
     }
     masked_softmax_rows(&mut sc, rows, total, visible);
-    if looped {
-        for r in 0..rows {
-            let o = std::slice::from_raw_parts_mut(out.add(r * out_rs), hd);
-            o.fill(0.0);
-            let mut at = 0;
-            for &(_, v, n) in segs {
-                for (j, &p) in sc[r * total + at..r * total + at + n].iter().enumerate() {
-                    if p != 0.0 {
-                        for (y, &x) in o.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
-                            *y += p * x;
-                        }
-                    }
-                }
-                at += n;
-            }
-        }
-        return;
-    }
-    let mut at = 0;
-    for (i, &(_, v, n)) in segs.iter().enumerate() {
+    let (mut at, mut acc) = (0, false);
+    for &Seg { v, n, v_rs, .. } in segs.iter().filter(|s| s.n > 0) {
         let sp = sc.as_ptr().add(at);
-        gemm_strided(rows, hd, n, out, out_rs, i > 0, sp, total as isize, 1, v.as_ptr(), hd as isize, 1, 1.0);
-        at += n;
+        gemm_strided(rows, hd, n, out, out_rs, acc, sp, total as isize, 1, v, v_rs as isize, 1, 1.0);
+        (at, acc) = (at + n, true);
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! One block is one allocation holding every layer, keys first, then values:
 //! - cpu: `[k|v][layer][kv_head][block_size][head_dim]`, so one head's keys in a block are a
-//!   contiguous `block_size × head_dim` matrix (decode attention is one strided GEMM per block);
+//!   contiguous `block_size × head_dim` matrix (attention is a strided GEMM per block);
 //! - GPU: `[k|v][layer][block_size][kv_head][head_dim]`, token-major, so one token's keys of a
 //!   layer are one contiguous row (the KV append writes rows; the decode-attention kernel reads
 //!   position `j` through the block table).
