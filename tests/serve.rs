@@ -661,3 +661,18 @@ fn long_prompts_are_refused_before_tokenizing_and_leave_memory_flat() {
     let grown = vm_rss_kib(s.child.id()).saturating_sub(before);
     assert!(grown < 128 << 10, "VmRSS grew by {grown} KiB");
 }
+
+/// A KV block size out of range stops `serve` at start, with the reason, instead of serving
+/// without a decode loop.
+#[test]
+fn a_bad_kv_block_size_is_refused_at_start() {
+    for bs in ["0", "70000"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fcgpu"))
+            .args(["serve", "--model", fixture("qwen2-tiny").to_str().unwrap(), "--port", "0"])
+            .args(["--device", "cpu", "--kv-block-size", bs])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("KV block size"), "{bs}: {err}");
+    }
+}

@@ -64,8 +64,7 @@ where
                 return;
             }
         };
-        let info = (format, model.config.max_position_embeddings, model.config.vocab_size);
-        let _ = ready_tx.send(Ok((info, tok.clone())));
+        // The pool before the server reports ready: a bad --kv-block-size ends `serve` at start.
         let pool = match KvPool::new(model.kv_shape(), kv_block_size) {
             Ok(p) => p,
             Err(e) => {
@@ -73,6 +72,8 @@ where
                 return;
             }
         };
+        let info = (format, model.config.max_position_embeddings, model.config.vocab_size);
+        let _ = ready_tx.send(Ok((info, tok.clone())));
         engine::run(&model, &tok, jobs, max_batch, &pool, &stats);
     })?;
     let ((format, ctx, vocab), tok) = ready_rx.recv().context("the decode thread ended while loading")??;
