@@ -67,6 +67,10 @@ fn lora(rank: usize, dropout: f32, targets: &str) -> LoraConfig {
     LoraConfig::new(rank, 2.0 * rank as f32, dropout, targets).unwrap()
 }
 
+/// One measurement at a time in this process: device-wide caches (the RoPE tables, cleared at
+/// each measurement) are shared, so a concurrent test's measurement would move this one's peak.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Full training at checkpointing on/off and micro-batch 1/8, then LoRA with dropout, and (with
 /// `both_lora`) LoRA with checkpointing.
 fn check(name: &str, config: ModelConfig, both_lora: bool) {
@@ -100,16 +104,19 @@ fn check(name: &str, config: ModelConfig, both_lora: bool) {
 
 #[test]
 fn the_plan_equals_emu_for_a_tiny_model() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     check("tiny", tiny(), true);
 }
 
 #[test]
 fn the_plan_equals_emu_for_a_half_b_shaped_model() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     check("0.5B-shaped", half_b(), false);
 }
 
 #[test]
 fn checkpointing_and_lora_lower_the_plan() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let c = config(896, 4864, 14, 2, 151936, 4);
     let l = lora(16, 0.0, "q_proj,v_proj");
     let plan = |checkpoint: bool, with_lora: bool| {
@@ -148,6 +155,7 @@ fn checkpointing_and_lora_lower_the_plan() {
 
 #[test]
 fn bad_plans_are_clear_errors() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let err = |s: Spec| format!("{:#}", measure(&s, Device::Meta, Source::Meta).unwrap_err());
     let mut s = spec(tiny(), false, 1);
     let mut bad = lora(4, 0.0, "q_proj");
@@ -181,6 +189,7 @@ fn bad_plans_are_clear_errors() {
 /// with `none`, the message naming the flags; one that fits nowhere says so.
 #[test]
 fn the_fit_check_passes_chooses_checkpointing_or_names_the_flags() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     use fcgpu::model::checkpoint::Checkpointing;
     use fcgpu::plan::cli::{fits_grpo, fits_sft, CONTEXT_ALLOWANCE};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2-tiny");
