@@ -294,7 +294,8 @@ fn cached_logits(m: &Model, seq: &[u32], cuts: &[usize]) -> Vec<f32> {
 
 /// Logits of a fixture's third sequence through the KV cache: a prefill, single tokens after it
 /// (decode attention), several after a cache; then one call mixing a decode token after a cache,
-/// a prefill, and a one-token prompt (as the rollout engine's continuous batch does).
+/// a prefill, and a one-token prompt (as the rollout engine's continuous batch does); then one
+/// mixing a decode token, several tokens after a cache, and a prefill.
 fn kv_cache_logits(m: &Model, seq: &[u32]) -> Vec<f32> {
     let mut out = cached_logits(m, seq, &[5, 6, 7]);
     let pool = KvPool::new(m.kv_shape(), 4).unwrap();
@@ -304,6 +305,16 @@ fn kv_cache_logits(m: &Model, seq: &[u32]) -> Vec<f32> {
         Step { cache: &mut ca, tokens: &seq[5..6] },
         Step { cache: &mut cb, tokens: &seq[2..9] },
         Step { cache: &mut cc, tokens: &seq[3..4] },
+    ];
+    out.extend(no_grad(|| m.forward_cached(&mut steps)).unwrap());
+    // Several tokens after a cache next to a decode token and a prefill (a prefix-cache hit or
+    // a recomputed sequence joining the batch): every new token through the block tables.
+    let (mut cd, mut ce) = (SeqCache::new(&pool), SeqCache::new(&pool));
+    no_grad(|| m.forward_cached(&mut [Step { cache: &mut cd, tokens: &seq[..3] }])).unwrap();
+    let mut steps = [
+        Step { cache: &mut ca, tokens: &seq[6..7] },
+        Step { cache: &mut cd, tokens: &seq[3..9] },
+        Step { cache: &mut ce, tokens: &seq[1..4] },
     ];
     out.extend(no_grad(|| m.forward_cached(&mut steps)).unwrap());
     out

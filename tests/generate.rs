@@ -199,6 +199,57 @@ fn generations_do_not_depend_on_the_kv_block_size() {
     }
 }
 
+/// A KV budget too small for every sample at once (`max_batch_tokens`) preempts the latest
+/// admitted samples and recomputes them later: the seeded tokens are those of an unlimited run,
+/// on every family, and the counters show the preemptions.
+#[test]
+fn preempted_samples_are_recomputed_to_the_same_tokens() {
+    for kind in FAMILIES {
+        let m = model(kind, 6);
+        let run = |budget: usize| {
+            let cfg = SamplingConfig {
+                n: 3,
+                max_new_tokens: 24,
+                seed: 9,
+                kv_block_size: 4,
+                ignore_eos: true,
+                max_batch_tokens: budget,
+                ..Default::default()
+            };
+            let mut log = fcgpu::rollout::StepCounts::default();
+            let out =
+                fcgpu::rollout::generate_counted(&m, &prompts(), 0, &cfg, None, Some(&mut log)).unwrap();
+            (out.into_iter().map(|c| (c.new_ids, c.logprobs)).collect::<Vec<_>>(), log.kv)
+        };
+        let (free, kv_free) = run(0);
+        assert_eq!(kv_free.preemptions, 0);
+        assert_eq!(kv_free.peak_batch, 9, "{kind}: every sample at once without a budget");
+        // 8 + 24 positions for the longest sample: 8 blocks of 4. The 9 samples hold up to 18
+        // blocks at once unbudgeted; 12 blocks make the latest admitted give theirs up.
+        let (tight, kv) = run(48);
+        assert!(kv.preemptions > 0, "{kind}: a budget of 12 blocks preempts ({kv:?})");
+        assert!(kv.recomputed_tokens > 0 && kv.peak_blocks <= 12, "{kind}: {kv:?}");
+        for (i, ((a, la), (b, lb))) in free.iter().zip(&tight).enumerate() {
+            assert_eq!(a, b, "{kind}: sample {i}: tokens after preemption");
+            let d = la.iter().zip(lb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(d < 1e-4, "{kind}: sample {i}: log-probs differ by {d}");
+        }
+        let err = fcgpu::rollout::generate(
+            &m,
+            &prompts(),
+            &SamplingConfig {
+                max_new_tokens: 24,
+                kv_block_size: 4,
+                max_batch_tokens: 20,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("--max-batch-tokens 20 is too small"), "{err:#}");
+    }
+}
+
 /// A pool capped at a number of blocks refuses a step that needs more, and the caches stay as
 /// they were: the step can run once blocks are free.
 #[test]

@@ -406,3 +406,35 @@ fn generations_do_not_depend_on_the_kv_block_size() {
         }
     }
 }
+
+/// A KV budget that preempts (`max_batch_tokens`) gives the tokens of an unbudgeted run on a
+/// GPU device too: preempted samples are recomputed (prompt and tokens so far, prefilled again)
+/// and the device sampler's streams follow the token index, not the step.
+#[test]
+fn preempted_samples_give_the_same_tokens_on_the_device() {
+    let _shared = EMU.read().unwrap_or_else(|e| e.into_inner());
+    for dir in fixtures() {
+        let m = Model::load(&dir).unwrap().to_device_as(Device::Emu, fcgpu::DType::F32).unwrap();
+        let ps = prompts(m.config.vocab_size, 3);
+        let run = |budget: usize| {
+            let cfg = SamplingConfig {
+                n: 3,
+                max_new_tokens: 24,
+                seed: 7,
+                kv_block_size: 4,
+                ignore_eos: true,
+                max_batch_tokens: budget,
+                ..Default::default()
+            };
+            let mut log = StepCounts::default();
+            let out =
+                no_grad(|| fcgpu::rollout::generate_counted(&m, &ps, 0, &cfg, None, Some(&mut log))).unwrap();
+            (out.into_iter().map(|c| c.new_ids).collect::<Vec<_>>(), log.kv)
+        };
+        let (free, _) = run(0);
+        let longest = ps.iter().map(Vec::len).max().unwrap();
+        let (tight, kv) = run(4 * (longest + 24).div_ceil(4) + 16);
+        assert!(kv.preemptions > 0 && kv.recomputed_tokens > 0, "{}: {kv:?}", name(&dir));
+        assert_eq!(tight, free, "{}: tokens after preemption", name(&dir));
+    }
+}

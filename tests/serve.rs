@@ -265,30 +265,54 @@ fn a_client_that_disconnects_mid_stream_frees_its_slots() {
 }
 
 /// 64 streams cut by their clients right after their first bytes: each one's KV blocks go back
-/// to the pool, so the blocks in use return to zero (and a later request runs).
+/// to the pool, so the blocks in use return to those the prefix cache keeps of the prompt (and
+/// to zero without the cache), and a later request runs.
 #[test]
 fn aborted_streams_give_their_kv_blocks_back() {
-    let s = Server::start(&fixture("qwen2-tiny"), &["--max-batch", "16"]);
-    let health = || -> Value { serde_json::from_str(&s.request("GET", "/health", "").1).unwrap() };
-    assert_eq!(health()["kv_blocks_in_use"], 0);
-    let body = json!({"prompt": "a b c d e f g h i j k l m n o p q r s", "max_tokens": 400, "stream": true});
-    for _ in 0..4 {
-        let mut cs: Vec<_> = (0..16).map(|_| s.send("POST", "/v1/completions", &body.to_string())).collect();
-        let mut buf = [0u8; 64];
-        for c in &mut cs {
-            assert!(c.read(&mut buf).unwrap() > 0);
+    for prefix in ["0", "4096"] {
+        let s =
+            Server::start(&fixture("qwen2-tiny"), &["--max-batch", "16", "--prefix-cache-tokens", prefix]);
+        let health = || -> Value { serde_json::from_str(&s.request("GET", "/health", "").1).unwrap() };
+        assert_eq!(health()["kv_blocks_in_use"], 0);
+        let body =
+            json!({"prompt": "a b c d e f g h i j k l m n o p q r s", "max_tokens": 400, "stream": true});
+        for _ in 0..4 {
+            let mut cs: Vec<_> =
+                (0..16).map(|_| s.send("POST", "/v1/completions", &body.to_string())).collect();
+            let mut buf = [0u8; 64];
+            for c in &mut cs {
+                assert!(c.read(&mut buf).unwrap() > 0);
+            }
+            assert!(health()["kv_blocks_in_use"].as_u64().unwrap() > 0 || health()["running"] == 0);
+            drop(cs);
         }
-        assert!(health()["kv_blocks_in_use"].as_u64().unwrap() > 0 || health()["running"] == 0);
-        drop(cs);
+        let ended = |h: &Value| h["cancelled"].as_u64().unwrap() + h["finished"].as_u64().unwrap();
+        let mut h = health();
+        while ended(&h) < 64 || h["running"] != 0 {
+            h = health();
+        }
+        assert_eq!(h["kv_blocks_in_use"], h["prefix_cache_blocks"], "prefix cache {prefix}: {h}");
+        if prefix == "0" {
+            assert_eq!(h["kv_blocks_in_use"], 0, "{h}");
+        } else {
+            assert!(h["prefix_cache_hits"].as_u64().unwrap() > 0, "{h}");
+        }
+        assert!(h["kv_blocks_allocated"].as_u64().unwrap() > 0, "{h}");
+        let (status, v) = s.post("/v1/completions", json!({"prompt": "a", "max_tokens": 2}));
+        assert_eq!(status, 200, "{v}");
     }
-    let ended = |h: &Value| h["cancelled"].as_u64().unwrap() + h["finished"].as_u64().unwrap();
-    let mut h = health();
-    while ended(&h) < 64 || h["running"] != 0 {
-        h = health();
-    }
-    assert_eq!(h["kv_blocks_in_use"], 0, "{h}");
-    assert!(h["kv_blocks_allocated"].as_u64().unwrap() > 0, "{h}");
-    let (status, v) = s.post("/v1/completions", json!({"prompt": "a", "max_tokens": 2}));
+}
+
+/// A request that alone needs more KV positions than `--max-batch-tokens` is a 400 naming the
+/// limit; one that fits runs.
+#[test]
+fn a_request_beyond_the_kv_budget_is_a_400_with_the_limit() {
+    let s = Server::start(&fixture("qwen2-tiny"), &["--max-batch-tokens", "100", "--kv-block-size", "16"]);
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "a b c", "max_tokens": 200}));
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("at most 112") && msg.contains("--max-batch-tokens"), "{msg}");
+    let (status, v) = s.post("/v1/completions", json!({"prompt": "a b c", "max_tokens": 20, "n": 4}));
     assert_eq!(status, 200, "{v}");
 }
 

@@ -73,6 +73,11 @@ pub struct Args {
     /// Positions per block of the paged KV cache.
     #[arg(long, default_value_t = crate::model::kv_cache::DEFAULT_BLOCK)]
     pub kv_block_size: usize,
+    /// Most positions the KV cache holds at once (0: no cap). Sequences are admitted while
+    /// blocks remain; when they run out, the latest admitted is preempted and recomputed later,
+    /// so memory, not the longest possible completion, sets the batch (docs/performance.md).
+    #[arg(long, default_value_t = 0)]
+    pub max_batch_tokens: usize,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +232,7 @@ pub fn run(a: Args) -> Result<()> {
         host_sampler: a.host_sampler,
         decode_graphs: None,
         kv_block_size: a.kv_block_size,
+        max_batch_tokens: a.max_batch_tokens,
     };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

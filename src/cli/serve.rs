@@ -35,7 +35,17 @@ pub struct Args {
     /// Positions per block of the paged KV cache (docs/serve.md).
     #[arg(long, default_value_t = crate::model::kv_cache::DEFAULT_BLOCK)]
     pub kv_block_size: usize,
-    /// Most requests waiting for a slot; one more is answered 429.
+    /// Most KV cache positions held at once: running samples and the prefix cache (0: room for
+    /// --max-batch samples as long as the context). Requests wait while blocks are short; a
+    /// request needing more on its own is answered 400.
+    #[arg(long, default_value_t = 0)]
+    pub max_batch_tokens: usize,
+    /// Positions of recent prompts' KV blocks kept for requests that start the same way
+    /// (shared system prompts and tool schemas); 0 turns the prefix cache off.
+    #[arg(long, default_value_t = 32768)]
+    pub prefix_cache_tokens: usize,
+    /// Most requests waiting for a slot; one more is answered 429 (503 while the wait is for
+    /// KV blocks), with Retry-After.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
     /// The model name clients send (default: the model directory's name).
@@ -88,6 +98,8 @@ pub fn run(a: Args) -> Result<()> {
         addr: SocketAddr::new(a.host, a.port),
         model_name: name,
         max_batch: a.max_batch,
+        max_batch_tokens: a.max_batch_tokens,
+        prefix_cache_tokens: a.prefix_cache_tokens,
         max_queue: a.max_queue,
         compact: a.style == ServeStyle::Compact,
         kv_block_size: a.kv_block_size,

@@ -94,6 +94,13 @@ pub struct Args {
     /// Most extra rollout rounds per step with --dynamic-sampling.
     #[arg(long)]
     pub max_resample: Option<usize>,
+    /// Positions per block of the rollouts' paged KV cache (default 16).
+    #[arg(long)]
+    pub kv_block_size: Option<usize>,
+    /// Most positions the rollouts' KV cache holds at once (default 0: no cap); past it the
+    /// latest admitted sample is preempted and recomputed.
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
 }
 
 pub fn resolve(a: &Args) -> Result<GrpoConfig> {
@@ -102,7 +109,7 @@ pub fn resolve(a: &Args) -> Result<GrpoConfig> {
     a.run.apply_lora(&mut c.run)?;
     apply_flags!(c, a; prompts_per_step, group_size, temperature, top_p, max_new_tokens, reward, adv_scale, entropy_lambda,
         entropy_alpha, entropy_granularity, entropy_segment, eps_low, eps_high, beta, loss_agg, srml_alpha, importance_level, rollout_correction, rollout_correction_cap, log_mismatch, ppo_epochs, micro_batch, warmup_sft_steps,
-        dynamic_sampling, max_resample);
+        dynamic_sampling, max_resample, kv_block_size, max_batch_tokens);
     set_some(&mut c.style, a.style);
     set_some(&mut c.think, a.think);
     grpo::validate(&c)?;

@@ -74,20 +74,12 @@ impl Model {
 
     /// Logits of each step's last new token (`last_only`) or of all, on the host.
     pub(crate) fn cached_logits(&self, steps: &mut [Step], last_only: bool) -> Result<Vec<f32>> {
-        if self.device().is_gpu() && steps.iter().any(|s| s.tokens.len() > 1 && !s.cache.is_empty()) {
-            return self.forward_split_gpu(steps, last_only);
-        }
         Ok(self.cached_logits_tensor(steps, last_only)?.host_f32()?.into_owned())
     }
 
     /// [`Model::forward_cached`] leaving the logits `[steps, vocab]` where they were computed
-    /// (on a GPU device: for the device sampler). Every step with several tokens must start
-    /// from an empty cache (a prefill).
+    /// (on a GPU device: for the device sampler).
     pub fn forward_cached_device(&self, steps: &mut [Step]) -> Result<Tensor> {
-        ensure!(
-            steps.iter().all(|s| s.tokens.len() == 1 || s.cache.is_empty()),
-            "forward_cached_device: a step of several tokens after a cache"
-        );
         self.cached_logits_tensor(steps, true)
     }
 

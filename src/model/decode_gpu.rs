@@ -3,10 +3,13 @@
 //!
 //! Keys and values go into each sequence's blocks of the paged cache (`kv_cache.rs`; in the
 //! model's activation dtype, bf16 or f32): one `kv_append` launch per layer scatters every new
-//! token's row to its slot, whatever the blocks. The new tokens of steps that start from an empty cache (prefills) go through flash attention
-//! together, as packed sequences; a single new token after a cache goes through the
-//! decode-attention kernel against its cache. A step of several tokens after a cache runs one
-//! token at a time ([`Model::forward_split_gpu`]).
+//! token's row to its slot, whatever the blocks, before attention reads them. The new tokens of
+//! steps that start from an empty cache (prefills) go through flash attention together, as
+//! packed sequences; a single new token after a cache goes through the paged decode-attention
+//! kernel against its blocks. When a step continues a cache with several tokens (a prompt after
+//! a prefix-cache hit, a preempted sequence recomputed), every new token gets its own entry in
+//! the block table, its step's blocks up to its own position, and one launch of the paged
+//! kernel attends all of them.
 //!
 //! The rollout's steady state, one new token after a cache for every sequence, has its own
 //! batched step ([`Model::decode_step_gpu`]): a fixed number of launches per layer whatever the
@@ -28,6 +31,7 @@ use anyhow::{ensure, Context, Result};
 
 use super::block::Attention;
 use super::decode::Step;
+use super::kv_cache::BlockRef;
 use super::Model;
 use crate::backend::{Gemm, GpuBuffer, GpuDevice, GpuGraph};
 use crate::kernels::decode_step::{self as ks, HeadDims, QkvExtras, StepTable};
@@ -50,28 +54,33 @@ pub(crate) struct GpuCache<'s, 'a> {
     /// Element dtype of the caches, and of q/k/v and the output here.
     dt: DType,
     prefill: bool,
+    /// The table has an entry per new token (a step continues a cache with several tokens):
+    /// every row goes through the paged attention kernel, none through flash attention.
+    per_token: bool,
 }
 
 /// Block tables `[entries, nblk]` (i64 addresses), their width `nblk` (one i32) and lengths
 /// (i32 per entry), uploaded together; `view` is the step table the kernels take.
 struct PagedTable {
     _buf: GpuBuffer,
+    nblk: usize,
     view: StepTable,
 }
 
 impl PagedTable {
-    fn upload(dev: &GpuDevice, steps: &[Step], pool: (usize, usize)) -> Result<PagedTable> {
-        let nblk = steps.iter().map(|s| s.cache.blocks().len()).max().unwrap_or(0).max(1);
-        let (b, tab) = (steps.len(), 8);
+    /// A table of `entries`: each a block table and the length attended through it.
+    fn upload(dev: &GpuDevice, entries: &[(&[BlockRef], usize)], pool: (usize, usize)) -> Result<PagedTable> {
+        let nblk = entries.iter().map(|e| e.0.len()).max().unwrap_or(0).max(1);
+        let (b, tab) = (entries.len(), 8);
         let mut host = vec![0u8; tab + 8 * b * nblk + 4 * b];
         host[..4].copy_from_slice(&(nblk as i32).to_le_bytes());
-        for (i, s) in steps.iter().enumerate() {
-            for (j, blk) in s.cache.blocks().iter().enumerate() {
+        for (i, (blocks, len)) in entries.iter().enumerate() {
+            for (j, blk) in blocks.iter().enumerate() {
                 let at = tab + 8 * (i * nblk + j);
                 host[at..at + 8].copy_from_slice(&blk.addr.to_le_bytes());
             }
             let at = tab + 8 * b * nblk + 4 * i;
-            host[at..at + 4].copy_from_slice(&((s.cache.len() + s.tokens.len()) as i32).to_le_bytes());
+            host[at..at + 4].copy_from_slice(&(*len as i32).to_le_bytes());
         }
         let buf = crate::backend::memory::scope(crate::backend::memory::Category::Workspace, || {
             dev.upload_bytes(&host)
@@ -88,7 +97,7 @@ impl PagedTable {
             cos: 0,
             sin: 0,
         };
-        Ok(PagedTable { _buf: buf, view })
+        Ok(PagedTable { _buf: buf, nblk, view })
     }
 }
 
@@ -115,9 +124,21 @@ impl<'s, 'a> GpuCache<'s, 'a> {
         let slots = crate::backend::memory::scope(crate::backend::memory::Category::Workspace, || {
             dev.upload_bytes(bytemuck::cast_slice(&slots))
         })?;
-        let table = PagedTable::upload(&dev, steps, pool)?;
+        // A step of several tokens after a cache: an entry per new token, each attending through
+        // its step's blocks up to itself (its key is appended before attention reads it).
+        let per_token = steps.iter().any(|s| s.tokens.len() > 1 && !s.cache.is_empty());
+        let entries: Vec<(&[BlockRef], usize)> = if per_token {
+            steps
+                .iter()
+                .flat_map(|s| (1..=s.tokens.len()).map(move |i| (s.cache.blocks(), s.cache.len() + i)))
+                .collect()
+        } else {
+            steps.iter().map(|s| (s.cache.blocks(), s.cache.len() + s.tokens.len())).collect()
+        };
+        let table = PagedTable::upload(&dev, &entries, pool)?;
         let prefill = steps.iter().any(|s| s.tokens.len() > 1);
-        Ok(GpuCache { dev, steps, starts, seqs, slots, table, dt: model.kv_shape().dtype, prefill })
+        let dt = model.kv_shape().dtype;
+        Ok(GpuCache { dev, steps, starts, seqs, slots, table, dt, prefill, per_token })
     }
 }
 
@@ -139,25 +160,22 @@ impl Attention for GpuCache<'_, '_> {
                 (li, t.block_size, t.vofs),
             )?
         };
-        // Flash attention for the prefills (several tokens, empty cache: causal attention among
-        // them); decode attention against the cache for every single new token (its rows of the
-        // flash output, if any, are overwritten).
-        let a = if self.prefill {
-            cast(&ops::attention(&q, &k, &v, &self.seqs)?, dt)?
-        } else {
-            Tensor::from_gpu(zeros(&self.dev, dt, n * nh * hd)?, &[n, nh, hd])?
-        };
         let d = HeadDims { batch: 1, q_heads: nh, kv_heads: nkv, head_dim: hd };
-        let row_bytes = (nh * hd * dt.size()) as u64;
-        let (qp, ap) = (buf(&q).ptr(), buf(&a).ptr());
-        let nblk = self.steps.iter().map(|s| s.cache.blocks().len()).max().unwrap_or(0).max(1) as u64;
-        if !self.prefill {
-            // Every step is one token: one launch for all, row e of q against entry e.
-            let d = HeadDims { batch: self.steps.len(), ..d };
-            // SAFETY: q and a hold a row per step; the table holds every step's blocks and length.
-            unsafe { ks::decode_attn_batch(&self.dev, dt, qp, ap, t, li, d)? };
+        let (qp, row_bytes) = (buf(&q).ptr(), (nh * hd * dt.size()) as u64);
+        if self.per_token || !self.prefill {
+            // One launch for every row: row e of q against entry e of the table.
+            let a = Tensor::from_gpu(zeros(&self.dev, dt, n * nh * hd)?, &[n, nh, hd])?;
+            let d = HeadDims { batch: n, ..d };
+            // SAFETY: q and a hold n rows; the table holds an entry (blocks, length) per row.
+            unsafe { ks::decode_attn_batch(&self.dev, dt, qp, buf(&a).ptr(), t, li, d)? };
             return Ok(a);
         }
+        // Flash attention for the prefills (several tokens, empty cache: causal attention among
+        // them); decode attention against the cache for every single new token (its rows of the
+        // flash output are overwritten).
+        let a = cast(&ops::attention(&q, &k, &v, &self.seqs)?, dt)?;
+        let ap = buf(&a).ptr();
+        let nblk = self.table.nblk as u64;
         for (e, s) in self.steps.iter().enumerate() {
             if s.tokens.len() > 1 {
                 continue;
@@ -168,32 +186,6 @@ impl Attention for GpuCache<'_, '_> {
             unsafe { ks::decode_attn_batch(&self.dev, dt, qp + r, ap + r, &one, li, d)? };
         }
         Ok(a)
-    }
-}
-
-impl Model {
-    /// Steps one at a time; one that continues a cache with several tokens, token by token.
-    pub(crate) fn forward_split_gpu(&self, steps: &mut [Step], last_only: bool) -> Result<Vec<f32>> {
-        let mut out = Vec::new();
-        for s in steps.iter_mut() {
-            if s.tokens.len() > 1 && !s.cache.is_empty() {
-                let mut last = Vec::new();
-                for t in s.tokens.chunks(1) {
-                    last = self.cached_logits(&mut [Step { cache: &mut *s.cache, tokens: t }], true)?;
-                    if !last_only {
-                        out.extend_from_slice(&last);
-                    }
-                }
-                if last_only {
-                    out.extend(last);
-                }
-            } else {
-                out.extend(
-                    self.cached_logits(&mut [Step { cache: &mut *s.cache, tokens: s.tokens }], last_only)?,
-                );
-            }
-        }
-        Ok(out)
     }
 }
 

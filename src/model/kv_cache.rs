@@ -22,7 +22,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 
 use crate::backend::GpuBuffer;
 use crate::tensor::{DType, Device};
@@ -86,6 +86,22 @@ pub struct BlockRef {
     pub id: u32,
     pub addr: u64,
 }
+
+/// The error of a [`SeqCache::prepare`] past the pool's limit: a scheduler waits or preempts
+/// on it (`anyhow::Error::is::<OutOfBlocks>`), where any other error is a failure.
+#[derive(Debug, Clone, Copy)]
+pub struct OutOfBlocks {
+    pub limit: usize,
+    pub block_size: usize,
+}
+
+impl std::fmt::Display for OutOfBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "out of KV blocks: all {} blocks of {} positions are in use", self.limit, self.block_size)
+    }
+}
+
+impl std::error::Error for OutOfBlocks {}
 
 /// What a pool has handed out (see [`KvPool::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -225,7 +241,7 @@ impl KvPool {
     fn take(&self) -> Result<BlockRef> {
         let mut s = self.state.lock().unwrap();
         if s.stats.in_use >= s.limit {
-            bail!("out of KV blocks: all {} blocks of {} positions are in use", s.limit, self.block_size);
+            return Err(OutOfBlocks { limit: s.limit, block_size: self.block_size }.into());
         }
         if s.free.is_empty() {
             self.grow(&mut s, 1)?;
@@ -310,6 +326,17 @@ impl SeqCache {
             self.pool.share(b);
         }
         SeqCache { pool: self.pool.clone(), blocks: self.blocks.clone(), len: self.len }
+    }
+
+    /// Another sequence continuing this one's first `n` positions (a cached prompt's prefix):
+    /// it shares the blocks holding them; a shared block it writes into is copied first.
+    pub fn fork_prefix(&self, n: usize) -> SeqCache {
+        assert!(n <= self.len, "a prefix of {n} positions of a cache holding {}", self.len);
+        let blocks = self.blocks[..self.pool.blocks_for(n)].to_vec();
+        for &b in &blocks {
+            self.pool.share(b);
+        }
+        SeqCache { pool: self.pool.clone(), blocks, len: n }
     }
 
     pub fn pool(&self) -> &Arc<KvPool> {

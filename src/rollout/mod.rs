@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::backend::counters::Counts;
 use crate::model::decode::Step;
 use crate::model::decode_gpu::DecodeWorkspace;
-use crate::model::kv_cache::{KvPool, PoolStats, SeqCache, DEFAULT_BLOCK};
+use crate::model::kv_cache::{KvPool, OutOfBlocks, SeqCache, DEFAULT_BLOCK};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
 use crate::tensor::{DType, Tensor};
@@ -68,6 +68,10 @@ pub struct SamplingConfig {
     pub decode_graphs: Option<bool>,
     /// Positions per block of the paged KV cache (`--kv-block-size`).
     pub kv_block_size: usize,
+    /// Most positions the KV cache holds at once (`--max-batch-tokens`; 0: no cap). Samples
+    /// are admitted while blocks remain; when they run out, the latest admitted gives its
+    /// blocks up and is recomputed (prompt and tokens so far) once blocks free up.
+    pub max_batch_tokens: usize,
 }
 
 impl Default for SamplingConfig {
@@ -83,6 +87,7 @@ impl Default for SamplingConfig {
             stop_strings: vec![],
             ignore_eos: false,
             kv_block_size: DEFAULT_BLOCK,
+            max_batch_tokens: 0,
             max_batch: 0,
             progress: false,
             host_sampler: false,
@@ -193,6 +198,20 @@ struct Live {
     new_ids: Vec<u32>,
     logprobs: Vec<f32>,
     entropy: Vec<f32>,
+    /// Admission order: when blocks run out, the latest admitted is preempted first.
+    ticket: usize,
+}
+
+/// What one call's scheduler did with the KV cache (summed into [`KvCounts`]).
+#[derive(Default)]
+struct KvRun {
+    /// Prompt tokens prefilled, and what prefilling every sample would have computed.
+    prefilled: (usize, usize),
+    /// Blocks the running samples would have held with nothing shared, at the peak.
+    unshared_peak: usize,
+    preemptions: usize,
+    recomputed_tokens: usize,
+    peak_batch: usize,
 }
 
 /// Device work of each generation step (`--counters`), from the device's counters: the steps
@@ -220,19 +239,29 @@ pub struct KvCounts {
     pub peak_blocks_unshared: usize,
     pub peak_bytes: usize,
     pub cow_copies: u64,
+    /// The most samples decoding at once (with `--max-batch-tokens`: what fits the budget).
+    pub peak_batch: usize,
+    /// Samples that gave their blocks up when the budget ran out, and the tokens prefilled
+    /// again to bring them back (`--max-batch-tokens`).
+    pub preemptions: usize,
+    pub recomputed_tokens: usize,
 }
 
 impl KvCounts {
     /// Adds one call's figures (peaks: the larger).
-    fn add(&mut self, pool: &KvPool, stats: PoolStats, prefill: (usize, usize), unshared_peak: usize) {
+    fn add(&mut self, pool: &KvPool, run: &KvRun) {
+        let stats = pool.stats();
         self.block_size = pool.block_size();
         self.block_bytes = pool.block_bytes();
-        self.prefill_tokens += prefill.0;
-        self.prefill_tokens_unshared += prefill.1;
+        self.prefill_tokens += run.prefilled.0;
+        self.prefill_tokens_unshared += run.prefilled.1;
         self.peak_blocks = self.peak_blocks.max(stats.peak_in_use);
-        self.peak_blocks_unshared = self.peak_blocks_unshared.max(unshared_peak);
+        self.peak_blocks_unshared = self.peak_blocks_unshared.max(run.unshared_peak);
         self.peak_bytes = self.peak_blocks * self.block_bytes;
         self.cow_copies += stats.cow_copies;
+        self.peak_batch = self.peak_batch.max(run.peak_batch);
+        self.preemptions += run.preemptions;
+        self.recomputed_tokens += run.recomputed_tokens;
     }
 }
 
@@ -308,12 +337,29 @@ pub fn generate_counted(
     let max_batch = if cfg.max_batch == 0 { usize::MAX } else { cfg.max_batch };
     let params = cfg.sampler();
     let pool = KvPool::new(model.kv_shape(), cfg.kv_block_size)?;
-    let (mut prefilled, mut unshared_peak) = ((0, 0), 0);
-    // On a GPU the pool holds, from a group's admission, every block its samples can need (up
-    // to GPU_RESERVE new positions each), so no decode step allocates; `committed` counts
-    // those of the groups running, `left` their running samples.
-    let reserve = |p: usize| {
+    let limited = cfg.max_batch_tokens > 0;
+    if limited {
+        let (longest, budget) = (prompts.iter().map(Vec::len).max().unwrap_or(0), cfg.max_batch_tokens);
+        let one = pool.blocks_for((longest + cfg.max_new_tokens).min(ctx));
+        ensure!(
+            pool.blocks_for(budget) >= one,
+            "--max-batch-tokens {budget} is too small: one sample of the longest prompt ({longest} tokens) with up to {} new tokens needs {} positions ({one} blocks of {})",
+            cfg.max_new_tokens,
+            one * pool.block_size(),
+            pool.block_size()
+        );
+        pool.set_limit(pool.blocks_for(budget));
         if model.device().is_gpu() {
+            // The budget is the user's to spend: allocated once, no decode step allocates.
+            pool.reserve(pool.blocks_for(budget))?;
+        }
+    }
+    let mut kv = KvRun::default();
+    // Without a budget, a GPU pool holds from a group's admission every block its samples can
+    // need (up to GPU_RESERVE new positions each), so no decode step allocates; `committed`
+    // counts those of the groups running, `left` their running samples.
+    let reserve = |p: usize| {
+        if model.device().is_gpu() && !limited {
             group_blocks(&pool, prompts[p].len(), n, cfg.max_new_tokens.min(GPU_RESERVE), ctx)
         } else {
             0
@@ -327,55 +373,106 @@ pub fn generate_counted(
     let bar = progress_bar(cfg.progress, (prompts.len() * n) as u64);
     let mut queue: VecDeque<usize> = (0..prompts.len()).collect();
     let mut live: Vec<Live> = Vec::new();
+    // Samples preempted for blocks, oldest admission first: they come back before new prompts.
+    let mut parked: VecDeque<Live> = VecDeque::new();
+    let mut tickets = 0usize;
     loop {
-        // Admit whole prompt groups while they fit (always one when nothing is running).
-        // Prompt tokens per step are capped too, so a burst of long prompts does not make one
-        // huge prefill (its activations scale with the tokens of the step).
-        let mut admitted: Vec<(usize, SeqCache)> = Vec::new();
+        // The running samples' next positions first, the latest admitted giving its blocks up
+        // when the budget runs out (vLLM's policy: it is recomputed later).
+        live.sort_by_key(|s| s.ticket);
+        let mut i = 0;
+        while i < live.len() {
+            match live[i].cache.prepare(1) {
+                Ok(()) => i += 1,
+                Err(e) if e.is::<OutOfBlocks>() && live.len() > 1 => {
+                    let mut v = live.pop().expect("a running sample");
+                    v.cache = SeqCache::new(&pool);
+                    kv.preemptions += 1;
+                    let at = parked.partition_point(|p| p.ticket < v.ticket);
+                    parked.insert(at, v);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Then preempted samples, then whole prompt groups, while slots and blocks remain (always
+        // one when nothing runs). Prompt tokens per step are capped too, so a burst of long
+        // prompts does not make one huge prefill (its activations scale with its tokens).
+        let mut resumed: Vec<(Live, Vec<u32>)> = Vec::new();
         let mut prefill_tokens = 0;
-        while let Some(&p) = queue.front() {
-            let fits = live.len() + (admitted.len() + 1) * n <= max_batch
-                && prefill_tokens + prompts[p].len() <= MAX_PREFILL_TOKENS;
-            if !fits && !admitted.is_empty() {
+        while let Some(s) = parked.front() {
+            let feed: Vec<u32> = prompts[s.prompt].iter().chain(&s.new_ids).copied().collect();
+            let running = live.len() + resumed.len();
+            let fits = running < max_batch
+                && (prefill_tokens + feed.len() <= MAX_PREFILL_TOKENS || resumed.is_empty())
+                && pool.free_blocks() > pool.blocks_for(feed.len());
+            if !fits && running > 0 {
                 break;
             }
-            if !fits && !live.is_empty() && live.len() + n > max_batch {
-                break;
+            let mut s = parked.pop_front().expect("a parked sample");
+            s.cache.prepare(feed.len())?;
+            prefill_tokens += feed.len();
+            kv.recomputed_tokens += feed.len();
+            resumed.push((s, feed));
+        }
+        let mut admitted: Vec<(usize, SeqCache)> = Vec::new();
+        let (mut prompt_blocks, mut reserved) = (0, 0);
+        while let Some(&p) = queue.front().filter(|_| parked.is_empty()) {
+            let (len, others) = (prompts[p].len(), live.len() + resumed.len());
+            let slots = others + (admitted.len() + 1) * n <= max_batch;
+            let blocks = !limited || pool.free_blocks() >= pool.blocks_for(len) + n;
+            if !(slots && blocks && prefill_tokens + len <= MAX_PREFILL_TOKENS) {
+                // What does not fit waits, but for the first group of a step: a long prompt
+                // still goes (alone among prefills), and so does a group larger than the batch
+                // or than the free blocks when nothing else runs.
+                if !admitted.is_empty() || (others > 0 && !(slots && blocks)) {
+                    break;
+                }
             }
+            // The prompts' blocks before the prefill, the rest of the groups' after it (so the
+            // reservation does not stand beside the prefill's activations).
+            prompt_blocks += pool.blocks_for(len);
+            if model.device().is_gpu() && !limited {
+                pool.reserve(committed + prompt_blocks)?;
+            }
+            let mut c = SeqCache::new(&pool);
+            c.prepare(len)?;
             queue.pop_front();
-            prefill_tokens += prompts[p].len();
-            admitted.push((p, SeqCache::new(&pool)));
+            prefill_tokens += len;
+            reserved += reserve(p);
+            admitted.push((p, c));
             left[p] = n;
         }
-        // The prompts' blocks before the prefill, the rest of the groups' after it (so the
-        // reservation does not stand beside the prefill's activations).
-        if model.device().is_gpu() {
-            let prompt_blocks: usize = admitted.iter().map(|(p, _)| pool.blocks_for(prompts[*p].len())).sum();
-            pool.reserve(committed + prompt_blocks)?;
-        }
-        committed += admitted.iter().map(|(p, _)| reserve(*p)).sum::<usize>();
-        prefilled = (prefilled.0 + prefill_tokens, prefilled.1 + n * prefill_tokens);
-        if live.is_empty() && admitted.is_empty() {
+        committed += reserved;
+        kv.prefilled.0 += admitted.iter().map(|(p, _)| prompts[*p].len()).sum::<usize>();
+        kv.prefilled.1 += n * admitted.iter().map(|(p, _)| prompts[*p].len()).sum::<usize>();
+        if live.is_empty() && resumed.is_empty() && admitted.is_empty() {
+            ensure!(queue.is_empty() && parked.is_empty(), "the rollout scheduler admitted nothing");
             break;
         }
-        let before = counted.as_ref().map(|d| (d.counts(), live.len(), !admitted.is_empty()));
+        let before = counted.as_ref().map(|d| (d.counts(), live.len(), resumed.len() + admitted.len() > 0));
         let lasts: Vec<[u32; 1]> = live.iter().map(|s| [s.last]).collect();
-        let pure_decode = admitted.is_empty();
+        let pure_decode = admitted.is_empty() && resumed.is_empty();
         let logits = {
-            let mut steps: Vec<Step> = Vec::with_capacity(live.len() + admitted.len());
+            let mut steps: Vec<Step> = Vec::with_capacity(live.len() + resumed.len() + admitted.len());
             for (s, t) in live.iter_mut().zip(&lasts) {
                 steps.push(Step { cache: &mut s.cache, tokens: t });
+            }
+            for (s, feed) in resumed.iter_mut() {
+                steps.push(Step { cache: &mut s.cache, tokens: feed });
             }
             for (p, c) in admitted.iter_mut() {
                 steps.push(Step { cache: c, tokens: &prompts[*p] });
             }
             forward_step(model, gpu.as_mut(), &mut steps, pure_decode)?
         };
-        pool.reserve(committed)?;
+        if !limited {
+            pool.reserve(committed)?;
+        }
+        live.extend(resumed.into_iter().map(|(s, _)| s));
         for (i, s) in live.iter_mut().enumerate() {
             s.row = i;
         }
-        let base = live.len();
+        let (base, rows) = (live.len(), live.len() + admitted.len());
         for (k, (p, c)) in admitted.into_iter().enumerate() {
             for j in 0..n {
                 live.push(Live {
@@ -389,9 +486,12 @@ pub fn generate_counted(
                     new_ids: Vec::with_capacity(cfg.max_new_tokens),
                     logprobs: Vec::with_capacity(cfg.max_new_tokens),
                     entropy: Vec::with_capacity(cfg.max_new_tokens),
+                    ticket: tickets,
                 });
+                tickets += 1;
             }
         }
+        kv.peak_batch = kv.peak_batch.max(live.len());
         if let Some(GpuState { ws, sampler: Some(d) }) = gpu.as_mut() {
             let (buf, dtype, rows) = logits.on_device(ws.as_ref(), vocab)?;
             let jobs: Vec<DrawJob> = live
@@ -405,7 +505,7 @@ pub fn generate_counted(
                 s.draw = Some(dr);
             }
         } else {
-            let host = logits.on_host(gpu.as_ref().and_then(|g| g.ws.as_ref()), live.len())?;
+            let host = logits.on_host(gpu.as_ref().and_then(|g| g.ws.as_ref()), rows)?;
             live.par_iter_mut().for_each(|s| {
                 s.draw =
                     Some(sampler::sample(&host[s.row * vocab..(s.row + 1) * vocab], &params, &mut s.rng));
@@ -413,7 +513,7 @@ pub fn generate_counted(
         }
         // Blocks these sequences would hold with nothing shared (each its own prompt copy).
         let held: usize = live.iter().map(|s| pool.blocks_for(s.cache.len())).sum();
-        unshared_peak = unshared_peak.max(held);
+        kv.unshared_peak = kv.unshared_peak.max(held);
         let mut still = Vec::with_capacity(live.len());
         for mut s in live.drain(..) {
             let d = s.draw.take().unwrap();
@@ -472,7 +572,7 @@ pub fn generate_counted(
     }
     bar.finish_and_clear();
     if let Some(log) = log {
-        log.kv.add(&pool, pool.stats(), prefilled, unshared_peak);
+        log.kv.add(&pool, &kv);
     }
     Ok(out.into_iter().map(|c| c.expect("every sample finishes")).collect())
 }
@@ -480,13 +580,18 @@ pub fn generate_counted(
 /// What a rollout keeps on a GPU device from step to step: the batched decode step's workspace
 /// (`None` when the model has no batched step) and the device sampler (`None` with
 /// `host_sampler`). Allocated once per call, sized for its largest batch.
-struct GpuState {
-    ws: Option<DecodeWorkspace>,
+pub(crate) struct GpuState {
+    pub(crate) ws: Option<DecodeWorkspace>,
     sampler: Option<DeviceSampler>,
 }
 
 impl GpuState {
-    fn new(model: &Model, cfg: &SamplingConfig, cap: usize, block_size: usize) -> Result<Option<GpuState>> {
+    pub(crate) fn new(
+        model: &Model,
+        cfg: &SamplingConfig,
+        cap: usize,
+        block_size: usize,
+    ) -> Result<Option<GpuState>> {
         let Ok(dev) = model.device().gpu() else { return Ok(None) };
         let mut ws = if model.batched_decode_supported() {
             Some(DecodeWorkspace::new(model, cap, block_size)?)
@@ -503,7 +608,7 @@ impl GpuState {
 
 /// The logits of one step: on the host, in the batched step's workspace (its first rows), or a
 /// device tensor `[rows, vocab]` (the per-op path, for steps that prefill prompts).
-enum StepLogits {
+pub(crate) enum StepLogits {
     Host(Vec<f32>),
     Workspace(usize),
     Device(Tensor),
@@ -530,7 +635,7 @@ impl StepLogits {
     }
 
     /// The logits on the host as f32 (the host sampler).
-    fn on_host(self, ws: Option<&DecodeWorkspace>, rows: usize) -> Result<Vec<f32>> {
+    pub(crate) fn on_host(self, ws: Option<&DecodeWorkspace>, rows: usize) -> Result<Vec<f32>> {
         match self {
             StepLogits::Host(v) => Ok(v),
             StepLogits::Workspace(_) => ws.expect("a workspace step has a workspace").download_logits(rows),
@@ -542,7 +647,7 @@ impl StepLogits {
 /// One generation step's forward: the batched decode step when every step decodes one token
 /// (`pure_decode`) and the model has one, else the per-op path, leaving the logits on the device
 /// for the device sampler.
-fn forward_step(
+pub(crate) fn forward_step(
     model: &Model,
     gpu: Option<&mut GpuState>,
     steps: &mut [Step],

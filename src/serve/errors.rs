@@ -14,6 +14,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (a full queue).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: param.map(str::to_string),
             code: None,
+            retry_after: None,
         }
     }
 
@@ -34,18 +37,29 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
+            retry_after: None,
         }
     }
 
-    pub fn queue_full(max_queue: usize) -> ApiError {
+    /// The queue is full: 429 while requests wait for batch slots, 503 while they wait for KV
+    /// cache blocks (the server is out of memory for more); both with `Retry-After`.
+    pub fn queue_full(max_queue: usize, out_of_blocks: bool) -> ApiError {
+        let (status, kind, why) = if out_of_blocks {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "and the KV cache is out of blocks (--max-batch-tokens)",
+            )
+        } else {
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "--max-queue")
+        };
         ApiError {
-            status: StatusCode::TOO_MANY_REQUESTS,
-            message: format!(
-                "The server's queue is full ({max_queue} waiting requests, --max-queue); retry later"
-            ),
-            kind: "rate_limit_error",
+            status,
+            message: format!("The server's queue is full ({max_queue} waiting requests, {why}); retry later"),
+            kind,
             param: None,
             code: Some("queue_full"),
+            retry_after: Some(1),
         }
     }
 
@@ -56,6 +70,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -66,6 +81,7 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
         }
     }
 
@@ -74,7 +90,7 @@ impl ApiError {
     /// error (405 from the router) is rewritten as an error object.
     pub fn status(status: StatusCode, message: impl Into<String>) -> ApiError {
         let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
-        ApiError { status, message: message.into(), kind, param: None, code: None }
+        ApiError { status, message: message.into(), kind, param: None, code: None, retry_after: None }
     }
 
     pub fn body(&self) -> serde_json::Value {
@@ -84,7 +100,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }
 
@@ -96,5 +116,24 @@ pub async fn no_route() -> ApiError {
         kind: "invalid_request_error",
         param: None,
         code: None,
+        retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_says_when_to_retry() {
+        for (blocks, status) in
+            [(false, StatusCode::TOO_MANY_REQUESTS), (true, StatusCode::SERVICE_UNAVAILABLE)]
+        {
+            let r = ApiError::queue_full(8, blocks).into_response();
+            assert_eq!(r.status(), status);
+            assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "1");
+        }
+        let r = ApiError::bad_request("x", None).into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
     }
 }

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod engine;
 pub mod errors;
 pub mod output;
+pub mod prefix_cache;
 pub mod routes;
 pub mod stream;
 pub mod types;
@@ -25,6 +26,10 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     pub model_name: String,
     pub max_batch: usize,
+    /// Most KV positions held at once (running samples and the prefix cache).
+    pub max_batch_tokens: usize,
+    /// Most positions the prefix cache keeps (0: off).
+    pub prefix_cache_tokens: usize,
     pub max_queue: usize,
     /// Render chats with the embedded task's compact prompt instead of the model's template.
     pub compact: bool,
@@ -44,7 +49,12 @@ where
 {
     let (handle, jobs) = engine::queue(cfg.max_queue);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (max_batch, compact, kv_block_size) = (cfg.max_batch.max(1), cfg.compact, cfg.kv_block_size);
+    let (compact, kv_block_size) = (cfg.compact, cfg.kv_block_size);
+    let engine_cfg = engine::EngineConfig {
+        max_batch: cfg.max_batch.max(1),
+        max_batch_tokens: cfg.max_batch_tokens,
+        prefix_cache_tokens: cfg.prefix_cache_tokens,
+    };
     let stats = handle.stats.clone();
     let decode = std::thread::Builder::new().name("fcgpu-decode".into()).spawn(move || {
         let (mut model, tok) = match load() {
@@ -72,11 +82,27 @@ where
                 return;
             }
         };
-        let info = (format, model.config.max_position_embeddings, model.config.vocab_size);
+        let ctx = model.config.max_position_embeddings;
+        // No budget: room for a full batch of context-long samples (blocks are allocated as
+        // they are used).
+        let engine_cfg = engine::EngineConfig {
+            max_batch_tokens: match engine_cfg.max_batch_tokens {
+                0 => engine_cfg.max_batch.saturating_mul(ctx),
+                n => n,
+            },
+            ..engine_cfg
+        };
+        let info = (
+            format,
+            ctx,
+            model.config.vocab_size,
+            pool.blocks_for(engine_cfg.max_batch_tokens) * pool.block_size(),
+        );
         let _ = ready_tx.send(Ok((info, tok.clone())));
-        engine::run(&model, &tok, jobs, max_batch, &pool, &stats);
+        engine::run(&model, &tok, jobs, engine_cfg, &pool, &stats);
     })?;
-    let ((format, ctx, vocab), tok) = ready_rx.recv().context("the decode thread ended while loading")??;
+    let ((format, ctx, vocab, kv_positions), tok) =
+        ready_rx.recv().context("the decode thread ended while loading")??;
     let state = Arc::new(routes::AppState {
         engine: handle,
         tok,
@@ -84,6 +110,7 @@ where
         model_name: cfg.model_name.clone(),
         ctx,
         vocab,
+        kv_positions,
         max_queue: cfg.max_queue,
         created: routes::now(),
         next_id: AtomicU64::new(0),

@@ -27,6 +27,8 @@ pub struct AppState {
     pub model_name: String,
     pub ctx: usize,
     pub vocab: usize,
+    /// KV positions the server holds at once (`--max-batch-tokens`, whole blocks).
+    pub kv_positions: usize,
     pub max_queue: usize,
     pub created: u64,
     pub next_id: AtomicU64,
@@ -56,6 +58,15 @@ async fn health(State(s): State<Shared>) -> Json<Json_> {
         "cancelled": st.cancelled.load(Ordering::Relaxed),
         "kv_blocks_in_use": st.kv_blocks_in_use.load(Ordering::Relaxed),
         "kv_blocks_allocated": st.kv_blocks_allocated.load(Ordering::Relaxed),
+        "kv_blocks_limit": st.kv_blocks_limit.load(Ordering::Relaxed),
+        "prefix_cache_blocks": st.prefix_cache_blocks.load(Ordering::Relaxed),
+        "prefix_cache_hits": st.prefix_cache_hits.load(Ordering::Relaxed),
+        "prefix_cache_tokens": st.prefix_cache_tokens.load(Ordering::Relaxed),
+        "prompt_tokens_computed": st.prompt_tokens_computed.load(Ordering::Relaxed),
+        "preemptions": st.preemptions.load(Ordering::Relaxed),
+        "peak_running": st.peak_running.load(Ordering::Relaxed),
+        "waiting_for_blocks": st.waiting_for_blocks.load(Ordering::Relaxed),
+        "block_waits": st.block_waits.load(Ordering::Relaxed),
     }))
 }
 
@@ -121,6 +132,13 @@ impl AppState {
                 Some(kind),
             ));
         }
+        // One sample must fit the KV budget on its own (a group's samples can take turns).
+        if len + max_tokens > self.kv_positions {
+            return Err(ApiError::bad_request(
+                format!("This request needs {} KV cache positions ({len} in the {kind}, {max_tokens} for the completion) but the server holds at most {} (--max-batch-tokens). Please reduce the length of the {kind} or max_tokens.", len + max_tokens, self.kv_positions),
+                Some(kind),
+            ));
+        }
         gen.max_tokens = Some(max_tokens);
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         // Without a seed every request draws differently; with one, the same request repeats.
@@ -137,7 +155,10 @@ impl AppState {
             events: tx,
         };
         self.engine.submit(job).map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::queue_full(self.max_queue),
+            SubmitError::QueueFull => ApiError::queue_full(
+                self.max_queue,
+                self.engine.stats.waiting_for_blocks.load(Ordering::Relaxed),
+            ),
             SubmitError::ShuttingDown => ApiError::unavailable(),
         })?;
         Ok(Prepared { id: format!("{n:x}"), prompt_tokens: len, gen, events: rx, forced: String::new() })

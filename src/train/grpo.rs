@@ -113,6 +113,11 @@ pub struct GrpoConfig {
     pub dynamic_sampling: bool,
     /// Most extra rollout rounds per step with `dynamic_sampling`.
     pub max_resample: usize,
+    /// Positions per block of the rollouts' paged KV cache.
+    pub kv_block_size: usize,
+    /// Most positions the rollouts' KV cache holds at once (0: no cap); past it the latest
+    /// admitted sample is preempted and recomputed (docs/performance.md).
+    pub max_batch_tokens: usize,
 }
 
 impl Default for GrpoConfig {
@@ -146,6 +151,8 @@ impl Default for GrpoConfig {
             warmup_sft_steps: 0,
             dynamic_sampling: true,
             max_resample: 4,
+            kv_block_size: crate::model::kv_cache::DEFAULT_BLOCK,
+            max_batch_tokens: 0,
         }
     }
 }
@@ -540,6 +547,8 @@ impl GrpoTrainer {
             top_p: if temperature == 0.0 { 1.0 } else { self.cfg.top_p },
             seed,
             stop_ids: chat_eos_ids(&self.model, Some(&self.tok)),
+            kv_block_size: self.cfg.kv_block_size,
+            max_batch_tokens: self.cfg.max_batch_tokens,
             ..Default::default()
         }
     }
@@ -1200,6 +1209,7 @@ pub fn validate(cfg: &GrpoConfig) -> Result<()> {
     in_range("rollout_correction_cap", cfg.rollout_correction_cap, 1.0, true, f32::MAX)?;
     count("ppo_epochs", cfg.ppo_epochs, 1, MAX_PPO_EPOCHS)?;
     count("micro_batch", cfg.micro_batch, 1, MAX_GROUP * MAX_GROUP)?;
+    count("kv_block_size", cfg.kv_block_size, 1, 65536)?;
     if cfg.dynamic_sampling && cfg.max_resample == 0 {
         bail!("`max_resample` (--max-resample) must be at least 1 with --dynamic-sampling (0 would re-draw nothing)");
     }
@@ -1325,6 +1335,8 @@ mod tests {
             micro_batch: 12,
             dynamic_sampling,
             max_resample: 4,
+            kv_block_size: crate::model::kv_cache::DEFAULT_BLOCK,
+            max_batch_tokens: 0,
             ..Default::default()
         };
         let mut t = GrpoTrainer::new(cfg, Start::FRESH, Device::Cpu).unwrap();
