@@ -113,14 +113,23 @@ step counters_cuda_vs_emu 30 bash -c "$(declare -f count_on); BIN='$BIN' TRAIN_D
   count_on cuda && count_on emu && diff '$OUT/counters-cuda.json' '$OUT/counters-emu.json' && echo 'counters: passed'"
 # The paged KV cache on the GPU: the paged decode-attention kernel against the strided one, then
 # the same generations (seeded, sampled on the device) with blocks of 1, 16 and 4,096 positions
-# (one block per sequence: a contiguous cache).
+# (one block per sequence: a contiguous cache); in f32, the same generations with a KV budget of
+# 160 positions (preempting and recomputing) as without (the tokens; log-probs move by float
+# rounding); serve's decode loop (batched step,
+# prefix-cache hits through the block tables) giving the cpu's texts.
 step paged_decode 60 bash -c "set -e; \
   '$BIN/gpu_cuda' --test-threads 1 paged_decode_attention; \
   for bs in 1 16 4096; do '$BIN/fcgpu' generate --model tests/fixtures/models/qwen2-tiny \
     --input '$TRAIN_DIR/prompts.jsonl' --n 4 --max-new-tokens 40 --seed 3 --device cuda \
     --kv-block-size \$bs > \"$OUT/paged-\$bs.jsonl\"; done; \
-  cmp '$OUT/paged-1.jsonl' '$OUT/paged-16.jsonl' && cmp '$OUT/paged-16.jsonl' '$OUT/paged-4096.jsonl' \
-  && echo 'paged decode: passed'"
+  cmp '$OUT/paged-1.jsonl' '$OUT/paged-16.jsonl' && cmp '$OUT/paged-16.jsonl' '$OUT/paged-4096.jsonl'; \
+  for cap in 0 160; do '$BIN/fcgpu' generate --model tests/fixtures/models/qwen2-tiny --dtype f32 \
+    --input '$TRAIN_DIR/prompts.jsonl' --n 4 --max-new-tokens 40 --seed 3 --ignore-eos --device cuda \
+    --max-batch-tokens \$cap --counters \"$OUT/budget-\$cap.json\" > \"$OUT/budget-\$cap.jsonl\"; done; \
+  ids() { grep -o '\"new_ids\":\[[^]]*\]' \"\$1\"; }; \
+  cmp <(ids '$OUT/budget-0.jsonl') <(ids '$OUT/budget-160.jsonl'); grep -q '\"preemptions\": *[1-9]' '$OUT/budget-160.json'; \
+  '$BIN/serve_engine' --include-ignored --test-threads 1 cuda_serves_the_cpus_texts \
+  && echo 'paged decode, preemption and serve: passed'"
 # The memory plan against the GPU (issue 29): the plan's SFT and GRPO steps run on cuda with a
 # random model of Qwen2.5-0.5B's shapes; each phase's counted peak must be within 1% of the
 # plan's, and the log has cuMemGetInfo and the pool's high-water mark beside it.

@@ -121,27 +121,37 @@ fn a_tight_kv_budget_preempts_and_gives_the_same_texts() {
     }
 }
 
-/// On a GPU device (emu here, f32) the loop's pure decode steps are the batched step and a
-/// prompt after a prefix-cache hit goes through the block tables; the texts are the cpu's.
-#[test]
-fn the_batched_device_step_gives_the_cpus_texts() {
+/// On a GPU device (f32) the loop's pure decode steps are the batched step and a prompt after a
+/// prefix-cache hit goes through the block tables; the texts are the cpu's.
+fn device_serves_the_cpus_texts(device: Device) {
     let dir = fixture("qwen2-tiny");
     let tok = Tokenizer::load(&dir).unwrap();
     let cpu = Model::load(&dir).unwrap();
-    let emu = cpu.to_device_as(Device::Emu, fcgpu::DType::F32).unwrap();
-    assert!(emu.batched_decode_supported());
+    let dm = cpu.to_device_as(device, fcgpu::DType::F32).unwrap();
+    assert!(dm.batched_decode_supported());
     // Prompts after a prefix-cache hit are several tokens after a cache: the paged kernel's
     // entry-per-token path.
     let (want, _) = serve_all(&cpu, &tok, one_at_a_time(4096), 16);
-    let dev = emu.device().gpu().unwrap();
+    let dev = dm.device().gpu().unwrap();
     let before = dev.counts();
-    let (got, s) = serve_all(&emu, &tok, one_at_a_time(4096), 16);
+    let (got, s) = serve_all(&dm, &tok, one_at_a_time(4096), 16);
     let c = dev.counts() - before;
     eprintln!(
-        "emu: {} launches, {} syncs, {} prefix hits",
+        "{device}: {} launches, {} syncs, {} prefix hits",
         c.launches,
         c.syncs,
         s.prefix_cache_hits.load(Ordering::Relaxed)
     );
-    assert_eq!(got, want, "texts on emu (f32)");
+    assert_eq!(got, want, "texts on {device} (f32)");
+}
+
+#[test]
+fn the_batched_device_step_gives_the_cpus_texts() {
+    device_serves_the_cpus_texts(Device::Emu);
+}
+
+#[test]
+#[cfg_attr(not(fcgpu_test_cuda), ignore = "needs a GPU: FCGPU_TEST_CUDA=1 cargo test")]
+fn cuda_serves_the_cpus_texts() {
+    device_serves_the_cpus_texts(Device::Cuda(0));
 }

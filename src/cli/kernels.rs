@@ -31,19 +31,27 @@ pub enum KernelsCommand {
     Roofline {
         /// Instead: project whole GRPO steps (rollout, reference pass, update) at Qwen2.5-1.5B and
         /// 7B shapes on H100 and H200, from the roofline and the decode loop's host counts.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "serve")]
         grpo: bool,
+        /// Instead: project `fcgpu serve` (requests/s, time to first token) for SmolLM2-135M on
+        /// an H100, before and after the batched step and the prefix cache.
+        #[arg(long)]
+        serve: bool,
     },
 }
 
 pub fn run(a: Args) -> Result<()> {
     match a.command {
         KernelsCommand::Check { arch, json, file } => check(&arch, json, file.as_deref()),
-        KernelsCommand::Roofline { grpo: true } => {
+        KernelsCommand::Roofline { grpo: true, .. } => {
             print!("{}", crate::roofline::step::markdown()?);
             Ok(())
         }
-        KernelsCommand::Roofline { grpo: false } => {
+        KernelsCommand::Roofline { serve: true, .. } => {
+            print!("{}", crate::roofline::serve::markdown(&crate::roofline::step::H100));
+            Ok(())
+        }
+        KernelsCommand::Roofline { .. } => {
             print!("{}", crate::roofline::markdown(&crate::roofline::Shapes::qwen25_7b()));
             Ok(())
         }

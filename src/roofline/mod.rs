@@ -3,6 +3,7 @@
 //! `fcgpu kernels roofline` (that output is `kernels/ROOFLINE.md`) and used by the benchmarks to
 //! report the fraction of peak a measured time reaches. [`step`] projects whole GRPO steps.
 
+pub mod serve;
 pub mod step;
 
 /// H100 SXM peak memory bandwidth, bytes/s.

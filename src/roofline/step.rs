@@ -68,6 +68,22 @@ impl Model {
         }
     }
 
+    pub fn smollm2_135m() -> Model {
+        Model {
+            name: "SmolLM2-135M",
+            layers: 30.0,
+            hidden: 576.0,
+            heads: 9.0,
+            kv_heads: 3.0,
+            head_dim: 64.0,
+            intermediate: 1536.0,
+            vocab: 49152.0,
+            params: 1.34515e8,
+            tied: true,
+            config: include_str!("../../configs/models/smollm2-135m.json"),
+        }
+    }
+
     pub fn qwen25_7b() -> Model {
         Model {
             name: "Qwen2.5-7B",
@@ -96,7 +112,7 @@ impl Model {
     }
 
     /// K and V bytes (bf16) of one cached token over all layers.
-    fn kv_bytes_per_token(&self) -> f64 {
+    pub(crate) fn kv_bytes_per_token(&self) -> f64 {
         self.layers * 2.0 * self.kv_heads * self.head_dim * 2.0
     }
 }
@@ -178,7 +194,7 @@ impl DecodeCounts {
         }
     }
 
-    fn host_seconds(&self, m: &Model, batch: f64) -> f64 {
+    pub(crate) fn host_seconds(&self, m: &Model, batch: f64) -> f64 {
         let launches = m.layers * (self.launches_per_layer + self.launches_per_layer_per_seq * batch)
             + self.launches_fixed;
         let d2h = batch * (self.d2h_per_seq_vocab * m.vocab + self.d2h_per_seq);
@@ -188,20 +204,20 @@ impl DecodeCounts {
 
 /// Bytes and FLOPs of some work.
 #[derive(Clone, Copy, Debug, Default)]
-struct Work {
-    bytes: f64,
-    flops: f64,
+pub(crate) struct Work {
+    pub(crate) bytes: f64,
+    pub(crate) flops: f64,
 }
 
 impl Work {
-    fn seconds(&self, g: &Gpu) -> f64 {
+    pub(crate) fn seconds(&self, g: &Gpu) -> f64 {
         (self.bytes / g.bw).max(self.flops / g.flops)
     }
 }
 
 /// A teacher-forced forward over `seqs` sequences of `len` tokens, with the LM head (and the
 /// fused log-softmax) on `head_rows` of them.
-fn forward(m: &Model, seqs: f64, len: f64, head_rows: f64) -> Work {
+pub(crate) fn forward(m: &Model, seqs: f64, len: f64, head_rows: f64) -> Work {
     let t = seqs * len;
     let body = m.body_params();
     let attn = m.layers * seqs * m.heads * 2.0 * len * len * m.head_dim;
@@ -215,7 +231,7 @@ fn forward(m: &Model, seqs: f64, len: f64, head_rows: f64) -> Work {
 }
 
 /// One decode step at `batch` sequences with `ctx` cached tokens each.
-fn decode_step(m: &Model, batch: f64, ctx: f64) -> Work {
+pub(crate) fn decode_step(m: &Model, batch: f64, ctx: f64) -> Work {
     let weights = 2.0 * m.matmul_params();
     let kv = batch * ctx * m.kv_bytes_per_token();
     let attn = 4.0 * batch * ctx * m.heads * m.head_dim * m.layers;
@@ -284,8 +300,13 @@ pub fn fits(bytes: u64, g: &Gpu) -> bool {
 /// and one synchronisation for a prompt, on 2- and 4-layer models), and of the first decode
 /// step's copies of each prompt's cache to its samples (2 launches per layer + 2 a sample).
 fn prefill_host_seconds(m: &Model, r: &Recipe) -> f64 {
-    let per_prompt = (22.0 * m.layers + 7.0) * LAUNCH_S + SYNC_S;
+    let per_prompt = prompt_host_seconds(m);
     r.prompts * per_prompt + r.seqs() * (2.0 * m.layers + 2.0) * LAUNCH_S
+}
+
+/// Host time of one prompt's op-by-op prefill.
+pub(crate) fn prompt_host_seconds(m: &Model) -> f64 {
+    (22.0 * m.layers + 7.0) * LAUNCH_S + SYNC_S
 }
 
 /// Project one GRPO step of `r` for `m` on `g` with the decode loop's host counts `c`.

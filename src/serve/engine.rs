@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::prefix_cache::PrefixCache;
@@ -484,12 +485,20 @@ impl Engine<'_> {
             }
         }
         let (eos, ctx) = (&self.model.config.eos_token_ids, self.model.config.max_position_embeddings);
+        // Draws in parallel (each sample's own stream; a softmax over the vocabulary each), the
+        // text and the events in order.
+        let draws: Vec<u32> = self
+            .live
+            .par_iter_mut()
+            .map(|s| {
+                sampler::sample(&logits[s.row * vocab..(s.row + 1) * vocab], &s.job.params, &mut s.rng).token
+            })
+            .collect();
         let mut still = Vec::with_capacity(self.live.len());
-        for mut s in self.live.drain(..) {
-            let d = sampler::sample(&logits[s.row * vocab..(s.row + 1) * vocab], &s.job.params, &mut s.rng);
-            s.ids.push(d.token);
-            s.last = d.token;
-            let mut finish = eos.contains(&d.token).then_some(Finish::Stop);
+        for (mut s, token) in self.live.drain(..).zip(draws) {
+            s.ids.push(token);
+            s.last = token;
+            let mut finish = eos.contains(&token).then_some(Finish::Stop);
             let mut text = self.tok.decode(&s.ids, true)?;
             if let (Some((trigger, forced)), false, None) = (&s.job.then, s.forced, finish) {
                 if text.contains(trigger.as_str()) {
