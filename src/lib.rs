@@ -12,6 +12,7 @@ pub mod chat_template;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod dtype;
 pub mod fc;
 pub mod gguf;

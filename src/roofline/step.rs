@@ -3,8 +3,8 @@
 //! each phase takes the larger of its device time at peak (bytes / bandwidth, FLOPs / tensor
 //! throughput) and the host time its driver calls need (launches, synchronisations, device→host
 //! copies), because a decode step whose launches take longer than its kernels leaves the GPU
-//! idle. The host counts are emu's (`--counters`): the per-op decode loop that `serve` still
-//! uses, and the batched decode step with the device sampler that `generate` and `train` use. Printed by `fcgpu kernels roofline --grpo`.
+//! idle. The host counts are emu's (`--counters`): the per-op decode loop (the code before the
+//! batched step), and the batched decode step with the device sampler that `generate` and `train` use. Printed by `fcgpu kernels roofline --grpo`.
 
 use anyhow::{Context, Result};
 
@@ -161,7 +161,7 @@ pub struct DecodeCounts {
 }
 
 impl DecodeCounts {
-    /// The per-op decode loop (the code before the batched step; `serve` still runs it), fitted
+    /// The per-op decode loop (the code before the batched step), fitted
     /// to the emu counters of `fcgpu generate --counters` on 2- and 4-layer models at batch 1, 4
     /// and 8 (exact fit): launches = layers × (18 + 3 × batch) + 4 (two KV copies and
     /// one attention launch per sequence and layer), 6 synchronisations, and the bf16 logits
