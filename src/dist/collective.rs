@@ -17,6 +17,9 @@ pub trait Collective: Send {
     fn size(&self) -> usize;
     /// `buf` becomes the sum of every rank's `buf`.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// [`Collective::all_reduce_sum`] in f64 (gradient sums: exact for a few f32 terms, so the
+    /// order of the ranks does not show in the result).
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()>;
     /// `out` becomes this rank's chunk (`out.len()` elements from `rank × out.len()`) of the sum
     /// of every rank's `input` (`size × out.len()` elements).
     fn reduce_scatter_sum(&mut self, input: &[f32], out: &mut [f32]) -> Result<()>;
@@ -29,6 +32,7 @@ pub trait Collective: Send {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     AllReduce,
+    AllReduce64,
     ReduceScatter,
     AllGather,
     Broadcast(usize),
@@ -41,7 +45,7 @@ struct Shared {
     /// Collectives started so far (the one gathering is number `started`).
     started: u64,
     op: Option<(Op, usize)>,
-    inputs: Vec<Option<Vec<f32>>>,
+    inputs: Vec<Option<Vec<f64>>>,
     /// Result of collective `n` and how many ranks still have to read it.
     results: HashMap<u64, (Outcome, usize)>,
 }
@@ -73,7 +77,7 @@ impl ThreadGroup {
 
     /// Adds this rank's `input` to collective number `self.calls`; the last rank to arrive
     /// computes it. Returns its result (the whole reduced, gathered or broadcast buffer).
-    fn exchange(&mut self, op: Op, input: &[f32]) -> Result<Outcome> {
+    fn exchange(&mut self, op: Op, input: Vec<f64>) -> Result<Outcome> {
         let (n, rank) = (self.calls, self.rank);
         self.calls += 1;
         let (lock, cv) = &*self.shared;
@@ -97,7 +101,7 @@ impl ThreadGroup {
                 )),
                 Some(_) => None,
             };
-            s.inputs[rank] = Some(input.to_vec());
+            s.inputs[rank] = Some(input);
             complete(&mut s, error);
             cv.notify_all();
         }
@@ -111,7 +115,7 @@ impl ThreadGroup {
 }
 
 /// A collective's result, shared by the ranks until each has read it.
-type Outcome = Arc<Result<Vec<f32>, String>>;
+type Outcome = Arc<Result<Vec<f64>, String>>;
 
 /// Computes the gathering collective once every rank's input is in, or fails it at once with
 /// `error` (every rank, including those still to come, reads the error).
@@ -120,14 +124,22 @@ fn complete(s: &mut Shared, error: Option<String>) {
         return;
     }
     let (op, _) = s.op.take().expect("a gathering collective");
-    let inputs: Vec<Option<Vec<f32>>> = s.inputs.iter_mut().map(Option::take).collect();
+    let inputs: Vec<Option<Vec<f64>>> = s.inputs.iter_mut().map(Option::take).collect();
     let out = match error {
         Some(e) => Err(e),
         None => {
-            let inputs: Vec<Vec<f32>> = inputs.into_iter().map(Option::unwrap).collect();
+            let inputs: Vec<Vec<f64>> = inputs.into_iter().map(Option::unwrap).collect();
             Ok(match op {
+                // Rank order, one rank at a time: the same bits on every rank and every run; f32
+                // collectives add in f32 (values travel as f64, which holds every f32 exactly).
                 Op::AllReduce | Op::ReduceScatter => {
-                    // Rank order, one rank at a time: the same bits on every rank and every run.
+                    let mut acc: Vec<f32> = inputs[0].iter().map(|&x| x as f32).collect();
+                    for x in &inputs[1..] {
+                        acc.iter_mut().zip(x).for_each(|(a, &b)| *a += b as f32);
+                    }
+                    acc.into_iter().map(f64::from).collect()
+                }
+                Op::AllReduce64 => {
                     let mut acc = inputs[0].clone();
                     for x in &inputs[1..] {
                         acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
@@ -184,7 +196,13 @@ impl Collective for ThreadGroup {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
-        let r = self.exchange(Op::AllReduce, buf)?;
+        let r = self.exchange(Op::AllReduce, wide(buf))?;
+        narrow(result(&r)?, buf);
+        Ok(())
+    }
+
+    fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        let r = self.exchange(Op::AllReduce64, buf.to_vec())?;
         buf.copy_from_slice(result(&r)?);
         Ok(())
     }
@@ -197,9 +215,9 @@ impl Collective for ThreadGroup {
             self.size(),
             out.len()
         );
-        let r = self.exchange(Op::ReduceScatter, input)?;
+        let r = self.exchange(Op::ReduceScatter, wide(input))?;
         let k = out.len();
-        out.copy_from_slice(&result(&r)?[self.rank * k..(self.rank + 1) * k]);
+        narrow(&result(&r)?[self.rank * k..(self.rank + 1) * k], out);
         Ok(())
     }
 
@@ -210,21 +228,30 @@ impl Collective for ThreadGroup {
             input.len(),
             out.len()
         );
-        let r = self.exchange(Op::AllGather, input)?;
-        out.copy_from_slice(result(&r)?);
+        let r = self.exchange(Op::AllGather, wide(input))?;
+        narrow(result(&r)?, out);
         Ok(())
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         ensure!(root < self.size(), "broadcast from rank {root} of {}", self.size());
-        let r = self.exchange(Op::Broadcast(root), buf)?;
-        buf.copy_from_slice(result(&r)?);
+        let r = self.exchange(Op::Broadcast(root), wide(buf))?;
+        narrow(result(&r)?, buf);
         Ok(())
     }
 }
 
-fn result(r: &Outcome) -> Result<&[f32]> {
-    let r: &Result<Vec<f32>, String> = r;
+fn wide(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| f64::from(v)).collect()
+}
+
+/// f64 values that are f32s (an f32 collective's result) back into `out`.
+fn narrow(x: &[f64], out: &mut [f32]) {
+    out.iter_mut().zip(x).for_each(|(o, &v)| *o = v as f32);
+}
+
+fn result(r: &Outcome) -> Result<&[f64]> {
+    let r: &Result<Vec<f64>, String> = r;
     match r {
         Ok(v) => Ok(v),
         Err(e) => bail!("{e}"),
@@ -279,6 +306,13 @@ mod tests {
         });
         let want = ((vals[0] + vals[1]) + vals[2]) + vals[3];
         assert!(out.iter().all(|&x| x.to_bits() == want.to_bits()), "{out:?} vs {want}");
+        // In f64 the same four values sum exactly: 2.
+        let out = on_ranks(4, 10_000, |mut g| {
+            let mut x = vec![vals[g.rank()] as f64];
+            g.all_reduce_sum_f64(&mut x).unwrap();
+            x[0]
+        });
+        assert!(out.iter().all(|&x| x == 2.0), "{out:?}");
     }
 
     #[test]

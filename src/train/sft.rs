@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
 use crate::data::Sample;
+use crate::dist::collective::Collective;
 use crate::fc::prompt::PromptStyle;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{Batch, Model};
@@ -195,6 +196,8 @@ pub struct Trainer {
     /// Held while the trainer lives: one trainer per run directory.
     /// None for a trainer built around a model with no run directory (tests, probes).
     _lock: Option<RunLock>,
+    /// Data parallelism: this rank's collectives (`None`: one rank).
+    dist: Option<Box<dyn Collective>>,
 }
 
 impl Trainer {
@@ -286,6 +289,7 @@ impl Trainer {
                     think_end: None,
                     loss_cfg,
                     _lock: Some(lock),
+                    dist: None,
                 }
             }
             None => {
@@ -310,6 +314,7 @@ impl Trainer {
                     think_end: None,
                     loss_cfg,
                     _lock: Some(lock),
+                    dist: None,
                 }
             }
         };
@@ -361,7 +366,27 @@ impl Trainer {
             think_end: Some(think_end),
             loss_cfg,
             _lock: None,
+            dist: None,
         }
+    }
+
+    /// Makes this trainer one rank of a data-parallel run: every rank is given the same
+    /// micro-batches and takes every `size`-th one from its rank on, the gradients and metrics
+    /// are summed over the ranks, and each rank applies the same update, so the run is the
+    /// update of one rank over the whole batch (up to the order of the sums). `grad_accum` must
+    /// be a multiple of the ranks (a micro-batch is never split).
+    pub fn set_collective(&mut self, c: Box<dyn Collective>) -> Result<()> {
+        let (ga, n) = (self.cfg.grad_accum.max(1), c.size());
+        anyhow::ensure!(
+            ga % n == 0,
+            "{n} ranks do not divide grad_accum {ga}: each rank takes whole micro-batches (use a multiple of {n})"
+        );
+        anyhow::ensure!(
+            self.model.device().is_cpu(),
+            "data parallelism on a GPU device needs the NCCL backend, which is not built yet (issue 31)"
+        );
+        self.dist = Some(c);
+        Ok(())
     }
 
     fn epoch_order(&self, epoch: u64) -> Vec<Vec<usize>> {
@@ -454,16 +479,21 @@ impl Trainer {
         let on_gpu = self.model.device().is_gpu();
         // On a GPU the sums stay on the device (StepGrads); the cpu keeps its flat vectors.
         let mut dev_acc = StepGrads::on(self.model.device());
-        let mut acc: Vec<Vec<f32>> =
+        // f64 sums: exact for a few micro-batches, so the order they are added in (one rank's,
+        // or several ranks' all-reduced) does not change the update.
+        let mut acc: Vec<Vec<f64>> =
             if on_gpu { vec![] } else { params.iter().map(|(_, t)| vec![0.0; t.numel()]).collect() };
         anyhow::ensure!(!micro.is_empty(), "step {next}: no micro-batch");
+        // Every micro-batch counts for the whole step (all ranks'): each rank scales by 1/ga.
         let ga = micro.len();
+        let (rank, ranks) = self.dist.as_ref().map_or((0, 1), |d| (d.rank(), d.size()));
+        anyhow::ensure!(ga % ranks == 0, "step {next}: {ga} micro-batches for {ranks} ranks");
         let (mut loss_sum, mut lt_sum, mut lr_sum, mut a_sum, mut da_sum, mut tokens) =
             (0.0f32, 0.0f32, 0.0f32, 0.0f32, 0.0f32, 0usize);
         // Device work of the forward/backward passes ("update") and of the step ("optimizer").
         let dev = self.model.device().gpu().ok();
         let c0 = dev.as_ref().map(|d| d.counts());
-        for Micro { batch, prompt_lens, think_lens } in micro {
+        for Micro { batch, prompt_lens, think_lens } in micro.iter().skip(rank).step_by(ranks) {
             tokens += batch.ids.len();
             let spans = srml::spans(batch, prompt_lens, think_lens)?;
             let lp = self.model.token_logprobs(batch, 1.0)?;
@@ -478,8 +508,8 @@ impl Trainer {
             }
             for ((_, p), a) in params.iter().zip(acc.iter_mut()) {
                 if let Some(g) = grads.get(p) {
-                    for (x, y) in a.iter_mut().zip(g.f32s()?) {
-                        *x += y;
+                    for (x, &y) in a.iter_mut().zip(g.f32s()?.iter()) {
+                        *x += f64::from(y);
                     }
                 }
             }
@@ -493,11 +523,18 @@ impl Trainer {
         if let (Some(c0), Some(c1)) = (c0, c1) {
             crate::backend::counters::add_phase("update", c1 - c0);
         }
+        if let Some(d) = self.dist.as_mut() {
+            all_reduce_grads(d.as_mut(), &mut acc)?;
+            let mut m = [loss_sum, lt_sum, lr_sum, a_sum, da_sum, tokens as f32];
+            d.all_reduce_sum(&mut m)?;
+            [loss_sum, lt_sum, lr_sum, a_sum, da_sum] = [m[0], m[1], m[2], m[3], m[4]];
+            tokens = m[5] as usize;
+        }
         let gaf = ga as f32;
         let norm = if on_gpu {
             dev_acc.norm()?
         } else {
-            acc.iter().flat_map(|a| a.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32
+            acc.iter().flat_map(|a| a.iter()).map(|&x| (x as f32 as f64).powi(2)).sum::<f64>().sqrt() as f32
         };
         if !norm.is_finite() {
             bail!("step {next}: gradient norm is {norm}; stopping before the update, weights unchanged");
@@ -514,8 +551,11 @@ impl Trainer {
                 )
             })?;
         } else {
-            let by_name: std::collections::HashMap<String, Vec<f32>> =
-                params.iter().map(|(n, _)| n.clone()).zip(acc).collect();
+            let by_name: std::collections::HashMap<String, Vec<f32>> = params
+                .iter()
+                .map(|(n, _)| n.clone())
+                .zip(acc.into_iter().map(|a| a.into_iter().map(|x| x as f32).collect()))
+                .collect();
             apply_gradients(
                 &mut self.model,
                 &mut self.opt,
@@ -720,4 +760,17 @@ pub fn validate(cfg: &SftConfig) -> Result<()> {
 /// `fcgpu sft`'s config: its defaults with the TOML file at `path` laid over them.
 pub fn load_config(path: Option<&Path>) -> Result<SftConfig> {
     run_config::load(path, SftConfig::default(), "sft")
+}
+
+/// Sums every rank's gradients (flat per parameter) in one collective.
+fn all_reduce_grads(d: &mut dyn Collective, acc: &mut [Vec<f64>]) -> Result<()> {
+    let mut flat: Vec<f64> = acc.iter().flat_map(|a| a.iter().copied()).collect();
+    d.all_reduce_sum_f64(&mut flat)?;
+    let mut at = 0;
+    for a in acc.iter_mut() {
+        let n = a.len();
+        a.copy_from_slice(&flat[at..at + n]);
+        at += n;
+    }
+    Ok(())
 }
