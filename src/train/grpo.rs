@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autograd::no_grad;
 use crate::data::Sample;
+use crate::dist::collective::Collective;
 use crate::fc::decode::AnswerFormat;
 use crate::fc::prompt::PromptStyle;
 use crate::fc::reward::{reward_with, RewardKind};
@@ -349,9 +350,67 @@ pub struct GrpoTrainer {
     /// Held while the trainer lives: one trainer per run directory.
     /// None for a trainer built around a model with no run directory (tests, probes).
     _lock: Option<RunLock>,
+    /// Data parallelism: this rank's collectives (`None`: one rank). Behind a lock because the
+    /// update's helpers take `&self`.
+    dist: Option<std::sync::Mutex<Box<dyn Collective>>>,
 }
 
 impl GrpoTrainer {
+    /// Makes this trainer one rank of a data-parallel run (see [`GrpoTrainer::update`]): each
+    /// rank updates from its own whole groups; advantages and the policy loss are computed over
+    /// every rank's batch, and the gradients summed, so the update is one rank's over the whole
+    /// batch. CPU only for now (GPU gradients need the NCCL backend).
+    pub fn set_collective(&mut self, c: Box<dyn Collective>) -> Result<()> {
+        ensure!(
+            self.model.device().is_cpu(),
+            "data parallelism on a GPU device needs the NCCL backend, which is not built yet (issue 31)"
+        );
+        ensure!(
+            self.cfg.prompts_per_step % c.size() == 0,
+            "{} ranks do not divide prompts_per_step {}: a group never straddles two ranks",
+            c.size(),
+            self.cfg.prompts_per_step
+        );
+        ensure!(
+            self.cfg.rollout_correction == RolloutCorrection::None && !self.cfg.log_mismatch,
+            "rollout corrections and --log-mismatch are not supported with several ranks yet"
+        );
+        ensure!(
+            !self.cfg.dynamic_sampling,
+            "dynamic sampling is not supported with several ranks yet (--dynamic-sampling false)"
+        );
+        self.dist = Some(std::sync::Mutex::new(c));
+        Ok(())
+    }
+
+    /// Runs `f` on this rank's collectives (`None` with one rank).
+    fn with_dist<T>(&self, f: impl FnOnce(Option<&mut dyn Collective>) -> T) -> T {
+        match &self.dist {
+            Some(d) => f(Some(&mut **d.lock().unwrap_or_else(|e| e.into_inner()))),
+            None => f(None),
+        }
+    }
+
+    /// This rank and the number of ranks.
+    fn ranks(&self) -> (usize, usize) {
+        self.with_dist(|d| d.map_or((0, 1), |d| (d.rank(), d.size())))
+    }
+
+    /// Every rank's `x` in rank order (ranks must pass as many values); `x` itself with one rank.
+    fn gather(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.with_dist(|d| {
+            let Some(d) = d else { return Ok(x.to_vec()) };
+            let mut out = vec![0.0; x.len() * d.size()];
+            d.all_gather(x, &mut out)?;
+            Ok(out)
+        })
+    }
+
+    /// Sums of `x` over the ranks.
+    fn sum_ranks(&self, x: &mut [f32]) -> Result<()> {
+        self.with_dist(|d| d.map_or(Ok(()), |d| d.all_reduce_sum(x)))
+    }
+
     /// Sets up a run in `cfg.run.run_dir` with the policy (and reference) on `device`: rollouts
     /// decode there, the update runs there, the optimizer keeps f32 master weights there. The
     /// run directory is locked and its stale temporaries removed; with `start.resume` the newest
@@ -438,6 +497,7 @@ impl GrpoTrainer {
             prompter,
             reward_override: None,
             _lock: Some(lock),
+            dist: None,
         };
         if device.is_gpu() {
             t.opt.attach(&t.model, device)?;
@@ -482,6 +542,7 @@ impl GrpoTrainer {
             prompter: Prompter { template: None, style: format.style },
             reward_override: None,
             _lock: None,
+            dist: None,
         }
     }
 
@@ -628,16 +689,22 @@ impl GrpoTrainer {
     /// Rolls out G completions for each of the next `n` prompts and scores them, one group per
     /// prompt in stream order.
     fn draw_groups(&mut self, n: usize, seed: u64) -> Result<Vec<Group>> {
-        let picks = self.next_prompts(n);
+        // Every rank moves through the prompt stream alike and rolls out its own share of the
+        // groups, numbered as in the whole batch (the sampler's streams follow the numbers).
+        let all = self.next_prompts(n);
+        let (rank, ranks) = self.ranks();
+        let (n, first) = (n / ranks, rank * (n / ranks));
+        let picks = all[first..first + n].to_vec();
         let g = self.cfg.group_size;
         let prompts: Vec<Vec<u32>> =
             picks.iter().map(|&i| self.prompt_ids(&self.train[i])).collect::<Result<_>>()?;
         let dev = self.model.device().gpu().ok();
         let completions = ranged(dev.as_ref(), "rollout", || {
             no_grad(|| {
-                rollout::generate(
+                rollout::generate_indexed(
                     &self.model,
                     &prompts,
+                    first,
                     &self.sampling(g, self.cfg.temperature, seed),
                     Some(&self.tok),
                 )
@@ -647,17 +714,17 @@ impl GrpoTrainer {
             .map(|_| Group { rewards: vec![], rollouts: vec![], call_valid: 0, format_ok: 0, panics: 0 })
             .collect();
         for c in &completions {
-            let grp = &mut groups[c.prompt_index];
+            // The group's place among this rank's (the sampler numbered it in the whole batch).
+            let k = c.prompt_index - first;
+            let grp = &mut groups[k];
             let text = c.text(&self.tok)?;
-            let r = self.reward_of(&self.train[picks[c.prompt_index]], &text);
+            let r = self.reward_of(&self.train[picks[k]], &text);
             grp.call_valid += r.valid as usize;
             grp.format_ok += r.format_ok as usize;
             grp.panics += r.panicked as usize;
-            grp.rewards.push(
-                self.reward_override
-                    .map_or(r.reward as f32, |f| f(&self.train[picks[c.prompt_index]], &text)),
-            );
-            let p = &prompts[c.prompt_index];
+            grp.rewards
+                .push(self.reward_override.map_or(r.reward as f32, |f| f(&self.train[picks[k]], &text)));
+            let p = &prompts[k];
             let mut ids = p.clone();
             ids.extend_from_slice(&c.new_ids);
             let think_len = self.think_len(&c.new_ids);
@@ -682,16 +749,26 @@ impl GrpoTrainer {
     /// dynamic sampling; `completion_tokens` counts every draw.
     fn draw_batch(&mut self, next: u64, m: &mut GrpoMetrics) -> Result<Vec<Group>> {
         let first = self.draw_groups(self.cfg.prompts_per_step, self.rollout_seed(next, 0))?;
-        let rewards: Vec<f32> = first.iter().flat_map(|grp| grp.rewards.iter().copied()).collect();
+        let mine: Vec<f32> = first.iter().flat_map(|grp| grp.rewards.iter().copied()).collect();
+        // The step's statistics over every rank's groups (in rank order: one rank's batch).
+        let rewards = self.gather(&mine)?;
         let n = rewards.len() as f32;
         m.reward_mean = rewards.iter().sum::<f32>() / n;
         m.reward_std = (rewards.iter().map(|r| (r - m.reward_mean).powi(2)).sum::<f32>() / n).sqrt();
-        m.rollout_call_valid = first.iter().map(|grp| grp.call_valid).sum::<usize>() as f32 / n;
-        m.rollout_format_ok = first.iter().map(|grp| grp.format_ok).sum::<usize>() as f32 / n;
-        m.zero_var_groups_first_draw =
-            first.iter().filter(|grp| grp.zero_var()).count() as f32 / first.len() as f32;
-        let mut tokens = tokens_of(&first);
-        m.reward_panics = first.iter().map(|grp| grp.panics).sum();
+        let mut counts = [
+            first.iter().map(|grp| grp.call_valid).sum::<usize>() as f32,
+            first.iter().map(|grp| grp.format_ok).sum::<usize>() as f32,
+            first.iter().filter(|grp| grp.zero_var()).count() as f32,
+            first.len() as f32,
+            tokens_of(&first) as f32,
+            first.iter().map(|grp| grp.panics).sum::<usize>() as f32,
+        ];
+        self.sum_ranks(&mut counts)?;
+        m.rollout_call_valid = counts[0] / n;
+        m.rollout_format_ok = counts[1] / n;
+        m.zero_var_groups_first_draw = counts[2] / counts[3];
+        let mut tokens = counts[4] as usize;
+        m.reward_panics = counts[5] as usize;
         let rounds = if self.cfg.dynamic_sampling { self.cfg.max_resample } else { 0 };
         let (batch, done) = fill_batch(first, rounds, Group::zero_var, |count, round| {
             let fresh = self.draw_groups(count, self.rollout_seed(next, round))?;
@@ -756,24 +833,41 @@ impl GrpoTrainer {
             );
         }
         let g = self.cfg.group_size;
+        ensure!(rollouts.len() % g == 0, "{} rollouts are not whole groups of {g}", rollouts.len());
         let mut st = UpdateStats::default();
         let h_tok: Vec<&[f32]> = rollouts.iter().map(|r| &r.entropy[self.entropy_span(r)]).collect();
         let h_seq: Vec<f32> = h_tok
             .iter()
             .map(|h| if h.is_empty() { 0.0 } else { h.iter().sum::<f32>() / h.len() as f32 })
             .collect();
-        let think_tokens: usize = h_tok.iter().map(|h| h.len()).sum();
-        if self.entropy_reads_think() {
-            let none = h_tok.iter().filter(|h| h.is_empty()).count();
-            st.no_think_frac = Some(none as f32 / h_tok.len().max(1) as f32);
+        // Over every rank's rollouts (with one rank: these): the sums of think entropies and
+        // tokens, the answers with no think span, and the rollouts.
+        let mut sums = [
+            h_tok.iter().flat_map(|h| h.iter()).sum::<f32>(),
+            h_tok.iter().map(|h| h.len()).sum::<usize>() as f32,
+            h_tok.iter().filter(|h| h.is_empty()).count() as f32,
+            h_tok.len() as f32,
+        ];
+        if self.dist.is_some() {
+            // Summed in rank order: one rank's sum, grouped by rank (equal up to rounding).
+            self.sum_ranks(&mut sums)?;
         }
-        st.cot_entropy = h_tok.iter().flat_map(|h| h.iter()).sum::<f32>() / think_tokens.max(1) as f32;
+        if self.entropy_reads_think() {
+            st.no_think_frac = Some(sums[2] / sums[3].max(1.0));
+        }
+        st.cot_entropy = sums[0] / sums[1].max(1.0);
         let scale = self.cfg.adv_scale;
         let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
         let per_response = self.cfg.entropy_granularity == Granularity::Response;
-        let adv = group_advantages(rewards, g, scale, per_response.then_some(h_seq.as_slice()), bonus)?;
+        // Advantages over the whole batch (every rank's groups, in rank order), then this rank's.
+        let (all_rewards, all_h) = (self.gather(rewards)?, self.gather(&h_seq)?);
+        let mut adv =
+            group_advantages(&all_rewards, g, scale, per_response.then_some(all_h.as_slice()), bonus)?;
         st.zero_var_groups = adv.zero_var.iter().filter(|&&z| z).count() as f32 / adv.zero_var.len() as f32;
         st.advantages.clone_from(&adv.adv);
+        let (rank, _) = self.ranks();
+        let mine = rank * rollouts.len()..(rank + 1) * rollouts.len();
+        (adv.raw, adv.adv) = (adv.raw[mine.clone()].to_vec(), adv.adv[mine].to_vec());
         let t1 = Instant::now();
         let dev = self.model.device().gpu().ok();
         let ref_lp = match &self.reference {
@@ -899,6 +993,8 @@ impl GrpoTrainer {
     ) -> Result<(f32, f32, f32, (f32, f32), StepGrads)> {
         let n = rollouts.len();
         let t = rollouts.iter().map(|r| r.ids.len() - r.prompt_len).max().unwrap_or(0).max(1);
+        // Several ranks: the longest completion of any rank sets the width of the loss's arrays.
+        let t = self.gather(&[t as f32])?.into_iter().fold(0.0f32, f32::max) as usize;
         let cur = if fresh {
             self.logps(&self.model, rollouts)?
         } else {
@@ -923,12 +1019,35 @@ impl GrpoTrainer {
                 seg[k] = if j < r.think_len { 1 } else { 2 };
             }
         }
+        // Several ranks: the loss is one op over every rank's sequences (its weights need all of
+        // them), so each rank computes it on the gathered arrays and keeps its own rows of dx.
+        let (rank, ranks) = self.ranks();
+        let (x, old, roll, refm, mask, h_tok, h_mask, raw_adv, adv) = if ranks > 1 {
+            let segf: Vec<f32> = seg.iter().map(|&v| v as f32).collect();
+            let segf = self.gather(&segf)?;
+            seg = segf.iter().map(|&v| v as i32).collect();
+            (
+                self.gather(&x)?,
+                self.gather(&old)?,
+                self.gather(&roll)?,
+                self.gather(&refm)?,
+                self.gather(&mask)?,
+                self.gather(&h_tok)?,
+                self.gather(&h_mask)?,
+                self.gather(raw_adv)?,
+                self.gather(adv)?,
+            )
+        } else {
+            (x, old, roll, refm, mask, h_tok, h_mask, raw_adv.to_vec(), adv.to_vec())
+        };
+        let (raw_adv, adv) = (raw_adv.as_slice(), adv.as_slice());
+        let n_all = n * ranks;
         let tok_adv;
         let (adv_slice, per_token) = if self.cfg.entropy_granularity == Granularity::Token {
             let bonus = EntropyBonus { lambda: self.cfg.entropy_lambda, alpha: self.cfg.entropy_alpha };
             // A'_{i,t} = A_i + min(λH_{i,t}, |A_i|/α) on the entropy segment, A_i elsewhere.
             let with_bonus = token_advantages(raw_adv, &h_tok, Some(&h_mask), t, bonus);
-            tok_adv = (0..n * t)
+            tok_adv = (0..n_all * t)
                 .map(|k| if h_mask[k] > 0.0 { with_bonus[k] } else { raw_adv[k / t] * mask[k] })
                 .collect::<Vec<f32>>();
             (tok_adv.as_slice(), true)
@@ -950,7 +1069,7 @@ impl GrpoTrainer {
             adv_per_token: per_token,
             mask: &mask,
             seg: Some(&seg),
-            n_seq: n,
+            n_seq: n_all,
             t,
         };
         let rc = RatioCfg {
@@ -962,17 +1081,20 @@ impl GrpoTrainer {
         // Backward per micro-batch: the loss is linear in each token's log-prob gradient.
         let params = self.model.trainable_params();
         let mut acc = StepGrads::on(self.model.device());
+        let row0 = rank * n;
         for c in self.rollout_chunks(rollouts)?.into_iter().filter(|c| !c.rows.is_empty()) {
             let lp = self.model.token_logprobs_at(&c.batch, &c.rows, self.cfg.temperature.max(1e-6))?;
             let mut w = vec![0.0f32; 2 * c.rows.len()];
             for (i, r) in c.members {
                 let n = r.len();
+                let i = row0 + i;
                 w[r].copy_from_slice(&dx[i * t..i * t + n]);
             }
             // Σ w·logp has exactly the policy loss's gradient with respect to these log-probs.
             let grads = ops::weighted_sum(&lp, &w)?.backward()?;
             acc.add(&params, &grads)?;
         }
+        self.with_dist(|d| d.map_or(Ok(()), |d| acc.all_reduce(d, &params)))?;
         let fracs = (stats.rollout_masked_frac, stats.rollout_capped_frac);
         Ok((stats.loss, stats.kl, stats.clip_frac, fracs, acc))
     }

@@ -159,9 +159,10 @@ impl AdamW {
 }
 
 /// Gradient sums of one optimizer step, where the parameters live: host vectors by name on the
-/// cpu, f32 device tensors on a GPU.
+/// cpu (f64: exact for a few micro-batches, so the order of the sums, one rank's or several
+/// ranks' all-reduced, does not change the update), f32 device tensors on a GPU.
 pub enum StepGrads {
-    Host(HashMap<String, Vec<f32>>),
+    Host(HashMap<String, Vec<f64>>),
     Device(BTreeMap<String, Tensor>),
 }
 
@@ -182,8 +183,8 @@ impl StepGrads {
             match self {
                 StepGrads::Host(map) => {
                     let a = map.entry(name.clone()).or_insert_with(|| vec![0.0; p.numel()]);
-                    for (x, y) in a.iter_mut().zip(g.f32s()?) {
-                        *x += y;
+                    for (x, &y) in a.iter_mut().zip(g.f32s()?.iter()) {
+                        *x += f64::from(y);
                     }
                 }
                 StepGrads::Device(map) => {
@@ -199,13 +200,49 @@ impl StepGrads {
         Ok(())
     }
 
+    /// Sums the host gradients of every rank (parameters in name order, one collective); a
+    /// parameter one rank has no gradient for counts as zeros there.
+    pub fn all_reduce(
+        &mut self,
+        d: &mut dyn crate::dist::collective::Collective,
+        params: &[(String, Tensor)],
+    ) -> Result<()> {
+        let StepGrads::Host(map) = self else {
+            bail!(
+                "data parallelism on a GPU device needs the NCCL backend, which is not built yet (issue 31)"
+            )
+        };
+        let mut names: Vec<(&String, usize)> = params.iter().map(|(n, t)| (n, t.numel())).collect();
+        names.sort();
+        let mut flat = Vec::with_capacity(names.iter().map(|x| x.1).sum());
+        for (n, len) in &names {
+            match map.get(*n) {
+                Some(g) => flat.extend_from_slice(g),
+                None => flat.extend(std::iter::repeat_n(0.0, *len)),
+            }
+        }
+        d.all_reduce_sum_f64(&mut flat)?;
+        let mut at = 0;
+        for (n, len) in names {
+            let g = &flat[at..at + len];
+            // A parameter no rank has a gradient for stays out (it takes no optimizer step).
+            if map.contains_key(n) || g.iter().any(|&x| x != 0.0) {
+                map.insert(n.clone(), g.to_vec());
+            }
+            at += len;
+        }
+        Ok(())
+    }
+
     /// Global L2 norm (on a GPU: the sum-of-squares kernel, one float downloaded).
     pub fn norm(&self) -> Result<f32> {
         match self {
-            StepGrads::Host(map) => {
-                Ok(map.values().flat_map(|g| g.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()
-                    as f32)
-            }
+            StepGrads::Host(map) => Ok(map
+                .values()
+                .flat_map(|g| g.iter())
+                .map(|&x| (x as f32 as f64).powi(2))
+                .sum::<f64>()
+                .sqrt() as f32),
             StepGrads::Device(map) => {
                 let Some(first) = map.values().next() else { return Ok(0.0) };
                 let dev = first.gpu_storage().context("device gradients")?.device().clone();
@@ -231,7 +268,10 @@ pub fn apply_step(
     max_norm: f32,
 ) -> Result<f32> {
     match grads {
-        StepGrads::Host(map) => apply_gradients(model, opt, cfg, lr, map, max_norm),
+        StepGrads::Host(map) => {
+            let map = map.into_iter().map(|(n, g)| (n, g.into_iter().map(|x| x as f32).collect())).collect();
+            apply_gradients(model, opt, cfg, lr, map, max_norm)
+        }
         StepGrads::Device(map) => {
             apply_gradients_device(model, opt, cfg, lr, StepGrads::Device(map), max_norm)
         }
