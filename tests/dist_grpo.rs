@@ -36,8 +36,10 @@ fn config(run_dir: &Path) -> GrpoConfig {
     }
 }
 
-/// Each rank's (rewards, losses) per step and final parameters.
-fn run(ranks: usize, root: &Path) -> Vec<(Vec<(f32, f32, f32)>, Vec<f32>)> {
+/// One rank's (reward mean, loss, gradient norm) per step, and its final parameters.
+type RankRun = (Vec<(f32, f32, f32)>, Vec<f32>);
+
+fn run(ranks: usize, root: &Path) -> Vec<RankRun> {
     let group = ThreadGroup::new(ranks, Duration::from_secs(300));
     std::thread::scope(|sc| {
         let hs: Vec<_> = group
