@@ -96,7 +96,7 @@ where
             format,
             ctx,
             model.config.vocab_size,
-            pool.blocks_for(engine_cfg.max_batch_tokens) * pool.block_size(),
+            pool.blocks_for(engine_cfg.max_batch_tokens).saturating_mul(pool.block_size()),
         );
         let _ = ready_tx.send(Ok((info, tok.clone())));
         engine::run(&model, &tok, jobs, engine_cfg, &pool, &stats);
